@@ -1,0 +1,49 @@
+"""Plain-PyTorch block-sparse attention: the ground truth the Triton kernel is tested against.
+
+It expands the block mask to a token mask and runs masked softmax attention in
+fp32. It materialises the full score matrix, so it is for tests and small
+shapes only.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .bitpack import unpack_block_mask
+
+
+def token_mask_from_blocks(
+    block_mask: torch.Tensor, seq_q: int, seq_kv: int, block_m: int, block_n: int
+) -> torch.Tensor:
+    """Expand a bool block mask ``(..., q_blocks, kv_blocks)`` to ``(..., seq_q, seq_kv)``."""
+    rows = block_mask.repeat_interleave(block_m, dim=-2)[..., :seq_q, :]
+    return rows.repeat_interleave(block_n, dim=-1)[..., :seq_kv]
+
+
+def block_sparse_attention_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    block_mask: torch.Tensor,
+    block_size: int,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """Attention of ``q, k, v`` ``(B, H, S, D)`` restricted to the kept blocks of ``block_mask``.
+
+    ``block_mask`` is bool ``(H, q_blocks, kv_blocks)`` or its packed int32 form
+    ``(H, q_blocks, words)``. A query row whose blocks are all dropped gets zeros
+    (the kernel's documented result for an empty row).
+    """
+    seq_q, seq_kv = q.shape[-2], k.shape[-2]
+    n_kv_blocks = math.ceil(seq_kv / block_size)
+    if block_mask.dtype == torch.int32:
+        block_mask = unpack_block_mask(block_mask, n_kv_blocks)
+    mask = token_mask_from_blocks(block_mask.to(q.device), seq_q, seq_kv, block_size, block_size)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale
+    scores = scores.masked_fill(~mask, float("-inf"))
+    probs = torch.softmax(scores, dim=-1)
+    probs = torch.nan_to_num(probs, nan=0.0)  # empty rows: all -inf -> zeros
+    return torch.matmul(probs, v.float()).to(q.dtype)
