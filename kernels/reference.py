@@ -47,3 +47,36 @@ def block_sparse_attention_reference(
     probs = torch.softmax(scores, dim=-1)
     probs = torch.nan_to_num(probs, nan=0.0)  # empty rows: all -inf -> zeros
     return torch.matmul(probs, v.float()).to(q.dtype)
+
+
+def block_sparse_attention_chunked(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    block_mask: torch.Tensor,
+    block_size: int,
+    scale: float | None = None,
+    rows_per_chunk: int = 8,
+) -> torch.Tensor:
+    """Same result as the reference, one chunk of query blocks at a time (memory O(chunk x S)).
+
+    The CPU execution path of the custom op when Triton cannot run (no GPU and no
+    interpreter): it uses SDPA with a boolean token mask per chunk. Empty rows give zeros.
+    """
+    seq_q, seq_kv = q.shape[-2], k.shape[-2]
+    n_kv_blocks = math.ceil(seq_kv / block_size)
+    if block_mask.dtype == torch.int32:
+        block_mask = unpack_block_mask(block_mask, n_kv_blocks)
+    block_mask = block_mask.to(q.device)
+    out = torch.empty_like(q)
+    rows = rows_per_chunk * block_size
+    for start in range(0, seq_q, rows):
+        stop = min(start + rows, seq_q)
+        blocks = block_mask[:, start // block_size : math.ceil(stop / block_size)]
+        mask = token_mask_from_blocks(blocks, stop - start, seq_kv, block_size, block_size)
+        empty = ~mask.any(-1, keepdim=True)
+        chunk = torch.nn.functional.scaled_dot_product_attention(
+            q[..., start:stop, :], k, v, attn_mask=mask | empty, scale=scale
+        )
+        out[..., start:stop, :] = chunk.masked_fill(empty, 0.0)
+    return out

@@ -1,0 +1,1 @@
+"""FX passes over Dynamo graphs: find SDPA calls, rewrite them, profile them."""

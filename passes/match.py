@@ -1,0 +1,218 @@
+"""Find the scaled-dot-product-attention calls of a Dynamo FX graph and decide which can be served sparse.
+
+A call is served by the block-sparse kernel only when that is exactly the
+attention the model asked for (up to the mask): no attn_mask, not causal, no
+dropout, no GQA broadcasting, self-attention (query and key of one length), a
+head dim and dtype the kernel supports. Everything else stays dense and the
+reason is recorded, so the user can see why.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.fx as fx
+
+from .node_keys import make_node_key, normalize_module_path
+
+SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+SDPA_TARGETS = {
+    torch._C._nn.scaled_dot_product_attention,
+    torch.nn.functional.scaled_dot_product_attention,
+    torch.ops.aten.scaled_dot_product_attention.default,
+}
+
+_SDPA_PARAMS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+_SDPA_DEFAULTS = {"attn_mask": None, "dropout_p": 0.0, "is_causal": False, "scale": None, "enable_gqa": False}
+
+
+@dataclass
+class SDPACall:
+    """One SDPA node of a graph, its arguments by name, its key, and whether it can be served sparse."""
+
+    node: fx.Node
+    module_path: str
+    ordinal: int
+    arguments: dict
+    query_shape: tuple
+    key_shape: tuple
+    dtype: torch.dtype | None
+    dense_reason: str | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def key(self) -> str:
+        return make_node_key(self.module_path, self.ordinal)
+
+    @property
+    def num_heads(self) -> int:
+        return self.query_shape[-3]
+
+    @property
+    def head_dim(self) -> int:
+        return self.query_shape[-1]
+
+
+def is_sdpa_node(node: fx.Node) -> bool:
+    return node.op == "call_function" and node.target in SDPA_TARGETS
+
+
+def sdpa_arguments(node: fx.Node) -> dict:
+    """The call's arguments by SDPA parameter name, defaults filled in (positional and keyword forms)."""
+    named = dict(_SDPA_DEFAULTS)
+    for name, value in zip(_SDPA_PARAMS, node.args):
+        named[name] = value
+    named.update(node.kwargs)
+    unknown = set(named) - set(_SDPA_PARAMS)
+    if unknown:
+        raise ValueError(f"SDPA node {node.name} has unknown arguments {sorted(unknown)}")
+    return named
+
+
+def _example_value(arg):
+    if isinstance(arg, fx.Node):
+        return arg.meta.get("example_value", arg.meta.get("val"))
+    return arg
+
+
+def _module_path(node: fx.Node) -> str:
+    stack = node.meta.get("nn_module_stack") or {}
+    if not stack:
+        return ""
+    dynamo_path, _cls = list(stack.values())[-1]
+    return normalize_module_path(dynamo_path)
+
+
+def _same_length(a, b) -> bool:
+    """True only when the two (possibly symbolic) lengths are provably equal."""
+    if isinstance(a, int) and isinstance(b, int):
+        return a == b
+    try:
+        from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+        return bool(statically_known_true(a == b))
+    except Exception:  # pragma: no cover - very old torch
+        return a is b
+
+
+def _dense_reason(args: dict, query, key) -> str | None:
+    if args["attn_mask"] is not None:
+        return "attn_mask given"
+    if args["is_causal"] is not False:
+        return "is_causal"
+    if not (isinstance(args["dropout_p"], (int, float)) and args["dropout_p"] == 0.0):
+        return "dropout"
+    if args["enable_gqa"] is not False:
+        return "enable_gqa"
+    if query is None or key is None or not isinstance(query, torch.Tensor):
+        return "shapes unknown"
+    if query.dim() != 4 or key.dim() != 4:
+        return f"{query.dim()}-D query (the kernel serves (batch, heads, seq, head_dim))"
+    if not _same_length(query.shape[-2], key.shape[-2]):
+        return "cross-attention (query and key lengths differ)"
+    if not _same_length(query.shape[-3], key.shape[-3]):
+        return "query and key head counts differ"
+    head_dim = query.shape[-1]
+    if not isinstance(head_dim, int) or head_dim not in SUPPORTED_HEAD_DIMS:
+        return f"head_dim {head_dim} (the kernel serves {SUPPORTED_HEAD_DIMS})"
+    if query.dtype not in SUPPORTED_DTYPES:
+        return f"dtype {query.dtype}"
+    if args["scale"] is not None and not isinstance(args["scale"], (int, float)):
+        return "scale is a tensor"
+    return None
+
+
+def find_sdpa_calls(gm: fx.GraphModule) -> list[SDPACall]:
+    """Every SDPA call of ``gm`` in graph order, with its key and static serving decision."""
+    calls: list[SDPACall] = []
+    seen: dict[str, int] = {}
+    for node in gm.graph.nodes:
+        if not is_sdpa_node(node):
+            continue
+        args = sdpa_arguments(node)
+        query, key = _example_value(args["query"]), _example_value(args["key"])
+        path = _module_path(node)
+        ordinal = seen.get(path, 0)
+        seen[path] = ordinal + 1
+        calls.append(
+            SDPACall(
+                node=node,
+                module_path=path,
+                ordinal=ordinal,
+                arguments=args,
+                query_shape=tuple(query.shape) if isinstance(query, torch.Tensor) else (),
+                key_shape=tuple(key.shape) if isinstance(key, torch.Tensor) else (),
+                dtype=query.dtype if isinstance(query, torch.Tensor) else None,
+                dense_reason=_dense_reason(args, query, key),
+            )
+        )
+    return calls
+
+
+def find_anchor_placeholder(gm: fx.GraphModule, module_path: str) -> tuple[fx.Node, str] | None:
+    """A parameter placeholder owned by the module at ``module_path``, and its path relative to it.
+
+    Under regional compilation one graph serves every block, so the block a call
+    belongs to is only known at run time, from which parameters reach the graph.
+    The parameter returned here (e.g. ``attn1.to_q.weight``) is passed to the
+    custom op as that identity.
+    """
+    prefix = module_path + "." if module_path else ""
+    for node in gm.graph.nodes:
+        if node.op != "placeholder":
+            continue
+        path = _parameter_path(node)
+        if path is not None and path.startswith(prefix):
+            return node, path[len(prefix):]
+    for node in gm.graph.nodes:  # parameters held as attributes (inline_inbuilt_nn_modules off)
+        if node.op == "get_attr" and isinstance(getattr(gm, str(node.target), None), torch.nn.Parameter):
+            path = str(node.target).replace("_", ".")
+            if path.startswith(prefix):
+                return node, path[len(prefix):]
+    return None
+
+
+def _parameter_path(node: fx.Node) -> str | None:
+    """Dotted path of the parameter a Dynamo placeholder holds, relative to the compiled root, or None."""
+    grapharg = node.meta.get("grapharg")
+    source = getattr(grapharg, "source", None)
+    if source is None:
+        return None
+    parts: list[str] = []
+    is_param = False
+    while source is not None:
+        index = getattr(source, "index", None)
+        member = getattr(source, "member", None)
+        if index is not None and isinstance(index, (str, int)):
+            if index in ("_modules",):
+                pass
+            elif index in ("_parameters",):
+                is_param = True
+            elif index == "_buffers":
+                return None
+            else:
+                parts.append(str(index))
+        elif member is not None:
+            if member in ("_parameters",):
+                is_param = True
+            elif member not in ("__dict__", "_modules"):
+                parts.append(member)
+        if hasattr(source, "local_name"):
+            break
+        source = getattr(source, "base", None)
+    if not is_param:
+        return None
+    return ".".join(reversed(parts))
+
+
+__all__ = [
+    "SDPACall",
+    "find_sdpa_calls",
+    "find_anchor_placeholder",
+    "is_sdpa_node",
+    "sdpa_arguments",
+    "SUPPORTED_HEAD_DIMS",
+]

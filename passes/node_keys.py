@@ -1,0 +1,47 @@
+"""Stable, human-readable keys for SDPA calls: ``blocks.3.attn1`` (``#1`` for a module's second call).
+
+The same key names a call in the profiler, in the artifact and in the backend,
+across processes, graph breaks and recompiles. It is built from the module
+path Dynamo records in ``node.meta["nn_module_stack"]``, normalised from
+Dynamo's spelling (which differs between torch releases), e.g.::
+
+    L['self'].__dict__['_modules']['blocks'].3.attn1   ->  blocks.3.attn1
+    L['self'].blocks[3].attn1                           ->  blocks.3.attn1
+    L['self'].attn1   (regional compilation of a block) ->  attn1
+"""
+
+from __future__ import annotations
+
+import re
+
+_ROOT = re.compile(r"^(?:L|G)\[['\"][^'\"]+['\"]\]")
+_DICT_MODULES = re.compile(r"\.__dict__\[['\"]_modules['\"]\]")
+_PRIVATE_MODULES = re.compile(r"\._modules\[['\"]([^'\"]+)['\"]\]")
+_SUBSCRIPT = re.compile(r"\[['\"]?([^'\"\]]+)['\"]?\]")
+
+
+def normalize_module_path(dynamo_path: str) -> str:
+    """Turn a Dynamo module path into a dotted module name relative to the compiled root."""
+    path = _ROOT.sub("", dynamo_path.strip())
+    path = _DICT_MODULES.sub("", path)
+    path = _PRIVATE_MODULES.sub(r".\1", path)
+    path = _SUBSCRIPT.sub(r".\1", path)
+    path = re.sub(r"\.+", ".", path)
+    return path.strip(".")
+
+
+def make_node_key(module_path: str, ordinal: int) -> str:
+    """Key of the ``ordinal``-th SDPA call (0-based) made by the module at ``module_path``."""
+    base = module_path or "<root>"
+    return base if ordinal == 0 else f"{base}#{ordinal}"
+
+
+def split_node_key(key: str) -> tuple[str, int]:
+    """Inverse of :func:`make_node_key`."""
+    path, _, ordinal = key.partition("#")
+    return ("" if path == "<root>" else path), (int(ordinal) if ordinal else 0)
+
+
+def join_module_path(prefix: str, relative: str) -> str:
+    """``join_module_path("blocks.3", "attn1") == "blocks.3.attn1"``; either part may be empty."""
+    return ".".join(p for p in (prefix, relative) if p)

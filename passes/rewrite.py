@@ -1,0 +1,178 @@
+"""Rewrite served SDPA nodes of a Dynamo graph into ``torch.ops.scaling.sparse_sdpa``.
+
+For each SDPA call the pass decides, from the call's static properties and the
+topology, whether the sparse kernel can serve it exactly. Served calls become
+the custom op, carrying a plan id (the run-time record of the node's key,
+topology and options) and, when the block is only known at run time (regional
+compilation), a parameter of the attention module as its identity. Everything
+else is left untouched, with the reason recorded.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+
+from .match import SDPACall, find_anchor_placeholder, find_sdpa_calls
+from .node_keys import split_node_key
+
+
+@dataclass
+class NodeDecision:
+    """One SDPA call of a compiled graph: its key, shapes, and whether (and why not) it is sparse."""
+
+    key: str
+    query_shape: tuple
+    key_shape: tuple
+    served: bool
+    reason: str | None = None
+    density: float | None = None
+    served_keys: tuple[str, ...] = ()
+    covered: bool = False  # the artifact has entries for this call
+
+    def __str__(self) -> str:
+        shapes = f"q{_shape(self.query_shape)} k{_shape(self.key_shape)}"
+        if self.served:
+            density = "?" if self.density is None else f"{self.density:.2f}"
+            return f"{self.key:<24} {shapes:<32} sparse (density {density})"
+        return f"{self.key:<24} {shapes:<32} dense: {self.reason}"
+
+
+def _shape(shape) -> str:
+    return "(" + ", ".join(str(s) for s in shape) + ")"
+
+
+def artifact_keys_for(call: SDPACall, topology) -> list[str]:
+    """The artifact entries this call may serve: its own key, or under regional compilation the
+    keys of every block whose module path ends with the call's (``blocks.N.attn1`` for ``attn1``)."""
+    if call.key in topology:
+        return [call.key]
+    path, ordinal = split_node_key(call.key)
+    matches = []
+    for key in topology.keys():
+        other_path, other_ordinal = split_node_key(key)
+        if other_ordinal == ordinal and other_path.endswith("." + path) and path:
+            matches.append(key)
+    return matches
+
+
+def decide(call: SDPACall, topology, budget: float | None = None) -> NodeDecision:
+    """Whether ``call`` can be served sparse from ``topology``, with the reason if not."""
+    decision = NodeDecision(call.key, call.query_shape, call.key_shape, served=False)
+    if topology is None:
+        decision.reason = call.dense_reason or "no artifact"
+        return decision
+    keys = artifact_keys_for(call, topology)
+    decision.covered = bool(keys)
+    if call.dense_reason is not None:
+        decision.reason = call.dense_reason
+        return decision
+    if not keys:
+        decision.reason = "no artifact entry"
+        return decision
+    seq_len, heads = call.query_shape[-2], call.num_heads
+    densities, reasons = [], []
+    if isinstance(seq_len, int):
+        from ..errors import NotServable
+
+        for key in keys:
+            try:
+                mask = topology.block_mask(key, seq_len=seq_len, num_heads=heads, budget=budget)
+                densities.append(float(mask.float().mean()))
+            except NotServable as reason:
+                reasons.append(str(reason))
+            except ValueError as reason:  # e.g. a profiled entry needing the token grid
+                densities.append(math.nan)
+                reasons.append(str(reason))
+        if not densities:
+            decision.reason = reasons[0]
+            return decision
+    decision.served = True
+    decision.served_keys = tuple(keys)
+    valid = [d for d in densities if not math.isnan(d)]
+    decision.density = sum(valid) / len(valid) if valid else None
+    return decision
+
+
+def rewrite_sdpa_calls(gm: fx.GraphModule, topology, options) -> list[NodeDecision]:
+    """Replace each servable SDPA node of ``gm`` by the sparse custom op; return every decision.
+
+    ``options`` is the backend's :class:`~scaling_compile.options.BackendOptions`.
+    """
+    from .. import op as _op  # noqa: F401  (registers torch.ops.scaling.sparse_sdpa)
+    from ..plans import AttentionPlan, register_plan
+
+    decisions = []
+    for call in find_sdpa_calls(gm):
+        decision = decide(call, topology, options.budget)
+        if decision.served and not _grad_free(call):
+            decision.served = False
+            decision.reason = "inputs require grad (the sparse kernel is inference-only: use torch.no_grad())"
+        if decision.served:
+            anchor = None
+            anchor_suffix = None
+            if call.key not in topology:
+                found = find_anchor_placeholder(gm, call.module_path)
+                if found is None:
+                    decision.served = False
+                    decision.reason = "block unknown at run time (no parameter of the module reaches the graph)"
+                else:
+                    anchor, anchor_suffix = found
+        if not decision.served:
+            decisions.append(decision)
+            continue
+        plan = AttentionPlan(
+            graph_key=call.key,
+            anchor_suffix=anchor_suffix,
+            topology=topology,
+            budget=options.budget,
+            strict=options.strict,
+            kernel=options.kernel,
+            schedule=options.schedule,
+        )
+        plan_id = register_plan(plan)
+        args = call.arguments
+        with gm.graph.inserting_before(call.node):
+            new = gm.graph.call_function(
+                torch.ops.scaling.sparse_sdpa.default,
+                (args["query"], args["key"], args["value"], anchor, plan_id, args["scale"]),
+            )
+        new.meta.update({k: v for k, v in call.node.meta.items() if k != "example_value"})
+        call.node.replace_all_uses_with(new)
+        gm.graph.erase_node(call.node)
+        decisions.append(decision)
+    gm.graph.lint()
+    gm.recompile()
+    return decisions
+
+
+def _grad_free(call: SDPACall) -> bool:
+    if not torch.is_grad_enabled():
+        return True
+    for name in ("query", "key", "value"):
+        node = call.arguments[name]
+        value = node.meta.get("example_value") if isinstance(node, fx.Node) else None
+        if isinstance(value, torch.Tensor) and value.requires_grad:
+            return False
+    return True
+
+
+def summarize(decisions: list[NodeDecision]) -> str:
+    """One line: ``12 of 24 SDPA nodes sparse, mean density 0.31; 12 dense: cross-attention``."""
+    served = [d for d in decisions if d.served]
+    dense = [d for d in decisions if not d.served]
+    text = f"{len(served)} of {len(decisions)} SDPA nodes sparse"
+    densities = [d.density for d in served if d.density is not None]
+    if densities:
+        text += f", mean density {sum(densities) / len(densities):.2f}"
+    if dense:
+        reasons: dict[str, int] = {}
+        for d in dense:
+            reasons[d.reason] = reasons.get(d.reason, 0) + 1
+        text += f"; {len(dense)} dense: " + ", ".join(
+            r if n == len(dense) else f"{n} {r}" for r, n in reasons.items()
+        )
+    return text

@@ -1,0 +1,36 @@
+"""``sdpa_nodes``: what the backend would do with each attention call of a model, without running it sparse."""
+
+from __future__ import annotations
+
+import torch
+
+from .options import BackendOptions
+from .passes.match import find_sdpa_calls
+from .passes.rewrite import NodeDecision, decide
+
+
+def capture_graphs(model, *args, **kwargs) -> list[torch.fx.GraphModule]:
+    """The Dynamo FX graphs of ``model(*args, **kwargs)`` (one per graph break), run eagerly once."""
+    graphs: list[torch.fx.GraphModule] = []
+
+    def record(gm, example_inputs, **_):
+        graphs.append(gm)
+        return gm.forward
+
+    compiled = torch.compile(model, backend=record, dynamic=False)
+    with torch.no_grad():
+        compiled(*args, **kwargs)
+    return graphs
+
+
+def sdpa_nodes(model, *args, artifact=None, budget=None, **kwargs) -> list[NodeDecision]:
+    """Each SDPA call of ``model(*args, **kwargs)``: key, shapes, and whether and why it is (not) served.
+
+    With no ``artifact`` every node is reported dense ("no artifact") but still
+    listed with its key, which is how a user learns the keys to write masks for.
+    """
+    topology = BackendOptions.from_dict({"artifact": artifact}).load_topology()
+    decisions = []
+    for gm in capture_graphs(model, *args, **kwargs):
+        decisions.extend(decide(call, topology, budget) for call in find_sdpa_calls(gm))
+    return decisions

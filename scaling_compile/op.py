@@ -1,0 +1,67 @@
+"""The custom op every served SDPA node is rewritten into: ``torch.ops.scaling.sparse_sdpa``.
+
+Registered with ``torch.library`` and given a fake implementation, so Dynamo,
+Inductor, dynamic shapes and CUDA graphs treat it as an opaque op with a known
+output. Its real implementation asks the node's plan for the device masks of
+this call (a cached lookup) and runs the block-sparse kernel; if the plan
+cannot serve the call exactly it computes dense attention instead (and has
+warned once, or raised under ``strict``).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from .kernels.reference import block_sparse_attention_chunked
+from .plans import DenseFallback, get_plan
+
+
+def _triton_usable(device: torch.device) -> bool:
+    return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@torch.library.custom_op("scaling::sparse_sdpa", mutates_args=())
+def sparse_sdpa(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    anchor: torch.Tensor | None,
+    plan_id: int,
+    scale: float | None,
+) -> torch.Tensor:
+    """Block-sparse attention of one rewritten SDPA node (plan ``plan_id``)."""
+    plan = get_plan(plan_id)
+    served = plan.masks_for(query, anchor)
+    out = empty_output_like(query)
+    if isinstance(served, DenseFallback):
+        out.copy_(torch.nn.functional.scaled_dot_product_attention(query, key, value, scale=scale))
+        return out
+    block_size = plan.topology.block_size
+    if _triton_usable(query.device):
+        from .kernels.block_sparse_attention import block_sparse_attention
+
+        words = served.words if served.mask_index is not None else served.words[0]
+        return block_sparse_attention(
+            query, key, value, words, block_size, scale=scale, mask_index=served.mask_index
+        )
+    words = served.words[_host_index(served)]
+    out.copy_(block_sparse_attention_chunked(query, key, value, words, block_size, scale=scale))
+    return out
+
+
+def _host_index(served) -> int:
+    return 0 if served.mask_index is None else int(served.mask_index.item())
+
+
+@sparse_sdpa.register_fake
+def _(query, key, value, anchor, plan_id, scale):
+    return empty_output_like(query)
+
+
+def empty_output_like(query: torch.Tensor) -> torch.Tensor:
+    """The op's output layout, (B, S, H, D) in memory like flash SDPA's; real and fake agree."""
+    from .kernels.block_sparse_attention import empty_output_like as kernel_layout
+
+    return kernel_layout(query)

@@ -1,0 +1,87 @@
+"""Options of the ``scaling`` backend, as passed in ``torch.compile(..., options={...})``."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, fields
+
+from .errors import ScalingCompileError
+
+INNER_COMPILERS = ("inductor", "eager")
+KERNELS = ("triton", "fa4", "auto")
+POLICIES = ("west",)
+
+
+@dataclass
+class BackendOptions:
+    """Everything the backend can be told.
+
+    artifact: path of a topology artifact (safetensors) or a ``Topology``; None rewrites nothing.
+    budget: mean fraction of key blocks kept, overriding the artifact's default (profiled artifacts).
+    strict: raise instead of falling back to dense attention when a call cannot be served.
+    inner: the compiler the rewritten graph is handed to: "inductor" (default) or "eager".
+    kernel: "triton", "fa4" (FlashAttention-4's block-sparse path) or "auto".
+    policy: how masks are chosen; "west" (static, offline topology).
+    schedule: a per-diffusion-step schedule (``scaling_compile.StepSchedule``) or None.
+    """
+
+    artifact: object = None
+    budget: float | None = None
+    strict: bool = False
+    inner: str = "inductor"
+    kernel: str = "triton"
+    policy: str = "west"
+    schedule: object = None
+
+    @classmethod
+    def from_dict(cls, options: dict | None) -> "BackendOptions":
+        options = dict(options or {})
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise ScalingCompileError(
+                f"unknown option(s) {unknown} for backend 'scaling'; valid options: {sorted(known)}"
+            )
+        parsed = cls(**options)
+        parsed.validate()
+        return parsed
+
+    def validate(self) -> None:
+        if self.inner not in INNER_COMPILERS:
+            raise ScalingCompileError(f"option inner={self.inner!r}: choose one of {INNER_COMPILERS}")
+        if self.kernel not in KERNELS:
+            raise ScalingCompileError(f"option kernel={self.kernel!r}: choose one of {KERNELS}")
+        if self.policy not in POLICIES:
+            raise ScalingCompileError(f"option policy={self.policy!r}: choose one of {POLICIES}")
+        if self.budget is not None and not (0.0 < float(self.budget) <= 1.0):
+            raise ScalingCompileError(
+                f"option budget={self.budget!r}: the fraction of key blocks kept must be in (0, 1]"
+            )
+        if self.artifact is not None and not isinstance(self.artifact, (str, os.PathLike)):
+            from .topology import Topology
+
+            if not isinstance(self.artifact, Topology):
+                raise ScalingCompileError(
+                    "option artifact must be a path to a .safetensors topology or a "
+                    f"scaling_compile.Topology, got {type(self.artifact).__name__}"
+                )
+
+    def load_topology(self):
+        """The Topology to serve from (loaded and validated once per path), or None."""
+        if self.artifact is None:
+            return None
+        if isinstance(self.artifact, (str, os.PathLike)):
+            return _load_cached(os.fspath(self.artifact))
+        return self.artifact
+
+
+_loaded: dict[tuple[str, float], object] = {}
+
+
+def _load_cached(path: str):
+    from .topology import Topology
+
+    stamp = (os.path.abspath(path), os.path.getmtime(path) if os.path.exists(path) else 0.0)
+    if stamp not in _loaded:
+        _loaded[stamp] = Topology.load(path)
+    return _loaded[stamp]

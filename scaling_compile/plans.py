@@ -1,0 +1,152 @@
+"""Run-time side of a rewritten SDPA node: which masks serve a call, and serving it.
+
+The rewrite pass replaces each served SDPA node by ``torch.ops.scaling.sparse_sdpa``
+with an integer ``plan_id``. The plan registered under that id knows the node's
+key, the topology and the options; it turns a call into device masks once per
+(block, sequence length, device) and caches them, so a steady-state call does
+one dictionary lookup on the host and no mask work at all.
+
+The node key is either known statically (whole-model compilation: ``blocks.3.attn1``)
+or completed at run time from the parameter passed as ``anchor`` (regional
+compilation: the graph says ``attn1``, the anchor ``blocks.3.attn1.to_q.weight``
+says which block is running).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+
+from .errors import NotServable
+from .module_index import parameter_name
+from .passes.node_keys import make_node_key, split_node_key
+from .kernels.bitpack import pack_block_mask
+
+log = logging.getLogger("scaling_compile")
+
+
+@dataclass
+class ServedMasks:
+    """Device-resident packed masks of one (node, geometry), plus what the kernel needs to pick one."""
+
+    words: torch.Tensor  # int32 (G, heads, q_blocks, words)
+    mask_index: torch.Tensor | None  # int32 (1,) on device selecting G, or None when G == 1
+    density: float
+
+
+@dataclass
+class DenseFallback:
+    reason: str
+
+
+@dataclass
+class AttentionPlan:
+    """How one rewritten SDPA node finds its masks at run time."""
+
+    graph_key: str
+    anchor_suffix: str | None
+    topology: "object"
+    budget: float | None = None
+    strict: bool = False
+    kernel: str = "triton"
+    schedule: "object | None" = None
+    _cache: dict = field(default_factory=dict, repr=False)
+    _warned: set = field(default_factory=set, repr=False)
+
+    # -- which node is this call? --------------------------------------------------------------
+    def absolute_key(self, anchor: torch.Tensor | None) -> str:
+        if self.graph_key in self.topology:
+            return self.graph_key
+        if anchor is None or self.anchor_suffix is None:
+            raise NotServable(f"no artifact entry for {self.graph_key!r}")
+        found = parameter_name(anchor)
+        if found is None:
+            raise NotServable(
+                f"cannot tell which module {self.graph_key!r} belongs to: its parameter is not "
+                "owned by any live nn.Module (call scaling_compile.register_root(model))"
+            )
+        _root, name = found
+        suffix = "." + self.anchor_suffix
+        if not name.endswith(suffix):
+            raise NotServable(f"parameter {name!r} does not end with {suffix!r}")
+        module_path = name[: -len(suffix)]
+        _relative_path, ordinal = split_node_key(self.graph_key)
+        return make_node_key(module_path, ordinal)
+
+    # -- masks for one call ---------------------------------------------------------------------
+    def masks_for(self, query: torch.Tensor, anchor: torch.Tensor | None) -> ServedMasks | DenseFallback:
+        seq_len, heads = query.shape[-2], query.shape[-3]
+        cache_key = (self.graph_key, _anchor_id(anchor), seq_len, heads, str(query.device), _grid_key())
+        served = self._cache.get(cache_key)
+        if served is None:
+            served = self._instantiate(query, anchor)
+            self._cache[cache_key] = served
+        return served
+
+    def _instantiate(self, query: torch.Tensor, anchor) -> ServedMasks | DenseFallback:
+        seq_len, heads = query.shape[-2], query.shape[-3]
+        try:
+            key = self.absolute_key(anchor)
+            from .geometry import current_grid
+
+            masks = [
+                self.topology.block_mask(
+                    key,
+                    seq_len=seq_len,
+                    num_heads=heads,
+                    grid=current_grid(seq_len),
+                    budget=self.budget,
+                    step_fraction=fraction,
+                )
+                for fraction in (self.schedule.step_fractions() if self.schedule else [None])
+            ]
+        except NotServable as reason:
+            if self.strict:
+                raise
+            message = f"scaling: {self.graph_key} stays dense at run time: {reason}"
+            if message not in self._warned:
+                self._warned.add(message)
+                warnings.warn(message, stacklevel=2)
+            return DenseFallback(str(reason))
+        stacked = torch.stack([m.to(torch.bool) for m in masks])
+        words = pack_block_mask(stacked).to(query.device)
+        index = self.schedule.device_index(query.device) if self.schedule else None
+        return ServedMasks(words=words, mask_index=index, density=float(stacked.float().mean()))
+
+
+def _anchor_id(anchor: torch.Tensor | None):
+    return None if anchor is None else anchor.data_ptr()
+
+
+def _grid_key():
+    from .geometry import grid_cache_key
+
+    return grid_cache_key()
+
+
+_plans: list[AttentionPlan] = []
+_plans_lock = threading.Lock()
+
+
+def register_plan(plan: AttentionPlan) -> int:
+    with _plans_lock:
+        _plans.append(plan)
+        return len(_plans) - 1
+
+
+def get_plan(plan_id: int) -> AttentionPlan:
+    try:
+        return _plans[plan_id]
+    except IndexError:
+        raise RuntimeError(
+            f"scaling: plan {plan_id} is unknown in this process. A graph rewritten by the "
+            "scaling backend was loaded from a cache or another process without its plans; "
+            "compile the model again in this process."
+        ) from None
+
+
+__all__ = ["AttentionPlan", "ServedMasks", "DenseFallback", "register_plan", "get_plan"]
