@@ -1,0 +1,554 @@
+"""Block-sparse attention forward pass in Triton.
+
+What it computes
+----------------
+``softmax(scale * Q K^T restricted to kept blocks) V`` for ``q, k, v`` of shape
+``(B, H, S, D)``, where the sequence is cut into blocks of ``block_size`` tokens
+and a block mask says, per head and per query block, which key blocks are
+attended. The mask comes bit-packed (:mod:`.bitpack`): bit ``j`` of int32 word
+``w`` of row ``(h, qb)`` keeps key block ``32 * w + j``. The result equals
+:func:`.reference.block_sparse_attention_reference` on the same mask; a query
+block that keeps no key block gets zeros, like the reference.
+
+How
+---
+One Triton program handles one tile of ``BLOCK_M`` query rows of one
+``(batch, head)``, keeps that tile in registers and streams only the KEPT key
+blocks through it with the online softmax of FlashAttention-2 (as in Triton's
+fused-attention tutorial): dropped blocks cost neither memory traffic nor
+FLOPs. Two ways to find the kept blocks, same result:
+
+* bit-packed path (default): the kernel reads the mask words of its row and
+  tests each key block's bit. Simple, needs nothing but the packed mask.
+* block-list path (fast path): ``kv_block_lists`` turns the packed mask ONCE
+  into, per query block, the count and the ascending indices of the kept key
+  blocks (like FlexAttention's BlockMask); the kernel then loops over exactly
+  the kept blocks, which lets Triton software-pipeline the K/V loads. The
+  caller (the custom op) computes the lists once per mask and caches them.
+
+Both accept the masks of several schedules/blocks stacked on a leading ``G``
+dimension; ``mask_index`` (a 1-element int32 DEVICE tensor) then selects
+``mask[g]`` INSIDE the kernel, so switching masks needs no host sync and no
+recompilation and stays CUDA-graph safe.
+
+Details that matter for speed: the scale is folded with ``log2(e)`` so the
+softmax uses ``exp2``; normalisation by the row sum happens once at the end;
+programs are ordered query-tile fastest, so all tiles of one head run together
+and that head's K/V stay in L2; the ragged last key block (``S`` not a
+multiple of ``block_size``) is the only one that pays for key masking (it is
+peeled off the main loop). On Hopper, Q/K/V/O move through TMA tensor
+descriptors built on the strided ``(B, H, S, D)`` views, no copies. Tile sizes,
+warps and pipeline depth are autotuned per (S bucket, D, block size, dtype).
+
+Output layout: ``(B, H, S, D)`` values stored with the memory layout of a
+``(B, S, H, D)`` tensor (what flash SDPA returns), see :func:`empty_output_like`.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Optional, Sequence, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+from .bitpack import WORD_BITS, num_words
+
+try:  # host-side TMA descriptors (triton >= 3.3)
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # pragma: no cover - older triton
+    TensorDescriptor = None
+
+__all__ = [
+    "block_sparse_attention",
+    "empty_output_like",
+    "kv_block_lists",
+    "SUPPORTED_HEAD_DIMS",
+    "SUPPORTED_BLOCK_SIZES",
+]
+
+LOG2E = 1.4426950408889634
+SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
+SUPPORTED_BLOCK_SIZES = (16, 32, 64, 128)
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+WORD_BITS_C = tl.constexpr(WORD_BITS)  # bits per mask word, as a kernel constant
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+# --------------------------------------------------------------------------------------
+# Kernel
+# --------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _attend_kv_tile(
+    acc, l_i, m_i, q,
+    k_base, v_base, k_desc, v_desc, off_b, off_h,
+    start_n, S, stride_ks, stride_vs, qk_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
+    MASK_KEYS: tl.constexpr, USE_TMA: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """Fold key/value rows ``[start_n, start_n + BLOCK_N)`` into the running softmax.
+
+    ``m_i`` is the running row max of the log2-scaled scores, ``l_i`` the
+    running row sum of ``exp2(score - m_i)``, ``acc`` the unnormalised output.
+    With ``MASK_KEYS`` the keys at or past ``S`` are masked out (only the ragged
+    last key block needs it).
+    """
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    # -- scores: q @ k^T ----
+    if USE_TMA:
+        # rows past S come back as zeros (TMA bounds are per dimension)
+        k = k_desc.load([off_b, off_h, start_n, 0]).reshape(BLOCK_N, HEAD_DIM)
+    else:
+        k_ptrs = k_base + offs_n[:, None] * stride_ks + offs_d[None, :]
+        if MASK_KEYS:
+            k = tl.load(k_ptrs, mask=(offs_n < S)[:, None], other=0.0)
+        else:
+            k = tl.load(k_ptrs)
+    qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+    if MASK_KEYS:
+        qk = tl.where((offs_n < S)[None, :], qk, float("-inf"))
+    # -- online softmax (base 2, scale folded into the FMA) ----
+    m_ij = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+    p = tl.math.exp2(qk * qk_scale - m_ij[:, None])
+    alpha = tl.math.exp2(m_i - m_ij)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None]
+    # -- accumulate p @ v ----
+    if USE_TMA:
+        v = v_desc.load([off_b, off_h, start_n, 0]).reshape(BLOCK_N, HEAD_DIM)
+    else:
+        v_ptrs = v_base + offs_n[:, None] * stride_vs + offs_d[None, :]
+        if MASK_KEYS:
+            v = tl.load(v_ptrs, mask=(offs_n < S)[:, None], other=0.0)
+        else:
+            v = tl.load(v_ptrs)
+    acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
+    return acc, l_i, m_ij
+
+
+@triton.jit
+def _block_sparse_attn_fwd(
+    # tensors: pointers (pointer path) and TMA descriptors (TMA path); the unused ones are None
+    Q, K, V, O,
+    q_desc, k_desc, v_desc, o_desc,
+    MASK,  # int32 (G, H, NQB, N_WORDS) contiguous (G = 1 without mask_index)
+    MASK_INDEX,  # int32 (1,) on device, or None
+    KV_COUNTS,  # int32 (G, H, NQB) contiguous, or None (bit-packed path)
+    KV_INDICES,  # int32 (G, H, NQB, N_KV_BLOCKS) contiguous, or None
+    qk_scale,  # scale * log2(e)
+    S, H, N_Q_BLOCKS, N_KV_BLOCKS, N_WORDS,
+    stride_qb, stride_qh, stride_qs,
+    stride_kb, stride_kh, stride_ks,
+    stride_vb, stride_vh, stride_vs,
+    stride_ob, stride_oh, stride_os,
+    S_KEY,  # power-of-two bucket of S: autotune key only
+    HEAD_DIM: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,  # mask granularity (query and key blocks)
+    RAGGED: tl.constexpr,  # S % BLOCK_SIZE != 0
+    USE_LISTS: tl.constexpr,
+    HAS_G: tl.constexpr,
+    USE_TMA: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,  # query rows per program, divides BLOCK_SIZE
+    BLOCK_N: tl.constexpr,  # key rows per step, divides BLOCK_SIZE
+):
+    SUB_N: tl.constexpr = BLOCK_SIZE // BLOCK_N  # key steps per mask block
+    pid_m = tl.program_id(0)  # fastest: all query tiles of one head run together (K/V in L2)
+    off_bh = tl.program_id(1)
+    off_b = off_bh // H
+    off_h = off_bh % H
+    q_block = (pid_m * BLOCK_M) // BLOCK_SIZE  # mask row of this tile
+
+    # -- which mask: mask[g] with g read on device (no host sync, CUDA-graph safe) ----
+    if HAS_G:
+        g = tl.load(MASK_INDEX).to(tl.int64)
+    else:
+        g = 0
+    mask_row = (g * H + off_h) * N_Q_BLOCKS + q_block
+
+    # -- this tile's queries, kept in registers for the whole loop ----
+    q_base = Q + off_b.to(tl.int64) * stride_qb + off_h.to(tl.int64) * stride_qh
+    k_base = K + off_b.to(tl.int64) * stride_kb + off_h.to(tl.int64) * stride_kh
+    v_base = V + off_b.to(tl.int64) * stride_vb + off_h.to(tl.int64) * stride_vh
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    if USE_TMA:
+        q = q_desc.load([off_b, off_h, pid_m * BLOCK_M, 0]).reshape(BLOCK_M, HEAD_DIM)
+    else:
+        q = tl.load(q_base + offs_m[:, None] * stride_qs + offs_d[None, :], mask=(offs_m < S)[:, None], other=0.0)
+
+    m_i = tl.zeros([BLOCK_M], dtype=tl.float32) - float("inf")
+    # l_i starts at 1 so that a row with no kept block ends as 0 / 1 = 0; any kept
+    # block multiplies this 1 by alpha = exp2(-inf) = 0 first.
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32) + 1.0
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+
+    # The ragged last key block is peeled off the main loops: only it masks keys.
+    last_kv = N_KV_BLOCKS - 1
+    if USE_LISTS:
+        # -- fast path: loop over exactly the kept key blocks (ascending list) ----
+        count = tl.load(KV_COUNTS + mask_row)
+        idx_ptr = KV_INDICES + mask_row * N_KV_BLOCKS
+        n_full = count
+        if RAGGED:
+            last_kept = tl.load(idx_ptr + tl.maximum(count - 1, 0))
+            n_full = count - ((count > 0) & (last_kept == last_kv)).to(tl.int32)
+        for i in range(0, n_full * SUB_N):
+            kv_block = tl.load(idx_ptr + i // SUB_N)
+            start_n = kv_block * BLOCK_SIZE + (i % SUB_N) * BLOCK_N
+            acc, l_i, m_i = _attend_kv_tile(
+                acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, off_b, off_h,
+                start_n, S, stride_ks, stride_vs, qk_scale,
+                HEAD_DIM, BLOCK_N, False, USE_TMA, DOT_PRECISION,
+            )
+        has_tail = count - n_full
+    else:
+        # -- bit-packed path: test each key block's bit, skip the dropped ones ----
+        word_ptr = MASK + mask_row * N_WORDS
+        n_unmasked = N_KV_BLOCKS - RAGGED
+        for w in range(0, N_WORDS):
+            word = tl.load(word_ptr + w)
+            if word != 0:
+                for j in range(0, tl.minimum(WORD_BITS_C, n_unmasked - w * WORD_BITS_C)):
+                    if ((word >> j) & 1) != 0:
+                        for sub in range(0, SUB_N):
+                            start_n = (w * WORD_BITS_C + j) * BLOCK_SIZE + sub * BLOCK_N
+                            acc, l_i, m_i = _attend_kv_tile(
+                                acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, off_b, off_h,
+                                start_n, S, stride_ks, stride_vs, qk_scale,
+                                HEAD_DIM, BLOCK_N, False, USE_TMA, DOT_PRECISION,
+                            )
+        has_tail = 0
+        if RAGGED:
+            last_word = tl.load(word_ptr + last_kv // WORD_BITS_C)
+            has_tail = (last_word >> (last_kv % WORD_BITS_C)) & 1
+    if RAGGED:
+        # key steps of the last block that hold at least one key < S
+        tail_steps = tl.cdiv(S - last_kv * BLOCK_SIZE, BLOCK_N)
+        for sub in range(0, has_tail * tail_steps):
+            start_n = last_kv * BLOCK_SIZE + sub * BLOCK_N
+            acc, l_i, m_i = _attend_kv_tile(
+                acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, off_b, off_h,
+                start_n, S, stride_ks, stride_vs, qk_scale,
+                HEAD_DIM, BLOCK_N, True, USE_TMA, DOT_PRECISION,
+            )
+
+    # -- epilogue: normalise once, store rows < S ----
+    out = (acc / l_i[:, None]).to(O.dtype.element_ty)
+    if USE_TMA:
+        o_desc.store([off_b, off_h, pid_m * BLOCK_M, 0], out.reshape(1, 1, BLOCK_M, HEAD_DIM))
+    else:
+        o_base = O + off_b.to(tl.int64) * stride_ob + off_h.to(tl.int64) * stride_oh
+        tl.store(o_base + offs_m[:, None] * stride_os + offs_d[None, :], out, mask=(offs_m < S)[:, None])
+
+
+
+# --------------------------------------------------------------------------------------
+# Launch configurations
+# --------------------------------------------------------------------------------------
+
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) tried on CUDA; configs whose tiles do
+# not divide the mask block size are pruned before tuning.
+_CUDA_CONFIGS: Tuple[Tuple[int, int, int, int], ...] = (
+    (128, 128, 8, 3),
+    (128, 128, 8, 2),
+    (128, 64, 8, 3),
+    (128, 64, 4, 3),
+    (64, 64, 4, 3),
+    (64, 32, 4, 3),
+    (32, 32, 4, 2),
+    (16, 16, 4, 2),
+)
+_AUTOTUNE_KEY = ["S_KEY", "HEAD_DIM", "BLOCK_SIZE", "RAGGED", "USE_LISTS", "HAS_G", "USE_TMA", "DOT_PRECISION"]
+
+
+def _set_descriptor_blocks(nargs) -> None:
+    """Autotune pre-hook: TMA descriptors' box shapes follow the config's tiles."""
+    if nargs.get("q_desc") is None:
+        return
+    d = nargs["HEAD_DIM"]
+    nargs["q_desc"].block_shape = [1, 1, nargs["BLOCK_M"], d]
+    nargs["o_desc"].block_shape = [1, 1, nargs["BLOCK_M"], d]
+    nargs["k_desc"].block_shape = [1, 1, nargs["BLOCK_N"], d]
+    nargs["v_desc"].block_shape = [1, 1, nargs["BLOCK_N"], d]
+
+
+def _make_config(bm: int, bn: int, warps: int, stages: int) -> triton.Config:
+    return triton.Config(
+        {"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=warps, num_stages=stages, pre_hook=_set_descriptor_blocks
+    )
+
+
+def _prune_configs(configs, named_args, **kwargs):
+    block_size = kwargs.get("BLOCK_SIZE", named_args.get("BLOCK_SIZE"))
+    kept = [c for c in configs if c.kwargs["BLOCK_M"] <= block_size and c.kwargs["BLOCK_N"] <= block_size]
+    return kept or [_make_config(block_size, block_size, 4, 2)]
+
+
+_CONFIG_OVERRIDE = os.environ.get("SCALING_COMPILE_BSA_CONFIG")  # "BM,BN,WARPS,STAGES": skip tuning
+
+
+def _cuda_config_list():
+    if _CONFIG_OVERRIDE:
+        return [_make_config(*(int(x) for x in _CONFIG_OVERRIDE.split(",")))]
+    return [_make_config(*c) for c in _CUDA_CONFIGS]
+
+
+_block_sparse_attn_fwd_tuned = triton.autotune(
+    configs=_cuda_config_list(),
+    key=_AUTOTUNE_KEY,
+    prune_configs_by={"early_config_prune": _prune_configs},
+)(_block_sparse_attn_fwd)
+
+
+# --------------------------------------------------------------------------------------
+# Host side
+# --------------------------------------------------------------------------------------
+
+
+def empty_output_like(q: torch.Tensor) -> torch.Tensor:
+    """Uninitialised output for ``q`` ``(B, H, S, D)``: shape of ``q``, memory layout of ``(B, S, H, D)``.
+
+    This is the layout flash SDPA returns, so the ``transpose(1, 2).reshape``
+    that follows attention in a DiT is free. The custom op's fake (meta)
+    implementation calls this too, so real and fake strides agree.
+    """
+    b, h, s, d = q.shape
+    return torch.empty((b, s, h, d), dtype=q.dtype, device=q.device).transpose(1, 2)
+
+
+def kv_block_lists(mask_words: torch.Tensor, n_kv_blocks: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Per query block: how many key blocks are kept, and which (ascending).
+
+    ``mask_words`` is a packed mask ``(..., n_q_blocks, n_words)``. Returns
+    ``counts`` int32 ``(..., n_q_blocks)`` and ``indices`` int32
+    ``(..., n_q_blocks, n_kv_blocks)`` whose first ``counts`` entries are the
+    kept key blocks in ascending order (the rest is padding, 0). Runs on the
+    mask's device with no host sync; compute it once per mask and cache it,
+    then pass ``block_lists=(counts, indices)`` to :func:`block_sparse_attention`.
+    """
+    if mask_words.dtype != torch.int32:
+        raise TypeError(f"kv_block_lists expects int32 mask words, got {mask_words.dtype}")
+    if mask_words.dim() < 2:
+        raise ValueError(f"kv_block_lists expects (..., n_q_blocks, n_words), got shape {tuple(mask_words.shape)}")
+    if mask_words.shape[-1] != num_words(n_kv_blocks):
+        raise ValueError(
+            f"{mask_words.shape[-1]} words per row cannot hold exactly {n_kv_blocks} key blocks "
+            f"(expected {num_words(n_kv_blocks)})"
+        )
+    lead = mask_words.shape[:-1]
+    words = mask_words.reshape(-1, mask_words.shape[-1])
+    device = words.device
+    shifts = torch.arange(WORD_BITS, dtype=torch.int32, device=device)
+    block_ids = torch.arange(n_kv_blocks, dtype=torch.int32, device=device)
+    counts = torch.empty(words.shape[0], dtype=torch.int32, device=device)
+    indices = torch.empty(words.shape[0], n_kv_blocks, dtype=torch.int32, device=device)
+    rows_per_chunk = max(1, (1 << 24) // max(1, words.shape[1] * WORD_BITS))  # bound the temporaries
+    for start in range(0, words.shape[0], rows_per_chunk):
+        chunk = words[start : start + rows_per_chunk]
+        bits = ((chunk.unsqueeze(-1) >> shifts) & 1).flatten(-2)[:, :n_kv_blocks].bool()
+        counts[start : start + rows_per_chunk] = bits.sum(-1, dtype=torch.int32)
+        keyed = torch.where(bits, block_ids, n_kv_blocks)  # kept blocks sort first, in order
+        ordered = keyed.sort(dim=-1).values
+        indices[start : start + rows_per_chunk] = torch.where(ordered == n_kv_blocks, 0, ordered)
+    return counts.reshape(lead), indices.reshape(*lead, n_kv_blocks)
+
+
+def _check(cond: bool, msg: str, exc=ValueError) -> None:
+    if not cond:
+        raise exc(f"block_sparse_attention: {msg}")
+
+
+def _validate(q, k, v, mask_words, block_size, scale, mask_index, block_lists) -> None:
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        _check(isinstance(t, torch.Tensor), f"{name} must be a torch.Tensor, got {type(t).__name__}", TypeError)
+        _check(t.dim() == 4, f"{name} must have shape (B, H, S, D), got {tuple(t.shape)}")
+        _check(t.dtype in SUPPORTED_DTYPES, f"{name} dtype {t.dtype} not supported (float16, bfloat16, float32)", TypeError)
+        _check(t.stride(-1) == 1, f"{name} must be contiguous in its last (head_dim) dimension, got strides {t.stride()}")
+    _check(q.dtype == k.dtype == v.dtype, f"q, k, v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}", TypeError)
+    _check(q.device == k.device == v.device, f"q, k, v devices differ: {q.device}, {k.device}, {v.device}")
+    _check(
+        q.shape == k.shape == v.shape,
+        f"q, k, v must have the same shape (B, H, S, D) (self-attention, no GQA), got "
+        f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}",
+    )
+    _, h, s, d = q.shape
+    _check(s >= 1, "sequence length must be at least 1")
+    _check(d in SUPPORTED_HEAD_DIMS, f"head_dim {d} not supported, expected one of {SUPPORTED_HEAD_DIMS}")
+    _check(
+        isinstance(block_size, int) and block_size in SUPPORTED_BLOCK_SIZES,
+        f"block_size must be one of {SUPPORTED_BLOCK_SIZES}, got {block_size!r}",
+    )
+    if scale is not None:
+        _check(
+            isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0,
+            f"scale must be a finite positive number or None, got {scale!r}",
+        )
+    _check(isinstance(mask_words, torch.Tensor), "mask_words must be a torch.Tensor", TypeError)
+    _check(mask_words.dtype == torch.int32, f"mask_words must be int32 (bit-packed), got {mask_words.dtype}", TypeError)
+    _check(mask_words.device == q.device, f"mask_words is on {mask_words.device}, q on {q.device}")
+    n_qb = triton.cdiv(s, block_size)
+    n_kvb = triton.cdiv(s, block_size)
+    expected = (h, n_qb, num_words(n_kvb))
+    _check(
+        mask_words.dim() in (3, 4) and tuple(mask_words.shape[-3:]) == expected,
+        f"mask_words must have shape (H, n_q_blocks, n_words) = {expected} or (G, {expected[0]}, {expected[1]}, "
+        f"{expected[2]}) for S={s}, block_size={block_size}, H={h}; got {tuple(mask_words.shape)}",
+    )
+    if mask_words.dim() == 4:
+        _check(mask_index is not None, "mask_words has a leading G dimension: pass mask_index (1-element int32 device tensor)")
+        _check(isinstance(mask_index, torch.Tensor), "mask_index must be a torch.Tensor", TypeError)
+        _check(mask_index.dtype == torch.int32, f"mask_index must be int32, got {mask_index.dtype}", TypeError)
+        _check(mask_index.numel() == 1, f"mask_index must have exactly one element, got shape {tuple(mask_index.shape)}")
+        _check(mask_index.device == q.device, f"mask_index is on {mask_index.device}, q on {q.device}")
+    else:
+        _check(mask_index is None, "mask_index is only valid with a stacked (G, H, n_q_blocks, n_words) mask")
+    if block_lists is not None:
+        _check(
+            isinstance(block_lists, (tuple, list)) and len(block_lists) == 2,
+            "block_lists must be the (counts, indices) pair returned by kv_block_lists",
+            TypeError,
+        )
+        counts, indices = block_lists
+        lead = tuple(mask_words.shape[:-1])
+        _check(
+            isinstance(counts, torch.Tensor) and counts.dtype == torch.int32 and tuple(counts.shape) == lead,
+            f"block_lists counts must be int32 of shape {lead}, got "
+            f"{getattr(counts, 'dtype', type(counts))} {tuple(getattr(counts, 'shape', ()))}",
+        )
+        _check(
+            isinstance(indices, torch.Tensor)
+            and indices.dtype == torch.int32
+            and tuple(indices.shape) == lead + (n_kvb,),
+            f"block_lists indices must be int32 of shape {lead + (n_kvb,)}, got "
+            f"{getattr(indices, 'dtype', type(indices))} {tuple(getattr(indices, 'shape', ()))}",
+        )
+        _check(counts.device == q.device and indices.device == q.device, "block_lists must be on q's device")
+
+
+def _tma_ok(*tensors: torch.Tensor) -> bool:
+    """TMA descriptors need Hopper+, 16-byte aligned base pointers and strides."""
+    if TensorDescriptor is None or _interpreting():
+        return False
+    if os.environ.get("SCALING_COMPILE_BSA_TMA", "1") == "0":
+        return False
+    t0 = tensors[0]
+    if t0.device.type != "cuda" or torch.cuda.get_device_capability(t0.device)[0] < 9:
+        return False
+    for t in tensors:
+        es = t.element_size()
+        if t.data_ptr() % 16 or any((st * es) % 16 for st in t.stride()[:-1]):
+            return False
+    return True
+
+
+def _descriptor(t: torch.Tensor, block_rows: int) -> "TensorDescriptor":
+    return TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, block_rows, t.shape[-1]])
+
+
+def _launch(
+    q, k, v, out, mask_words, block_size, scale, mask_index, block_lists,
+    use_tma: Optional[bool] = None,
+    config: Optional[Sequence[int]] = None,
+) -> None:
+    """Launch the kernel (inputs already validated). ``config`` = (BLOCK_M, BLOCK_N, warps, stages) skips tuning."""
+    b, h, s, d = q.shape
+    n_qb = triton.cdiv(s, block_size)
+    n_kvb = n_qb
+    scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
+    has_g = mask_words.dim() == 4
+    mask = mask_words if has_g else mask_words.unsqueeze(0)
+    mask = mask.contiguous()
+    counts = indices = None
+    if block_lists is not None:
+        counts, indices = (t.contiguous() for t in block_lists)
+    if use_tma is None:
+        use_tma = _tma_ok(q, k, v, out)
+    if use_tma:
+        q_desc, k_desc, v_desc, o_desc = (_descriptor(t, block_size) for t in (q, k, v, out))
+    else:
+        q_desc = k_desc = v_desc = o_desc = None
+    interpreting = _interpreting() or q.device.type != "cuda"
+    if config is None and interpreting:
+        config = (block_size, block_size, 4, 1)  # interpreter: big tiles = fewer numpy calls
+
+    args = dict(
+        Q=q, K=k, V=v, O=out,
+        q_desc=q_desc, k_desc=k_desc, v_desc=v_desc, o_desc=o_desc,
+        MASK=mask, MASK_INDEX=mask_index if has_g else None,
+        KV_COUNTS=counts, KV_INDICES=indices,
+        qk_scale=scale * LOG2E,
+        S=s, H=h, N_Q_BLOCKS=n_qb, N_KV_BLOCKS=n_kvb, N_WORDS=mask.shape[-1],
+        stride_qb=q.stride(0), stride_qh=q.stride(1), stride_qs=q.stride(2),
+        stride_kb=k.stride(0), stride_kh=k.stride(1), stride_ks=k.stride(2),
+        stride_vb=v.stride(0), stride_vh=v.stride(1), stride_vs=v.stride(2),
+        stride_ob=out.stride(0), stride_oh=out.stride(1), stride_os=out.stride(2),
+        S_KEY=triton.next_power_of_2(s),
+        HEAD_DIM=d, BLOCK_SIZE=block_size, RAGGED=(s % block_size != 0),
+        USE_LISTS=block_lists is not None, HAS_G=has_g, USE_TMA=bool(use_tma),
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+    )
+
+    def grid(meta):
+        return (triton.cdiv(s, meta["BLOCK_M"]), b * h)
+
+    if config is not None:
+        bm, bn, warps, stages = config
+        _check(block_size % bm == 0 and block_size % bn == 0, f"config tiles {bm}x{bn} must divide block_size {block_size}")
+        if use_tma:
+            _set_descriptor_blocks({**args, "BLOCK_M": bm, "BLOCK_N": bn})
+        _block_sparse_attn_fwd[grid](**args, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages)
+    else:
+        _block_sparse_attn_fwd_tuned[grid](**args)
+
+
+def block_sparse_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask_words: torch.Tensor,
+    block_size: int,
+    scale: Optional[float] = None,
+    mask_index: Optional[torch.Tensor] = None,
+    *,
+    block_lists: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
+) -> torch.Tensor:
+    """Block-sparse attention of ``q, k, v`` ``(B, H, S, D)`` under a bit-packed block mask.
+
+    Args:
+        q, k, v: same shape ``(B, H, S, D)``, fp16/bf16/fp32, any strides with the
+            last dim contiguous (transposed ``(B, S, H, D)`` views are read in
+            place, not copied). ``D`` in 16, 32, 64, 128.
+        mask_words: int32 packed mask (:mod:`.bitpack`), ``(H, n_q_blocks, n_words)``
+            or stacked ``(G, H, n_q_blocks, n_words)``; ``n_q_blocks =
+            ceil(S / block_size)``, ``n_words = ceil(n_q_blocks / 32)``. The same
+            mask applies to every batch element.
+        block_size: mask granularity in tokens for both query and key blocks
+            (16, 32, 64 or 128).
+        scale: softmax scale, default ``1 / sqrt(D)``; must be positive.
+        mask_index: with a stacked mask, a 1-element int32 tensor on q's device
+            holding ``g``; the kernel reads it on the device and uses
+            ``mask_words[g]`` (no host sync: CUDA-graph safe; ``g`` must lie in
+            ``[0, G)``, it is not range-checked). ``None`` for a 3-D mask.
+        block_lists: optional ``(counts, indices)`` from
+            ``kv_block_lists(mask_words, n_kv_blocks)`` of the SAME mask: the
+            kernel then iterates the kept key blocks from these lists (faster)
+            instead of testing bits. Its leading dims follow ``mask_words``.
+
+    Returns:
+        ``(B, H, S, D)`` tensor with the memory layout of ``(B, S, H, D)``
+        (:func:`empty_output_like`). Query rows of a query block that keeps no
+        key block are zero.
+    """
+    _validate(q, k, v, mask_words, block_size, scale, mask_index, block_lists)
+    out = empty_output_like(q)
+    _launch(q, k, v, out, mask_words, block_size, scale, mask_index, block_lists)
+    return out

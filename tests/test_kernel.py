@@ -1,0 +1,385 @@
+"""The Triton block-sparse attention kernel against the plain-PyTorch reference.
+
+On a CPU machine the kernel runs under TRITON_INTERPRET=1 (tests/conftest.py);
+shapes stay small because the interpreter is slow. fp16 and fp32 only there
+(the interpreter's bf16 dot is wrong); bf16, CUDA graphs and the autotuned
+path are tested only when CUDA is available.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+import sys
+import types
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+
+def _import_kernels():
+    """``scaling_compile.kernels`` when installed, else the repo's ``kernels/`` under that name."""
+    try:
+        return importlib.import_module("scaling_compile.kernels.block_sparse_attention")
+    except ImportError:
+        root = Path(__file__).resolve().parents[1]
+        if "scaling_compile" not in sys.modules:
+            parent = types.ModuleType("scaling_compile")
+            parent.__path__ = [str(root / "scaling_compile")]
+            sys.modules["scaling_compile"] = parent
+        sub = types.ModuleType("scaling_compile.kernels")
+        sub.__path__ = [str(root / "kernels")]
+        sys.modules["scaling_compile.kernels"] = sub
+        return importlib.import_module("scaling_compile.kernels.block_sparse_attention")
+
+
+bsa = _import_kernels()
+bitpack = importlib.import_module("scaling_compile.kernels.bitpack")
+reference = importlib.import_module("scaling_compile.kernels.reference")
+
+block_sparse_attention = bsa.block_sparse_attention
+empty_output_like = bsa.empty_output_like
+kv_block_lists = bsa.kv_block_lists
+pack_block_mask = bitpack.pack_block_mask
+unpack_block_mask = bitpack.unpack_block_mask
+ref_attention = reference.block_sparse_attention_reference
+
+CUDA = torch.cuda.is_available()
+DEVICE = torch.device("cuda" if CUDA else "cpu")
+needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+TOL = {torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
+SETTINGS = dict(deadline=None, derandomize=True, suppress_health_check=list(HealthCheck), database=None)
+
+
+# --------------------------------------------------------------------------------------
+# helpers
+# --------------------------------------------------------------------------------------
+
+
+def make_qkv(b, h, s, d, dtype, layout="bshd", seed=0, device=DEVICE):
+    """q, k, v (B, H, S, D) with the strides of real callers.
+
+    ``bshd``: transposed views of (B, S, H, D) tensors (what a DiT passes);
+    ``bhsd``: contiguous; ``fused``: views into one (B, S, 3, H, D) projection.
+    """
+    g = torch.Generator().manual_seed(seed)
+    if layout == "bshd":
+        x = torch.randn(3, b, s, h, d, generator=g).to(dtype)
+        q, k, v = (t.to(device).transpose(1, 2) for t in x)
+    elif layout == "bhsd":
+        x = torch.randn(3, b, h, s, d, generator=g).to(dtype)
+        q, k, v = (t.to(device).contiguous() for t in x)
+    elif layout == "fused":
+        x = torch.randn(b, s, 3, h, d, generator=g).to(dtype).to(device)
+        q, k, v = (x[:, :, i].transpose(1, 2) for i in range(3))
+    else:
+        raise ValueError(layout)
+    return q, k, v
+
+
+def random_block_mask(shape, density, seed=0, empty_rows=0.0):
+    """Bool block mask; a fraction ``empty_rows`` of the rows keeps nothing."""
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.rand(shape, generator=g) < density
+    if empty_rows:
+        rows = torch.rand(shape[:-1], generator=g) < empty_rows
+        mask &= ~rows.unsqueeze(-1)
+    return mask
+
+
+def run_kernel(q, k, v, words, block_size, *, scale=None, mask_index=None, lists=False, use_tma=False, config=None):
+    """Launch through the internal entry point with a NaN-poisoned output (catches unwritten rows)."""
+    n_kv = math.ceil(q.shape[2] / block_size)
+    block_lists = kv_block_lists(words, n_kv) if lists else None
+    bsa._validate(q, k, v, words, block_size, scale, mask_index, block_lists)
+    out = empty_output_like(q).fill_(float("nan"))
+    bsa._launch(q, k, v, out, words, block_size, scale, mask_index, block_lists, use_tma=use_tma, config=config)
+    return out
+
+
+def assert_close(out, ref, dtype):
+    assert not torch.isnan(out).any(), "output has unwritten (NaN) entries"
+    tol = TOL[dtype]
+    torch.testing.assert_close(out.float(), ref.float(), atol=tol, rtol=tol)
+
+
+# --------------------------------------------------------------------------------------
+# kernel vs reference
+# --------------------------------------------------------------------------------------
+
+DTYPES = [torch.float16, torch.float32]
+
+
+@settings(max_examples=60, **SETTINGS)
+@given(
+    b=st.integers(1, 2),
+    h=st.integers(1, 3),
+    block_size=st.sampled_from([16, 32]),
+    n_blocks=st.integers(1, 4),
+    tail=st.integers(0, 31),
+    d=st.sampled_from([16, 32]),
+    dtype=st.sampled_from(DTYPES),
+    layout=st.sampled_from(["bshd", "bhsd", "fused"]),
+    density=st.floats(0.0, 1.0),
+    empty_rows=st.sampled_from([0.0, 0.3]),
+    lists=st.booleans(),
+    use_tma=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_matches_reference(b, h, block_size, n_blocks, tail, d, dtype, layout, density, empty_rows, lists, use_tma, seed):
+    s = max(1, (n_blocks - 1) * block_size + 1 + tail % block_size)  # ragged and exact lengths
+    q, k, v = make_qkv(b, h, s, d, dtype, layout, seed)
+    use_tma = use_tma and (not CUDA or bsa._tma_ok(q, k, v))
+    n = math.ceil(s / block_size)
+    mask = random_block_mask((h, n, n), density, seed, empty_rows)
+    words = pack_block_mask(mask).to(DEVICE)
+    out = run_kernel(q, k, v, words, block_size, lists=lists, use_tma=use_tma)
+    assert_close(out, ref_attention(q, k, v, mask, block_size), dtype)
+
+
+@settings(max_examples=16, **SETTINGS)
+@given(
+    g_count=st.integers(2, 3),
+    block_size=st.sampled_from([16, 32]),
+    s=st.integers(17, 80),
+    dtype=st.sampled_from(DTYPES),
+    lists=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_stacked_masks_select_by_device_index(g_count, block_size, s, dtype, lists, seed):
+    """A (G, H, nq, nw) stack + mask_index: the kernel reads g on the device and uses mask[g]."""
+    h, d = 2, 16
+    q, k, v = make_qkv(1, h, s, d, dtype, "bshd", seed)
+    n = math.ceil(s / block_size)
+    masks = torch.stack([random_block_mask((h, n, n), 0.5, seed + i, 0.2) for i in range(g_count)])
+    words = pack_block_mask(masks).to(DEVICE)
+    for g in (g_count - 1, 0):
+        index = torch.tensor([g], dtype=torch.int32, device=DEVICE)
+        out = run_kernel(q, k, v, words, block_size, mask_index=index, lists=lists)
+        assert_close(out, ref_attention(q, k, v, masks[g], block_size), dtype)
+
+
+@pytest.mark.parametrize(
+    "block_size, config",
+    [(32, (16, 16, 4, 1)), (32, (32, 16, 4, 1)), (32, (16, 32, 4, 1)), (64, (32, 16, 4, 1))],
+)
+@pytest.mark.parametrize("lists", [False, True])
+def test_tiles_smaller_than_mask_blocks(block_size, config, lists):
+    """BLOCK_M / BLOCK_N may split mask blocks (speed knob): the result keeps the mask's semantics."""
+    h, d, s = 2, 16, 2 * block_size + 7  # ragged: last block partly and some sub-tiles fully past S
+    q, k, v = make_qkv(1, h, s, d, torch.float32, "bshd", seed=3)
+    n = math.ceil(s / block_size)
+    mask = random_block_mask((h, n, n), 0.6, seed=3, empty_rows=0.2)
+    mask[0, 0, -1] = True  # the ragged block is kept somewhere
+    words = pack_block_mask(mask).to(DEVICE)
+    out = run_kernel(q, k, v, words, block_size, lists=lists, config=config)
+    assert_close(out, ref_attention(q, k, v, mask, block_size), torch.float32)
+
+
+@pytest.mark.parametrize("lists", [False, True])
+def test_many_key_blocks_span_several_words(lists):
+    """More than 32 key blocks: bits come from several int32 words, bit 31 included."""
+    block_size, h, d = 16, 1, 16
+    s = 37 * block_size - 5
+    q, k, v = make_qkv(1, h, s, d, torch.float16, "bshd", seed=5)
+    n = math.ceil(s / block_size)
+    mask = random_block_mask((h, n, n), 0.15, seed=5)
+    mask[:, :, 31] = True  # sign bit of word 0
+    mask[:, :, 32] = True
+    words = pack_block_mask(mask).to(DEVICE)
+    out = run_kernel(q, k, v, words, block_size, lists=lists)
+    assert_close(out, ref_attention(q, k, v, mask, block_size), torch.float16)
+
+
+def test_public_function_defaults_and_scale():
+    """The public entry point: default (bit-packed) path, block_lists path, explicit scale."""
+    h, d, s, block_size = 2, 32, 45, 16
+    q, k, v = make_qkv(2, h, s, d, torch.float32, "bshd", seed=9)
+    n = math.ceil(s / block_size)
+    mask = random_block_mask((h, n, n), 0.5, seed=9)
+    words = pack_block_mask(mask).to(DEVICE)
+    expected = ref_attention(q, k, v, mask, block_size, scale=0.3)
+    out = block_sparse_attention(q, k, v, words, block_size, scale=0.3)
+    assert_close(out, expected, torch.float32)
+    lists = kv_block_lists(words, n)
+    out2 = block_sparse_attention(q, k, v, words, block_size, scale=0.3, block_lists=lists)
+    assert_close(out2, expected, torch.float32)
+
+
+@pytest.mark.parametrize("lists", [False, True])
+def test_empty_rows_are_exact_zeros(lists):
+    h, d, block_size = 2, 16, 16
+    s = 3 * block_size
+    q, k, v = make_qkv(1, h, s, d, torch.float16, "bshd", seed=1)
+    mask = torch.ones(h, 3, 3, dtype=torch.bool)
+    mask[0, 1] = False  # one empty query block in head 0
+    mask[1] = False  # head 1 keeps nothing at all
+    words = pack_block_mask(mask).to(DEVICE)
+    out = run_kernel(q, k, v, words, block_size, lists=lists)
+    assert torch.equal(out[:, 0, 16:32], torch.zeros_like(out[:, 0, 16:32]))
+    assert torch.equal(out[:, 1], torch.zeros_like(out[:, 1]))
+    assert_close(out, ref_attention(q, k, v, mask, block_size), torch.float16)
+
+
+def test_output_layout_is_bshd():
+    q, k, v = make_qkv(2, 3, 40, 16, torch.float16, "bhsd")
+    words = pack_block_mask(torch.ones(3, 3, 3, dtype=torch.bool)).to(DEVICE)
+    out = block_sparse_attention(q, k, v, words, 16)
+    assert out.shape == q.shape
+    assert out.stride() == empty_output_like(q).stride()
+    assert out.transpose(1, 2).is_contiguous()
+    assert out.dtype == q.dtype and out.device == q.device
+
+
+# --------------------------------------------------------------------------------------
+# kv_block_lists
+# --------------------------------------------------------------------------------------
+
+
+@settings(max_examples=30, **SETTINGS)
+@given(lead=st.sampled_from([(3,), (2, 3), (1, 2, 2)]), n_q=st.integers(1, 5), n_kv=st.integers(1, 70), seed=st.integers(0, 99))
+def test_kv_block_lists(lead, n_q, n_kv, seed):
+    mask = random_block_mask((*lead, n_q, n_kv), 0.4, seed, 0.2)
+    counts, indices = kv_block_lists(pack_block_mask(mask), n_kv)
+    assert counts.dtype == indices.dtype == torch.int32
+    assert counts.shape == (*lead, n_q) and indices.shape == (*lead, n_q, n_kv)
+    flat_mask, flat_counts, flat_idx = mask.reshape(-1, n_kv), counts.reshape(-1), indices.reshape(-1, n_kv)
+    for row in range(flat_mask.shape[0]):
+        kept = torch.nonzero(flat_mask[row]).flatten().to(torch.int32)
+        assert flat_counts[row] == kept.numel()
+        assert torch.equal(flat_idx[row, : kept.numel()], kept)
+        assert (flat_idx[row, kept.numel():] == 0).all()
+
+
+def test_kv_block_lists_rejects_bad_words():
+    with pytest.raises(TypeError, match="int32"):
+        kv_block_lists(torch.zeros(2, 3, dtype=torch.int64), 10)
+    with pytest.raises(ValueError, match="words"):
+        kv_block_lists(torch.zeros(2, 3, dtype=torch.int32), 10)
+
+
+# --------------------------------------------------------------------------------------
+# input validation
+# --------------------------------------------------------------------------------------
+
+
+def _valid_inputs():
+    q, k, v = make_qkv(1, 2, 40, 16, torch.float16, "bshd")
+    words = pack_block_mask(torch.ones(2, 3, 3, dtype=torch.bool)).to(DEVICE)
+    return dict(q=q, k=k, v=v, mask_words=words, block_size=16)
+
+
+def _bad(**changes):
+    def build():
+        args = _valid_inputs()
+        for key, fn in changes.items():
+            args[key] = fn(args)
+        return args
+
+    return build
+
+
+@pytest.mark.parametrize(
+    "build, exc, match",
+    [
+        (_bad(q=lambda a: a["q"][0]), ValueError, "shape"),
+        (_bad(k=lambda a: a["k"][:, :, :20]), ValueError, "same shape"),
+        (_bad(q=lambda a: a["q"].to(torch.int32)), TypeError, "dtype"),
+        (_bad(v=lambda a: a["v"].float()), TypeError, "dtypes differ"),
+        (_bad(q=lambda a: a["q"].transpose(2, 3)), ValueError, "last"),
+        (_bad(q=lambda a: make_qkv(1, 2, 40, 24, torch.float16)[0],
+              k=lambda a: make_qkv(1, 2, 40, 24, torch.float16)[1],
+              v=lambda a: make_qkv(1, 2, 40, 24, torch.float16)[2]), ValueError, "head_dim"),
+        (_bad(block_size=lambda a: 48), ValueError, "block_size"),
+        (_bad(block_size=lambda a: 256), ValueError, "block_size"),
+        (_bad(mask_words=lambda a: a["mask_words"].long()), TypeError, "int32"),
+        (_bad(mask_words=lambda a: a["mask_words"][:, :2]), ValueError, "n_q_blocks"),
+        (_bad(mask_words=lambda a: a["mask_words"][:1]), ValueError, "H"),
+        (_bad(block_size=lambda a: 32), ValueError, "mask_words must have shape"),
+        (_bad(mask_words=lambda a: a["mask_words"][None]), ValueError, "mask_index"),
+        (_bad(scale=lambda a: -1.0), ValueError, "scale"),
+        (_bad(scale=lambda a: float("nan")), ValueError, "scale"),
+        (_bad(mask_index=lambda a: torch.zeros(1, dtype=torch.int32, device=DEVICE)), ValueError, "mask_index"),
+    ],
+)
+def test_validation_errors(build, exc, match):
+    with pytest.raises(exc, match=match):
+        block_sparse_attention(**build())
+
+
+def test_validation_mask_index_rules():
+    args = _valid_inputs()
+    stacked = torch.stack([args["mask_words"]] * 2)
+    args["mask_words"] = stacked
+    with pytest.raises(TypeError, match="int32"):
+        block_sparse_attention(**args, mask_index=torch.zeros(1, dtype=torch.int64, device=DEVICE))
+    with pytest.raises(ValueError, match="exactly one"):
+        block_sparse_attention(**args, mask_index=torch.zeros(2, dtype=torch.int32, device=DEVICE))
+    with pytest.raises(ValueError, match="block_lists"):
+        bad_lists = kv_block_lists(stacked[0], 3)  # lists of one mask, not of the stack
+        block_sparse_attention(**args, mask_index=torch.zeros(1, dtype=torch.int32, device=DEVICE),
+                               block_lists=bad_lists)
+
+
+# --------------------------------------------------------------------------------------
+# CUDA only: bf16, production shapes, TMA vs pointers, autotuning, CUDA graphs
+# --------------------------------------------------------------------------------------
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("block_size, d", [(128, 128), (64, 64), (128, 64)])
+@pytest.mark.parametrize("s", [1000, 1024])
+@pytest.mark.parametrize("lists", [False, True])
+@pytest.mark.parametrize("use_tma", [False, True])
+def test_cuda_matches_reference(dtype, block_size, d, s, lists, use_tma):
+    h = 3
+    q, k, v = make_qkv(2, h, s, d, dtype, "bshd", seed=s + d)
+    n = math.ceil(s / block_size)
+    mask = random_block_mask((h, n, n), 0.4, seed=d, empty_rows=0.1)
+    mask[:, :, -1] |= torch.rand(h, n) < 0.5  # exercise the ragged tail block
+    words = pack_block_mask(mask).to(DEVICE)
+    cfg = (min(128, block_size), min(64, block_size), 4, 3)
+    out = run_kernel(q, k, v, words, block_size, lists=lists, use_tma=use_tma, config=cfg)
+    assert_close(out, ref_attention(q, k, v, mask, block_size), dtype)
+
+
+@needs_cuda
+@pytest.mark.parametrize("lists", [False, True])
+def test_cuda_autotuned_public_path_bf16(lists):
+    h, d, s, block_size = 4, 128, 3000, 128
+    q, k, v = make_qkv(1, h, s, d, torch.bfloat16, "bshd", seed=11)
+    n = math.ceil(s / block_size)
+    masks = torch.stack([random_block_mask((h, n, n), p, seed=11) for p in (0.2, 0.7)])
+    words = pack_block_mask(masks).to(DEVICE)
+    block_lists = kv_block_lists(words, n) if lists else None
+    for g in (0, 1):
+        index = torch.tensor([g], dtype=torch.int32, device=DEVICE)
+        out = block_sparse_attention(q, k, v, words, block_size, mask_index=index, block_lists=block_lists)
+        assert_close(out, ref_attention(q, k, v, masks[g], block_size), torch.bfloat16)
+
+
+@needs_cuda
+@pytest.mark.parametrize("lists", [False, True])
+def test_cuda_graph_replay_follows_mask_index(lists):
+    """Capture once, switch the mask by writing mask_index in place, replay: no recapture, no sync."""
+    h, d, s, block_size = 2, 64, 700, 64
+    q, k, v = make_qkv(1, h, s, d, torch.bfloat16, "bshd", seed=4)
+    n = math.ceil(s / block_size)
+    masks = torch.stack([random_block_mask((h, n, n), p, seed=4, empty_rows=0.1) for p in (0.3, 0.8, 0.5)])
+    words = pack_block_mask(masks).to(DEVICE)
+    block_lists = kv_block_lists(words, n) if lists else None
+    index = torch.zeros(1, dtype=torch.int32, device=DEVICE)
+    block_sparse_attention(q, k, v, words, block_size, mask_index=index, block_lists=block_lists)  # tune + compile
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = block_sparse_attention(q, k, v, words, block_size, mask_index=index, block_lists=block_lists)
+    for g in (2, 1, 0):
+        index.fill_(g)
+        graph.replay()
+        torch.cuda.synchronize()
+        assert_close(out, ref_attention(q, k, v, masks[g], block_size), torch.bfloat16)
