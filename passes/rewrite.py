@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 import torch.fx as fx
 
-from .match import SDPACall, find_anchor_placeholder, find_sdpa_calls
+from .match import SDPACall, _same_length, find_anchor_placeholder, find_sdpa_calls
 from .node_keys import split_node_key
 
 
@@ -134,11 +134,12 @@ def rewrite_sdpa_calls(gm: fx.GraphModule, topology, options) -> list[NodeDecisi
             schedule=options.schedule,
         )
         plan_id = register_plan(plan)
+        grid = token_grid_in_graph(gm, call.query_shape[-2])
         args = call.arguments
         with gm.graph.inserting_before(call.node):
             new = gm.graph.call_function(
                 torch.ops.scaling.sparse_sdpa.default,
-                (args["query"], args["key"], args["value"], anchor, plan_id, args["scale"]),
+                (args["query"], args["key"], args["value"], anchor, plan_id, args["scale"], grid),
             )
         new.meta.update({k: v for k, v in call.node.meta.items() if k != "example_value"})
         call.node.replace_all_uses_with(new)
@@ -147,6 +148,23 @@ def rewrite_sdpa_calls(gm: fx.GraphModule, topology, options) -> list[NodeDecisi
     gm.graph.lint()
     gm.recompile()
     return decisions
+
+
+def token_grid_in_graph(gm: fx.GraphModule, seq_len) -> list | None:
+    """The (frames, height, width) of a 5-D video tensor in ``gm`` with ``seq_len`` tokens, if any.
+
+    Under whole-model compilation the patch embedding's output ``(B, C, F, H, W)``
+    is in the graph; its last three sizes (symbolic under dynamic shapes) are the
+    token grid of the self-attention calls. Regional graphs have none: their
+    grid is learnt at run time.
+    """
+    for node in gm.graph.nodes:
+        value = node.meta.get("example_value")
+        if isinstance(value, torch.Tensor) and value.dim() == 5:
+            dims = list(value.shape[2:])
+            if _same_length(dims[0] * dims[1] * dims[2], seq_len):
+                return dims
+    return None
 
 
 def _grad_free(call: SDPACall) -> bool:

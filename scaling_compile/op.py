@@ -30,10 +30,15 @@ def sparse_sdpa(
     anchor: torch.Tensor | None,
     plan_id: int,
     scale: float | None,
+    grid: list[int] | None,
 ) -> torch.Tensor:
-    """Block-sparse attention of one rewritten SDPA node (plan ``plan_id``)."""
+    """Block-sparse attention of one rewritten SDPA node (plan ``plan_id``).
+
+    ``grid`` is the call's token grid (frames, height, width) when the graph
+    knows it (whole-model compilation); otherwise the plan learns it at run time.
+    """
     plan = get_plan(plan_id)
-    served = plan.masks_for(query, anchor)
+    served = plan.masks_for(query, anchor, None if grid is None else tuple(grid))
     out = empty_output_like(query)
     if isinstance(served, DenseFallback):
         out.copy_(torch.nn.functional.scaled_dot_product_attention(query, key, value, scale=scale))
@@ -56,7 +61,7 @@ def _host_index(served) -> int:
 
 
 @sparse_sdpa.register_fake
-def _(query, key, value, anchor, plan_id, scale):
+def _(query, key, value, anchor, plan_id, scale, grid):
     return empty_output_like(query)
 
 

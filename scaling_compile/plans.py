@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .errors import NotServable
+from .geometry import current_grid, track_grid
 from .module_index import parameter_name
 from .passes.node_keys import make_node_key, split_node_key
 from .kernels.bitpack import pack_block_mask
@@ -58,9 +59,10 @@ class AttentionPlan:
     _warned: set = field(default_factory=set, repr=False)
 
     # -- which node is this call? --------------------------------------------------------------
-    def absolute_key(self, anchor: torch.Tensor | None) -> str:
+    def resolve(self, anchor: torch.Tensor | None) -> tuple[str, torch.nn.Module | None]:
+        """The call's artifact key, and the root model when it was found through the anchor."""
         if self.graph_key in self.topology:
-            return self.graph_key
+            return self.graph_key, None
         if anchor is None or self.anchor_suffix is None:
             raise NotServable(f"no artifact entry for {self.graph_key!r}")
         found = parameter_name(anchor)
@@ -69,36 +71,46 @@ class AttentionPlan:
                 f"cannot tell which module {self.graph_key!r} belongs to: its parameter is not "
                 "owned by any live nn.Module (call scaling_compile.register_root(model))"
             )
-        _root, name = found
+        root, name = found
         suffix = "." + self.anchor_suffix
         if not name.endswith(suffix):
             raise NotServable(f"parameter {name!r} does not end with {suffix!r}")
         module_path = name[: -len(suffix)]
         _relative_path, ordinal = split_node_key(self.graph_key)
-        return make_node_key(module_path, ordinal)
+        return make_node_key(module_path, ordinal), root
 
     # -- masks for one call ---------------------------------------------------------------------
-    def masks_for(self, query: torch.Tensor, anchor: torch.Tensor | None) -> ServedMasks | DenseFallback:
+    def masks_for(
+        self, query: torch.Tensor, anchor: torch.Tensor | None, grid: tuple[int, int, int] | None = None
+    ) -> ServedMasks | DenseFallback:
+        """The masks serving this call (cached per block, geometry and device)."""
         seq_len, heads = query.shape[-2], query.shape[-3]
-        cache_key = (self.graph_key, _anchor_id(anchor), seq_len, heads, str(query.device), _grid_key())
+        if grid is None and self._tracks_runtime_grid:
+            grid = current_grid(seq_len)
+        cache_key = (_anchor_id(anchor), seq_len, heads, str(query.device), grid)
         served = self._cache.get(cache_key)
         if served is None:
-            served = self._instantiate(query, anchor)
+            served = self._instantiate(query, anchor, grid)
             self._cache[cache_key] = served
         return served
 
-    def _instantiate(self, query: torch.Tensor, anchor) -> ServedMasks | DenseFallback:
+    @property
+    def _tracks_runtime_grid(self) -> bool:
+        return self.graph_key not in self.topology
+
+    def _instantiate(self, query: torch.Tensor, anchor, grid) -> ServedMasks | DenseFallback:
         seq_len, heads = query.shape[-2], query.shape[-3]
         try:
-            key = self.absolute_key(anchor)
-            from .geometry import current_grid
-
+            key, root = self.resolve(anchor)
+            if root is not None and grid is None:
+                track_grid(root)  # regional: the root runs eagerly and reports each call's grid
+                grid = current_grid(seq_len)
             masks = [
                 self.topology.block_mask(
                     key,
                     seq_len=seq_len,
                     num_heads=heads,
-                    grid=current_grid(seq_len),
+                    grid=grid,
                     budget=self.budget,
                     step_fraction=fraction,
                 )
@@ -120,12 +132,6 @@ class AttentionPlan:
 
 def _anchor_id(anchor: torch.Tensor | None):
     return None if anchor is None else anchor.data_ptr()
-
-
-def _grid_key():
-    from .geometry import grid_cache_key
-
-    return grid_cache_key()
 
 
 _plans: list[AttentionPlan] = []

@@ -1,0 +1,821 @@
+"""Planted-topology Wan models: a real ``WanTransformer3DModel`` whose self-attention
+heads have a *chosen*, input-robust attention pattern, so the right sparse mask is known.
+
+Real Wan2.1 weights cannot be downloaded on our machines, and even if they could, the
+"right" sparse mask of a real head is only known empirically. Here it is known by
+construction: every ``blocks.{i}.attn1`` head is planted with one of
+
+    local     3D window: |dt| <= rt, |dy| <= rh, |dx| <= rw           (params: radius)
+    temporal  same spatial position (y, x), any frame
+    spatial   same frame, any position
+    sink      the first ``frames`` frames (an absolute position!), any position
+    global    near-uniform over all tokens
+    mixture   a per-axis composition that is none of the above, e.g. "first frame near
+              my own position" (sink x window x window) or "same row" (0 x 0 x full)
+
+and each head has a *sensitivity class* (the scale of its value/output projection, i.e.
+how much of the block's output it carries).
+
+How the planting works
+----------------------
+Wan's self-attention computes ``q = norm_q(to_q(x))``, ``k = norm_k(to_k(x))``
+(RMSNorm over all heads, with an elementwise weight), splits heads, applies 3D RoPE and
+calls SDPA with scale ``1/sqrt(D)``. RoPE splits the head dim ``D`` into a frame band
+(``D - 2*h``), a height band and a width band (``h = 2*(D//6)`` each); channel pair
+``(2k, 2k+1)`` of a band of width ``d`` is rotated by ``pos * w_k``,
+``w_k = 10000**(-2k/d)``, where ``pos`` is the token's frame / row / column index.
+
+We set ``to_q``/``to_k`` weights to (nearly) zero and put the structure in the biases
+(the phase of every channel pair) and in the ``norm_q``/``norm_k`` weights (the magnitude
+of every pair). Then q and k are the same vector for every token (up to a small,
+input-dependent perturbation, see ``qk_noise``), and after RoPE the logit between query
+token i and key token j is exactly
+
+    logit(i, j) = sum_pairs a_k * cos(w_k * (p_i - p_j) + phi_k)
+                = f_t(dt) + f_h(dy) + f_w(dx)              (dt = t_i - t_j, ...)
+
+a sum of one function per axis. Consequence (exact when ``qk_noise == 0``): the softmax
+over a full token grid *factorises* into a product of per-axis distributions, so a
+head's mass inside a box is the product of its per-axis masses. Each axis is therefore
+designed separately:
+
+* ``full``: all pair amplitudes zero on that band (the axis does not matter);
+* ``window r``: ``phi = 0``; amplitudes ``a >= 0`` fitted (non-negative least squares) so
+  that the penalty ``f(0) - f(d) = sum_k a_k (1 - cos w_k d)`` is a smooth bump reaching a
+  plateau beyond ``r``, then scaled (bisection) until, for every query position of an
+  axis of length ``extent``, at least ``axis_mass`` of the per-axis attention lies within
+  ``|d| <= r``. Non-negative amplitudes make ``d = 0`` the global maximum and the fit
+  over the whole range ``0..extent-1`` rules out RoPE aliasing (cosines coming back).
+  ``r = 0`` is "same coordinate" (temporal/spatial heads).
+* ``sink n``: RoPE only ever sees offsets, yet a sink is an *absolute* position. The
+  trick: with ``phi = -pi/2`` a pair contributes ``a*sin(w*(t_i - t_j))``, which for
+  ``w*(extent-1) < pi/2`` is increasing in ``t_i - t_j``; a logit that is (roughly)
+  linear in ``t_i - t_j`` equals ``const(i) - slope * t_j``, and the softmax over j drops
+  ``const(i)``: every query prefers the *earliest* frames, independently of its own
+  position. Amplitudes are fitted to a linear ramp and scaled until frames ``< n`` hold
+  ``axis_mass`` of the per-axis attention for every query frame. This needs a logit
+  range of about ``2 * (extent-1) * ln(1/(1-axis_mass))``, which is why sinks have by far
+  the largest q/k norms (~100-300 logit units at extent 32).
+* ``global`` heads get a weak random spectrum (total logit range < 0.5): near-uniform.
+
+Robustness. The pattern does not depend on the input because q/k are dominated by their
+biases; it does not depend on depth because Wan is pre-LN: ``x = LayerNorm(h)*(1+scale)
++shift`` is O(1) whatever the residual stream ``h`` is, so the perturbation ``W x`` stays
+as small as planted in every block. ``qk_noise`` sets the standard deviation *in logit
+units* of the input-dependent perturbation (the to_q/to_k weights are random with a std
+chosen per head to give that), so patterns are nearly, not trivially, input-independent.
+
+Scale consistency: windows are in TOKEN units. RoPE encodes integer token offsets and
+the weights are fixed, so a head cannot know the grid size; "radius 2 tokens" is the one
+thing it can be at every grid. Temporal/spatial/sink/global heads are scale-free anyway.
+Ground truth at any grid is ``expected_block_mask(pattern, grid, block_size)``; a backend
+that resamples a topology profiled at a small grid by normalised coordinates will get
+local heads wrong at a larger grid, which is exactly what this model lets one measure.
+The mass guarantee holds for token grids up to ``design_extent`` per axis (default
+(32, 128, 128): 81-frame 720p Wan is 21 x 45 x 80 tokens); beyond it RoPE aliasing
+(cosines coming back around) may leak mass.
+
+Token order is t-major: ``index = t*H*W + y*W + x`` (Wan's ``patch_embedding(...)
+.flatten(2)`` over (T', H', W'), and ``WanRotaryPosEmbed`` builds its tables in the same
+order).
+
+Everything else (patch embedding, condition embedder, cross-attention, FFN, output head)
+gets small seeded random weights, so the model is a well-behaved Wan model end to end.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import json
+import math
+import warnings
+import zlib
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Mapping
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "CONFIGS",
+    "HeadPattern",
+    "KINDS",
+    "SENSITIVITY_SCALES",
+    "attention_mass_in_mask",
+    "example_inputs",
+    "expected_block_mask",
+    "expected_token_mask",
+    "plan_from_json",
+    "plan_to_json",
+    "planted_head_patterns",
+    "planted_summary",
+    "planted_wan_transformer",
+    "record_self_attention",
+    "token_grid_of",
+]
+
+KINDS = ("local", "temporal", "spatial", "sink", "global", "mixture")
+
+# Sensitivity class -> scale of the head's columns of attn1.to_out (how much output it carries).
+SENSITIVITY_SCALES: dict[str, float] = {"high": 1.0, "medium": 0.3, "low": 0.1, "negligible": 0.01}
+
+ROPE_THETA = 10000.0  # WanRotaryPosEmbed's default theta
+
+# ----------------------------------------------------------------------------------------
+# Configs
+# ----------------------------------------------------------------------------------------
+
+_WAN_COMMON = dict(
+    patch_size=(1, 2, 2),
+    in_channels=16,
+    out_channels=16,
+    freq_dim=256,
+    cross_attn_norm=True,
+    qk_norm="rms_norm_across_heads",
+    eps=1e-6,
+    image_dim=None,
+    added_kv_proj_dim=None,
+    rope_max_seq_len=1024,
+)
+
+CONFIGS: dict[str, dict[str, Any]] = {
+    # CPU tests: latents (1, 16, 3, 16, 16) -> 3 x 8 x 8 = 192 tokens.
+    "tiny": dict(
+        _WAN_COMMON,
+        num_attention_heads=4,
+        attention_head_dim=64,  # 64, not 32: a 10-wide RoPE band has too coarse a frequency ladder for windows
+        text_dim=32,
+        freq_dim=32,
+        ffn_dim=256,
+        num_layers=3,
+    ),
+    # CPU demo / harness: latents (1, 16, 5, 32, 32) -> 5 x 16 x 16 = 1280 tokens.
+    "small": dict(
+        _WAN_COMMON,
+        num_attention_heads=6,
+        attention_head_dim=64,
+        text_dim=64,
+        freq_dim=64,
+        ffn_dim=1024,
+        num_layers=4,
+    ),
+    # The real Wan2.1-T2V-1.3B and 14B transformer configs.
+    "wan2.1-1.3b": dict(
+        _WAN_COMMON,
+        num_attention_heads=12,
+        attention_head_dim=128,
+        text_dim=4096,
+        ffn_dim=8960,
+        num_layers=30,
+    ),
+    "wan2.1-14b": dict(
+        _WAN_COMMON,
+        num_attention_heads=40,
+        attention_head_dim=128,
+        text_dim=4096,
+        ffn_dim=13824,
+        num_layers=40,
+    ),
+}
+
+# Default text length for example_inputs: Wan's T5 context is 512 tokens.
+_TEXT_LEN = {"tiny": 16, "small": 32, "wan2.1-1.3b": 512, "wan2.1-14b": 512}
+
+# ----------------------------------------------------------------------------------------
+# Head patterns
+# ----------------------------------------------------------------------------------------
+
+AxisSpec = tuple[str, int]  # ("full", 0) | ("window", r) | ("sink", n)
+_AXES = ("t", "h", "w")
+
+
+@dataclass(frozen=True)
+class HeadPattern:
+    """What one planted self-attention head does.
+
+    kind:        one of ``KINDS``.
+    params:      kind-specific parameters, all in TOKEN units (after patchify):
+                 local: ``{"radius": (rt, rh, rw)}``; sink: ``{"frames": n}``;
+                 mixture: ``{"name": str, "t": spec, "h": spec, "w": spec}`` with spec one
+                 of ``("full", 0)``, ``("window", r)``, ``("sink", n)``;
+                 temporal / spatial / global: ``{}``.
+    sensitivity: class name in ``SENSITIVITY_SCALES``.
+    out_scale:   the scale actually applied to this head's columns of ``attn1.to_out``.
+    """
+
+    kind: str
+    params: dict = field(default_factory=dict)
+    sensitivity: str = "high"
+    out_scale: float = 1.0
+
+    def __post_init__(self):
+        if self.kind not in KINDS:
+            raise ValueError(f"unknown head kind {self.kind!r}; expected one of {KINDS}")
+        if self.sensitivity not in SENSITIVITY_SCALES:
+            raise ValueError(f"unknown sensitivity {self.sensitivity!r}; expected one of {tuple(SENSITIVITY_SCALES)}")
+        self.axes()  # validate params early
+
+    def axes(self) -> tuple[AxisSpec, AxisSpec, AxisSpec]:
+        """Per-axis relation (t, h, w) that defines the pattern (the attention is a product of these)."""
+        p = self.params
+        if self.kind == "local":
+            r = tuple(int(v) for v in p.get("radius", (1, 1, 1)))
+            if len(r) != 3 or min(r) < 0:
+                raise ValueError(f"local radius must be three non-negative ints, got {p.get('radius')!r}")
+            return (("window", r[0]), ("window", r[1]), ("window", r[2]))
+        if self.kind == "temporal":
+            return (("full", 0), ("window", 0), ("window", 0))
+        if self.kind == "spatial":
+            return (("window", 0), ("full", 0), ("full", 0))
+        if self.kind == "sink":
+            n = int(p.get("frames", 1))
+            if n < 1:
+                raise ValueError("sink frames must be >= 1")
+            return (("sink", n), ("full", 0), ("full", 0))
+        if self.kind == "global":
+            return (("full", 0), ("full", 0), ("full", 0))
+        # mixture
+        specs = []
+        for ax in _AXES:
+            s = p.get(ax, ("full", 0))
+            s = (str(s[0]), int(s[1]))
+            if s[0] not in ("full", "window", "sink") or s[1] < 0 or (s[0] == "sink" and s[1] < 1):
+                raise ValueError(f"bad mixture spec for axis {ax}: {s!r}")
+            if s[0] == "sink" and ax != "t":
+                raise ValueError("sinks are only supported on the frame axis")
+            specs.append(s)
+        return tuple(specs)  # type: ignore[return-value]
+
+    def describe(self) -> str:
+        """Short human-readable parameter string."""
+        if self.kind == "local":
+            return "radius(t,h,w)=" + ",".join(str(r) for r in self.params.get("radius", (1, 1, 1)))
+        if self.kind == "sink":
+            return f"first {self.params.get('frames', 1)} frame(s)"
+        if self.kind == "mixture":
+            name = self.params.get("name", "")
+            return (name + " " if name else "") + " ".join(
+                f"{ax}:{s[0]}" + (f"{s[1]}" if s[0] != "full" else "") for ax, s in zip(_AXES, self.axes())
+            )
+        return "-"
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["params"] = {k: list(v) if isinstance(v, tuple) else v for k, v in self.params.items()}
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> "HeadPattern":
+        params = {k: tuple(v) if isinstance(v, list) else v for k, v in dict(d.get("params", {})).items()}
+        return cls(kind=d["kind"], params=params, sensitivity=d.get("sensitivity", "high"),
+                   out_scale=float(d.get("out_scale", SENSITIVITY_SCALES[d.get("sensitivity", "high")])))
+
+
+def _axis_relation(spec: AxisSpec, n: int, device=None) -> torch.Tensor:
+    """(n, n) bool: may a query at coordinate a attend a key at coordinate b on this axis?"""
+    kind, size = spec
+    a = torch.arange(n, device=device)
+    if kind == "full":
+        return torch.ones(n, n, dtype=torch.bool, device=device)
+    if kind == "window":
+        return (a[:, None] - a[None, :]).abs() <= size
+    if kind == "sink":
+        return (a[None, :] < size).expand(n, n)
+    raise ValueError(spec)
+
+
+def expected_token_mask(pattern: HeadPattern, grid: tuple[int, int, int], device=None) -> torch.Tensor:
+    """Ground-truth token-level mask, bool (N, N), N = T*H*W, t-major order. For small grids."""
+    T, H, W = grid
+    rt, rh, rw = (_axis_relation(s, n, device) for s, n in zip(pattern.axes(), grid))
+    m = rt[:, None, None, :, None, None] & rh[None, :, None, None, :, None] & rw[None, None, :, None, None, :]
+    return m.reshape(T * H * W, T * H * W)
+
+
+def expected_block_mask(pattern: HeadPattern, grid: tuple[int, int, int], block_size: int | tuple[int, int],
+                        device=None) -> torch.Tensor:
+    """Ground-truth block mask, bool (q_blocks, kv_blocks), for token order t-major.
+
+    Block (qb, kb) is True iff some query token in block qb may attend some key token in
+    block kb under the pattern's per-axis relations (the last block may be ragged).
+    Computed without materialising N x N: the token relation is a Kronecker product of
+    per-axis relations, so ``P^T (R_t x R_h x R_w) P`` (P = token->block membership) is
+    evaluated axis by axis; cost ~ N * (T+H+W) * kv_blocks + N * q_blocks * kv_blocks.
+    """
+    bq, bk = (block_size, block_size) if isinstance(block_size, int) else block_size
+    T, H, W = grid
+    N = T * H * W
+    nq, nk = -(-N // bq), -(-N // bk)
+    rels = [_axis_relation(s, n, device).to(torch.float32) for s, n in zip(pattern.axes(), grid)]
+    if all(bool(r.all()) for r in rels):
+        return torch.ones(nq, nk, dtype=torch.bool, device=device)
+    idx = torch.arange(N, device=device)
+    Pk = F.one_hot(idx // bk, nk).to(torch.float32).reshape(T, H, W, nk)  # key token -> key block
+    # (R_t x R_h x R_w) applied to Pk, one axis at a time: X[i, kb] = #keys in kb allowed for query i
+    X = torch.einsum("ab,bhwk->ahwk", rels[0], Pk)
+    X = torch.einsum("ab,tbwk->tawk", rels[1], X)
+    X = torch.einsum("ab,thbk->thak", rels[2], X).reshape(N, nk)
+    counts = torch.zeros(nq, nk, dtype=torch.float32, device=device).index_add_(0, idx // bq, X)
+    return counts > 0
+
+
+# ----------------------------------------------------------------------------------------
+# Per-axis RoPE designs
+# ----------------------------------------------------------------------------------------
+
+
+def _rope_bands(head_dim: int) -> list[tuple[int, int]]:
+    """(offset, width) of the frame / height / width RoPE bands inside one head (WanRotaryPosEmbed)."""
+    h = w = 2 * (head_dim // 6)
+    t = head_dim - h - w
+    return [(0, t), (t, h), (t + h, w)]
+
+
+def _band_freqs(width: int) -> torch.Tensor:
+    # Same formula as diffusers' get_1d_rotary_pos_embed (theta=10000), in float64.
+    return 1.0 / (ROPE_THETA ** (torch.arange(0, width, 2, dtype=torch.float64) / width))
+
+
+def _nnls(A: torch.Tensor, b: torch.Tensor, max_iter: int = 500) -> torch.Tensor:
+    """Non-negative least squares, Lawson-Hanson active set (deterministic, float64, tiny problems)."""
+    n = A.shape[1]
+    x = torch.zeros(n, dtype=A.dtype)
+    passive = torch.zeros(n, dtype=torch.bool)
+    grad = A.T @ (b - A @ x)
+    for _ in range(max_iter):
+        cand = torch.where(~passive, grad, torch.full_like(grad, -math.inf))
+        if passive.all() or cand.max() <= 1e-12:
+            break
+        passive[int(cand.argmax())] = True
+        while True:
+            z = torch.zeros(n, dtype=A.dtype)
+            z[passive] = torch.linalg.lstsq(A[:, passive], b.unsqueeze(1)).solution.squeeze(1)
+            if (z[passive] > 0).all():
+                x = z
+                break
+            neg = passive & (z <= 0)
+            alpha = (x[neg] / (x[neg] - z[neg])).min()
+            x = x + alpha * (z - x)
+            passive &= x > 1e-14
+            x[~passive] = 0
+        grad = A.T @ (b - A @ x)
+    return x
+
+
+def _axis_logits(f: torch.Tensor, n: int) -> torch.Tensor:
+    """(n, n) logits f(i - j) on an axis of length n, from f sampled at offsets -(E-1)..E-1 (E >= n)."""
+    E = (f.numel() + 1) // 2
+    i = torch.arange(n)
+    return f[(i[:, None] - i[None, :]) + E - 1]
+
+
+def _axis_in_mass(f: torch.Tensor, spec: AxisSpec, n: int) -> float:
+    """Worst (over query positions) per-axis attention mass inside the spec's relation, axis length n."""
+    rel = _axis_relation(spec, n).to(torch.float64)
+    return float((_axis_logits(f, n).softmax(-1) * rel).sum(-1).min())
+
+
+def _axis_in_mass_all_lengths(f: torch.Tensor, spec: AxisSpec, extent: int) -> float:
+    """min over axis lengths n <= extent and query positions i < n of the in-relation mass.
+
+    One pass: for a query i the length-n softmax only sums keys j < n, so prefix sums over j
+    of exp(f(i - j)) (inside / all) give every n at once.
+    """
+    logits = _axis_logits(f, extent)
+    e = torch.exp(logits - logits.max(-1, keepdim=True).values)
+    rel = _axis_relation(spec, extent).to(torch.float64)
+    mass = torch.cumsum(e * rel, -1) / torch.cumsum(e, -1)  # [i, n-1]
+    valid = torch.ones(extent, extent, dtype=torch.bool).tril().T  # i <= n-1
+    return float(mass[valid].min())
+
+
+@functools.lru_cache(maxsize=None)
+def _axis_design(spec: AxisSpec, band_width: int, extent: int, axis_mass: float) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Pair amplitudes (logit units) and phase offsets for one RoPE band realising ``spec``.
+
+    Guarantees: for every axis length n <= extent and every query coordinate, the per-axis
+    attention mass inside the relation is >= axis_mass (checked, raises otherwise).
+    """
+    freqs = _band_freqs(band_width)
+    npairs = freqs.numel()
+    zeros = (0.0,) * npairs
+    kind, size = spec
+    if kind == "full" or extent <= 1 or (kind == "window" and size >= extent - 1) or (kind == "sink" and size >= extent):
+        return zeros, zeros
+
+    d = torch.arange(extent, dtype=torch.float64)
+    keep = freqs * (extent - 1) >= 0.5  # lower frequencies are ~constant over the axis: useless
+    lam = 1e-3  # ridge: keeps amplitudes (hence q/k norms, hence rounding error in bf16) small
+    if kind == "window":
+        # penalty f(0) - f(d) = sum a_k (1 - cos w_k d): bump reaching its plateau at d = r+1
+        feats = 1.0 - torch.cos(d[:, None] * freqs[keep])
+        target = torch.ones_like(d) if size == 0 else torch.clamp((d / (size + 1)) ** 2, max=1.0)
+        target[0] = 0.0
+        phase = 0.0
+    else:  # sink: logit sum b_k sin(w_k (t_i - t_j)), fitted to a linear ramp in t_i - t_j
+        keep &= freqs * (extent - 1) <= math.pi / 2  # monotone over the whole axis
+        if not keep.any():
+            keep = freqs == freqs.min()
+        feats = torch.sin(d[:, None] * freqs[keep])
+        target = d.clone()
+        phase = -math.pi / 2  # q/k phase offset turning cos into sin
+    k = int(keep.sum())
+    A = torch.cat([feats, math.sqrt(lam) * torch.eye(k, dtype=torch.float64)])
+    b = torch.cat([target, torch.zeros(k, dtype=torch.float64)])
+    sol = _nnls(A, b)
+    amps = torch.zeros(npairs, dtype=torch.float64)
+    amps[keep] = sol
+    phases = torch.zeros(npairs, dtype=torch.float64)
+    phases[keep] = phase
+    if not (amps > 0).any():
+        raise RuntimeError(f"no RoPE design for {spec} in a band of width {band_width}")
+
+    # Logit profile over all offsets -(extent-1)..extent-1, linear in the amplitudes.
+    offs = torch.arange(-(extent - 1), extent, dtype=torch.float64)
+    f = torch.cos(offs[:, None] * freqs + phases) @ amps
+
+    # Smallest overall scale reaching the mass target at the largest axis (bisection, geometric).
+    lo, hi = 1e-3, 1.0
+    while _axis_in_mass(hi * f, spec, extent) < axis_mass:
+        hi *= 2.0
+        if hi > 1e6:
+            raise RuntimeError(f"cannot reach axis mass {axis_mass} for {spec} (band {band_width}, extent {extent})")
+    for _ in range(30):
+        mid = math.sqrt(lo * hi)
+        if _axis_in_mass(mid * f, spec, extent) >= axis_mass:
+            hi = mid
+        else:
+            lo = mid
+    amps, f = hi * amps, hi * f
+    worst = _axis_in_mass_all_lengths(f, spec, extent)
+    if worst < axis_mass - 1e-6:
+        raise RuntimeError(f"RoPE design for {spec} misses its target at a smaller axis ({worst:.4f})")
+    return tuple(amps.tolist()), tuple(phases.tolist())
+
+
+def _head_spectrum(pattern: HeadPattern, head_dim: int, extent: tuple[int, int, int], axis_mass: float,
+                   gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-pair (amplitude, phase offset) over the whole head (D/2 pairs, float64)."""
+    amps, phases = [], []
+    for spec, (_, width), ext in zip(pattern.axes(), _rope_bands(head_dim), extent):
+        a, p = _axis_design(spec, width, ext, axis_mass)
+        amps.append(torch.tensor(a, dtype=torch.float64))
+        phases.append(torch.tensor(p, dtype=torch.float64))
+    amps, phases = torch.cat(amps), torch.cat(phases)
+    if pattern.kind == "global":
+        # weak random spectrum: logit range < 2 * 0.2, i.e. near-uniform but not exactly
+        w = torch.rand(amps.numel(), generator=gen, dtype=torch.float64)
+        amps = 0.2 * w / w.sum()
+        phases = (torch.rand(amps.numel(), generator=gen, dtype=torch.float64) * 2 - 1) * math.pi
+    return amps, phases
+
+
+# ----------------------------------------------------------------------------------------
+# Default plan
+# ----------------------------------------------------------------------------------------
+
+_MIXTURES = (
+    ("first-frame-local", {"t": ("sink", 1), "h": ("window", 1), "w": ("window", 1)}),
+    ("adjacent-frames", {"t": ("window", 1), "h": ("full", 0), "w": ("full", 0)}),
+    ("row", {"t": ("window", 0), "h": ("window", 0), "w": ("full", 0)}),
+    ("column", {"t": ("window", 0), "h": ("full", 0), "w": ("window", 0)}),
+)
+
+
+def _default_plan(num_layers: int, heads: int, seed: int, kinds: tuple[str, ...]) -> dict[str, list[HeadPattern]]:
+    """Seeded plan: kinds cycle over (block, head) so every kind appears; parameters and
+    sensitivity classes are drawn from a generator seeded by ``seed``."""
+    gen = torch.Generator().manual_seed(seed * 7919 + 17)
+
+    def pick(seq):
+        return seq[int(torch.randint(len(seq), (1,), generator=gen))]
+
+    sens_names = list(SENSITIVITY_SCALES)
+    sens_probs = torch.tensor([0.35, 0.3, 0.2, 0.15])
+    offset = int(torch.randint(len(kinds), (1,), generator=gen))
+    plan = {}
+    for i in range(num_layers):
+        row = []
+        for h in range(heads):
+            kind = kinds[(i * heads + h + offset) % len(kinds)]
+            if kind == "local":
+                params = {"radius": (pick((0, 1)), pick((1, 2, 3)), pick((1, 2, 3)))}
+            elif kind == "sink":
+                params = {"frames": 1}
+            elif kind == "mixture":
+                name, spec = pick(_MIXTURES)
+                params = {"name": name, **spec}
+            else:
+                params = {}
+            sens = sens_names[int(torch.multinomial(sens_probs, 1, generator=gen))]
+            row.append(HeadPattern(kind, params, sens, SENSITIVITY_SCALES[sens]))
+        plan[f"blocks.{i}.attn1"] = row
+    return plan
+
+
+def _normalise_plan(plan, num_layers: int, heads: int, default: dict[str, list[HeadPattern]]) -> dict[str, list[HeadPattern]]:
+    out = dict(default)
+    for key, row in (plan or {}).items():
+        k = f"blocks.{key}.attn1" if isinstance(key, int) else str(key)
+        if k not in out:
+            raise ValueError(f"plan key {key!r} is not a self-attention node of this model (blocks.0..{num_layers - 1}.attn1)")
+        row = [HeadPattern.from_dict(p) if isinstance(p, Mapping) else p for p in row]
+        if len(row) != heads:
+            raise ValueError(f"plan for {k} has {len(row)} heads, the model has {heads}")
+        out[k] = row
+    return out
+
+
+def plan_to_json(plan: Mapping[str, list[HeadPattern]]) -> str:
+    """Serialise a plan (e.g. ``model.planted_plan``) to JSON (to ship ground truth with a benchmark)."""
+    return json.dumps({k: [p.to_dict() for p in row] for k, row in plan.items()}, indent=1)
+
+
+def plan_from_json(text: str) -> dict[str, list[HeadPattern]]:
+    return {k: [HeadPattern.from_dict(p) for p in row] for k, row in json.loads(text).items()}
+
+
+# ----------------------------------------------------------------------------------------
+# Construction
+# ----------------------------------------------------------------------------------------
+
+
+def _tensor_seed(seed: int, name: str) -> int:
+    """Per-tensor seed: weights do not depend on construction order or on the number of layers."""
+    return (seed * 1_000_003 + zlib.crc32(name.encode())) % (2**62)
+
+
+def _keep_fp32(name: str, keep: list[str]) -> bool:
+    # Same rule as diffusers' from_pretrained(torch_dtype=...) with _keep_in_fp32_modules.
+    parts = name.split(".")
+    return any(m in parts for m in keep)
+
+
+def planted_wan_transformer(
+    config: str | Mapping[str, Any] = "tiny",
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    *,
+    plan: Mapping | None = None,
+    kinds: tuple[str, ...] = KINDS,
+    design_extent: tuple[int, int, int] = (32, 128, 128),
+    axis_mass: float = 0.99,
+    qk_noise: float = 0.1,
+    attn_gain: float = 0.5,
+    cross_gain: float = 0.3,
+    ffn_gain: float = 0.3,
+):
+    """Build a ``WanTransformer3DModel`` with planted self-attention topology.
+
+    Args:
+        config: "tiny" | "small" | "wan2.1-1.3b" | "wan2.1-14b" (see ``CONFIGS``) or a dict of
+            ``WanTransformer3DModel`` kwargs (missing keys default to the Wan2.1 values).
+        seed: everything (plan, random weights) is a deterministic function of the seed
+            (and of the device type: CPU and CUDA generators differ).
+        dtype, device: built directly there (no CPU detour); like ``from_pretrained(torch_dtype=)``
+            the modules in ``_keep_in_fp32_modules`` and the RoPE tables stay in float32.
+        plan: optional overrides, ``{block index or "blocks.i.attn1": [HeadPattern or dict, ...]}``.
+        kinds: head kinds the default plan cycles through.
+        design_extent: largest token grid (T, H, W) for which the mass guarantee holds.
+        axis_mass: per-axis attention mass inside the relation, guaranteed with zero noise
+            (a local head constrains 3 axes: >= axis_mass**3 inside its window).
+        qk_noise: std (logit units) of the input-dependent perturbation of each head's logits.
+        attn_gain, cross_gain, ffn_gain: output scales of attn1 (before per-head sensitivity
+            scales), attn2 and the FFN.
+
+    Returns the model (eval mode) with ``model.planted_plan`` ({"blocks.i.attn1": [HeadPattern]})
+    and ``model.planted_info`` (the construction parameters).
+    """
+    from diffusers import WanTransformer3DModel
+    from diffusers.models.transformers.transformer_wan import WanRotaryPosEmbed
+
+    if isinstance(config, str):
+        if config not in CONFIGS:
+            raise ValueError(f"unknown config {config!r}; choose one of {tuple(CONFIGS)} or pass a dict")
+        name, cfg = config, dict(CONFIGS[config])
+    else:
+        name, cfg = "custom", dict(CONFIGS["wan2.1-1.3b"], **dict(config))
+    for k in list(kinds):
+        if k not in KINDS:
+            raise ValueError(f"unknown kind {k!r}")
+    device = torch.device(device)
+    heads, D = cfg["num_attention_heads"], cfg["attention_head_dim"]
+    if D % 2 or any(w % 2 for _, w in _rope_bands(D)):
+        raise ValueError(f"attention_head_dim {D} gives odd RoPE bands")
+    inner = heads * D
+    L = cfg["num_layers"]
+
+    with torch.device("meta"):
+        model = WanTransformer3DModel(**cfg)
+    model.rope = WanRotaryPosEmbed(D, cfg["patch_size"], cfg["rope_max_seq_len"]).to(device)
+
+    full_plan = _normalise_plan(plan, L, heads, _default_plan(L, heads, seed, tuple(kinds)))
+    keep32 = list(getattr(model, "_keep_in_fp32_modules", None) or [])
+
+    def materialise(mod: torch.nn.Module, pname: str, value: torch.Tensor, full_name: str):
+        dt = torch.float32 if _keep_fp32(full_name, keep32) else dtype
+        mod._parameters[pname] = torch.nn.Parameter(value.to(dtype=dt), requires_grad=True)
+
+    def randn(full_name: str, shape, std: float) -> torch.Tensor:
+        g = torch.Generator(device=device).manual_seed(_tensor_seed(seed, full_name))
+        return torch.randn(shape, generator=g, device=device, dtype=torch.float32).mul_(std)
+
+    # 1. Generic small seeded random weights for everything.
+    for mname, mod in model.named_modules():
+        for pname, p in list(mod._parameters.items()):
+            if p is None:
+                continue
+            full = f"{mname}.{pname}" if mname else pname
+            shape = tuple(p.shape)
+            if isinstance(mod, (torch.nn.LayerNorm, torch.nn.RMSNorm, torch.nn.GroupNorm)):
+                v = torch.ones(shape, device=device) if pname == "weight" else torch.zeros(shape, device=device)
+            elif pname == "bias":
+                v = torch.zeros(shape, device=device)
+            elif pname == "scale_shift_table":
+                v = randn(full, shape, 0.05)
+                if shape[1] == 6:  # (shift, scale, gate, c_shift, c_scale, c_gate): gates ~ 1
+                    v[:, 2] += 1.0
+                    v[:, 5] += 1.0
+            elif pname == "weight" and p.dim() >= 2:
+                fan_in = math.prod(shape[1:])
+                gain = 1.0
+                if full.endswith("condition_embedder.time_proj.weight"):
+                    gain = 0.2  # mild timestep modulation
+                elif ".attn2.to_out.0." in full + ".":
+                    gain = cross_gain
+                elif ".ffn.net.2." in full + ".":
+                    gain = ffn_gain
+                v = randn(full, shape, gain / math.sqrt(fan_in))
+            else:
+                v = randn(full, shape, 0.02)
+            materialise(mod, pname, v, full)
+
+    # 2. Planted self-attention.
+    bands = _rope_bands(D)
+    for i, block in enumerate(model.blocks):
+        key = f"blocks.{i}.attn1"
+        attn = block.attn1
+        g = torch.Generator().manual_seed(_tensor_seed(seed, key + ".plan"))
+        amp = torch.zeros(heads, D // 2, dtype=torch.float64)
+        phi = torch.zeros(heads, D // 2, dtype=torch.float64)
+        for h, pat in enumerate(full_plan[key]):
+            amp[h], phi[h] = _head_spectrum(pat, D, tuple(design_extent), axis_mass, g)
+        psi = (torch.rand(heads, D // 2, generator=g, dtype=torch.float64) * 2 - 1) * math.pi  # random pair phases
+        # Pre-norm bias: unit complex number per pair; q at phase psi, k at phase psi - phi.
+        # rms over inner_dim is then exactly sqrt(1/2), so after RMSNorm the pair has
+        # magnitude sqrt(2) * weight; weight = sqrt(a * sqrt(D) / 2) gives q.k/sqrt(D) = a cos(...).
+        bq = torch.stack([torch.cos(psi), torch.sin(psi)], -1).reshape(inner)
+        bk = torch.stack([torch.cos(psi - phi), torch.sin(psi - phi)], -1).reshape(inner)
+        gw = torch.sqrt(amp * math.sqrt(D) / 2).repeat_interleave(2, -1).reshape(inner)
+        # Input-dependent perturbation: pair std sigma (relative to the unit bias) moves the
+        # logit by ~ sigma * sqrt(2) * ||a||_2 (q and k); pick sigma per head for qk_noise.
+        anorm = amp.norm(dim=-1).clamp_min(1e-6)
+        # capped: noise in near-silent (global) heads would otherwise jitter the shared RMS of all heads
+        sigma = (qk_noise / (math.sqrt(2) * anorm)).clamp(max=0.01).to(torch.float32)
+        row_std = sigma.repeat_interleave(D).to(device) / math.sqrt(inner)  # model dim == inner dim in Wan
+        for lin, bias, tag in ((attn.to_q, bq, "to_q"), (attn.to_k, bk, "to_k")):
+            w = randn(f"{key}.{tag}.weight", (inner, inner), 1.0).mul_(row_std[:, None])
+            materialise(lin, "weight", w, f"{key}.{tag}.weight")
+            materialise(lin, "bias", bias.to(device, torch.float32), f"{key}.{tag}.bias")
+        materialise(attn.norm_q, "weight", gw.to(device, torch.float32), f"{key}.norm_q.weight")
+        materialise(attn.norm_k, "weight", gw.to(device, torch.float32), f"{key}.norm_k.weight")
+        # Sensitivity: scale each head's columns of the output projection.
+        scales = torch.tensor([p.out_scale for p in full_plan[key]], dtype=torch.float32, device=device)
+        w = randn(f"{key}.to_out.0.weight", (inner, inner), attn_gain / math.sqrt(inner))
+        w.mul_(scales.repeat_interleave(D)[None, :])
+        materialise(attn.to_out[0], "weight", w, f"{key}.to_out.0.weight")
+
+    leftovers = [n for n, p in model.named_parameters() if p.is_meta] + [n for n, b in model.named_buffers() if b.is_meta]
+    if leftovers:
+        raise RuntimeError(f"unmaterialised tensors: {leftovers[:5]}")
+    model.eval()
+    model.planted_plan = full_plan
+    model.planted_info = dict(
+        config=name, seed=seed, design_extent=tuple(design_extent), axis_mass=axis_mass, qk_noise=qk_noise,
+        text_len=_TEXT_LEN.get(name, 16), bands=bands,
+    )
+    return model
+
+
+def planted_head_patterns(model) -> dict[str, list[HeadPattern]]:
+    """The plan of a planted model: {"blocks.{i}.attn1": [HeadPattern per head]}."""
+    plan = getattr(model, "planted_plan", None)
+    if plan is None:
+        raise ValueError("this model was not built by planted_wan_transformer (no planted_plan attribute)")
+    return plan
+
+
+def planted_summary(model) -> str:
+    """Readable table: block, head, kind, params, sensitivity (out scale)."""
+    plan = planted_head_patterns(model)
+    rows = [("block", "head", "kind", "params", "sensitivity")]
+    for key, row in plan.items():
+        blk = key.split(".")[1]
+        for h, p in enumerate(row):
+            rows.append((blk, str(h), p.kind, p.describe(), f"{p.sensitivity} (x{p.out_scale:g})"))
+    widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
+    lines = ["  ".join(s.ljust(w) for s, w in zip(r, widths)).rstrip() for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    info = getattr(model, "planted_info", {})
+    counts = {}
+    for row in plan.values():
+        for p in row:
+            counts[p.kind] = counts.get(p.kind, 0) + 1
+    head = (f"planted Wan ({info.get('config', '?')}, seed {info.get('seed', '?')}): "
+            + ", ".join(f"{k} {v}" for k, v in counts.items())
+            + f"; windows in token units, guaranteed up to grid {info.get('design_extent', '?')}")
+    return head + "\n" + "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------
+# Inputs
+# ----------------------------------------------------------------------------------------
+
+
+def token_grid_of(model, frames: int, height: int, width: int) -> tuple[int, int, int]:
+    """Token grid (T, H, W) after patchify for a LATENT geometry (frames, height, width)."""
+    pt, ph, pw = model.config.patch_size
+    if frames % pt or height % ph or width % pw:
+        raise ValueError(f"latent geometry {(frames, height, width)} is not divisible by the patch size {(pt, ph, pw)}")
+    return frames // pt, height // ph, width // pw
+
+
+def example_inputs(model, frames: int, height: int, width: int, batch: int = 1, text_len: int | None = None,
+                   seed: int = 0, timestep: float | None = None) -> dict[str, torch.Tensor]:
+    """kwargs for ``model(**kw)`` at a LATENT geometry: noise latents (batch, C, frames, height, width),
+    a timestep in [0, 1000) and random prompt embeddings (batch, text_len, text_dim)."""
+    grid = token_grid_of(model, frames, height, width)
+    ext = getattr(model, "planted_info", {}).get("design_extent")
+    if ext and any(g > e for g, e in zip(grid, ext)):
+        warnings.warn(f"token grid {grid} exceeds the planted design extent {ext}: patterns may alias", stacklevel=2)
+    p = model.patch_embedding.weight
+    device, dtype = p.device, p.dtype
+    if text_len is None:
+        text_len = getattr(model, "planted_info", {}).get("text_len", 512)
+    g = torch.Generator(device=device).manual_seed(seed)
+    cfg = model.config
+    lat = torch.randn(batch, cfg.in_channels, frames, height, width, generator=g, device=device).to(dtype)
+    if timestep is None:
+        t = torch.rand(batch, generator=g, device=device) * 1000.0
+    else:
+        t = torch.full((batch,), float(timestep), device=device)
+    txt = torch.randn(batch, text_len, cfg.text_dim, generator=g, device=device).to(dtype)
+    return {"hidden_states": lat, "timestep": t, "encoder_hidden_states": txt}
+
+
+# ----------------------------------------------------------------------------------------
+# Measuring the real attention
+# ----------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def record_self_attention(model, keys: list[str] | None = None) -> Iterator[dict[str, list[torch.Tensor]]]:
+    """Record the attention probabilities of every ``blocks.i.attn1`` call while the context is open.
+
+    Yields ``{node_key: [probs per call]}``, probs float32 (B, heads, N, N) on the CPU,
+    computed from the very q/k the model passes to SDPA (``torch.nn.functional.
+    scaled_dot_product_attention`` is wrapped; the model's output is unchanged). Token-level,
+    so only for small grids.
+    """
+    record: dict[str, list[torch.Tensor]] = {}
+    current: list[str | None] = [None]
+    handles = []
+    for i, block in enumerate(model.blocks):
+        key = f"blocks.{i}.attn1"
+        if keys is not None and key not in keys:
+            continue
+        handles.append(block.attn1.register_forward_pre_hook(lambda m, a, k=key: current.__setitem__(0, k)))
+        handles.append(block.attn1.register_forward_hook(lambda m, a, o: current.__setitem__(0, None)))
+    original = F.scaled_dot_product_attention
+
+    def wrapped(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **kw):
+        if current[0] is not None:
+            s = scale if scale is not None else query.shape[-1] ** -0.5
+            logits = (query.float() @ key.float().transpose(-1, -2)) * s
+            if attn_mask is not None:
+                logits = logits.masked_fill(~attn_mask, -math.inf) if attn_mask.dtype == torch.bool else logits + attn_mask
+            record.setdefault(current[0], []).append(logits.softmax(-1).cpu())
+        return original(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale, **kw)
+
+    torch.nn.functional.scaled_dot_product_attention = wrapped
+    try:
+        yield record
+    finally:
+        torch.nn.functional.scaled_dot_product_attention = original
+        for hd in handles:
+            hd.remove()
+
+
+def attention_mass_in_mask(probs: torch.Tensor, mask: torch.Tensor, block_size: int | None = None) -> torch.Tensor:
+    """Average (over queries and batch) attention mass inside a mask.
+
+    probs: (B, N, N) or (N, N) for one head; mask: (N, N) token mask, or a (q_blocks, kv_blocks)
+    block mask with ``block_size`` given (expanded to tokens, ragged tail cropped).
+    """
+    if block_size is not None:
+        N = probs.shape[-1]
+        mask = mask.repeat_interleave(block_size, 0).repeat_interleave(block_size, 1)[:N, :N]
+    return (probs * mask.to(probs.dtype)).sum(-1).mean()
