@@ -458,8 +458,12 @@ def _launch(
     q, k, v, out, mask_words, block_size, scale, mask_index, block_lists,
     use_tma: Optional[bool] = None,
     config: Optional[Sequence[int]] = None,
-) -> None:
-    """Launch the kernel (inputs already validated). ``config`` = (BLOCK_M, BLOCK_N, warps, stages) skips tuning."""
+):
+    """Launch the kernel (inputs already validated); returns Triton's compiled-kernel handle.
+
+    ``use_tma=None`` picks TMA descriptors when the device and strides allow;
+    ``config = (BLOCK_M, BLOCK_N, num_warps, num_stages)`` skips autotuning.
+    """
     b, h, s, d = q.shape
     n_qb = triton.cdiv(s, block_size)
     n_kvb = n_qb
@@ -505,9 +509,8 @@ def _launch(
         _check(block_size % bm == 0 and block_size % bn == 0, f"config tiles {bm}x{bn} must divide block_size {block_size}")
         if use_tma:
             _set_descriptor_blocks({**args, "BLOCK_M": bm, "BLOCK_N": bn})
-        _block_sparse_attn_fwd[grid](**args, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages)
-    else:
-        _block_sparse_attn_fwd_tuned[grid](**args)
+        return _block_sparse_attn_fwd[grid](**args, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages)
+    return _block_sparse_attn_fwd_tuned[grid](**args)
 
 
 def block_sparse_attention(

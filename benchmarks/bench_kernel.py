@@ -1,0 +1,402 @@
+"""Block-sparse attention kernel vs cuDNN/flash SDPA (dense) and FlexAttention, on identical masks.
+
+Run on the GPU machine, from the repo root (no install needed: the script
+loads this checkout's ``kernels/`` as ``scaling_compile.kernels``)::
+
+    PYTHONUNBUFFERED=1 python3 benchmarks/bench_kernel.py --out $OUT/bench_kernel.json
+
+For each shape (default Wan2.1 480p and 720p self-attention, (1, 12, 32760, 128)
+and (1, 12, 75600, 128), bf16), each mask kind (``random``: every query block
+keeps a random set of key blocks; ``local``: every query block keeps its
+nearest key blocks on the latent (frames x height x width) grid, each head with
+its own axis weights) and each density, it times with ``triton.testing.do_bench``
+(median, L2 flushed) in ONE process:
+
+* cuDNN SDPA and flash SDPA, dense (density 1.0 only; their time is the dense
+  baseline for every density);
+* FlexAttention (default Triton backend, compiled), with a BlockMask built from
+  the same bool mask at 128x128 (kept blocks passed as full blocks);
+* this kernel: block-list path with TMA descriptors, block-list path with plain
+  pointers, and the bit-packed path.
+
+Checks: every sparse output is compared with the fp32 reference on slices of
+query blocks (first two and last two, the ragged one included) and with our
+kernel's output (max abs error over the whole tensor), so a peer that ignores
+the mask (see the FLASH-backend trap in GPU.md) shows up. Effective TFLOP/s =
+4 * B * H * S^2 * D * density / time, density = fraction of kept blocks.
+Prints a table per shape and mask kind; writes every number to ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import math
+import sys
+import time
+import types
+import traceback
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _import_kernels():
+    """This checkout's kernels as ``scaling_compile.kernels`` (installed or not)."""
+    try:
+        return importlib.import_module("scaling_compile.kernels.block_sparse_attention")
+    except ImportError:
+        if "scaling_compile" not in sys.modules:
+            parent = types.ModuleType("scaling_compile")
+            parent.__path__ = [str(ROOT / "scaling_compile")]
+            sys.modules["scaling_compile"] = parent
+        sub = types.ModuleType("scaling_compile.kernels")
+        sub.__path__ = [str(ROOT / "kernels")]
+        sys.modules["scaling_compile.kernels"] = sub
+        return importlib.import_module("scaling_compile.kernels.block_sparse_attention")
+
+
+bsa = _import_kernels()
+bitpack = importlib.import_module("scaling_compile.kernels.bitpack")
+reference = importlib.import_module("scaling_compile.kernels.reference")
+
+# latent grids (frames, height, width) of Wan2.1 after VAE + 2x2 patchify, 81 frames
+GRIDS = {32760: (21, 30, 52), 75600: (21, 45, 80)}
+
+
+# --------------------------------------------------------------------------------------
+# masks
+# --------------------------------------------------------------------------------------
+
+
+def random_mask(h, n, density, gen, device):
+    """Each query block keeps exactly round(density * n) random key blocks."""
+    keep = max(1, round(density * n))
+    scores = torch.rand(h, n, n, generator=gen, device="cpu").to(device)
+    idx = scores.topk(keep, dim=-1).indices
+    return torch.zeros(h, n, n, dtype=torch.bool, device=device).scatter_(-1, idx, True)
+
+
+def block_centroids(s, block, grid, device):
+    """Mean (t, y, x) of the tokens of each block; token order is t-major, then y, then x."""
+    t, y, x = grid
+    assert t * y * x == s, (grid, s)
+    tok = torch.arange(s, device=device)
+    coords = torch.stack([tok // (y * x), (tok // x) % y, tok % x], -1).float()
+    n = math.ceil(s / block)
+    owner = tok // block
+    sums = torch.zeros(n, 3, device=device).index_add_(0, owner, coords)
+    counts = torch.zeros(n, device=device).index_add_(0, owner, torch.ones(s, device=device))
+    return sums / counts[:, None]
+
+
+def local_mask(h, s, block, density, gen, device):
+    """3D-local: each query block keeps its round(density * n) nearest key blocks (per-head axis weights)."""
+    grid = GRIDS.get(s)
+    if grid is None:
+        return random_mask(h, math.ceil(s / block), density, gen, device)
+    c = block_centroids(s, block, grid, device)  # (n, 3)
+    n = c.shape[0]
+    keep = max(1, round(density * n))
+    weights = torch.exp(torch.randn(h, 3, generator=gen) * 1.0).to(device)  # temporal-ish / spatial-ish heads
+    diff2 = (c[:, None, :] - c[None, :, :]) ** 2  # (n, n, 3)
+    dist = torch.einsum("qkc,hc->hqk", diff2, weights)
+    idx = dist.topk(keep, dim=-1, largest=False).indices
+    return torch.zeros(h, n, n, dtype=torch.bool, device=device).scatter_(-1, idx, True)
+
+
+# --------------------------------------------------------------------------------------
+# peers
+# --------------------------------------------------------------------------------------
+
+
+def sdpa_dense(backend):
+    from torch.nn.attention import sdpa_kernel
+
+    def run(q, k, v):
+        with sdpa_kernel(backend):
+            return torch.nn.functional.scaled_dot_product_attention(q, k, v)
+
+    return run
+
+
+_FLEX = None
+
+
+def flex_runner():
+    global _FLEX
+    if _FLEX is None:
+        from torch.nn.attention.flex_attention import flex_attention
+
+        _FLEX = torch.compile(flex_attention, dynamic=False)
+    return _FLEX
+
+
+def flex_block_mask(counts, indices, s, block):
+    """BlockMask with exactly our kept blocks, all as 'full' blocks (no mask_mod work)."""
+    from torch.nn.attention.flex_attention import BlockMask
+
+    counts, indices = counts[None].contiguous(), indices[None].contiguous()
+    return BlockMask.from_kv_blocks(
+        torch.zeros_like(counts), torch.zeros_like(indices), counts, indices,
+        BLOCK_SIZE=block, seq_lengths=(s, s), compute_q_blocks=False,
+    )
+
+
+def reference_slices(q, k, v, mask, block):
+    """fp32 reference rows of the first two and the last two query blocks: [(row0, row1, out)]."""
+    s = q.shape[2]
+    n = mask.shape[-1]
+    out = []
+    for qb0, qb1 in ((0, min(2, n)), (max(0, n - 2), n)):
+        r0, r1 = qb0 * block, min(qb1 * block, s)
+        ref = reference.block_sparse_attention_reference(q[:, :, r0:r1], k, v, mask[:, qb0:qb1], block)
+        out.append((r0, r1, ref))
+    return out
+
+
+def err_vs_slices(out, slices):
+    return max((out[:, :, r0:r1].float() - ref.float()).abs().max().item() for r0, r1, ref in slices)
+
+
+# --------------------------------------------------------------------------------------
+# main
+# --------------------------------------------------------------------------------------
+
+
+def parse_shape(text):
+    b, h, s, d = (int(x) for x in text.split(","))
+    return b, h, s, d
+
+
+def kernel_info(compiled):
+    """Registers / spills / shared memory and whether wgmma and TMA made it into the PTX."""
+    try:
+        ptx = compiled.asm.get("ptx", "")
+        return {
+            "n_regs": getattr(compiled, "n_regs", None),
+            "n_spills": getattr(compiled, "n_spills", None),
+            "shared": compiled.metadata.shared,
+            "num_warps": compiled.metadata.num_warps,
+            "num_stages": compiled.metadata.num_stages,
+            "wgmma": "wgmma" in ptx,
+            "tma": "cp.async.bulk.tensor" in ptx,
+        }
+    except Exception as exc:  # informational only
+        return {"error": repr(exc)}
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shapes", default="1,12,32760,128;1,12,75600,128", help="B,H,S,D;...")
+    p.add_argument("--densities", default="1.0,0.5,0.3,0.2,0.1")
+    p.add_argument("--masks", default="random,local")
+    p.add_argument("--block-size", type=int, default=128)
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--variants", default="lists_tma,lists_ptr,bits", help="our kernel's variants to time")
+    p.add_argument("--no-flex", action="store_true")
+    p.add_argument("--rep", type=int, default=100, help="do_bench rep (ms)")
+    p.add_argument("--time-budget", type=float, default=1e9, help="seconds; stop starting new shapes/masks after it")
+    p.add_argument("--out", default="bench_kernel.json")
+    args = p.parse_args(argv)
+
+    import triton
+    from triton.testing import do_bench
+    from torch.nn.attention import SDPBackend
+
+    assert torch.cuda.is_available(), "benchmark needs a CUDA GPU"
+    dev = torch.device("cuda")
+    dtype = getattr(torch, args.dtype)
+    block = args.block_size
+    densities = [float(x) for x in args.densities.split(",")]
+    t_start = time.time()
+    env = {
+        "device": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "cudnn": torch.backends.cudnn.version(),
+        "block_size": block,
+        "dtype": args.dtype,
+    }
+    print(json.dumps(env))
+    results, tuning = [], {}
+
+    def bench(fn):
+        return do_bench(fn, warmup=25, rep=args.rep, return_mode="median")
+
+    def save():
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps({"env": env, "results": results, "tuning": tuning}, indent=1))
+
+    for shape_text in args.shapes.split(";"):
+        b, h, s, d = parse_shape(shape_text)
+        flops_dense = 4.0 * b * h * s * s * d
+        gen = torch.Generator().manual_seed(0)
+        x = torch.randn(3, b, s, h, d, generator=gen).to(dtype).to(dev)
+        q, k, v = (t.transpose(1, 2) for t in x)  # (B, H, S, D) views of (B, S, H, D), as in a DiT
+        n = math.ceil(s / block)
+        row = dict(shape=[b, h, s, d])
+
+        # dense baselines
+        dense = {}
+        for name, backend in (("cudnn", SDPBackend.CUDNN_ATTENTION), ("flash", SDPBackend.FLASH_ATTENTION)):
+            try:
+                fn = sdpa_dense(backend)
+                out = fn(q, k, v)
+                ms = bench(lambda: fn(q, k, v))
+                dense[name] = (ms, out)
+                results.append(dict(row, mask="dense", density=1.0, kernel=f"sdpa_{name}", ms=ms,
+                                    tflops=flops_dense / ms * 1e-9))
+                print(f"S={s} sdpa_{name}: {ms:.3f} ms {flops_dense / ms * 1e-9:.0f} TFLOP/s", flush=True)
+            except Exception as exc:
+                print(f"S={s} sdpa_{name} failed: {exc!r}", flush=True)
+        base_name = "cudnn" if "cudnn" in dense else ("flash" if "flash" in dense else None)
+        base_ms = dense[base_name][0] if base_name else float("nan")
+
+        for mask_kind in args.masks.split(","):
+            if time.time() - t_start > args.time_budget:
+                print(f"time budget reached: skipping S={s} {mask_kind}", flush=True)
+                continue
+            for density in densities:
+                if density >= 1.0 and mask_kind != args.masks.split(",")[0]:
+                    continue  # the dense mask is the same for every kind
+                mgen = torch.Generator().manual_seed(int(density * 1000) + s)
+                if mask_kind == "random":
+                    mask = random_mask(h, n, density, mgen, dev)
+                else:
+                    mask = local_mask(h, s, block, density, mgen, dev)
+                actual = mask.float().mean().item()
+                words = bitpack.pack_block_mask(mask)
+                lists = bsa.kv_block_lists(words, n)
+                flops = flops_dense * actual
+                slices = reference_slices(q, k, v, mask, block)
+                cell = dict(row, mask=mask_kind if density < 1.0 else "dense", density=density,
+                            actual_density=actual)
+                timings, outs = {}, {}
+
+                # our kernel, variants
+                for variant in args.variants.split(","):
+                    use_lists = variant.startswith("lists")
+                    use_tma = {"lists_tma": True, "lists_ptr": False}.get(variant)  # bits: default choice
+                    if variant == "bits":
+                        use_tma = None
+                    try:
+                        out = bsa.empty_output_like(q)
+                        bl = lists if use_lists else None
+
+                        def run_ours(out=out, bl=bl, use_tma=use_tma):
+                            return bsa._launch(q, k, v, out, words, block, None, None, bl, use_tma=use_tma)
+
+                        compiled = run_ours()
+                        torch.cuda.synchronize()
+                        key = f"S={s},{variant}"
+                        if key not in tuning:
+                            tuner = bsa._block_sparse_attn_fwd_tuned
+                            tuning[key] = {
+                                "best": str(getattr(tuner, "best_config", None)),
+                                "timings": {str(c): t for c, t in getattr(tuner, "configs_timings", {}).items()}
+                                if getattr(tuner, "configs_timings", None) else {},
+                                "kernel": kernel_info(compiled),
+                            }
+                            print(f"  tuned {key}: {json.dumps(tuning[key])}", flush=True)
+                        ms = bench(run_ours)
+                        err_ref = err_vs_slices(out, slices)
+                        timings[f"ours_{variant}"] = ms
+                        outs[f"ours_{variant}"] = out
+                        results.append(dict(cell, kernel=f"ours_{variant}", ms=ms, tflops=flops / ms * 1e-9,
+                                            err_vs_ref=err_ref))
+                    except Exception as exc:
+                        traceback.print_exc()
+                        results.append(dict(cell, kernel=f"ours_{variant}", error=repr(exc)))
+                ours_key = next((key for key in outs), None)
+
+                # FlexAttention with the same blocks
+                if not args.no_flex:
+                    try:
+                        flex = flex_runner()
+                        bm = flex_block_mask(*lists, s, block)
+                        out = flex(q, k, v, block_mask=bm)
+                        ms = bench(lambda: flex(q, k, v, block_mask=bm))
+                        timings["flex"] = ms
+                        outs["flex"] = out
+                        results.append(dict(cell, kernel="flex", ms=ms, tflops=flops / ms * 1e-9,
+                                            err_vs_ref=err_vs_slices(out, slices)))
+                    except Exception as exc:
+                        traceback.print_exc()
+                        results.append(dict(cell, kernel="flex", error=repr(exc)))
+
+                # cross-checks against our output
+                if ours_key:
+                    ref_out = outs[ours_key]
+                    for r in results:
+                        if r.get("density") == density and r.get("mask") == cell["mask"] and r["shape"] == row["shape"] \
+                                and "ms" in r and r["kernel"] in outs:
+                            r["err_vs_ours"] = (outs[r["kernel"]].float() - ref_out.float()).abs().max().item()
+                    if density >= 1.0:
+                        for name, (ms, out) in dense.items():
+                            for r in results:
+                                if r["kernel"] == f"sdpa_{name}" and r["shape"] == row["shape"]:
+                                    r["err_vs_ours"] = (out.float() - ref_out.float()).abs().max().item()
+                for r in results:
+                    if r.get("density") == density and r.get("mask") == cell["mask"] and r["shape"] == row["shape"] \
+                            and "ms" in r:
+                        if "flex" in timings:
+                            r["speedup_vs_flex"] = timings["flex"] / r["ms"]
+                        r["speedup_vs_dense_" + str(base_name)] = base_ms / r["ms"]
+                        print(
+                            f"S={s} {cell['mask']:>6} d={density:.2f} ({actual:.3f}) {r['kernel']:>15}: "
+                            f"{r['ms']:8.3f} ms {r['tflops']:6.0f} TFLOP/s  x{r.get('speedup_vs_flex', float('nan')):.2f} flex"
+                            f"  x{r['speedup_vs_dense_' + str(base_name)]:.2f} {base_name}"
+                            f"  err_ref={r.get('err_vs_ref', float('nan')):.4f} err_ours={r.get('err_vs_ours', float('nan')):.4f}",
+                            flush=True,
+                        )
+                del outs
+                save()
+        del q, k, v, x, dense
+        torch.cuda.empty_cache()
+
+    save()
+    print_table(results, densities)
+
+
+def print_table(results, densities):
+    """Markdown table: one row per (shape, mask, kernel); cells 'ms (TFLOP/s)'; then ratios."""
+    groups = {}
+    for r in results:
+        if "ms" not in r:
+            continue
+        key = (tuple(r["shape"]), "random" if r["mask"] == "dense" and r["kernel"].startswith("sdpa") else r["mask"])
+        groups.setdefault(tuple(r["shape"]), []).append(r)
+    for shape, rows in groups.items():
+        kinds = sorted({r["mask"] for r in rows if r["mask"] != "dense"})
+        for kind in kinds:
+            print(f"\n### {shape} bf16, {kind} masks: ms (eff. TFLOP/s) [x vs flex, x vs dense cuDNN]")
+            print("| kernel | " + " | ".join(f"{d:g}" for d in densities) + " |")
+            print("|---|" + "---|" * len(densities))
+            kernels = []
+            for r in rows:
+                if r["kernel"] not in kernels:
+                    kernels.append(r["kernel"])
+            for kern in kernels:
+                cells = []
+                for d in densities:
+                    match = [r for r in rows if r["kernel"] == kern and abs(r["density"] - d) < 1e-9
+                             and (r["mask"] == kind or r["mask"] == "dense")]
+                    if not match:
+                        cells.append("")
+                        continue
+                    r = match[0]
+                    extra = ""
+                    if not kern.startswith("sdpa"):
+                        sf = r.get("speedup_vs_flex")
+                        sd = next((v for key, v in r.items() if key.startswith("speedup_vs_dense")), None)
+                        extra = f" [{sf:.2f}, {sd:.2f}]" if sf is not None and sd is not None else ""
+                    cells.append(f"{r['ms']:.2f} ({r['tflops']:.0f}){extra}")
+                print(f"| {kern} | " + " | ".join(cells) + " |")
+
+
+if __name__ == "__main__":
+    main()
