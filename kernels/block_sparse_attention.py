@@ -213,7 +213,9 @@ def _block_sparse_attn_fwd(
     else:
         # -- bit-packed path: test each key block's bit, skip the dropped ones ----
         word_ptr = MASK + mask_row * N_WORDS
-        n_unmasked = N_KV_BLOCKS - RAGGED
+        n_unmasked = N_KV_BLOCKS
+        if RAGGED:
+            n_unmasked = N_KV_BLOCKS - 1
         for w in range(0, N_WORDS):
             word = tl.load(word_ptr + w)
             if word != 0:
@@ -255,8 +257,9 @@ def _block_sparse_attn_fwd(
 # Launch configurations
 # --------------------------------------------------------------------------------------
 
-# (BLOCK_M, BLOCK_N, num_warps, num_stages) tried on CUDA; configs whose tiles do
-# not divide the mask block size are pruned before tuning.
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) tried on CUDA; only configs with
+# block_size/2 <= BLOCK_M <= block_size and block_size/4 <= BLOCK_N <= block_size
+# are tuned (tiles must divide the mask block; much smaller ones are never faster).
 _CUDA_CONFIGS: Tuple[Tuple[int, int, int, int], ...] = (
     (128, 128, 8, 3),
     (128, 128, 8, 2),
@@ -289,7 +292,10 @@ def _make_config(bm: int, bn: int, warps: int, stages: int) -> triton.Config:
 
 def _prune_configs(configs, named_args, **kwargs):
     block_size = kwargs.get("BLOCK_SIZE", named_args.get("BLOCK_SIZE"))
-    kept = [c for c in configs if c.kwargs["BLOCK_M"] <= block_size and c.kwargs["BLOCK_N"] <= block_size]
+    kept = [
+        c for c in configs
+        if block_size // 2 <= c.kwargs["BLOCK_M"] <= block_size and block_size // 4 <= c.kwargs["BLOCK_N"] <= block_size
+    ]
     return kept or [_make_config(block_size, block_size, 4, 2)]
 
 
