@@ -615,13 +615,18 @@ def planted_wan_transformer(
     full_plan = _normalise_plan(plan, L, heads, _default_plan(L, heads, seed, tuple(kinds)))
     keep32 = list(getattr(model, "_keep_in_fp32_modules", None) or [])
 
-    def materialise(mod: torch.nn.Module, pname: str, value: torch.Tensor, full_name: str):
-        dt = torch.float32 if _keep_fp32(full_name, keep32) else dtype
-        mod._parameters[pname] = torch.nn.Parameter(value.to(dtype=dt), requires_grad=True)
+    # Every parameter gets a "maker" (a function returning its float32 value); the planted
+    # self-attention tensors replace the generic makers, then all makers run (threaded on the
+    # CPU, where the RNG is serial per generator: each tensor has its own seeded generator, so
+    # the result does not depend on scheduling).
+    makers: dict[str, tuple[torch.nn.Module, str, Any]] = {}
 
-    def randn(full_name: str, shape, std: float) -> torch.Tensor:
+    def randn(full_name: str, shape, std) -> torch.Tensor:
         g = torch.Generator(device=device).manual_seed(_tensor_seed(seed, full_name))
         return torch.randn(shape, generator=g, device=device, dtype=torch.float32).mul_(std)
+
+    def const(value: torch.Tensor):
+        return lambda: value.to(device=device, dtype=torch.float32)
 
     # 1. Generic small seeded random weights for everything.
     for mname, mod in model.named_modules():
@@ -631,16 +636,17 @@ def planted_wan_transformer(
             full = f"{mname}.{pname}" if mname else pname
             shape = tuple(p.shape)
             if isinstance(mod, (torch.nn.LayerNorm, torch.nn.RMSNorm, torch.nn.GroupNorm)):
-                v = torch.ones(shape, device=device) if pname == "weight" else torch.zeros(shape, device=device)
+                fn = const(torch.ones(shape) if pname == "weight" else torch.zeros(shape))
             elif pname == "bias":
-                v = torch.zeros(shape, device=device)
+                fn = const(torch.zeros(shape))
             elif pname == "scale_shift_table":
-                v = randn(full, shape, 0.05)
-                if shape[1] == 6:  # (shift, scale, gate, c_shift, c_scale, c_gate): gates ~ 1
-                    v[:, 2] += 1.0
-                    v[:, 5] += 1.0
+                def fn(full=full, shape=shape):
+                    v = randn(full, shape, 0.05)
+                    if shape[1] == 6:  # (shift, scale, gate, c_shift, c_scale, c_gate): gates ~ 1
+                        v[:, 2] += 1.0
+                        v[:, 5] += 1.0
+                    return v
             elif pname == "weight" and p.dim() >= 2:
-                fan_in = math.prod(shape[1:])
                 gain = 1.0
                 if full.endswith("condition_embedder.time_proj.weight"):
                     gain = 0.2  # mild timestep modulation
@@ -648,10 +654,10 @@ def planted_wan_transformer(
                     gain = cross_gain
                 elif ".ffn.net.2." in full + ".":
                     gain = ffn_gain
-                v = randn(full, shape, gain / math.sqrt(fan_in))
+                fn = functools.partial(randn, full, shape, gain / math.sqrt(math.prod(shape[1:])))
             else:
-                v = randn(full, shape, 0.02)
-            materialise(mod, pname, v, full)
+                fn = functools.partial(randn, full, shape, 0.02)
+            makers[full] = (mod, pname, fn)
 
     # 2. Planted self-attention.
     bands = _rope_bands(D)
@@ -672,21 +678,37 @@ def planted_wan_transformer(
         gw = torch.sqrt(amp * math.sqrt(D) / 2).repeat_interleave(2, -1).reshape(inner)
         # Input-dependent perturbation: pair std sigma (relative to the unit bias) moves the
         # logit by ~ sigma * sqrt(2) * ||a||_2 (q and k); pick sigma per head for qk_noise.
+        # Capped: noise in near-silent (global) heads would otherwise jitter the RMS shared by all heads.
         anorm = amp.norm(dim=-1).clamp_min(1e-6)
-        # capped: noise in near-silent (global) heads would otherwise jitter the shared RMS of all heads
         sigma = (qk_noise / (math.sqrt(2) * anorm)).clamp(max=0.01).to(torch.float32)
-        row_std = sigma.repeat_interleave(D).to(device) / math.sqrt(inner)  # model dim == inner dim in Wan
+        row_std = (sigma.repeat_interleave(D) / math.sqrt(inner))[:, None]  # model dim == inner dim in Wan
         for lin, bias, tag in ((attn.to_q, bq, "to_q"), (attn.to_k, bk, "to_k")):
-            w = randn(f"{key}.{tag}.weight", (inner, inner), 1.0).mul_(row_std[:, None])
-            materialise(lin, "weight", w, f"{key}.{tag}.weight")
-            materialise(lin, "bias", bias.to(device, torch.float32), f"{key}.{tag}.bias")
-        materialise(attn.norm_q, "weight", gw.to(device, torch.float32), f"{key}.norm_q.weight")
-        materialise(attn.norm_k, "weight", gw.to(device, torch.float32), f"{key}.norm_k.weight")
+            name = f"{key}.{tag}.weight"
+            makers[name] = (lin, "weight", functools.partial(randn, name, (inner, inner), row_std.to(device)))
+            makers[f"{key}.{tag}.bias"] = (lin, "bias", const(bias))
+        makers[f"{key}.norm_q.weight"] = (attn.norm_q, "weight", const(gw))
+        makers[f"{key}.norm_k.weight"] = (attn.norm_k, "weight", const(gw))
         # Sensitivity: scale each head's columns of the output projection.
-        scales = torch.tensor([p.out_scale for p in full_plan[key]], dtype=torch.float32, device=device)
-        w = randn(f"{key}.to_out.0.weight", (inner, inner), attn_gain / math.sqrt(inner))
-        w.mul_(scales.repeat_interleave(D)[None, :])
-        materialise(attn.to_out[0], "weight", w, f"{key}.to_out.0.weight")
+        scales = torch.tensor([p.out_scale for p in full_plan[key]], dtype=torch.float32)
+        col_std = (attn_gain / math.sqrt(inner) * scales.repeat_interleave(D))[None, :]
+        name = f"{key}.to_out.0.weight"
+        makers[name] = (attn.to_out[0], "weight", functools.partial(randn, name, (inner, inner), col_std.to(device)))
+
+    def run(full: str) -> torch.Tensor:
+        dt = torch.float32 if _keep_fp32(full, keep32) else dtype
+        return makers[full][2]().to(dtype=dt)
+
+    names = list(makers)
+    if device.type == "cpu" and torch.get_num_threads() > 1:
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(max_workers=torch.get_num_threads()) as pool:
+            values = list(pool.map(run, names))
+    else:
+        values = [run(n) for n in names]
+    for full, value in zip(names, values):
+        mod, pname, _ = makers[full]
+        mod._parameters[pname] = torch.nn.Parameter(value, requires_grad=True)
 
     leftovers = [n for n, p in model.named_parameters() if p.is_meta] + [n for n, b in model.named_buffers() if b.is_meta]
     if leftovers:
