@@ -16,8 +16,15 @@ its own axis weights) and each density, it times with ``triton.testing.do_bench`
   baseline for every density);
 * FlexAttention (default Triton backend, compiled), with a BlockMask built from
   the same bool mask at 128x128 (kept blocks passed as full blocks);
-* this kernel: block-list path with TMA descriptors, block-list path with plain
-  pointers, and the bit-packed path.
+* this kernel: ``default`` = the public call (lists of kept blocks built on
+  device from the packed mask at every call + the autotuned kernel);
+  ``lists_tma1`` / ``lists_tma2`` / ``lists_ptr`` = cached lists
+  (``kv_block_lists``) with host 4-D TMA descriptors / in-kernel 2-D TMA
+  descriptors / plain pointers; ``bits`` = the kernel tests the mask bits itself.
+
+``--sweep "MODE:BM,BN,WARPS,STAGES[:ws];..."`` instead times explicit launch
+configurations (cached lists, TMA mode MODE, optional warp specialization) at
+one shape on random masks, checking each against the reference on slices.
 
 Checks: every sparse output is compared with the fp32 reference on slices of
 query blocks (first two and last two, the ragged one included) and with our
@@ -196,7 +203,9 @@ def main(argv=None):
     p.add_argument("--masks", default="random,local")
     p.add_argument("--block-size", type=int, default=128)
     p.add_argument("--dtype", default="bfloat16")
-    p.add_argument("--variants", default="lists_tma,lists_ptr,bits", help="our kernel's variants to time")
+    p.add_argument("--variants", default="default,lists_tma1,lists_tma2,lists_ptr,bits",
+                   help="our kernel's variants to time")
+    p.add_argument("--sweep", default=None, help="MODE:BM,BN,WARPS,STAGES[:ws];... explicit configs to time")
     p.add_argument("--no-flex", action="store_true")
     p.add_argument("--rep", type=int, default=100, help="do_bench rep (ms)")
     p.add_argument("--time-budget", type=float, default=1e9, help="seconds; stop starting new shapes/masks after it")
@@ -223,6 +232,8 @@ def main(argv=None):
     }
     print(json.dumps(env))
     results, tuning = [], {}
+    if args.sweep:
+        return sweep(args, env, dtype, block, densities, do_bench)
 
     def bench(fn):
         return do_bench(fn, warmup=25, rep=args.rep, return_mode="median")
@@ -280,20 +291,24 @@ def main(argv=None):
                 # our kernel, variants
                 for variant in args.variants.split(","):
                     use_lists = variant.startswith("lists")
-                    use_tma = {"lists_tma": True, "lists_ptr": False}.get(variant)  # bits: default choice
-                    if variant == "bits":
-                        use_tma = None
+                    use_tma = {"lists_tma1": 1, "lists_tma2": 2, "lists_ptr": 0}.get(variant)  # else default mode
                     try:
                         out = bsa.empty_output_like(q)
                         bl = lists if use_lists else None
+                        if variant == "default":
+                            def run_ours():
+                                return bsa.block_sparse_attention(q, k, v, words, block)
 
-                        def run_ours(out=out, bl=bl, use_tma=use_tma):
-                            return bsa._launch(q, k, v, out, words, block, None, None, bl, use_tma=use_tma)
+                            out = run_ours()
+                            compiled = None
+                        else:
+                            def run_ours(out=out, bl=bl, use_tma=use_tma):
+                                return bsa._launch(q, k, v, out, words, block, None, None, bl, use_tma=use_tma)
 
-                        compiled = run_ours()
+                            compiled = run_ours()
                         torch.cuda.synchronize()
                         key = f"S={s},{variant}"
-                        if key not in tuning:
+                        if key not in tuning and compiled is not None:
                             tuner = bsa._block_sparse_attn_fwd_tuned
                             tuning[key] = {
                                 "best": str(getattr(tuner, "best_config", None)),
@@ -360,6 +375,51 @@ def main(argv=None):
 
     save()
     print_table(results, densities)
+
+
+def sweep(args, env, dtype, block, densities, do_bench):
+    """Time explicit launch configs (cached lists) at the first shape, random masks; print as we go."""
+    b, h, s, d = parse_shape(args.shapes.split(";")[0])
+    dev = torch.device("cuda")
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(3, b, s, h, d, generator=gen).to(dtype).to(dev)
+    q, k, v = (t.transpose(1, 2) for t in x)
+    n = math.ceil(s / block)
+    cases = []
+    for density in densities:
+        mask = random_mask(h, n, density, torch.Generator().manual_seed(int(density * 1000) + s), dev)
+        words = bitpack.pack_block_mask(mask)
+        cases.append((density, mask.float().mean().item(), words, bsa.kv_block_lists(words, n),
+                      reference_slices(q, k, v, mask, block)))
+    rows = []
+    for spec in args.sweep.split(";"):
+        parts = spec.split(":")
+        mode, cfg, ws = int(parts[0]), tuple(int(x) for x in parts[1].split(",")), parts[2:] == ["ws"]
+        for density, actual, words, lists, slices in cases:
+            row = dict(spec=spec, shape=[b, h, s, d], density=density)
+            try:
+                out = bsa.empty_output_like(q)
+
+                def run(out=out, words=words, lists=lists):
+                    return bsa._launch(q, k, v, out, words, block, None, None, lists, use_tma=mode, config=cfg,
+                                       warp_specialize=ws)
+
+                compiled = run()
+                torch.cuda.synchronize()
+                ms = do_bench(run, warmup=25, rep=args.rep, return_mode="median")
+                flops = 4.0 * b * h * s * s * d * actual
+                row.update(ms=ms, tflops=flops / ms * 1e-9, err_vs_ref=err_vs_slices(out, slices),
+                           kernel=kernel_info(compiled))
+                print(f"SWEEP {spec:>24} d={density:.2f} {ms:8.3f} ms {row['tflops']:6.0f} TFLOP/s "
+                      f"err_ref={row['err_vs_ref']:.4f} {json.dumps(row['kernel'])}", flush=True)
+            except Exception as exc:
+                row["error"] = repr(exc)[:500]
+                print(f"SWEEP {spec:>24} d={density:.2f} FAILED {row['error'][:300]}", flush=True)
+                rows.append(row)
+                break
+            rows.append(row)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps({"env": env, "sweep": rows}, indent=1))
 
 
 def print_table(results, densities):

@@ -91,7 +91,7 @@ def _attend_kv_tile(
     k_base, v_base, k_desc, v_desc, off_b, off_h,
     start_n, S, stride_ks, stride_vs, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
-    MASK_KEYS: tl.constexpr, USE_TMA: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    MASK_KEYS: tl.constexpr, TMA_MODE: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """Fold key/value rows ``[start_n, start_n + BLOCK_N)`` into the running softmax.
 
@@ -103,9 +103,11 @@ def _attend_kv_tile(
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
     # -- scores: q @ k^T ----
-    if USE_TMA:
-        # rows past S come back as zeros (TMA bounds are per dimension)
+    # TMA: rows past S come back as zeros (bounds are checked per dimension)
+    if TMA_MODE == 1:
         k = k_desc.load([off_b, off_h, start_n, 0]).reshape(BLOCK_N, HEAD_DIM)
+    elif TMA_MODE == 2:
+        k = k_desc.load([start_n, 0])
     else:
         k_ptrs = k_base + offs_n[:, None] * stride_ks + offs_d[None, :]
         if MASK_KEYS:
@@ -122,8 +124,10 @@ def _attend_kv_tile(
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None]
     # -- accumulate p @ v ----
-    if USE_TMA:
+    if TMA_MODE == 1:
         v = v_desc.load([off_b, off_h, start_n, 0]).reshape(BLOCK_N, HEAD_DIM)
+    elif TMA_MODE == 2:
+        v = v_desc.load([start_n, 0])
     else:
         v_ptrs = v_base + offs_n[:, None] * stride_vs + offs_d[None, :]
         if MASK_KEYS:
@@ -136,7 +140,7 @@ def _attend_kv_tile(
 
 @triton.jit
 def _block_sparse_attn_fwd(
-    # tensors: pointers (pointer path) and TMA descriptors (TMA path); the unused ones are None
+    # tensors: pointers, and host TMA descriptors (TMA_MODE 1, else None)
     Q, K, V, O,
     q_desc, k_desc, v_desc, o_desc,
     MASK,  # int32 (G, H, NQB, N_WORDS) contiguous (G = 1 without mask_index)
@@ -155,10 +159,11 @@ def _block_sparse_attn_fwd(
     RAGGED: tl.constexpr,  # S % BLOCK_SIZE != 0
     USE_LISTS: tl.constexpr,
     HAS_G: tl.constexpr,
-    USE_TMA: tl.constexpr,
+    TMA_MODE: tl.constexpr,  # 0: pointers, 1: host 4-D descriptors, 2: in-kernel 2-D descriptors per (b, h)
     DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,  # query rows per program, divides BLOCK_SIZE
     BLOCK_N: tl.constexpr,  # key rows per step, divides BLOCK_SIZE
+    WARP_SPECIALIZE: tl.constexpr = False,  # producer/consumer warps for the main loop (Hopper, TMA_MODE 2)
 ):
     SUB_N: tl.constexpr = BLOCK_SIZE // BLOCK_N  # key steps per mask block
     pid_m = tl.program_id(0)  # fastest: all query tiles of one head run together (K/V in L2)
@@ -180,8 +185,16 @@ def _block_sparse_attn_fwd(
     v_base = V + off_b.to(tl.int64) * stride_vb + off_h.to(tl.int64) * stride_vh
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
-    if USE_TMA:
+    o_base = O + off_b.to(tl.int64) * stride_ob + off_h.to(tl.int64) * stride_oh
+    if TMA_MODE == 2:  # per-(batch, head) 2-D views: bounds at S, no reshapes
+        q_desc = tl.make_tensor_descriptor(q_base, [S, HEAD_DIM], [stride_qs, 1], [BLOCK_M, HEAD_DIM])
+        k_desc = tl.make_tensor_descriptor(k_base, [S, HEAD_DIM], [stride_ks, 1], [BLOCK_N, HEAD_DIM])
+        v_desc = tl.make_tensor_descriptor(v_base, [S, HEAD_DIM], [stride_vs, 1], [BLOCK_N, HEAD_DIM])
+        o_desc = tl.make_tensor_descriptor(o_base, [S, HEAD_DIM], [stride_os, 1], [BLOCK_M, HEAD_DIM])
+    if TMA_MODE == 1:
         q = q_desc.load([off_b, off_h, pid_m * BLOCK_M, 0]).reshape(BLOCK_M, HEAD_DIM)
+    elif TMA_MODE == 2:
+        q = q_desc.load([pid_m * BLOCK_M, 0])
     else:
         q = tl.load(q_base + offs_m[:, None] * stride_qs + offs_d[None, :], mask=(offs_m < S)[:, None], other=0.0)
 
@@ -201,13 +214,13 @@ def _block_sparse_attn_fwd(
         if RAGGED:
             last_kept = tl.load(idx_ptr + tl.maximum(count - 1, 0))
             n_full = count - ((count > 0) & (last_kept == last_kv)).to(tl.int32)
-        for i in range(0, n_full * SUB_N):
+        for i in tl.range(0, n_full * SUB_N, warp_specialize=WARP_SPECIALIZE):
             kv_block = tl.load(idx_ptr + i // SUB_N)
             start_n = kv_block * BLOCK_SIZE + (i % SUB_N) * BLOCK_N
             acc, l_i, m_i = _attend_kv_tile(
                 acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, off_b, off_h,
                 start_n, S, stride_ks, stride_vs, qk_scale,
-                HEAD_DIM, BLOCK_N, False, USE_TMA, DOT_PRECISION,
+                HEAD_DIM, BLOCK_N, False, TMA_MODE, DOT_PRECISION,
             )
         has_tail = count - n_full
     else:
@@ -226,7 +239,7 @@ def _block_sparse_attn_fwd(
                             acc, l_i, m_i = _attend_kv_tile(
                                 acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, off_b, off_h,
                                 start_n, S, stride_ks, stride_vs, qk_scale,
-                                HEAD_DIM, BLOCK_N, False, USE_TMA, DOT_PRECISION,
+                                HEAD_DIM, BLOCK_N, False, TMA_MODE, DOT_PRECISION,
                             )
         has_tail = 0
         if RAGGED:
@@ -240,17 +253,42 @@ def _block_sparse_attn_fwd(
             acc, l_i, m_i = _attend_kv_tile(
                 acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, off_b, off_h,
                 start_n, S, stride_ks, stride_vs, qk_scale,
-                HEAD_DIM, BLOCK_N, True, USE_TMA, DOT_PRECISION,
+                HEAD_DIM, BLOCK_N, True, TMA_MODE, DOT_PRECISION,
             )
 
     # -- epilogue: normalise once, store rows < S ----
     out = (acc / l_i[:, None]).to(O.dtype.element_ty)
-    if USE_TMA:
+    if TMA_MODE == 1:
         o_desc.store([off_b, off_h, pid_m * BLOCK_M, 0], out.reshape(1, 1, BLOCK_M, HEAD_DIM))
+    elif TMA_MODE == 2:
+        o_desc.store([pid_m * BLOCK_M, 0], out)
     else:
-        o_base = O + off_b.to(tl.int64) * stride_ob + off_h.to(tl.int64) * stride_oh
         tl.store(o_base + offs_m[:, None] * stride_os + offs_d[None, :], out, mask=(offs_m < S)[:, None])
 
+
+@triton.jit
+def _mask_to_lists_kernel(
+    MASK,  # int32 (G, ROWS, N_WORDS) contiguous, ROWS = H * n_q_blocks
+    MASK_INDEX,  # int32 (1,) on device, or None
+    COUNTS,  # int32 (ROWS,) out
+    INDICES,  # int32 (ROWS, N_KV_BLOCKS) out
+    ROWS, N_KV_BLOCKS, N_WORDS,
+    HAS_G: tl.constexpr,
+    KV_PAD: tl.constexpr,  # next power of two >= N_KV_BLOCKS
+):
+    """One mask row -> (count, ascending kept key blocks), for mask[g] with g read on device."""
+    row = tl.program_id(0)
+    if HAS_G:
+        g = tl.load(MASK_INDEX).to(tl.int64)
+    else:
+        g = 0
+    offs = tl.arange(0, KV_PAD)
+    valid = offs < N_KV_BLOCKS
+    words = tl.load(MASK + (g * ROWS + row) * N_WORDS + offs // WORD_BITS_C, mask=valid, other=0)
+    bits = ((words >> (offs % WORD_BITS_C)) & 1) * valid.to(tl.int32)
+    rank = tl.cumsum(bits, 0) - 1  # position of each kept block in the list
+    tl.store(COUNTS + row, tl.sum(bits, 0))
+    tl.store(INDICES + row * N_KV_BLOCKS + rank, offs, mask=bits != 0)
 
 
 # --------------------------------------------------------------------------------------
@@ -270,7 +308,7 @@ _CUDA_CONFIGS: Tuple[Tuple[int, int, int, int], ...] = (
     (32, 32, 4, 2),
     (16, 16, 4, 2),
 )
-_AUTOTUNE_KEY = ["S_KEY", "HEAD_DIM", "BLOCK_SIZE", "RAGGED", "USE_LISTS", "HAS_G", "USE_TMA", "DOT_PRECISION"]
+_AUTOTUNE_KEY = ["S_KEY", "HEAD_DIM", "BLOCK_SIZE", "RAGGED", "USE_LISTS", "HAS_G", "TMA_MODE", "DOT_PRECISION"]
 
 
 def _set_descriptor_blocks(nargs) -> None:
@@ -440,52 +478,99 @@ def _validate(q, k, v, mask_words, block_size, scale, mask_index, block_lists) -
         _check(counts.device == q.device and indices.device == q.device, "block_lists must be on q's device")
 
 
-def _tma_ok(*tensors: torch.Tensor) -> bool:
-    """TMA descriptors need Hopper+, 16-byte aligned base pointers and strides."""
+# Default TMA mode on Hopper+ (0: pointers, 1: host 4-D descriptors, 2: in-kernel 2-D
+# descriptors); SCALING_COMPILE_BSA_TMA overrides it (e.g. "0" to disable TMA).
+_DEFAULT_TMA_MODE = 1
+
+
+def _tma_mode(*tensors: torch.Tensor) -> int:
+    """TMA mode for these tensors: 0 unless Hopper+ and 16-byte aligned base pointers and strides."""
     if TensorDescriptor is None or _interpreting():
-        return False
-    if os.environ.get("SCALING_COMPILE_BSA_TMA", "1") == "0":
-        return False
+        return 0
+    mode = int(os.environ.get("SCALING_COMPILE_BSA_TMA", _DEFAULT_TMA_MODE))
     t0 = tensors[0]
-    if t0.device.type != "cuda" or torch.cuda.get_device_capability(t0.device)[0] < 9:
-        return False
+    if mode == 0 or t0.device.type != "cuda" or torch.cuda.get_device_capability(t0.device)[0] < 9:
+        return 0
     for t in tensors:
         es = t.element_size()
         if t.data_ptr() % 16 or any((st * es) % 16 for st in t.stride()[:-1]):
-            return False
-    return True
+            return 0
+    return mode
+
+
+def _tma_ok(*tensors: torch.Tensor) -> bool:
+    return _tma_mode(*tensors) != 0
 
 
 def _descriptor(t: torch.Tensor, block_rows: int) -> "TensorDescriptor":
     return TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, block_rows, t.shape[-1]])
 
 
+def _scratch_allocator(size: int, alignment: int, stream) -> torch.Tensor:
+    return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
+def _ensure_allocator() -> None:
+    """In-kernel TMA descriptors (TMA_MODE 2) need Triton's global-scratch allocator."""
+    try:
+        from triton.runtime import _allocation
+    except ImportError:  # pragma: no cover
+        return
+    if isinstance(_allocation._allocator.get(), _allocation.NullAllocator):
+        triton.set_allocator(_scratch_allocator)
+
+
+def _lists_on_device(mask_words: torch.Tensor, mask_index: Optional[torch.Tensor], n_kv_blocks: int):
+    """Counts and ascending kept-block lists of ``mask_words[g]`` (g read on device): one small launch.
+
+    What the kernel's fast path iterates over, computed from the packed mask on
+    the device each call (no host sync, CUDA-graph safe); costs microseconds.
+    """
+    has_g = mask_words.dim() == 4
+    mask = (mask_words if has_g else mask_words.unsqueeze(0)).contiguous()
+    _, h, n_qb, n_words = mask.shape
+    rows = h * n_qb
+    counts = torch.empty((h, n_qb), dtype=torch.int32, device=mask.device)
+    indices = torch.zeros((h, n_qb, n_kv_blocks), dtype=torch.int32, device=mask.device)
+    _mask_to_lists_kernel[(rows,)](
+        mask, mask_index if has_g else None, counts, indices, rows, n_kv_blocks, n_words,
+        HAS_G=has_g, KV_PAD=max(16, triton.next_power_of_2(n_kv_blocks)), num_warps=4,
+    )
+    return counts, indices
+
+
 def _launch(
     q, k, v, out, mask_words, block_size, scale, mask_index, block_lists,
-    use_tma: Optional[bool] = None,
+    use_tma=None,
     config: Optional[Sequence[int]] = None,
+    warp_specialize: bool = False,
 ):
     """Launch the kernel (inputs already validated); returns Triton's compiled-kernel handle.
 
-    ``use_tma=None`` picks TMA descriptors when the device and strides allow;
-    ``config = (BLOCK_M, BLOCK_N, num_warps, num_stages)`` skips autotuning.
+    ``block_lists=None`` runs the in-kernel bit-test path. ``use_tma``: None
+    picks the default mode when the device and strides allow, False/0 pointers,
+    True/1 host descriptors, 2 in-kernel descriptors. ``config = (BLOCK_M,
+    BLOCK_N, num_warps, num_stages)`` skips autotuning.
     """
     b, h, s, d = q.shape
     n_qb = triton.cdiv(s, block_size)
     n_kvb = n_qb
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
-    has_g = mask_words.dim() == 4
-    mask = mask_words if has_g else mask_words.unsqueeze(0)
+    mask = mask_words if mask_words.dim() == 4 else mask_words.unsqueeze(0)
     mask = mask.contiguous()
     counts = indices = None
     if block_lists is not None:
         counts, indices = (t.contiguous() for t in block_lists)
-    if use_tma is None:
-        use_tma = _tma_ok(q, k, v, out)
-    if use_tma:
+        has_g = counts.dim() == 3  # lists of a (G, H, nq) stack: select g in-kernel
+    else:
+        has_g = mask_words.dim() == 4
+    tma_mode = _tma_mode(q, k, v, out) if use_tma is None else int(use_tma)
+    if tma_mode == 1:
         q_desc, k_desc, v_desc, o_desc = (_descriptor(t, block_size) for t in (q, k, v, out))
     else:
         q_desc = k_desc = v_desc = o_desc = None
+    if tma_mode == 2:
+        _ensure_allocator()
     interpreting = _interpreting() or q.device.type != "cuda"
     if config is None and interpreting:
         config = (block_size, block_size, 4, 1)  # interpreter: big tiles = fewer numpy calls
@@ -503,7 +588,7 @@ def _launch(
         stride_ob=out.stride(0), stride_oh=out.stride(1), stride_os=out.stride(2),
         S_KEY=triton.next_power_of_2(s),
         HEAD_DIM=d, BLOCK_SIZE=block_size, RAGGED=(s % block_size != 0),
-        USE_LISTS=block_lists is not None, HAS_G=has_g, USE_TMA=bool(use_tma),
+        USE_LISTS=block_lists is not None, HAS_G=has_g, TMA_MODE=tma_mode,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
     )
 
@@ -513,9 +598,11 @@ def _launch(
     if config is not None:
         bm, bn, warps, stages = config
         _check(block_size % bm == 0 and block_size % bn == 0, f"config tiles {bm}x{bn} must divide block_size {block_size}")
-        if use_tma:
+        if tma_mode == 1:
             _set_descriptor_blocks({**args, "BLOCK_M": bm, "BLOCK_N": bn})
-        return _block_sparse_attn_fwd[grid](**args, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages)
+        return _block_sparse_attn_fwd[grid](
+            **args, BLOCK_M=bm, BLOCK_N=bn, WARP_SPECIALIZE=warp_specialize, num_warps=warps, num_stages=stages
+        )
     return _block_sparse_attn_fwd_tuned[grid](**args)
 
 
@@ -548,9 +635,14 @@ def block_sparse_attention(
             ``mask_words[g]`` (no host sync: CUDA-graph safe; ``g`` must lie in
             ``[0, G)``, it is not range-checked). ``None`` for a 3-D mask.
         block_lists: optional ``(counts, indices)`` from
-            ``kv_block_lists(mask_words, n_kv_blocks)`` of the SAME mask: the
-            kernel then iterates the kept key blocks from these lists (faster)
-            instead of testing bits. Its leading dims follow ``mask_words``.
+            ``kv_block_lists(mask_words, n_kv_blocks)`` of the SAME mask (leading
+            dims follow ``mask_words``), computed once and cached by the caller.
+            Without it, the lists of ``mask_words[g]`` are built on the device
+            from the packed bits at every call (one extra launch of a few
+            microseconds); the attention kernel always iterates lists, which
+            lets Triton pipeline the K/V loads. (The kernel can also test the
+            bits itself, ``_launch(..., block_lists=None)``: same result, about
+            30% slower, kept as the plain bit-packed reference path.)
 
     Returns:
         ``(B, H, S, D)`` tensor with the memory layout of ``(B, S, H, D)``
@@ -558,6 +650,9 @@ def block_sparse_attention(
         key block are zero.
     """
     _validate(q, k, v, mask_words, block_size, scale, mask_index, block_lists)
+    if block_lists is None:
+        # kept-block lists of mask[g], built on device from the packed bits (one tiny launch)
+        block_lists = _lists_on_device(mask_words, mask_index, triton.cdiv(q.shape[2], block_size))
     out = empty_output_like(q)
     _launch(q, k, v, out, mask_words, block_size, scale, mask_index, block_lists)
     return out

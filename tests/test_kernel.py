@@ -90,13 +90,24 @@ def random_block_mask(shape, density, seed=0, empty_rows=0.0):
     return mask
 
 
-def run_kernel(q, k, v, words, block_size, *, scale=None, mask_index=None, lists=False, use_tma=False, config=None):
-    """Launch through the internal entry point with a NaN-poisoned output (catches unwritten rows)."""
+def run_kernel(q, k, v, words, block_size, *, scale=None, mask_index=None, lists="bits", use_tma=0, config=None,
+               warp_specialize=False):
+    """Launch through the internal entry point with a NaN-poisoned output (catches unwritten rows).
+
+    ``lists``: "bits" (kernel tests the bits), "host" (kv_block_lists, cached-lists
+    path), "device" (lists of mask[g] built on device, the public default).
+    ``use_tma``: 0 pointers, 1 host descriptors, 2 in-kernel descriptors.
+    """
     n_kv = math.ceil(q.shape[2] / block_size)
-    block_lists = kv_block_lists(words, n_kv) if lists else None
+    block_lists = None
+    if lists == "host":
+        block_lists = kv_block_lists(words, n_kv)
     bsa._validate(q, k, v, words, block_size, scale, mask_index, block_lists)
+    if lists == "device":
+        block_lists = bsa._lists_on_device(words, mask_index, n_kv)
     out = empty_output_like(q).fill_(float("nan"))
-    bsa._launch(q, k, v, out, words, block_size, scale, mask_index, block_lists, use_tma=use_tma, config=config)
+    bsa._launch(q, k, v, out, words, block_size, scale, mask_index, block_lists, use_tma=use_tma, config=config,
+                warp_specialize=warp_specialize)
     return out
 
 
@@ -125,14 +136,15 @@ DTYPES = [torch.float16, torch.float32]
     layout=st.sampled_from(["bshd", "bhsd", "fused"]),
     density=st.floats(0.0, 1.0),
     empty_rows=st.sampled_from([0.0, 0.3]),
-    lists=st.booleans(),
-    use_tma=st.booleans(),
+    lists=st.sampled_from(["bits", "host", "device"]),
+    use_tma=st.sampled_from([0, 1, 2]),
     seed=st.integers(0, 2**16),
 )
 def test_matches_reference(b, h, block_size, n_blocks, tail, d, dtype, layout, density, empty_rows, lists, use_tma, seed):
     s = max(1, (n_blocks - 1) * block_size + 1 + tail % block_size)  # ragged and exact lengths
     q, k, v = make_qkv(b, h, s, d, dtype, layout, seed)
-    use_tma = use_tma and (not CUDA or bsa._tma_ok(q, k, v))
+    if CUDA and not bsa._tma_ok(q, k, v):
+        use_tma = 0
     n = math.ceil(s / block_size)
     mask = random_block_mask((h, n, n), density, seed, empty_rows)
     words = pack_block_mask(mask).to(DEVICE)
@@ -146,7 +158,7 @@ def test_matches_reference(b, h, block_size, n_blocks, tail, d, dtype, layout, d
     block_size=st.sampled_from([16, 32]),
     s=st.integers(17, 80),
     dtype=st.sampled_from(DTYPES),
-    lists=st.booleans(),
+    lists=st.sampled_from(["bits", "host", "device"]),
     seed=st.integers(0, 2**16),
 )
 def test_stacked_masks_select_by_device_index(g_count, block_size, s, dtype, lists, seed):
@@ -166,7 +178,7 @@ def test_stacked_masks_select_by_device_index(g_count, block_size, s, dtype, lis
     "block_size, config",
     [(32, (16, 16, 4, 1)), (32, (32, 16, 4, 1)), (32, (16, 32, 4, 1)), (64, (32, 16, 4, 1))],
 )
-@pytest.mark.parametrize("lists", [False, True])
+@pytest.mark.parametrize("lists", ["bits", "host"])
 def test_tiles_smaller_than_mask_blocks(block_size, config, lists):
     """BLOCK_M / BLOCK_N may split mask blocks (speed knob): the result keeps the mask's semantics."""
     h, d, s = 2, 16, 2 * block_size + 7  # ragged: last block partly and some sub-tiles fully past S
@@ -179,7 +191,7 @@ def test_tiles_smaller_than_mask_blocks(block_size, config, lists):
     assert_close(out, ref_attention(q, k, v, mask, block_size), torch.float32)
 
 
-@pytest.mark.parametrize("lists", [False, True])
+@pytest.mark.parametrize("lists", ["bits", "host", "device"])
 def test_many_key_blocks_span_several_words(lists):
     """More than 32 key blocks: bits come from several int32 words, bit 31 included."""
     block_size, h, d = 16, 1, 16
@@ -209,7 +221,7 @@ def test_public_function_defaults_and_scale():
     assert_close(out2, expected, torch.float32)
 
 
-@pytest.mark.parametrize("lists", [False, True])
+@pytest.mark.parametrize("lists", ["bits", "host", "device"])
 def test_empty_rows_are_exact_zeros(lists):
     h, d, block_size = 2, 16, 16
     s = 3 * block_size
@@ -252,6 +264,25 @@ def test_kv_block_lists(lead, n_q, n_kv, seed):
         assert flat_counts[row] == kept.numel()
         assert torch.equal(flat_idx[row, : kept.numel()], kept)
         assert (flat_idx[row, kept.numel():] == 0).all()
+
+
+@settings(max_examples=20, **SETTINGS)
+@given(g_count=st.integers(1, 3), h=st.integers(1, 3), n_q=st.integers(1, 5), n_kv=st.integers(1, 70),
+       stacked=st.booleans(), seed=st.integers(0, 99))
+def test_lists_on_device_match_kv_block_lists(g_count, h, n_q, n_kv, stacked, seed):
+    """The in-launch lists of mask[g] (g read on device) agree with kv_block_lists on their kept prefix."""
+    masks = random_block_mask((g_count, h, n_q, n_kv), 0.4, seed, 0.2)
+    words = pack_block_mask(masks).to(DEVICE)
+    g = g_count - 1
+    if stacked:
+        counts, indices = bsa._lists_on_device(words, torch.tensor([g], dtype=torch.int32, device=DEVICE), n_kv)
+    else:
+        counts, indices = bsa._lists_on_device(words[g], None, n_kv)
+    ref_counts, ref_indices = kv_block_lists(words[g].cpu(), n_kv)
+    assert torch.equal(counts.cpu(), ref_counts)
+    for row in range(h * n_q):
+        c = int(ref_counts.flatten()[row])
+        assert torch.equal(indices.cpu().reshape(-1, n_kv)[row, :c], ref_indices.reshape(-1, n_kv)[row, :c])
 
 
 def test_kv_block_lists_rejects_bad_words():
@@ -330,11 +361,10 @@ def test_validation_mask_index_rules():
 
 
 @needs_cuda
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("dtype, s", [(torch.bfloat16, 1000), (torch.float16, 1024)])
 @pytest.mark.parametrize("block_size, d", [(128, 128), (64, 64), (128, 64)])
-@pytest.mark.parametrize("s", [1000, 1024])
-@pytest.mark.parametrize("lists", [False, True])
-@pytest.mark.parametrize("use_tma", [False, True])
+@pytest.mark.parametrize("lists", ["bits", "host", "device"])
+@pytest.mark.parametrize("use_tma", [0, 1, 2])
 def test_cuda_matches_reference(dtype, block_size, d, s, lists, use_tma):
     h = 3
     q, k, v = make_qkv(2, h, s, d, dtype, "bshd", seed=s + d)
@@ -350,6 +380,7 @@ def test_cuda_matches_reference(dtype, block_size, d, s, lists, use_tma):
 @needs_cuda
 @pytest.mark.parametrize("lists", [False, True])
 def test_cuda_autotuned_public_path_bf16(lists):
+    """Public entry point (autotuned), stacked masks, with cached lists or lists built per call."""
     h, d, s, block_size = 4, 128, 3000, 128
     q, k, v = make_qkv(1, h, s, d, torch.bfloat16, "bshd", seed=11)
     n = math.ceil(s / block_size)
@@ -379,6 +410,30 @@ def test_cuda_graph_replay_follows_mask_index(lists):
     with torch.cuda.graph(graph):
         out = block_sparse_attention(q, k, v, words, block_size, mask_index=index, block_lists=block_lists)
     for g in (2, 1, 0):
+        index.fill_(g)
+        graph.replay()
+        torch.cuda.synchronize()
+        assert_close(out, ref_attention(q, k, v, masks[g], block_size), torch.bfloat16)
+
+
+@needs_cuda
+@pytest.mark.parametrize("use_tma", [0, 1, 2])
+def test_cuda_bit_test_path_in_graph(use_tma):
+    """The in-kernel bit-test path with a stacked mask: also graph-replayable."""
+    h, d, s, block_size = 2, 128, 900, 128
+    q, k, v = make_qkv(1, h, s, d, torch.bfloat16, "bshd", seed=8)
+    n = math.ceil(s / block_size)
+    masks = torch.stack([random_block_mask((h, n, n), p, seed=8, empty_rows=0.1) for p in (0.3, 0.8)])
+    words = pack_block_mask(masks).to(DEVICE)
+    index = torch.zeros(1, dtype=torch.int32, device=DEVICE)
+    out = empty_output_like(q)
+    launch = lambda: bsa._launch(q, k, v, out, words, block_size, None, index, None, use_tma=use_tma)  # noqa: E731
+    launch()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        launch()
+    for g in (1, 0):
         index.fill_(g)
         graph.replay()
         torch.cuda.synchronize()
