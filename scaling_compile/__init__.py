@@ -5,6 +5,11 @@
 Public API: :class:`Topology` (the artifact), :func:`sdpa_nodes` (what the
 backend will do with each attention call), :func:`register_root`,
 :func:`token_grid`.
+
+Offline side: :func:`profile` (WEST topology + FAST sensitivities of a model
+from a calibration set, see :mod:`.calibration`), :class:`StepSchedule` (the
+per-denoising-step budgets, switched without recompiling), :func:`load_artifact`
+(load and validate an artifact against a model). CLI: ``scaling-compile``.
 """
 
 from .errors import ArtifactError, NotServable, ScalingCompileError
@@ -13,10 +18,23 @@ from .inspection import sdpa_nodes
 from .module_index import register_root
 from .options import BackendOptions
 from .topology import NodeTopology, Topology, model_fingerprint
+from .artifact import check_model, load_artifact
+from .calibration import CalibrationSample, CalibrationSet, synthetic_calibration, wan_pipeline_calibration
+from .fast import DENSE_STEP, StepSchedule
+from .passes.profile import profile
 
 __all__ = [
     "ArtifactError",
     "BackendOptions",
+    "CalibrationSample",
+    "CalibrationSet",
+    "DENSE_STEP",
+    "StepSchedule",
+    "check_model",
+    "load_artifact",
+    "profile",
+    "synthetic_calibration",
+    "wan_pipeline_calibration",
     "NodeTopology",
     "NotServable",
     "ScalingCompileError",

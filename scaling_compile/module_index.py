@@ -23,7 +23,10 @@ import torch
 
 _lock = threading.Lock()
 _roots: "weakref.WeakSet[torch.nn.Module]" = weakref.WeakSet()
-_by_pointer: dict[tuple[str, int], tuple[weakref.ref, str]] = {}
+# (device, data_ptr) -> (root, dotted name, the parameter). A hit counts only while that
+# parameter still lives at that address: storage freed by new weights can be reused by
+# another block's parameter, and a stale entry would then name the wrong block.
+_by_pointer: dict[tuple[str, int], tuple[weakref.ref, str, weakref.ref]] = {}
 
 
 def register_root(model: torch.nn.Module) -> None:
@@ -50,7 +53,7 @@ def _strip_wrappers(name: str) -> str:
 def _index(root: torch.nn.Module) -> None:
     ref = weakref.ref(root)
     for name, param in root.named_parameters(remove_duplicate=False):
-        _by_pointer[_pointer(param)] = (ref, _strip_wrappers(name))
+        _by_pointer[_pointer(param)] = (ref, _strip_wrappers(name), weakref.ref(param))
 
 
 def _scan_for_roots() -> None:
@@ -64,11 +67,18 @@ def _scan_for_roots() -> None:
             _roots.add(module)
 
 
+def _live(found, pointer) -> bool:
+    if found is None:
+        return False
+    root, param = found[0](), found[2]()
+    return root is not None and param is not None and _pointer(param) == pointer
+
+
 def parameter_name(tensor: torch.Tensor) -> tuple[torch.nn.Module, str] | None:
     """``(root, dotted name)`` of the parameter whose storage ``tensor`` is, or None if unknown."""
     pointer = _pointer(tensor)
     found = _by_pointer.get(pointer)
-    if found is not None and found[0]() is not None:
+    if _live(found, pointer):
         return found[0](), found[1]
     with _lock:
         for rescan in (False, True):
@@ -78,6 +88,11 @@ def parameter_name(tensor: torch.Tensor) -> tuple[torch.nn.Module, str] | None:
             for root in list(_roots):
                 _index(root)
             found = _by_pointer.get(pointer)
-            if found is not None and found[0]() is not None:
+            if _live(found, pointer):
                 return found[0](), found[1]
     return None
+
+
+def still_at(tensor: torch.Tensor, name_found: tuple[torch.nn.Module, str]) -> bool:
+    """True while the parameter ``name_found`` names still has ``tensor``'s storage (cheap)."""
+    return _live(_by_pointer.get(_pointer(tensor)), _pointer(tensor)) and _by_pointer[_pointer(tensor)][1] == name_found[1]

@@ -23,7 +23,7 @@ import torch
 
 from .errors import NotServable
 from .geometry import current_grid, track_grid
-from .module_index import parameter_name
+from .module_index import parameter_name, still_at
 from .passes.node_keys import make_node_key, split_node_key
 from .kernels.bitpack import pack_block_mask
 
@@ -56,13 +56,14 @@ class AttentionPlan:
     kernel: str = "triton"
     schedule: "object | None" = None
     _cache: dict = field(default_factory=dict, repr=False)
+    _keys: dict = field(default_factory=dict, repr=False)
     _warned: set = field(default_factory=set, repr=False)
 
     # -- which node is this call? --------------------------------------------------------------
-    def resolve(self, anchor: torch.Tensor | None) -> tuple[str, torch.nn.Module | None]:
-        """The call's artifact key, and the root model when it was found through the anchor."""
+    def resolve(self, anchor: torch.Tensor | None) -> tuple[str, torch.nn.Module | None, tuple | None]:
+        """The call's artifact key, and (regional) the root model and the anchor's identity."""
         if self.graph_key in self.topology:
-            return self.graph_key, None
+            return self.graph_key, None, None
         if anchor is None or self.anchor_suffix is None:
             raise NotServable(f"no artifact entry for {self.graph_key!r}")
         found = parameter_name(anchor)
@@ -77,34 +78,41 @@ class AttentionPlan:
             raise NotServable(f"parameter {name!r} does not end with {suffix!r}")
         module_path = name[: -len(suffix)]
         _relative_path, ordinal = split_node_key(self.graph_key)
-        return make_node_key(module_path, ordinal), root
+        return make_node_key(module_path, ordinal), root, found
 
     # -- masks for one call ---------------------------------------------------------------------
     def masks_for(
         self, query: torch.Tensor, anchor: torch.Tensor | None, grid: tuple[int, int, int] | None = None
     ) -> ServedMasks | DenseFallback:
-        """The masks serving this call (cached per block, geometry and device)."""
+        """The masks serving this call, cached per (node key, geometry, device).
+
+        Steady state: one pointer lookup (regional) and one dict lookup, no device work.
+        """
         seq_len, heads = query.shape[-2], query.shape[-3]
-        if grid is None and self._tracks_runtime_grid:
+        pointer = _anchor_id(anchor)
+        resolved = self._keys.get(pointer)
+        if resolved is not None and resolved[1] is not None and not still_at(anchor, resolved[2]):
+            resolved = None  # the storage now belongs to another parameter (new weights loaded)
+        if resolved is None:
+            try:
+                resolved = self.resolve(anchor)
+            except NotServable as reason:
+                return self._fallback(reason)
+            self._keys[pointer] = resolved
+        key, root = resolved[0], resolved[1]
+        if root is not None and grid is None:
+            track_grid(root)  # regional: the root runs eagerly and reports each call's grid
             grid = current_grid(seq_len)
-        cache_key = (_anchor_id(anchor), seq_len, heads, str(query.device), grid)
+        cache_key = (key, seq_len, heads, str(query.device), grid)
         served = self._cache.get(cache_key)
         if served is None:
-            served = self._instantiate(query, anchor, grid)
+            served = self._instantiate(key, query, grid)
             self._cache[cache_key] = served
         return served
 
-    @property
-    def _tracks_runtime_grid(self) -> bool:
-        return self.graph_key not in self.topology
-
-    def _instantiate(self, query: torch.Tensor, anchor, grid) -> ServedMasks | DenseFallback:
+    def _instantiate(self, key: str, query: torch.Tensor, grid) -> ServedMasks | DenseFallback:
         seq_len, heads = query.shape[-2], query.shape[-3]
         try:
-            key, root = self.resolve(anchor)
-            if root is not None and grid is None:
-                track_grid(root)  # regional: the root runs eagerly and reports each call's grid
-                grid = current_grid(seq_len)
             masks = [
                 self.topology.block_mask(
                     key,
@@ -117,17 +125,20 @@ class AttentionPlan:
                 for fraction in (self.schedule.step_fractions() if self.schedule else [None])
             ]
         except NotServable as reason:
-            if self.strict:
-                raise
-            message = f"scaling: {self.graph_key} stays dense at run time: {reason}"
-            if message not in self._warned:
-                self._warned.add(message)
-                warnings.warn(message, stacklevel=2)
-            return DenseFallback(str(reason))
+            return self._fallback(reason)
         stacked = torch.stack([m.to(torch.bool) for m in masks])
         words = pack_block_mask(stacked).to(query.device)
         index = self.schedule.device_index(query.device) if self.schedule else None
         return ServedMasks(words=words, mask_index=index, density=float(stacked.float().mean()))
+
+    def _fallback(self, reason: NotServable) -> DenseFallback:
+        if self.strict:
+            raise reason
+        message = f"scaling: {self.graph_key} stays dense at run time: {reason}"
+        if message not in self._warned:
+            self._warned.add(message)
+            warnings.warn(message, stacklevel=3)
+        return DenseFallback(str(reason))
 
 
 def _anchor_id(anchor: torch.Tensor | None):

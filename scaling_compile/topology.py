@@ -246,7 +246,12 @@ class Topology:
                 except ValueError as error:
                     raise ArtifactError(f"{path!r}: {error}") from error
             entries[key] = entry
-        return cls(entries, block_size, metadata)
+        topology = cls(entries, block_size, metadata)
+        if any(entry.scores is not None for entry in entries.values()):
+            from .artifact import validate_profiled  # profiled entries: shapes, FAST tables, metadata
+
+            validate_profiled(topology, path)
+        return topology
 
 
 def model_fingerprint(model: torch.nn.Module) -> dict:

@@ -286,10 +286,17 @@ def _axis_relation(spec: AxisSpec, n: int, device=None) -> torch.Tensor:
     raise ValueError(spec)
 
 
-def expected_token_mask(pattern: HeadPattern, grid: tuple[int, int, int], device=None) -> torch.Tensor:
-    """Ground-truth token-level mask, bool (N, N), N = T*H*W, t-major order. For small grids."""
+def expected_token_mask(pattern: HeadPattern, grid: tuple[int, int, int], device=None,
+                        queries: torch.Tensor | None = None) -> torch.Tensor:
+    """Ground-truth token-level mask, bool (N, N), N = T*H*W, t-major order (for small grids),
+    or only the rows of the given query token indices, (len(queries), N) (for large grids)."""
     T, H, W = grid
     rt, rh, rw = (_axis_relation(s, n, device) for s, n in zip(pattern.axes(), grid))
+    if queries is not None:
+        q = torch.as_tensor(queries, device=device)
+        qt, qy, qx = q // (H * W), (q // W) % H, q % W
+        m = rt[qt][:, :, None, None] & rh[qy][:, None, :, None] & rw[qx][:, None, None, :]
+        return m.reshape(q.numel(), T * H * W)
     m = rt[:, None, None, :, None, None] & rh[None, :, None, None, :, None] & rw[None, None, :, None, None, :]
     return m.reshape(T * H * W, T * H * W)
 
@@ -794,29 +801,33 @@ def example_inputs(model, frames: int, height: int, width: int, batch: int = 1, 
 
 
 @contextlib.contextmanager
-def record_self_attention(model, keys: list[str] | None = None) -> Iterator[dict[str, list[torch.Tensor]]]:
+def record_self_attention(model, keys: list[str] | None = None,
+                          queries: torch.Tensor | None = None) -> Iterator[dict[str, list[torch.Tensor]]]:
     """Record the attention probabilities of every ``blocks.i.attn1`` call while the context is open.
 
     Yields ``{node_key: [probs per call]}``, probs float32 (B, heads, N, N) on the CPU,
     computed from the very q/k the model passes to SDPA (``torch.nn.functional.
-    scaled_dot_product_attention`` is wrapped; the model's output is unchanged). Token-level,
-    so only for small grids.
+    scaled_dot_product_attention`` is wrapped; the model's output is unchanged). Token-level:
+    for large grids pass ``queries`` (token indices) to keep only those rows, (B, heads, nq, N).
+    Needs diffusers' native attention backend (the default), which calls torch's SDPA.
     """
     record: dict[str, list[torch.Tensor]] = {}
     current: list[str | None] = [None]
+    called = [False]  # did any hooked attn1 run at all (else nothing to complain about)
     handles = []
     for i, block in enumerate(model.blocks):
         key = f"blocks.{i}.attn1"
         if keys is not None and key not in keys:
             continue
         handles.append(block.attn1.register_forward_pre_hook(lambda m, a, k=key: current.__setitem__(0, k)))
-        handles.append(block.attn1.register_forward_hook(lambda m, a, o: current.__setitem__(0, None)))
+        handles.append(block.attn1.register_forward_hook(lambda m, a, o: (current.__setitem__(0, None), called.__setitem__(0, True))))
     original = F.scaled_dot_product_attention
 
     def wrapped(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **kw):
         if current[0] is not None:
             s = scale if scale is not None else query.shape[-1] ** -0.5
-            logits = (query.float() @ key.float().transpose(-1, -2)) * s
+            q = query if queries is None else query[:, :, torch.as_tensor(queries, device=query.device)]
+            logits = (q.float() @ key.float().transpose(-1, -2)) * s
             if attn_mask is not None:
                 logits = logits.masked_fill(~attn_mask, -math.inf) if attn_mask.dtype == torch.bool else logits + attn_mask
             record.setdefault(current[0], []).append(logits.softmax(-1).cpu())
@@ -825,6 +836,11 @@ def record_self_attention(model, keys: list[str] | None = None) -> Iterator[dict
     torch.nn.functional.scaled_dot_product_attention = wrapped
     try:
         yield record
+        missing = [k for k in (keys if keys is not None else [f"blocks.{i}.attn1" for i in range(len(model.blocks))])
+                   if k not in record and called[0]]
+        if missing:
+            raise RuntimeError(f"no SDPA call was recorded for {missing[:3]}: the active diffusers attention "
+                               "backend does not call torch.nn.functional.scaled_dot_product_attention")
     finally:
         torch.nn.functional.scaled_dot_product_attention = original
         for hd in handles:

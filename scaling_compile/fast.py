@@ -1,0 +1,408 @@
+"""FAST: how many blocks each head keeps, from measured sensitivity, under one global budget.
+
+Sensitivity (measured offline, :class:`SensitivityStatistics`)
+--------------------------------------------------------------
+For every profiled head and a ladder of densities ``d`` the profiler restricts
+the head to its WEST mask with ``d`` of the blocks and measures the error it
+causes in the node's output::
+
+    e_h(d) = sum ||W_h (O_h(d) - O_h)||^2 / sum_h ||W_h O_h||^2
+
+``O_h`` is the head's dense attention output, ``O_h(d)`` the masked one, ``W_h``
+the head's columns of the attention's output projection when the profiler can
+find it in the graph (so a head whose output is scaled down is cheap to prune),
+else the identity. ``e_h(0)`` is the head's share of the node's output energy
+(dropping everything), ``e_h(1) = 0``. Curves are kept pooled over all
+calibration samples and per bin of denoising progress (step bins).
+
+Allocation (:func:`allocate`)
+-----------------------------
+Minimise ``sum_i e_i(d_i)`` over all heads ``i`` of all nodes (and all step bins
+when a schedule is used) subject to ``mean_i d_i = budget`` (weighted by block
+count) and ``1/nb <= d_i <= 1`` (each query block keeps its diagonal block).
+Each measured curve is replaced by its lower convex hull (linear between
+measured densities); the problem is then a separable convex piecewise-linear
+resource allocation, whose exact optimum is the greedy one: start every head at
+its minimum and hand out density segment by segment in order of steepest error
+decrease (the last segment partially). This is exact for convex curves (the
+greedy is the LP optimum; no segment with a smaller marginal gain is taken
+before a larger one anywhere), runs in ``O(n log n)``, and on the measured,
+non-convex points it optimises their convex envelope. Densities are then
+rounded to whole blocks by largest remainder so that the total number of kept
+blocks is exactly ``round(budget * total blocks)``.
+
+Per-step schedule (:class:`StepSchedule`)
+-----------------------------------------
+The compiled model serves all buckets of a schedule from one stacked mask
+tensor; a 1-element int32 device tensor selects the bucket inside the kernel,
+so moving to the next denoising step is an in-place ``fill_`` (no recompile,
+CUDA-graph safe). Bucket 0 may be a dense warm-up (``DENSE_STEP``); the others
+carry the denoising progress of their midpoint, which selects the artifact's
+step bin whose curves FAST allocates with.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+
+import torch
+
+from .errors import NotServable, ScalingCompileError
+
+# Nominal densities at which sensitivity is measured (0 and 1 are added as exact end points).
+DEFAULT_LEVELS = (0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.65, 0.8)
+DEFAULT_STEP_BINS = 4
+DENSE_STEP = -1.0
+
+
+def level_block_counts(levels, n_blocks: int) -> torch.Tensor:
+    """Block counts of the measured levels at ``n_blocks`` per side: [0, levels..., all]."""
+    total = n_blocks * n_blocks
+    inner = [min(total, max(n_blocks, round(d * total))) for d in levels]
+    return torch.tensor([0, *inner, total], dtype=torch.long)
+
+
+def step_bin(step_fraction: float, step_bins: int) -> int:
+    """The step bin of a denoising progress in [0, 1]."""
+    return min(max(int(float(step_fraction) * step_bins), 0), step_bins - 1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Measuring sensitivity
+# ---------------------------------------------------------------------------------------------
+class SensitivityStatistics:
+    """Output error of each head of one node at each density level, accumulated per step bin."""
+
+    def __init__(self, ranks: torch.Tensor, levels, block_size: int, step_bins: int, gram=None, device=None):
+        heads, n_blocks, _ = ranks.shape
+        self.block_size, self.n_blocks, self.step_bins = block_size, n_blocks, step_bins
+        self.counts = level_block_counts(levels, n_blocks)
+        inner = self.counts[1:-1]
+        keep = ranks.to(device)[None] < inner.to(device).view(-1, 1, 1, 1)  # (L, heads, nq, nk)
+        self.keep = keep.float()
+        self.gram = None if gram is None else gram.to(device=device, dtype=torch.float32)
+        n_levels = inner.numel()
+        self.error = torch.zeros(step_bins, heads, n_levels, dtype=torch.float64)
+        self.energy = torch.zeros(step_bins, heads, dtype=torch.float64)
+        self.observations = torch.zeros(step_bins, dtype=torch.float64)
+
+    def _quadratic(self, x: torch.Tensor) -> torch.Tensor:
+        """Per head ``sum x^T G_h x`` over batch and rows; x (batch, heads, rows, dim)."""
+        if self.gram is None:
+            return x.square().sum((0, 2, 3)).double().cpu()
+        return torch.einsum("bhrd,hde,bhre->h", x, self.gram, x).double().cpu()
+
+    def add(self, probs: torch.Tensor, value: torch.Tensor, row_start: int, bin_index: int) -> None:
+        """Add one chunk: ``probs`` (B, H, rows, S) softmax rows from ``row_start``, ``value`` (B, H, S, D)."""
+        batch, heads, rows, seq = probs.shape
+        pad = self.n_blocks * self.block_size - seq
+        p = torch.nn.functional.pad(probs, (0, pad)).view(batch, heads, rows, self.n_blocks, self.block_size)
+        v = torch.nn.functional.pad(value.float(), (0, 0, 0, pad)).view(batch, heads, self.n_blocks, self.block_size, -1)
+        partial = torch.einsum("bhrjs,bhjsd->bhrjd", p, v)  # per key block numerators
+        norm = p.sum(-1)  # (B, H, rows, nk)
+        dense = partial.sum(3)
+        self.energy[bin_index] += self._quadratic(dense)
+        row_blocks = torch.arange(row_start, row_start + rows, device=probs.device) // self.block_size
+        for level, keep in enumerate(self.keep):
+            kept = keep[:, row_blocks]  # (H, rows, nk)
+            out = torch.einsum("bhrjd,hrj->bhrd", partial, kept)
+            out = out / torch.einsum("bhrj,hrj->bhr", norm, kept).unsqueeze(-1)
+            self.error[bin_index, :, level] += self._quadratic(out - dense)
+
+    def count(self, bin_index: int, batch: int) -> None:
+        self.observations[bin_index] += batch
+
+    def curves(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(pooled (H, L+2), per step bin (bins, H, L+2))`` relative errors at densities
+        ``[0, levels..., 1]``; bins without observations get the pooled curve."""
+        def normalise(error, energy):
+            total = energy.sum(-1, keepdim=True).clamp(min=1e-30)
+            zero = energy / total
+            return torch.cat([zero.unsqueeze(-1), error / total.unsqueeze(-1), torch.zeros_like(zero).unsqueeze(-1)], -1)
+
+        pooled = normalise(self.error.sum(0), self.energy.sum(0))
+        per_bin = normalise(self.error, self.energy)
+        empty = self.observations == 0
+        per_bin[empty] = pooled.expand(int(empty.sum()), -1, -1)
+        return pooled.float(), per_bin.float()
+
+
+# ---------------------------------------------------------------------------------------------
+# Allocation
+# ---------------------------------------------------------------------------------------------
+def lower_hull(xs, ys) -> list[tuple[float, float]]:
+    """Lower convex hull of points (x ascending; for equal x the smallest y), as vertices."""
+    points: dict[float, float] = {}
+    for x, y in zip(xs, ys):
+        x, y = float(x), float(y)
+        points[x] = min(y, points.get(x, math.inf))
+    hull: list[tuple[float, float]] = []
+    for point in sorted(points.items()):
+        while len(hull) >= 2:
+            (x1, y1), (x2, y2) = hull[-2], hull[-1]
+            if (y2 - y1) * (point[0] - x1) >= (point[1] - y1) * (x2 - x1):
+                hull.pop()  # hull[-1] is on or above the chord
+            else:
+                break
+        hull.append(point)
+    return hull
+
+
+def _interpolate(hull, x: float) -> float:
+    for (x1, y1), (x2, y2) in zip(hull, hull[1:]):
+        if x1 <= x <= x2:
+            return y1 if x2 == x1 else y1 + (y2 - y1) * (x - x1) / (x2 - x1)
+    return hull[0][1] if x < hull[0][0] else hull[-1][1]
+
+
+def allocate(curves, weights, lower, budget: float) -> torch.Tensor:
+    """Densities minimising ``sum e_i(d_i)`` with ``sum w_i d_i = budget * sum w_i``, ``lower_i <= d_i <= 1``.
+
+    ``curves``: list of ``(xs, ys)`` measured points per item. Exact greedy over the
+    lower convex hulls (see module docs). Returns float64 densities.
+    """
+    weights = torch.as_tensor(weights, dtype=torch.float64)
+    lower = torch.as_tensor(lower, dtype=torch.float64).clamp(0, 1)
+    need = float(budget) * float(weights.sum()) - float((weights * lower).sum())
+    density = lower.clone()
+    if need <= 0:
+        return density
+    segments = []  # (slope, item, order, length in density)
+    for item, (xs, ys) in enumerate(curves):
+        hull = lower_hull(xs, ys)
+        start = float(lower[item])
+        previous = (start, _interpolate(hull, start))
+        order = 0
+        for x, y in hull + [(1.0, _interpolate(hull, 1.0))]:
+            if x <= previous[0]:
+                continue
+            x = min(x, 1.0)
+            slope = (y - previous[1]) / (x - previous[0])
+            segments.append((slope, item, order, x - previous[0]))
+            order += 1
+            previous = (x, y)
+            if x >= 1.0:
+                break
+    segments.sort(key=lambda s: (s[0], s[1], s[2]))
+    for _slope, item, _order, length in segments:
+        if need <= 0:
+            break
+        take = min(length, need / float(weights[item]))
+        density[item] += take
+        need -= take * float(weights[item])
+    return density.clamp(max=1.0)
+
+
+def round_to_blocks(density: torch.Tensor, blocks: torch.Tensor, minimum: torch.Tensor, budget: float) -> torch.Tensor:
+    """Whole block counts with ``sum == round(budget * sum(blocks))`` (largest remainder), each in
+    ``[minimum, blocks]``."""
+    blocks = blocks.to(torch.float64)
+    target = round(float(budget) * float(blocks.sum()))
+    target = int(min(max(target, float(minimum.sum())), float(blocks.sum())))
+    exact = (density.to(torch.float64) * blocks).clamp(min=minimum.to(torch.float64), max=blocks)
+    counts = (exact + 1e-9).floor().clamp(min=minimum.to(torch.float64), max=blocks)
+    remainder = exact - counts
+    missing = target - int(counts.sum())
+    if missing > 0:
+        room = counts < blocks
+        order = sorted(range(len(counts)), key=lambda i: (not bool(room[i]), -float(remainder[i]), i))
+        for i in order[:missing]:
+            if room[i]:
+                counts[i] += 1
+        # (every block counted when there is not enough room anywhere)
+    elif missing < 0:
+        order = sorted(range(len(counts)), key=lambda i: (float(remainder[i]), i))
+        for i in order:
+            if missing == 0:
+                break
+            if counts[i] > minimum[i]:
+                counts[i] -= 1
+                missing += 1
+    return counts.long()
+
+
+def _fast_settings(topology) -> dict:
+    return dict(topology.metadata.get("fast") or {})
+
+
+def _has_sensitivity(topology, keys) -> bool:
+    return bool(keys) and all("sensitivity" in topology.entries[k].extra for k in keys)
+
+
+def _allocation(topology, budget: float, n_blocks: int, per_step: bool) -> dict:
+    """{(bin or None, key): counts (heads,)} for every profiled entry, at ``n_blocks`` per side."""
+    keys = [k for k, e in topology.entries.items() if e.scores is not None]
+    total = n_blocks * n_blocks
+    if budget < 1.0 / n_blocks - 1e-12:
+        raise NotServable(
+            f"budget {budget:g} keeps less than one key block per query block at this sequence "
+            f"({n_blocks} blocks of {topology.block_size}): the minimum here is {1.0 / n_blocks:.4f}; "
+            "raise the budget or use a smaller block size"
+        )
+    items = []  # (bin, key, head)
+    curves = []
+    bins = [None]
+    if per_step:
+        bins = list(range(int(_fast_settings(topology).get("step_bins", 1))))
+    sensitivity = _has_sensitivity(topology, keys)
+    densities = list(_fast_settings(topology).get("densities", []))
+    for bin_index in bins:
+        for key in keys:
+            entry = topology.entries[key]
+            if sensitivity:
+                table = entry.extra["sensitivity"] if bin_index is None else entry.extra["sensitivity_steps"][:, bin_index]
+            for head in range(entry.num_heads):
+                items.append((bin_index, key, head))
+                curves.append((densities, table[head].tolist()) if sensitivity else ([0.0, 1.0], [1.0, 0.0]))
+    n = len(items)
+    blocks = torch.full((n,), float(total), dtype=torch.float64)
+    minimum = torch.full((n,), float(n_blocks), dtype=torch.float64)
+    if sensitivity:
+        density = allocate(curves, blocks, minimum / blocks, budget)
+    else:
+        density = torch.full((n,), min(max(budget, 1.0 / n_blocks), 1.0), dtype=torch.float64)
+    counts = round_to_blocks(density, blocks, minimum, budget)
+    result: dict = {}
+    for (bin_index, key, head), count in zip(items, counts.tolist()):
+        result.setdefault((bin_index, key), []).append(count)
+    return {k: torch.tensor(v, dtype=torch.long) for k, v in result.items()}
+
+
+_lock = threading.Lock()
+
+
+def block_counts(topology, key: str, *, budget: float, step_fraction=None, n_blocks: int) -> torch.Tensor:
+    """How many blocks each head of ``key`` keeps: the FAST allocation (cached on the topology)."""
+    step_bins = int(_fast_settings(topology).get("step_bins", 0) or 0)
+    per_step = step_fraction is not None and step_bins > 1 and _has_sensitivity(
+        topology, [k for k, e in topology.entries.items() if e.scores is not None]
+    )
+    cache_key = (round(float(budget), 12), n_blocks, per_step)
+    with _lock:
+        cache = topology.__dict__.setdefault("_fast_cache", {})
+        allocation = cache.get(cache_key)
+        if allocation is None:
+            allocation = _allocation(topology, float(budget), n_blocks, per_step)
+            cache[cache_key] = allocation
+    bin_index = step_bin(step_fraction, step_bins) if per_step else None
+    return allocation[(bin_index, key)]
+
+
+# ---------------------------------------------------------------------------------------------
+# The per-step schedule
+# ---------------------------------------------------------------------------------------------
+class StepSchedule:
+    """Which masks serve the current denoising step, switchable without recompiling.
+
+    ``num_steps`` denoising steps; the first ``dense_warmup`` run dense; the rest are
+    split into ``buckets`` equal buckets of progress, each served by FAST's allocation
+    for its step bin. Pass it as ``options={"schedule": schedule}`` and tell it the
+    step, with one of:
+
+    * ``pipe(..., callback_on_step_end=schedule.callback)`` (diffusers pipelines; it
+      moves to step ``i + 1`` after step ``i`` and back to 0 after the last one), or
+      :meth:`run_pipeline`, which also resets to step 0 first;
+    * ``schedule.set_step(i)`` before step ``i`` in a hand-written loop.
+
+    The value read by the kernel is a 1-element int32 tensor per device
+    (:meth:`device_index`); ``set_step`` updates it in place.
+    """
+
+    def __init__(self, num_steps: int = 50, dense_warmup: int = 0, buckets: int = DEFAULT_STEP_BINS):
+        if num_steps < 1:
+            raise ScalingCompileError(f"num_steps must be >= 1, got {num_steps}")
+        if not 0 <= dense_warmup < num_steps:
+            raise ScalingCompileError(
+                f"dense_warmup must be in [0, num_steps) = [0, {num_steps}), got {dense_warmup}"
+            )
+        if buckets < 1:
+            raise ScalingCompileError(f"buckets must be >= 1, got {buckets}")
+        self.num_steps, self.dense_warmup, self.buckets = int(num_steps), int(dense_warmup), int(buckets)
+        self._step = 0
+        self._bucket = self.bucket_of(0)
+        self._indices: dict[str, torch.Tensor] = {}
+
+    def __repr__(self) -> str:
+        return (
+            f"StepSchedule(num_steps={self.num_steps}, dense_warmup={self.dense_warmup}, "
+            f"buckets={self.buckets})"
+        )
+
+    @property
+    def warmup_fraction(self) -> float:
+        return self.dense_warmup / self.num_steps
+
+    def step_fractions(self) -> list[float]:
+        """The ``step_fraction`` of each bucket: ``DENSE_STEP`` for the warm-up, then the
+        denoising progress at each sparse bucket's midpoint."""
+        warm = self.warmup_fraction
+        sparse = [warm + (b + 0.5) * (1 - warm) / self.buckets for b in range(self.buckets)]
+        return ([DENSE_STEP] if self.dense_warmup else []) + sparse
+
+    def bucket_of(self, step: int, num_steps: int | None = None) -> int:
+        """Index (into :meth:`step_fractions`) of the bucket serving ``step`` of ``num_steps``."""
+        total = self.num_steps if num_steps is None else max(int(num_steps), 1)
+        progress = min(max(step, 0), total - 1) / total
+        warm = self.warmup_fraction
+        if self.dense_warmup and progress < warm - 1e-12:
+            return 0
+        sparse = min(int((progress - warm) / (1 - warm) * self.buckets + 1e-9), self.buckets - 1)
+        return sparse + (1 if self.dense_warmup else 0)
+
+    @property
+    def step(self) -> int:
+        return self._step
+
+    @property
+    def current_bucket(self) -> int:
+        return self._bucket
+
+    def set_step(self, step: int, num_steps: int | None = None) -> None:
+        """Serve step ``step`` (0-based) of ``num_steps`` (default: this schedule's) from now on."""
+        self._step = int(step)
+        bucket = self.bucket_of(step, num_steps)
+        if bucket != self._bucket:
+            self._bucket = bucket
+            for index in self._indices.values():
+                index.fill_(bucket)
+
+    def device_index(self, device) -> torch.Tensor:
+        """The 1-element int32 tensor on ``device`` holding the active bucket (updated in place)."""
+        device = torch.device(device)
+        name = str(device)
+        index = self._indices.get(name)
+        if index is None:
+            index = torch.full((1,), self._bucket, dtype=torch.int32, device=device)
+            self._indices[name] = index
+        return index
+
+    def callback(self, pipe, step: int, timestep, callback_kwargs: dict) -> dict:
+        """diffusers ``callback_on_step_end``: after step ``step``, serve ``step + 1`` (0 after the last)."""
+        total = getattr(pipe, "num_timesteps", None) or self.num_steps
+        following = step + 1
+        self.set_step(0 if following >= total else following, total)
+        return callback_kwargs
+
+    def run_pipeline(self, pipe, **kwargs):
+        """Call a diffusers pipeline with this schedule following its steps (chains a user callback)."""
+        user = kwargs.pop("callback_on_step_end", None)
+        self.set_step(0, kwargs.get("num_inference_steps"))
+
+        def on_step_end(pipeline, step, timestep, callback_kwargs):
+            callback_kwargs = self.callback(pipeline, step, timestep, callback_kwargs)
+            return user(pipeline, step, timestep, callback_kwargs) if user is not None else callback_kwargs
+
+        return pipe(callback_on_step_end=on_step_end, **kwargs)
+
+
+__all__ = [
+    "DEFAULT_LEVELS",
+    "DENSE_STEP",
+    "SensitivityStatistics",
+    "StepSchedule",
+    "allocate",
+    "block_counts",
+    "lower_hull",
+    "round_to_blocks",
+]

@@ -1,0 +1,464 @@
+"""WEST: per-head sparse attention topology, extracted offline, instantiated for any token grid.
+
+Representation (why it resamples)
+---------------------------------
+A self-attention call of a video DiT attends over a token grid ``(F, H, W)``
+(frames, height, width after patchify), flattened t-major: ``t*H*W + y*W + x``.
+For each head the profiler fits an additive model of the attention probability
+between query token ``q`` and key token ``k``::
+
+    P(q, k)  ~  rel(k - q) + anchor(k)
+
+* ``rel`` (``NodeTopology.scores``, ``(heads, 2F-1, 2H-1, 2W-1)``): the part that
+  depends only on the 3D offset between the tokens: local windows, "same frame",
+  "same position in every frame", rows, ... RoPE models (Wan) see token offsets
+  only, so this is most of what a head does.
+* ``anchor`` (``extra["anchor"]``, ``(heads, F, H, W)``): the part that depends
+  only on where the key is: sinks (e.g. the first frame), absolute anchors.
+
+Both are in *relative density* units (uniform attention scores 1 per pair) and
+are fitted by backfitting (alternating least squares over all query/key pairs)
+from two accumulated statistics: the attention mass per 3D offset and per key
+position. Neither needs the S x S matrix. Heads whose attention depends on both
+the query's absolute position and the offset (e.g. "the first frame, near my own
+position") are approximated by the sum, which ranks the right blocks first.
+
+To serve a call at another grid both functions are resampled, per axis:
+
+* ``units="tokens"`` (default): offsets and anchor positions keep their token
+  values; beyond the profiled range the edge value is extended (a "same frame"
+  head stays "same frame" at any width, a window of radius 2 stays radius 2).
+  RoPE encodes integer token offsets with fixed weights, so this is what a
+  Wan head can actually do at a new resolution.
+* ``units="normalized"``: offsets and positions are scaled by the ratio of grid
+  extents (linear interpolation, align-corners): the topology stretches with
+  the video, as if the head attended in normalised coordinates.
+
+Then each block pair gets the mean model score over (a deterministic sample of)
+its token pairs, the blocks of each head are ranked (diagonal blocks first, so
+every query block keeps at least one key block), and the head keeps its top
+``k`` blocks, ``k`` coming from the FAST allocation (:mod:`.fast`) of the global
+budget. Everything is a deterministic function of the artifact, grid, block
+size, budget and step fraction.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+
+import torch
+
+from .errors import NotServable
+
+WEST_VERSION = 1
+UNITS = ("tokens", "normalized")
+DEFAULT_UNITS = "tokens"
+
+# A block-pair score is the mean over (samples x samples) token pairs; this caps that work.
+MAX_SAMPLED_PAIRS = 4_000_000
+_RANK_CACHE_SIZE = 8
+
+
+# ---------------------------------------------------------------------------------------------
+# Geometry helpers
+# ---------------------------------------------------------------------------------------------
+def canvas_shape(grid) -> tuple[int, int, int]:
+    """Shape of the relative-offset canvas of ``grid``: offsets ``-(n-1) .. n-1`` per axis."""
+    return tuple(2 * int(n) - 1 for n in grid)
+
+
+def token_coordinates(tokens: torch.Tensor, grid) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(t, y, x) of t-major flat token indices."""
+    _frames, height, width = grid
+    return tokens // (height * width), (tokens // width) % height, tokens % width
+
+
+def canvas_linear(tokens: torch.Tensor, grid) -> torch.Tensor:
+    """Linear index such that ``canvas_linear(k) - canvas_linear(q) + canvas_center(grid)`` is the
+    flat canvas index of the offset ``k - q``."""
+    _frames, height, width = grid
+    t, y, x = token_coordinates(tokens, grid)
+    return (t * (2 * height - 1) + y) * (2 * width - 1) + x
+
+
+def canvas_center(grid) -> int:
+    frames, height, width = grid
+    return ((frames - 1) * (2 * height - 1) + (height - 1)) * (2 * width - 1) + (width - 1)
+
+
+def pair_counts(grid, device=None, dtype=torch.float64) -> torch.Tensor:
+    """Number of (query, key) pairs of the grid at each offset: ``prod(n - |d|)``, canvas-shaped."""
+    axes = [(n - torch.arange(-(n - 1), n, device=device, dtype=dtype).abs()) for n in grid]
+    return axes[0][:, None, None] * axes[1][None, :, None] * axes[2][None, None, :]
+
+
+def check_grid(grid, seq_len: int, what: str = "call") -> tuple[int, int, int]:
+    """The grid as a tuple of three positive ints, or NotServable saying why not."""
+    if grid is None:
+        raise NotServable(
+            f"the token grid (frames, height, width) of this {what} is unknown, so the profiled "
+            "topology cannot be resampled to it (compile the whole model, or state it with "
+            "scaling_compile.token_grid(grid))"
+        )
+    try:
+        grid = tuple(int(g) for g in grid)
+    except (TypeError, ValueError):
+        raise NotServable(f"token grid {grid!r} is not three integers") from None
+    if len(grid) != 3 or min(grid) < 1:
+        raise NotServable(f"token grid {grid!r} must be three positive integers (frames, height, width)")
+    if math.prod(grid) != seq_len:
+        raise NotServable(
+            f"token grid {grid} has {math.prod(grid)} tokens but the call attends over {seq_len}: "
+            "the sequence is not the video's token grid"
+        )
+    return grid
+
+
+# ---------------------------------------------------------------------------------------------
+# Accumulation (profiling)
+# ---------------------------------------------------------------------------------------------
+class MassStatistics:
+    """Block-level and offset-level attention mass of one node, accumulated over calls.
+
+    ``groups`` independent copies (calibration halves) are kept so that topologies
+    extracted from disjoint calibration sets can be compared (stability).
+    """
+
+    def __init__(self, num_heads: int, grid, block_size: int, groups: int = 2, device=None):
+        self.num_heads, self.grid, self.block_size = num_heads, tuple(grid), block_size
+        self.seq_len = math.prod(self.grid)
+        self.num_blocks = math.ceil(self.seq_len / block_size)
+        canvas = math.prod(canvas_shape(self.grid))
+        f32 = dict(device=device, dtype=torch.float32)
+        self.offset_mass = torch.zeros(groups, num_heads, canvas, **f32)
+        self.key_mass = torch.zeros(groups, num_heads, self.seq_len, **f32)
+        self.block_mass = torch.zeros(groups, num_heads, self.num_blocks, self.num_blocks, **f32)
+        self.observations = torch.zeros(groups, dtype=torch.float64)
+        tokens = torch.arange(self.seq_len, device=device)
+        self._linear = canvas_linear(tokens, self.grid)
+        self._center = canvas_center(self.grid)
+        self._row_block = tokens // block_size
+
+    def add(self, probs: torch.Tensor, row_start: int, group: int) -> None:
+        """Add the softmax rows ``probs`` (batch, heads, rows, seq) starting at query ``row_start``."""
+        batch, heads, rows, seq = probs.shape
+        summed = probs.sum(0)  # (heads, rows, seq)
+        stop = row_start + rows
+        index = self._linear[None, :] - self._linear[row_start:stop, None] + self._center
+        self.offset_mass[group].index_add_(1, index.reshape(-1), summed.reshape(heads, -1))
+        self.key_mass[group] += summed.sum(1)
+        pad = self.num_blocks * self.block_size - seq
+        per_block = torch.nn.functional.pad(summed, (0, pad)).view(heads, rows, self.num_blocks, -1).sum(-1)
+        self.block_mass[group].index_add_(1, self._row_block[row_start:stop], per_block)
+
+    def count(self, group: int, batch: int) -> None:
+        self.observations[group] += batch
+
+    def fit(self, groups=None, iterations: int = 30) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(rel, anchor)`` of the given groups pooled (all by default), see :func:`fit_additive`."""
+        groups = list(range(self.observations.numel())) if groups is None else list(groups)
+        n = float(self.observations[groups].sum())
+        if n == 0:
+            raise ValueError("no attention calls were observed for this node")
+        offset = self.offset_mass[groups].sum(0).double().cpu() / n
+        key = self.key_mass[groups].sum(0).double().cpu() / n
+        return fit_additive(offset, key, self.grid, iterations)
+
+    def measured_block_mass(self, groups=None) -> torch.Tensor:
+        """Mean block-level attention mass ``(heads, q_blocks, kv_blocks)``; each query's row sums to 1,
+        so a block's value is the mass of its query rows that lands in the key block."""
+        groups = list(range(self.observations.numel())) if groups is None else list(groups)
+        n = max(float(self.observations[groups].sum()), 1.0)
+        return (self.block_mass[groups].sum(0) / n).float().cpu()
+
+
+def _box_sums(table: torch.Tensor, lo, hi) -> torch.Tensor:
+    """Sums of ``x`` over boxes ``[lo, hi)`` (per axis index tensors, broadcastable), from the
+    summed-area table ``table`` of ``x`` (leading dims are batch)."""
+    (l0, l1, l2), (h0, h1, h2) = lo, hi
+
+    def at(i, j, k):
+        return table[..., i, j, k]
+
+    return (
+        at(h0, h1, h2) - at(l0, h1, h2) - at(h0, l1, h2) - at(h0, h1, l2)
+        + at(l0, l1, h2) + at(l0, h1, l2) + at(h0, l1, l2) - at(l0, l1, l2)
+    )
+
+
+def _summed_area(x: torch.Tensor) -> torch.Tensor:
+    table = torch.nn.functional.pad(x, (1, 0, 1, 0, 1, 0))
+    return table.cumsum(-1).cumsum(-2).cumsum(-3)
+
+
+def _axis_grid(*vectors):
+    """Broadcast three 1-D index vectors to a 3-D grid of index tensors."""
+    a, b, c = vectors
+    return a[:, None, None], b[None, :, None], c[None, None, :]
+
+
+def fit_additive(offset_mass: torch.Tensor, key_mass: torch.Tensor, grid, iterations: int = 30):
+    """Fit ``P(q, k) ~ rel(k - q) + anchor(k)`` to per-offset and per-key attention mass.
+
+    ``offset_mass`` (heads, canvas): mean over observations of ``sum_q P(q, q + d)``;
+    ``key_mass`` (heads, seq): mean of ``sum_q P(q, k)``. Backfitting solves the
+    least-squares normal equations of the additive model over all token pairs:
+    ``rel(d) = (M(d) - sum_{k in K(d)} anchor(k)) / count(d)`` and
+    ``anchor(k) = (C(k) - sum_q rel(k - q)) / S``, with box sums from summed-area
+    tables, so each iteration costs O(canvas). The gauge (a constant can move
+    between the two) is fixed by ``min(anchor) = 0``. Returned in relative density
+    units (times S: uniform attention is ``rel = 1, anchor = 0``), float32.
+    """
+    frames, height, width = grid
+    seq = frames * height * width
+    heads = offset_mass.shape[0]
+    cshape = canvas_shape(grid)
+    offset_mass = offset_mass.reshape(heads, *cshape).double()
+    key_mass = key_mass.reshape(heads, *grid).double()
+    counts = pair_counts(grid)
+    # For offset d the keys of valid pairs are k in [max(0, d), min(n, n + d)) per axis.
+    offsets = [torch.arange(-(n - 1), n) for n in grid]
+    lo = _axis_grid(*[o.clamp(min=0) for o in offsets])
+    hi = _axis_grid(*[(n + o).clamp(max=n) for n, o in zip(grid, offsets)])
+    # For key k the offsets of valid pairs are d in [k - (n-1), k], canvas index [k, k + n - 1].
+    keys = [torch.arange(n) for n in grid]
+    klo = _axis_grid(*keys)
+    khi = _axis_grid(*[k + n for n, k in zip(grid, keys)])
+    rel = torch.zeros_like(offset_mass)
+    anchor = torch.zeros_like(key_mass)
+    for _ in range(iterations):
+        anchor = (key_mass - _box_sums(_summed_area(rel), klo, khi)) / seq
+        rel = (offset_mass - _box_sums(_summed_area(anchor), lo, hi)) / counts
+    shift = anchor.flatten(1).min(1).values.view(heads, 1, 1, 1)
+    anchor, rel = anchor - shift, rel + shift
+    return (rel * seq).float(), (anchor * seq).float()
+
+
+# ---------------------------------------------------------------------------------------------
+# Resampling to another grid
+# ---------------------------------------------------------------------------------------------
+def _resample_axis(x: torch.Tensor, dim: int, source: torch.Tensor) -> torch.Tensor:
+    """Linear interpolation of ``x`` along ``dim`` at fractional source positions ``source``."""
+    size = x.shape[dim]
+    source = source.clamp(0, size - 1)
+    lower = source.floor().long()
+    upper = (lower + 1).clamp(max=size - 1)
+    weight = (source - lower).to(x.dtype)
+    shape = [1] * x.dim()
+    shape[dim] = -1
+    weight = weight.view(shape)
+    return x.index_select(dim, lower) * (1 - weight) + x.index_select(dim, upper) * weight
+
+
+def _source_positions(n_src: int, n_dst: int, units: str, relative: bool) -> torch.Tensor:
+    """Source index (fractional) of each destination index along one axis."""
+    if relative:
+        dst = torch.arange(-(n_dst - 1), n_dst, dtype=torch.float64)
+        if units == "normalized":
+            dst = dst * ((n_src - 1) / (n_dst - 1)) if n_dst > 1 else dst * 0
+        return dst.clamp(-(n_src - 1), n_src - 1) + (n_src - 1)
+    dst = torch.arange(n_dst, dtype=torch.float64)
+    if units == "normalized":
+        dst = dst * ((n_src - 1) / (n_dst - 1)) if n_dst > 1 else dst * 0
+    return dst.clamp(0, n_src - 1)
+
+
+def resample(rel: torch.Tensor, anchor: torch.Tensor, source_grid, target_grid, units: str = DEFAULT_UNITS):
+    """``rel`` (heads, canvas of source_grid) and ``anchor`` (heads, *source_grid) at ``target_grid``."""
+    if units not in UNITS:
+        raise ValueError(f"units {units!r}: choose one of {UNITS}")
+    source_grid, target_grid = tuple(source_grid), tuple(target_grid)
+    if source_grid == target_grid:
+        return rel, anchor
+    for axis, (n_src, n_dst) in enumerate(zip(source_grid, target_grid)):
+        if n_src == n_dst:
+            continue
+        rel = _resample_axis(rel, axis + 1, _source_positions(n_src, n_dst, units, relative=True))
+        anchor = _resample_axis(anchor, axis + 1, _source_positions(n_src, n_dst, units, relative=False))
+    return rel.contiguous(), anchor.contiguous()
+
+
+# ---------------------------------------------------------------------------------------------
+# Block scores, ranks and masks
+# ---------------------------------------------------------------------------------------------
+def _block_samples(seq_len: int, block_size: int, samples: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``samples`` evenly spread token indices of each block (nb, samples) and each block's length."""
+    n_blocks = math.ceil(seq_len / block_size)
+    starts = torch.arange(n_blocks) * block_size
+    lengths = (seq_len - starts).clamp(max=block_size)
+    within = ((torch.arange(samples, dtype=torch.float64) + 0.5)[None, :] * lengths[:, None] / samples).floor()
+    return starts[:, None] + within.long(), lengths
+
+
+def samples_per_block(seq_len: int, block_size: int) -> int:
+    """How many tokens of each block enter a block-pair score (all of them on small grids)."""
+    n_blocks = math.ceil(seq_len / block_size)
+    return max(1, min(block_size, int(math.isqrt(MAX_SAMPLED_PAIRS)) // n_blocks))
+
+
+def block_scores(rel: torch.Tensor, anchor: torch.Tensor, grid, block_size: int) -> torch.Tensor:
+    """Mean model score ``rel(k - q) + anchor(k)`` of each (query block, key block): (heads, nb, nb).
+
+    ``rel``/``anchor`` must already be at ``grid``. The offset part averages over
+    ``samples_per_block`` evenly spread tokens of each block (exact when that is the
+    whole block); the anchor part is the exact mean over the key block.
+    """
+    grid = tuple(grid)
+    seq_len = math.prod(grid)
+    heads = rel.shape[0]
+    samples = samples_per_block(seq_len, block_size)
+    tokens, lengths = _block_samples(seq_len, block_size, samples)
+    n_blocks = tokens.shape[0]
+    linear = canvas_linear(tokens.reshape(-1), grid)
+    index = linear[None, :] - linear[:, None] + canvas_center(grid)  # (q samples, k samples)
+    flat = rel.reshape(heads, -1).float()
+    scores = torch.empty(heads, n_blocks, n_blocks, dtype=torch.float32)
+    for head in range(heads):
+        scores[head] = flat[head][index].view(n_blocks, samples, n_blocks, samples).mean((1, 3))
+    keys = anchor.reshape(heads, -1).float()
+    padded = torch.nn.functional.pad(keys, (0, n_blocks * block_size - seq_len))
+    per_key_block = padded.view(heads, n_blocks, block_size).sum(-1) / lengths.float()
+    return scores + per_key_block[:, None, :]
+
+
+def block_ranks(scores: torch.Tensor) -> torch.Tensor:
+    """Rank of each block within its head (0 = kept first): diagonal blocks first (so every query
+    block keeps one), then by descending score, ties by position. int32 (heads, nq, nk)."""
+    heads, n_q, n_k = scores.shape
+    keyed = scores.clone().float()
+    diagonal = torch.arange(min(n_q, n_k))
+    keyed[:, diagonal, diagonal] = float("inf")
+    keyed = torch.nan_to_num(keyed, nan=-float("inf"), posinf=float("inf"))
+    order = torch.sort(keyed.reshape(heads, -1), dim=1, descending=True, stable=True).indices
+    ranks = torch.empty_like(order)
+    ranks.scatter_(1, order, torch.arange(n_q * n_k).expand(heads, -1).contiguous())
+    return ranks.view(heads, n_q, n_k).to(torch.int32)
+
+
+def mask_from_ranks(ranks: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """Keep each head's ``counts[h]`` best-ranked blocks: bool (heads, nq, nk)."""
+    return ranks < counts.to(ranks.dtype).view(-1, 1, 1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Entries of a Topology
+# ---------------------------------------------------------------------------------------------
+def west_settings(topology) -> dict:
+    return dict(topology.metadata.get("west") or {})
+
+
+def topology_units(topology) -> str:
+    return west_settings(topology).get("units", DEFAULT_UNITS)
+
+
+def entry_anchor(entry) -> torch.Tensor:
+    anchor = entry.extra.get("anchor")
+    if anchor is None:
+        return torch.zeros(entry.num_heads, *entry.grid)
+    return anchor
+
+
+def entry_block_scores(entry, topology, grid) -> torch.Tensor:
+    """Block scores (heads, nb, nb) of a profiled entry at ``grid``."""
+    rel, anchor = resample(
+        entry.scores.float(), entry_anchor(entry).float(), entry.grid, grid, topology_units(topology)
+    )
+    return block_scores(rel, anchor, grid, topology.block_size)
+
+
+def entry_ranks(key: str, entry, topology, grid) -> torch.Tensor:
+    """Cached :func:`block_ranks` of a profiled entry at ``grid`` (a small LRU on the topology)."""
+    cache = topology.__dict__.setdefault("_west_rank_cache", OrderedDict())
+    cache_key = (key, id(entry), tuple(grid), topology.block_size, topology_units(topology))
+    ranks = cache.get(cache_key)
+    if ranks is None:
+        ranks = block_ranks(entry_block_scores(entry, topology, grid))
+        cache[cache_key] = ranks
+        while len(cache) > _RANK_CACHE_SIZE:
+            cache.popitem(last=False)
+    else:
+        cache.move_to_end(cache_key)
+    return ranks
+
+
+def entry_key(entry, topology) -> str:
+    for key, candidate in topology.entries.items():
+        if candidate is entry:
+            return key
+    raise NotServable("the entry does not belong to this topology")
+
+
+def default_budget(topology) -> float:
+    budget = topology.metadata.get("default_budget")
+    if budget is None:
+        raise NotServable(
+            "no budget: the artifact has no default budget; pass options={'budget': ...}"
+        )
+    return float(budget)
+
+
+def is_dense_step(step_fraction) -> bool:
+    """Negative step fractions (``scaling_compile.DENSE_STEP``) mean dense attention (warm-up)."""
+    return step_fraction is not None and float(step_fraction) < 0
+
+
+def instantiate_mask(entry, topology, *, seq_len: int, grid=None, budget=None, step_fraction=None) -> torch.Tensor:
+    """The bool block mask (heads, nq, nk) of a profiled entry for one call (see module docs).
+
+    Raises :class:`NotServable` when the call cannot be served: grid unknown or not
+    the call's sequence, budget below one block per query block, no profiled grid.
+    """
+    from . import fast
+
+    grid = check_grid(grid, seq_len)
+    if entry.grid is None or len(entry.grid) != 3:
+        raise NotServable("the artifact entry has no profiled token grid; re-profile the model")
+    n_blocks = math.ceil(seq_len / topology.block_size)
+    if is_dense_step(step_fraction):
+        return torch.ones(entry.num_heads, n_blocks, n_blocks, dtype=torch.bool)
+    budget = default_budget(topology) if budget is None else float(budget)
+    key = entry_key(entry, topology)
+    counts = fast.block_counts(topology, key, budget=budget, step_fraction=step_fraction, n_blocks=n_blocks)
+    if bool((counts >= n_blocks * n_blocks).all()):
+        return torch.ones(entry.num_heads, n_blocks, n_blocks, dtype=torch.bool)
+    return mask_from_ranks(entry_ranks(key, entry, topology, grid), counts)
+
+
+# ---------------------------------------------------------------------------------------------
+# Agreement measures (stability, scale invariance, fidelity)
+# ---------------------------------------------------------------------------------------------
+def mask_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Per-head intersection over union of two bool masks (heads, nq, nk)."""
+    inter = (a & b).flatten(1).sum(1).float()
+    union = (a | b).flatten(1).sum(1).float()
+    return torch.where(union > 0, inter / union.clamp(min=1), torch.ones_like(union))
+
+
+def mass_recall(mask: torch.Tensor, block_mass: torch.Tensor) -> torch.Tensor:
+    """Per head: fraction of the measured attention mass (heads, nq, nk) inside ``mask``."""
+    total = block_mass.flatten(1).sum(1)
+    kept = (block_mass * mask).flatten(1).sum(1)
+    return kept / total.clamp(min=1e-30)
+
+
+def oracle_mask(block_mass: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """The best mask with ``counts[h]`` blocks per head for the measured mass (diagonal kept too)."""
+    return mask_from_ranks(block_ranks(block_mass), counts)
+
+
+__all__ = [
+    "DEFAULT_UNITS",
+    "MassStatistics",
+    "UNITS",
+    "WEST_VERSION",
+    "block_ranks",
+    "block_scores",
+    "canvas_shape",
+    "fit_additive",
+    "instantiate_mask",
+    "mask_iou",
+    "mass_recall",
+    "oracle_mask",
+    "resample",
+]
