@@ -10,16 +10,10 @@ warned once, or raised under ``strict``).
 
 from __future__ import annotations
 
-import os
-
 import torch
 
 from .kernels.reference import block_sparse_attention_chunked
-from .plans import DenseFallback, get_plan
-
-
-def _triton_usable(device: torch.device) -> bool:
-    return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+from .plans import DenseFallback, get_plan, uses_triton
 
 
 @torch.library.custom_op("scaling::sparse_sdpa", mutates_args=())
@@ -44,12 +38,13 @@ def sparse_sdpa(
         out.copy_(torch.nn.functional.scaled_dot_product_attention(query, key, value, scale=scale))
         return out
     block_size = plan.topology.block_size
-    if _triton_usable(query.device):
+    if uses_triton(query.device):
         from .kernels.block_sparse_attention import block_sparse_attention
 
         words = served.words if served.mask_index is not None else served.words[0]
         return block_sparse_attention(
-            query, key, value, words, block_size, scale=scale, mask_index=served.mask_index
+            query, key, value, words, block_size, scale=scale, mask_index=served.mask_index,
+            block_lists=served.block_lists,
         )
     words = served.words[_host_index(served)]
     out.copy_(block_sparse_attention_chunked(query, key, value, words, block_size, scale=scale))

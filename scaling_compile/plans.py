@@ -15,6 +15,7 @@ says which block is running).
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import warnings
 from dataclasses import dataclass, field
@@ -37,6 +38,7 @@ class ServedMasks:
     words: torch.Tensor  # int32 (G, heads, q_blocks, words)
     mask_index: torch.Tensor | None  # int32 (1,) on device selecting G, or None when G == 1
     density: float
+    block_lists: tuple[torch.Tensor, torch.Tensor] | None = None  # kept key blocks per row, derived once
 
 
 @dataclass
@@ -129,7 +131,14 @@ class AttentionPlan:
         stacked = torch.stack([m.to(torch.bool) for m in masks])
         words = pack_block_mask(stacked).to(query.device)
         index = self.schedule.device_index(query.device) if self.schedule else None
-        return ServedMasks(words=words, mask_index=index, density=float(stacked.float().mean()))
+        lists = None
+        if uses_triton(query.device):
+            from .kernels.block_sparse_attention import kv_block_lists
+
+            lists = kv_block_lists(words, stacked.shape[-1])
+            if index is None:
+                lists = (lists[0][0], lists[1][0])
+        return ServedMasks(words=words, mask_index=index, density=float(stacked.float().mean()), block_lists=lists)
 
     def _fallback(self, reason: NotServable) -> DenseFallback:
         if self.strict:
@@ -139,6 +148,11 @@ class AttentionPlan:
             self._warned.add(message)
             warnings.warn(message, stacklevel=3)
         return DenseFallback(str(reason))
+
+
+def uses_triton(device: torch.device) -> bool:
+    """Whether calls on ``device`` run the Triton kernel (CUDA, or the CPU interpreter)."""
+    return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def _anchor_id(anchor: torch.Tensor | None):
