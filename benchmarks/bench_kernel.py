@@ -203,7 +203,7 @@ def main(argv=None):
     p.add_argument("--masks", default="random,local")
     p.add_argument("--block-size", type=int, default=128)
     p.add_argument("--dtype", default="bfloat16")
-    p.add_argument("--variants", default="default,lists_tma1,lists_tma2,lists_ptr,bits",
+    p.add_argument("--variants", default="default,lists_tma1,lists_ptr,bits",
                    help="our kernel's variants to time")
     p.add_argument("--sweep", default=None, help="MODE:BM,BN,WARPS,STAGES[:ws];... explicit configs to time")
     p.add_argument("--no-flex", action="store_true")
