@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .errors import NotServable
+from .west import GridRequired
 from .geometry import current_grid, track_grid
 from .module_index import parameter_name, still_at
 from .passes.node_keys import make_node_key, split_node_key
@@ -128,6 +129,8 @@ class AttentionPlan:
             ]
         except NotServable as reason:
             return self._fallback(reason)
+        except GridRequired as reason:  # a profiled topology, and the call's token grid is unknown
+            return self._fallback(NotServable(str(reason)))
         stacked = torch.stack([m.to(torch.bool) for m in masks])
         words = pack_block_mask(stacked).to(query.device)
         index = self.schedule.device_index(query.device) if self.schedule else None

@@ -93,10 +93,19 @@ def pair_counts(grid, device=None, dtype=torch.float64) -> torch.Tensor:
     return axes[0][:, None, None] * axes[1][None, :, None] * axes[2][None, None, :]
 
 
+class GridRequired(ValueError):
+    """A profiled topology was asked for a mask without the call's token grid.
+
+    A ValueError, not :class:`NotServable`: at compile time (no grid yet) the node
+    is still served, the grid arrives with each call; at run time the plan turns
+    it into a dense fallback with this message.
+    """
+
+
 def check_grid(grid, seq_len: int, what: str = "call") -> tuple[int, int, int]:
-    """The grid as a tuple of three positive ints, or NotServable saying why not."""
+    """The grid as a tuple of three positive ints; GridRequired if None, NotServable if it does not fit."""
     if grid is None:
-        raise NotServable(
+        raise GridRequired(
             f"the token grid (frames, height, width) of this {what} is unknown, so the profiled "
             "topology cannot be resampled to it (compile the whole model, or state it with "
             "scaling_compile.token_grid(grid))"
@@ -449,6 +458,7 @@ def oracle_mask(block_mass: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
 
 __all__ = [
     "DEFAULT_UNITS",
+    "GridRequired",
     "MassStatistics",
     "UNITS",
     "WEST_VERSION",
