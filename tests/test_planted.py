@@ -316,3 +316,40 @@ def test_wan13b_full_build_time():
     dt = time.perf_counter() - t0
     assert len(m.blocks) == 30 and sum(p.numel() for p in m.parameters()) > 1.3e9
     assert dt < 60, dt
+
+
+def test_record_query_subset(tiny):
+    kw = example_inputs(tiny, *TINY_LATENT, seed=4)
+    qidx = torch.tensor([0, 17, 100, 191])
+    with torch.no_grad():
+        with record_self_attention(tiny, keys=["blocks.1.attn1"]) as full:
+            tiny(**kw)
+        with record_self_attention(tiny, keys=["blocks.1.attn1"], queries=qidx) as sub:
+            tiny(**kw)
+    assert list(full) == ["blocks.1.attn1"] == list(sub)
+    torch.testing.assert_close(sub["blocks.1.attn1"][0], full["blocks.1.attn1"][0][:, :, qidx])
+    grid = token_grid_of(tiny, *TINY_LATENT)
+    for pat in tiny.planted_plan["blocks.1.attn1"]:
+        assert torch.equal(expected_token_mask(pat, grid, queries=qidx), expected_token_mask(pat, grid)[qidx])
+
+
+def test_save_pretrained_roundtrip(tiny, tmp_path):
+    """The planted weights survive diffusers' own save/load (the plan travels as JSON)."""
+    from diffusers import WanTransformer3DModel
+
+    tiny.save_pretrained(tmp_path)
+    (tmp_path / "planted_plan.json").write_text(plan_to_json(tiny.planted_plan))
+    try:
+        import accelerate  # noqa: F401  diffusers needs it to load Wan (_keep_in_fp32_modules)
+
+        loaded = WanTransformer3DModel.from_pretrained(tmp_path)
+    except ImportError:  # same files, loaded by hand
+        from safetensors.torch import load_file
+
+        loaded = WanTransformer3DModel.from_config(WanTransformer3DModel.load_config(tmp_path))
+        missing, unexpected = loaded.load_state_dict(load_file(tmp_path / "diffusion_pytorch_model.safetensors"), strict=True)
+        assert not missing and not unexpected
+    assert plan_from_json((tmp_path / "planted_plan.json").read_text()) == tiny.planted_plan
+    kw = example_inputs(tiny, *TINY_LATENT, seed=2)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**kw).sample, tiny(**kw).sample)

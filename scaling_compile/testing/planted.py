@@ -814,13 +814,18 @@ def record_self_attention(model, keys: list[str] | None = None,
     record: dict[str, list[torch.Tensor]] = {}
     current: list[str | None] = [None]
     called = [False]  # did any hooked attn1 run at all (else nothing to complain about)
+
+    def _leave(module, args, output):  # must return None (a value would replace the output)
+        current[0] = None
+        called[0] = True
+
     handles = []
     for i, block in enumerate(model.blocks):
         key = f"blocks.{i}.attn1"
         if keys is not None and key not in keys:
             continue
         handles.append(block.attn1.register_forward_pre_hook(lambda m, a, k=key: current.__setitem__(0, k)))
-        handles.append(block.attn1.register_forward_hook(lambda m, a, o: (current.__setitem__(0, None), called.__setitem__(0, True))))
+        handles.append(block.attn1.register_forward_hook(_leave))
     original = F.scaled_dot_product_attention
 
     def wrapped(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **kw):
