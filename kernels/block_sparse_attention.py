@@ -16,17 +16,19 @@ One Triton program handles one tile of ``BLOCK_M`` query rows of one
 ``(batch, head)``, keeps that tile in registers and streams only the KEPT key
 blocks through it with the online softmax of FlashAttention-2 (as in Triton's
 fused-attention tutorial): dropped blocks cost neither memory traffic nor
-FLOPs. Two ways to find the kept blocks, same result:
+FLOPs. The loop runs over a per-query-block LIST of kept key blocks (count +
+ascending indices, like FlexAttention's BlockMask), which lets Triton
+software-pipeline the K/V loads:
 
-* bit-packed path (default): the kernel reads the mask words of its row and
-  tests each key block's bit. Simple, needs nothing but the packed mask.
-* block-list path (fast path): ``kv_block_lists`` turns the packed mask ONCE
-  into, per query block, the count and the ascending indices of the kept key
-  blocks (like FlexAttention's BlockMask); the kernel then loops over exactly
-  the kept blocks, which lets Triton software-pipeline the K/V loads. The
-  caller (the custom op) computes the lists once per mask and caches them.
+* by default the lists of ``mask[g]`` are built on the device from the packed
+  bits at every call (``_mask_to_lists_kernel``: one tiny launch, no sync);
+* a caller that reuses a mask (the custom op) can build them once with
+  :func:`kv_block_lists` and pass ``block_lists=``;
+* the kernel can also test the bits itself while looping over all key blocks
+  (``_launch(..., block_lists=None)``): same result, ~1.4x slower since loads
+  under a branch are not pipelined; kept as the plain bit-packed path.
 
-Both accept the masks of several schedules/blocks stacked on a leading ``G``
+All paths accept the masks of several schedules/blocks stacked on a leading ``G``
 dimension; ``mask_index`` (a 1-element int32 DEVICE tensor) then selects
 ``mask[g]`` INSIDE the kernel, so switching masks needs no host sync and no
 recompilation and stays CUDA-graph safe.
@@ -295,17 +297,20 @@ def _mask_to_lists_kernel(
 # Launch configurations
 # --------------------------------------------------------------------------------------
 
-# (BLOCK_M, BLOCK_N, num_warps, num_stages) tried on CUDA; only configs with
-# block_size/2 <= BLOCK_M <= block_size and block_size/4 <= BLOCK_N <= block_size
-# are tuned (tiles must divide the mask block; much smaller ones are never faster).
-_CUDA_CONFIGS: Tuple[Tuple[int, int, int, int], ...] = (
-    (128, 128, 8, 2),  # H100 winner so far: one 2-warpgroup CTA per SM, 188 regs, 161 KB smem
-    (128, 128, 8, 3),
-    (64, 64, 4, 2),  # ~80 KB smem: two 1-warpgroup CTAs per SM overlap softmax and MMA
-    (64, 64, 4, 3),
-    (64, 32, 4, 2),
-    (32, 32, 4, 2),
-    (16, 16, 4, 2),
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) tuned on CUDA, per mask block size.
+# Measured on the H100 (benchmarks/README.md): for 128-token blocks the 128x128
+# tiles with 8 warps win on sparse masks (TMA: 2 stages, pointers: 3 stages).
+# Smaller tiles (64x32, 4 warps, two CTAs per SM) are 5-9% faster on a DENSE
+# mask but 10-20% slower at densities <= 0.5, and the autotuner only sees the
+# first mask it is called with, so they are not offered for 128-token blocks.
+_CUDA_CONFIGS_BY_BLOCK = {
+    128: ((128, 128, 8, 2), (128, 128, 8, 3)),
+    64: ((64, 64, 4, 2), (64, 64, 4, 3), (64, 32, 4, 2)),
+    32: ((32, 32, 4, 2),),
+    16: ((16, 16, 4, 2),),
+}
+_CUDA_CONFIGS: Tuple[Tuple[int, int, int, int], ...] = tuple(
+    c for configs in _CUDA_CONFIGS_BY_BLOCK.values() for c in configs
 )
 _AUTOTUNE_KEY = ["S_KEY", "HEAD_DIM", "BLOCK_SIZE", "RAGGED", "USE_LISTS", "HAS_G", "TMA_MODE", "DOT_PRECISION"]
 
@@ -328,10 +333,13 @@ def _make_config(bm: int, bn: int, warps: int, stages: int) -> triton.Config:
 
 
 def _prune_configs(configs, named_args, **kwargs):
+    """Keep the configs measured best for this mask block size (tiles must divide it)."""
     block_size = kwargs.get("BLOCK_SIZE", named_args.get("BLOCK_SIZE"))
+    wanted = set(_CUDA_CONFIGS_BY_BLOCK.get(block_size, ()))
     kept = [
         c for c in configs
-        if block_size // 2 <= c.kwargs["BLOCK_M"] <= block_size and block_size // 4 <= c.kwargs["BLOCK_N"] <= block_size
+        if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in wanted
+        or (len(configs) == 1 and block_size % c.kwargs["BLOCK_M"] == 0 and block_size % c.kwargs["BLOCK_N"] == 0)
     ]
     return kept or [_make_config(block_size, block_size, 4, 2)]
 

@@ -285,6 +285,18 @@ def test_lists_on_device_match_kv_block_lists(g_count, h, n_q, n_kv, stacked, se
         assert torch.equal(indices.cpu().reshape(-1, n_kv)[row, :c], ref_indices.reshape(-1, n_kv)[row, :c])
 
 
+def test_autotune_configs_per_block_size():
+    """128-token blocks only tune the 128x128 tiles measured best on sparse masks; tiles always divide blocks."""
+    tuner = bsa._block_sparse_attn_fwd_tuned
+    for block_size in (16, 32, 64, 128):
+        kept = bsa._prune_configs(tuner.configs, {}, BLOCK_SIZE=block_size)
+        assert kept
+        for c in kept:
+            assert block_size % c.kwargs["BLOCK_M"] == 0 and block_size % c.kwargs["BLOCK_N"] == 0
+    kept = bsa._prune_configs(tuner.configs, {}, BLOCK_SIZE=128)
+    assert {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) for c in kept} == {(128, 128)}
+
+
 def test_kv_block_lists_rejects_bad_words():
     with pytest.raises(TypeError, match="int32"):
         kv_block_lists(torch.zeros(2, 3, dtype=torch.int64), 10)
