@@ -502,6 +502,7 @@ def _attach_sensitivity(topology: Topology, profiler: Profiler, levels, step_bin
         entry = topology.entries[key]
         entry.extra["sensitivity"] = pooled
         entry.extra["sensitivity_steps"] = per_bin.transpose(0, 1).contiguous()  # (heads, bins, L+2)
+        entry.extra["sensitivity_mass"] = _predicted_mass_at(entry, topology, stats.counts)
         total = stats.n_blocks * stats.n_blocks
         densities = [float(c) / total for c in stats.counts]
         observations = [float(o) for o in stats.observations]
@@ -519,7 +520,20 @@ def _attach_sensitivity(topology: Topology, profiler: Profiler, levels, step_bin
         "bin_observations": observations,
         "error": "sum ||W_h (O_h(d) - O_h)||^2 / sum_h ||W_h O_h||^2 per node (W_h: output projection)",
     }
-    topology.__dict__.pop("_fast_cache", None)
+    for cache in ("_fast_cache", "_west_rank_cache", "_west_level_cache"):
+        topology.__dict__.pop(cache, None)
+
+
+def _predicted_mass_at(entry, topology, counts) -> torch.Tensor:
+    """WEST-predicted mass kept at each measured level (heads, L+2): the curves' scale-free x-axis."""
+    from ..west import block_ranks, cumulative_mass, entry_block_scores
+
+    grid = tuple(entry.grid)
+    scores = entry_block_scores(entry, topology, grid)
+    cumulative = cumulative_mass(scores, block_ranks(scores), math.prod(grid), topology.block_size)
+    inner = cumulative[:, (counts[1:-1] - 1).clamp(min=0)]
+    zeros = torch.zeros(entry.num_heads, 1, dtype=cumulative.dtype)
+    return torch.cat([zeros, inner, torch.ones_like(zeros)], 1).float()
 
 
 __all__ = ["Profiler", "find_output_projection", "instrument", "profile", "profiled_sdpa"]

@@ -68,6 +68,7 @@ def validate_profiled(topology: Topology, source="artifact") -> None:
         if densities is not None:
             expected["sensitivity"] = (heads, len(densities))
             expected["sensitivity_steps"] = (heads, int(fast.get("step_bins", 1)), len(densities))
+            expected["sensitivity_mass"] = (heads, len(densities))
         tensors = {"scores": entry.scores, **entry.extra}
         for name, shape in expected.items():
             tensor = tensors.get(name)

@@ -79,10 +79,13 @@ class SensitivityStatistics:
         self.block_size, self.n_blocks, self.step_bins = block_size, n_blocks, step_bins
         self.counts = level_block_counts(levels, n_blocks)
         inner = self.counts[1:-1]
-        keep = ranks.to(device)[None] < inner.to(device).view(-1, 1, 1, 1)  # (L, heads, nq, nk)
-        self.keep = keep.float()
+        ranks = ranks.to(device)
+        # Masks are nested (a level keeps the best-ranked blocks), so each level's output is a
+        # prefix sum over key blocks in rank order: one cumsum serves every level.
+        self.order = ranks.long().argsort(dim=-1)  # (heads, nq, nk) key blocks by rank
+        self.kept = (ranks[None] < inner.to(device).view(-1, 1, 1, 1)).sum(-1)  # (L, heads, nq)
         self.gram = None if gram is None else gram.to(device=device, dtype=torch.float32)
-        n_levels = inner.numel()
+        n_levels = int(inner.numel())
         self.error = torch.zeros(step_bins, heads, n_levels, dtype=torch.float64)
         self.energy = torch.zeros(step_bins, heads, dtype=torch.float64)
         self.observations = torch.zeros(step_bins, dtype=torch.float64)
@@ -104,10 +107,15 @@ class SensitivityStatistics:
         dense = partial.sum(3)
         self.energy[bin_index] += self._quadratic(dense)
         row_blocks = torch.arange(row_start, row_start + rows, device=probs.device) // self.block_size
-        for level, keep in enumerate(self.keep):
-            kept = keep[:, row_blocks]  # (H, rows, nk)
-            out = torch.einsum("bhrjd,hrj->bhrd", partial, kept)
-            out = out / torch.einsum("bhrj,hrj->bhr", norm, kept).unsqueeze(-1)
+        order = self.order[:, row_blocks][None].expand(batch, -1, -1, -1)  # (B, H, rows, nk)
+        dim = partial.shape[-1]
+        numerators = partial.gather(3, order.unsqueeze(-1).expand(-1, -1, -1, -1, dim)).cumsum_(3)
+        denominators = norm.gather(3, order).cumsum_(3)
+        del partial
+        for level in range(self.kept.shape[0]):
+            last = (self.kept[level][:, row_blocks] - 1)[None].expand(batch, -1, -1).unsqueeze(-1)
+            out = numerators.gather(3, last.unsqueeze(-1).expand(-1, -1, -1, -1, dim)).squeeze(3)
+            out = out / denominators.gather(3, last)
             self.error[bin_index, :, level] += self._quadratic(out - dense)
 
     def count(self, bin_index: int, batch: int) -> None:
@@ -204,21 +212,16 @@ def round_to_blocks(density: torch.Tensor, blocks: torch.Tensor, minimum: torch.
     counts = (exact + 1e-9).floor().clamp(min=minimum.to(torch.float64), max=blocks)
     remainder = exact - counts
     missing = target - int(counts.sum())
-    if missing > 0:
-        room = counts < blocks
-        order = sorted(range(len(counts)), key=lambda i: (not bool(room[i]), -float(remainder[i]), i))
-        for i in order[:missing]:
-            if room[i]:
-                counts[i] += 1
-        # (every block counted when there is not enough room anywhere)
-    elif missing < 0:
-        order = sorted(range(len(counts)), key=lambda i: (float(remainder[i]), i))
-        for i in order:
-            if missing == 0:
-                break
-            if counts[i] > minimum[i]:
-                counts[i] -= 1
-                missing += 1
+    while missing != 0:  # largest remainder first; more passes only when bounds are hit
+        step = 1 if missing > 0 else -1
+        movable = [i for i in range(len(counts)) if (counts[i] < blocks[i] if step > 0 else counts[i] > minimum[i])]
+        if not movable:
+            break
+        movable.sort(key=lambda i: (-step * float(remainder[i]), i))
+        for i in movable[: abs(missing)]:
+            counts[i] += step
+            remainder[i] -= step
+        missing = target - int(counts.sum())
     return counts.long()
 
 
@@ -230,9 +233,28 @@ def _has_sensitivity(topology, keys) -> bool:
     return bool(keys) and all("sensitivity" in topology.entries[k].extra for k in keys)
 
 
-def _allocation(topology, budget: float, n_blocks: int, per_step: bool) -> dict:
-    """{(bin or None, key): counts (heads,)} for every profiled entry, at ``n_blocks`` per side."""
+def _curve_densities(topology, key: str, entry, grid) -> torch.Tensor:
+    """x-coordinates of an entry's sensitivity curves at ``grid`` (heads, P).
+
+    Curves are measured at the profiled grid against the WEST mask's *predicted
+    attention mass* (``extra["sensitivity_mass"]``); at another grid the same
+    predicted mass needs another density (a first-frame sink is a third of a
+    3-frame video, a twenty-first of a 21-frame one), so each measured point is
+    moved to the density that reaches its mass at ``grid``.
+    """
+    from .west import entry_level_densities
+
+    moved = entry_level_densities(key, entry, topology, grid) if "sensitivity_mass" in entry.extra else None
+    if moved is not None:
+        return moved
+    densities = torch.tensor(_fast_settings(topology).get("densities", []), dtype=torch.float64)
+    return densities.expand(entry.num_heads, -1)
+
+
+def _allocation(topology, budget: float, grid, per_step: bool) -> dict:
+    """{(bin or None, key): counts (heads,)} for every profiled entry, at ``grid``."""
     keys = [k for k, e in topology.entries.items() if e.scores is not None]
+    n_blocks = math.ceil(math.prod(grid) / topology.block_size)
     total = n_blocks * n_blocks
     if budget < 1.0 / n_blocks - 1e-12:
         raise NotServable(
@@ -246,7 +268,7 @@ def _allocation(topology, budget: float, n_blocks: int, per_step: bool) -> dict:
     if per_step:
         bins = list(range(int(_fast_settings(topology).get("step_bins", 1))))
     sensitivity = _has_sensitivity(topology, keys)
-    densities = list(_fast_settings(topology).get("densities", []))
+    xs = {key: _curve_densities(topology, key, topology.entries[key], grid) for key in keys} if sensitivity else {}
     for bin_index in bins:
         for key in keys:
             entry = topology.entries[key]
@@ -254,7 +276,7 @@ def _allocation(topology, budget: float, n_blocks: int, per_step: bool) -> dict:
                 table = entry.extra["sensitivity"] if bin_index is None else entry.extra["sensitivity_steps"][:, bin_index]
             for head in range(entry.num_heads):
                 items.append((bin_index, key, head))
-                curves.append((densities, table[head].tolist()) if sensitivity else ([0.0, 1.0], [1.0, 0.0]))
+                curves.append((xs[key][head].tolist(), table[head].tolist()) if sensitivity else None)
     n = len(items)
     blocks = torch.full((n,), float(total), dtype=torch.float64)
     minimum = torch.full((n,), float(n_blocks), dtype=torch.float64)
@@ -269,21 +291,21 @@ def _allocation(topology, budget: float, n_blocks: int, per_step: bool) -> dict:
     return {k: torch.tensor(v, dtype=torch.long) for k, v in result.items()}
 
 
-_lock = threading.Lock()
+_lock = threading.RLock()
 
 
-def block_counts(topology, key: str, *, budget: float, step_fraction=None, n_blocks: int) -> torch.Tensor:
-    """How many blocks each head of ``key`` keeps: the FAST allocation (cached on the topology)."""
+def block_counts(topology, key: str, *, budget: float, step_fraction=None, grid) -> torch.Tensor:
+    """How many blocks each head of ``key`` keeps at ``grid``: the FAST allocation (cached on the topology)."""
     step_bins = int(_fast_settings(topology).get("step_bins", 0) or 0)
     per_step = step_fraction is not None and step_bins > 1 and _has_sensitivity(
         topology, [k for k, e in topology.entries.items() if e.scores is not None]
     )
-    cache_key = (round(float(budget), 12), n_blocks, per_step)
+    cache_key = (round(float(budget), 12), tuple(grid), topology.block_size, per_step)
     with _lock:
         cache = topology.__dict__.setdefault("_fast_cache", {})
         allocation = cache.get(cache_key)
         if allocation is None:
-            allocation = _allocation(topology, float(budget), n_blocks, per_step)
+            allocation = _allocation(topology, float(budget), tuple(grid), per_step)
             cache[cache_key] = allocation
     bin_index = step_bin(step_fraction, step_bins) if per_step else None
     return allocation[(bin_index, key)]

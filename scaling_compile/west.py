@@ -57,7 +57,8 @@ DEFAULT_UNITS = "tokens"
 
 # A block-pair score is the mean over (samples x samples) token pairs; this caps that work.
 MAX_SAMPLED_PAIRS = 4_000_000
-_RANK_CACHE_SIZE = 8
+_RANK_CACHE_BYTES = 512 * 2**20  # ranks of recently served nodes kept per topology
+MASS_FLOOR = 1e-4  # predicted relative density below which a block pair counts as this (strictly increasing mass)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -376,19 +377,70 @@ def entry_block_scores(entry, topology, grid) -> torch.Tensor:
     return block_scores(rel, anchor, grid, topology.block_size)
 
 
-def entry_ranks(key: str, entry, topology, grid) -> torch.Tensor:
-    """Cached :func:`block_ranks` of a profiled entry at ``grid`` (a small LRU on the topology)."""
+def block_pair_tokens(seq_len: int, block_size: int) -> torch.Tensor:
+    """Number of token pairs in each (query block, key block): (nb, nb), ragged last block included."""
+    n_blocks = math.ceil(seq_len / block_size)
+    lengths = (seq_len - torch.arange(n_blocks) * block_size).clamp(max=block_size).double()
+    return lengths[:, None] * lengths[None, :]
+
+
+def cumulative_mass(scores: torch.Tensor, ranks: torch.Tensor, seq_len: int, block_size: int) -> torch.Tensor:
+    """Predicted attention mass kept by each head's best ``k`` blocks, ``k = 1 .. nb*nb``, as a
+    fraction of the head's total (heads, nb*nb). Scores are floored at ``MASS_FLOOR``."""
+    heads = scores.shape[0]
+    mass = scores.double().clamp(min=MASS_FLOOR) * block_pair_tokens(seq_len, block_size)
+    order = ranks.reshape(heads, -1).long().argsort(dim=1)
+    cumulative = mass.reshape(heads, -1).gather(1, order).cumsum(1)
+    return cumulative / cumulative[:, -1:]
+
+
+def densities_for_mass(cumulative: torch.Tensor, mass_points: torch.Tensor) -> torch.Tensor:
+    """Per head, the density of the smallest best-ranked block set whose predicted mass reaches each
+    of ``mass_points`` (heads, P); 0 for 0 and 1 for 1."""
+    total = cumulative.shape[1]
+    points = mass_points.double().clamp(0, 1).contiguous()
+    blocks = torch.searchsorted(cumulative.contiguous(), points - 1e-12) + 1
+    density = blocks.double().clamp(max=total) / total
+    density[points <= 0] = 0.0
+    density[points >= 1] = 1.0
+    return density
+
+
+def _grid_products(key: str, entry, topology, grid):
+    """Ranks (LRU by bytes) and, for entries with sensitivity, the densities at which their measured
+    predicted-mass levels are reached at ``grid`` (kept for every node: tiny)."""
+    grid = tuple(grid)
     cache = topology.__dict__.setdefault("_west_rank_cache", OrderedDict())
-    cache_key = (key, id(entry), tuple(grid), topology.block_size, topology_units(topology))
+    levels = topology.__dict__.setdefault("_west_level_cache", {})
+    cache_key = (key, id(entry), grid, topology.block_size, topology_units(topology))
     ranks = cache.get(cache_key)
-    if ranks is None:
-        ranks = block_ranks(entry_block_scores(entry, topology, grid))
-        cache[cache_key] = ranks
-        while len(cache) > _RANK_CACHE_SIZE:
-            cache.popitem(last=False)
-    else:
+    if ranks is not None:
         cache.move_to_end(cache_key)
-    return ranks
+        return ranks, levels.get(cache_key)
+    scores = entry_block_scores(entry, topology, grid)
+    ranks = block_ranks(scores)
+    points = entry.extra.get("sensitivity_mass")
+    if points is not None:
+        cumulative = cumulative_mass(scores, ranks, math.prod(grid), topology.block_size)
+        levels[cache_key] = densities_for_mass(cumulative, points)
+    cache[cache_key] = ranks
+    while len(cache) > 1 and sum(r.numel() * r.element_size() for r in cache.values()) > _RANK_CACHE_BYTES:
+        cache.popitem(last=False)
+    return ranks, levels.get(cache_key)
+
+
+def entry_ranks(key: str, entry, topology, grid) -> torch.Tensor:
+    """Cached :func:`block_ranks` of a profiled entry at ``grid``."""
+    return _grid_products(key, entry, topology, grid)[0]
+
+
+def entry_level_densities(key: str, entry, topology, grid) -> torch.Tensor | None:
+    """Densities (heads, P) at ``grid`` of the entry's sensitivity points (see :mod:`.fast`)."""
+    levels = topology.__dict__.get("_west_level_cache", {})
+    cache_key = (key, id(entry), tuple(grid), topology.block_size, topology_units(topology))
+    if cache_key not in levels:
+        _grid_products(key, entry, topology, grid)
+    return topology.__dict__["_west_level_cache"].get(cache_key)
 
 
 def entry_key(entry, topology) -> str:
@@ -428,7 +480,7 @@ def instantiate_mask(entry, topology, *, seq_len: int, grid=None, budget=None, s
         return torch.ones(entry.num_heads, n_blocks, n_blocks, dtype=torch.bool)
     budget = default_budget(topology) if budget is None else float(budget)
     key = entry_key(entry, topology)
-    counts = fast.block_counts(topology, key, budget=budget, step_fraction=step_fraction, n_blocks=n_blocks)
+    counts = fast.block_counts(topology, key, budget=budget, step_fraction=step_fraction, grid=grid)
     if bool((counts >= n_blocks * n_blocks).all()):
         return torch.ones(entry.num_heads, n_blocks, n_blocks, dtype=torch.bool)
     return mask_from_ranks(entry_ranks(key, entry, topology, grid), counts)
@@ -472,3 +524,27 @@ __all__ = [
     "oracle_mask",
     "resample",
 ]
+
+
+def describe_heads(entry) -> dict[str, torch.Tensor]:
+    """Where each head's modelled attention mass goes, at its profiled grid (fractions per head):
+    ``frame`` same frame (dt = 0), ``position`` same position in any frame (dy = dx = 0),
+    ``local`` within one token on every axis, ``anchor`` the position-only (sink) part."""
+    grid = tuple(entry.grid)
+    seq = math.prod(grid)
+    rel = entry.scores.double().clamp(min=0)
+    anchor = entry_anchor(entry).double().clamp(min=0)
+    rel_mass = rel * pair_counts(grid)  # (heads, canvas)
+    anchor_mass = anchor.flatten(1).sum(1) * seq
+    total = (rel_mass.flatten(1).sum(1) + anchor_mass).clamp(min=1e-30)
+    centre = [n - 1 for n in grid]
+    frame = rel_mass[:, centre[0]].flatten(1).sum(1)
+    position = rel_mass[:, :, centre[1], centre[2]].sum(1)
+    window = tuple(slice(max(c - 1, 0), c + 2) for c in centre)
+    local = rel_mass[(slice(None), *window)].flatten(1).sum(1)
+    return {
+        "frame": (frame / total).float(),
+        "position": (position / total).float(),
+        "local": (local / total).float(),
+        "anchor": (anchor_mass / total).float(),
+    }
