@@ -97,11 +97,14 @@ def decide(call: SDPACall, topology, budget: float | None = None) -> NodeDecisio
     return decision
 
 
-def rewrite_sdpa_calls(gm: fx.GraphModule, topology, options) -> list[NodeDecision]:
+def rewrite_sdpa_calls(gm: fx.GraphModule, topology, options, example_inputs=None) -> list[NodeDecision]:
     """Replace each servable SDPA node of ``gm`` by the sparse custom op; return every decision.
 
-    ``options`` is the backend's :class:`~scaling_compile.options.BackendOptions`.
+    ``options`` is the backend's :class:`~scaling_compile.options.BackendOptions`. With the
+    graph's ``example_inputs`` the masks of static geometries are built now, not at the first call.
     """
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    examples = dict(zip(placeholders, example_inputs or []))
     from .. import op as _op  # noqa: F401  (registers torch.ops.scaling.sparse_sdpa)
     from ..plans import AttentionPlan, register_plan
 
@@ -135,6 +138,7 @@ def rewrite_sdpa_calls(gm: fx.GraphModule, topology, options) -> list[NodeDecisi
         )
         plan_id = register_plan(plan)
         grid = token_grid_in_graph(gm, call.query_shape[-2])
+        _prewarm(plan, call, decision, grid, examples.get(anchor) if anchor is not None else None)
         args = call.arguments
         with gm.graph.inserting_before(call.node):
             new = gm.graph.call_function(
@@ -148,6 +152,20 @@ def rewrite_sdpa_calls(gm: fx.GraphModule, topology, options) -> list[NodeDecisi
     gm.graph.lint()
     gm.recompile()
     return decisions
+
+
+def _prewarm(plan, call: SDPACall, decision: NodeDecision, grid, anchor_example) -> None:
+    seq_len, heads = call.query_shape[-2], call.num_heads
+    query = call.arguments["query"].meta.get("example_value")
+    static = isinstance(seq_len, int) and (grid is None or all(isinstance(g, int) for g in grid))
+    if not static or query is None or (anchor_example is None and plan.graph_key not in plan.topology):
+        return
+    if anchor_example is not None and not isinstance(anchor_example, torch.Tensor):
+        return
+    plan.prewarm(
+        decision.served_keys, seq_len, heads, query.device,
+        grid=None if grid is None else tuple(grid), anchor=anchor_example,
+    )
 
 
 def token_grid_in_graph(gm: fx.GraphModule, seq_len) -> list | None:

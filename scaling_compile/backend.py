@@ -35,7 +35,7 @@ def scaling_backend(gm: torch.fx.GraphModule, example_inputs, options: dict | No
         topology = None
     if topology is None and opts.artifact is None:
         _warn_no_artifact()
-    decisions = rewrite_sdpa_calls(gm, topology, opts) if topology is not None else []
+    decisions = rewrite_sdpa_calls(gm, topology, opts, example_inputs) if topology is not None else []
     if decisions:
         log.info("scaling: %s", summarize(decisions))
         if opts.strict:
@@ -47,7 +47,7 @@ def scaling_backend(gm: torch.fx.GraphModule, example_inputs, options: dict | No
                     "strict: these SDPA nodes cannot be served sparse:\n"
                     + "\n".join(str(d) for d in dense)
                 )
-    return compile_inner(gm, example_inputs, opts.inner, mode)
+    return compile_inner(gm, example_inputs, opts.inner, opts.mode or mode)
 
 
 def _warn_no_artifact() -> None:

@@ -23,6 +23,8 @@ class BackendOptions:
     kernel: "triton", "fa4" (FlashAttention-4's block-sparse path) or "auto".
     policy: how masks are chosen; "west" (static, offline topology).
     schedule: a per-diffusion-step schedule (``scaling_compile.StepSchedule``) or None.
+    mode: Inductor's mode ("reduce-overhead" for CUDA graphs, "max-autotune", ...). torch.compile
+        refuses ``mode=`` together with ``options=``, so with this backend it goes in the options.
     """
 
     artifact: object = None
@@ -32,6 +34,7 @@ class BackendOptions:
     kernel: str = "triton"
     policy: str = "west"
     schedule: object = None
+    mode: str | None = None
 
     @classmethod
     def from_dict(cls, options: dict | None) -> "BackendOptions":

@@ -106,15 +106,39 @@ class AttentionPlan:
         if root is not None and grid is None:
             track_grid(root)  # regional: the root runs eagerly and reports each call's grid
             grid = current_grid(seq_len)
-        cache_key = (key, seq_len, heads, str(query.device), grid)
+        return self._served(key, seq_len, heads, query.device, grid)
+
+    def _served(self, key, seq_len, heads, device, grid) -> ServedMasks | DenseFallback:
+        cache_key = (key, seq_len, heads, str(device), grid)
         served = self._cache.get(cache_key)
         if served is None:
-            served = self._instantiate(key, query, grid)
+            served = self._instantiate(key, seq_len, heads, device, grid)
             self._cache[cache_key] = served
         return served
 
-    def _instantiate(self, key: str, query: torch.Tensor, grid) -> ServedMasks | DenseFallback:
-        seq_len, heads = query.shape[-2], query.shape[-3]
+    def prewarm(self, keys, seq_len: int, heads: int, device, grid=None, anchor=None) -> None:
+        """Instantiate the masks of ``keys`` for this geometry now, at compile time.
+
+        Mask work then never happens inside a call, and the cached device tensors are
+        allocated outside any CUDA-graph memory pool (CUDA graph trees reject live
+        allocations of their pool that are not outputs).
+        """
+        if anchor is not None:
+            try:
+                _key, root, _found = self.resolve(anchor)
+            except NotServable:
+                root = None
+            if root is not None and grid is None:
+                track_grid(root)
+                grid = current_grid(seq_len)
+        for key in keys:
+            try:
+                self._served(key, seq_len, heads, device, grid)
+            except NotServable:
+                pass  # strict: raised again, with context, at the call
+
+    def _instantiate(self, key: str, seq_len: int, heads: int, device, grid) -> ServedMasks | DenseFallback:
+        device = torch.device(device)
         try:
             masks = [
                 self.topology.block_mask(
@@ -132,10 +156,10 @@ class AttentionPlan:
         except GridRequired as reason:  # a profiled topology, and the call's token grid is unknown
             return self._fallback(NotServable(str(reason)))
         stacked = torch.stack([m.to(torch.bool) for m in masks])
-        words = pack_block_mask(stacked).to(query.device)
-        index = self.schedule.device_index(query.device) if self.schedule else None
+        words = pack_block_mask(stacked).to(device)
+        index = self.schedule.device_index(device) if self.schedule else None
         lists = None
-        if uses_triton(query.device):
+        if uses_triton(device):
             from .kernels.block_sparse_attention import kv_block_lists
 
             lists = kv_block_lists(words, stacked.shape[-1])

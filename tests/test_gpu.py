@@ -42,8 +42,8 @@ def check(out, expected):
 @pytest.mark.parametrize("mode", [None, "reduce-overhead", "max-autotune-no-cudagraphs"])
 def test_whole_model_bf16_every_mode(mode):
     model, inputs, topology, expected = setup()
-    compiled = torch.compile(model, backend="scaling", options={"artifact": topology, "strict": True},
-                             mode=mode, fullgraph=True)
+    compiled = torch.compile(model, backend="scaling", fullgraph=True,
+                             options={"artifact": topology, "strict": True, "mode": mode})
     with torch.no_grad():
         for _ in range(3):  # CUDA graphs record on a later call
             out = compiled(**inputs).sample
@@ -55,8 +55,8 @@ def test_whole_model_bf16_every_mode(mode):
 @pytest.mark.parametrize("mode", [None, "reduce-overhead"])
 def test_regional_bf16(mode):
     model, inputs, topology, expected = setup(num_layers=4)
-    model.compile_repeated_blocks(backend="scaling", options={"artifact": topology, "strict": True},
-                                  mode=mode, fullgraph=True)
+    model.compile_repeated_blocks(backend="scaling", fullgraph=True,
+                                  options={"artifact": topology, "strict": True, "mode": mode})
     with torch.no_grad():
         for _ in range(3):
             out = model(**inputs).sample.clone()

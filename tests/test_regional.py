@@ -155,3 +155,24 @@ def test_regional_dynamic_adds_no_recompile_beyond_torch_own():
     with torch.no_grad():
         dense = reference(**wan_inputs(*resolutions[2])).sample
     torch.testing.assert_close(outs[2], dense, atol=1e-4, rtol=1e-3)
+
+
+def test_masks_of_every_block_are_built_at_compile_time():
+    """Regional: the one graph's plan holds every block's masks before the first call runs it."""
+    from scaling_compile import plans
+
+    model = tiny_wan(num_layers=3)
+    topology = sc.Topology.from_block_masks(per_block_masks(model, 3), block_size=BLOCK)
+    seen = []
+
+    def spy(gm, example_inputs, **kwargs):
+        before = len(plans._plans)
+        compiled = scaling_backend(gm, example_inputs, **kwargs)
+        for plan in plans._plans[before:]:  # before the graph has run once
+            seen.append(sorted(key for key, *_ in plan._cache))
+        return compiled
+
+    model.compile_repeated_blocks(backend=spy, options={"artifact": topology})
+    with torch.no_grad():
+        model(**wan_inputs())
+    assert seen == [[f"blocks.{i}.attn1" for i in range(3)]]
