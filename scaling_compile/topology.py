@@ -159,7 +159,7 @@ class Topology:
             for name, tensor in named.items():
                 if tensor is None:
                     continue
-                stored = tensor.detach().to("cpu").contiguous()
+                stored = tensor.detach().to("cpu").contiguous().clone()  # entries may share tensors
                 if stored.dtype == torch.bool:
                     stored = stored.to(torch.uint8)
                     record.setdefault("bool", []).append(name)
