@@ -59,8 +59,12 @@ def artifact_keys_for(call: SDPACall, topology) -> list[str]:
     return matches
 
 
-def decide(call: SDPACall, topology, budget: float | None = None) -> NodeDecision:
-    """Whether ``call`` can be served sparse from ``topology``, with the reason if not."""
+def decide(call: SDPACall, topology, budget: float | None = None, grid=None) -> NodeDecision:
+    """Whether ``call`` can be served sparse from ``topology``, with the reason if not.
+
+    ``grid`` is the call's token grid when the graph shows it (profiled topologies need it
+    to report a density at compile time).
+    """
     decision = NodeDecision(call.key, call.query_shape, call.key_shape, served=False)
     if topology is None:
         decision.reason = call.dense_reason or "no artifact"
@@ -80,7 +84,8 @@ def decide(call: SDPACall, topology, budget: float | None = None) -> NodeDecisio
 
         for key in keys:
             try:
-                mask = topology.block_mask(key, seq_len=seq_len, num_heads=heads, budget=budget)
+                static_grid = tuple(grid) if grid is not None and all(isinstance(g, int) for g in grid) else None
+                mask = topology.block_mask(key, seq_len=seq_len, num_heads=heads, budget=budget, grid=static_grid)
                 densities.append(float(mask.float().mean()))
             except NotServable as reason:
                 reasons.append(str(reason))
@@ -110,7 +115,8 @@ def rewrite_sdpa_calls(gm: fx.GraphModule, topology, options, example_inputs=Non
 
     decisions = []
     for call in find_sdpa_calls(gm):
-        decision = decide(call, topology, options.budget)
+        grid = token_grid_in_graph(gm, call.query_shape[-2]) if call.query_shape else None
+        decision = decide(call, topology, options.budget, grid)
         if decision.served and not _grad_free(call):
             decision.served = False
             decision.reason = "inputs require grad (the sparse kernel is inference-only: use torch.no_grad())"
@@ -137,7 +143,6 @@ def rewrite_sdpa_calls(gm: fx.GraphModule, topology, options, example_inputs=Non
             schedule=options.schedule,
         )
         plan_id = register_plan(plan)
-        grid = token_grid_in_graph(gm, call.query_shape[-2])
         _prewarm(plan, call, decision, grid, examples.get(anchor) if anchor is not None else None)
         args = call.arguments
         with gm.graph.inserting_before(call.node):

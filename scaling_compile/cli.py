@@ -26,6 +26,8 @@ COMMANDS: dict[str, tuple[str, str, str, str]] = {
                 "show an artifact: per layer and head densities, sensitivities, stability; --png plots"),
     "bench": ("scaling_compile.bench", "add_arguments", "run",
               "benchmark sparse against dense attention (GPU)"),
+    "demo": ("scaling_compile.demo", "add_arguments", "run",
+             "the whole job on the embedded planted-topology Wan model: profile, compile, compare"),
 }
 
 

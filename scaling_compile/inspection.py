@@ -6,7 +6,7 @@ import torch
 
 from .options import BackendOptions
 from .passes.match import find_sdpa_calls
-from .passes.rewrite import NodeDecision, decide
+from .passes.rewrite import NodeDecision, decide, token_grid_in_graph
 
 
 def capture_graphs(model, *args, **kwargs) -> list[torch.fx.GraphModule]:
@@ -32,5 +32,7 @@ def sdpa_nodes(model, *args, artifact=None, budget=None, **kwargs) -> list[NodeD
     topology = BackendOptions.from_dict({"artifact": artifact}).load_topology()
     decisions = []
     for gm in capture_graphs(model, *args, **kwargs):
-        decisions.extend(decide(call, topology, budget) for call in find_sdpa_calls(gm))
+        for call in find_sdpa_calls(gm):
+            grid = token_grid_in_graph(gm, call.query_shape[-2]) if call.query_shape else None
+            decisions.append(decide(call, topology, budget, grid))
     return decisions
