@@ -20,6 +20,7 @@ figures; ``Topology.save`` writes it as the artifact (artifacts/FORMAT.md).
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 import platform
@@ -283,19 +284,46 @@ def _progress_bar(iterable, desc: str, enabled: bool, total: int):
     return tqdm(iterable, desc=desc, total=total, unit="sample", leave=False)
 
 
-def _run_pass(runner, model, profiler, samples, desc, progress, setup):
+def _run_pass(runner, model, profiler, samples, desc, progress, setup) -> list[float]:
+    """Run ``samples`` through the instrumented model; seconds per sample (device-synchronised)."""
+    device = next(model.parameters()).device
+    seconds = []
     for sample in _progress_bar(samples, desc, progress, len(samples)):
+        started = time.perf_counter()
         profiler.grid = _sample_grid(model, sample)
         setup(sample)
         profiler.calls = 0
         with torch.no_grad():
             runner(sample.inputs)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        seconds.append(round(time.perf_counter() - started, 4))
         if profiler.calls == 0:
             raise ScalingCompileError(
                 "no instrumented attention call ran for a calibration sample: the model has no "
                 "self-attention the scaling backend would serve over the latent's token grid"
                 + (f" (skipped: {profiler.skipped})" if profiler.skipped else "")
             )
+    return seconds
+
+
+@contextlib.contextmanager
+def _tf32_logits():
+    """The profiler's fp32 logit matmuls may use TF32 on GPUs (statistics, not the model's output)."""
+    previous = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = previous
+
+
+def _spread(samples: list, count: int | None) -> list:
+    """``count`` samples evenly spread over the list (all when None)."""
+    if count is None or count >= len(samples):
+        return samples
+    step = len(samples) / max(count, 1)
+    return [samples[int(i * step)] for i in range(count)]
 
 
 def _uniform_counts(n_blocks: int, heads: int, density: float) -> torch.Tensor:
@@ -364,6 +392,7 @@ def profile(
     progress: bool = True,
     chunk_elements: int | None = None,
     quality_densities=QUALITY_DENSITIES,
+    sensitivity_samples: int | None = None,
 ) -> Topology:
     """Profile ``model`` on ``calibration`` and return its WEST/FAST topology (save it with ``.save``).
 
@@ -377,6 +406,8 @@ def profile(
     levels: densities at which sensitivity is measured. step_bins: bins of denoising progress.
     keys: optional collection (or predicate) of node keys to profile; default: every served node.
     chunk_elements: float32 elements per chunk of attention rows (memory bound of the profiler).
+    sensitivity_samples: measure sensitivity on this many samples (evenly spread), default all.
+    The first sample of the first pass includes Dynamo's capture of the model.
     """
     if units not in UNITS:
         raise ValueError(f"units {units!r}: choose one of {UNITS}")
@@ -402,26 +433,32 @@ def profile(
     )
     samples = list(calibration)
     started = time.perf_counter()
+    mass_samples, sensitivity_samples_seconds = [], []
     try:
-        _run_pass(runner, model, profiler, samples, "attention mass", progress,
-                  lambda s: setattr(profiler, "group", 1 if s.group % 2 else 0))
-        mass_seconds = time.perf_counter() - started
-        topology = _topology_from_mass(model, profiler, calibration, block_size, default_budget, units,
-                                       quality_densities)
-        sensitivity_seconds = 0.0
-        if sensitivity:
-            started_sensitivity = time.perf_counter()
-            profiler.mode, profiler.topology = "sensitivity", topology
-            _run_pass(runner, model, profiler, samples, "sensitivity", progress,
-                      lambda s: setattr(profiler, "bin", step_bin(s.denoising_progress(), step_bins)))
-            _attach_sensitivity(topology, profiler, levels, step_bins)
-            sensitivity_seconds = time.perf_counter() - started_sensitivity
+        with _tf32_logits():
+            mass_samples = _run_pass(runner, model, profiler, samples, "attention mass", progress,
+                                     lambda s: setattr(profiler, "group", 1 if s.group % 2 else 0))
+            mass_seconds = time.perf_counter() - started
+            topology = _topology_from_mass(model, profiler, calibration, block_size, default_budget, units,
+                                           quality_densities)
+            sensitivity_seconds = 0.0
+            if sensitivity:
+                started_sensitivity = time.perf_counter()
+                profiler.mode, profiler.topology = "sensitivity", topology
+                sensitivity_samples_seconds = _run_pass(
+                    runner, model, profiler, _spread(samples, sensitivity_samples), "sensitivity", progress,
+                    lambda s: setattr(profiler, "bin", step_bin(s.denoising_progress(), step_bins)),
+                )
+                _attach_sensitivity(topology, profiler, levels, step_bins)
+                sensitivity_seconds = time.perf_counter() - started_sensitivity
     finally:
         _profilers.pop(profiler_id, None)
     topology.metadata["profiling"] = {
         "seconds": round(time.perf_counter() - started, 3),
         "mass_seconds": round(mass_seconds, 3),
         "sensitivity_seconds": round(sensitivity_seconds, 3),
+        "mass_sample_seconds": mass_samples,
+        "sensitivity_sample_seconds": sensitivity_samples_seconds,
         "device": _device_name(next(model.parameters()).device),
         "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
         "torch": torch.__version__,

@@ -1,0 +1,218 @@
+"""Time offline profiling of a full-size Wan2.1-T2V-1.3B transformer at 480p on one GPU.
+
+Run on the GPU machine, set up like ``bench_wan_e2e.py`` (this checkout installed, the
+carried diffusers wheel on the path)::
+
+    PYTHONUNBUFFERED=1 python3 benchmarks/profile_wan13b.py --out $OUT/profile_wan13b.json
+
+What it does (bf16, one process):
+
+1. builds ``WanTransformer3DModel`` with the Wan2.1-T2V-1.3B config (30 layers, 12 heads of
+   128): planted attention topology by default (``scaling_compile.testing``), or random
+   weights with ``--weights random``;
+2. profiles it at 480p, 81 frames: latent 21x60x104, token grid 21x30x52 = 32760 tokens,
+   block size 128, on ``--prompts x --timesteps`` synthetic calibration samples (two
+   disjoint halves): the WEST mass pass, then the FAST sensitivity pass;
+3. prints the profiling time (total, per pass, per sample: the first sample includes
+   Dynamo's capture of the model), peak GPU memory, the artifact size, the stability
+   figures (masks from the two halves) and the time to instantiate all 30 nodes' masks
+   at 480p from the artifact (what the backend pays once per geometry);
+4. with ``--small-latent F H W`` (default 5 30 52, i.e. 1950 tokens) also profiles at that
+   small latent and measures scale invariance at full size: the masks the small-grid
+   topology gives at 480p keep what fraction of the attention mass measured at 480p,
+   against an oracle mask of the same size (for both resampling units).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+
+def parse_args():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", default="wan2.1-1.3b")
+    parser.add_argument("--weights", choices=("planted", "random"), default="planted")
+    parser.add_argument("--latent", nargs=3, type=int, default=(21, 60, 104), metavar=("F", "H", "W"))
+    parser.add_argument("--small-latent", nargs=3, type=int, default=(5, 30, 52), metavar=("F", "H", "W"))
+    parser.add_argument("--no-small", action="store_true", help="skip the small-latent profile")
+    parser.add_argument("--prompts", type=int, default=2)
+    parser.add_argument("--timesteps", type=int, default=2)
+    parser.add_argument("--text-len", type=int, default=512)
+    parser.add_argument("--block-size", type=int, default=128)
+    parser.add_argument("--budget", type=float, default=0.25)
+    parser.add_argument("--no-sensitivity", action="store_true")
+    parser.add_argument("--sensitivity-samples", type=int, default=None)
+    parser.add_argument("--out", default=None, help="write the results (JSON) and the artifacts next to it")
+    parser.add_argument("--device", default="cuda", help="cpu: a dry run of the script (use --config tiny)")
+    return parser.parse_args()
+
+
+def build(config: str, weights: str, dtype, device):
+    if weights == "planted":
+        from scaling_compile.testing import planted_wan_transformer
+
+        return planted_wan_transformer(config, dtype=dtype, device=device).eval()
+    from diffusers import WanTransformer3DModel
+
+    from scaling_compile.testing import CONFIGS
+
+    with torch.device(device):
+        model = WanTransformer3DModel(**CONFIGS[config])
+    return model.to(dtype).eval()
+
+
+def log(message: str) -> None:
+    print(message, flush=True)
+
+
+def profile_at(model, latent, args, sensitivity: bool):
+    import scaling_compile as sc
+
+    calibration = sc.synthetic_calibration(
+        model, tuple(latent), num_prompts=args.prompts, num_timesteps=args.timesteps, text_len=args.text_len,
+    )
+    cuda = next(model.parameters()).is_cuda
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+        torch.cuda.synchronize()
+    started = time.perf_counter()
+    topology = sc.profile(
+        model, calibration, block_size=args.block_size, default_budget=args.budget, sensitivity=sensitivity,
+        sensitivity_samples=args.sensitivity_samples, progress=False,
+    )
+    if cuda:
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - started
+    return topology, seconds, (torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0)
+
+
+def instantiate_all(topology, grid, budget) -> float:
+    """Seconds to build every node's mask at ``grid`` from a freshly loaded copy (no caches)."""
+    started = time.perf_counter()
+    for key, entry in topology.entries.items():
+        topology.block_mask(key, seq_len=math.prod(grid), num_heads=entry.num_heads, grid=grid, budget=budget)
+    return time.perf_counter() - started
+
+
+def scale_invariance(small, large, grid, block_size) -> dict:
+    """Mass kept at ``grid`` (measured by ``large``) by masks from ``small``, relative to an oracle."""
+    from scaling_compile import west
+
+    n = math.ceil(math.prod(grid) / block_size)
+    result = {}
+    for units in ("tokens", "normalized"):
+        small.metadata["west"]["units"] = units
+        for cache in ("_west_rank_cache", "_west_level_cache", "_fast_cache"):
+            small.__dict__.pop(cache, None)
+        for density in (0.1, 0.25):
+            ratios, kept = [], []
+            for key, entry in small.entries.items():
+                mass = large.entries[key].extra["block_mass"]
+                counts = torch.full((entry.num_heads,), round(density * n * n))
+                mask = west.mask_from_ranks(west.entry_ranks(key, entry, small, grid), counts)
+                oracle = west.oracle_mask(mass, counts)
+                recall = west.mass_recall(mask, mass)
+                kept.append(recall)
+                ratios.append(recall / west.mass_recall(oracle, mass).clamp(min=1e-12))
+            ratios, kept = torch.cat(ratios), torch.cat(kept)
+            result[f"{units}@{density}"] = {
+                "mass_kept": round(float(kept.mean()), 4),
+                "vs_oracle_mean": round(float(ratios.mean()), 4),
+                "vs_oracle_min": round(float(ratios.min()), 4),
+            }
+    small.metadata["west"]["units"] = "tokens"
+    return result
+
+
+def main() -> int:
+    args = parse_args()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        log("this benchmark needs a CUDA GPU (or --device cpu --config tiny for a dry run)")
+        return 2
+    try:
+        import diffusers  # noqa: F401
+    except ImportError:
+        log("diffusers is missing: carry its wheel (see ../shared/GPU.md, 'Carrying packages')")
+        return 2
+    import scaling_compile as sc
+
+    device = torch.device(args.device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    results: dict = {
+        "device": torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu", "torch": torch.__version__, "config": args.config,
+        "weights": args.weights, "latent": list(args.latent), "block_size": args.block_size,
+        "samples": args.prompts * args.timesteps, "text_len": args.text_len,
+    }
+    started = time.perf_counter()
+    model = build(args.config, args.weights, dtype, device)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    results["build_seconds"] = round(time.perf_counter() - started, 2)
+    grid = (args.latent[0], args.latent[1] // 2, args.latent[2] // 2)
+    log(f"{args.config} ({args.weights} weights, {str(dtype).replace('torch.', '')}) built in {results['build_seconds']}s; profiling at latent "
+        f"{tuple(args.latent)} = {math.prod(grid)} tokens, {results['samples']} samples, block {args.block_size}")
+
+    topology, seconds, peak = profile_at(model, args.latent, args, sensitivity=not args.no_sensitivity)
+    info = topology.metadata["profiling"]
+    mass = info["mass_sample_seconds"]
+    sens = info["sensitivity_sample_seconds"]
+    results["profile"] = {
+        "seconds": round(seconds, 2),
+        "mass_pass_seconds": info["mass_seconds"],
+        "sensitivity_pass_seconds": info["sensitivity_seconds"],
+        "mass_sample_seconds": mass,
+        "sensitivity_sample_seconds": sens,
+        "mass_seconds_per_sample_steady": round(statistics.median(mass[1:]), 3) if len(mass) > 1 else None,
+        "sensitivity_seconds_per_sample": round(statistics.median(sens), 3) if sens else None,
+        "capture_seconds_estimate": round(mass[0] - statistics.median(mass[1:]), 2) if len(mass) > 1 else None,
+        "peak_gpu_gib": round(peak, 2),
+        "quality": topology.metadata["quality"],
+    }
+    log(f"PROFILE 480p: {seconds:.1f}s total (mass pass {info['mass_seconds']:.1f}s, sensitivity pass "
+        f"{info['sensitivity_seconds']:.1f}s); per sample: mass {mass}, sensitivity {sens}; peak {peak:.1f} GiB")
+    log(f"quality: {json.dumps(topology.metadata['quality'])}")
+
+    out_dir = os.path.dirname(os.path.abspath(args.out)) if args.out else None
+    if out_dir:
+        os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir or "/tmp", "wan13b_480p.safetensors")
+    topology.save(path)
+    results["artifact_mb"] = round(os.path.getsize(path) / 1e6, 2)
+    loaded = sc.Topology.load(path)
+    results["instantiate_480p_seconds"] = round(instantiate_all(loaded, grid, args.budget), 2)
+    log(f"artifact {results['artifact_mb']} MB; all {len(loaded.entries)} nodes' masks at 480p built in "
+        f"{results['instantiate_480p_seconds']}s (CPU, once per geometry)")
+
+    if not args.no_small:
+        small_grid = (args.small_latent[0], args.small_latent[1] // 2, args.small_latent[2] // 2)
+        small, small_seconds, _ = profile_at(model, args.small_latent, args, sensitivity=not args.no_sensitivity)
+        results["small_profile"] = {
+            "latent": list(args.small_latent), "tokens": math.prod(small_grid), "seconds": round(small_seconds, 2),
+            "quality": small.metadata["quality"],
+        }
+        small_path = os.path.join(out_dir or "/tmp", "wan13b_small.safetensors")
+        small.save(small_path)
+        results["small_profile"]["artifact_mb"] = round(os.path.getsize(small_path) / 1e6, 2)
+        results["scale_invariance"] = scale_invariance(small, topology, grid, args.block_size)
+        results["small_instantiate_480p_seconds"] = round(
+            instantiate_all(sc.Topology.load(small_path), grid, args.budget), 2)
+        log(f"PROFILE small latent {tuple(args.small_latent)} ({math.prod(small_grid)} tokens): {small_seconds:.1f}s")
+        log(f"scale invariance (small-grid masks at 480p, mass kept vs oracle): "
+            f"{json.dumps(results['scale_invariance'])}")
+    if args.out:
+        with open(args.out, "w") as handle:
+            json.dump(results, handle, indent=1)
+    log(json.dumps(results, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
