@@ -1,0 +1,203 @@
+"""``scaling-compile bench``: sparse against dense on your GPU, in one process, as ratios.
+
+    scaling-compile bench attention --shape 1,12,32760,128 --densities 0.5 0.3 0.2 0.1
+    scaling-compile bench model --config wan2.1-1.3b --latent 21 60 104 --budgets 0.5 0.3 0.2 0.1
+
+``attention``: one self-attention call, with 3D-local block masks of each density: cuDNN
+SDPA (dense), FlexAttention with the same block mask, and this package's kernel; every
+sparse output is checked against ours. ``model``: the whole Wan transformer forward,
+Inductor with dense SDPA against the scaling backend at each budget, with regional
+(``compile_repeated_blocks``) and/or whole-model compilation; compile time, forward time,
+speedup and the share of the Amdahl bound reached (bound = dense time minus the saved
+share of the dense self-attention time, measured in the same process).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import time
+
+import torch
+from tqdm import tqdm
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    what = parser.add_subparsers(dest="what", metavar="WHAT", required=True)
+    attention = what.add_parser("attention", help="one attention call: ours vs cuDNN dense vs FlexAttention")
+    attention.add_argument("--shape", default="1,12,32760,128", help="B,H,S,D (default: Wan2.1-1.3B at 480p)")
+    attention.add_argument("--grid", type=int, nargs=3, default=None, metavar=("F", "H", "W"),
+                           help="token grid of S for the 3D-local masks (default: 21 x 30 x 52 style guess)")
+    attention.add_argument("--densities", type=float, nargs="+", default=[1.0, 0.5, 0.3, 0.2, 0.1])
+    attention.add_argument("--block-size", type=int, default=128)
+    attention.add_argument("--out", default=None, help="write the results as JSON here")
+    model = what.add_parser("model", help="the Wan transformer forward: Inductor dense vs backend='scaling'")
+    model.add_argument("--config", default="wan2.1-1.3b", help="planted model config (testing.CONFIGS)")
+    model.add_argument("--latent", type=int, nargs=3, default=[21, 60, 104], metavar=("F", "H", "W"),
+                       help="latent frames, height, width (480p 81 frames: 21 60 104; 720p: 21 90 160)")
+    model.add_argument("--budgets", type=float, nargs="+", default=[0.5, 0.3, 0.2, 0.1])
+    model.add_argument("--modes", nargs="+", default=["regional"], choices=["regional", "whole"])
+    model.add_argument("--block-size", type=int, default=128)
+    model.add_argument("--iters", type=int, default=5)
+    model.add_argument("--out", default=None, help="write the results as JSON here")
+
+
+def run(args) -> int:
+    if not torch.cuda.is_available():
+        from .errors import ScalingCompileError
+
+        raise ScalingCompileError("bench measures speed on a CUDA GPU; none is available here")
+    results = bench_attention(args) if args.what == "attention" else bench_model(args)
+    if args.out:
+        with open(args.out, "w") as handle:
+            json.dump(results, handle, indent=2)
+    return 0
+
+
+def _cuda_ms(fn, warmup: int = 2, iters: int = 5) -> float:
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(iters):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def _guess_grid(seq: int) -> tuple[int, int, int]:
+    for frames in (21, 16, 13, 11, 9, 7, 5, 3, 2, 1):
+        if seq % frames == 0:
+            plane = seq // frames
+            height = max(h for h in range(1, int(math.isqrt(plane)) + 1) if plane % h == 0)
+            return frames, height, plane // height
+    return 1, 1, seq
+
+
+# -- attention -----------------------------------------------------------------------------------
+def bench_attention(args) -> dict:
+    from triton.testing import do_bench
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.nn.attention.flex_attention import BlockMask, flex_attention
+
+    from .kernels.bitpack import pack_block_mask
+    from .kernels.block_sparse_attention import block_sparse_attention, kv_block_lists
+    from .masks import local_3d_mask
+
+    b, h, s, d = (int(x) for x in args.shape.split(","))
+    grid = tuple(args.grid) if args.grid else _guess_grid(s)
+    block = args.block_size
+    x = torch.randn(3, b, s, h, d, device="cuda", dtype=torch.bfloat16)
+    q, k, v = (t.transpose(1, 2) for t in x)
+    flex = torch.compile(flex_attention, dynamic=False)
+    bench = lambda fn: do_bench(fn, warmup=25, rep=100, return_mode="median")  # noqa: E731
+
+    def dense():
+        with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+            return torch.nn.functional.scaled_dot_product_attention(q, k, v)
+
+    dense_ms = bench(dense)
+    flops = 4.0 * b * h * s * s * d
+    rows = []
+    for density in tqdm(args.densities, desc="densities"):
+        mask = local_3d_mask(grid, block, density, h, temporal_weights=(0.5, 1.0, 2.0, 4.0)).cuda()
+        kept = float(mask.float().mean())
+        words = pack_block_mask(mask)
+        lists = kv_block_lists(words, mask.shape[-1])
+        ours = lambda: block_sparse_attention(q, k, v, words, block, block_lists=lists)  # noqa: E731
+        counts, indices = lists[0][None].contiguous(), lists[1][None].contiguous()
+        block_mask = BlockMask.from_kv_blocks(torch.zeros_like(counts), torch.zeros_like(indices), counts, indices,
+                                              BLOCK_SIZE=block, seq_lengths=(s, s), compute_q_blocks=False)
+        peer = lambda: flex(q, k, v, block_mask=block_mask)  # noqa: E731
+        error = float((peer().float() - ours().float()).abs().max())
+        ours_ms, flex_ms = bench(ours), bench(peer)
+        rows.append({"density": kept, "ours_ms": ours_ms, "flex_ms": flex_ms, "cudnn_dense_ms": dense_ms,
+                     "ours_tflops": flops * kept / ours_ms / 1e9, "flex_tflops": flops * kept / flex_ms / 1e9,
+                     "max_abs_diff_flex_vs_ours": error})
+    print(f"\n{torch.cuda.get_device_name()}, shape {(b, h, s, d)} bf16, grid {grid}, {block}x{block} 3D-local masks")
+    print(f"cuDNN SDPA dense: {dense_ms:.2f} ms ({flops / dense_ms / 1e9:.0f} TFLOP/s)")
+    print("| density | ours ms (TFLOP/s) | Flex ms (TFLOP/s) | ours vs Flex | ours vs cuDNN dense | max diff |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['density']:.2f} | {r['ours_ms']:.2f} ({r['ours_tflops']:.0f}) | {r['flex_ms']:.2f} "
+              f"({r['flex_tflops']:.0f}) | {r['flex_ms'] / r['ours_ms']:.2f}x | {dense_ms / r['ours_ms']:.2f}x | "
+              f"{r['max_abs_diff_flex_vs_ours']:.1e} |")
+    return {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "shape": [b, h, s, d],
+            "grid": grid, "block_size": block, "cudnn_dense_ms": dense_ms, "rows": rows}
+
+
+# -- whole model ---------------------------------------------------------------------------------
+def _first_call_s(fn) -> float:
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    fn()
+    torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def _uncompile_blocks(model) -> None:
+    for block in model.blocks:
+        block._compiled_call_impl = None
+
+
+def bench_model(args) -> dict:
+    import scaling_compile as sc
+
+    from .masks import local_3d_mask
+    from .testing import example_inputs, planted_wan_transformer
+
+    model = planted_wan_transformer(args.config, dtype=torch.bfloat16, device="cuda").eval()
+    cfg = model.config
+    heads, layers = cfg.num_attention_heads, cfg.num_layers
+    pt, ph, pw = cfg.patch_size
+    grid = (args.latent[0] // pt, args.latent[1] // ph, args.latent[2] // pw)
+    seq = math.prod(grid)
+    inputs = {k: (v.cuda() if isinstance(v, torch.Tensor) else v) for k, v in example_inputs(model, *args.latent).items()}
+    print(f"{args.config}: {layers} layers x {heads} heads, grid {grid} = {seq} tokens, bf16, {torch.cuda.get_device_name()}")
+    q = torch.randn(1, heads, seq, cfg.attention_head_dim, device="cuda", dtype=torch.bfloat16)
+    attention_ms = _cuda_ms(lambda: torch.nn.functional.scaled_dot_product_attention(q, q, q), iters=10) * layers
+    del q
+    results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "config": args.config,
+               "grid": grid, "seq": seq, "dense_self_attention_ms": attention_ms, "rows": []}
+    runs = [(mode, budget) for mode in args.modes for budget in [None] + list(args.budgets)]
+    for mode, budget in tqdm(runs, desc="compile + time"):
+        torch._dynamo.reset()
+        _uncompile_blocks(model)
+        kwargs = {"backend": "inductor", "fullgraph": True}
+        if budget is not None:
+            masks = local_3d_mask(grid, args.block_size, budget, heads, temporal_weights=(0.5, 1.0, 2.0, 4.0))
+            topology = sc.Topology.from_block_masks({f"blocks.{i}.attn1": masks for i in range(layers)},
+                                                    block_size=args.block_size)
+            kwargs = {"backend": "scaling", "fullgraph": True, "options": {"artifact": topology, "strict": True}}
+        if mode == "regional":
+            model.compile_repeated_blocks(**kwargs)
+            call = model
+        else:
+            call = torch.compile(model, **kwargs)
+        with torch.no_grad():
+            compile_s = _first_call_s(lambda: call(**inputs))
+            forward_ms = _cuda_ms(lambda: call(**inputs), iters=args.iters)
+        results["rows"].append({"mode": mode, "budget": budget, "compile_s": compile_s, "forward_ms": forward_ms})
+        tqdm.write(f"{mode:9s} budget {budget or 'dense':>5}: compile {compile_s:6.1f} s, forward {forward_ms:7.1f} ms")
+    _uncompile_blocks(model)
+    print("\n| mode | budget | compile s | forward ms | speedup | Amdahl bound ms | share of bound |")
+    print("|---|---|---|---|---|---|---|")
+    for mode in args.modes:
+        rows = [r for r in results["rows"] if r["mode"] == mode]
+        dense = rows[0]
+        for row in rows:
+            density = 1.0 if row["budget"] is None else row["budget"]
+            bound = dense["forward_ms"] - (1 - density) * attention_ms
+            row.update(speedup=dense["forward_ms"] / row["forward_ms"], bound_ms=bound,
+                       share_of_bound=bound / row["forward_ms"] if row["budget"] else None)
+            share = "" if row["share_of_bound"] is None else f"{100 * row['share_of_bound']:.0f}%"
+            print(f"| {mode} | {row['budget'] or 'dense'} | {row['compile_s']:.1f} | {row['forward_ms']:.1f} | "
+                  f"{row['speedup']:.2f}x | {bound:.1f} | {share} |")
+    print(f"dense self-attention (cuDNN SDPA x {layers}): {attention_ms:.1f} ms; share of bound = bound time / forward time")
+    return results
