@@ -370,3 +370,6 @@ def run_inspect(args) -> int:
 
 
 __all__ = ["COMMANDS", "build_parser", "load_model", "main", "register_command"]
+
+if __name__ == "__main__":
+    raise SystemExit(main())
