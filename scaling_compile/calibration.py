@@ -117,6 +117,15 @@ def _model_config(model):
     return config
 
 
+def _compute_dtype(model) -> torch.dtype:
+    """The dtype most of the model's weights are in (fp32-kept modules such as norms do not count)."""
+    sizes: dict[torch.dtype, int] = {}
+    for parameter in model.parameters():
+        if parameter.is_floating_point():
+            sizes[parameter.dtype] = sizes.get(parameter.dtype, 0) + parameter.numel()
+    return max(sizes, key=sizes.get) if sizes else torch.float32
+
+
 def synthetic_calibration(
     model,
     latent_shape: Sequence[int] = (3, 16, 16),
@@ -143,7 +152,7 @@ def synthetic_calibration(
     config = _model_config(model)
     parameter = next(model.parameters())
     device = parameter.device if device is None else torch.device(device)
-    dtype = parameter.dtype if dtype is None else dtype
+    dtype = _compute_dtype(model) if dtype is None else dtype
     text_len = int(text_len or getattr(model, "planted_info", {}).get("text_len", 0) or 512)
     frames, height, width = (int(v) for v in latent_shape)
     shape = (1, int(config.in_channels), frames, height, width)

@@ -52,15 +52,32 @@ def test_whole_model_bf16_every_mode(mode):
     check(out, expected)
 
 
+def _regional_outputs(model, inputs, **compile_kwargs):
+    model.compile_repeated_blocks(fullgraph=True, **compile_kwargs)
+    with torch.no_grad():
+        return [model(**inputs).sample.clone() for _ in range(3)]
+
+
 @pytest.mark.parametrize("mode", [None, "reduce-overhead"])
 def test_regional_bf16(mode):
     model, inputs, topology, expected = setup(num_layers=4)
-    model.compile_repeated_blocks(backend="scaling", fullgraph=True,
-                                  options={"artifact": topology, "strict": True, "mode": mode})
-    with torch.no_grad():
-        for _ in range(3):
-            out = model(**inputs).sample.clone()
-    check(out, expected)
+    if mode == "reduce-overhead":
+        # Regional compilation with CUDA graphs: each block's replay overwrites the previous
+        # block's output buffer, which the next block still reads. Only fail where stock
+        # Inductor works: the backend must not make this worse than torch itself.
+        try:
+            _regional_outputs(model, inputs, backend="inductor", mode=mode)
+        except RuntimeError as error:
+            if "overwritten by a subsequent run" in str(error):
+                pytest.skip("torch: regional compilation + reduce-overhead fails with stock Inductor too")
+            raise
+        finally:
+            torch._dynamo.reset()
+            for block in model.blocks:
+                block._compiled_call_impl = None
+    outs = _regional_outputs(model, inputs, backend="scaling",
+                             options={"artifact": topology, "strict": True, "mode": mode})
+    check(outs[-1], expected)
 
 
 def test_group_offload_with_regional_compilation():
