@@ -32,7 +32,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-from ..calibration import as_calibration
+from ..calibration import _compute_dtype, as_calibration
 from ..errors import ScalingCompileError
 from ..fast import DEFAULT_LEVELS, DEFAULT_STEP_BINS, SensitivityStatistics, level_block_counts, step_bin
 from ..geometry import grid_from_latent
@@ -460,7 +460,7 @@ def profile(
         "mass_sample_seconds": mass_samples,
         "sensitivity_sample_seconds": sensitivity_samples_seconds,
         "device": _device_name(next(model.parameters()).device),
-        "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
+        "dtype": str(_compute_dtype(model)).replace("torch.", ""),
         "torch": torch.__version__,
         "python": platform.python_version(),
         "scaling_compile": _version(),
