@@ -137,6 +137,10 @@ class Topology:
                 entry, self, seq_len=seq_len, grid=grid, budget=budget, step_fraction=step_fraction
             )
         mask = entry.mask
+        from .west import is_dense_step
+
+        if is_dense_step(step_fraction):  # a schedule's dense warm-up bucket
+            return torch.ones(entry.num_heads, n_blocks, n_blocks, dtype=torch.bool)
         if mask.shape[1:] != (n_blocks, n_blocks):
             raise NotServable(
                 f"{key!r}: the mask has {mask.shape[1]}x{mask.shape[2]} blocks but a sequence of "

@@ -303,3 +303,24 @@ def test_other_diffusers_video_transformers_stay_correct(name, model, inputs):
     expected = run_masked(model, masks, BLOCK, **inputs).sample
     torch.testing.assert_close(out, expected, atol=1e-4, rtol=1e-3)
     assert count_ops(graphs)[0] == len(servable)
+
+
+def test_schedule_dense_warmup_serves_hand_written_masks_dense_then_sparse():
+    """One compilation, steps switched in place: warm-up steps dense, later steps masked."""
+    model = ToyDiT(modes=("plain",)).eval()
+    x = torch.randn(1, 48, 32)
+    masks = random_block_masks(["blocks.0"], 2, 3, density=0.3, seed=1)
+    topology = sc.Topology.from_block_masks(masks, block_size=BLOCK)
+    schedule = sc.StepSchedule(num_steps=4, dense_warmup=2, buckets=1)
+    compiled = torch.compile(model, backend="scaling", options={"artifact": topology, "schedule": schedule})
+    outs = []
+    with torch.no_grad(), torch._dynamo.config.patch(error_on_recompile=True):
+        for step in range(4):
+            schedule.set_step(step)
+            outs.append(compiled(x))
+        dense = model(x)
+    sparse = run_masked(model, masks, BLOCK, x)
+    for out in outs[:2]:
+        torch.testing.assert_close(out, dense, atol=2e-5, rtol=1e-4)
+    for out in outs[2:]:
+        torch.testing.assert_close(out, sparse, atol=2e-5, rtol=1e-4)
