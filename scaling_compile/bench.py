@@ -42,6 +42,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     model.add_argument("--block-size", type=int, default=128)
     model.add_argument("--iters", type=int, default=5)
     model.add_argument("--out", default=None, help="write the results as JSON here")
+    loop = what.add_parser("loop", help="a whole denoising loop: per-step schedule, one compilation")
+    loop.add_argument("--config", default="wan2.1-1.3b", help="planted model config (testing.CONFIGS)")
+    loop.add_argument("--latent", type=int, nargs=3, default=[21, 90, 160], metavar=("F", "H", "W"))
+    loop.add_argument("--profile-latent", type=int, nargs=3, default=[5, 30, 52], metavar=("F", "H", "W"))
+    loop.add_argument("--steps", type=int, default=50)
+    loop.add_argument("--dense-warmup", type=int, default=10, help="first steps served dense")
+    loop.add_argument("--budget", type=float, default=0.2, help="mean density of the sparse steps")
+    loop.add_argument("--block-size", type=int, default=128)
+    loop.add_argument("--out", default=None, help="write the results as JSON here")
 
 
 def run(args) -> int:
@@ -49,7 +58,7 @@ def run(args) -> int:
         from .errors import ScalingCompileError
 
         raise ScalingCompileError("bench measures speed on a CUDA GPU; none is available here")
-    results = bench_attention(args) if args.what == "attention" else bench_model(args)
+    results = {"attention": bench_attention, "model": bench_model, "loop": bench_loop}[args.what](args)
     if args.out:
         with open(args.out, "w") as handle:
             json.dump(results, handle, indent=2)
@@ -200,4 +209,78 @@ def bench_model(args) -> dict:
             print(f"| {mode} | {row['budget'] or 'dense'} | {row['compile_s']:.1f} | {row['forward_ms']:.1f} | "
                   f"{row['speedup']:.2f}x | {bound:.1f} | {share} |")
     print(f"dense self-attention (cuDNN SDPA x {layers}): {attention_ms:.1f} ms; share of bound = bound time / forward time")
+    return results
+
+
+# -- whole denoising loop --------------------------------------------------------------------------
+def _denoise(model, latents, embeddings, steps: int, shift: float = 5.0, on_step=None) -> torch.Tensor:
+    """Flow-matching Euler sampling as Wan's pipelines run it (transformer + scheduler, no VAE)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=shift)
+    scheduler.set_timesteps(steps, device=latents.device)
+    for index, timestep in enumerate(scheduler.timesteps):
+        if on_step is not None:
+            on_step(index)
+        noise_pred = model(hidden_states=latents, timestep=timestep.expand(latents.shape[0]),
+                           encoder_hidden_states=embeddings, return_dict=False)[0]
+        latents = scheduler.step(noise_pred, timestep, latents, return_dict=False)[0]
+    return latents
+
+
+def _psnr(a: torch.Tensor, b: torch.Tensor) -> float:
+    peak = float(b.abs().max())
+    mse = float((a.float() - b.float()).pow(2).mean())
+    return float("inf") if mse == 0 else 10 * math.log10(peak * peak / mse)
+
+
+def bench_loop(args) -> dict:
+    import scaling_compile as sc
+
+    from .testing import example_inputs, planted_wan_transformer
+
+    model = planted_wan_transformer(args.config, dtype=torch.bfloat16, device="cuda").eval()
+    inputs = example_inputs(model, *args.latent)
+    latents = inputs["hidden_states"].cuda()
+    embeddings = inputs["encoder_hidden_states"].cuda()
+    calibration = sc.synthetic_calibration(model, tuple(args.profile_latent), num_prompts=2, num_timesteps=2)
+    started = time.perf_counter()
+    topology = sc.profile(model, calibration, block_size=args.block_size, default_budget=args.budget)
+    profile_s = time.perf_counter() - started
+    schedule = sc.StepSchedule(num_steps=args.steps, dense_warmup=args.dense_warmup)
+    results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "config": args.config,
+               "latent": args.latent, "steps": args.steps, "dense_warmup": args.dense_warmup,
+               "budget": args.budget, "profile_seconds": profile_s}
+    timings = {}
+    finals = {}
+    for name in ("dense", "scaling"):
+        torch._dynamo.reset()
+        _uncompile_blocks(model)
+        if name == "dense":
+            model.compile_repeated_blocks(fullgraph=True)
+            on_step = None
+        else:
+            model.compile_repeated_blocks(backend="scaling", fullgraph=True,
+                                          options={"artifact": topology, "schedule": schedule})
+            on_step = schedule.set_step
+        with torch.no_grad():
+            _denoise(model, latents, embeddings, 2, on_step=None if on_step is None else (lambda i: schedule.set_step(i)))
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            finals[name] = _denoise(model, latents, embeddings, args.steps, on_step=on_step)
+            torch.cuda.synchronize()
+            timings[name] = time.perf_counter() - start
+        tqdm.write(f"{name}: {args.steps} steps in {timings[name]:.1f} s")
+    _uncompile_blocks(model)
+    results.update(dense_seconds=timings["dense"], scaling_seconds=timings["scaling"],
+                   speedup=timings["dense"] / timings["scaling"],
+                   final_latent_psnr_db=_psnr(finals["scaling"], finals["dense"]))
+    print(f"\n{args.config}, latent {tuple(args.latent)}, {args.steps} steps ({args.dense_warmup} dense warm-up), "
+          f"budget {args.budget}, {torch.cuda.get_device_name()}")
+    print("| loop | seconds | speedup | final latent PSNR vs dense |")
+    print("|---|---|---|---|")
+    print(f"| Inductor, dense SDPA | {timings['dense']:.1f} | 1.00x | |")
+    print(f"| scaling (FAST schedule) | {timings['scaling']:.1f} | {results['speedup']:.2f}x | "
+          f"{results['final_latent_psnr_db']:.1f} dB |")
+    print(f"profiling at latent {tuple(args.profile_latent)}: {profile_s:.1f} s")
     return results
