@@ -136,8 +136,10 @@ def block_recall(mask: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
 
 def sparse_attention(query, key, value, mask: torch.Tensor, block_size: int, scale: float | None = None):
     """Attention restricted to the bool block ``mask`` (heads, nq, nk): what a served node computes
-    (the Triton kernel on CUDA, the op's chunked PyTorch path elsewhere)."""
-    if query.is_cuda:
+    (the Triton kernel on CUDA or under ``TRITON_INTERPRET=1``, else the op's chunked PyTorch path)."""
+    from .plans import uses_triton
+
+    if uses_triton(query.device):
         from .kernels.bitpack import pack_block_mask
         from .kernels.block_sparse_attention import block_sparse_attention
 
