@@ -59,11 +59,12 @@ def artifact_keys_for(call: SDPACall, topology) -> list[str]:
     return matches
 
 
-def decide(call: SDPACall, topology, budget: float | None = None, grid=None) -> NodeDecision:
+def decide(call: SDPACall, topology, budget: float | None = None, grid=None, policy: str = "west") -> NodeDecision:
     """Whether ``call`` can be served sparse from ``topology``, with the reason if not.
 
     ``grid`` is the call's token grid when the graph shows it (profiled topologies need it
-    to report a density at compile time).
+    to report a density at compile time). Online policies without a WEST prior need no
+    static mask: their density is only known at run time.
     """
     decision = NodeDecision(call.key, call.query_shape, call.key_shape, served=False)
     if topology is None:
@@ -79,7 +80,14 @@ def decide(call: SDPACall, topology, budget: float | None = None, grid=None) -> 
         return decision
     seq_len, heads = call.query_shape[-2], call.num_heads
     densities, reasons = [], []
-    if isinstance(seq_len, int):
+    from ..policies import uses_west
+
+    if not uses_west(policy):  # online only: the entry must fit the call's heads, masks come per call
+        keys = [k for k in keys if topology.entries[k].num_heads == heads]
+        if not keys:
+            decision.reason = "the artifact entries have another head count"
+            return decision
+    elif isinstance(seq_len, int):
         from ..errors import NotServable
 
         for key in keys:
@@ -116,7 +124,7 @@ def rewrite_sdpa_calls(gm: fx.GraphModule, topology, options, example_inputs=Non
     decisions = []
     for call in find_sdpa_calls(gm):
         grid = token_grid_in_graph(gm, call.query_shape[-2]) if call.query_shape else None
-        decision = decide(call, topology, options.budget, grid)
+        decision = decide(call, topology, options.budget, grid, options.policy)
         if decision.served and not _grad_free(call):
             decision.served = False
             decision.reason = "inputs require grad (the sparse kernel is inference-only: use torch.no_grad())"
@@ -141,6 +149,8 @@ def rewrite_sdpa_calls(gm: fx.GraphModule, topology, options, example_inputs=Non
             strict=options.strict,
             kernel=options.kernel,
             schedule=options.schedule,
+            policy=options.policy,
+            policy_options=options.policy_options,
         )
         plan_id = register_plan(plan)
         _prewarm(plan, call, decision, grid, examples.get(anchor) if anchor is not None else None)
@@ -169,7 +179,7 @@ def _prewarm(plan, call: SDPACall, decision: NodeDecision, grid, anchor_example)
         return
     plan.prewarm(
         decision.served_keys, seq_len, heads, query.device,
-        grid=None if grid is None else tuple(grid), anchor=anchor_example,
+        grid=None if grid is None else tuple(grid), anchor=anchor_example, query=query,
     )
 
 

@@ -5,7 +5,10 @@ Inductor, dynamic shapes and CUDA graphs treat it as an opaque op with a known
 output. Its real implementation asks the node's plan for the device masks of
 this call (a cached lookup) and runs the block-sparse kernel; if the plan
 cannot serve the call exactly it computes dense attention instead (and has
-warned once, or raised under ``strict``).
+warned once, or raised under ``strict``). Under an online policy (HASTE, SVOO)
+the plan's policy predicts or reuses the mask from this call's q and k and runs
+the same kernel (SVOO on the permuted sequence), so masks change between steps
+without recompiling: they are data, not graph constants.
 """
 
 from __future__ import annotations
@@ -32,8 +35,14 @@ def sparse_sdpa(
     knows it (whole-model compilation); otherwise the plan learns it at run time.
     """
     plan = get_plan(plan_id)
-    served = plan.masks_for(query, anchor, None if grid is None else tuple(grid))
+    grid = None if grid is None else tuple(grid)
     out = empty_output_like(query)
+    if plan.online:
+        served = plan.online_attention(query, key, value, anchor, grid, scale, out)
+        if not isinstance(served, DenseFallback):
+            return served
+    else:
+        served = plan.masks_for(query, anchor, grid)
     if isinstance(served, DenseFallback):
         out.copy_(torch.nn.functional.scaled_dot_product_attention(query, key, value, scale=scale))
         return out

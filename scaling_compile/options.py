@@ -6,10 +6,10 @@ import os
 from dataclasses import dataclass, fields
 
 from .errors import ScalingCompileError
+from .policies import POLICIES  # noqa: F401  (re-exported: "west", "haste", "svoo", "west+haste", "svoo+haste")
 
 INNER_COMPILERS = ("inductor", "eager")
 KERNELS = ("triton", "fa4", "auto")
-POLICIES = ("west",)
 
 
 @dataclass
@@ -21,7 +21,9 @@ class BackendOptions:
     strict: raise instead of falling back to dense attention when a call cannot be served.
     inner: the compiler the rewritten graph is handed to: "inductor" (default) or "eager".
     kernel: "triton", "fa4" (FlashAttention-4's block-sparse path) or "auto".
-    policy: how masks are chosen; "west" (static, offline topology).
+    policy: how masks are chosen: "west" (static, offline topology), "haste" / "svoo" (online,
+        per call), or a combination ("west+haste", "svoo+haste"); see scaling_compile.policies.
+    policy_options: parameters of the online policy (e.g. {"top_p": 0.9, "drift_threshold": 0.05}).
     schedule: a per-diffusion-step schedule (``scaling_compile.StepSchedule``) or None.
     mode: Inductor's mode ("reduce-overhead" for CUDA graphs, "max-autotune", ...). torch.compile
         refuses ``mode=`` together with ``options=``, so with this backend it goes in the options.
@@ -33,6 +35,7 @@ class BackendOptions:
     inner: str = "inductor"
     kernel: str = "triton"
     policy: str = "west"
+    policy_options: dict | None = None
     schedule: object = None
     mode: str | None = None
 
@@ -54,8 +57,14 @@ class BackendOptions:
             raise ScalingCompileError(f"option inner={self.inner!r}: choose one of {INNER_COMPILERS}")
         if self.kernel not in KERNELS:
             raise ScalingCompileError(f"option kernel={self.kernel!r}: choose one of {KERNELS}")
-        if self.policy not in POLICIES:
-            raise ScalingCompileError(f"option policy={self.policy!r}: choose one of {POLICIES}")
+        from .policies import canonical_policy, uses_west, validate_policy_options
+
+        self.policy = canonical_policy(self.policy)  # raises for unknown policies and combinations
+        validate_policy_options(self.policy, self.policy_options)
+        if self.schedule is not None and not uses_west(self.policy):
+            raise ScalingCompileError(
+                f"option schedule: a step schedule switches WEST masks; policy {self.policy!r} has none"
+            )
         if self.budget is not None and not (0.0 < float(self.budget) <= 1.0):
             raise ScalingCompileError(
                 f"option budget={self.budget!r}: the fraction of key blocks kept must be in (0, 1]"

@@ -10,6 +10,11 @@ The node key is either known statically (whole-model compilation: ``blocks.3.att
 or completed at run time from the parameter passed as ``anchor`` (regional
 compilation: the graph says ``attn1``, the anchor ``blocks.3.attn1.to_q.weight``
 says which block is running).
+
+Online policies (``policy="haste"``, ``"svoo"``, ``"west+haste"``, ``"svoo+haste"``;
+:mod:`scaling_compile.policies`) resolve the node the same way, then hand the call to
+the plan's policy object, which predicts (or reuses) the mask from the call's q and k
+and runs the same kernel; a WEST prior, if any, comes from the static cache above.
 """
 
 from __future__ import annotations
@@ -58,9 +63,48 @@ class AttentionPlan:
     strict: bool = False
     kernel: str = "triton"
     schedule: "object | None" = None
+    policy: str = "west"
+    policy_options: dict | None = None
     _cache: dict = field(default_factory=dict, repr=False)
     _keys: dict = field(default_factory=dict, repr=False)
     _warned: set = field(default_factory=set, repr=False)
+    _policy: object = field(default=None, repr=False)
+
+    def __post_init__(self):
+        from .policies import canonical_policy, is_online, uses_west
+
+        self.policy = canonical_policy(self.policy)
+        self.online = is_online(self.policy)
+        self.uses_west = uses_west(self.policy)
+
+    def reconfigure(self, *, policy: str | None = None, budget=..., policy_options=...) -> None:
+        """Serve another policy and/or budget from the SAME compiled graph (no recompilation).
+
+        The op looks its plan up at every call, so this switches what a compiled model
+        serves; cached masks and online state are dropped (rebuilt on the next call, on the
+        host: do not switch while a CUDA graph of the model is live). Used by the policy
+        benchmarks; the topology must hold what the new policy needs.
+        """
+        if policy is not None:
+            self.policy = policy
+            self.__post_init__()
+        if budget is not ...:
+            self.budget = budget
+        if policy_options is not ...:
+            self.policy_options = policy_options
+        self._policy = None
+        self._cache.clear()
+
+    def online_policy(self):
+        """The object serving this plan's online policy (made on first use), or None for "west"."""
+        if self._policy is None and self.online:
+            from .policies import make_online_policy
+
+            self._policy = make_online_policy(
+                self.policy, topology=self.topology, budget=self.budget, options=self.policy_options,
+                block_size=self.topology.block_size,
+            )
+        return self._policy
 
     # -- which node is this call? --------------------------------------------------------------
     def resolve(self, anchor: torch.Tensor | None) -> tuple[str, torch.nn.Module | None, tuple | None]:
@@ -84,14 +128,11 @@ class AttentionPlan:
         return make_node_key(module_path, ordinal), root, found
 
     # -- masks for one call ---------------------------------------------------------------------
-    def masks_for(
+    def call_key(
         self, query: torch.Tensor, anchor: torch.Tensor | None, grid: tuple[int, int, int] | None = None
-    ) -> ServedMasks | DenseFallback:
-        """The masks serving this call, cached per (node key, geometry, device).
-
-        Steady state: one pointer lookup (regional) and one dict lookup, no device work.
-        """
-        seq_len, heads = query.shape[-2], query.shape[-3]
+    ) -> tuple[str, tuple | None] | DenseFallback:
+        """This call's artifact key and token grid (regional: learnt at run time), or why it stays dense."""
+        seq_len = query.shape[-2]
         pointer = _anchor_id(anchor)
         resolved = self._keys.get(pointer)
         if resolved is not None and resolved[1] is not None and not still_at(anchor, resolved[2]):
@@ -106,22 +147,63 @@ class AttentionPlan:
         if root is not None and grid is None:
             track_grid(root)  # regional: the root runs eagerly and reports each call's grid
             grid = current_grid(seq_len)
-        return self._served(key, seq_len, heads, query.device, grid)
+        return key, grid
 
-    def _served(self, key, seq_len, heads, device, grid) -> ServedMasks | DenseFallback:
-        cache_key = (key, seq_len, heads, str(device), grid)
+    def masks_for(
+        self, query: torch.Tensor, anchor: torch.Tensor | None, grid: tuple[int, int, int] | None = None
+    ) -> ServedMasks | DenseFallback:
+        """The masks serving this call, cached per (node key, geometry, device).
+
+        Steady state: one pointer lookup (regional) and one dict lookup, no device work.
+        """
+        found = self.call_key(query, anchor, grid)
+        if isinstance(found, DenseFallback):
+            return found
+        key, grid = found
+        return self._served(key, query.shape[-2], query.shape[-3], query.device, grid)
+
+    def online_attention(self, query, key, value, anchor, grid, scale, out) -> torch.Tensor | DenseFallback:
+        """Serve one call of an online policy: its output (layout of ``out``), or why it stays dense."""
+        found = self.call_key(query, anchor, grid)
+        if isinstance(found, DenseFallback):
+            return found
+        node, grid = found
+        heads = query.shape[-3]
+        entry = self.topology.entries.get(node)
+        if entry is not None and entry.num_heads != heads:
+            return self._fallback(NotServable(
+                f"{node!r} has {heads} heads but the artifact entry has {entry.num_heads}: "
+                "the artifact was made for another model"))
+        prior = None
+        if self.uses_west:
+            served = self._served(node, query.shape[-2], heads, query.device, grid)
+            if isinstance(served, DenseFallback):
+                return served
+            prior = served.words if served.mask_index is None else served.words.index_select(0, served.mask_index)
+        return self.online_policy().attend(node, query, key, value, scale, prior, out)
+
+    def _served(self, key, seq_len, heads, device, grid, budget=None) -> ServedMasks | DenseFallback:
+        budget = self._west_budget() if budget is None else budget
+        cache_key = (key, seq_len, heads, str(device), grid, budget)
         served = self._cache.get(cache_key)
         if served is None:
-            served = self._instantiate(key, seq_len, heads, device, grid)
+            served = self._instantiate(key, seq_len, heads, device, grid, budget)
             self._cache[cache_key] = served
         return served
 
-    def prewarm(self, keys, seq_len: int, heads: int, device, grid=None, anchor=None) -> None:
+    def _west_budget(self) -> float | None:
+        """The budget of the WEST masks: the whole budget, or the prior's share under "west+haste"."""
+        if self.online and self.uses_west:
+            return self.online_policy().prior_budget()
+        return self.budget
+
+    def prewarm(self, keys, seq_len: int, heads: int, device, grid=None, anchor=None, query=None) -> None:
         """Instantiate the masks of ``keys`` for this geometry now, at compile time.
 
         Mask work then never happens inside a call, and the cached device tensors are
         allocated outside any CUDA-graph memory pool (CUDA graph trees reject live
-        allocations of their pool that are not outputs).
+        allocations of their pool that are not outputs). Online policies allocate their
+        per-node state here too (``query``: the call's example value, for its shape).
         """
         if anchor is not None:
             try:
@@ -133,11 +215,16 @@ class AttentionPlan:
                 grid = current_grid(seq_len)
         for key in keys:
             try:
-                self._served(key, seq_len, heads, device, grid)
+                if self.uses_west:
+                    self._served(key, seq_len, heads, device, grid)
+                if self.online and query is not None:
+                    batch, head_dim = query.shape[0], query.shape[-1]
+                    if isinstance(batch, int) and isinstance(head_dim, int):
+                        self.online_policy().prewarm(key, batch, heads, seq_len, head_dim, device)
             except NotServable:
                 pass  # strict: raised again, with context, at the call
 
-    def _instantiate(self, key: str, seq_len: int, heads: int, device, grid) -> ServedMasks | DenseFallback:
+    def _instantiate(self, key: str, seq_len: int, heads: int, device, grid, budget) -> ServedMasks | DenseFallback:
         device = torch.device(device)
         try:
             masks = [
@@ -146,7 +233,7 @@ class AttentionPlan:
                     seq_len=seq_len,
                     num_heads=heads,
                     grid=grid,
-                    budget=self.budget,
+                    budget=budget,
                     step_fraction=fraction,
                 )
                 for fraction in (self.schedule.step_fractions() if self.schedule else [None])
@@ -207,4 +294,28 @@ def get_plan(plan_id: int) -> AttentionPlan:
         ) from None
 
 
-__all__ = ["AttentionPlan", "ServedMasks", "DenseFallback", "register_plan", "get_plan"]
+def plan_count() -> int:
+    """How many plans this process has registered (the ids of a compilation are a contiguous range)."""
+    return len(_plans)
+
+
+def online_statistics() -> dict[str, dict]:
+    """Per node key, what the online policies of this process did: calls, share of heads re-predicted."""
+    stats: dict[str, dict] = {}
+    for plan in list(_plans):
+        policy = plan._policy
+        if policy is not None:
+            for key, value in policy.statistics().items():
+                stats[key] = value
+    return stats
+
+
+__all__ = [
+    "AttentionPlan",
+    "DenseFallback",
+    "ServedMasks",
+    "get_plan",
+    "online_statistics",
+    "plan_count",
+    "register_plan",
+]

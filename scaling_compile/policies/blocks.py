@@ -1,0 +1,112 @@
+"""Block-level tensor helpers shared by the online policies: pooling, selection, serving.
+
+Everything here runs on the call's device with no host synchronisation (CUDA-graph safe).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..kernels.bitpack import pack_block_mask
+
+
+def block_means(x: torch.Tensor, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean of each block of ``block_size`` tokens: ``(B, H, S, D)`` -> float32 ``(B, H, nb, D)``,
+    and the token count of each block (float32 ``(nb,)``; the ragged last block has fewer).
+
+    Sums accumulate in float32 straight from ``x``'s dtype and strides (no full-size copy).
+    """
+    batch, heads, seq, dim = x.shape
+    full, tail = divmod(seq, block_size)
+    parts, counts = [], []
+    if full:
+        parts.append(x[:, :, : full * block_size].reshape(batch, heads, full, block_size, dim).sum(3, dtype=torch.float32))
+        counts.append(torch.full((full,), float(block_size), device=x.device))
+    if tail:
+        parts.append(x[:, :, full * block_size:].sum(2, keepdim=True, dtype=torch.float32))
+        counts.append(torch.full((1,), float(tail), device=x.device))
+    sums = torch.cat(parts, 2) if len(parts) > 1 else parts[0]
+    count = torch.cat(counts) if len(counts) > 1 else counts[0]
+    return sums / count[:, None], count
+
+
+def block_probabilities(pooled_q: torch.Tensor, pooled_k: torch.Tensor, key_counts: torch.Tensor,
+                        scale: float) -> torch.Tensor:
+    """Predicted share of each query block's attention per key block, float32 ``(B, H, nq, nk)``.
+
+    ``softmax_j(scale * q̄_i . k̄_j + log n_j)``: the mean-pooled logit of the block pair, with
+    the key block's token count (so a ragged last block counts for what it holds).
+    """
+    logits = torch.matmul(pooled_q, pooled_k.transpose(-1, -2)) * scale + key_counts.log()
+    return torch.softmax(logits, dim=-1)
+
+
+def top_p_mask(probs: torch.Tensor, p, keep_diagonal: bool = True) -> torch.Tensor:
+    """Per row, the smallest set of entries whose probabilities reach ``p`` (largest first).
+
+    ``probs`` ``(..., n, m)`` rows sum to 1; ``p`` a float or a tensor broadcasting against
+    ``probs[..., :1]`` (e.g. per-head ``(H, 1, 1)``). An entry is kept when the mass strictly
+    before it (in descending order) is below ``p``, so the top entry is always kept and the
+    kept mass is >= ``p`` (up to rounding). With ``keep_diagonal`` block ``(i, i)`` is kept too.
+    """
+    ordered, order = probs.sort(dim=-1, descending=True)
+    before = ordered.cumsum(-1) - ordered
+    keep = before < (p if not isinstance(p, torch.Tensor) else p.to(probs.dtype))
+    mask = torch.zeros_like(keep).scatter(-1, order, keep)
+    if keep_diagonal:
+        mask |= diagonal_mask(probs.shape[-2], probs.shape[-1], probs.device)
+    return mask
+
+
+def top_k_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Per row, the ``k`` highest-scoring entries of ``scores`` ``(..., n, m)`` (bool)."""
+    k = max(1, min(int(k), scores.shape[-1]))
+    index = scores.topk(k, dim=-1).indices
+    return torch.zeros(scores.shape, dtype=torch.bool, device=scores.device).scatter(-1, index, True)
+
+
+def diagonal_mask(n: int, m: int, device) -> torch.Tensor:
+    return torch.eye(n, m, dtype=torch.bool, device=device)
+
+
+def pack(mask: torch.Tensor) -> torch.Tensor:
+    """Bool ``(..., nq, nk)`` -> the kernel's int32 words ``(..., nq, words)`` (on the same device)."""
+    return pack_block_mask(mask)
+
+
+def attend(query, key, value, words: torch.Tensor, block_size: int, scale, out: torch.Tensor) -> torch.Tensor:
+    """Block-sparse attention with a mask per batch element, written into ``out``.
+
+    ``words`` int32 ``(B, H, nq, W)`` (one packed mask per batch element and head). The
+    kernel applies one mask to a whole batch, so each batch element is one launch (B = 1,
+    the usual case for a diffusion transformer's call, is a single launch). On a device
+    where Triton does not run, the op's chunked PyTorch path computes the same thing.
+    """
+    from ..plans import uses_triton
+
+    batch = query.shape[0]
+    if uses_triton(query.device):
+        from ..kernels.block_sparse_attention import block_sparse_attention
+
+        if batch == 1:
+            return block_sparse_attention(query, key, value, words[0], block_size, scale=scale)
+        for b in range(batch):
+            out[b:b + 1].copy_(block_sparse_attention(query[b:b + 1], key[b:b + 1], value[b:b + 1], words[b],
+                                                      block_size, scale=scale))
+        return out
+    from ..kernels.reference import block_sparse_attention_chunked
+
+    for b in range(batch):
+        out[b:b + 1].copy_(block_sparse_attention_chunked(query[b:b + 1], key[b:b + 1], value[b:b + 1], words[b],
+                                                          block_size, scale=scale))
+    return out
+
+
+def default_scale(query: torch.Tensor, scale) -> float:
+    return 1.0 / math.sqrt(query.shape[-1]) if scale is None else float(scale)
+
+
+__all__ = ["attend", "block_means", "block_probabilities", "default_scale", "diagonal_mask", "pack",
+           "top_k_mask", "top_p_mask"]
