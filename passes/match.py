@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.fx as fx
 
-from .node_keys import make_node_key, normalize_module_path
+from .node_keys import make_node_key, normalize_module_path, strip_hook_wrappers
 
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -205,7 +205,7 @@ def _parameter_path(node: fx.Node) -> str | None:
         source = getattr(source, "base", None)
     if not is_param:
         return None
-    return ".".join(reversed(parts))
+    return strip_hook_wrappers(".".join(reversed(parts)))
 
 
 __all__ = [

@@ -8,6 +8,12 @@ Dynamo's spelling (which differs between torch releases), e.g.::
     L['self'].__dict__['_modules']['blocks'].3.attn1   ->  blocks.3.attn1
     L['self'].blocks[3].attn1                           ->  blocks.3.attn1
     L['self'].attn1   (regional compilation of a block) ->  attn1
+
+Modules wrapped by diffusers hooks (context parallelism, caching, offloading: the
+``HookRegistry`` replaces ``module.forward`` by a partial over a closure) are reached
+through the wrapper, e.g. ``L['function_reference'].forward.__self__.attn1`` or
+``...blocks.0.forward.func.__closure__[0].cell_contents.forward.__self__.attn1``; the
+wrapper segments name no module and are dropped (-> ``attn1``, ``blocks.0.attn1``).
 """
 
 from __future__ import annotations
@@ -18,6 +24,9 @@ _ROOT = re.compile(r"^(?:L|G)\[['\"][^'\"]+['\"]\]")
 _DICT_MODULES = re.compile(r"\.__dict__\[['\"]_modules['\"]\]")
 _PRIVATE_MODULES = re.compile(r"\._modules\[['\"]([^'\"]+)['\"]\]")
 _SUBSCRIPT = re.compile(r"\[['\"]?([^'\"\]]+)['\"]?\]")
+# diffusers' hook wrappers: module.forward is a partial whose closure holds the hook's function
+# reference; ``.forward.__self__`` of that leads back to the very module.
+_HOOK_WRAPPER = re.compile(r"(?:^|\.)forward\.(?:func\.__closure__\.\d+\.cell_contents|__self__)(?=\.|$)")
 
 
 def normalize_module_path(dynamo_path: str) -> str:
@@ -27,7 +36,16 @@ def normalize_module_path(dynamo_path: str) -> str:
     path = _PRIVATE_MODULES.sub(r".\1", path)
     path = _SUBSCRIPT.sub(r".\1", path)
     path = re.sub(r"\.+", ".", path)
-    return path.strip(".")
+    return strip_hook_wrappers(path.strip("."))
+
+
+def strip_hook_wrappers(path: str) -> str:
+    """Drop the segments diffusers' forward hooks put between a module and its children."""
+    while True:
+        stripped = _HOOK_WRAPPER.sub("", path)
+        if stripped == path:
+            return path.strip(".")
+        path = stripped
 
 
 def make_node_key(module_path: str, ordinal: int) -> str:

@@ -32,12 +32,14 @@ class NodeDecision:
     density: float | None = None
     served_keys: tuple[str, ...] = ()
     covered: bool = False  # the artifact has entries for this call
+    note: str | None = None  # e.g. which heads a context-parallel rank serves
 
     def __str__(self) -> str:
         shapes = f"q{_shape(self.query_shape)} k{_shape(self.key_shape)}"
         if self.served:
             density = "?" if self.density is None else f"{self.density:.2f}"
-            return f"{self.key:<24} {shapes:<32} sparse (density {density})"
+            note = f", {self.note}" if self.note else ""
+            return f"{self.key:<24} {shapes:<32} sparse (density {density}{note})"
         return f"{self.key:<24} {shapes:<32} dense: {self.reason}"
 
 
@@ -48,9 +50,14 @@ def _shape(shape) -> str:
 def artifact_keys_for(call: SDPACall, topology) -> list[str]:
     """The artifact entries this call may serve: its own key, or under regional compilation the
     keys of every block whose module path ends with the call's (``blocks.N.attn1`` for ``attn1``)."""
-    if call.key in topology:
-        return [call.key]
-    path, ordinal = split_node_key(call.key)
+    return artifact_keys_for_key(call.key, topology)
+
+
+def artifact_keys_for_key(node_key: str, topology) -> list[str]:
+    """:func:`artifact_keys_for` of a node key."""
+    if node_key in topology:
+        return [node_key]
+    path, ordinal = split_node_key(node_key)
     matches = []
     for key in topology.keys():
         other_path, other_ordinal = split_node_key(key)
@@ -119,12 +126,14 @@ def rewrite_sdpa_calls(gm: fx.GraphModule, topology, options, example_inputs=Non
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     examples = dict(zip(placeholders, example_inputs or []))
     from .. import op as _op  # noqa: F401  (registers torch.ops.scaling.sparse_sdpa)
+    from .. import parallel
     from ..plans import AttentionPlan, register_plan
 
     decisions = []
     for call in find_sdpa_calls(gm):
         grid = token_grid_in_graph(gm, call.query_shape[-2]) if call.query_shape else None
-        decision = decide(call, topology, options.budget, grid, options.policy)
+        served_from = parallel.topology_for_call(gm, call, topology)  # a Ulysses rank: its heads
+        decision = decide(call, served_from, options.budget, grid, options.policy)
         if decision.served and not _grad_free(call):
             decision.served = False
             decision.reason = "inputs require grad (the sparse kernel is inference-only: use torch.no_grad())"
@@ -141,10 +150,12 @@ def rewrite_sdpa_calls(gm: fx.GraphModule, topology, options, example_inputs=Non
         if not decision.served:
             decisions.append(decision)
             continue
+        if decision.served_keys and call.query_shape:
+            decision.note = parallel.shard_note(served_from, decision.served_keys[0], call.num_heads)
         plan = AttentionPlan(
             graph_key=call.key,
             anchor_suffix=anchor_suffix,
-            topology=topology,
+            topology=served_from,
             budget=options.budget,
             strict=options.strict,
             kernel=options.kernel,
@@ -164,6 +175,9 @@ def rewrite_sdpa_calls(gm: fx.GraphModule, topology, options, example_inputs=Non
         call.node.replace_all_uses_with(new)
         gm.graph.erase_node(call.node)
         decisions.append(decision)
+    for key, query_shape, key_shape, reason in parallel.unmatched_attention_calls(gm):
+        covered = bool(topology is not None and (key in topology or artifact_keys_for_key(key, topology)))
+        decisions.append(NodeDecision(key, query_shape, key_shape, served=False, reason=reason, covered=covered))
     gm.graph.lint()
     gm.recompile()
     return decisions

@@ -1,0 +1,118 @@
+"""One rank of the context-parallel tests: a tiny Wan under Ulysses on the gloo backend (CPU).
+
+Spawned by ``test_context_parallel.py`` (``torch.multiprocessing.spawn``). Each rank compiles
+the model with the ``scaling`` backend regionally (Inductor, ``fullgraph=True``) and whole
+(eager inner compiler), and saves its outputs, the masks its plans serve and the graphs'
+op counts for the parent to check.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+
+def enable_ulysses(model, degree: int) -> None:
+    """``model.enable_parallelism(ContextParallelConfig(ulysses_degree=degree))`` on a CPU-only torch.
+
+    diffusers places each rank on ``rank % torch.accelerator.device_count()``, which is a
+    division by zero without an accelerator; the CPU mesh itself works with gloo.
+    """
+    from diffusers import ContextParallelConfig
+
+    count = torch.accelerator.device_count
+    if count() == 0:
+        torch.accelerator.device_count = lambda: 1
+    try:
+        model.enable_parallelism(config=ContextParallelConfig(ulysses_degree=degree))
+    finally:
+        torch.accelerator.device_count = count
+
+
+def _spy(record: list):
+    """The scaling backend, recording what each graph became (after the rewrite)."""
+    from scaling_compile.backend import scaling_backend
+
+    def backend(gm, example_inputs, **kwargs):
+        compiled = scaling_backend(gm, example_inputs, **kwargs)
+        sparse = [n for n in gm.graph.nodes if n.target is torch.ops.scaling.sparse_sdpa.default]
+        sdpa = [n for n in gm.graph.nodes if n.target is torch._C._nn.scaled_dot_product_attention]
+        collectives = [n for n in gm.graph.nodes if "all_to_all" in str(n.target)]
+        record.append({"sparse": len(sparse), "dense_sdpa": len(sdpa), "all_to_all": len(collectives)})
+        return compiled
+
+    return backend
+
+
+def _served_masks(first_plan: int) -> dict:
+    """``{(graph key, artifact key): (first head, bool mask)}`` served by the plans made since ``first_plan``."""
+    from scaling_compile import plans
+    from scaling_compile.kernels.bitpack import unpack_block_mask
+    from scaling_compile.parallel import ShardedTopology
+
+    served = {}
+    for plan in plans._plans[first_plan:]:
+        for cache_key, masks in plan._cache.items():
+            key, _seq, heads = cache_key[:3]  # (key, seq_len, heads, device, grid, ...)
+            if not hasattr(masks, "words"):
+                served[(plan.graph_key, key)] = ("dense", getattr(masks, "reason", ""))
+                continue
+            first = None
+            if isinstance(plan.topology, ShardedTopology):
+                first = plan.topology.heads_of(key, heads).start
+            n_blocks = masks.words.shape[-2]
+            served[(plan.graph_key, key)] = (first, unpack_block_mask(masks.words[0].cpu(), n_blocks))
+    return served
+
+
+def run_rank(rank: int, world: int, port: int, workdir: str, artifact: str, num_layers: int, heads: int,
+             regional_inner: str = "inductor") -> None:
+    os.environ.pop("TRITON_INTERPRET", None)  # the op's chunked PyTorch path: the kernel has its own tests
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
+    torch.set_num_threads(1)
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        _run(rank, world, workdir, artifact, num_layers, heads, regional_inner)
+    finally:
+        dist.destroy_process_group()
+
+
+def _run(rank, world, workdir, artifact, num_layers, heads, regional_inner):
+    from scaling_compile import plans
+
+    from models import tiny_wan, wan_inputs
+
+    model = tiny_wan(num_layers=num_layers, heads=heads)
+    inputs = wan_inputs()
+    enable_ulysses(model, world)
+    options = {"artifact": artifact, "strict": True}
+    result = {"rank": rank}
+    with torch.no_grad():
+        # eager first: diffusers' split hooks read the blocks' signature on their first call,
+        # which Dynamo cannot trace under fullgraph=True
+        result["eager_dense"] = model(**inputs, return_dict=False)[0]
+
+        graphs: list = []
+        first_plan = len(plans._plans)
+        model.compile_repeated_blocks(backend=_spy(graphs), options={**options, "inner": regional_inner},
+                                    fullgraph=True)
+        result["regional"] = model(**inputs, return_dict=False)[0]
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            result["regional_again"] = model(**inputs, return_dict=False)[0]
+        result["regional_graphs"] = graphs
+        result["regional_masks"] = _served_masks(first_plan)
+        for block in model.blocks:
+            block._compiled_call_impl = None
+        torch._dynamo.reset()
+
+        graphs = []
+        first_plan = len(plans._plans)
+        compiled = torch.compile(model, backend=_spy(graphs), options={**options, "inner": "eager"})
+        result["whole"] = compiled(**inputs, return_dict=False)[0]
+        result["whole_graphs"] = graphs
+        result["whole_masks"] = _served_masks(first_plan)
+    torch.save(result, os.path.join(workdir, f"rank{rank}.pt"))
