@@ -312,10 +312,28 @@ def _shape(node) -> tuple:
     return tuple(value.shape) if isinstance(value, torch.Tensor) else ()
 
 
+# -- enabling context parallelism --------------------------------------------------------------------
+def enable_context_parallel(model: torch.nn.Module, config) -> None:
+    """``model.enable_parallelism(config=config)``, also on a CPU-only torch (gloo).
+
+    diffusers places each rank on ``rank % torch.accelerator.device_count()``, a division
+    by zero when torch has no accelerator; the CPU device mesh itself works with gloo. On a
+    machine with an accelerator this is exactly ``model.enable_parallelism(config=config)``.
+    """
+    count = torch.accelerator.device_count
+    if count() == 0:
+        torch.accelerator.device_count = lambda: 1
+    try:
+        model.enable_parallelism(config=config)
+    finally:
+        torch.accelerator.device_count = count
+
+
 __all__ = [
     "RING_REASON",
     "ShardedTopology",
     "UlyssesShard",
+    "enable_context_parallel",
     "shard_note",
     "topology_for_call",
     "ulysses_shard",

@@ -13,23 +13,6 @@ import os
 import torch
 
 
-def enable_ulysses(model, degree: int) -> None:
-    """``model.enable_parallelism(ContextParallelConfig(ulysses_degree=degree))`` on a CPU-only torch.
-
-    diffusers places each rank on ``rank % torch.accelerator.device_count()``, which is a
-    division by zero without an accelerator; the CPU mesh itself works with gloo.
-    """
-    from diffusers import ContextParallelConfig
-
-    count = torch.accelerator.device_count
-    if count() == 0:
-        torch.accelerator.device_count = lambda: 1
-    try:
-        model.enable_parallelism(config=ContextParallelConfig(ulysses_degree=degree))
-    finally:
-        torch.accelerator.device_count = count
-
-
 def _spy(record: list):
     """The scaling backend, recording what each graph became (after the rewrite)."""
     from scaling_compile.backend import scaling_backend
@@ -82,13 +65,15 @@ def run_rank(rank: int, world: int, port: int, workdir: str, artifact: str, num_
 
 
 def _run(rank, world, workdir, artifact, num_layers, heads, regional_inner):
+    from diffusers import ContextParallelConfig
     from scaling_compile import plans
+    from scaling_compile.parallel import enable_context_parallel
 
     from models import tiny_wan, wan_inputs
 
     model = tiny_wan(num_layers=num_layers, heads=heads)
     inputs = wan_inputs()
-    enable_ulysses(model, world)
+    enable_context_parallel(model, ContextParallelConfig(ulysses_degree=world))
     options = {"artifact": artifact, "strict": True}
     result = {"rank": rank}
     with torch.no_grad():
