@@ -20,7 +20,8 @@ class BackendOptions:
     budget: mean fraction of key blocks kept, overriding the artifact's default (profiled artifacts).
     strict: raise instead of falling back to dense attention when a call cannot be served.
     inner: the compiler the rewritten graph is handed to: "inductor" (default) or "eager".
-    kernel: "triton", "fa4" (FlashAttention-4's block-sparse path) or "auto".
+    kernel: "triton" or "auto" (today: the Triton kernel). "fa4" (FlashAttention-4's
+        block-sparse path) is reserved and refused with an error until that back-end ships.
     policy: how masks are chosen: "west" (static, offline topology), "haste" / "svoo" (online,
         per call), or a combination ("west+haste", "svoo+haste"); see scaling_compile.policies.
     policy_options: parameters of the online policy (e.g. {"top_p": 0.9, "drift_threshold": 0.05}).
@@ -57,6 +58,11 @@ class BackendOptions:
             raise ScalingCompileError(f"option inner={self.inner!r}: choose one of {INNER_COMPILERS}")
         if self.kernel not in KERNELS:
             raise ScalingCompileError(f"option kernel={self.kernel!r}: choose one of {KERNELS}")
+        if self.kernel == "fa4":
+            raise ScalingCompileError(
+                'option kernel="fa4": the FlashAttention-4 back-end is not part of this release; '
+                'use kernel="triton" (or "auto")'
+            )
         from .policies import canonical_policy, uses_west, validate_policy_options
 
         self.policy = canonical_policy(self.policy)  # raises for unknown policies and combinations

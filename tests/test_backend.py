@@ -324,3 +324,8 @@ def test_schedule_dense_warmup_serves_hand_written_masks_dense_then_sparse():
         torch.testing.assert_close(out, dense, atol=2e-5, rtol=1e-4)
     for out in outs[2:]:
         torch.testing.assert_close(out, sparse, atol=2e-5, rtol=1e-4)
+
+
+def test_fa4_kernel_option_is_refused_until_it_exists():
+    with pytest.raises(sc.ScalingCompileError, match="not part of this release"):
+        sc.BackendOptions.from_dict({"kernel": "fa4"})
