@@ -23,15 +23,9 @@ from scaling_compile.policies import haste, svoo
 from scaling_compile.policies.blocks import block_means, block_probabilities, top_p_mask
 
 from models import random_block_masks, tiny_wan, wan_inputs
+from test_regional import fresh_dynamo  # noqa: F401  (autouse: Dynamo reset around every test)
 
 BLOCK = 16
-
-
-@pytest.fixture(autouse=True)
-def fresh_dynamo():
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
 
 
 def qkv(seed, batch=1, heads=2, seq=48, dim=16):
@@ -286,10 +280,20 @@ def test_svoo_permuted_attention_is_exact_given_the_mask(path, batch, seq, monke
     torch.testing.assert_close(svoo.permute_tokens(result, perm_q), permuted, atol=1e-5, rtol=1e-4)
 
 
-def test_svoo_layer_profiling_and_levels_meet_the_budget():
+def test_svoo_layer_profiling_and_levels_meet_the_budget(tmp_path):
     model = tiny_wan(num_layers=3)
     samples = [wan_inputs(seed=s) for s in range(2)]
-    topology = policies.profile_svoo(model, samples, block_size=BLOCK, budgets=(0.5,), clusters=4)
+    keys = [f"blocks.{i}.attn1" for i in range(3)]
+    west = sc.Topology.from_block_masks(random_block_masks(keys, 2, 3, density=0.3), BLOCK)
+    # one pass, both online calibrations, merged into an existing artifact (one file serves every policy)
+    topology = policies.calibrate_online(model, samples, topology=west, budgets=(0.5,), clusters=4, p_grid=(0.5, 0.9))
+    topology.save(tmp_path / "all.safetensors")
+    topology = sc.Topology.load(tmp_path / "all.safetensors")
+    assert all(torch.equal(topology.entries[k].mask, west.entries[k].mask) for k in keys)
+    assert all({"haste_p", "svoo_required", "svoo_level", "svoo_clusters"} <= set(topology.entries[k].extra)
+               for k in keys)
+    assert policies.svoo.SvooPolicy(topology, 0.5, {}, BLOCK).clusters(keys[0]) == 4
+    assert set(topology.metadata) >= {"haste", "svoo"}
     curves = {k: e.extra["svoo_required"] for k, e in topology.entries.items()}
     assert len(curves) == 3
     for curve in curves.values():
@@ -326,10 +330,11 @@ POLICY_CASES = [
     ("svoo", {"level": 0.34, "clusters": 4}),
     ("west+haste", {"top_p": 0.5, "drift_threshold": 0.05}),
     ("svoo+haste", {"level": 0.67, "clusters": 4, "drift_threshold": 0.05}),
+    ("svoo", {"level": 0.34, "clusters": 1}),  # a layer profiled best in token order: no permutation
 ]
 
 
-@pytest.mark.parametrize("policy, options", POLICY_CASES, ids=[c[0] for c in POLICY_CASES])
+@pytest.mark.parametrize("policy, options", POLICY_CASES, ids=["haste", "svoo", "west+haste", "svoo+haste", "svoo-1"])
 def test_each_policy_end_to_end_equals_the_masked_reference_without_recompiling(policy, options):
     model = tiny_wan()
     keys = [f"blocks.{i}.attn1" for i in range(3)]

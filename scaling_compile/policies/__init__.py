@@ -262,7 +262,7 @@ def validate_policy_options(policy: str, options: dict | None) -> None:
         settings_from(HasteSettings, {k: v for k, v in options.items() if k in HasteSettings.__dataclass_fields__})
 
 
-from .calibrate import calibrate_haste, online_topology, profile_svoo  # noqa: E402
+from .calibrate import calibrate_haste, calibrate_online, online_topology, profile_svoo  # noqa: E402
 
 __all__ = [
     "COMPONENTS",
@@ -271,6 +271,7 @@ __all__ = [
     "PredictionTimer",
     "POLICIES",
     "calibrate_haste",
+    "calibrate_online",
     "canonical_policy",
     "inverse_permutation",
     "is_online",

@@ -48,6 +48,8 @@ from .haste import DriftGate, HasteSettings, capturing, settings_from
 
 MASS_TARGETS = (0.5, 0.7, 0.8, 0.9, 0.95, 0.99)
 DEFAULT_LEVEL = 0.25
+DEFAULT_CLUSTERS = 8
+CLUSTER_CANDIDATES = (1, 8, 32)  # profiled per layer; 1 = token order
 SVOO_VERSION = 1
 
 
@@ -56,22 +58,26 @@ class SvooSettings:
     """``options["policy_options"]`` of ``"svoo"`` (plus ``drift_threshold``/``refresh`` of HASTE
     for ``"svoo+haste"``).
 
-    clusters: centroids of the joint q/k k-means (per batch element and head).
+    clusters: centroids of the joint q/k k-means (per batch element and head), for every layer;
+        default: each layer's profiled choice (``svoo_clusters``), else ``DEFAULT_CLUSTERS``.
+        1 keeps token order (no clustering, no permutation).
     iterations: k-means iterations (on the sample).
     sample_tokens: q tokens (and as many k tokens) sampled, evenly strided, for the iterations.
     level: one density (fraction of key blocks kept) for every layer, overriding profile and budget.
     mass_target: serve each layer at the density its profile needs for this attention mass.
     """
 
-    clusters: int = 32
+    clusters: int | None = None
     iterations: int = 4
     sample_tokens: int = 2048
     level: float | None = None
     mass_target: float | None = None
 
     def __post_init__(self):
-        if int(self.clusters) < 1 or int(self.iterations) < 0 or int(self.sample_tokens) < 1:
-            raise ScalingCompileError("policy_options clusters/sample_tokens must be >= 1, iterations >= 0")
+        if self.clusters is not None and int(self.clusters) < 1:
+            raise ScalingCompileError("policy_options clusters must be >= 1")
+        if int(self.iterations) < 0 or int(self.sample_tokens) < 1:
+            raise ScalingCompileError("policy_options sample_tokens must be >= 1, iterations >= 0")
         if self.level is not None and not 0.0 < float(self.level) <= 1.0:
             raise ScalingCompileError(f"policy_options level={self.level!r} must be in (0, 1]")
         if self.mass_target is not None and not 0.0 < float(self.mass_target) <= 1.0:
@@ -143,24 +149,27 @@ def permuted_attention(query_p, key_p, value_p, mask: torch.Tensor, perm_q, bloc
                        out: torch.Tensor, unpermute_section=contextlib.nullcontext) -> torch.Tensor:
     """Block-sparse attention of PERMUTED q/k/v (``permute_tokens``), result in token order in ``out``.
 
-    ``mask`` bool ``(B, H, nq, nk)`` is in permuted block order; ``perm_q`` is the queries'
-    permutation (the keys' only matters through ``key_p``/``value_p``). All batch elements
-    and heads go to the kernel as one ``(1, B*H, S, D)`` problem.
+    ``mask`` bool ``(B, H, nq, nk)`` (or its packed int32 words) is in permuted block order;
+    ``perm_q`` is the queries' permutation (the keys' only matters through ``key_p`` /
+    ``value_p``). All batch elements and heads go to the kernel as one ``(1, B*H, S, D)``
+    problem.
     """
     from ..kernels.block_sparse_attention import empty_output_like
 
     batch, heads, seq, dim = query_p.shape
     flat = (1, batch * heads, seq, dim)
-    words = pack(mask).reshape(1, batch * heads, mask.shape[-2], -1)
+    words = mask if mask.dtype == torch.int32 else pack(mask)
+    words = words.reshape(1, batch * heads, words.shape[-2], -1)
     staging = empty_output_like(query_p.view(flat))
     result = attend(query_p.view(flat), key_p.view(flat), value_p.view(flat), words, block_size, scale, staging)
     with unpermute_section():
         return unpermute_into(out, result.view(batch, heads, seq, dim), perm_q)
 
 
-def cluster_permutations(query, key, settings: SvooSettings) -> tuple[torch.Tensor, torch.Tensor]:
+def cluster_permutations(query, key, settings: SvooSettings, clusters: int | None = None):
     """``(perm_q, perm_k)`` of one call: co-clustering, then tokens sorted by cluster."""
-    labels_q, labels_k = co_cluster(query, key, settings.clusters, settings.iterations, settings.sample_tokens)
+    clusters = clusters or settings.clusters or DEFAULT_CLUSTERS
+    labels_q, labels_k = co_cluster(query, key, clusters, settings.iterations, settings.sample_tokens)
     return cluster_permutation(labels_q), cluster_permutation(labels_k)
 
 
@@ -172,9 +181,12 @@ def select_blocks(query_p, key_p, block_size: int, scale, level: float) -> torch
     return top_k_mask(probs, keep_count(level, probs.shape[-1]))
 
 
-def predict(query, key, block_size: int, scale, settings: SvooSettings, level: float):
-    """SVOO's online prediction for one call: ``(perm_q, perm_k, mask)``, mask in permuted order."""
-    perm_q, perm_k = cluster_permutations(query, key, settings)
+def predict(query, key, block_size: int, scale, settings: SvooSettings, level: float, clusters: int | None = None):
+    """SVOO's online prediction for one call: ``(perm_q, perm_k, mask)``, mask in permuted order
+    (with ``clusters == 1``: ``(None, None, mask)`` in token order)."""
+    if clusters == 1:
+        return None, None, select_blocks(query, key, block_size, scale, level)
+    perm_q, perm_k = cluster_permutations(query, key, settings, clusters)
     mask = select_blocks(permute_tokens(query, perm_q), permute_tokens(key, perm_k), block_size, scale, level)
     return perm_q, perm_k, mask
 
@@ -277,6 +289,15 @@ class SvooPolicy:
             self._levels[key] = level
         return level
 
+    def clusters(self, key: str) -> int:
+        """Co-clustering centroids of node ``key`` (1: token order): option, else profiled, else default."""
+        if self.settings.clusters is not None:
+            return int(self.settings.clusters)
+        entry = self.topology.entries.get(key) if self.topology is not None else None
+        if entry is not None and "svoo_clusters" in entry.extra:
+            return int(entry.extra["svoo_clusters"].flatten()[0])
+        return DEFAULT_CLUSTERS
+
     def prewarm(self, key: str, batch: int, heads: int, seq: int, head_dim: int, device) -> None:
         self.level(key)
         if self.use_reuse:
@@ -297,13 +318,10 @@ class SvooPolicy:
     def attend(self, key: str, query, key_, value, scale, prior_words, out) -> torch.Tensor:
         if prior_words is not None:
             raise ScalingCompileError("svoo cannot be combined with a WEST prior (token orders differ)")
-        level = self.level(key)
-        device = query.device
-        need = refresh = None
-        if not self.use_reuse:
-            with timed("svoo.cluster", device):
-                perm_q, perm_k = cluster_permutations(query, key_, self.settings)
-        else:
+        level, clusters, device = self.level(key), self.clusters(key), query.device
+        ordered = clusters > 1  # else token order: no clustering, no permutation
+        need = refresh = state = None
+        if self.use_reuse:
             batch, heads, seq, dim = query.shape
             state = self._state(key, batch, heads, seq, dim, device)
             device_mode = self.reuse.refresh == "device" or (self.reuse.refresh == "auto" and capturing(device))
@@ -312,17 +330,25 @@ class SvooPolicy:
                 pooled_k, _ = block_means(key_, self.block_size)
                 need = state.gate.need(pooled_q, pooled_k)
                 refresh = device_mode or bool(need.any())
-            if refresh:
+        perm_q = perm_k = None
+        if ordered:
+            if state is None:
                 with timed("svoo.cluster", device):
-                    fresh_q, fresh_k = cluster_permutations(query, key_, self.settings)
-                    state.perm_q.copy_(torch.where(need[..., None], fresh_q, state.perm_q))
-                    state.perm_k.copy_(torch.where(need[..., None], fresh_k, state.perm_k))
-            perm_q, perm_k = state.perm_q, state.perm_k
-        with timed("svoo.permute", device):
-            query_p, key_p, value_p = (permute_tokens(query, perm_q), permute_tokens(key_, perm_k),
-                                       permute_tokens(value, perm_k))
+                    perm_q, perm_k = cluster_permutations(query, key_, self.settings, clusters)
+            else:
+                if refresh:
+                    with timed("svoo.cluster", device):
+                        fresh_q, fresh_k = cluster_permutations(query, key_, self.settings, clusters)
+                        state.perm_q.copy_(torch.where(need[..., None], fresh_q, state.perm_q))
+                        state.perm_k.copy_(torch.where(need[..., None], fresh_k, state.perm_k))
+                perm_q, perm_k = state.perm_q, state.perm_k
+            with timed("svoo.permute", device):
+                query_p, key_p, value_p = (permute_tokens(query, perm_q), permute_tokens(key_, perm_k),
+                                           permute_tokens(value, perm_k))
+        else:
+            query_p, key_p, value_p = query, key_, value
         with timed("svoo.select", device):
-            if need is None:
+            if state is None:
                 mask = select_blocks(query_p, key_p, self.block_size, scale, level)
             elif refresh:
                 fresh = select_blocks(query_p, key_p, self.block_size, scale, level)
@@ -332,15 +358,21 @@ class SvooPolicy:
             else:
                 state.gate.skip()
                 mask = state.mask
+            words = pack(mask)
         if recording():
-            refreshed = None if need is None else state.gate.last.cpu().clone()
             _record(MaskRecord(key, "svoo+haste" if self.use_reuse else "svoo", mask.cpu().clone(), self.block_size,
-                               perm_q=perm_q.cpu().clone(), perm_k=perm_k.cpu().clone(), refreshed=refreshed))
-        return permuted_attention(query_p, key_p, value_p, mask, perm_q, self.block_size, scale, out,
+                               perm_q=None if perm_q is None else perm_q.cpu().clone(),
+                               perm_k=None if perm_k is None else perm_k.cpu().clone(),
+                               refreshed=None if state is None else state.gate.last.cpu().clone()))
+        if not ordered:
+            return attend(query, key_, value, words, self.block_size, scale, out)
+        return permuted_attention(query_p, key_p, value_p, words, perm_q, self.block_size, scale, out,
                                   lambda: timed("svoo.permute", device))
 
 
 __all__ = [
+    "CLUSTER_CANDIDATES",
+    "DEFAULT_CLUSTERS",
     "MASS_TARGETS",
     "SvooPolicy",
     "SvooSettings",
