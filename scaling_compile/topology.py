@@ -137,6 +137,9 @@ class Topology:
                 entry, self, seq_len=seq_len, grid=grid, budget=budget, step_fraction=step_fraction
             )
         mask = entry.mask
+        if mask is None:  # an entry holding only online-policy tables (scaling_compile.policies)
+            raise NotServable(f"{key!r} has no static mask or WEST scores in the artifact: serve it with an "
+                              "online policy (options={'policy': 'haste'} or 'svoo'), or profile the model")
         from .west import is_dense_step
 
         if is_dense_step(step_fraction):  # a schedule's dense warm-up bucket

@@ -418,3 +418,11 @@ def test_calibrated_haste_artifact_serves_through_the_backend(tmp_path):
         expected = model(**inputs).sample
     torch.testing.assert_close(out, expected, atol=1e-4, rtol=1e-3)
     assert set(stored) == {r.key for r in records}
+
+
+def test_online_only_artifact_under_policy_west_stays_dense_with_advice():
+    model = tiny_wan(num_layers=1)
+    inputs = wan_inputs()
+    topology = policies.online_topology(model, **inputs, block_size=BLOCK)
+    decisions = sc.sdpa_nodes(model, **inputs, artifact=topology)
+    assert not decisions[0].served and "online policy" in decisions[0].reason
