@@ -117,6 +117,30 @@ def decide(call: SDPACall, topology, budget: float | None = None, grid=None, pol
     return decision
 
 
+def decide_in_graph(gm: fx.GraphModule, call: SDPACall, topology, budget=None, grid=None, policy: str = "west"):
+    """:func:`decide` for a call of ``gm``, and the topology it is served from: under context
+    parallelism (Ulysses) the view of this rank's heads (``scaling_compile.parallel``)."""
+    from .. import parallel
+
+    served_from = parallel.topology_for_call(gm, call, topology)
+    decision = decide(call, served_from, budget, grid, policy)
+    if decision.served and decision.served_keys and call.query_shape:
+        decision.note = parallel.shard_note(served_from, decision.served_keys[0], call.num_heads)
+    return decision, served_from
+
+
+def unmatched_decisions(gm: fx.GraphModule, topology) -> list[NodeDecision]:
+    """Dense decisions, with their reasons, for the attention calls of ``gm`` that are not SDPA
+    (ring attention, other diffusers attention backends): never rewritten, but reported."""
+    from .. import parallel
+
+    decisions = []
+    for key, query_shape, key_shape, reason in parallel.unmatched_attention_calls(gm):
+        covered = bool(topology is not None and artifact_keys_for_key(key, topology))
+        decisions.append(NodeDecision(key, query_shape, key_shape, served=False, reason=reason, covered=covered))
+    return decisions
+
+
 def rewrite_sdpa_calls(gm: fx.GraphModule, topology, options, example_inputs=None) -> list[NodeDecision]:
     """Replace each servable SDPA node of ``gm`` by the sparse custom op; return every decision.
 
@@ -126,14 +150,12 @@ def rewrite_sdpa_calls(gm: fx.GraphModule, topology, options, example_inputs=Non
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     examples = dict(zip(placeholders, example_inputs or []))
     from .. import op as _op  # noqa: F401  (registers torch.ops.scaling.sparse_sdpa)
-    from .. import parallel
     from ..plans import AttentionPlan, register_plan
 
     decisions = []
     for call in find_sdpa_calls(gm):
         grid = token_grid_in_graph(gm, call.query_shape[-2]) if call.query_shape else None
-        served_from = parallel.topology_for_call(gm, call, topology)  # a Ulysses rank: its heads
-        decision = decide(call, served_from, options.budget, grid, options.policy)
+        decision, served_from = decide_in_graph(gm, call, topology, options.budget, grid, options.policy)
         if decision.served and not _grad_free(call):
             decision.served = False
             decision.reason = "inputs require grad (the sparse kernel is inference-only: use torch.no_grad())"
@@ -150,8 +172,6 @@ def rewrite_sdpa_calls(gm: fx.GraphModule, topology, options, example_inputs=Non
         if not decision.served:
             decisions.append(decision)
             continue
-        if decision.served_keys and call.query_shape:
-            decision.note = parallel.shard_note(served_from, decision.served_keys[0], call.num_heads)
         plan = AttentionPlan(
             graph_key=call.key,
             anchor_suffix=anchor_suffix,
@@ -175,9 +195,7 @@ def rewrite_sdpa_calls(gm: fx.GraphModule, topology, options, example_inputs=Non
         call.node.replace_all_uses_with(new)
         gm.graph.erase_node(call.node)
         decisions.append(decision)
-    for key, query_shape, key_shape, reason in parallel.unmatched_attention_calls(gm):
-        covered = bool(topology is not None and (key in topology or artifact_keys_for_key(key, topology)))
-        decisions.append(NodeDecision(key, query_shape, key_shape, served=False, reason=reason, covered=covered))
+    decisions.extend(unmatched_decisions(gm, topology))
     gm.graph.lint()
     gm.recompile()
     return decisions

@@ -6,7 +6,7 @@ import torch
 
 from .options import BackendOptions
 from .passes.match import find_sdpa_calls
-from .passes.rewrite import NodeDecision, decide, token_grid_in_graph
+from .passes.rewrite import NodeDecision, decide_in_graph, token_grid_in_graph, unmatched_decisions
 
 
 def capture_graphs(model, *args, **kwargs) -> list[torch.fx.GraphModule]:
@@ -34,5 +34,6 @@ def sdpa_nodes(model, *args, artifact=None, budget=None, **kwargs) -> list[NodeD
     for gm in capture_graphs(model, *args, **kwargs):
         for call in find_sdpa_calls(gm):
             grid = token_grid_in_graph(gm, call.query_shape[-2]) if call.query_shape else None
-            decisions.append(decide(call, topology, budget, grid))
+            decisions.append(decide_in_graph(gm, call, topology, budget, grid)[0])
+        decisions.extend(unmatched_decisions(gm, topology))
     return decisions

@@ -66,6 +66,8 @@ def run_rank(rank: int, world: int, port: int, workdir: str, artifact: str, num_
 
 def _run(rank, world, workdir, artifact, num_layers, heads, regional_inner):
     from diffusers import ContextParallelConfig
+
+    import scaling_compile as sc
     from scaling_compile import plans
     from scaling_compile.parallel import enable_context_parallel
 
@@ -100,4 +102,6 @@ def _run(rank, world, workdir, artifact, num_layers, heads, regional_inner):
         result["whole"] = compiled(**inputs, return_dict=False)[0]
         result["whole_graphs"] = graphs
         result["whole_masks"] = _served_masks(first_plan)
+        torch._dynamo.reset()
+        result["decisions"] = [str(d) for d in sc.sdpa_nodes(model, **inputs, return_dict=False, artifact=artifact)]
     torch.save(result, os.path.join(workdir, f"rank{rank}.pt"))

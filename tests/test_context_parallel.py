@@ -243,3 +243,13 @@ def test_attention_path_is_in_the_graphs_and_sparse(ulysses_run):
         assert regional and all(g["sparse"] == 1 and g["all_to_all"] >= 4 for g in regional)
         assert sum(g["sparse"] for g in rank["whole_graphs"]) == LAYERS
         assert all(g["dense_sdpa"] == g["sparse"] for g in regional + rank["whole_graphs"])  # attn2 dense
+
+
+@pytest.mark.slow
+def test_decisions_say_which_heads_a_rank_serves(ulysses_run):
+    for rank in ulysses_run["ranks"]:
+        r = rank["rank"]
+        attn1 = [d for d in rank["decisions"] if ".attn1 " in d]
+        assert len(attn1) == LAYERS
+        assert all("sparse (density" in d and f"heads {2 * r}-{2 * r + 1} of 4, Ulysses rank {r}/2" in d
+                   for d in attn1), attn1
