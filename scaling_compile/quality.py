@@ -363,7 +363,7 @@ PRESETS: dict[str, HarnessConfig] = {
     # H100: Wan2.1-1.3B size, 480p 33 frames = 9 x 30 x 52 = 14040 tokens, 110 blocks of 128;
     # profiled at 5 x 20 x 36 = 3600 tokens (29 blocks)
     "wan2.1-1.3b": HarnessConfig(config="wan2.1-1.3b", latent=(9, 60, 104), profile_latent=(5, 40, 72),
-                                 block_size=128, steps=5, eval_steps=(2,), prompts=1, compile="regional",
+                                 block_size=128, steps=4, eval_steps=(2,), prompts=1, compile="regional",
                                  device="cuda", dtype="bfloat16",
                                  calibration=dict(num_prompts=2, num_latents=2, num_timesteps=2)),
 }
@@ -675,6 +675,15 @@ def plot_results(results, path: str) -> str:
         ax.set_xlabel("mean served density (fraction of blocks kept)")
         ax.set_title(title)
         ax.grid(alpha=0.3)
+    for name in ("west_fast", "west_uniform"):  # recall of the heads that carry the output (planted models)
+        mine = sorted((r for r in rows if r["policy"] == name and r.get("attention_recall_weighted") is not None),
+                      key=lambda r: r["density"])
+        if mine:
+            axes[1].plot([r["density"] for r in mine], [r["attention_recall_weighted"] for r in mine], linestyle=":",
+                         color=_STYLE[name][0], label=f"{mine[0]['label']}, output-weighted")
+    dotted = [line for line in axes[1].get_lines() if line.get_linestyle() == ":"]
+    if dotted:
+        axes[1].legend(handles=dotted, fontsize=8, loc="lower right")
     axes[0].axhline(30.0, color="grey", linestyle="--", linewidth=1)
     axes[1].axhline(0.95, color="grey", linestyle="--", linewidth=1)
     axes[2].set_yscale("log")
