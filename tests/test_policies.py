@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 import scaling_compile as sc
-from scaling_compile import policies
+from scaling_compile import plans, policies
 from scaling_compile.kernels.block_sparse_attention import empty_output_like
 from scaling_compile.kernels.reference import token_mask_from_blocks
 from scaling_compile.policies import haste, svoo
@@ -369,7 +369,7 @@ def test_each_policy_end_to_end_equals_the_masked_reference_without_recompiling(
         assert refreshed[:3] == [True] * 3  # first call predicts
         assert refreshed[3:6] == [False] * 3  # tiny drift: reused
         assert any(refreshed[6:])  # new input: re-predicted
-        stats = sc.plans.online_statistics()
+        stats = plans.online_statistics()
         assert stats["blocks.0.attn1"]["calls"] == 3
     if policy.startswith("west"):  # the WEST prior is always inside the served mask
         for r in records:
@@ -410,7 +410,7 @@ def test_calibrated_haste_artifact_serves_through_the_backend(tmp_path):
     with torch.no_grad(), policies.record_masks() as records:
         out = compiled(**inputs).sample
     stored = {k: e.extra["haste_p"][0] for k, e in topology.entries.items()}
-    served = [plan._policy for plan in sc.plans._plans if plan._policy is not None][-2:]
+    served = [plan._policy for plan in plans._plans if plan._policy is not None][-2:]
     for policy in served:  # the plans serve the calibrated per-head thresholds of the artifact
         for (key, _heads, _device), p in policy._p.items():
             torch.testing.assert_close(p.flatten(), stored[key])
@@ -426,3 +426,30 @@ def test_online_only_artifact_under_policy_west_stays_dense_with_advice():
     topology = policies.online_topology(model, **inputs, block_size=BLOCK)
     decisions = sc.sdpa_nodes(model, **inputs, artifact=topology)
     assert not decisions[0].served and "online policy" in decisions[0].reason
+
+
+def test_reconfigure_switches_policy_and_budget_of_a_compiled_model_without_recompiling():
+    """What the GPU benchmark relies on: one compilation serves every policy (plans looked up per call)."""
+    model = tiny_wan(num_layers=2)
+    inputs = wan_inputs(seed=0)
+    keys = [f"blocks.{i}.attn1" for i in range(2)]
+    topology = sc.Topology.from_block_masks(random_block_masks(keys, 2, 3, density=0.3, seed=2), BLOCK)
+    before = plans.plan_count()
+    compiled = torch.compile(model, backend="scaling", options={"artifact": topology, "inner": "eager"})
+    with torch.no_grad():
+        west = compiled(**inputs).sample
+        ids = range(before, plans.plan_count())
+        assert len(ids) == 2
+        with torch._dynamo.config.patch(error_on_recompile=True), policies.record_masks() as records:
+            for pid in ids:
+                plans.get_plan(pid).reconfigure(policy="svoo", policy_options={"level": 0.34, "clusters": 1})
+            svoo_out = compiled(**inputs).sample
+            for pid in ids:
+                plans.get_plan(pid).reconfigure(policy="west")
+            again = compiled(**inputs).sample
+    assert [r.policy for r in records] == ["svoo", "svoo"]
+    with torch.no_grad(), replay_token_masks(records) as pending:
+        expected = model(**inputs).sample
+    assert not pending
+    torch.testing.assert_close(svoo_out, expected, atol=1e-4, rtol=1e-3)
+    torch.testing.assert_close(again, west)
