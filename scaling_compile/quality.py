@@ -626,9 +626,10 @@ _COLUMNS = [
 ]
 
 
-def format_table(rows) -> str:
-    """The results as a markdown table (columns that no row has are left out)."""
-    columns = [c for c in _COLUMNS if any(r.get(c[0]) is not None for r in rows)]
+def format_table(rows, columns=None) -> str:
+    """The results as a markdown table; ``columns``: ``[(key, title, format), ...]`` (default: the
+    harness's). Columns that no row has are left out; a ``budget`` of None reads "own"."""
+    columns = [c for c in (columns or _COLUMNS) if any(r.get(c[0]) is not None for r in rows)]
     lines = ["| " + " | ".join(c[1] for c in columns) + " |", "|" + "---|" * len(columns)]
     for r in rows:
         cells = []
