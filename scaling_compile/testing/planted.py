@@ -602,9 +602,9 @@ def planted_wan_transformer(
     if isinstance(config, str):
         if config not in CONFIGS:
             raise ValueError(f"unknown config {config!r}; choose one of {tuple(CONFIGS)} or pass a dict")
-        name, cfg = config, dict(CONFIGS[config])
+        config_name, cfg = config, dict(CONFIGS[config])
     else:
-        name, cfg = "custom", dict(CONFIGS["wan2.1-1.3b"], **dict(config))
+        config_name, cfg = "custom", dict(CONFIGS["wan2.1-1.3b"], **dict(config))
     for k in list(kinds):
         if k not in KINDS:
             raise ValueError(f"unknown kind {k!r}")
@@ -723,8 +723,8 @@ def planted_wan_transformer(
     model.eval()
     model.planted_plan = full_plan
     model.planted_info = dict(
-        config=name, seed=seed, design_extent=tuple(design_extent), axis_mass=axis_mass, qk_noise=qk_noise,
-        text_len=_TEXT_LEN.get(name, 16), bands=bands,
+        config=config_name, seed=seed, design_extent=tuple(design_extent), axis_mass=axis_mass, qk_noise=qk_noise,
+        text_len=_TEXT_LEN.get(config_name, 16), bands=bands,
     )
     return model
 
