@@ -17,7 +17,7 @@ backend="scaling", options={"artifact": ..., "policy": ..., "budget": ...})``.
 
 Quality (all against dense attention, same inputs and seeds; metrics from
 ``scaling_compile.quality``): the served density (mean fraction of key blocks kept);
-per node, along the dense denoising trajectory, every call served through
+per node, along the first prompt's dense denoising trajectory, every call served through
 ``torch.ops.scaling.sparse_sdpa`` with the policy's state carried from step to step:
 **attention recall** (dense attention mass inside the served token mask) and
 **attention-output rel. L2**; the transformer output's rel. L2 on those inputs; end to end,
@@ -180,17 +180,25 @@ def _uncompile(model):
 
 
 def time_sequence(model, inputs_seq, rounds: int) -> float:
-    """Median forward ms (CUDA events) over ``rounds`` passes of ``inputs_seq``, after one warm-up pass."""
+    """Median forward ms (CUDA events; wall clock on CPU) over ``rounds`` passes of ``inputs_seq``,
+    after one warm-up pass."""
+    cuda = inputs_seq[0]["hidden_states"].is_cuda
+
     def forward(inputs):
         return model(**dict(inputs, return_dict=False))[0]
 
     with torch.no_grad():
         for inputs in inputs_seq:
             forward(inputs)
-        torch.cuda.synchronize()
         times = []
         for _ in range(rounds):
             for inputs in inputs_seq:
+                if not cuda:
+                    began = time.perf_counter()
+                    forward(inputs)
+                    times.append((time.perf_counter() - began) * 1e3)
+                    continue
+                torch.cuda.synchronize()
                 start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                 start.record()
                 forward(inputs)
@@ -200,15 +208,23 @@ def time_sequence(model, inputs_seq, rounds: int) -> float:
     return statistics.median(times)
 
 
+def _sync(inputs_seq) -> None:
+    if inputs_seq[0]["hidden_states"].is_cuda:
+        torch.cuda.synchronize()
+
+
 def speed_pass(model, topology, runs, inputs_seq, rounds, results, save):
-    """Dense Inductor, then ONE scaling compilation reconfigured for each (policy, options, budget)."""
+    """Dense Inductor, then ONE scaling compilation reconfigured for each (policy, options, budget).
+
+    (On CPU, a smoke run of the same steps: no Inductor, eager graphs.)"""
+    cuda = inputs_seq[0]["hidden_states"].is_cuda
     torch._dynamo.reset()
     _uncompile(model)
     started = time.perf_counter()
-    model.compile_repeated_blocks(fullgraph=True, backend="inductor")
+    model.compile_repeated_blocks(fullgraph=True, backend="inductor" if cuda else "eager")
     with torch.no_grad():
         model(**dict(inputs_seq[0], return_dict=False))
-    torch.cuda.synchronize()
+    _sync(inputs_seq)
     dense_compile = time.perf_counter() - started
     dense_ms = time_sequence(model, inputs_seq, rounds)
     results["speed"] = {"dense_ms": dense_ms, "dense_compile_s": round(dense_compile, 2), "runs": []}
@@ -221,10 +237,10 @@ def speed_pass(model, topology, runs, inputs_seq, rounds, results, save):
     started = time.perf_counter()
     model.compile_repeated_blocks(fullgraph=True, backend="scaling", options={
         "artifact": topology, "policy": first_policy, "policy_options": first_options or None,
-        "budget": first_budget, "strict": True})
+        "budget": first_budget, "strict": True, "inner": "inductor" if cuda else "eager"})
     with torch.no_grad():
         model(**dict(inputs_seq[0], return_dict=False))
-    torch.cuda.synchronize()
+    _sync(inputs_seq)
     compile_s = time.perf_counter() - started
     plan_ids = range(before, plan_count())
     log(f"  scaling (regional): compiled in {compile_s:.1f} s, {len(plan_ids)} plan(s)")
@@ -320,12 +336,13 @@ def run(cfg: TableConfig, save) -> dict:
     t = stage("dense denoising", t)
 
     if cfg.quality:
+        node_inputs = trajectory[:cfg.steps]  # the first prompt's denoising steps, in order
         with torch.no_grad():
-            dense_outputs = [model(**dict(i, return_dict=False))[0].float() for i in trajectory]
+            dense_outputs = [model(**dict(i, return_dict=False))[0].float() for i in node_inputs]
         sparse_latents = []
         for policy, options, budget in runs:
             label = _label(policy, options)
-            nodes, outputs = node_pass(model, topology, policy, options, budget, trajectory, grid, cfg.block_size)
+            nodes, outputs = node_pass(model, topology, policy, options, budget, node_inputs, grid, cfg.block_size)
             compiled = served_model(model, topology, policy, options, budget, "eager" if device.type == "cpu" else
                                     "inductor")
             with torch.no_grad(), policies.record_masks() as recorded:
@@ -371,10 +388,10 @@ def run(cfg: TableConfig, save) -> dict:
 # Table
 # ---------------------------------------------------------------------------------------------
 COLUMNS = [
-    ("policy", "policy", "{}"), ("budget", "budget", "{}"), ("density", "density (CPU)", "{:.3f}"),
+    ("policy", "policy", "{}"), ("budget", "budget", "{}"), ("density", "density", "{:.3f}"),
     ("attention_recall", "attn recall", "{:.4f}"), ("attention_out_rel_l2", "attn out rel L2", "{:.4f}"),
     ("transformer_rel_l2", "transformer rel L2", "{:.4f}"), ("psnr", "PSNR dB", "{:.2f}"), ("ssim", "SSIM", "{:.4f}"),
-    ("refresh_share", "re-predicted", "{:.2f}"), ("served_density", "density (GPU)", "{:.3f}"),
+    ("refresh_share", "re-predicted", "{:.2f}"), ("served_density", "density (speed run)", "{:.3f}"),
     ("forward_ms", "forward ms", "{:.1f}"), ("speedup", "speedup", "{:.2f}x"),
     ("predict_ms", "prediction ms/forward", "{:.2f}"), ("predict_share", "prediction share", "{:.1%}"),
 ]
