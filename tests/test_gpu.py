@@ -90,3 +90,29 @@ def test_group_offload_with_regional_compilation():
         out = model(**inputs).sample
         out = model(**inputs).sample
     check(out, expected)
+
+
+def test_model_cpu_offload_pipeline_with_regional_compilation():
+    """enable_model_cpu_offload moves the transformer between CPU and GPU around each call;
+    the compiled blocks must keep finding their own masks (new parameter storage each time)."""
+    from masked_reference import masked_attention
+    from scaling_compile.quality import tiny_vae, wan_pipeline
+
+    model, inputs, topology, _expected = setup(num_layers=3)
+    masks = {key: entry.mask for key, entry in topology.entries.items()}
+    embeds = inputs["encoder_hidden_states"]
+
+    def run(pipe):  # 5 frames of 64 x 64 pixels -> latent 3 x 16 x 16 -> 192 tokens, as setup()
+        generator = torch.Generator("cpu").manual_seed(0)
+        return pipe(prompt_embeds=embeds, guidance_scale=1.0, num_inference_steps=3, height=64, width=64,
+                    num_frames=5, generator=generator, output_type="latent").frames.float()
+
+    pipe = wan_pipeline(model, tiny_vae(device="cuda"))
+    with torch.no_grad(), masked_attention(model, masks, BLOCK):
+        expected = run(pipe)
+    model.compile_repeated_blocks(backend="scaling", options={"artifact": topology, "strict": True})
+    pipe.enable_model_cpu_offload()
+    with torch.no_grad():
+        first, second = run(pipe), run(pipe)
+    check(first, expected)
+    check(second, expected)
