@@ -22,6 +22,13 @@ def token_mask_from_blocks(
     return rows.repeat_interleave(block_n, dim=-1)[..., :seq_kv]
 
 
+def as_bool_block_mask(block_mask: torch.Tensor, seq_kv: int, block_size: int) -> torch.Tensor:
+    """A bool block mask, unpacking the int32 bit-packed form if that is what was given."""
+    if block_mask.dtype == torch.int32:
+        return unpack_block_mask(block_mask, math.ceil(seq_kv / block_size))
+    return block_mask
+
+
 def block_sparse_attention_reference(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -37,10 +44,8 @@ def block_sparse_attention_reference(
     (the kernel's documented result for an empty row).
     """
     seq_q, seq_kv = q.shape[-2], k.shape[-2]
-    n_kv_blocks = math.ceil(seq_kv / block_size)
-    if block_mask.dtype == torch.int32:
-        block_mask = unpack_block_mask(block_mask, n_kv_blocks)
-    mask = token_mask_from_blocks(block_mask.to(q.device), seq_q, seq_kv, block_size, block_size)
+    block_mask = as_bool_block_mask(block_mask, seq_kv, block_size).to(q.device)
+    mask = token_mask_from_blocks(block_mask, seq_q, seq_kv, block_size, block_size)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale
     scores = scores.masked_fill(~mask, float("-inf"))
@@ -64,10 +69,7 @@ def block_sparse_attention_chunked(
     interpreter): it uses SDPA with a boolean token mask per chunk. Empty rows give zeros.
     """
     seq_q, seq_kv = q.shape[-2], k.shape[-2]
-    n_kv_blocks = math.ceil(seq_kv / block_size)
-    if block_mask.dtype == torch.int32:
-        block_mask = unpack_block_mask(block_mask, n_kv_blocks)
-    block_mask = block_mask.to(q.device)
+    block_mask = as_bool_block_mask(block_mask, seq_kv, block_size).to(q.device)
     out = torch.empty_like(q)
     rows = rows_per_chunk * block_size
     for start in range(0, seq_q, rows):

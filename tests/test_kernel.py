@@ -10,9 +10,6 @@ from __future__ import annotations
 
 import importlib
 import math
-import sys
-import types
-from pathlib import Path
 
 import pytest
 import torch
@@ -20,23 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 
-def _import_kernels():
-    """``scaling_compile.kernels`` when installed, else the repo's ``kernels/`` under that name."""
-    try:
-        return importlib.import_module("scaling_compile.kernels.block_sparse_attention")
-    except ImportError:
-        root = Path(__file__).resolve().parents[1]
-        if "scaling_compile" not in sys.modules:
-            parent = types.ModuleType("scaling_compile")
-            parent.__path__ = [str(root / "scaling_compile")]
-            sys.modules["scaling_compile"] = parent
-        sub = types.ModuleType("scaling_compile.kernels")
-        sub.__path__ = [str(root / "kernels")]
-        sys.modules["scaling_compile.kernels"] = sub
-        return importlib.import_module("scaling_compile.kernels.block_sparse_attention")
-
-
-bsa = _import_kernels()
+bsa = importlib.import_module("scaling_compile.kernels.block_sparse_attention")
 bitpack = importlib.import_module("scaling_compile.kernels.bitpack")
 reference = importlib.import_module("scaling_compile.kernels.reference")
 

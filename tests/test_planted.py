@@ -9,23 +9,15 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from scaling_compile.testing import (
-    CONFIGS,
-    KINDS,
-    SENSITIVITY_SCALES,
-    HeadPattern,
-    attention_mass_in_mask,
-    example_inputs,
-    expected_block_mask,
-    expected_token_mask,
-    plan_from_json,
-    plan_to_json,
-    planted_head_patterns,
-    planted_summary,
-    planted_wan_transformer,
-    record_self_attention,
-    token_grid_of,
-)
+from scaling_compile import testing
+from scaling_compile.testing import planted_wan_transformer
+
+CONFIGS, KINDS, SENSITIVITY_SCALES, HeadPattern = testing.CONFIGS, testing.KINDS, testing.SENSITIVITY_SCALES, testing.HeadPattern
+attention_mass_in_mask, example_inputs = testing.attention_mass_in_mask, testing.example_inputs
+expected_block_mask, expected_token_mask = testing.expected_block_mask, testing.expected_token_mask
+plan_from_json, plan_to_json = testing.plan_from_json, testing.plan_to_json
+planted_head_patterns, planted_summary = testing.planted_head_patterns, testing.planted_summary
+record_self_attention, token_grid_of = testing.record_self_attention, testing.token_grid_of
 from scaling_compile.testing import planted as planted_mod
 
 TINY_LATENT = (3, 16, 16)  # -> 3 x 8 x 8 = 192 tokens

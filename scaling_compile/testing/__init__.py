@@ -1,37 +1,9 @@
-"""Test fixtures for scaling-compile: Wan models with planted (known) attention topology."""
+"""Test fixtures for scaling-compile: Wan models with planted (known) attention topology.
 
-from .planted import (
-    CONFIGS,
-    KINDS,
-    SENSITIVITY_SCALES,
-    HeadPattern,
-    attention_mass_in_mask,
-    example_inputs,
-    expected_block_mask,
-    expected_token_mask,
-    plan_from_json,
-    plan_to_json,
-    planted_head_patterns,
-    planted_summary,
-    planted_wan_transformer,
-    record_self_attention,
-    token_grid_of,
-)
+Everything public lives in :mod:`.planted` (see its ``__all__``).
+"""
 
-__all__ = [
-    "CONFIGS",
-    "HeadPattern",
-    "KINDS",
-    "SENSITIVITY_SCALES",
-    "attention_mass_in_mask",
-    "example_inputs",
-    "expected_block_mask",
-    "expected_token_mask",
-    "plan_from_json",
-    "plan_to_json",
-    "planted_head_patterns",
-    "planted_summary",
-    "planted_wan_transformer",
-    "record_self_attention",
-    "token_grid_of",
-]
+from . import planted
+from .planted import *  # noqa: F401,F403  (the public names are planted.__all__)
+
+__all__ = list(planted.__all__)
