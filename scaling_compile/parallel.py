@@ -320,6 +320,7 @@ def enable_context_parallel(model: torch.nn.Module, config) -> None:
     by zero when torch has no accelerator; the CPU device mesh itself works with gloo. On a
     machine with an accelerator this is exactly ``model.enable_parallelism(config=config)``.
     """
+    _give_diffusers_loggers_warning_once()
     count = torch.accelerator.device_count
     if count() == 0:
         torch.accelerator.device_count = lambda: 1
@@ -327,6 +328,23 @@ def enable_context_parallel(model: torch.nn.Module, config) -> None:
         model.enable_parallelism(config=config)
     finally:
         torch.accelerator.device_count = count
+
+
+def _give_diffusers_loggers_warning_once() -> None:
+    """diffusers 0.42's context-parallel hooks call ``logger.warning_once``, which only exists
+    once ``transformers`` has been imported (it adds the method to ``logging.Logger``). Without
+    transformers the first sharded forward raises AttributeError; give those loggers the method."""
+    import functools
+    import importlib
+
+    for name in ("diffusers.hooks.context_parallel", "diffusers.models._modeling_parallel",
+                 "diffusers.models.attention_dispatch"):
+        try:
+            logger = getattr(importlib.import_module(name), "logger", None)
+        except ImportError:
+            continue
+        if logger is not None and not hasattr(logger, "warning_once"):
+            logger.warning_once = functools.lru_cache(None)(logger.warning)
 
 
 __all__ = [
