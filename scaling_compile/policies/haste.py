@@ -54,7 +54,7 @@ from ..kernels.bitpack import num_words, unpack_block_mask
 from . import MaskRecord, _record, recording, timed
 from .blocks import attend, block_means, block_probabilities, default_scale, pack, top_p_mask
 
-P_GRID = (0.5, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99)
+P_GRID = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99)
 DEFAULT_TOP_P = 0.9
 REFRESH_MODES = ("auto", "host", "device")
 HASTE_VERSION = 1
