@@ -32,7 +32,8 @@ real step-to-step drift), and the time of the online mask prediction ALONE is me
 with CUDA events around the prediction code (``policies.time_predictions``), per section.
 
 Policy names: ``west`` (WEST + FAST), ``haste``, ``svoo``, ``west+haste``, ``svoo+haste``;
-``NAME:device`` runs HASTE's reuse decision on the device (CUDA-graph capturable).
+``NAME:device`` runs HASTE's reuse decision on the device (CUDA-graph capturable);
+``NAME:fresh`` re-predicts at every call (no reuse: the full cost of the prediction).
 """
 
 from __future__ import annotations
@@ -98,13 +99,18 @@ PRESETS = {
 
 def parse_policy(name: str) -> tuple[str, dict]:
     """``"haste:device"`` -> ("haste", {"refresh": "device"}); the name's policy is canonicalised."""
-    base, _, variant = name.partition(":")
+    base, _, variants = name.partition(":")
     options = {}
-    if variant == "device":
-        options["refresh"] = "device"
-    elif variant:
-        raise ValueError(f"unknown variant {variant!r} of {name!r} (known: device)")
+    for variant in filter(None, variants.split(":")):
+        if variant not in VARIANTS:
+            raise ValueError(f"unknown variant {variant!r} of {name!r} (known: {sorted(VARIANTS)})")
+        options.update(VARIANTS[variant])
     return policies.canonical_policy(base), options
+
+
+# ``NAME:variant``: "device" decides HASTE's reuse on the device (CUDA-graph capturable);
+# "fresh" re-predicts at every call (drift threshold 0: the full prediction cost, no reuse).
+VARIANTS = {"device": {"refresh": "device"}, "fresh": {"drift_threshold": 0.0}}
 
 
 def log(message: str) -> None:
@@ -275,7 +281,8 @@ def speed_pass(model, topology, runs, inputs_seq, rounds, results, save):
 
 
 def _label(policy: str, options: dict) -> str:
-    return policy + (":device" if options.get("refresh") == "device" else "")
+    return policy + "".join(f":{name}" for name, values in VARIANTS.items()
+                            if all(options.get(k) == v for k, v in values.items()))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -437,7 +444,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="small", choices=sorted(PRESETS))
     parser.add_argument("--out", default="out/policies")
-    parser.add_argument("--policies", nargs="+", default=None, help="west haste svoo west+haste svoo+haste haste:device")
+    parser.add_argument("--policies", nargs="+", default=None, help="west haste svoo west+haste svoo+haste; variants NAME:device, NAME:fresh")
     parser.add_argument("--budgets", type=float, nargs="+", default=None)
     parser.add_argument("--latent", type=int, nargs=3, default=None, metavar=("F", "H", "W"))
     parser.add_argument("--steps", type=int, default=None)
