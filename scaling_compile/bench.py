@@ -67,7 +67,8 @@ def run(args) -> int:
     return 0
 
 
-def _cuda_ms(fn, warmup: int = 2, iters: int = 5) -> float:
+def cuda_ms(fn, warmup: int = 2, iters: int = 5) -> float:
+    """Median CUDA-event time of ``fn`` in ms, after ``warmup`` untimed calls."""
     for _ in range(warmup):
         fn()
     torch.cuda.synchronize()
@@ -172,7 +173,7 @@ def bench_model(args) -> dict:
     inputs = {k: (v.cuda() if isinstance(v, torch.Tensor) else v) for k, v in example_inputs(model, *args.latent).items()}
     print(f"{args.config}: {layers} layers x {heads} heads, grid {grid} = {seq} tokens, bf16, {torch.cuda.get_device_name()}")
     q = torch.randn(1, heads, seq, cfg.attention_head_dim, device="cuda", dtype=torch.bfloat16)
-    attention_ms = _cuda_ms(lambda: torch.nn.functional.scaled_dot_product_attention(q, q, q), iters=10) * layers
+    attention_ms = cuda_ms(lambda: torch.nn.functional.scaled_dot_product_attention(q, q, q), iters=10) * layers
     del q
     results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "config": args.config,
                "grid": grid, "seq": seq, "dense_self_attention_ms": attention_ms, "rows": []}
@@ -194,7 +195,7 @@ def bench_model(args) -> dict:
             call = torch.compile(model, **kwargs)
         with torch.no_grad():
             compile_s = _first_call_s(lambda: call(**inputs))
-            forward_ms = _cuda_ms(lambda: call(**inputs), iters=args.iters)
+            forward_ms = cuda_ms(lambda: call(**inputs), iters=args.iters)
         results["rows"].append({"mode": mode, "budget": budget, "compile_s": compile_s, "forward_ms": forward_ms})
         tqdm.write(f"{mode:9s} budget {budget or 'dense':>5}: compile {compile_s:6.1f} s, forward {forward_ms:7.1f} ms")
     _uncompile_blocks(model)

@@ -36,20 +36,9 @@ def _latent_tokens(latent, patch=(1, 2, 2)) -> tuple[int, int, int]:
     return tuple(n // p for n, p in zip(latent, patch))
 
 
-def _time_ms(fn, iters: int = 5) -> float:
-    fn()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(iters):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / iters
-
-
 def run(args) -> int:
     import scaling_compile as sc
+    from scaling_compile.bench import cuda_ms
     from scaling_compile.testing import example_inputs, planted_summary, planted_wan_transformer
 
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
@@ -91,12 +80,12 @@ def run(args) -> int:
     rows = [("transformer output rel. L2 vs dense", f"{rel_l2:.4f}"), ("cosine vs dense", f"{cosine:.5f}")]
     if device == "cuda":
         with torch.no_grad():
-            sparse_ms = _time_ms(lambda: model(**inputs))
+            sparse_ms = cuda_ms(lambda: model(**inputs))
             for block in model.blocks:
                 block._compiled_call_impl = None
             torch._dynamo.reset()
             model.compile_repeated_blocks()
-            dense_ms = _time_ms(lambda: model(**inputs))
+            dense_ms = cuda_ms(lambda: model(**inputs))
         rows += [("forward, Inductor dense SDPA (ms)", f"{dense_ms:.1f}"),
                  (f"forward, scaling @ {args.budget} (ms)", f"{sparse_ms:.1f}"),
                  ("speedup", f"{dense_ms / sparse_ms:.2f}x")]
