@@ -16,6 +16,9 @@ its own axis weights) and each density, it times with ``triton.testing.do_bench`
   baseline for every density);
 * FlexAttention (default Triton backend, compiled), with a BlockMask built from
   the same bool mask at 128x128 (kept blocks passed as full blocks);
+* FlashAttention-4 (where ``flash-attn-4`` is installed): ``fa4`` = its block-sparse
+  forward on the same kept-block lists (this package's ``kernel="fa4"`` back-end,
+  ``kernels/fa4_block_sparse.py``), ``fa4_dense`` = its dense forward (density 1.0);
 * this kernel: ``default`` = the public call (lists of kept blocks built on
   device from the packed mask at every call + the autotuned kernel);
   ``lists_tma1`` / ``lists_tma2`` / ``lists_ptr`` = cached lists
@@ -67,6 +70,7 @@ def _import_kernels():
 
 
 bsa = _import_kernels()
+fa4 = importlib.import_module("scaling_compile.kernels.fa4_block_sparse")
 bitpack = importlib.import_module("scaling_compile.kernels.bitpack")
 reference = importlib.import_module("scaling_compile.kernels.reference")
 
@@ -207,6 +211,7 @@ def main(argv=None):
                    help="our kernel's variants to time")
     p.add_argument("--sweep", default=None, help="MODE:BM,BN,WARPS,STAGES[:ws];... explicit configs to time")
     p.add_argument("--no-flex", action="store_true")
+    p.add_argument("--no-fa4", action="store_true", help="skip FlashAttention-4 even where it is installed")
     p.add_argument("--rep", type=int, default=100, help="do_bench rep (ms)")
     p.add_argument("--time-budget", type=float, default=1e9, help="seconds; stop starting new shapes/masks after it")
     p.add_argument("--out", default="bench_kernel.json")
@@ -343,6 +348,24 @@ def main(argv=None):
                         traceback.print_exc()
                         results.append(dict(cell, kernel="flex", error=repr(exc)))
 
+                # FlashAttention-4: block-sparse on the same lists (and dense at density 1.0)
+                if not args.no_fa4 and fa4.fa4_installed():
+                    try:
+                        fa4_lists = fa4.fa4_block_lists(*lists, block)
+                        runs = {"fa4": lambda: fa4.fa4_block_sparse_attention(q, k, v, fa4_lists)}
+                        if density >= 1.0:
+                            runs["fa4_dense"] = lambda: fa4.fa4_dense_attention(q, k, v)
+                        for name, fn in runs.items():
+                            out = fn()
+                            ms = bench(fn)
+                            timings[name] = ms
+                            outs[name] = out
+                            results.append(dict(cell, kernel=name, ms=ms, tflops=flops / ms * 1e-9,
+                                                err_vs_ref=err_vs_slices(out, slices)))
+                    except Exception as exc:
+                        traceback.print_exc()
+                        results.append(dict(cell, kernel="fa4", error=repr(exc)[:500]))
+
                 # cross-checks against our output
                 if ours_key:
                     ref_out = outs[ours_key]
@@ -360,10 +383,13 @@ def main(argv=None):
                             and "ms" in r:
                         if "flex" in timings:
                             r["speedup_vs_flex"] = timings["flex"] / r["ms"]
+                        if "fa4" in timings:
+                            r["speedup_vs_fa4"] = timings["fa4"] / r["ms"]
                         r["speedup_vs_dense_" + str(base_name)] = base_ms / r["ms"]
                         print(
                             f"S={s} {cell['mask']:>6} d={density:.2f} ({actual:.3f}) {r['kernel']:>15}: "
                             f"{r['ms']:8.3f} ms {r['tflops']:6.0f} TFLOP/s  x{r.get('speedup_vs_flex', float('nan')):.2f} flex"
+                            f"  x{r.get('speedup_vs_fa4', float('nan')):.2f} fa4"
                             f"  x{r['speedup_vs_dense_' + str(base_name)]:.2f} {base_name}"
                             f"  err_ref={r.get('err_vs_ref', float('nan')):.4f} err_ours={r.get('err_vs_ours', float('nan')):.4f}",
                             flush=True,
@@ -433,7 +459,7 @@ def print_table(results, densities):
     for shape, rows in groups.items():
         kinds = sorted({r["mask"] for r in rows if r["mask"] != "dense"})
         for kind in kinds:
-            print(f"\n### {shape} bf16, {kind} masks: ms (eff. TFLOP/s) [x vs flex, x vs dense cuDNN]")
+            print(f"\n### {shape} bf16, {kind} masks: ms (eff. TFLOP/s) [x vs flex, x vs FA4 block-sparse, x vs dense cuDNN]")
             print("| kernel | " + " | ".join(f"{d:g}" for d in densities) + " |")
             print("|---|" + "---|" * len(densities))
             kernels = []
@@ -451,9 +477,9 @@ def print_table(results, densities):
                     r = match[0]
                     extra = ""
                     if not kern.startswith("sdpa"):
-                        sf = r.get("speedup_vs_flex")
-                        sd = next((v for key, v in r.items() if key.startswith("speedup_vs_dense")), None)
-                        extra = f" [{sf:.2f}, {sd:.2f}]" if sf is not None and sd is not None else ""
+                        ratios = [r.get("speedup_vs_flex"), r.get("speedup_vs_fa4"),
+                                  next((v for key, v in r.items() if key.startswith("speedup_vs_dense")), None)]
+                        extra = " [" + ", ".join("-" if x is None else f"{x:.2f}" for x in ratios) + "]"
                     cells.append(f"{r['ms']:.2f} ({r['tflops']:.0f}){extra}")
                 print(f"| {kern} | " + " | ".join(cells) + " |")
 

@@ -4,8 +4,9 @@
     scaling-compile bench model --config wan2.1-1.3b --latent 21 60 104 --budgets 0.5 0.3 0.2 0.1
 
 ``attention``: one self-attention call, with 3D-local block masks of each density: cuDNN
-SDPA (dense), FlexAttention with the same block mask, and this package's kernel; every
-sparse output is checked against ours. ``model``: the whole Wan transformer forward,
+SDPA (dense), FlexAttention with the same block mask, FlashAttention-4 (dense and
+block-sparse on the same mask, where flash-attn-4 is installed) and this package's kernel;
+every sparse output is checked against ours. ``model``: the whole Wan transformer forward,
 Inductor with dense SDPA against the scaling backend at each budget, with regional
 (``compile_repeated_blocks``) and/or whole-model compilation; compile time, forward time,
 speedup and the share of the Amdahl bound reached (bound = dense time minus the saved
@@ -26,7 +27,7 @@ from tqdm import tqdm
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     what = parser.add_subparsers(dest="what", metavar="WHAT", required=True)
-    attention = what.add_parser("attention", help="one attention call: ours vs cuDNN dense vs FlexAttention")
+    attention = what.add_parser("attention", help="one attention call: ours vs cuDNN dense, FlexAttention and FA4")
     attention.add_argument("--shape", default="1,12,32760,128", help="B,H,S,D (default: Wan2.1-1.3B at 480p)")
     attention.add_argument("--grid", type=int, nargs=3, default=None, metavar=("F", "H", "W"),
                            help="token grid of S for the 3D-local masks (default: 21 x 30 x 52 style guess)")
@@ -39,6 +40,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="latent frames, height, width (480p 81 frames: 21 60 104; 720p: 21 90 160)")
     model.add_argument("--budgets", type=float, nargs="+", default=[0.5, 0.3, 0.2, 0.1])
     model.add_argument("--modes", nargs="+", default=["regional"], choices=["regional", "whole"])
+    model.add_argument("--kernels", nargs="+", default=None, choices=["triton", "fa4"],
+                       help="sparse kernels to time (default: triton, and fa4 where flash-attn-4 is installed); "
+                            "with fa4, FA4's dense attention is a second baseline")
     model.add_argument("--block-size", type=int, default=128)
     model.add_argument("--iters", type=int, default=5)
     model.add_argument("--sparse-first", action="store_true",
@@ -52,6 +56,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     loop.add_argument("--dense-warmup", type=int, default=10, help="first steps served dense")
     loop.add_argument("--budget", type=float, default=0.2, help="mean density of the sparse steps")
     loop.add_argument("--block-size", type=int, default=128)
+    loop.add_argument("--kernel", default="triton", choices=["triton", "fa4", "auto"], help="the backend's kernel option")
     loop.add_argument("--out", default=None, help="write the results as JSON here")
 
 
@@ -98,8 +103,9 @@ def bench_attention(args) -> dict:
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
+    from .kernels import fa4_block_sparse as fa4
     from .kernels.bitpack import pack_block_mask
-    from .kernels.block_sparse_attention import block_sparse_attention, kv_block_lists
+    from .kernels.block_sparse_attention import block_sparse_attention, compact_block_lists, kv_block_lists
     from .masks import local_3d_mask
 
     b, h, s, d = (int(x) for x in args.shape.split(","))
@@ -109,12 +115,14 @@ def bench_attention(args) -> dict:
     q, k, v = (t.transpose(1, 2) for t in x)
     flex = torch.compile(flex_attention, dynamic=False)
     bench = lambda fn: do_bench(fn, warmup=25, rep=100, return_mode="median")  # noqa: E731
+    with_fa4 = fa4.fa4_unsupported_reason(q.device, q.dtype, d, block) is None
 
     def dense():
         with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
             return torch.nn.functional.scaled_dot_product_attention(q, k, v)
 
     dense_ms = bench(dense)
+    fa4_dense_ms = bench(lambda: fa4.fa4_dense_attention(q, k, v)) if with_fa4 else None
     flops = 4.0 * b * h * s * s * d
     rows = []
     for density in tqdm(args.densities, desc="densities"):
@@ -122,26 +130,39 @@ def bench_attention(args) -> dict:
         kept = float(mask.float().mean())
         words = pack_block_mask(mask)
         lists = kv_block_lists(words, mask.shape[-1])
-        ours = lambda: block_sparse_attention(q, k, v, words, block, block_lists=lists)  # noqa: E731
+        compact = compact_block_lists(*lists)
+        ours = lambda: block_sparse_attention(q, k, v, words, block, block_lists=compact)  # noqa: E731
         counts, indices = lists[0][None].contiguous(), lists[1][None].contiguous()
         block_mask = BlockMask.from_kv_blocks(torch.zeros_like(counts), torch.zeros_like(indices), counts, indices,
                                               BLOCK_SIZE=block, seq_lengths=(s, s), compute_q_blocks=False)
-        peer = lambda: flex(q, k, v, block_mask=block_mask)  # noqa: E731
-        error = float((peer().float() - ours().float()).abs().max())
-        ours_ms, flex_ms = bench(ours), bench(peer)
-        rows.append({"density": kept, "ours_ms": ours_ms, "flex_ms": flex_ms, "cudnn_dense_ms": dense_ms,
-                     "ours_tflops": flops * kept / ours_ms / 1e9, "flex_tflops": flops * kept / flex_ms / 1e9,
-                     "max_abs_diff_flex_vs_ours": error})
+        peers = {"flex": lambda: flex(q, k, v, block_mask=block_mask)}
+        if with_fa4:
+            fa4_lists = fa4.fa4_block_lists(*compact, block)
+            peers["fa4"] = lambda: fa4.fa4_block_sparse_attention(q, k, v, fa4_lists)
+        reference = ours()
+        row = {"density": kept, "cudnn_dense_ms": dense_ms, "fa4_dense_ms": fa4_dense_ms, "ours_ms": bench(ours)}
+        row["ours_tflops"] = flops * kept / row["ours_ms"] / 1e9
+        for name, peer in peers.items():  # a peer that ignores the mask shows up here, not only in its time
+            row[f"max_abs_diff_{name}_vs_ours"] = float((peer().float() - reference.float()).abs().max())
+            row[f"{name}_ms"] = bench(peer)
+            row[f"{name}_tflops"] = flops * kept / row[f"{name}_ms"] / 1e9
+        rows.append(row)
+        del peers, reference
     print(f"\n{torch.cuda.get_device_name()}, shape {(b, h, s, d)} bf16, grid {grid}, {block}x{block} 3D-local masks")
-    print(f"cuDNN SDPA dense: {dense_ms:.2f} ms ({flops / dense_ms / 1e9:.0f} TFLOP/s)")
-    print("| density | ours ms (TFLOP/s) | Flex ms (TFLOP/s) | ours vs Flex | ours vs cuDNN dense | max diff |")
-    print("|---|---|---|---|---|---|")
+    print(f"cuDNN SDPA dense: {dense_ms:.2f} ms ({flops / dense_ms / 1e9:.0f} TFLOP/s)"
+          + (f"; FA4 dense: {fa4_dense_ms:.2f} ms ({flops / fa4_dense_ms / 1e9:.0f} TFLOP/s)" if with_fa4 else
+             f"; FA4: {fa4.fa4_unsupported_reason(q.device, q.dtype, d, block)}"))
+    peers = ["flex"] + (["fa4"] if with_fa4 else [])
+    print("| density | ours ms (TFLOP/s) | " + " | ".join(f"{p} ms (TFLOP/s) | ours vs {p}" for p in peers)
+          + " | ours vs cuDNN dense | max diff |")
+    print("|---|---|" + "---|---|" * len(peers) + "---|---|")
     for r in rows:
-        print(f"| {r['density']:.2f} | {r['ours_ms']:.2f} ({r['ours_tflops']:.0f}) | {r['flex_ms']:.2f} "
-              f"({r['flex_tflops']:.0f}) | {r['flex_ms'] / r['ours_ms']:.2f}x | {dense_ms / r['ours_ms']:.2f}x | "
-              f"{r['max_abs_diff_flex_vs_ours']:.1e} |")
+        cells = [f"{r[p + '_ms']:.2f} ({r[p + '_tflops']:.0f}) | {r[p + '_ms'] / r['ours_ms']:.2f}x" for p in peers]
+        diff = max(r[f"max_abs_diff_{p}_vs_ours"] for p in peers)
+        print(f"| {r['density']:.2f} | {r['ours_ms']:.2f} ({r['ours_tflops']:.0f}) | " + " | ".join(cells)
+              + f" | {dense_ms / r['ours_ms']:.2f}x | {diff:.1e} |")
     return {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "shape": [b, h, s, d],
-            "grid": grid, "block_size": block, "cudnn_dense_ms": dense_ms, "rows": rows}
+            "grid": grid, "block_size": block, "cudnn_dense_ms": dense_ms, "fa4_dense_ms": fa4_dense_ms, "rows": rows}
 
 
 # -- whole model ---------------------------------------------------------------------------------
@@ -158,12 +179,33 @@ def _uncompile_blocks(model) -> None:
         block._compiled_call_impl = None
 
 
+def _installed_kernels() -> list[str]:
+    from .kernels.fa4_block_sparse import fa4_installed
+
+    return ["triton", "fa4"] if fa4_installed() else ["triton"]
+
+
+def _served_mask_bytes(first_plan: int) -> int:
+    """Device bytes held by the cached masks and kept-block lists of plans ``first_plan`` on (what the backend adds)."""
+    from .plans import all_plans
+
+    total = 0
+    for plan in all_plans()[first_plan:]:
+        for served in plan._cache.values():
+            tensors = [getattr(served, "words", None), *(getattr(served, "block_lists", None) or ())]
+            for lists in getattr(served, "fa4", {}).values():
+                tensors += [] if lists is None else [lists.counts, lists.indices, lists.no_partial_counts]
+            total += sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
+    return total
+
+
 def bench_model(args) -> dict:
     import scaling_compile as sc
 
     from .masks import local_3d_mask
     from .testing import example_inputs, planted_wan_transformer
 
+    kernels = args.kernels or _installed_kernels()
     model = planted_wan_transformer(args.config, dtype=torch.bfloat16, device="cuda").eval()
     cfg = model.config
     heads, layers = cfg.num_attention_heads, cfg.num_layers
@@ -172,48 +214,86 @@ def bench_model(args) -> dict:
     seq = math.prod(grid)
     inputs = {k: (v.cuda() if isinstance(v, torch.Tensor) else v) for k, v in example_inputs(model, *args.latent).items()}
     print(f"{args.config}: {layers} layers x {heads} heads, grid {grid} = {seq} tokens, bf16, {torch.cuda.get_device_name()}")
-    q = torch.randn(1, heads, seq, cfg.attention_head_dim, device="cuda", dtype=torch.bfloat16)
-    attention_ms = cuda_ms(lambda: torch.nn.functional.scaled_dot_product_attention(q, q, q), iters=10) * layers
+    q = torch.randn(1, seq, heads, cfg.attention_head_dim, device="cuda", dtype=torch.bfloat16).transpose(1, 2)
+    attention_ms = {"inductor": cuda_ms(lambda: torch.nn.functional.scaled_dot_product_attention(q, q, q), iters=10) * layers}
+    if "fa4" in kernels:
+        from .kernels.fa4_block_sparse import fa4_dense_attention
+
+        attention_ms["fa4"] = cuda_ms(lambda: fa4_dense_attention(q, q, q), iters=10) * layers
     del q
     results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "config": args.config,
-               "grid": grid, "seq": seq, "dense_self_attention_ms": attention_ms, "rows": []}
-    order = list(args.budgets) + [None] if args.sparse_first else [None] + list(args.budgets)
-    runs = [(mode, budget) for mode in args.modes for budget in order]
-    for mode, budget in tqdm(runs, desc="compile + time"):
+               "grid": grid, "seq": seq, "kernels": kernels,
+               "dense_self_attention_ms": attention_ms["inductor"], "dense_self_attention_ms_by_baseline": attention_ms,
+               "rows": []}
+    baselines = [("inductor", None)] + ([("fa4", None)] if "fa4" in kernels else [])
+    sparse = [(kernel, budget) for kernel in kernels for budget in args.budgets]
+    order = sparse + baselines if args.sparse_first else baselines + sparse
+    runs = [(mode, kernel, budget) for mode in args.modes for kernel, budget in order]
+    all_ones = torch.ones(heads, -(-seq // args.block_size), -(-seq // args.block_size), dtype=torch.bool)
+    from .plans import all_plans, plan_count
+
+    for mode, kernel, budget in tqdm(runs, desc="compile + time"):
         torch._dynamo.reset()
         _uncompile_blocks(model)
+        for plan in all_plans():  # the previous row's graphs are gone: free their device masks
+            plan._cache.clear()
+        first_plan = plan_count()
         kwargs = {"backend": "inductor", "fullgraph": True}
-        if budget is not None:
-            masks = local_3d_mask(grid, args.block_size, budget, heads, temporal_weights=(0.5, 1.0, 2.0, 4.0))
+        if kernel != "inductor":
+            masks = all_ones if budget is None else local_3d_mask(
+                grid, args.block_size, budget, heads, temporal_weights=(0.5, 1.0, 2.0, 4.0))
             topology = sc.Topology.from_block_masks({f"blocks.{i}.attn1": masks for i in range(layers)},
                                                     block_size=args.block_size)
-            kwargs = {"backend": "scaling", "fullgraph": True, "options": {"artifact": topology, "strict": True}}
+            kwargs = {"backend": "scaling", "fullgraph": True,
+                      "options": {"artifact": topology, "strict": True, "kernel": kernel}}
         if mode == "regional":
             model.compile_repeated_blocks(**kwargs)
             call = model
         else:
             call = torch.compile(model, **kwargs)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
         with torch.no_grad():
             compile_s = _first_call_s(lambda: call(**inputs))
             forward_ms = cuda_ms(lambda: call(**inputs), iters=args.iters)
-        results["rows"].append({"mode": mode, "budget": budget, "compile_s": compile_s, "forward_ms": forward_ms})
-        tqdm.write(f"{mode:9s} budget {budget or 'dense':>5}: compile {compile_s:6.1f} s, forward {forward_ms:7.1f} ms")
+        peak = torch.cuda.max_memory_allocated() / 2**30
+        row = {"mode": mode, "kernel": kernel, "budget": budget, "compile_s": compile_s, "forward_ms": forward_ms,
+               "peak_gib": peak, "mask_mib": _served_mask_bytes(first_plan) / 2**20 if kernel != "inductor" else 0.0}
+        results["rows"].append(row)
+        label = "dense" if budget is None else budget
+        tqdm.write(f"{mode:9s} {kernel:8s} budget {label:>5}: compile {compile_s:6.1f} s, "
+                   f"forward {forward_ms:7.1f} ms, peak {peak:.2f} GiB")
     _uncompile_blocks(model)
-    print("\n| mode | budget | compile s | forward ms | speedup | Amdahl bound ms | share of bound |")
-    print("|---|---|---|---|---|---|---|")
-    for mode in args.modes:
-        rows = sorted((r for r in results["rows"] if r["mode"] == mode), key=lambda r: -(r["budget"] or 2.0))
-        dense = rows[0]
-        for row in rows:
-            density = 1.0 if row["budget"] is None else row["budget"]
-            bound = dense["forward_ms"] - (1 - density) * attention_ms
-            row.update(speedup=dense["forward_ms"] / row["forward_ms"], bound_ms=bound,
-                       share_of_bound=bound / row["forward_ms"] if row["budget"] else None)
-            share = "" if row["share_of_bound"] is None else f"{100 * row['share_of_bound']:.0f}%"
-            print(f"| {mode} | {row['budget'] or 'dense'} | {row['compile_s']:.1f} | {row['forward_ms']:.1f} | "
-                  f"{row['speedup']:.2f}x | {bound:.1f} | {share} |")
-    print(f"dense self-attention (cuDNN SDPA x {layers}): {attention_ms:.1f} ms; share of bound = bound time / forward time")
+    _print_model_table(results, args.modes, attention_ms)
     return results
+
+
+def _print_model_table(results: dict, modes, attention_ms: dict) -> None:
+    """Speedup against Inductor dense (cuDNN SDPA) and FA4 dense; share of the Amdahl bound of each kernel's family."""
+    rows = results["rows"]
+    print("\n| mode | kernel | budget | compile s | forward ms | vs Inductor dense | vs FA4 dense | Amdahl bound ms "
+          "| share of bound | peak GiB (masks MiB) |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for mode in modes:
+        here = [r for r in rows if r["mode"] == mode]
+        dense = {r["kernel"]: r for r in here if r["budget"] is None}
+        for row in sorted(here, key=lambda r: (r["budget"] is not None, r["kernel"], -(r["budget"] or 0))):
+            family = "fa4" if row["kernel"] == "fa4" and "fa4" in dense else "inductor"
+            base = dense[family]
+            density = 1.0 if row["budget"] is None else row["budget"]
+            bound = base["forward_ms"] - (1 - density) * attention_ms[family]
+            row.update(speedup=dense["inductor"]["forward_ms"] / row["forward_ms"],
+                       speedup_vs_fa4_dense=dense["fa4"]["forward_ms"] / row["forward_ms"] if "fa4" in dense else None,
+                       bound_family=family, bound_ms=bound,
+                       share_of_bound=bound / row["forward_ms"] if row["budget"] else None)
+            name = {"inductor": "Inductor (cuDNN SDPA)"}.get(row["kernel"], row["kernel"])
+            vs_fa4 = "" if row["speedup_vs_fa4_dense"] is None else f"{row['speedup_vs_fa4_dense']:.2f}x"
+            share = "" if row["share_of_bound"] is None else f"{100 * row['share_of_bound']:.0f}% ({family})"
+            print(f"| {mode} | {name} | {row['budget'] or 'dense'} | {row['compile_s']:.1f} | {row['forward_ms']:.1f} | "
+                  f"{row['speedup']:.2f}x | {vs_fa4} | {bound:.1f} | {share} | {row['peak_gib']:.2f} ({row['mask_mib']:.1f}) |")
+    layers = ", ".join(f"{k}: {v:.1f} ms" for k, v in attention_ms.items())
+    print(f"dense self-attention per forward ({layers}); bound = that family's dense forward minus (1 - density) x "
+          "its dense self-attention time; share = bound / forward")
 
 
 # -- whole denoising loop --------------------------------------------------------------------------
@@ -254,7 +334,7 @@ def bench_loop(args) -> dict:
     schedule = sc.StepSchedule(num_steps=args.steps, dense_warmup=args.dense_warmup)
     results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "config": args.config,
                "latent": args.latent, "steps": args.steps, "dense_warmup": args.dense_warmup,
-               "budget": args.budget, "profile_seconds": profile_s}
+               "budget": args.budget, "kernel": args.kernel, "profile_seconds": profile_s}
     timings = {}
     finals = {}
     for name in ("dense", "scaling"):
@@ -265,7 +345,7 @@ def bench_loop(args) -> dict:
             on_step = None
         else:
             model.compile_repeated_blocks(backend="scaling", fullgraph=True,
-                                          options={"artifact": topology, "schedule": schedule})
+                                          options={"artifact": topology, "schedule": schedule, "kernel": args.kernel})
             on_step = schedule.set_step
         with torch.no_grad():
             _denoise(model, latents, embeddings, 2, on_step=None if on_step is None else (lambda i: schedule.set_step(i)))
@@ -284,7 +364,7 @@ def bench_loop(args) -> dict:
     print("| loop | seconds | speedup | final latent PSNR vs dense |")
     print("|---|---|---|---|")
     print(f"| Inductor, dense SDPA | {timings['dense']:.1f} | 1.00x | |")
-    print(f"| scaling (FAST schedule) | {timings['scaling']:.1f} | {results['speedup']:.2f}x | "
+    print(f"| scaling (FAST schedule, kernel={args.kernel}) | {timings['scaling']:.1f} | {results['speedup']:.2f}x | "
           f"{results['final_latent_psnr_db']:.1f} dB |")
     print(f"profiling at latent {tuple(args.profile_latent)}: {profile_s:.1f} s")
     return results

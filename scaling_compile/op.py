@@ -8,7 +8,10 @@ cannot serve the call exactly it computes dense attention instead (and has
 warned once, or raised under ``strict``). Under an online policy (HASTE, SVOO)
 the plan's policy predicts or reuses the mask from this call's q and k and runs
 the same kernel (SVOO on the permuted sequence), so masks change between steps
-without recompiling: they are data, not graph constants.
+without recompiling: they are data, not graph constants. A mask that keeps every
+block (a schedule's dense warm-up steps) runs the dense kernel instead: the same
+result, at dense-kernel speed. ``kernel="fa4"``/``"auto"`` route both through
+FlashAttention-4 where it is installed.
 """
 
 from __future__ import annotations
@@ -43,10 +46,20 @@ def sparse_sdpa(
             return served
     else:
         served = plan.masks_for(query, anchor, grid)
-    if isinstance(served, DenseFallback):
+    dense = isinstance(served, DenseFallback) or plan.runs_dense(served)
+    fa4 = None if isinstance(served, DenseFallback) else plan.fa4_lists(served, query)
+    if dense and fa4 is not None:  # a mask that keeps every block, FA4 installed: its dense kernel
+        from .kernels.fa4_block_sparse import fa4_dense_attention
+
+        return fa4_dense_attention(query, key, value, scale=scale)
+    if dense:
         out.copy_(torch.nn.functional.scaled_dot_product_attention(query, key, value, scale=scale))
         return out
     block_size = plan.topology.block_size
+    if fa4 is not None:
+        from .kernels.fa4_block_sparse import fa4_block_sparse_attention
+
+        return fa4_block_sparse_attention(query, key, value, fa4, scale=scale, mask_index=served.mask_index)
     if uses_triton(query.device):
         from .kernels.block_sparse_attention import block_sparse_attention
 

@@ -20,8 +20,12 @@ class BackendOptions:
     budget: mean fraction of key blocks kept, overriding the artifact's default (profiled artifacts).
     strict: raise instead of falling back to dense attention when a call cannot be served.
     inner: the compiler the rewritten graph is handed to: "inductor" (default) or "eager".
-    kernel: "triton" or "auto" (today: the Triton kernel). "fa4" (FlashAttention-4's
-        block-sparse path) is reserved and refused with an error until that back-end ships.
+    kernel: which block-sparse kernel runs the served calls, on the same masks:
+        "triton" (this package's kernel, default), "fa4" (FlashAttention-4's block-sparse
+        path; needs ``pip install "scaling-compile[fa4]"`` and a Hopper/Blackwell GPU; a
+        call it cannot serve runs the Triton kernel, with a warning) or "auto" (FA4 where
+        it is installed and serves the call, else Triton: on the H100 FA4 measured faster,
+        docs/performance.md).
     policy: how masks are chosen: "west" (static, offline topology), "haste" / "svoo" (online,
         per call), or a combination ("west+haste", "svoo+haste"); see scaling_compile.policies.
     policy_options: parameters of the online policy (e.g. {"top_p": 0.9, "drift_threshold": 0.05}).
@@ -59,10 +63,13 @@ class BackendOptions:
         if self.kernel not in KERNELS:
             raise ScalingCompileError(f"option kernel={self.kernel!r}: choose one of {KERNELS}")
         if self.kernel == "fa4":
-            raise ScalingCompileError(
-                'option kernel="fa4": the FlashAttention-4 back-end is not part of this release; '
-                'use kernel="triton" (or "auto")'
-            )
+            from .kernels.fa4_block_sparse import INSTALL_HINT, fa4_import_error
+
+            if fa4_import_error() is not None:
+                raise ScalingCompileError(
+                    f'option kernel="fa4": FlashAttention-4 cannot be imported ({fa4_import_error()}); '
+                    f'{INSTALL_HINT}, or use kernel="triton" / "auto"'
+                )
         from .policies import canonical_policy, uses_west, validate_policy_options
 
         self.policy = canonical_policy(self.policy)  # raises for unknown policies and combinations

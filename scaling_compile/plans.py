@@ -45,6 +45,8 @@ class ServedMasks:
     mask_index: torch.Tensor | None  # int32 (1,) on device selecting G, or None when G == 1
     density: float
     block_lists: tuple[torch.Tensor, torch.Tensor] | None = None  # kept key blocks per row, derived once
+    fa4: dict = field(default_factory=dict, repr=False)  # (dtype, head_dim) -> FA4BlockLists or None (Triton)
+    dense_groups: tuple[bool, ...] = ()  # per stacked mask g: keeps every block (a dense schedule step)
 
 
 @dataclass
@@ -191,6 +193,51 @@ class AttentionPlan:
             self._cache[cache_key] = served
         return served
 
+    def runs_dense(self, served: ServedMasks) -> bool:
+        """Whether this call's mask keeps every block, so the dense kernel serves it exactly and faster.
+
+        A single mask: known at compile time. A schedule's stack: the host knows the
+        current step's bucket (``StepSchedule.set_step``), so dense warm-up steps run
+        dense attention with no device sync. While a CUDA graph is being captured the
+        branch would be frozen into the graph, so captured calls always take the
+        device-indexed sparse kernel (all-ones masks: same result).
+        """
+        if not served.dense_groups:
+            return False
+        if served.mask_index is None:
+            return served.dense_groups[0]
+        if self.schedule is None or (served.words.is_cuda and torch.cuda.is_current_stream_capturing()):
+            return False
+        return served.dense_groups[self.schedule.current_bucket]
+
+    def fa4_lists(self, served: ServedMasks, query: torch.Tensor):
+        """FA4's block lists for this call's masks, or None when the Triton kernel serves it.
+
+        ``kernel="triton"``: always None. ``"fa4"`` / ``"auto"``: FA4 wherever it is
+        installed and serves the call exactly (GPU, dtype, head dim, block size);
+        otherwise the Triton kernel, with one warning under ``"fa4"``. Built once per
+        (masks, dtype, head dim), at compile time by :meth:`prewarm`.
+        """
+        if self.kernel == "triton" or served.block_lists is None:
+            return None
+        choice = (query.dtype, query.shape[-1])
+        if choice in served.fa4:
+            return served.fa4[choice]
+        from .kernels.fa4_block_sparse import fa4_block_lists, fa4_unsupported_reason
+
+        reason = fa4_unsupported_reason(query.device, query.dtype, int(query.shape[-1]), self.topology.block_size)
+        if reason is None:
+            lists = fa4_block_lists(*served.block_lists, self.topology.block_size)
+        else:
+            lists = None
+            if self.kernel == "fa4":
+                message = f"scaling: {self.graph_key} runs the Triton kernel, not FA4: {reason}"
+                if message not in self._warned:
+                    self._warned.add(message)
+                    warnings.warn(message, stacklevel=3)
+        served.fa4[choice] = lists
+        return lists
+
     def _west_budget(self) -> float | None:
         """The budget of the WEST masks: the whole budget, or the prior's share under "west+haste"."""
         if self.online and self.uses_west:
@@ -216,7 +263,9 @@ class AttentionPlan:
         for key in keys:
             try:
                 if self.uses_west:
-                    self._served(key, seq_len, heads, device, grid)
+                    served = self._served(key, seq_len, heads, device, grid)
+                    if query is not None and isinstance(served, ServedMasks) and isinstance(query.shape[-1], int):
+                        self.fa4_lists(served, query)
                 if self.online and query is not None:
                     batch, head_dim = query.shape[0], query.shape[-1]
                     if isinstance(batch, int) and isinstance(head_dim, int):
@@ -247,12 +296,13 @@ class AttentionPlan:
         index = self.schedule.device_index(device) if self.schedule else None
         lists = None
         if uses_triton(device):
-            from .kernels.block_sparse_attention import kv_block_lists
+            from .kernels.block_sparse_attention import compact_block_lists, kv_block_lists
 
-            lists = kv_block_lists(words, stacked.shape[-1])
+            lists = compact_block_lists(*kv_block_lists(words, stacked.shape[-1]))
             if index is None:
                 lists = (lists[0][0], lists[1][0])
-        return ServedMasks(words=words, mask_index=index, density=float(stacked.float().mean()), block_lists=lists)
+        return ServedMasks(words=words, mask_index=index, density=float(stacked.float().mean()), block_lists=lists,
+                           dense_groups=tuple(bool(m.all()) for m in stacked))
 
     def _fallback(self, reason: NotServable) -> DenseFallback:
         if self.strict:
@@ -292,6 +342,12 @@ def get_plan(plan_id: int) -> AttentionPlan:
             "scaling backend was loaded from a cache or another process without its plans; "
             "compile the model again in this process."
         ) from None
+
+
+def all_plans() -> list[AttentionPlan]:
+    """Every plan registered in this process (for reports: masks held, statistics)."""
+    with _plans_lock:
+        return list(_plans)
 
 
 def plan_count() -> int:

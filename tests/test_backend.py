@@ -326,6 +326,23 @@ def test_schedule_dense_warmup_serves_hand_written_masks_dense_then_sparse():
         torch.testing.assert_close(out, sparse, atol=2e-5, rtol=1e-4)
 
 
-def test_fa4_kernel_option_is_refused_until_it_exists():
-    with pytest.raises(sc.ScalingCompileError, match="not part of this release"):
-        sc.BackendOptions.from_dict({"kernel": "fa4"})
+def test_dense_schedule_steps_skip_the_sparse_kernel(monkeypatch):
+    """Dense warm-up steps run dense attention (the faster kernel for an all-ones mask), sparse steps the kernel."""
+    kernel_module = importlib.import_module("scaling_compile.kernels.block_sparse_attention")
+    calls = []
+    real = kernel_module.block_sparse_attention
+    monkeypatch.setattr(kernel_module, "block_sparse_attention", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    model = ToyDiT(modes=("plain",)).eval()
+    x = torch.randn(1, 48, 32)
+    masks = random_block_masks(["blocks.0"], 2, 3, density=0.3, seed=1)
+    schedule = sc.StepSchedule(num_steps=4, dense_warmup=2, buckets=1)
+    compiled = torch.compile(model, backend="scaling", options={
+        "artifact": sc.Topology.from_block_masks(masks, block_size=BLOCK), "schedule": schedule})
+    per_step = []
+    with torch.no_grad():
+        for step in range(4):
+            schedule.set_step(step)
+            before = len(calls)
+            compiled(x)
+            per_step.append(len(calls) - before)
+    assert per_step[:2] == [0, 0] and all(n > 0 for n in per_step[2:]), per_step

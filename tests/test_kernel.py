@@ -76,13 +76,16 @@ def run_kernel(q, k, v, words, block_size, *, scale=None, mask_index=None, lists
     """Launch through the internal entry point with a NaN-poisoned output (catches unwritten rows).
 
     ``lists``: "bits" (kernel tests the bits), "host" (kv_block_lists, cached-lists
-    path), "device" (lists of mask[g] built on device, the public default).
+    path), "compact" (the same, index rows cut to the largest count: what plans
+    cache), "device" (lists of mask[g] built on device, the public default).
     ``use_tma``: 0 pointers, 1 host descriptors, 2 in-kernel descriptors.
     """
     n_kv = math.ceil(q.shape[2] / block_size)
     block_lists = None
-    if lists == "host":
+    if lists in ("host", "compact"):
         block_lists = kv_block_lists(words, n_kv)
+    if lists == "compact":
+        block_lists = bsa.compact_block_lists(*block_lists)
     bsa._validate(q, k, v, words, block_size, scale, mask_index, block_lists)
     if lists == "device":
         block_lists = bsa._lists_on_device(words, mask_index, n_kv)
@@ -117,7 +120,7 @@ DTYPES = [torch.float16, torch.float32]
     layout=st.sampled_from(["bshd", "bhsd", "fused"]),
     density=st.floats(0.0, 1.0),
     empty_rows=st.sampled_from([0.0, 0.3]),
-    lists=st.sampled_from(["bits", "host", "device"]),
+    lists=st.sampled_from(["bits", "host", "compact", "device"]),
     use_tma=st.sampled_from([0, 1, 2]),
     seed=st.integers(0, 2**16),
 )
@@ -139,7 +142,7 @@ def test_matches_reference(b, h, block_size, n_blocks, tail, d, dtype, layout, d
     block_size=st.sampled_from([16, 32]),
     s=st.integers(17, 80),
     dtype=st.sampled_from(DTYPES),
-    lists=st.sampled_from(["bits", "host", "device"]),
+    lists=st.sampled_from(["bits", "host", "compact", "device"]),
     seed=st.integers(0, 2**16),
 )
 def test_stacked_masks_select_by_device_index(g_count, block_size, s, dtype, lists, seed):
@@ -356,7 +359,7 @@ def test_validation_mask_index_rules():
 @needs_cuda
 @pytest.mark.parametrize("dtype, s", [(torch.bfloat16, 1000), (torch.float16, 1024)])
 @pytest.mark.parametrize("block_size, d", [(128, 128), (64, 64), (128, 64)])
-@pytest.mark.parametrize("lists", ["bits", "host", "device"])
+@pytest.mark.parametrize("lists", ["bits", "host", "compact", "device"])
 @pytest.mark.parametrize("use_tma", [0, 1, 2])
 def test_cuda_matches_reference(dtype, block_size, d, s, lists, use_tma):
     h = 3
