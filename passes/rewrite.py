@@ -189,7 +189,8 @@ def rewrite_sdpa_calls(gm: fx.GraphModule, topology, options, example_inputs=Non
         with gm.graph.inserting_before(call.node):
             new = gm.graph.call_function(
                 torch.ops.scaling.sparse_sdpa.default,
-                (args["query"], args["key"], args["value"], anchor, plan_id, args["scale"], grid),
+                (args["query"], args["key"], args["value"], anchor, plan_id, args["scale"],
+                 grid_argument(gm, call, grid)),
             )
         new.meta.update({k: v for k, v in call.node.meta.items() if k != "example_value"})
         call.node.replace_all_uses_with(new)
@@ -223,13 +224,38 @@ def token_grid_in_graph(gm: fx.GraphModule, seq_len) -> list | None:
     token grid of the self-attention calls. Regional graphs have none: their
     grid is learnt at run time.
     """
+    found = _grid_tensor(gm, seq_len)
+    return None if found is None else found[1]
+
+
+def _grid_tensor(gm: fx.GraphModule, seq_len, before: fx.Node | None = None):
+    """The first 5-D tensor node (before ``before``) whose last three sizes multiply to ``seq_len``, and them."""
     for node in gm.graph.nodes:
+        if node is before:
+            break
         value = node.meta.get("example_value")
         if isinstance(value, torch.Tensor) and value.dim() == 5:
             dims = list(value.shape[2:])
             if _same_length(dims[0] * dims[1] * dims[2], seq_len):
-                return dims
+                return node, dims
     return None
+
+
+def grid_argument(gm: fx.GraphModule, call: SDPACall, grid: list | None) -> list | None:
+    """The op's ``grid`` argument: ints when static, else ``size`` nodes of the 5-D tensor.
+
+    Under dynamic shapes the sizes are read off the tensor at run time by nodes of the
+    graph, rather than written as free symbols: the values always come from this call's
+    own tensor, whatever Dynamo passes for its symbolic inputs.
+    """
+    if grid is None or all(isinstance(g, int) for g in grid):
+        return grid
+    found = _grid_tensor(gm, call.query_shape[-2], before=call.node)
+    if found is None:
+        return None  # the plan learns the grid at run time (regional path)
+    node, _dims = found
+    with gm.graph.inserting_before(call.node):
+        return [gm.graph.call_method("size", (node, dim)) for dim in (2, 3, 4)]
 
 
 def _grad_free(call: SDPACall) -> bool:
