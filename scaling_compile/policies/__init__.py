@@ -213,6 +213,14 @@ def timed(name: str, device: torch.device):
     return _timers[-1].section(name, device)
 
 
+def device_key(device) -> str:
+    """A cache key naming one device: "cuda" and "cuda:0" are the same device when 0 is current."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return str(device)
+
+
 def inverse_permutation(perm: torch.Tensor) -> torch.Tensor:
     """``inv`` with ``inv[..., perm[..., i]] = i`` along the last dim."""
     inv = torch.empty_like(perm)

@@ -51,7 +51,7 @@ import torch
 
 from ..errors import ScalingCompileError
 from ..kernels.bitpack import num_words, unpack_block_mask
-from . import MaskRecord, _record, recording, timed
+from . import MaskRecord, _record, device_key, recording, timed
 from .blocks import attend, block_means, block_probabilities, default_scale, pack, top_p_mask
 
 P_GRID = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99)
@@ -198,7 +198,7 @@ class HastePolicy:
     # -- per-head thresholds ------------------------------------------------------------------
     def head_p(self, key: str, heads: int, device) -> torch.Tensor:
         """float32 ``(H, 1, 1)`` on ``device``: each head's top-p threshold for node ``key``."""
-        cache_key = (key, heads, str(device))
+        cache_key = (key, heads, device_key(device))
         p = self._p.get(cache_key)
         if p is None:
             values = None
@@ -224,7 +224,7 @@ class HastePolicy:
         self.head_p(key, heads, torch.device(device))
 
     def _state(self, key, batch, heads, seq, head_dim, device) -> _HasteState:
-        cache_key = (key, batch, heads, seq, head_dim, str(device))
+        cache_key = (key, batch, heads, seq, head_dim, device_key(device))
         state = self._states.get(cache_key)
         if state is None:
             with self._lock:

@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import ScalingCompileError
-from . import MaskRecord, _record, recording, timed
+from . import MaskRecord, _record, device_key, recording, timed
 from .blocks import attend, block_means, block_probabilities, default_scale, pack, top_k_mask
 from .haste import DriftGate, HasteSettings, capturing, settings_from
 
@@ -304,7 +304,7 @@ class SvooPolicy:
             self._state(key, batch, heads, seq, head_dim, torch.device(device))
 
     def _state(self, key, batch, heads, seq, head_dim, device) -> _SvooState:
-        cache_key = (key, batch, heads, seq, head_dim, str(device))
+        cache_key = (key, batch, heads, seq, head_dim, device_key(device))
         state = self._states.get(cache_key)
         if state is None:
             with self._lock:
