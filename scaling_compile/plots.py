@@ -113,4 +113,68 @@ def density_per_layer(topology, path, *, budget=None, grid=None, step_fraction=N
     return path
 
 
-__all__ = ["density_per_layer", "mask_heatmaps", "natural_key"]
+def model_speedups(runs: dict, path: str) -> str:
+    """Forward speedup against Inductor dense vs density, one line per (run, kernel), with the
+    Amdahl bound of each run as a dashed line; ``runs`` maps a label (e.g. "480p regional") to
+    the JSON ``scaling-compile bench model`` writes."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    colors = ["#1f4e79", "#c0504d", "#4f8a3c", "#8064a2", "#d08a2c", "#3c8a8a"]
+    for i, (label, result) in enumerate(runs.items()):
+        color = colors[i % len(colors)]
+        rows = result["rows"]
+        dense = next(r for r in rows if r["budget"] is None and r.get("kernel", "inductor") == "inductor")
+        attention = result["dense_self_attention_ms"]
+        budgets = sorted({r["budget"] for r in rows if r["budget"] is not None})
+        bound = [dense["forward_ms"] / (dense["forward_ms"] - (1 - b) * attention) for b in budgets]
+        ax.plot(budgets, bound, ls="--", color=color, lw=1, label=f"{label}: Amdahl bound (cuDNN)")
+        for kernel, marker in (("triton", "o"), ("fa4", "s")):
+            points = sorted((r["budget"], dense["forward_ms"] / r["forward_ms"]) for r in rows
+                            if r["budget"] is not None and r.get("kernel", "triton") == kernel)
+            if points:
+                ax.plot(*zip(*points), marker=marker, color=color, ms=4,
+                        ls="-" if kernel == "triton" else ":", label=f"{label}: {kernel}")
+    ax.set_xlabel("density (fraction of key blocks kept)")
+    ax.set_ylabel("forward speedup vs Inductor dense")
+    ax.invert_xaxis()
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def kernel_throughput(result: dict, path: str, mask: str = "local") -> str:
+    """Effective TFLOP/s vs density per kernel and shape, from ``benchmarks/bench_kernel.py``'s JSON."""
+    plt = _pyplot()
+    rows = [r for r in result["results"] if "tflops" in r]
+    shapes = sorted({tuple(r["shape"]) for r in rows}, key=lambda s: (s[2], s[1]))
+    fig, axes = plt.subplots(1, len(shapes), figsize=(4.2 * len(shapes), 3.6), squeeze=False, sharey=True)
+    names = {"ours_default": "ours (Triton)", "flex": "FlexAttention", "fa4": "FA4 block-sparse"}
+    for ax, shape in zip(axes[0], shapes):
+        here = [r for r in rows if tuple(r["shape"]) == shape]
+        for kernel, label in names.items():
+            points = sorted((r["density"], r["tflops"]) for r in here
+                            if r["kernel"] == kernel and (r["mask"] == mask or r["mask"] == "dense"))
+            if points:
+                ax.plot(*zip(*points), marker="o", ms=4, label=label)
+        for kernel, label, ls in (("sdpa_cudnn", "cuDNN dense", "--"), ("fa4_dense", "FA4 dense", ":")):
+            dense = [r["tflops"] for r in here if r["kernel"] == kernel]
+            if dense:
+                ax.axhline(dense[0], ls=ls, color="grey", lw=1, label=label)
+        ax.set_title(f"{shape}, {mask} masks", fontsize=9)
+        ax.set_xlabel("density")
+        ax.invert_xaxis()
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("effective TFLOP/s")
+    axes[0][-1].legend(fontsize=7)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+__all__ = ["density_per_layer", "kernel_throughput", "mask_heatmaps", "model_speedups", "natural_key"]
