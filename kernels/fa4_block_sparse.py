@@ -92,10 +92,12 @@ class FA4BlockLists(NamedTuple):
                              indices=self.indices.index_select(0, g).squeeze(0))
 
 
-def fa4_block_lists(counts: torch.Tensor, indices: torch.Tensor, block_size: int) -> FA4BlockLists:
+def fa4_block_lists(counts: torch.Tensor, indices: torch.Tensor, block_size: int, allow_empty: bool = False) -> FA4BlockLists:
     """FA4's view of :func:`kv_block_lists` output ``(counts ([G,] H, nq), indices ([G,] H, nq, nk))``.
 
-    Built once per mask (the plan caches it), never per call.
+    Built once per mask (the plan caches it), never per call. ``allow_empty``: rows with
+    no kept block are accepted (a schedule's all-ones groups, whose rows the caller left
+    empty because it serves them with the dense kernel); otherwise they are an error.
     """
     if counts.dtype != torch.int32 or indices.dtype != torch.int32:
         raise TypeError("fa4_block_lists expects the int32 lists of kv_block_lists")
@@ -104,7 +106,7 @@ def fa4_block_lists(counts: torch.Tensor, indices: torch.Tensor, block_size: int
             f"fa4_block_lists expects counts ([G,] H, nq) and indices ([G,] H, nq, nk), got "
             f"{tuple(counts.shape)} and {tuple(indices.shape)}"
         )
-    if bool((counts == 0).any()):
+    if not allow_empty and bool((counts == 0).any()):
         raise ValueError("a query block keeps no key block: FA4 would leave its rows undefined; fix the mask")
     batch_dim = counts.dim() - 2  # insert B=1 before H
     heads, n_q_blocks = counts.shape[-2:]

@@ -46,16 +46,19 @@ def sparse_sdpa(
             return served
     else:
         served = plan.masks_for(query, anchor, grid)
-    dense = isinstance(served, DenseFallback) or plan.runs_dense(served)
-    fa4 = None if isinstance(served, DenseFallback) else plan.fa4_lists(served, query)
-    if dense and fa4 is not None:  # a mask that keeps every block, FA4 installed: its dense kernel
-        from .kernels.fa4_block_sparse import fa4_dense_attention
+    if isinstance(served, DenseFallback):
+        out.copy_(torch.nn.functional.scaled_dot_product_attention(query, key, value, scale=scale))
+        return out
+    if plan.runs_dense(served):  # the mask keeps every block: the dense kernel, FA4's where it serves
+        if plan.fa4_supported(query):
+            from .kernels.fa4_block_sparse import fa4_dense_attention
 
-        return fa4_dense_attention(query, key, value, scale=scale)
-    if dense:
+            return fa4_dense_attention(query, key, value, scale=scale)
         out.copy_(torch.nn.functional.scaled_dot_product_attention(query, key, value, scale=scale))
         return out
     block_size = plan.topology.block_size
+    device_lists = plan.needs_device_lists(served)
+    fa4 = None if device_lists else plan.fa4_lists(served, query)
     if fa4 is not None:
         from .kernels.fa4_block_sparse import fa4_block_sparse_attention
 
@@ -66,7 +69,7 @@ def sparse_sdpa(
         words = served.words if served.mask_index is not None else served.words[0]
         return block_sparse_attention(
             query, key, value, words, block_size, scale=scale, mask_index=served.mask_index,
-            block_lists=served.block_lists,
+            block_lists=None if device_lists else served.block_lists,
         )
     words = served.words[_host_index(served)]
     out.copy_(block_sparse_attention_chunked(query, key, value, words, block_size, scale=scale))

@@ -71,6 +71,7 @@ class AttentionPlan:
     _keys: dict = field(default_factory=dict, repr=False)
     _warned: set = field(default_factory=set, repr=False)
     _policy: object = field(default=None, repr=False)
+    _fa4_support: dict = field(default_factory=dict, repr=False)
 
     def __post_init__(self):
         from .policies import canonical_policy, is_online, uses_west
@@ -199,44 +200,64 @@ class AttentionPlan:
         A single mask: known at compile time. A schedule's stack: the host knows the
         current step's bucket (``StepSchedule.set_step``), so dense warm-up steps run
         dense attention with no device sync. While a CUDA graph is being captured the
-        branch would be frozen into the graph, so captured calls always take the
-        device-indexed sparse kernel (all-ones masks: same result).
+        branch would be frozen into the graph, so captured calls take the
+        device-indexed sparse kernel instead (:meth:`needs_device_lists`: same result).
         """
         if not served.dense_groups:
             return False
         if served.mask_index is None:
             return served.dense_groups[0]
-        if self.schedule is None or (served.words.is_cuda and torch.cuda.is_current_stream_capturing()):
+        if self.schedule is None or _capturing(served):
             return False
         return served.dense_groups[self.schedule.current_bucket]
 
-    def fa4_lists(self, served: ServedMasks, query: torch.Tensor):
-        """FA4's block lists for this call's masks, or None when the Triton kernel serves it.
+    @staticmethod
+    def needs_device_lists(served: ServedMasks) -> bool:
+        """Whether this call must build its kept-block lists on the device from the packed bits.
 
-        ``kernel="triton"``: always None. ``"fa4"`` / ``"auto"``: FA4 wherever it is
-        installed and serves the call exactly (GPU, dtype, head dim, block size);
-        otherwise the Triton kernel, with one warning under ``"fa4"``. Built once per
-        (masks, dtype, head dim), at compile time by :meth:`prewarm`.
+        The cached lists leave out the rows of a schedule's all-ones (dense-step) masks,
+        which the host always serves with the dense kernel; that keeps the lists as
+        small as the sparse masks need. A call captured into a CUDA graph selects its
+        mask on the device, so it builds the lists of ``mask[g]`` there (one small
+        launch) and runs the Triton kernel.
         """
-        if self.kernel == "triton" or served.block_lists is None:
-            return None
-        choice = (query.dtype, query.shape[-1])
-        if choice in served.fa4:
-            return served.fa4[choice]
-        from .kernels.fa4_block_sparse import fa4_block_lists, fa4_unsupported_reason
+        return served.mask_index is not None and any(served.dense_groups) and _capturing(served)
 
-        reason = fa4_unsupported_reason(query.device, query.dtype, int(query.shape[-1]), self.topology.block_size)
-        if reason is None:
-            lists = fa4_block_lists(*served.block_lists, self.topology.block_size)
-        else:
-            lists = None
-            if self.kernel == "fa4":
+    def fa4_supported(self, query: torch.Tensor) -> bool:
+        """Whether FA4 serves calls like ``query`` (``kernel="fa4"``/``"auto"``, installed, GPU, dtype, head dim, block).
+
+        Under ``kernel="fa4"`` a call it cannot serve runs the Triton kernel, with one warning.
+        """
+        if self.kernel == "triton":
+            return False
+        choice = (str(query.device), query.dtype, int(query.shape[-1]))
+        if choice not in self._fa4_support:
+            from .kernels.fa4_block_sparse import fa4_unsupported_reason
+
+            reason = fa4_unsupported_reason(query.device, query.dtype, int(query.shape[-1]), self.topology.block_size)
+            if reason is not None and self.kernel == "fa4":
                 message = f"scaling: {self.graph_key} runs the Triton kernel, not FA4: {reason}"
                 if message not in self._warned:
                     self._warned.add(message)
-                    warnings.warn(message, stacklevel=3)
-        served.fa4[choice] = lists
-        return lists
+                    warnings.warn(message, stacklevel=4)
+            self._fa4_support[choice] = reason is None
+        return self._fa4_support[choice]
+
+    def fa4_lists(self, served: ServedMasks, query: torch.Tensor):
+        """FA4's view of this call's cached kept-block lists, or None when FA4 does not serve it.
+
+        Built once per (masks, dtype, head dim), at compile time by :meth:`prewarm`; they
+        share the Triton kernel's list storage (no copy).
+        """
+        if served.block_lists is None or not self.fa4_supported(query):
+            return None
+        choice = (query.dtype, int(query.shape[-1]))
+        if choice not in served.fa4:
+            from .kernels.fa4_block_sparse import fa4_block_lists
+
+            served.fa4[choice] = fa4_block_lists(*served.block_lists, self.topology.block_size,
+                                                 allow_empty=any(served.dense_groups))
+        return served.fa4[choice]
 
     def _west_budget(self) -> float | None:
         """The budget of the WEST masks: the whole budget, or the prior's share under "west+haste"."""
@@ -265,6 +286,7 @@ class AttentionPlan:
                 if self.uses_west:
                     served = self._served(key, seq_len, heads, device, grid)
                     if query is not None and isinstance(served, ServedMasks) and isinstance(query.shape[-1], int):
+                        self.fa4_supported(query)  # imports FA4 now, never inside a CUDA-graph capture
                         self.fa4_lists(served, query)
                 if self.online and query is not None:
                     batch, head_dim = query.shape[0], query.shape[-1]
@@ -294,15 +316,14 @@ class AttentionPlan:
         stacked = torch.stack([m.to(torch.bool) for m in masks])
         words = pack_block_mask(stacked).to(device)
         index = self.schedule.device_index(device) if self.schedule else None
+        dense_groups = tuple(bool(m.all()) for m in stacked)
         lists = None
-        if uses_triton(device):
-            from .kernels.block_sparse_attention import compact_block_lists, kv_block_lists
-
-            lists = compact_block_lists(*kv_block_lists(words, stacked.shape[-1]))
+        if uses_triton(device) and not all(dense_groups):  # all-ones masks always run the dense kernel
+            lists = _kept_block_lists(words, stacked.shape[-1], dense_groups)
             if index is None:
                 lists = (lists[0][0], lists[1][0])
         return ServedMasks(words=words, mask_index=index, density=float(stacked.float().mean()), block_lists=lists,
-                           dense_groups=tuple(bool(m.all()) for m in stacked))
+                           dense_groups=dense_groups)
 
     def _fallback(self, reason: NotServable) -> DenseFallback:
         if self.strict:
@@ -312,6 +333,20 @@ class AttentionPlan:
             self._warned.add(message)
             warnings.warn(message, stacklevel=3)
         return DenseFallback(str(reason))
+
+
+def _kept_block_lists(words: torch.Tensor, n_kv_blocks: int, dense_groups: tuple[bool, ...]):
+    """Compact kept-block lists of a mask stack; the rows of all-ones groups are left empty (never read)."""
+    from .kernels.block_sparse_attention import compact_block_lists, kv_block_lists
+
+    counts, indices = kv_block_lists(words, n_kv_blocks)
+    if any(dense_groups):
+        counts[torch.tensor(dense_groups, device=counts.device)] = 0
+    return compact_block_lists(counts, indices)
+
+
+def _capturing(served: ServedMasks) -> bool:
+    return served.words.is_cuda and torch.cuda.is_current_stream_capturing()
 
 
 def uses_triton(device: torch.device) -> bool:

@@ -305,14 +305,20 @@ def test_other_diffusers_video_transformers_stay_correct(name, model, inputs):
     assert count_ops(graphs)[0] == len(servable)
 
 
-def test_schedule_dense_warmup_serves_hand_written_masks_dense_then_sparse():
-    """One compilation, steps switched in place: warm-up steps dense, later steps masked."""
+def scheduled_toy():
+    """A one-block toy DiT compiled with a 4-step schedule: 2 dense warm-up steps, then its mask."""
     model = ToyDiT(modes=("plain",)).eval()
     x = torch.randn(1, 48, 32)
     masks = random_block_masks(["blocks.0"], 2, 3, density=0.3, seed=1)
-    topology = sc.Topology.from_block_masks(masks, block_size=BLOCK)
     schedule = sc.StepSchedule(num_steps=4, dense_warmup=2, buckets=1)
-    compiled = torch.compile(model, backend="scaling", options={"artifact": topology, "schedule": schedule})
+    compiled = torch.compile(model, backend="scaling", options={
+        "artifact": sc.Topology.from_block_masks(masks, block_size=BLOCK), "schedule": schedule})
+    return model, x, masks, schedule, compiled
+
+
+def test_schedule_dense_warmup_serves_hand_written_masks_dense_then_sparse():
+    """One compilation, steps switched in place: warm-up steps dense, later steps masked."""
+    model, x, masks, schedule, compiled = scheduled_toy()
     outs = []
     with torch.no_grad(), torch._dynamo.config.patch(error_on_recompile=True):
         for step in range(4):
@@ -332,12 +338,7 @@ def test_dense_schedule_steps_skip_the_sparse_kernel(monkeypatch):
     calls = []
     real = kernel_module.block_sparse_attention
     monkeypatch.setattr(kernel_module, "block_sparse_attention", lambda *a, **kw: calls.append(1) or real(*a, **kw))
-    model = ToyDiT(modes=("plain",)).eval()
-    x = torch.randn(1, 48, 32)
-    masks = random_block_masks(["blocks.0"], 2, 3, density=0.3, seed=1)
-    schedule = sc.StepSchedule(num_steps=4, dense_warmup=2, buckets=1)
-    compiled = torch.compile(model, backend="scaling", options={
-        "artifact": sc.Topology.from_block_masks(masks, block_size=BLOCK), "schedule": schedule})
+    model, x, masks, schedule, compiled = scheduled_toy()
     per_step = []
     with torch.no_grad():
         for step in range(4):
@@ -346,3 +347,28 @@ def test_dense_schedule_steps_skip_the_sparse_kernel(monkeypatch):
             compiled(x)
             per_step.append(len(calls) - before)
     assert per_step[:2] == [0, 0] and all(n > 0 for n in per_step[2:]), per_step
+
+
+def test_schedule_lists_stay_compact_and_captured_dense_steps_stay_exact(monkeypatch):
+    """A dense warm-up group does not widen the cached kept-block lists; a call that must select
+    its mask on the device (CUDA-graph capture, emulated) builds the lists there: same result."""
+    from scaling_compile import plans
+
+    model, x, masks, schedule, compiled = scheduled_toy()
+    with torch.no_grad():
+        schedule.set_step(0)
+        compiled(x)
+        served = [m for plan in plans.all_plans() for m in plan._cache.values()][-1]
+        counts, indices = served.block_lists
+        assert served.dense_groups == (True, False)
+        assert int(counts[0].max()) == 0 and indices.shape[-1] == int(counts[1].max()) < 3
+        monkeypatch.setattr(plans, "_capturing", lambda served: True)  # as inside torch.cuda.graph
+        outs = []
+        for step in range(4):
+            schedule.set_step(step)
+            outs.append(compiled(x))
+        dense, sparse = model(x), run_masked(model, masks, BLOCK, x)
+    for out in outs[:2]:
+        torch.testing.assert_close(out, dense, atol=2e-5, rtol=1e-4)
+    for out in outs[2:]:
+        torch.testing.assert_close(out, sparse, atol=2e-5, rtol=1e-4)
