@@ -49,6 +49,7 @@ def sparse_sdpa(
     if isinstance(served, DenseFallback):
         out.copy_(torch.nn.functional.scaled_dot_product_attention(query, key, value, scale=scale))
         return out
+    plan.warm_capture_path(served, query, key, value, scale)
     if plan.runs_dense(served):  # the mask keeps every block: the dense kernel, FA4's where it serves
         if plan.fa4_supported(query):
             from .kernels.fa4_block_sparse import fa4_dense_attention

@@ -47,6 +47,7 @@ class ServedMasks:
     block_lists: tuple[torch.Tensor, torch.Tensor] | None = None  # kept key blocks per row, derived once
     fa4: dict = field(default_factory=dict, repr=False)  # (dtype, head_dim) -> FA4BlockLists or None (Triton)
     dense_groups: tuple[bool, ...] = ()  # per stacked mask g: keeps every block (a dense schedule step)
+    capture_path_warm: bool = False  # the device-list kernel has run once outside any capture
 
 
 @dataclass
@@ -222,6 +223,24 @@ class AttentionPlan:
         launch) and runs the Triton kernel.
         """
         return served.mask_index is not None and any(served.dense_groups) and _capturing(served)
+
+    def warm_capture_path(self, served: ServedMasks, query, key, value, scale) -> None:
+        """Run the device-list kernel once, eagerly, before any CUDA graph captures it.
+
+        A schedule's dense steps run the dense kernel on the host path, so the kernel a
+        captured call takes (:meth:`needs_device_lists`) might otherwise be compiled and
+        autotuned for the first time inside the capture, which CUDA forbids. The first
+        eager call of each stack pays one extra attention call; later calls nothing.
+        """
+        if served.capture_path_warm or served.mask_index is None or not any(served.dense_groups):
+            return
+        served.capture_path_warm = True
+        if not served.words.is_cuda or _capturing(served):
+            return
+        from .kernels.block_sparse_attention import block_sparse_attention
+
+        block_sparse_attention(query, key, value, served.words, self.topology.block_size, scale=scale,
+                               mask_index=served.mask_index)
 
     def fa4_supported(self, query: torch.Tensor) -> bool:
         """Whether FA4 serves calls like ``query`` (``kernel="fa4"``/``"auto"``, installed, GPU, dtype, head dim, block).
