@@ -48,6 +48,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     model.add_argument("--sparse-first", action="store_true",
                        help="compile the sparse budgets before the dense baseline (cold caches for the backend)")
     model.add_argument("--out", default=None, help="write the results as JSON here")
+    model.add_argument("--png", default=None, help="draw speedup vs density (and the Amdahl bound) here")
     loop = what.add_parser("loop", help="a whole denoising loop: per-step schedule, one compilation")
     loop.add_argument("--config", default="wan2.1-1.3b", help="planted model config (testing.CONFIGS)")
     loop.add_argument("--latent", type=int, nargs=3, default=[21, 90, 160], metavar=("F", "H", "W"))
@@ -265,6 +266,13 @@ def bench_model(args) -> dict:
                    f"forward {forward_ms:7.1f} ms, peak {peak:.2f} GiB")
     _uncompile_blocks(model)
     _print_model_table(results, args.modes, attention_ms)
+    if args.png:
+        from .plots import model_speedups
+
+        label = f"{args.latent[0]}x{args.latent[1]}x{args.latent[2]}"
+        by_mode = {f"{label} {mode}": {**results, "rows": [r for r in results["rows"] if r["mode"] == mode]}
+                   for mode in args.modes}
+        print(f"plot: {model_speedups(by_mode, args.png)}")
     return results
 
 

@@ -123,7 +123,9 @@ def model_speedups(runs: dict, path: str) -> str:
     for i, (label, result) in enumerate(runs.items()):
         color = colors[i % len(colors)]
         rows = result["rows"]
-        dense = next(r for r in rows if r["budget"] is None and r.get("kernel", "inductor") == "inductor")
+        dense = next((r for r in rows if r["budget"] is None and r.get("kernel", "inductor") == "inductor"), None)
+        if dense is None:
+            raise ValueError(f"{label}: no dense Inductor row to take the speedups against (run bench model with it)")
         attention = result["dense_self_attention_ms"]
         budgets = sorted({r["budget"] for r in rows if r["budget"] is not None})
         bound = [dense["forward_ms"] / (dense["forward_ms"] - (1 - b) * attention) for b in budgets]

@@ -138,3 +138,20 @@ def test_example_profiles_and_runs_a_saved_checkpoint(pipeline_folder, tmp_path,
     assert os.path.exists(tmp_path / "ex.safetensors")
     assert 10.0 < result["psnr_db"] < float("inf")  # sparse, and close to dense
     torch.testing.assert_close(torch.tensor(result["budget"]), torch.tensor(0.3))
+
+
+def test_bench_pictures_draw_from_measured_results(tmp_path):
+    """The speed pictures `bench model --png` and benchmarks/plot_performance.py draw, from committed H100 JSON."""
+    from pathlib import Path
+
+    from scaling_compile.plots import kernel_throughput, model_speedups
+
+    results = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
+    model = json.loads((results / "h100_model_480p_fa4.json").read_text())
+    kernel = json.loads((results / "h100_bench_kernel_fa4.json").read_text())
+    for path in (model_speedups({"480p regional": model}, str(tmp_path / "m.png")),
+                 kernel_throughput(kernel, str(tmp_path / "k.png"))):
+        assert Path(path).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(ValueError, match="no dense Inductor row"):
+        model_speedups({"broken": {**model, "rows": [r for r in model["rows"] if r["budget"] is not None]}},
+                       str(tmp_path / "x.png"))
