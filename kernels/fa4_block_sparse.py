@@ -32,7 +32,10 @@ import torch
 FA4_BLOCK_SIZES = (128,)
 FA4_DTYPES = (torch.float16, torch.bfloat16)
 FA4_HEAD_DIMS = (64, 96, 128)
-INSTALL_HINT = 'install it with: pip install "scaling-compile[fa4]" (the flash-attn-4 package; Hopper or Blackwell GPU)'
+INSTALL_HINT = (
+    'install it with: pip install "scaling-compile[fa4]" (torch built for CUDA 12) or '
+    '"scaling-compile[fa4-cu13]" (CUDA 13): the flash-attn-4 package, for Hopper or Blackwell GPUs'
+)
 
 
 @functools.lru_cache(maxsize=1)

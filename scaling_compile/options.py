@@ -25,7 +25,7 @@ class BackendOptions:
         path; needs ``pip install "scaling-compile[fa4]"`` and a Hopper/Blackwell GPU; a
         call it cannot serve runs the Triton kernel, with a warning) or "auto" (FA4 where
         it is installed and serves the call, else Triton: on the H100 FA4 measured faster,
-        docs/performance.md).
+        docs/performance.md). Online policies (HASTE, SVOO) run the Triton kernel.
     policy: how masks are chosen: "west" (static, offline topology), "haste" / "svoo" (online,
         per call), or a combination ("west+haste", "svoo+haste"); see scaling_compile.policies.
     policy_options: parameters of the online policy (e.g. {"top_p": 0.9, "drift_threshold": 0.05}).
