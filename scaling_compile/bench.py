@@ -320,15 +320,10 @@ def _denoise(model, latents, embeddings, steps: int, shift: float = 5.0, on_step
     return latents
 
 
-def _psnr(a: torch.Tensor, b: torch.Tensor) -> float:
-    peak = float(b.abs().max())
-    mse = float((a.float() - b.float()).pow(2).mean())
-    return float("inf") if mse == 0 else 10 * math.log10(peak * peak / mse)
-
-
 def bench_loop(args) -> dict:
     import scaling_compile as sc
 
+    from .quality import psnr
     from .testing import example_inputs, planted_wan_transformer
 
     model = planted_wan_transformer(args.config, dtype=torch.bfloat16, device="cuda").eval()
@@ -366,7 +361,8 @@ def bench_loop(args) -> dict:
     _uncompile_blocks(model)
     results.update(dense_seconds=timings["dense"], scaling_seconds=timings["scaling"],
                    speedup=timings["dense"] / timings["scaling"],
-                   final_latent_psnr_db=_psnr(finals["scaling"], finals["dense"]))
+                   final_latent_psnr_db=psnr(finals["scaling"], finals["dense"],
+                                              data_range=float(finals["dense"].abs().max())))
     print(f"\n{args.config}, latent {tuple(args.latent)}, {args.steps} steps ({args.dense_warmup} dense warm-up), "
           f"budget {args.budget}, {torch.cuda.get_device_name()}")
     print("| loop | seconds | speedup | final latent PSNR vs dense |")
