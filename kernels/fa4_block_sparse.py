@@ -1,7 +1,7 @@
 """FlashAttention-4's block-sparse forward as an optional back-end of the same masks.
 
 Why: where ``flash-attn-4`` (CuTe DSL, import ``flash_attn.cute``) is installed on
-a Hopper or Blackwell GPU, its block-sparse path is the fastest peer on the
+a Hopper GPU, its block-sparse path is the fastest peer on the
 very masks this project serves; users who installed it should get it through the
 same custom op, artifact and backend option (``kernel="fa4"`` or ``"auto"``).
 
@@ -10,7 +10,8 @@ What it takes: the kept-key-block lists the Triton kernel already uses
 query block), built once per mask at compile time. FA4 reads them as "full"
 blocks (every token pair of a kept block attends, so no ``mask_mod`` runs) with
 ``block_size=(block, block)``; its own tile must divide the block, so blocks of
-128 tokens are served (FA4's Hopper and Blackwell query tile). The "partial
+128 tokens are served (FA4's Hopper query tile); the back-end is enabled on Hopper, where
+it is tested. The "partial
 block" lists FA4 also accepts are passed empty. The same mask applies to every
 batch element: the lists broadcast over the batch (stride 0, no copy).
 
@@ -34,7 +35,7 @@ FA4_DTYPES = (torch.float16, torch.bfloat16)
 FA4_HEAD_DIMS = (64, 96, 128)
 INSTALL_HINT = (
     'install it with: pip install "scaling-compile[fa4]" (torch built for CUDA 12) or '
-    '"scaling-compile[fa4-cu13]" (CUDA 13): the flash-attn-4 package, for Hopper or Blackwell GPUs'
+    '"scaling-compile[fa4-cu13]" (CUDA 13): the flash-attn-4 package, for Hopper GPUs'
 )
 
 
@@ -62,8 +63,9 @@ def fa4_unsupported_reason(device: torch.device, dtype: torch.dtype, head_dim: i
     if device.type != "cuda":
         return f"FA4 runs on CUDA GPUs, not on {device.type}"
     major, minor = torch.cuda.get_device_capability(device)
-    if major not in (9, 10, 11):
-        return f"FA4's block-sparse forward needs a Hopper or Blackwell GPU (sm90/sm100), this one is sm{major}{minor}"
+    if major != 9:
+        return (f"the FA4 back-end is enabled on Hopper (sm90), where it is tested; this GPU is sm{major}{minor} "
+                "(on Blackwell FA4 tiles 256 query rows, which 128-token mask blocks do not fill)")
     if dtype not in FA4_DTYPES:
         return f"FA4 serves fp16/bf16, not {dtype}"
     if head_dim not in FA4_HEAD_DIMS:

@@ -54,7 +54,10 @@ def sparse_sdpa(
         if plan.fa4_supported(query):
             from .kernels.fa4_block_sparse import fa4_dense_attention
 
-            return fa4_dense_attention(query, key, value, scale=scale)
+            try:
+                return fa4_dense_attention(query, key, value, scale=scale)
+            except FA4_REFUSALS as error:
+                plan.fa4_failed(query, error)
         out.copy_(torch.nn.functional.scaled_dot_product_attention(query, key, value, scale=scale))
         return out
     block_size = plan.topology.block_size
@@ -63,7 +66,10 @@ def sparse_sdpa(
     if fa4 is not None:
         from .kernels.fa4_block_sparse import fa4_block_sparse_attention
 
-        return fa4_block_sparse_attention(query, key, value, fa4, scale=scale, mask_index=served.mask_index)
+        try:
+            return fa4_block_sparse_attention(query, key, value, fa4, scale=scale, mask_index=served.mask_index)
+        except FA4_REFUSALS as error:  # its argument checks, before any launch: Triton serves it exactly
+            plan.fa4_failed(query, error)
     if uses_triton(query.device):
         from .kernels.block_sparse_attention import block_sparse_attention
 
@@ -75,6 +81,9 @@ def sparse_sdpa(
     words = served.words[_host_index(served)]
     out.copy_(block_sparse_attention_chunked(query, key, value, words, block_size, scale=scale))
     return out
+
+
+FA4_REFUSALS = (ValueError, AssertionError, NotImplementedError, TypeError)
 
 
 def _host_index(served) -> int:

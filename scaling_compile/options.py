@@ -20,12 +20,12 @@ class BackendOptions:
     budget: mean fraction of key blocks kept, overriding the artifact's default (profiled artifacts).
     strict: raise instead of falling back to dense attention when a call cannot be served.
     inner: the compiler the rewritten graph is handed to: "inductor" (default) or "eager".
-    kernel: which block-sparse kernel runs the served calls, on the same masks:
-        "triton" (this package's kernel, default), "fa4" (FlashAttention-4's block-sparse
-        path; needs ``pip install "scaling-compile[fa4]"`` and a Hopper/Blackwell GPU; a
-        call it cannot serve runs the Triton kernel, with a warning) or "auto" (FA4 where
-        it is installed and serves the call, else Triton: on the H100 FA4 measured faster,
-        docs/performance.md). Online policies (HASTE, SVOO) run the Triton kernel.
+    kernel: which block-sparse kernel runs the served calls, on the same masks: "auto"
+        (default: FlashAttention-4 where it is installed and serves the call, else this
+        package's Triton kernel; on the H100 FA4 measured faster, docs/performance.md),
+        "triton", or "fa4" (FA4's block-sparse path; ``pip install "scaling-compile[fa4]"``
+        or ``[fa4-cu13]``, Hopper GPU; a call it cannot serve runs the Triton kernel, with a
+        warning). Online policies (HASTE, SVOO) run the Triton kernel.
     policy: how masks are chosen: "west" (static, offline topology), "haste" / "svoo" (online,
         per call), or a combination ("west+haste", "svoo+haste"); see scaling_compile.policies.
     policy_options: parameters of the online policy (e.g. {"top_p": 0.9, "drift_threshold": 0.05}).
@@ -38,7 +38,7 @@ class BackendOptions:
     budget: float | None = None
     strict: bool = False
     inner: str = "inductor"
-    kernel: str = "triton"
+    kernel: str = "auto"
     policy: str = "west"
     policy_options: dict | None = None
     schedule: object = None

@@ -64,7 +64,7 @@ class AttentionPlan:
     topology: "object"
     budget: float | None = None
     strict: bool = False
-    kernel: str = "triton"
+    kernel: str = "auto"
     schedule: "object | None" = None
     policy: str = "west"
     policy_options: dict | None = None
@@ -261,6 +261,15 @@ class AttentionPlan:
                     warnings.warn(message, stacklevel=4)
             self._fa4_support[choice] = reason is None
         return self._fa4_support[choice]
+
+    def fa4_failed(self, query: torch.Tensor, error: Exception) -> None:
+        """FA4 refused a call it was expected to serve: warn once, and serve such calls with Triton from now on."""
+        self._fa4_support[(str(query.device), query.dtype, int(query.shape[-1]))] = False
+        message = (f"scaling: {self.graph_key}: FA4 refused the call ({type(error).__name__}: {error}); "
+                   "it runs the Triton kernel instead")
+        if message not in self._warned:
+            self._warned.add(message)
+            warnings.warn(message, stacklevel=4)
 
     def fa4_lists(self, served: ServedMasks, query: torch.Tensor):
         """FA4's view of this call's cached kept-block lists, or None when FA4 does not serve it.

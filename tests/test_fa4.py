@@ -2,7 +2,7 @@
 
 CPU: the lists FA4 reads describe exactly the mask, stacked masks select by a device
 index, bad input is refused, and without flash-attn-4 the option says how to install it
-while "auto" serves through the Triton kernel. GPU (Hopper/Blackwell with flash-attn-4
+while "auto" serves through the Triton kernel. GPU (Hopper with flash-attn-4
 installed): FA4's output equals the plain-PyTorch reference on the same masks (ragged
 sequence lengths, stacked masks, the Triton kernel's output), and the backend serves a
 Wan model through FA4 whole-model, regionally and under CUDA graphs.
@@ -29,9 +29,9 @@ reference = importlib.import_module("scaling_compile.kernels.reference")
 FA4_GPU = (
     torch.cuda.is_available()
     and fa4.fa4_installed()
-    and torch.cuda.get_device_capability()[0] in (9, 10, 11)
+    and torch.cuda.get_device_capability()[0] == 9
 )
-needs_fa4 = pytest.mark.skipif(not FA4_GPU, reason="needs flash-attn-4 and a Hopper/Blackwell GPU")
+needs_fa4 = pytest.mark.skipif(not FA4_GPU, reason="needs flash-attn-4 and a Hopper GPU")
 BLOCK = 128
 
 
@@ -108,6 +108,37 @@ def test_auto_kernel_serves_exactly_without_fa4():
         out = compiled(**inputs).sample
         expected = run_masked(model, masks, block, **inputs).sample
     torch.testing.assert_close(out, expected, atol=2e-5, rtol=1e-4)
+
+
+def test_default_kernel_is_auto():
+    assert sc.BackendOptions.from_dict({}).kernel == "auto"
+
+
+def test_a_call_fa4_refuses_runs_the_triton_kernel_with_a_warning(monkeypatch):
+    """If FA4 rejects a call it was expected to serve (its argument checks), Triton serves it exactly, once warned."""
+    monkeypatch.setattr(fa4, "fa4_unsupported_reason", lambda *args: None)  # pretend FA4 serves this call
+    refused = []
+
+    def refuse(*args, **kwargs):
+        refused.append(1)
+        raise ValueError("sparse_block_size_q must be a multiple of q_stage * tile_m")
+
+    monkeypatch.setattr(fa4, "fa4_block_sparse_attention", refuse)
+    torch._dynamo.reset()
+    model = tiny_wan(num_layers=2, heads=2, head_dim=16).eval()
+    inputs = wan_inputs(3, 8, 8)
+    seq, block = 3 * 4 * 4, 16
+    masks = random_block_masks([f"blocks.{i}.attn1" for i in range(2)], 2, -(-seq // block), density=0.5, seed=2)
+    topology = sc.Topology.from_block_masks(masks, block_size=block)
+    compiled = torch.compile(model, backend="scaling", options={"artifact": topology, "kernel": "auto", "strict": True})
+    with torch.no_grad(), pytest.warns(UserWarning, match="FA4 refused the call"):
+        out = compiled(**inputs).sample
+    with torch.no_grad():
+        again = compiled(**inputs).sample
+        expected = run_masked(model, masks, block, **inputs).sample
+    assert len(refused) == 2  # once per block's plan, never again after the fallback
+    torch.testing.assert_close(out, expected, atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(again, expected, atol=2e-5, rtol=1e-4)
 
 
 # ----------------------------------------------------------------------------- GPU
