@@ -95,8 +95,8 @@ def test_fa4_option_without_the_package_says_how_to_install():
         sc.BackendOptions.from_dict({"kernel": "fa4"})
 
 
-def test_auto_kernel_serves_exactly_without_fa4():
-    """kernel="auto" where FA4 cannot serve (CPU, or not installed) runs the Triton kernel: same output."""
+def small_wan_compiled_auto():
+    """A 2-block tiny Wan (48 tokens, 16-token blocks, random masks) compiled with kernel="auto", strict."""
     torch._dynamo.reset()
     model = tiny_wan(num_layers=2, heads=2, head_dim=16).eval()
     inputs = wan_inputs(3, 8, 8)
@@ -104,6 +104,12 @@ def test_auto_kernel_serves_exactly_without_fa4():
     masks = random_block_masks([f"blocks.{i}.attn1" for i in range(2)], 2, -(-seq // block), density=0.5, seed=2)
     topology = sc.Topology.from_block_masks(masks, block_size=block)
     compiled = torch.compile(model, backend="scaling", options={"artifact": topology, "kernel": "auto", "strict": True})
+    return model, inputs, masks, block, compiled
+
+
+def test_auto_kernel_serves_exactly_without_fa4():
+    """kernel="auto" where FA4 cannot serve (CPU, or not installed) runs the Triton kernel: same output."""
+    model, inputs, masks, block, compiled = small_wan_compiled_auto()
     with torch.no_grad():
         out = compiled(**inputs).sample
         expected = run_masked(model, masks, block, **inputs).sample
@@ -124,13 +130,7 @@ def test_a_call_fa4_refuses_runs_the_triton_kernel_with_a_warning(monkeypatch):
         raise ValueError("sparse_block_size_q must be a multiple of q_stage * tile_m")
 
     monkeypatch.setattr(fa4, "fa4_block_sparse_attention", refuse)
-    torch._dynamo.reset()
-    model = tiny_wan(num_layers=2, heads=2, head_dim=16).eval()
-    inputs = wan_inputs(3, 8, 8)
-    seq, block = 3 * 4 * 4, 16
-    masks = random_block_masks([f"blocks.{i}.attn1" for i in range(2)], 2, -(-seq // block), density=0.5, seed=2)
-    topology = sc.Topology.from_block_masks(masks, block_size=block)
-    compiled = torch.compile(model, backend="scaling", options={"artifact": topology, "kernel": "auto", "strict": True})
+    model, inputs, masks, block, compiled = small_wan_compiled_auto()
     with torch.no_grad(), pytest.warns(UserWarning, match="FA4 refused the call"):
         out = compiled(**inputs).sample
     with torch.no_grad():
