@@ -116,7 +116,8 @@ def bench_attention(args) -> dict:
     q, k, v = (t.transpose(1, 2) for t in x)
     flex = torch.compile(flex_attention, dynamic=False)
     bench = lambda fn: do_bench(fn, warmup=25, rep=100, return_mode="median")  # noqa: E731
-    with_fa4 = fa4.fa4_unsupported_reason(q.device, q.dtype, d, block) is None
+    fa4_reason = fa4.fa4_unsupported_reason(q.device, q.dtype, d, block)
+    with_fa4 = fa4_reason is None
 
     def dense():
         with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
@@ -152,7 +153,7 @@ def bench_attention(args) -> dict:
     print(f"\n{torch.cuda.get_device_name()}, shape {(b, h, s, d)} bf16, grid {grid}, {block}x{block} 3D-local masks")
     print(f"cuDNN SDPA dense: {dense_ms:.2f} ms ({flops / dense_ms / 1e9:.0f} TFLOP/s)"
           + (f"; FA4 dense: {fa4_dense_ms:.2f} ms ({flops / fa4_dense_ms / 1e9:.0f} TFLOP/s)" if with_fa4 else
-             f"; FA4: {fa4.fa4_unsupported_reason(q.device, q.dtype, d, block)}"))
+             f"; FA4: {fa4_reason}"))
     peers = ["flex"] + (["fa4"] if with_fa4 else [])
     print("| density | ours ms (TFLOP/s) | " + " | ".join(f"{p} ms (TFLOP/s) | ours vs {p}" for p in peers)
           + " | ours vs cuDNN dense | max diff |")
@@ -186,20 +187,6 @@ def _installed_kernels() -> list[str]:
     return ["triton", "fa4"] if fa4_installed() else ["triton"]
 
 
-def _served_mask_bytes(first_plan: int) -> int:
-    """Device bytes held by the cached masks and kept-block lists of plans ``first_plan`` on (what the backend adds)."""
-    from .plans import all_plans
-
-    total = 0
-    for plan in all_plans()[first_plan:]:
-        for served in plan._cache.values():
-            tensors = [getattr(served, "words", None), *(getattr(served, "block_lists", None) or ())]
-            for lists in getattr(served, "fa4", {}).values():
-                tensors += [] if lists is None else [lists.counts, lists.indices, lists.no_partial_counts]
-            total += sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
-    return total
-
-
 def bench_model(args) -> dict:
     import scaling_compile as sc
 
@@ -231,13 +218,12 @@ def bench_model(args) -> dict:
     order = sparse + baselines if args.sparse_first else baselines + sparse
     runs = [(mode, kernel, budget) for mode in args.modes for kernel, budget in order]
     all_ones = torch.ones(heads, -(-seq // args.block_size), -(-seq // args.block_size), dtype=torch.bool)
-    from .plans import all_plans, plan_count
+    from .plans import plan_count, release_served_masks, served_mask_bytes
 
     for mode, kernel, budget in tqdm(runs, desc="compile + time"):
         torch._dynamo.reset()
         _uncompile_blocks(model)
-        for plan in all_plans():  # the previous row's graphs are gone: free their device masks
-            plan._cache.clear()
+        release_served_masks()  # the previous row's graphs are gone: free their device masks
         first_plan = plan_count()
         kwargs = {"backend": "inductor", "fullgraph": True}
         if kernel != "inductor":
@@ -259,7 +245,7 @@ def bench_model(args) -> dict:
             forward_ms = cuda_ms(lambda: call(**inputs), iters=args.iters)
         peak = torch.cuda.max_memory_allocated() / 2**30
         row = {"mode": mode, "kernel": kernel, "budget": budget, "compile_s": compile_s, "forward_ms": forward_ms,
-               "peak_gib": peak, "mask_mib": _served_mask_bytes(first_plan) / 2**20 if kernel != "inductor" else 0.0}
+               "peak_gib": peak, "mask_mib": served_mask_bytes(first_plan) / 2**20 if kernel != "inductor" else 0.0}
         results["rows"].append(row)
         label = "dense" if budget is None else budget
         tqdm.write(f"{mode:9s} {kernel:8s} budget {label:>5}: compile {compile_s:6.1f} s, "

@@ -22,6 +22,10 @@ from .kernels.reference import block_sparse_attention_chunked
 from .plans import DenseFallback, get_plan, uses_triton
 
 
+# What FA4 raises from its argument checks, before launching anything: such a call runs the Triton kernel.
+FA4_REFUSALS = (ValueError, AssertionError, NotImplementedError, TypeError)
+
+
 @torch.library.custom_op("scaling::sparse_sdpa", mutates_args=())
 def sparse_sdpa(
     query: torch.Tensor,
@@ -39,16 +43,14 @@ def sparse_sdpa(
     """
     plan = get_plan(plan_id)
     grid = None if grid is None else tuple(grid)
-    out = empty_output_like(query)
     if plan.online:
-        served = plan.online_attention(query, key, value, anchor, grid, scale, out)
+        served = plan.online_attention(query, key, value, anchor, grid, scale, empty_output_like(query))
         if not isinstance(served, DenseFallback):
             return served
     else:
         served = plan.masks_for(query, anchor, grid)
     if isinstance(served, DenseFallback):
-        out.copy_(torch.nn.functional.scaled_dot_product_attention(query, key, value, scale=scale))
-        return out
+        return _dense_sdpa(query, key, value, scale)
     plan.warm_capture_path(served, query, key, value, scale)
     if plan.runs_dense(served):  # the mask keeps every block: the dense kernel, FA4's where it serves
         if plan.fa4_supported(query):
@@ -58,8 +60,7 @@ def sparse_sdpa(
                 return fa4_dense_attention(query, key, value, scale=scale)
             except FA4_REFUSALS as error:
                 plan.fa4_failed(query, error)
-        out.copy_(torch.nn.functional.scaled_dot_product_attention(query, key, value, scale=scale))
-        return out
+        return _dense_sdpa(query, key, value, scale)
     block_size = plan.topology.block_size
     device_lists = plan.needs_device_lists(served)
     fa4 = None if device_lists else plan.fa4_lists(served, query)
@@ -79,11 +80,16 @@ def sparse_sdpa(
             block_lists=None if device_lists else served.block_lists,
         )
     words = served.words[_host_index(served)]
+    out = empty_output_like(query)
     out.copy_(block_sparse_attention_chunked(query, key, value, words, block_size, scale=scale))
     return out
 
 
-FA4_REFUSALS = (ValueError, AssertionError, NotImplementedError, TypeError)
+def _dense_sdpa(query, key, value, scale) -> torch.Tensor:
+    """PyTorch's dense SDPA, in the op's output layout."""
+    out = empty_output_like(query)
+    out.copy_(torch.nn.functional.scaled_dot_product_attention(query, key, value, scale=scale))
+    return out
 
 
 def _host_index(served) -> int:

@@ -413,6 +413,33 @@ def all_plans() -> list[AttentionPlan]:
         return list(_plans)
 
 
+def served_mask_bytes(first_plan: int = 0) -> int:
+    """Device bytes the cached masks and kept-block lists of plans ``first_plan`` on hold.
+
+    Each storage is counted once: FA4's lists are views of the Triton kernel's.
+    """
+    storages = {}
+    for plan in all_plans()[first_plan:]:
+        for served in plan._cache.values():
+            if not isinstance(served, ServedMasks):
+                continue
+            tensors = [served.words, *(served.block_lists or ())]
+            for lists in served.fa4.values():
+                if lists is not None:
+                    tensors += [lists.counts, lists.indices, lists.no_partial_counts]
+            for tensor in tensors:
+                storage = tensor.untyped_storage()
+                storages[(str(tensor.device), storage.data_ptr())] = storage.nbytes()
+    return sum(storages.values())
+
+
+def release_served_masks() -> None:
+    """Drop every plan's cached device masks (their graphs are gone, e.g. after ``torch._dynamo.reset()``);
+    a plan still in use rebuilds them at its next call."""
+    for plan in all_plans():
+        plan._cache.clear()
+
+
 def plan_count() -> int:
     """How many plans this process has registered (the ids of a compilation are a contiguous range)."""
     return len(_plans)

@@ -141,6 +141,30 @@ def test_a_call_fa4_refuses_runs_the_triton_kernel_with_a_warning(monkeypatch):
     torch.testing.assert_close(again, expected, atol=2e-5, rtol=1e-4)
 
 
+def test_mask_memory_counts_the_fa4_view_once(monkeypatch):
+    """FA4's lists are views of the Triton kernel's: the memory the backend reports holds them once."""
+    from scaling_compile import plans
+
+    monkeypatch.setattr(fa4, "fa4_unsupported_reason", lambda *args: None)  # build FA4's view on CPU ...
+
+    def refuse(*args, **kwargs):  # ... where FA4 itself cannot run: the call goes to Triton
+        raise ValueError("no FA4 on this machine")
+
+    monkeypatch.setattr(fa4, "fa4_block_sparse_attention", refuse)
+    first = plans.plan_count()
+    model, inputs, masks, block, compiled = small_wan_compiled_auto()
+    with torch.no_grad(), pytest.warns(UserWarning, match="FA4 refused the call"):
+        compiled(**inputs)
+    served = [m for plan in plans.all_plans()[first:] for m in plan._cache.values()]
+    assert served and all(m.fa4 for m in served)
+    expected = 0
+    for m in served:
+        (view,) = m.fa4.values()
+        assert view.indices.untyped_storage().data_ptr() == m.block_lists[1].untyped_storage().data_ptr()
+        expected += sum(t.untyped_storage().nbytes() for t in (m.words, *m.block_lists, view.no_partial_counts))
+    assert plans.served_mask_bytes(first) == expected
+
+
 # ----------------------------------------------------------------------------- GPU
 
 
