@@ -10,6 +10,14 @@ attended. The mask comes bit-packed (:mod:`.bitpack`): bit ``j`` of int32 word
 :func:`.reference.block_sparse_attention_reference` on the same mask; a query
 block that keeps no key block gets zeros, like the reference.
 
+Key padding: ``key_valid`` (bool ``(B, S)``, True where a key may be attended)
+masks padded keys exactly, as SDPA's ``attn_mask=key_valid[:, None, None, :]``
+combined with the block mask. A query row left with no key to attend (every
+key of its kept blocks is padding) gets zeros, which is what SDPA returns for a
+fully masked row (torch >= 2.5, ``_safe_softmax``; checked in the tests). The
+kernel reads one byte of ``key_valid`` per key of each kept tile; without it
+the check is compiled away (``HAS_KEY_VALID`` is a compile-time flag).
+
 How
 ---
 One Triton program handles one tile of ``BLOCK_M`` query rows of one
@@ -90,17 +98,20 @@ def _interpreting() -> bool:
 @triton.jit
 def _attend_kv_tile(
     acc, l_i, m_i, q,
-    k_base, v_base, k_desc, v_desc, off_b, off_h,
+    k_base, v_base, k_desc, v_desc, off_b, off_h, valid_base,
     start_n, S, stride_ks, stride_vs, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
     MASK_KEYS: tl.constexpr, TMA_MODE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HAS_KEY_VALID: tl.constexpr,
 ):
     """Fold key/value rows ``[start_n, start_n + BLOCK_N)`` into the running softmax.
 
     ``m_i`` is the running row max of the log2-scaled scores, ``l_i`` the
     running row sum of ``exp2(score - m_i)``, ``acc`` the unnormalised output.
     With ``MASK_KEYS`` the keys at or past ``S`` are masked out (only the ragged
-    last key block needs it).
+    last key block needs it). With ``HAS_KEY_VALID`` the keys whose
+    ``key_valid`` byte (``valid_base``: this batch element's row) is 0 are
+    masked out too: one load of ``BLOCK_N`` bytes per tile.
     """
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
@@ -117,12 +128,23 @@ def _attend_kv_tile(
         else:
             k = tl.load(k_ptrs)
     qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
-    if MASK_KEYS:
+    if HAS_KEY_VALID:  # key padding: one byte per key, 0 past S
+        if MASK_KEYS:
+            valid = tl.load(valid_base + offs_n, mask=offs_n < S, other=0)
+        else:
+            valid = tl.load(valid_base + offs_n)
+        qk = tl.where((valid != 0)[None, :], qk, float("-inf"))
+    elif MASK_KEYS:
         qk = tl.where((offs_n < S)[None, :], qk, float("-inf"))
     # -- online softmax (base 2, scale folded into the FMA) ----
     m_ij = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
-    p = tl.math.exp2(qk * qk_scale - m_ij[:, None])
-    alpha = tl.math.exp2(m_i - m_ij)
+    m_sub = m_ij
+    if HAS_KEY_VALID:
+        # A row that has seen no valid key yet has m_ij = -inf: subtract 0 instead, so
+        # p = exp2(-inf) = 0 and alpha = 0 (no -inf - -inf = NaN); m_ij itself stays -inf.
+        m_sub = tl.where(m_ij == float("-inf"), 0.0, m_ij)
+    p = tl.math.exp2(qk * qk_scale - m_sub[:, None])
+    alpha = tl.math.exp2(m_i - m_sub)
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None]
     # -- accumulate p @ v ----
@@ -149,6 +171,8 @@ def _block_sparse_attn_fwd(
     MASK_INDEX,  # int32 (1,) on device, or None
     KV_COUNTS,  # int32 (G, H, NQB) contiguous, or None (bit-packed path)
     KV_INDICES,  # int32 (G, H, NQB, INDEX_WIDTH) contiguous, or None
+    KEY_VALID,  # uint8 (B or 1, S): 1 where a key may be attended (key padding), or None
+    stride_valid_b,  # KEY_VALID's batch stride (0: one row for every batch element)
     qk_scale,  # scale * log2(e)
     S, H, N_Q_BLOCKS, N_KV_BLOCKS, N_WORDS,
     INDEX_WIDTH,  # row length of KV_INDICES: N_KV_BLOCKS, or the largest count (compact lists)
@@ -162,6 +186,7 @@ def _block_sparse_attn_fwd(
     RAGGED: tl.constexpr,  # S % BLOCK_SIZE != 0
     USE_LISTS: tl.constexpr,
     HAS_G: tl.constexpr,
+    HAS_KEY_VALID: tl.constexpr,  # mask padded keys (KEY_VALID); False compiles the check away
     TMA_MODE: tl.constexpr,  # 0: pointers, 1: host 4-D descriptors, 2: in-kernel 2-D descriptors per (b, h)
     DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,  # query rows per program, divides BLOCK_SIZE
@@ -189,6 +214,10 @@ def _block_sparse_attn_fwd(
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     o_base = O + off_b.to(tl.int64) * stride_ob + off_h.to(tl.int64) * stride_oh
+    if HAS_KEY_VALID:  # this batch element's row of key_valid
+        valid_base = KEY_VALID + off_b.to(tl.int64) * stride_valid_b
+    else:
+        valid_base = KEY_VALID
     if TMA_MODE == 2:  # per-(batch, head) 2-D views: bounds at S, no reshapes
         q_desc = tl.make_tensor_descriptor(q_base, [S, HEAD_DIM], [stride_qs, 1], [BLOCK_M, HEAD_DIM])
         k_desc = tl.make_tensor_descriptor(k_base, [S, HEAD_DIM], [stride_ks, 1], [BLOCK_N, HEAD_DIM])
@@ -221,9 +250,9 @@ def _block_sparse_attn_fwd(
             kv_block = tl.load(idx_ptr + i // SUB_N)
             start_n = kv_block * BLOCK_SIZE + (i % SUB_N) * BLOCK_N
             acc, l_i, m_i = _attend_kv_tile(
-                acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, off_b, off_h,
+                acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, off_b, off_h, valid_base,
                 start_n, S, stride_ks, stride_vs, qk_scale,
-                HEAD_DIM, BLOCK_N, False, TMA_MODE, DOT_PRECISION,
+                HEAD_DIM, BLOCK_N, False, TMA_MODE, DOT_PRECISION, HAS_KEY_VALID,
             )
         has_tail = count - n_full
     else:
@@ -240,9 +269,9 @@ def _block_sparse_attn_fwd(
                         for sub in range(0, SUB_N):
                             start_n = (w * WORD_BITS_C + j) * BLOCK_SIZE + sub * BLOCK_N
                             acc, l_i, m_i = _attend_kv_tile(
-                                acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, off_b, off_h,
+                                acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, off_b, off_h, valid_base,
                                 start_n, S, stride_ks, stride_vs, qk_scale,
-                                HEAD_DIM, BLOCK_N, False, TMA_MODE, DOT_PRECISION,
+                                HEAD_DIM, BLOCK_N, False, TMA_MODE, DOT_PRECISION, HAS_KEY_VALID,
                             )
         has_tail = 0
         if RAGGED:
@@ -254,12 +283,14 @@ def _block_sparse_attn_fwd(
         for sub in range(0, has_tail * tail_steps):
             start_n = last_kv * BLOCK_SIZE + sub * BLOCK_N
             acc, l_i, m_i = _attend_kv_tile(
-                acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, off_b, off_h,
+                acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, off_b, off_h, valid_base,
                 start_n, S, stride_ks, stride_vs, qk_scale,
-                HEAD_DIM, BLOCK_N, True, TMA_MODE, DOT_PRECISION,
+                HEAD_DIM, BLOCK_N, True, TMA_MODE, DOT_PRECISION, HAS_KEY_VALID,
             )
 
     # -- epilogue: normalise once, store rows < S ----
+    if HAS_KEY_VALID:  # a row whose kept keys are all padding: l_i = 0, acc = 0 -> zeros (as SDPA)
+        l_i = tl.where(l_i == 0.0, 1.0, l_i)
     out = (acc / l_i[:, None]).to(O.dtype.element_ty)
     if TMA_MODE == 1:
         o_desc.store([off_b, off_h, pid_m * BLOCK_M, 0], out.reshape(1, 1, BLOCK_M, HEAD_DIM))
@@ -313,7 +344,9 @@ _CUDA_CONFIGS_BY_BLOCK = {
 _CUDA_CONFIGS: Tuple[Tuple[int, int, int, int], ...] = tuple(
     c for configs in _CUDA_CONFIGS_BY_BLOCK.values() for c in configs
 )
-_AUTOTUNE_KEY = ["S_KEY", "HEAD_DIM", "BLOCK_SIZE", "RAGGED", "USE_LISTS", "HAS_G", "TMA_MODE", "DOT_PRECISION"]
+_AUTOTUNE_KEY = [
+    "S_KEY", "HEAD_DIM", "BLOCK_SIZE", "RAGGED", "USE_LISTS", "HAS_G", "HAS_KEY_VALID", "TMA_MODE", "DOT_PRECISION",
+]
 
 
 def _set_descriptor_blocks(nargs) -> None:
@@ -430,7 +463,7 @@ def _check(cond: bool, msg: str, exc=ValueError) -> None:
         raise exc(f"block_sparse_attention: {msg}")
 
 
-def _validate(q, k, v, mask_words, block_size, scale, mask_index, block_lists) -> None:
+def _validate(q, k, v, mask_words, block_size, scale, mask_index, block_lists, key_valid=None) -> None:
     for name, t in (("q", q), ("k", k), ("v", v)):
         _check(isinstance(t, torch.Tensor), f"{name} must be a torch.Tensor, got {type(t).__name__}", TypeError)
         _check(t.dim() == 4, f"{name} must have shape (B, H, S, D), got {tuple(t.shape)}")
@@ -497,6 +530,25 @@ def _validate(q, k, v, mask_words, block_size, scale, mask_index, block_lists) -
             f"{getattr(indices, 'dtype', type(indices))} {tuple(getattr(indices, 'shape', ()))}",
         )
         _check(counts.device == q.device and indices.device == q.device, "block_lists must be on q's device")
+    check_key_valid(key_valid, q, "block_sparse_attention")
+
+
+def check_key_valid(key_valid: Optional[torch.Tensor], q: torch.Tensor, who: str) -> None:
+    """Raise a clear error unless ``key_valid`` is None or a bool ``(B, S)`` (or ``(1, S)``) tensor on q's device."""
+    if key_valid is None:
+        return
+    b, s = q.shape[0], q.shape[-2]
+    if not isinstance(key_valid, torch.Tensor):
+        raise TypeError(f"{who}: key_valid must be a bool torch.Tensor (batch, S_k) or None, got {type(key_valid).__name__}")
+    if key_valid.dtype != torch.bool:
+        raise TypeError(f"{who}: key_valid must be a bool tensor (True = the key may be attended), got {key_valid.dtype}")
+    if key_valid.dim() != 2 or key_valid.shape[1] != s or key_valid.shape[0] not in (1, b):
+        raise ValueError(
+            f"{who}: key_valid must have shape (batch, S_k) = ({b}, {s}) (or (1, {s}) for every batch element), "
+            f"got {tuple(key_valid.shape)}"
+        )
+    if key_valid.device != q.device:
+        raise ValueError(f"{who}: key_valid is on {key_valid.device}, q on {q.device}")
 
 
 # Default TMA mode on Hopper+ (0: pointers, 1: host 4-D descriptors, 2: in-kernel 2-D
@@ -565,10 +617,12 @@ def _launch(
     use_tma=None,
     config: Optional[Sequence[int]] = None,
     warp_specialize: bool = False,
+    key_valid: Optional[torch.Tensor] = None,
 ):
     """Launch the kernel (inputs already validated); returns Triton's compiled-kernel handle.
 
-    ``block_lists=None`` runs the in-kernel bit-test path. ``use_tma``: None
+    ``block_lists=None`` runs the in-kernel bit-test path. ``key_valid``: bool
+    ``(B or 1, S)`` key padding, or None (the check is compiled away). ``use_tma``: None
     picks the default mode when the device and strides allow, False/0 pointers,
     True/1 host descriptors, 2 in-kernel descriptors. ``config = (BLOCK_M,
     BLOCK_N, num_warps, num_stages)`` skips autotuning.
@@ -593,6 +647,14 @@ def _launch(
     if tma_mode == 2:
         _ensure_allocator()
     interpreting = _interpreting() or q.device.type != "cuda"
+    if interpreting and q.dtype == torch.bfloat16:
+        # Never take a route known to be wrong: block_sparse_attention runs bf16 in fp32 here.
+        raise RuntimeError("block_sparse_attention: Triton's interpreter computes bf16 tl.dot wrongly (errors ~1e9); "
+                           "call block_sparse_attention (it runs bf16 in fp32 under the interpreter)")
+    valid, stride_valid_b = None, 0
+    if key_valid is not None:
+        valid = key_valid.contiguous().view(torch.uint8)  # one byte per key, read by the kernel
+        stride_valid_b = 0 if valid.shape[0] == 1 else valid.stride(0)
     if config is None and interpreting:
         config = (block_size, block_size, 4, 1)  # interpreter: big tiles = fewer numpy calls
 
@@ -601,6 +663,7 @@ def _launch(
         q_desc=q_desc, k_desc=k_desc, v_desc=v_desc, o_desc=o_desc,
         MASK=mask, MASK_INDEX=mask_index if has_g else None,
         KV_COUNTS=counts, KV_INDICES=indices,
+        KEY_VALID=valid, stride_valid_b=stride_valid_b,
         qk_scale=scale * LOG2E,
         S=s, H=h, N_Q_BLOCKS=n_qb, N_KV_BLOCKS=n_kvb, N_WORDS=mask.shape[-1],
         INDEX_WIDTH=n_kvb if indices is None else indices.shape[-1],
@@ -610,7 +673,7 @@ def _launch(
         stride_ob=out.stride(0), stride_oh=out.stride(1), stride_os=out.stride(2),
         S_KEY=triton.next_power_of_2(s),
         HEAD_DIM=d, BLOCK_SIZE=block_size, RAGGED=(s % block_size != 0),
-        USE_LISTS=block_lists is not None, HAS_G=has_g, TMA_MODE=tma_mode,
+        USE_LISTS=block_lists is not None, HAS_G=has_g, HAS_KEY_VALID=key_valid is not None, TMA_MODE=tma_mode,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
     )
 
@@ -638,8 +701,14 @@ def block_sparse_attention(
     mask_index: Optional[torch.Tensor] = None,
     *,
     block_lists: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
+    key_valid: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Block-sparse attention of ``q, k, v`` ``(B, H, S, D)`` under a bit-packed block mask.
+
+    Equal to ``scaled_dot_product_attention(q, k, v, attn_mask=token_mask & key_valid[:, None, None, :])``
+    where ``token_mask`` expands the block mask to tokens; a query row that attends no
+    key (its kept blocks are all dropped, or all their keys are padding) is zero, as
+    SDPA returns for a fully masked row (torch >= 2.5).
 
     Args:
         q, k, v: same shape ``(B, H, S, D)``, fp16/bf16/fp32, any strides with the
@@ -665,16 +734,29 @@ def block_sparse_attention(
             lets Triton pipeline the K/V loads. (The kernel can also test the
             bits itself, ``_launch(..., block_lists=None)``: same result, about
             30% slower, kept as the plain bit-packed reference path.)
+        key_valid: optional bool ``(B, S)`` key padding (``(1, S)`` applies to every
+            batch element), True where the key may be attended, on q's device. The
+            kernel reads one byte per key of each kept tile; ``None`` compiles the
+            check away (no cost).
+
+    Under ``TRITON_INTERPRET=1`` (CPU) bf16 inputs run in fp32 and the result is
+    returned in bf16: the interpreter's bf16 ``tl.dot`` is wrong (errors ~1e9).
 
     Returns:
         ``(B, H, S, D)`` tensor with the memory layout of ``(B, S, H, D)``
         (:func:`empty_output_like`). Query rows of a query block that keeps no
         key block are zero.
     """
-    _validate(q, k, v, mask_words, block_size, scale, mask_index, block_lists)
+    _validate(q, k, v, mask_words, block_size, scale, mask_index, block_lists, key_valid)
+    if q.dtype == torch.bfloat16 and (_interpreting() or q.device.type != "cuda"):
+        # the interpreter's bf16 dot is garbage: compute in fp32, hand back bf16
+        out = empty_output_like(q)
+        out.copy_(block_sparse_attention(q.float(), k.float(), v.float(), mask_words, block_size, scale, mask_index,
+                                         block_lists=block_lists, key_valid=key_valid))
+        return out
     if block_lists is None:
         # kept-block lists of mask[g], built on device from the packed bits (one tiny launch)
         block_lists = _lists_on_device(mask_words, mask_index, triton.cdiv(q.shape[2], block_size))
     out = empty_output_like(q)
-    _launch(q, k, v, out, mask_words, block_size, scale, mask_index, block_lists)
+    _launch(q, k, v, out, mask_words, block_size, scale, mask_index, block_lists, key_valid=key_valid)
     return out
