@@ -21,6 +21,19 @@ schedule's device index (one small gather, no host sync, CUDA-graph safe).
 
 A query block that keeps no key block never reaches FA4: topologies reject
 empty rows when they are created.
+
+Key padding (``key_valid``) is refused, before anything is launched, with
+:class:`FA4KeyPaddingUnsupported` (a ``NotImplementedError``, one of
+:data:`FA4_REFUSALS`), so the Triton kernel serves such calls exactly. Why FA4
+cannot serve it exactly here (read in flash-attn-4 4.0.0b36): kept blocks are
+passed as FA4 "full" blocks, which skip all masking; its per-batch key lengths
+(``seqused_k``) mask only the highest kept block of a row
+(``consume_block_sparse_loads`` applies ``mask_seqlen`` to the first block it
+processes), so any other kept block past the length would be attended; and
+whether ``key_valid`` is a prefix at all cannot be known without a device sync.
+Passing the kept blocks as "mask" blocks with a ``mask_mod`` reading
+``key_valid`` would be exact, at the cost of FA4's full-block speed; it is not
+done (untested on a GPU).
 """
 
 from __future__ import annotations
@@ -29,6 +42,15 @@ import functools
 from typing import NamedTuple, Optional
 
 import torch
+
+# What FA4 and this wrapper raise from argument checks, before launching anything:
+# a call refused with one of these runs the Triton kernel instead.
+FA4_REFUSALS = (ValueError, AssertionError, NotImplementedError, TypeError)
+
+
+class FA4KeyPaddingUnsupported(NotImplementedError):
+    """FA4's block-sparse path here cannot mask padded keys exactly; the Triton kernel serves the call."""
+
 
 FA4_BLOCK_SIZES = (128,)
 FA4_DTYPES = (torch.float16, torch.bfloat16)
@@ -132,13 +154,17 @@ def fa4_block_sparse_attention(
     lists: FA4BlockLists,
     scale: Optional[float] = None,
     mask_index: Optional[torch.Tensor] = None,
+    key_valid: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Block-sparse attention of ``q, k, v`` ``(B, H, S, D)`` through FA4, on the kept-block lists.
 
     Returns ``(B, H, S, D)`` with the memory layout of ``(B, S, H, D)`` (what the
     Triton kernel and flash SDPA return). FA4 reads ``(B, S, H, D)``; the
     ``transpose(1, 2)`` views of DiT attention inputs are passed without a copy.
+    ``key_valid`` (key padding) other than None raises :class:`FA4KeyPaddingUnsupported`
+    before anything runs (see the module docstring): the caller serves it with Triton.
     """
+    refuse_key_padding(key_valid)
     from flash_attn.cute import flash_attn_func
     from flash_attn.cute.block_sparsity import BlockSparseTensorsTorch
 
@@ -165,8 +191,21 @@ def fa4_block_sparse_attention(
     return out.transpose(1, 2)
 
 
-def fa4_dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: Optional[float] = None) -> torch.Tensor:
-    """Dense FA4 attention of ``(B, H, S, D)`` inputs: the baseline a user with FA4 would otherwise run."""
+def refuse_key_padding(key_valid: Optional[torch.Tensor]) -> None:
+    """Raise :class:`FA4KeyPaddingUnsupported` when a call carries key padding (checked before any launch)."""
+    if key_valid is not None:
+        raise FA4KeyPaddingUnsupported(
+            "FA4's block-sparse path cannot mask padded keys exactly (kept blocks are full blocks; "
+            "seqused_k masks only a row's last kept block); the Triton kernel serves calls with key_valid"
+        )
+
+
+def fa4_dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: Optional[float] = None,
+                        key_valid: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Dense FA4 attention of ``(B, H, S, D)`` inputs: the baseline a user with FA4 would otherwise run.
+
+    Key padding is refused as in :func:`fa4_block_sparse_attention` (SDPA serves it)."""
+    refuse_key_padding(key_valid)
     from flash_attn.cute import flash_attn_func
 
     out, _ = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), softmax_scale=scale)

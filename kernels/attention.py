@@ -1,0 +1,247 @@
+"""One attention entry point for a block mask: the choice of kernel, written once.
+
+:func:`sparse_attention` computes block-sparse attention of ``(B, H, S, D)``
+inputs under a :class:`.block_mask.BlockMask`, with optional key padding, and
+picks how (:func:`choose_route`):
+
+1. ``dense_fa4`` / ``dense_sdpa``: the selected mask keeps every block (a
+   schedule's dense warm-up step, a budget of 1): dense attention is the same
+   result, faster. FlashAttention-4's dense forward where it serves the call,
+   else PyTorch's SDPA (with ``attn_mask=key_valid[:, None, None, :]`` under key
+   padding).
+2. ``triton_device_lists``: a stack whose selected mask is known only on the
+   device (``mask_index`` without ``group``: a CUDA-graph capture) and that also
+   holds all-ones masks, whose rows the cached lists leave out: the Triton kernel
+   builds the lists of ``mask[g]`` on the device (one small launch, no sync).
+3. ``fa4``: FlashAttention-4's block-sparse forward where it is installed and
+   serves the call (Hopper, fp16/bf16, head dim 64/96/128, 128-token blocks, no
+   key padding, no empty rows) and ``kernel`` is not ``"triton"``.
+4. ``triton``: the Triton kernel where Triton runs (CUDA, or the CPU under
+   ``TRITON_INTERPRET=1``; bf16 runs in fp32 there) and supports the shape.
+5. ``chunked``: the chunked PyTorch path (SDPA with a token mask per chunk of
+   query blocks): CPU without the interpreter, or a shape Triton does not take.
+
+Every route computes the same thing: SDPA with the block mask expanded to tokens
+and combined with ``key_valid``; a query row with no key to attend is zero
+(SDPA's result for a fully masked row). A call FA4 refuses at run time (one of
+:data:`.fa4_block_sparse.FA4_REFUSALS`, raised before it launches) runs the
+Triton kernel with a warning, and the mask remembers the refusal for such calls.
+Nothing here keeps process-wide state: what a call needs travels with it.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import warnings
+from typing import NamedTuple, Optional
+
+import torch
+import torch.nn.functional as F
+
+from .block_mask import BlockMask
+
+__all__ = ["KERNELS", "Route", "choose_route", "sparse_attention", "triton_runs_on"]
+
+KERNELS = ("auto", "triton", "fa4")
+
+
+class Route(NamedTuple):
+    """How a call is computed: ``name`` (see the module docstring) and, where FA4 was passed over, why."""
+
+    name: str
+    reason: str = ""
+
+
+def triton_runs_on(device: torch.device) -> bool:
+    """Whether Triton kernels run for tensors on ``device``: CUDA, or the CPU under ``TRITON_INTERPRET=1``."""
+    device = torch.device(device)
+    return device.type == "cuda" or (
+        device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    )
+
+
+def _selected_group(mask: BlockMask, mask_index, group) -> Optional[int]:
+    """The mask's group ``g`` as known on the host: 0 for a single mask, ``group`` for a stack, or None."""
+    if not mask.stacked:
+        if mask_index is not None or group not in (None, 0):
+            raise ValueError("sparse_attention: mask_index / group select a mask of a stack; this BlockMask is one mask")
+        return 0
+    if mask_index is None and group is None:
+        raise ValueError(f"sparse_attention: the BlockMask stacks {mask.groups} masks: pass mask_index "
+                         "(1-element int32 device tensor) and/or group (int) to select one")
+    if group is not None and not (isinstance(group, int) and 0 <= group < mask.groups):
+        raise ValueError(f"sparse_attention: group must be an int in [0, {mask.groups}), got {group!r}")
+    if mask_index is not None:
+        if not isinstance(mask_index, torch.Tensor) or mask_index.dtype != torch.int32 or mask_index.numel() != 1:
+            raise TypeError("sparse_attention: mask_index must be a 1-element int32 tensor on the query's device")
+    return group
+
+
+def _fa4_reason(query: torch.Tensor, mask: BlockMask, key_valid, kernel: str) -> Optional[str]:
+    """None when FA4 serves this call, else why not."""
+    if kernel == "triton":
+        return "kernel='triton'"
+    if key_valid is not None:
+        return "key padding (key_valid): FA4's block-sparse path cannot mask padded keys exactly"
+    from .fa4_block_sparse import fa4_unsupported_reason
+
+    reason = fa4_unsupported_reason(query.device, query.dtype, int(query.shape[-1]), mask.block_size)
+    if reason is None and (str(query.device), query.dtype, int(query.shape[-1])) in mask._derived.get("fa4_refused", ()):
+        reason = "FA4 refused such a call before"
+    return reason
+
+
+def _triton_reason(query: torch.Tensor, mask: BlockMask) -> Optional[str]:
+    """None when the Triton kernel serves this call, else why not."""
+    from .block_sparse_attention import SUPPORTED_BLOCK_SIZES, SUPPORTED_HEAD_DIMS
+
+    if not triton_runs_on(query.device):
+        return f"Triton does not run on {query.device.type} here (set TRITON_INTERPRET=1 for the CPU interpreter)"
+    if int(query.shape[-1]) not in SUPPORTED_HEAD_DIMS:
+        return f"head_dim {query.shape[-1]} not in the Triton kernel's {SUPPORTED_HEAD_DIMS}"
+    if mask.block_size not in SUPPORTED_BLOCK_SIZES:
+        return f"block_size {mask.block_size} not in the Triton kernel's {SUPPORTED_BLOCK_SIZES}"
+    return None
+
+
+def choose_route(
+    query: torch.Tensor,
+    mask: BlockMask,
+    *,
+    mask_index: Optional[torch.Tensor] = None,
+    key_valid: Optional[torch.Tensor] = None,
+    kernel: str = "auto",
+    group: Optional[int] = None,
+) -> Route:
+    """Which kernel serves this call (host-side only: no device sync, no launch)."""
+    if kernel not in KERNELS:
+        raise ValueError(f"sparse_attention: kernel must be one of {KERNELS}, got {kernel!r}")
+    g = _selected_group(mask, mask_index, group)
+    fa4_reason = _fa4_reason(query, mask, key_valid, kernel)
+    if g is not None and mask.dense_groups[g]:
+        if fa4_reason is None:
+            return Route("dense_fa4", "the mask keeps every block")
+        return Route("dense_sdpa", f"the mask keeps every block; not FA4: {fa4_reason}")
+    triton_reason = _triton_reason(query, mask)
+    if g is None and any(mask.dense_groups):
+        if triton_reason is None:
+            return Route("triton_device_lists", "the selected mask is known only on the device")
+        return Route("chunked", triton_reason)
+    if fa4_reason is None:
+        empty = mask.empty_groups[g] if g is not None else any(
+            e for e, d in zip(mask.empty_groups, mask.dense_groups) if not d)
+        if not empty:
+            return Route("fa4")
+        fa4_reason = "a query block keeps no key block (FA4 would leave its rows undefined)"
+    if triton_reason is None:
+        return Route("triton", fa4_reason)
+    return Route("chunked", f"{fa4_reason}; {triton_reason}")
+
+
+def sparse_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    mask: BlockMask,
+    *,
+    scale: Optional[float] = None,
+    mask_index: Optional[torch.Tensor] = None,
+    key_valid: Optional[torch.Tensor] = None,
+    kernel: str = "auto",
+    group: Optional[int] = None,
+) -> torch.Tensor:
+    """Attention of ``query, key, value`` ``(B, H, S, D)`` restricted to ``mask`` (and to ``key_valid``).
+
+    Args:
+        mask: a :class:`BlockMask` made for exactly ``S`` tokens and ``H`` heads (else
+            ``ValueError``), on the inputs' device.
+        scale: softmax scale, default ``1 / sqrt(D)``.
+        mask_index: for a stacked mask, a 1-element int32 tensor on the device holding
+            ``g`` (read by the kernel on the device: no sync, CUDA-graph safe).
+        group: for a stacked mask, the same ``g`` when the host knows it (a schedule's
+            current step). With it an all-ones mask runs the dense kernel and the
+            cached lists serve the call; without it (``mask_index`` only) the
+            selection happens on the device. Given alone, ``mask[group]`` is used.
+            When both are given they must agree (not checked: that would sync).
+        key_valid: optional bool ``(B, S)`` key padding, True where the key may be
+            attended (``(1, S)`` applies to every batch element).
+        kernel: ``"auto"`` (FA4 where it serves the call, else Triton, else the
+            chunked path), ``"fa4"`` (the same, with a warning when FA4 cannot serve
+            the call), ``"triton"`` (never FA4).
+
+    Returns:
+        ``(B, H, S, D)`` in the memory layout of ``(B, S, H, D)`` (flash SDPA's; see
+        :func:`.block_sparse_attention.empty_output_like`), dtype of ``query``.
+    """
+    from .block_sparse_attention import check_key_valid, empty_output_like
+
+    mask.check_call(query)
+    check_key_valid(key_valid, query, "sparse_attention")
+    route = choose_route(query, mask, mask_index=mask_index, key_valid=key_valid, kernel=kernel, group=group)
+    if kernel == "fa4" and route.name not in ("fa4", "dense_fa4"):
+        warnings.warn(f"sparse_attention: kernel='fa4' runs {route.name}: {route.reason}", stacklevel=2)
+    name = route.name
+    if name in ("fa4", "dense_fa4"):
+        from .fa4_block_sparse import FA4_REFUSALS
+
+        try:
+            return _run_fa4(query, key, value, mask, scale, mask_index, group, dense=name == "dense_fa4")
+        except FA4_REFUSALS as error:  # its argument checks, before any launch: another kernel serves it exactly
+            mask._derived.setdefault("fa4_refused", set()).add((str(query.device), query.dtype, int(query.shape[-1])))
+            warnings.warn(f"sparse_attention: FA4 refused the call ({type(error).__name__}: {error}); "
+                          "it runs the Triton kernel instead", stacklevel=2)
+            name = "dense_sdpa" if name == "dense_fa4" else choose_route(
+                query, mask, mask_index=mask_index, key_valid=key_valid, kernel="triton", group=group).name
+    if name == "dense_sdpa":
+        return _dense_sdpa(query, key, value, scale, key_valid)
+    if name in ("triton", "triton_device_lists"):
+        from .block_sparse_attention import block_sparse_attention
+
+        # the mask's kept-block lists if derived (mask.kv_block_lists, e.g. at compile time), else the
+        # kernel builds them on the device in the launch (no sync: fine for masks made per call)
+        words, index, lists = _kernel_operands(mask, mask_index, group, device_lists=name == "triton_device_lists")
+        return block_sparse_attention(query, key, value, words, mask.block_size, scale, index,
+                                      block_lists=lists, key_valid=key_valid)
+    from .reference import block_sparse_attention_chunked
+
+    g = group if group is not None else (0 if not mask.stacked else int(mask_index.item()))  # chunked: host path
+    out = empty_output_like(query)
+    out.copy_(block_sparse_attention_chunked(query, key, value, mask.words[g], mask.block_size, scale=scale,
+                                             key_valid=key_valid))
+    return out
+
+
+def _kernel_operands(mask: BlockMask, mask_index, group, device_lists: bool):
+    """(words, mask_index, block_lists) for the Triton kernel: the stack + device index, or one mask."""
+    lists = None if device_lists else mask.cached_kv_block_lists()
+    if not mask.stacked:
+        return mask.words[0], None, lists
+    if mask_index is None:  # group known on the host only: that mask alone
+        lists = None if lists is None else (lists[0][group], lists[1][group])
+        return mask.words[group], None, lists
+    return mask.words, mask_index, lists
+
+
+def _run_fa4(query, key, value, mask: BlockMask, scale, mask_index, group, dense: bool) -> torch.Tensor:
+    from .fa4_block_sparse import fa4_block_sparse_attention, fa4_dense_attention
+
+    if dense:
+        return fa4_dense_attention(query, key, value, scale=scale)
+    lists = mask.fa4_lists
+    if mask.stacked and mask_index is None:
+        mask_index = torch.full((1,), group, dtype=torch.int32, device=query.device)
+    return fa4_block_sparse_attention(query, key, value, lists, scale=scale,
+                                      mask_index=mask_index if mask.stacked else None)
+
+
+def _dense_sdpa(query, key, value, scale, key_valid) -> torch.Tensor:
+    """PyTorch's dense SDPA (key padding as its attn_mask), in the kernels' output layout."""
+    from .block_sparse_attention import empty_output_like
+
+    out = empty_output_like(query)
+    attn_mask = None if key_valid is None else key_valid[:, None, None, :]
+    out.copy_(F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask, scale=scale))
+    if key_valid is not None:  # a batch element with no valid key: zeros on every backend (SDPA's math result)
+        out.masked_fill_(~key_valid.any(-1)[:, None, None, None], 0.0)
+    return out
