@@ -1,9 +1,12 @@
 """The Triton block-sparse attention kernel against the plain-PyTorch reference.
 
 On a CPU machine the kernel runs under TRITON_INTERPRET=1 (tests/conftest.py);
-shapes stay small because the interpreter is slow. fp16 and fp32 only there
-(the interpreter's bf16 dot is wrong); bf16, CUDA graphs and the autotuned
-path are tested only when CUDA is available.
+shapes stay small because the interpreter is slow. The kernel itself is tested
+in fp16 and fp32 there (the interpreter's bf16 dot is wrong; the public call runs
+bf16 in fp32 under the interpreter, tested below); bf16 on the device, CUDA
+graphs and the autotuned path are tested only when CUDA is available.
+Key padding (``key_valid``) is compared with a masked SDPA written here
+(:func:`masked_sdpa`), which returns zeros for a fully masked row.
 """
 
 from __future__ import annotations
@@ -434,3 +437,250 @@ def test_cuda_bit_test_path_in_graph(use_tma):
         graph.replay()
         torch.cuda.synchronize()
         assert_close(out, ref_attention(q, k, v, masks[g], block_size), torch.bfloat16)
+
+
+# --------------------------------------------------------------------------------------
+# key padding (key_valid): kernel and a masked-SDPA reference side by side
+# --------------------------------------------------------------------------------------
+
+import torch.nn.functional as F  # noqa: E402
+
+KEY_VALID_KINDS = ["random", "prefix", "suffix_padded", "one_batch_all_padding", "all_valid"]
+
+
+def make_key_valid(kind, b, s, seed=0, device=DEVICE):
+    """Bool (B, S) key padding of a kind a caller produces (text padding, ragged prompts, ...)."""
+    g = torch.Generator().manual_seed(seed)
+    if kind == "random":
+        valid = torch.rand(b, s, generator=g) < 0.6
+    elif kind == "prefix":  # keys [0, L_b) valid: padding at the end
+        lengths = torch.randint(1, s + 1, (b,), generator=g)
+        valid = torch.arange(s)[None, :] < lengths[:, None]
+    elif kind == "suffix_padded":  # video then text, the text's tail padded (HunyuanVideo, CogVideoX)
+        text = max(1, s // 3)
+        used = torch.randint(0, text + 1, (b,), generator=g)
+        pos = torch.arange(s)[None, :]
+        valid = (pos < s - text) | (pos < s - text + used[:, None])
+    elif kind == "one_batch_all_padding":
+        valid = torch.rand(b, s, generator=g) < 0.5
+        valid[-1] = False
+    elif kind == "all_valid":
+        valid = torch.ones(b, s, dtype=torch.bool)
+    else:
+        raise ValueError(kind)
+    return valid.to(device)
+
+
+def masked_sdpa(q, k, v, block_mask, block_size, key_valid=None, scale=None):
+    """The ground truth, written here: fp32 SDPA on the CPU with the block mask expanded to tokens
+    and combined with the key padding (torch >= 2.5 returns zeros for a fully masked row)."""
+    s = q.shape[-2]
+    n = math.ceil(s / block_size)
+    keep = block_mask.cpu().repeat_interleave(block_size, -2)[..., :s, :].repeat_interleave(block_size, -1)[..., :s]
+    assert keep.shape[-1] == s and block_mask.shape[-1] == n
+    if key_valid is not None:
+        keep = keep & key_valid.cpu()[:, None, None, :]
+    return F.scaled_dot_product_attention(q.float().cpu(), k.float().cpu(), v.float().cpu(), attn_mask=keep, scale=scale)
+
+
+def assert_matches_sdpa(out, expected, dtype):
+    assert not torch.isnan(out).any(), "output has NaN (unwritten rows, or 0/0 on a fully masked row)"
+    tol = TOL[dtype]
+    torch.testing.assert_close(out.float().cpu(), expected, atol=tol, rtol=tol)
+
+
+def test_sdpa_returns_zeros_for_a_fully_masked_row():
+    """The documented choice rests on this: SDPA's result for a row that attends nothing is zeros."""
+    q, k, v = make_qkv(1, 1, 8, 16, torch.float32, "bhsd", seed=2, device=torch.device("cpu"))
+    keep = torch.ones(1, 1, 8, 8, dtype=torch.bool)
+    keep[..., 3, :] = False
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=keep)
+    assert torch.equal(out[0, 0, 3], torch.zeros(16))
+
+
+@settings(max_examples=24 if not CUDA else 12, **SETTINGS)
+@given(
+    b=st.integers(1, 2),
+    h=st.integers(1, 2),
+    block_size=st.sampled_from([16, 32]),
+    n_blocks=st.integers(1, 4),
+    tail=st.integers(0, 31),
+    dtype=st.sampled_from(DTYPES),
+    density=st.floats(0.1, 1.0),
+    empty_rows=st.sampled_from([0.0, 0.3]),
+    lists=st.sampled_from(["bits", "host", "compact", "device"]),
+    kind=st.sampled_from(KEY_VALID_KINDS),
+    seed=st.integers(0, 2**16),
+)
+def test_key_valid_matches_masked_sdpa(b, h, block_size, n_blocks, tail, dtype, density, empty_rows, lists, kind, seed):
+    s = max(1, (n_blocks - 1) * block_size + 1 + tail % block_size)
+    q, k, v = make_qkv(b, h, s, 16, dtype, "bshd", seed)
+    n = math.ceil(s / block_size)
+    mask = random_block_mask((h, n, n), density, seed, empty_rows)
+    key_valid = make_key_valid(kind, b, s, seed)
+    words = pack_block_mask(mask).to(DEVICE)
+    n_kv = n
+    block_lists = None
+    if lists in ("host", "compact"):
+        block_lists = kv_block_lists(words, n_kv)
+        if lists == "compact":
+            block_lists = bsa.compact_block_lists(*block_lists)
+    if lists == "device":
+        block_lists = bsa._lists_on_device(words, None, n_kv)
+    out = empty_output_like(q).fill_(float("nan"))
+    bsa._launch(q, k, v, out, words, block_size, None, None, block_lists, use_tma=0, key_valid=key_valid)
+    expected = masked_sdpa(q, k, v, mask, block_size, key_valid)
+    assert_matches_sdpa(out, expected, dtype)
+    torch.testing.assert_close(ref_attention(q, k, v, mask, block_size, key_valid=key_valid).float().cpu(), expected,
+                               atol=TOL[dtype], rtol=TOL[dtype])
+
+
+@pytest.mark.parametrize("kind", KEY_VALID_KINDS)
+@pytest.mark.parametrize("lists", ["bits", "device"])
+def test_key_valid_public_entry_ragged_one_kept_block_rows(kind, lists):
+    """Ragged S; some rows keep exactly one block (the ragged last one included), some none."""
+    b, h, block_size = 2, 2, 16
+    s = 3 * block_size + 5
+    q, k, v = make_qkv(b, h, s, 16, torch.float16, "bshd", seed=7)
+    n = math.ceil(s / block_size)
+    mask = random_block_mask((h, n, n), 0.5, seed=7)
+    mask[0, 0] = False
+    mask[0, 0, n - 1] = True  # one kept block: the ragged one
+    mask[1, 1] = False
+    mask[1, 1, 1] = True  # one kept block
+    mask[1, 2] = False  # none
+    key_valid = make_key_valid(kind, b, s, seed=7)
+    words = pack_block_mask(mask).to(DEVICE)
+    block_lists = kv_block_lists(words, n) if lists == "bits" else None  # the public call: cached or device lists
+    out = block_sparse_attention(q, k, v, words, block_size, block_lists=block_lists, key_valid=key_valid)
+    assert_matches_sdpa(out, masked_sdpa(q, k, v, mask, block_size, key_valid), torch.float16)
+
+
+@pytest.mark.parametrize("config", [(16, 16, 4, 1), (32, 16, 4, 1)])
+def test_key_valid_with_tiles_smaller_than_blocks(config):
+    """Key tiles inside a kept block may be all padding while other tiles are not: no NaN, exact."""
+    b, h, block_size = 1, 2, 32
+    s = 2 * block_size + 9
+    q, k, v = make_qkv(b, h, s, 16, torch.float32, "bshd", seed=4)
+    n = math.ceil(s / block_size)
+    mask = random_block_mask((h, n, n), 0.7, seed=4)
+    mask[:, :, 0] = True
+    key_valid = torch.ones(b, s, dtype=torch.bool, device=DEVICE)
+    key_valid[:, :16] = False  # the first 16-key tile of block 0 is all padding
+    key_valid[:, 40:52] = False
+    words = pack_block_mask(mask).to(DEVICE)
+    for lists in (None, kv_block_lists(words, n)):
+        out = empty_output_like(q).fill_(float("nan"))
+        bsa._launch(q, k, v, out, words, block_size, None, None, lists, config=config, key_valid=key_valid)
+        assert_matches_sdpa(out, masked_sdpa(q, k, v, mask, block_size, key_valid), torch.float32)
+
+
+@pytest.mark.parametrize("lists", [False, True])
+def test_key_valid_with_stacked_masks(lists):
+    b, h, block_size, s = 2, 2, 16, 40
+    q, k, v = make_qkv(b, h, s, 16, torch.float16, "bshd", seed=6)
+    n = math.ceil(s / block_size)
+    masks = torch.stack([random_block_mask((h, n, n), p, seed=6 + i, empty_rows=0.2) for i, p in enumerate((0.4, 0.9))])
+    words = pack_block_mask(masks).to(DEVICE)
+    block_lists = kv_block_lists(words, n) if lists else None
+    key_valid = make_key_valid("suffix_padded", b, s, seed=6)
+    for g in (1, 0):
+        index = torch.tensor([g], dtype=torch.int32, device=DEVICE)
+        out = block_sparse_attention(q, k, v, words, block_size, mask_index=index, block_lists=block_lists,
+                                     key_valid=key_valid)
+        assert_matches_sdpa(out, masked_sdpa(q, k, v, masks[g], block_size, key_valid), torch.float16)
+
+
+def test_fully_masked_rows_are_zeros_like_sdpa():
+    """Rows whose kept keys are all padding: exactly zero (SDPA's result), never NaN or garbage."""
+    b, h, block_size, s = 2, 1, 16, 48
+    q, k, v = make_qkv(b, h, s, 16, torch.float32, "bshd", seed=12)
+    mask = torch.eye(3, dtype=torch.bool)[None]  # each query block sees only its own block
+    key_valid = torch.ones(b, s, dtype=torch.bool, device=DEVICE)
+    key_valid[0, 16:32] = False  # block 1's keys are all padding for batch 0
+    key_valid[1] = False  # batch 1: nothing valid at all
+    words = pack_block_mask(mask).to(DEVICE)
+    out = block_sparse_attention(q, k, v, words, block_size, key_valid=key_valid)
+    assert torch.equal(out[0, :, 16:32].cpu(), torch.zeros(h, 16, 16))
+    assert torch.equal(out[1].cpu(), torch.zeros(h, s, 16))
+    assert_matches_sdpa(out, masked_sdpa(q, k, v, mask, block_size, key_valid), torch.float32)
+    chunked = reference.block_sparse_attention_chunked(q, k, v, mask.to(DEVICE), block_size, key_valid=key_valid)
+    assert_matches_sdpa(chunked, masked_sdpa(q, k, v, mask, block_size, key_valid), torch.float32)
+
+
+def test_key_valid_one_row_broadcasts_over_batch():
+    b, h, block_size, s = 2, 2, 16, 37
+    q, k, v = make_qkv(b, h, s, 16, torch.float16, "bshd", seed=13)
+    n = math.ceil(s / block_size)
+    mask = random_block_mask((h, n, n), 0.7, seed=13)
+    key_valid = make_key_valid("random", 1, s, seed=13)
+    out = block_sparse_attention(q, k, v, pack_block_mask(mask).to(DEVICE), block_size, key_valid=key_valid)
+    assert_matches_sdpa(out, masked_sdpa(q, k, v, mask, block_size, key_valid.expand(b, s)), torch.float16)
+
+
+@pytest.mark.parametrize("kind", ["random", "one_batch_all_padding"])
+def test_chunked_path_with_key_valid(kind):
+    b, h, block_size, s = 2, 2, 16, 70
+    q, k, v = make_qkv(b, h, s, 16, torch.float32, "bshd", seed=14, device=torch.device("cpu"))
+    n = math.ceil(s / block_size)
+    mask = random_block_mask((h, n, n), 0.5, seed=14, empty_rows=0.2)
+    key_valid = make_key_valid(kind, b, s, seed=14, device=torch.device("cpu"))
+    out = reference.block_sparse_attention_chunked(q, k, v, mask, block_size, rows_per_chunk=2, key_valid=key_valid)
+    assert_matches_sdpa(out, masked_sdpa(q, k, v, mask, block_size, key_valid), torch.float32)
+
+
+@pytest.mark.parametrize(
+    "make, exc, match",
+    [
+        (lambda b, s: torch.ones(b, s, dtype=torch.uint8, device=DEVICE), TypeError, "bool"),
+        (lambda b, s: torch.ones(b, s + 1, dtype=torch.bool, device=DEVICE), ValueError, "shape"),
+        (lambda b, s: torch.ones(b + 1, s, dtype=torch.bool, device=DEVICE), ValueError, "shape"),
+        (lambda b, s: torch.ones(b, 1, s, dtype=torch.bool, device=DEVICE), ValueError, "shape"),
+        (lambda b, s: [True] * s, TypeError, "key_valid"),
+    ],
+)
+def test_key_valid_validation(make, exc, match):
+    args = _valid_inputs()
+    b, s = args["q"].shape[0] + 1, args["q"].shape[2]
+    args = {**args, "q": args["q"].expand(b, -1, -1, -1), "k": args["k"].expand(b, -1, -1, -1),
+            "v": args["v"].expand(b, -1, -1, -1)}
+    with pytest.raises(exc, match=match):
+        block_sparse_attention(**args, key_valid=make(b, s))
+
+
+# --------------------------------------------------------------------------------------
+# bf16 where Triton runs in the interpreter: never the interpreter's bf16 dot
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(CUDA, reason="the interpreter path: CPU only")
+@pytest.mark.parametrize("key_padding", [False, True])
+def test_bf16_under_the_interpreter_matches_reference(key_padding):
+    b, h, block_size, s = 1, 2, 16, 45
+    q, k, v = make_qkv(b, h, s, 32, torch.bfloat16, "bshd", seed=15)
+    n = math.ceil(s / block_size)
+    mask = random_block_mask((h, n, n), 0.6, seed=15, empty_rows=0.2)
+    key_valid = make_key_valid("random", b, s, seed=15) if key_padding else None
+    out = block_sparse_attention(q, k, v, pack_block_mask(mask), block_size, key_valid=key_valid)
+    assert out.dtype == torch.bfloat16 and out.stride() == empty_output_like(q).stride()
+    assert_matches_sdpa(out, masked_sdpa(q, k, v, mask, block_size, key_valid), torch.bfloat16)
+
+
+@pytest.mark.skipif(CUDA, reason="the interpreter path: CPU only")
+def test_launching_bf16_in_the_interpreter_is_refused():
+    q, k, v = make_qkv(1, 1, 16, 16, torch.bfloat16, "bshd")
+    words = pack_block_mask(torch.ones(1, 1, 1, dtype=torch.bool))
+    with pytest.raises(RuntimeError, match="bf16"):
+        bsa._launch(q, k, v, empty_output_like(q), words, 16, None, None, None)
+
+
+def test_fa4_refuses_key_padding_before_launching():
+    """FA4 cannot mask padded keys exactly here: it refuses with one of FA4_REFUSALS before any import or launch."""
+    fa4 = importlib.import_module("scaling_compile.kernels.fa4_block_sparse")
+    q, k, v = make_qkv(1, 2, 128, 64, torch.float16, "bshd")
+    key_valid = torch.ones(1, 128, dtype=torch.bool, device=DEVICE)
+    with pytest.raises(fa4.FA4_REFUSALS) as caught:
+        fa4.fa4_block_sparse_attention(q, k, v, lists=None, key_valid=key_valid)
+    assert isinstance(caught.value, NotImplementedError) and "key" in str(caught.value)
+    with pytest.raises(fa4.FA4KeyPaddingUnsupported):
+        fa4.fa4_dense_attention(q, k, v, key_valid=key_valid)
