@@ -116,3 +116,123 @@ def test_model_cpu_offload_pipeline_with_regional_compilation():
         first, second = run(pipe), run(pipe)
     check(first, expected)
     check(second, expected)
+
+
+# --------------------------------------------------------------------------------------
+# key padding (key_valid) in bf16 on the GPU: the kernel and the entry point against a
+# masked SDPA written here (fp32, on the CPU; zeros for a fully masked row)
+# --------------------------------------------------------------------------------------
+
+import math  # noqa: E402
+
+import torch.nn.functional as F  # noqa: E402
+
+from scaling_compile.kernels import block_sparse_attention as bsa  # noqa: E402
+from scaling_compile.kernels.attention import choose_route, sparse_attention  # noqa: E402
+from scaling_compile.kernels.bitpack import pack_block_mask  # noqa: E402
+from scaling_compile.kernels.block_mask import BlockMask  # noqa: E402
+from scaling_compile.kernels.fa4_block_sparse import fa4_unsupported_reason  # noqa: E402
+
+
+def _masked_sdpa(q, k, v, bool_mask, block_size, key_valid=None):
+    s = q.shape[-2]
+    keep = bool_mask.cpu().repeat_interleave(block_size, -2)[..., :s, :].repeat_interleave(block_size, -1)[..., :s]
+    if key_valid is not None:
+        keep = keep & key_valid.cpu()[:, None, None, :]
+    return F.scaled_dot_product_attention(q.float().cpu(), k.float().cpu(), v.float().cpu(), attn_mask=keep)
+
+
+def _qkv(b, h, s, d, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(3, b, s, h, d, generator=g).to(torch.bfloat16).cuda()
+    return tuple(t.transpose(1, 2) for t in x)
+
+
+def _key_valid(kind, b, s, seed):
+    g = torch.Generator().manual_seed(seed)
+    if kind == "random":
+        valid = torch.rand(b, s, generator=g) < 0.6
+    elif kind == "prefix":
+        valid = torch.arange(s)[None, :] < torch.randint(1, s + 1, (b, 1), generator=g)
+    else:  # "suffix_padded": video tokens, then text whose tail is padding; batch 1 keeps no text at all
+        text = s // 4
+        valid = torch.ones(b, s, dtype=torch.bool)
+        valid[0, s - text // 2:] = False
+        valid[-1, s - text:] = False
+    return valid.cuda()
+
+
+def _check_bf16(out, expected):
+    assert not torch.isnan(out).any()
+    torch.testing.assert_close(out.float().cpu(), expected, atol=3e-2, rtol=3e-2)
+
+
+@pytest.mark.parametrize("kind", ["random", "prefix", "suffix_padded"])
+@pytest.mark.parametrize("block_size, d", [(128, 128), (64, 64)])
+@pytest.mark.parametrize("lists", ["cached", "device", "bits"])
+@pytest.mark.parametrize("use_tma", [0, 1, 2])
+def test_kernel_key_valid_bf16(kind, block_size, d, lists, use_tma):
+    b, h, s = 2, 3, 1000  # ragged: 1000 is no multiple of 64 or 128
+    q, k, v = _qkv(b, h, s, d, seed=block_size + d)
+    n = math.ceil(s / block_size)
+    g = torch.Generator().manual_seed(d)
+    bool_mask = torch.rand(h, n, n, generator=g) < 0.4
+    bool_mask[0, 1] = False
+    bool_mask[0, 1, n - 1] = True  # a row keeping only the ragged last block (padding in 'prefix' / 'suffix')
+    bool_mask[1, 2] = False  # an empty row
+    key_valid = _key_valid(kind, b, s, seed=d)
+    words = pack_block_mask(bool_mask).cuda()
+    block_lists = {"cached": bsa.kv_block_lists(words, n), "device": bsa._lists_on_device(words, None, n),
+                   "bits": None}[lists]
+    out = bsa.empty_output_like(q).fill_(float("nan"))
+    config = (min(128, block_size), min(64, block_size), 4, 3)
+    bsa._launch(q, k, v, out, words, block_size, None, None, block_lists, use_tma=use_tma, config=config,
+                key_valid=key_valid)
+    _check_bf16(out, _masked_sdpa(q, k, v, bool_mask, block_size, key_valid))
+
+
+def test_entry_bf16_routes_and_key_padding():
+    """Autotuned public path through sparse_attention: FA4 (where installed) or Triton without padding,
+    Triton with it; all-ones masks dense; all equal to the masked SDPA."""
+    b, h, s, d, block = 2, 4, 3000, 128, 128
+    q, k, v = _qkv(b, h, s, d, seed=21)
+    n = math.ceil(s / block)
+    g = torch.Generator().manual_seed(21)
+    bool_mask = torch.rand(h, n, n, generator=g) < 0.3
+    bool_mask |= torch.eye(n, dtype=torch.bool)  # no empty row: FA4 can serve it
+    mask = BlockMask.from_bool(bool_mask, block, s).to("cuda")
+    mask.kv_block_lists
+    key_valid = _key_valid("suffix_padded", b, s, seed=21)
+    fa4_serves = fa4_unsupported_reason(q.device, q.dtype, d, block) is None
+    assert choose_route(q, mask).name == ("fa4" if fa4_serves else "triton")
+    assert choose_route(q, mask, key_valid=key_valid).name == "triton"
+    _check_bf16(sparse_attention(q, k, v, mask), _masked_sdpa(q, k, v, bool_mask, block))
+    _check_bf16(sparse_attention(q, k, v, mask, key_valid=key_valid), _masked_sdpa(q, k, v, bool_mask, block, key_valid))
+    ones = torch.ones(h, n, n, dtype=torch.bool)
+    dense = BlockMask.from_bool(ones, block, s).to("cuda")
+    out = sparse_attention(q, k, v, dense, key_valid=key_valid)
+    _check_bf16(out, _masked_sdpa(q, k, v, ones, block, key_valid))
+
+
+def test_entry_key_valid_in_a_cuda_graph():
+    """A stacked mask selected on the device, and key padding updated in place, under CUDA-graph replay."""
+    b, h, s, d, block = 1, 2, 700, 64, 64
+    q, k, v = _qkv(b, h, s, d, seed=22)
+    n = math.ceil(s / block)
+    g = torch.Generator().manual_seed(22)
+    stack = torch.stack([torch.rand(h, n, n, generator=g) < 0.4, torch.ones(h, n, n, dtype=torch.bool)])
+    mask = BlockMask.from_bool(stack, block, s).to("cuda")
+    index = torch.zeros(1, dtype=torch.int32, device="cuda")
+    key_valid = _key_valid("random", b, s, seed=22)
+    assert choose_route(q, mask, mask_index=index, key_valid=key_valid).name == "triton_device_lists"
+    sparse_attention(q, k, v, mask, mask_index=index, key_valid=key_valid)  # compile + tune outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = sparse_attention(q, k, v, mask, mask_index=index, key_valid=key_valid)
+    for group, seed in ((1, 23), (0, 24)):
+        index.fill_(group)
+        key_valid.copy_(_key_valid("random", b, s, seed=seed))
+        graph.replay()
+        torch.cuda.synchronize()
+        _check_bf16(out, _masked_sdpa(q, k, v, stack[group], block, key_valid))
