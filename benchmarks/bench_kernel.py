@@ -29,6 +29,16 @@ its own axis weights) and each density, it times with ``triton.testing.do_bench`
 configurations (cached lists, TMA mode MODE, optional warp specialization) at
 one shape on random masks, checking each against the reference on slices.
 
+``--key-padding`` instead measures what key padding (``key_valid``) costs the
+kernel: joint video + text attention at (1, 24, 32760 + 256, 128) bf16 (Wan 480p
+grid 21 x 30 x 52, then 256 text tokens whose last 156 are padding), masks built
+with the package's own 3D-local family (``scaling_compile.masks.local_3d_mask``)
+on the video blocks, text rows and columns kept; it times the public call with
+cached lists with and without ``key_valid`` (and FA4 without padding, where
+installed, and masked dense SDPA), checking each against the reference::
+
+    PYTHONUNBUFFERED=1 python3 benchmarks/bench_kernel.py --key-padding --out $OUT/bench_key_padding.json
+
 Checks: every sparse output is compared with the fp32 reference on slices of
 query blocks (first two and last two, the ragged one included) and with our
 kernel's output (max abs error over the whole tensor), so a peer that ignores
@@ -215,6 +225,10 @@ def main(argv=None):
     p.add_argument("--rep", type=int, default=100, help="do_bench rep (ms)")
     p.add_argument("--time-budget", type=float, default=1e9, help="seconds; stop starting new shapes/masks after it")
     p.add_argument("--out", default="bench_kernel.json")
+    p.add_argument("--key-padding", action="store_true",
+                   help="time key_valid vs none on joint video+text masks (default shape 1,24,33016,128)")
+    p.add_argument("--text-tokens", type=int, default=256, help="--key-padding: text tokens after the video")
+    p.add_argument("--text-valid", type=int, default=100, help="--key-padding: valid (unpadded) text tokens")
     args = p.parse_args(argv)
 
     import triton
@@ -239,6 +253,8 @@ def main(argv=None):
     results, tuning = [], {}
     if args.sweep:
         return sweep(args, env, dtype, block, densities, do_bench)
+    if args.key_padding:
+        return key_padding(args, env, dtype, block, do_bench)
 
     def bench(fn):
         return do_bench(fn, warmup=25, rep=args.rep, return_mode="median")
@@ -446,6 +462,90 @@ def sweep(args, env, dtype, block, densities, do_bench):
             rows.append(row)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"env": env, "sweep": rows}, indent=1))
+
+
+def joint_local_mask(heads, grid, text_tokens, block, density):
+    """Bool (heads, n, n) for [video (t-major grid), text]: 3D-local on the video blocks (the package's
+    own family), every row and column touching a text token kept (text attends and is attended by all)."""
+    masks = importlib.import_module("scaling_compile.masks")
+    video = grid[0] * grid[1] * grid[2]
+    n = math.ceil((video + text_tokens) / block)
+    local = masks.local_3d_mask(grid, block, density, heads=heads, temporal_weights=(0.25, 1.0, 4.0))
+    mask = torch.zeros(heads, n, n, dtype=torch.bool)
+    mask[:, : local.shape[1], : local.shape[2]] = local
+    first_text_block = video // block
+    mask[:, first_text_block:, :] = True
+    mask[:, :, first_text_block:] = True
+    return mask
+
+
+def key_padding(args, env, dtype, block, do_bench, device="cuda"):
+    """Cost of key padding in the kernel: key_valid vs none, same masks, one process."""
+    shapes = args.shapes if args.shapes != "1,12,32760,128;1,12,75600,128" else f"1,24,{32760 + args.text_tokens},128"
+    b, h, s, d = parse_shape(shapes.split(";")[0])
+    video = s - args.text_tokens
+    grid = GRIDS.get(video)
+    assert grid is not None, f"--key-padding needs S = video + text with video in {sorted(GRIDS)}, got S={s}"
+    dev = torch.device(device)
+    densities = [float(x) for x in args.densities.split(",") if float(x) < 1.0] or [0.3]
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(3, b, s, h, d, generator=gen).to(dtype).to(dev)
+    q, k, v = (t.transpose(1, 2) for t in x)
+    key_valid = torch.ones(b, s, dtype=torch.bool, device=dev)
+    key_valid[:, video + args.text_valid:] = False  # the text's padded tail
+    env = dict(env, mode="key_padding", shape=[b, h, s, d], grid=list(grid), text_tokens=args.text_tokens,
+               text_valid=args.text_valid)
+    rows = []
+
+    def bench(fn):
+        return do_bench(fn, warmup=25, rep=args.rep, return_mode="median")
+
+    def record(row):
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps({"env": env, "results": rows}, indent=1))
+
+    try:  # dense with the padding mask, for context (SDPA picks a backend that takes a bool mask)
+        padded = key_valid[:, None, None, :]
+        ms = bench(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=padded))
+        record(dict(kernel="sdpa_dense_key_valid", density=1.0, ms=ms))
+    except Exception as exc:
+        record(dict(kernel="sdpa_dense_key_valid", error=repr(exc)[:300]))
+    for density in densities:
+        mask = joint_local_mask(h, grid, args.text_tokens, block, density).to(dev)
+        actual = mask.float().mean().item()
+        words = bitpack.pack_block_mask(mask)
+        n = mask.shape[-1]
+        lists = bsa.compact_block_lists(*bsa.kv_block_lists(words, n))
+        flops = 4.0 * b * h * s * s * d * actual
+        timings = {}
+        for name, kv in (("triton_none", None), ("triton_key_valid", key_valid)):
+            def run(kv=kv):
+                return bsa.block_sparse_attention(q, k, v, words, block, block_lists=lists, key_valid=kv)
+
+            out = run()
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+            slices = [(r0, r1, reference.block_sparse_attention_reference(
+                q[:, :, r0:r1], k, v, mask[:, r0 // block: math.ceil(r1 / block)], block, key_valid=kv))
+                for r0, r1 in ((0, 2 * block), ((n - 3) * block, s))]
+            ms = bench(run)
+            timings[name] = ms
+            record(dict(kernel=name, density=density, actual_density=actual, ms=ms, tflops=flops / ms * 1e-9,
+                        err_vs_ref=err_vs_slices(out, slices)))
+        if not args.no_fa4 and fa4.fa4_installed():
+            try:
+                fa4_lists = fa4.fa4_block_lists(*lists, block)
+                ms = bench(lambda: fa4.fa4_block_sparse_attention(q, k, v, fa4_lists))
+                record(dict(kernel="fa4_none", density=density, actual_density=actual, ms=ms,
+                            tflops=flops / ms * 1e-9))
+            except Exception as exc:
+                record(dict(kernel="fa4_none", density=density, error=repr(exc)[:300]))
+        overhead = timings["triton_key_valid"] / timings["triton_none"]
+        record(dict(kernel="key_valid_over_none", density=density, ratio=overhead))
+        print(f"S={s} local d={density:.2f} ({actual:.3f}): none {timings['triton_none']:.3f} ms, key_valid "
+              f"{timings['triton_key_valid']:.3f} ms: x{overhead:.3f}", flush=True)
 
 
 def print_table(results, densities):
