@@ -79,17 +79,22 @@ def _selected_group(mask: BlockMask, mask_index, group) -> Optional[int]:
 
 
 def _fa4_reason(query: torch.Tensor, mask: BlockMask, key_valid, kernel: str) -> Optional[str]:
-    """None when FA4 serves this call, else why not."""
+    """None when FA4 serves this call, else why not (asked once per mask and kind of call, then kept)."""
     if kernel == "triton":
         return "kernel='triton'"
     if key_valid is not None:
         return "key padding (key_valid): FA4's block-sparse path cannot mask padded keys exactly"
-    from .fa4_block_sparse import fa4_unsupported_reason
+    reasons = mask._derived.setdefault("fa4_reasons", {})
+    choice = _call_kind(query)
+    if choice not in reasons:
+        from .fa4_block_sparse import fa4_unsupported_reason
 
-    reason = fa4_unsupported_reason(query.device, query.dtype, int(query.shape[-1]), mask.block_size)
-    if reason is None and (str(query.device), query.dtype, int(query.shape[-1])) in mask._derived.get("fa4_refused", ()):
-        reason = "FA4 refused such a call before"
-    return reason
+        reasons[choice] = fa4_unsupported_reason(query.device, query.dtype, int(query.shape[-1]), mask.block_size)
+    return reasons[choice]
+
+
+def _call_kind(query: torch.Tensor) -> tuple:
+    return (str(query.device), query.dtype, int(query.shape[-1]))
 
 
 def _triton_reason(query: torch.Tensor, mask: BlockMask) -> Optional[str]:
@@ -188,7 +193,8 @@ def sparse_attention(
         try:
             return _run_fa4(query, key, value, mask, scale, mask_index, group, dense=name == "dense_fa4")
         except FA4_REFUSALS as error:  # its argument checks, before any launch: another kernel serves it exactly
-            mask._derived.setdefault("fa4_refused", set()).add((str(query.device), query.dtype, int(query.shape[-1])))
+            mask._derived.setdefault("fa4_reasons", {})[_call_kind(query)] = (
+                f"FA4 refused such a call ({type(error).__name__}: {error})")
             warnings.warn(f"sparse_attention: FA4 refused the call ({type(error).__name__}: {error}); "
                           "it runs the Triton kernel instead", stacklevel=2)
             name = "dense_sdpa" if name == "dense_fa4" else choose_route(
