@@ -684,3 +684,23 @@ def test_fa4_refuses_key_padding_before_launching():
     assert isinstance(caught.value, NotImplementedError) and "key" in str(caught.value)
     with pytest.raises(fa4.FA4KeyPaddingUnsupported):
         fa4.fa4_dense_attention(q, k, v, key_valid=key_valid)
+
+
+@pytest.mark.parametrize("pattern", ["all_ones", "near_empty"])
+@pytest.mark.parametrize("lists", ["bits", "compact", "device"])
+def test_key_valid_all_ones_and_near_empty_masks(pattern, lists):
+    b, h, block_size, s = 2, 2, 16, 50
+    q, k, v = make_qkv(b, h, s, 16, torch.float16, "bshd", seed=16)
+    n = math.ceil(s / block_size)
+    if pattern == "all_ones":
+        mask = torch.ones(h, n, n, dtype=torch.bool)
+    else:  # a single kept block in the whole mask: every other row is empty
+        mask = torch.zeros(h, n, n, dtype=torch.bool)
+        mask[1, 2, n - 1] = True
+    key_valid = make_key_valid("suffix_padded", b, s, seed=16)
+    words = pack_block_mask(mask).to(DEVICE)
+    block_lists = {"bits": None, "compact": bsa.compact_block_lists(*kv_block_lists(words, n)),
+                   "device": bsa._lists_on_device(words, None, n)}[lists]
+    out = empty_output_like(q).fill_(float("nan"))
+    bsa._launch(q, k, v, out, words, block_size, None, None, block_lists, key_valid=key_valid)
+    assert_matches_sdpa(out, masked_sdpa(q, k, v, mask, block_size, key_valid), torch.float16)
