@@ -181,6 +181,9 @@ def sparse_attention(
     """
     from .block_sparse_attention import check_key_valid, empty_output_like
 
+    if key.shape != query.shape or value.shape != query.shape:
+        raise ValueError(f"sparse_attention: self-attention with equal (B, H, S, D) shapes, got {tuple(query.shape)}, "
+                         f"{tuple(key.shape)}, {tuple(value.shape)}")
     mask.check_call(query)
     check_key_valid(key_valid, query, "sparse_attention")
     route = choose_route(query, mask, mask_index=mask_index, key_valid=key_valid, kernel=kernel, group=group)

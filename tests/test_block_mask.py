@@ -312,6 +312,8 @@ def test_selection_errors():
         sparse_attention(q, k, v, single, kernel="flash")
     with pytest.raises(TypeError, match="bool"):
         sparse_attention(q, k, v, single, key_valid=torch.ones(1, 32, device=DEVICE))
+    with pytest.raises(ValueError, match="equal"):
+        sparse_attention(q, k[:, :, :16], v[:, :, :16], single)
 
 
 @pytest.mark.skipif(CUDA and fa4.fa4_installed(), reason="FA4 serves this call here")
