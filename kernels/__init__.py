@@ -1,1 +1,8 @@
-"""Triton kernels and their plain-PyTorch references."""
+"""Triton kernels and their plain-PyTorch references.
+
+* :mod:`.block_mask`: ``BlockMask``, one block-sparse mask bound to its sequence length and block size.
+* :mod:`.attention`: ``sparse_attention``, the one entry point that picks dense / FA4 / Triton / chunked.
+* :mod:`.block_sparse_attention`: the Triton kernel (key padding included); :mod:`.reference` its references.
+* :mod:`.fa4_block_sparse`: FlashAttention-4's block-sparse forward as an optional back-end.
+* :mod:`.bitpack`: the packed (one bit per block pair) form of a mask.
+"""

@@ -119,20 +119,30 @@ def choose_route(
     kernel: str = "auto",
     group: Optional[int] = None,
 ) -> Route:
-    """Which kernel serves this call (host-side only: no device sync, no launch)."""
+    """Which kernel serves this call (host-side only: no device sync, no launch).
+
+    The dense and FA4 routes rest on host facts of the mask (which masks keep every
+    block, which have empty rows): known for a mask made from CPU tensors, or once
+    asked (``mask.density``, ``mask.dense_groups``: one sync). A mask made on the
+    device and never inspected (an online policy's per-call mask) is served by the
+    Triton kernel, which is exact for every mask, so that no call syncs.
+    """
     if kernel not in KERNELS:
         raise ValueError(f"sparse_attention: kernel must be one of {KERNELS}, got {kernel!r}")
     g = _selected_group(mask, mask_index, group)
     fa4_reason = _fa4_reason(query, mask, key_valid, kernel)
-    if g is not None and mask.dense_groups[g]:
+    facts = mask.host_facts_known
+    if facts and g is not None and mask.dense_groups[g]:
         if fa4_reason is None:
             return Route("dense_fa4", "the mask keeps every block")
         return Route("dense_sdpa", f"the mask keeps every block; not FA4: {fa4_reason}")
     triton_reason = _triton_reason(query, mask)
-    if g is None and any(mask.dense_groups):
+    if facts and g is None and any(mask.dense_groups):
         if triton_reason is None:
             return Route("triton_device_lists", "the selected mask is known only on the device")
         return Route("chunked", triton_reason)
+    if fa4_reason is None and not facts:
+        fa4_reason = "the mask's rows are not known on the host (ask mask.density once to allow FA4)"
     if fa4_reason is None:
         empty = mask.empty_groups[g] if g is not None else any(
             e for e, d in zip(mask.empty_groups, mask.dense_groups) if not d)

@@ -12,7 +12,9 @@ mask once, on first use, and keeps it:
 * :attr:`BlockMask.fa4_lists`: FlashAttention-4's view of the same lists
   (:func:`.fa4_block_sparse.fa4_block_lists`, views, no copy);
 * host facts: :attr:`density`, which groups keep every block (served by the dense
-  kernel) and which have empty rows.
+  kernel) and which have empty rows; free for a mask made from CPU tensors, else
+  one device sync when first asked (a mask made per call on the device need never
+  ask: :func:`.attention.sparse_attention` then serves it with the Triton kernel).
 
 A mask is either one mask ``(heads, q_blocks, kv_blocks)`` or a stack of ``G``
 masks ``(G, heads, q_blocks, kv_blocks)`` (a step schedule, one mask per
@@ -194,6 +196,11 @@ class BlockMask:
         self._derived["density"] = float(stack.float().mean()) if stack.numel() else 0.0
         self._derived["dense_groups"] = tuple(bool(x) for x in stack.flatten(1).all(-1))
         self._derived["empty_groups"] = tuple(bool(x) for x in (~kept_rows).flatten(1).any(-1))
+
+    @property
+    def host_facts_known(self) -> bool:
+        """Whether density / all-ones groups / empty rows are known on the host (no sync to read them)."""
+        return "density" in self._derived
 
     def _host_fact(self, key: str):
         if key not in self._derived:

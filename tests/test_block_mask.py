@@ -142,6 +142,7 @@ def test_host_facts():
     assert mask.dense_groups == (False, True)
     assert mask.empty_groups == (True, False)
     again = BlockMask.from_words(mask.words, 16, 64)  # facts derived from the words, on first use
+    assert not again.host_facts_known
     assert (again.density, again.dense_groups, again.empty_groups) == (mask.density, mask.dense_groups, mask.empty_groups)
 
 
@@ -215,6 +216,21 @@ def test_routes_on_this_machine():
     assert choose_route(q, stack, mask_index=index, group=1).name in ("dense_sdpa", "dense_fa4")
     assert choose_route(q, stack, group=0, kernel="triton").name == "triton"
     assert choose_route(q, sparse, key_valid=torch.ones(1, 48, dtype=torch.bool, device=DEVICE)).name == "triton"
+
+
+def test_a_mask_made_on_the_device_is_served_without_host_facts():
+    """No sync for per-call masks: unknown rows go to the Triton kernel (exact for any mask), even all-ones."""
+    if not attention.triton_runs_on(DEVICE):
+        pytest.skip("Triton does not run here")
+    q, k, v = qkv(1, 2, 40, seed=17)
+    ones = torch.ones(2, 3, 3, dtype=torch.bool)
+    mask = BlockMask.from_words(bitpack.pack_block_mask(ones).to(DEVICE), 16, 40)
+    assert not mask.host_facts_known
+    assert choose_route(q, mask).name == "triton"
+    check(sparse_attention(q, k, v, mask), masked_sdpa(q, k, v, ones, 16), torch.float32)
+    assert not mask.host_facts_known
+    assert mask.dense_groups == (True,) and mask.host_facts_known  # asked once: now the dense route
+    assert choose_route(q, mask).name in ("dense_sdpa", "dense_fa4")
 
 
 @pytest.mark.skipif(CUDA, reason="the CPU without the interpreter")
