@@ -188,6 +188,11 @@ def sparse_attention(
     Returns:
         ``(B, H, S, D)`` in the memory layout of ``(B, S, H, D)`` (flash SDPA's; see
         :func:`.block_sparse_attention.empty_output_like`), dtype of ``query``.
+
+    A mask served many times (a compiled model's) should have its lists derived
+    once ahead of the calls (``mask.kv_block_lists``, and ``mask.fa4_lists`` where
+    FA4 serves): the Triton kernel then iterates them; without them it builds the
+    lists of the selected mask on the device in its launch (no sync).
     """
     from .block_sparse_attention import check_key_valid, empty_output_like
 
