@@ -15,8 +15,10 @@ masks padded keys exactly, as SDPA's ``attn_mask=key_valid[:, None, None, :]``
 combined with the block mask. A query row left with no key to attend (every
 key of its kept blocks is padding) gets zeros, which is what SDPA returns for a
 fully masked row (torch >= 2.5, ``_safe_softmax``; checked in the tests). The
-kernel reads one byte of ``key_valid`` per key of each kept tile; without it
-the check is compiled away (``HAS_KEY_VALID`` is a compile-time flag).
+kernel reads one byte of ``key_valid`` per key of each kept tile holding padding; without it
+the check is compiled away (``HAS_KEY_VALID`` is a compile-time flag). One
+flag byte per key block (:func:`key_blocks_all_valid`) lets tiles whose keys are
+all valid skip that read and the masking: padding costs only where it is.
 
 How
 ---
@@ -98,7 +100,7 @@ def _interpreting() -> bool:
 @triton.jit
 def _attend_kv_tile(
     acc, l_i, m_i, q,
-    k_base, v_base, k_desc, v_desc, off_b, off_h, valid_base,
+    k_base, v_base, k_desc, v_desc, off_b, off_h, valid_base, all_valid_base, kv_block,
     start_n, S, stride_ks, stride_vs, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
     MASK_KEYS: tl.constexpr, TMA_MODE: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -111,7 +113,11 @@ def _attend_kv_tile(
     With ``MASK_KEYS`` the keys at or past ``S`` are masked out (only the ragged
     last key block needs it). With ``HAS_KEY_VALID`` the keys whose
     ``key_valid`` byte (``valid_base``: this batch element's row) is 0 are
-    masked out too: one load of ``BLOCK_N`` bytes per tile.
+    masked out too, but only in a key block that holds padding: one byte per
+    key block (``all_valid_base[kv_block]``, 1 when every key of mask block
+    ``kv_block`` is valid) decides, uniformly for the whole tile, whether the
+    ``BLOCK_N`` bytes are read and applied. Tiles of all-valid blocks cost what
+    they cost without ``key_valid``.
     """
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
@@ -128,12 +134,15 @@ def _attend_kv_tile(
         else:
             k = tl.load(k_ptrs)
     qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
-    if HAS_KEY_VALID:  # key padding: one byte per key, 0 past S
-        if MASK_KEYS:
-            valid = tl.load(valid_base + offs_n, mask=offs_n < S, other=0)
-        else:
-            valid = tl.load(valid_base + offs_n)
-        qk = tl.where((valid != 0)[None, :], qk, float("-inf"))
+    if HAS_KEY_VALID:  # key padding, read only in key blocks that hold some (a uniform branch)
+        if tl.load(all_valid_base + kv_block) == 0:
+            if MASK_KEYS:  # one byte per key, 0 past S
+                valid = tl.load(valid_base + offs_n, mask=offs_n < S, other=0)
+            else:
+                valid = tl.load(valid_base + offs_n)
+            qk = tl.where((valid != 0)[None, :], qk, float("-inf"))
+        elif MASK_KEYS:
+            qk = tl.where((offs_n < S)[None, :], qk, float("-inf"))
     elif MASK_KEYS:
         qk = tl.where((offs_n < S)[None, :], qk, float("-inf"))
     # -- online softmax (base 2, scale folded into the FMA) ----
@@ -173,6 +182,8 @@ def _block_sparse_attn_fwd(
     KV_INDICES,  # int32 (G, H, NQB, INDEX_WIDTH) contiguous, or None
     KEY_VALID,  # uint8 (B or 1, S): 1 where a key may be attended (key padding), or None
     stride_valid_b,  # KEY_VALID's batch stride (0: one row for every batch element)
+    ALL_VALID,  # uint8 (B or 1, N_KV_BLOCKS): 1 where every key of the key block is valid, or None
+    stride_all_valid_b,  # ALL_VALID's batch stride (0 with one row)
     qk_scale,  # scale * log2(e)
     S, H, N_Q_BLOCKS, N_KV_BLOCKS, N_WORDS,
     INDEX_WIDTH,  # row length of KV_INDICES: N_KV_BLOCKS, or the largest count (compact lists)
@@ -216,8 +227,10 @@ def _block_sparse_attn_fwd(
     o_base = O + off_b.to(tl.int64) * stride_ob + off_h.to(tl.int64) * stride_oh
     if HAS_KEY_VALID:  # this batch element's row of key_valid
         valid_base = KEY_VALID + off_b.to(tl.int64) * stride_valid_b
+        all_valid_base = ALL_VALID + off_b.to(tl.int64) * stride_all_valid_b
     else:
         valid_base = KEY_VALID
+        all_valid_base = ALL_VALID
     if TMA_MODE == 2:  # per-(batch, head) 2-D views: bounds at S, no reshapes
         q_desc = tl.make_tensor_descriptor(q_base, [S, HEAD_DIM], [stride_qs, 1], [BLOCK_M, HEAD_DIM])
         k_desc = tl.make_tensor_descriptor(k_base, [S, HEAD_DIM], [stride_ks, 1], [BLOCK_N, HEAD_DIM])
@@ -250,7 +263,7 @@ def _block_sparse_attn_fwd(
             kv_block = tl.load(idx_ptr + i // SUB_N)
             start_n = kv_block * BLOCK_SIZE + (i % SUB_N) * BLOCK_N
             acc, l_i, m_i = _attend_kv_tile(
-                acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, off_b, off_h, valid_base,
+                acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, off_b, off_h, valid_base, all_valid_base, kv_block,
                 start_n, S, stride_ks, stride_vs, qk_scale,
                 HEAD_DIM, BLOCK_N, False, TMA_MODE, DOT_PRECISION, HAS_KEY_VALID,
             )
@@ -269,8 +282,8 @@ def _block_sparse_attn_fwd(
                         for sub in range(0, SUB_N):
                             start_n = (w * WORD_BITS_C + j) * BLOCK_SIZE + sub * BLOCK_N
                             acc, l_i, m_i = _attend_kv_tile(
-                                acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, off_b, off_h, valid_base,
-                                start_n, S, stride_ks, stride_vs, qk_scale,
+                                acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, off_b, off_h, valid_base, all_valid_base,
+                                w * WORD_BITS_C + j, start_n, S, stride_ks, stride_vs, qk_scale,
                                 HEAD_DIM, BLOCK_N, False, TMA_MODE, DOT_PRECISION, HAS_KEY_VALID,
                             )
         has_tail = 0
@@ -283,7 +296,7 @@ def _block_sparse_attn_fwd(
         for sub in range(0, has_tail * tail_steps):
             start_n = last_kv * BLOCK_SIZE + sub * BLOCK_N
             acc, l_i, m_i = _attend_kv_tile(
-                acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, off_b, off_h, valid_base,
+                acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, off_b, off_h, valid_base, all_valid_base, last_kv,
                 start_n, S, stride_ks, stride_vs, qk_scale,
                 HEAD_DIM, BLOCK_N, True, TMA_MODE, DOT_PRECISION, HAS_KEY_VALID,
             )
@@ -612,6 +625,22 @@ def _lists_on_device(mask_words: torch.Tensor, mask_index: Optional[torch.Tensor
     return counts, indices
 
 
+def key_blocks_all_valid(key_valid: torch.Tensor, block_size: int) -> torch.Tensor:
+    """uint8 ``(B, n_key_blocks)``: 1 where every key of the key block is valid (keys past S count as valid).
+
+    Computed on the device at each call (a few tiny launches, no sync, captured by
+    CUDA graphs, so an in-place update of ``key_valid`` is seen on replay). The
+    kernel reads one such byte per tile and reads/applies ``key_valid`` only in
+    the blocks flagged 0, so key padding costs nothing where there is none. The
+    ragged last block's keys past S are masked by the kernel's own bound check.
+    """
+    b, s = key_valid.shape
+    n_blocks = triton.cdiv(s, block_size)
+    padded = torch.ones((b, n_blocks * block_size), dtype=torch.bool, device=key_valid.device)
+    padded[:, :s] = key_valid
+    return padded.view(b, n_blocks, block_size).all(-1).to(torch.uint8)
+
+
 def _launch(
     q, k, v, out, mask_words, block_size, scale, mask_index, block_lists,
     use_tma=None,
@@ -651,10 +680,12 @@ def _launch(
         # Never take a route known to be wrong: block_sparse_attention runs bf16 in fp32 here.
         raise RuntimeError("block_sparse_attention: Triton's interpreter computes bf16 tl.dot wrongly (errors ~1e9); "
                            "call block_sparse_attention (it runs bf16 in fp32 under the interpreter)")
-    valid, stride_valid_b = None, 0
+    valid, stride_valid_b, all_valid, stride_all_valid_b = None, 0, None, 0
     if key_valid is not None:
         valid = key_valid.contiguous().view(torch.uint8)  # one byte per key, read by the kernel
         stride_valid_b = 0 if valid.shape[0] == 1 else valid.stride(0)
+        all_valid = key_blocks_all_valid(key_valid, block_size)
+        stride_all_valid_b = 0 if all_valid.shape[0] == 1 else all_valid.stride(0)
     if config is None and interpreting:
         config = (block_size, block_size, 4, 1)  # interpreter: big tiles = fewer numpy calls
 
@@ -663,7 +694,7 @@ def _launch(
         q_desc=q_desc, k_desc=k_desc, v_desc=v_desc, o_desc=o_desc,
         MASK=mask, MASK_INDEX=mask_index if has_g else None,
         KV_COUNTS=counts, KV_INDICES=indices,
-        KEY_VALID=valid, stride_valid_b=stride_valid_b,
+        KEY_VALID=valid, stride_valid_b=stride_valid_b, ALL_VALID=all_valid, stride_all_valid_b=stride_all_valid_b,
         qk_scale=scale * LOG2E,
         S=s, H=h, N_Q_BLOCKS=n_qb, N_KV_BLOCKS=n_kvb, N_WORDS=mask.shape[-1],
         INDEX_WIDTH=n_kvb if indices is None else indices.shape[-1],

@@ -704,3 +704,40 @@ def test_key_valid_all_ones_and_near_empty_masks(pattern, lists):
     out = empty_output_like(q).fill_(float("nan"))
     bsa._launch(q, k, v, out, words, block_size, None, None, block_lists, key_valid=key_valid)
     assert_matches_sdpa(out, masked_sdpa(q, k, v, mask, block_size, key_valid), torch.float16)
+
+
+def test_key_blocks_all_valid_flags():
+    """One byte per (batch, key block): 1 only where every key is valid; keys past S count as valid."""
+    key_valid = torch.ones(2, 40, dtype=torch.bool, device=DEVICE)
+    key_valid[0, 17] = False  # block 1 of batch 0 holds one padded key
+    key_valid[1, 32:] = False  # batch 1: the ragged last block is all padding
+    flags = bsa.key_blocks_all_valid(key_valid, 16)
+    assert flags.dtype == torch.uint8
+    assert flags.cpu().tolist() == [[1, 0, 1], [1, 1, 0]]
+
+
+@pytest.mark.parametrize("lists", ["bits", "compact", "device"])
+@pytest.mark.parametrize("config", [(32, 32, 4, 1), (32, 16, 4, 1)])
+def test_key_valid_padding_spans_whole_blocks(lists, config):
+    """Padding that covers whole key blocks (flag 0), blocks partly padded, blocks all valid (flag 1, no
+    masking) and the ragged last block, per batch element differently: exact, no NaN."""
+    b, h, block_size = 3, 2, 32
+    s = 5 * block_size + 11  # 6 key blocks, the last one ragged
+    q, k, v = make_qkv(b, h, s, 16, torch.float32, "bshd", seed=17)
+    n = math.ceil(s / block_size)
+    mask = random_block_mask((h, n, n), 0.6, seed=17)
+    mask[:, :, 0] = True
+    mask[0, 1] = False
+    mask[0, 1, 2] = True  # a row whose only kept block is all padding in batch 0: zeros
+    key_valid = torch.ones(b, s, dtype=torch.bool, device=DEVICE)
+    key_valid[0, 2 * block_size: 4 * block_size] = False  # blocks 2 and 3: whole blocks of padding
+    key_valid[1, 3 * block_size + 7:] = False  # a text tail: partly padded block 3, whole blocks 4 and 5
+    key_valid[2, s - 5:] = False  # only the ragged last block holds padding
+    words = pack_block_mask(mask).to(DEVICE)
+    block_lists = {"bits": None, "compact": bsa.compact_block_lists(*kv_block_lists(words, n)),
+                   "device": bsa._lists_on_device(words, None, n)}[lists]
+    out = empty_output_like(q).fill_(float("nan"))
+    bsa._launch(q, k, v, out, words, block_size, None, None, block_lists, config=config, key_valid=key_valid)
+    expected = masked_sdpa(q, k, v, mask, block_size, key_valid)
+    assert_matches_sdpa(out, expected, torch.float32)
+    assert torch.equal(out[0, 0, block_size:2 * block_size].cpu(), torch.zeros(block_size, 16))
