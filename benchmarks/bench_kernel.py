@@ -23,7 +23,14 @@ its own axis weights) and each density, it times with ``triton.testing.do_bench`
   device from the packed mask at every call + the autotuned kernel);
   ``lists_tma1`` / ``lists_tma2`` / ``lists_ptr`` = cached lists
   (``kv_block_lists``) with host 4-D TMA descriptors / in-kernel 2-D TMA
-  descriptors / plain pointers; ``bits`` = the kernel tests the mask bits itself.
+  descriptors / plain pointers; ``bits`` = the kernel tests the mask bits itself;
+  ``gluon`` = the warp-specialised Gluon Hopper kernel (``kernels/gluon_block_sparse.py``)
+  on the same cached lists (``gluon:C-S-PW-PR-CR-M`` = an explicit launch config).
+
+The Gluon kernel against Triton, cuDNN (dense) and FA4 (where installed), 480p::
+
+    PYTHONUNBUFFERED=1 python3 benchmarks/bench_kernel.py --shapes 1,12,32760,128 --masks random,local \
+        --variants gluon,lists_tma1 --no-flex --out $OUT/bench_gluon.json
 
 ``--sweep "MODE:BM,BN,WARPS,STAGES[:ws];..."`` instead times explicit launch
 configurations (cached lists, TMA mode MODE, optional warp specialization) at
@@ -83,6 +90,7 @@ bsa = _import_kernels()
 fa4 = importlib.import_module("scaling_compile.kernels.fa4_block_sparse")
 bitpack = importlib.import_module("scaling_compile.kernels.bitpack")
 reference = importlib.import_module("scaling_compile.kernels.reference")
+gluon_bsa = importlib.import_module("scaling_compile.kernels.gluon_block_sparse")
 
 # latent grids (frames, height, width) of Wan2.1 after VAE + 2x2 patchify, 81 frames
 GRIDS = {32760: (21, 30, 52), 75600: (21, 45, 80)}
@@ -321,6 +329,15 @@ def main(argv=None):
                                 return bsa.block_sparse_attention(q, k, v, words, block)
 
                             out = run_ours()
+                            compiled = None
+                        elif variant.startswith("gluon"):  # "gluon" or "gluon:CONSUMERS-STAGES-PW-PREGS-CREGS-MODE"
+                            config = tuple(int(x) for x in variant.split(":")[1].split("-")) if ":" in variant else None
+
+                            def run_ours(out=out, config=config):
+                                return gluon_bsa.gluon_block_sparse_attention(q, k, v, lists, block, out=out,
+                                                                              config=config)
+
+                            run_ours()
                             compiled = None
                         else:
                             def run_ours(out=out, bl=bl, use_tma=use_tma):

@@ -16,9 +16,13 @@ picks how (:func:`choose_route`):
 3. ``fa4``: FlashAttention-4's block-sparse forward where it is installed and
    serves the call (Hopper, fp16/bf16, head dim 64/96/128, 128-token blocks, no
    key padding, no empty rows) and ``kernel`` is not ``"triton"``.
-4. ``triton``: the Triton kernel where Triton runs (CUDA, or the CPU under
+4. ``gluon``: only with ``kernel="gluon"``: the warp-specialised Gluon kernel for
+   Hopper (:mod:`.gluon_block_sparse`: sm90, fp16/bf16, head dim 64/128, 128-token
+   blocks, no key padding). Where it cannot serve the call, the Triton kernel does,
+   with a warning. ``"auto"`` does not pick it (yet: until it is measured faster).
+5. ``triton``: the Triton kernel where Triton runs (CUDA, or the CPU under
    ``TRITON_INTERPRET=1``; bf16 runs in fp32 there) and supports the shape.
-5. ``chunked``: the chunked PyTorch path (SDPA with a token mask per chunk of
+6. ``chunked``: the chunked PyTorch path (SDPA with a token mask per chunk of
    query blocks): CPU without the interpreter, or a shape Triton does not take.
 
 Every route computes the same thing: SDPA with the block mask expanded to tokens
@@ -43,7 +47,7 @@ from .block_mask import BlockMask
 
 __all__ = ["KERNELS", "Route", "choose_route", "sparse_attention", "triton_runs_on"]
 
-KERNELS = ("auto", "triton", "fa4")
+KERNELS = ("auto", "triton", "fa4", "gluon")
 
 
 class Route(NamedTuple):
@@ -80,8 +84,8 @@ def _selected_group(mask: BlockMask, mask_index, group) -> Optional[int]:
 
 def _fa4_reason(query: torch.Tensor, mask: BlockMask, key_valid, kernel: str) -> Optional[str]:
     """None when FA4 serves this call, else why not (asked once per mask and kind of call, then kept)."""
-    if kernel == "triton":
-        return "kernel='triton'"
+    if kernel in ("triton", "gluon"):
+        return f"kernel={kernel!r}"
     if key_valid is not None:
         return "key padding (key_valid): FA4's block-sparse path cannot mask padded keys exactly"
     reasons = mask._derived.setdefault("fa4_reasons", {})
@@ -95,6 +99,19 @@ def _fa4_reason(query: torch.Tensor, mask: BlockMask, key_valid, kernel: str) ->
 
 def _call_kind(query: torch.Tensor) -> tuple:
     return (str(query.device), query.dtype, int(query.shape[-1]))
+
+
+def _gluon_reason(query: torch.Tensor, mask: BlockMask, key_valid) -> Optional[str]:
+    """None when the Gluon Hopper kernel serves this call, else why not (asked once per mask and kind of call)."""
+    if key_valid is not None:
+        return "key padding (key_valid) is not in the Gluon kernel yet"
+    reasons = mask._derived.setdefault("gluon_reasons", {})
+    choice = _call_kind(query)
+    if choice not in reasons:
+        from .gluon_block_sparse import gluon_unsupported_reason
+
+        reasons[choice] = gluon_unsupported_reason(query.device, query.dtype, int(query.shape[-1]), mask.block_size)
+    return reasons[choice]
 
 
 def _triton_reason(query: torch.Tensor, mask: BlockMask) -> Optional[str]:
@@ -141,6 +158,11 @@ def choose_route(
         if triton_reason is None:
             return Route("triton_device_lists", "the selected mask is known only on the device")
         return Route("chunked", triton_reason)
+    if kernel == "gluon":
+        gluon_reason = _gluon_reason(query, mask, key_valid)
+        if gluon_reason is None:
+            return Route("gluon")
+        fa4_reason = f"kernel='gluon', which cannot serve it: {gluon_reason}"
     if fa4_reason is None and not facts:
         fa4_reason = "the mask's rows are not known on the host (ask mask.density once to allow FA4)"
     if fa4_reason is None:
@@ -183,7 +205,8 @@ def sparse_attention(
             attended (``(1, S)`` applies to every batch element).
         kernel: ``"auto"`` (FA4 where it serves the call, else Triton, else the
             chunked path), ``"fa4"`` (the same, with a warning when FA4 cannot serve
-            the call), ``"triton"`` (never FA4).
+            the call), ``"triton"`` (never FA4), ``"gluon"`` (the Gluon Hopper kernel,
+            else Triton with a warning).
 
     Returns:
         ``(B, H, S, D)`` in the memory layout of ``(B, S, H, D)`` (flash SDPA's; see
@@ -204,7 +227,17 @@ def sparse_attention(
     route = choose_route(query, mask, mask_index=mask_index, key_valid=key_valid, kernel=kernel, group=group)
     if kernel == "fa4" and route.name not in ("fa4", "dense_fa4"):
         warnings.warn(f"sparse_attention: kernel='fa4' runs {route.name}: {route.reason}", stacklevel=2)
+    if kernel == "gluon" and route.name in ("triton", "chunked"):
+        warnings.warn(f"sparse_attention: kernel='gluon' runs {route.name}: {route.reason}", stacklevel=2)
     name = route.name
+    if name == "gluon":
+        from .block_sparse_attention import _lists_on_device
+        from .gluon_block_sparse import gluon_block_sparse_attention
+
+        words, index, lists = _kernel_operands(mask, mask_index, group, device_lists=False)
+        if lists is None:  # lists of the selected mask built on the device (no sync)
+            lists, index = _lists_on_device(words, index, mask.num_blocks), None
+        return gluon_block_sparse_attention(query, key, value, lists, mask.block_size, scale, index)
     if name in ("fa4", "dense_fa4"):
         from .fa4_block_sparse import FA4_REFUSALS
 

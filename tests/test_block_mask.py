@@ -364,3 +364,19 @@ def test_fa4_refusal_falls_back_to_triton_and_is_remembered(monkeypatch):
         warnings.simplefilter("error")
         sparse_attention(q, k, v, mask)
     assert len(calls) == 1 and choose_route(q, mask).name == "triton"
+
+
+def test_kernel_gluon_where_gluon_cannot_serve_warns_and_stays_exact():
+    """kernel="gluon" on a call the Gluon Hopper kernel does not take (16-token blocks, fp32, and here
+    perhaps no sm90): the Triton kernel (or the chunked path) serves it, with a warning naming why."""
+    gluon = importlib.import_module("scaling_compile.kernels.gluon_block_sparse")
+    assert gluon.gluon_unsupported_reason(DEVICE, torch.float32, 16, 16) is not None
+    q, k, v = qkv(1, 2, 48, seed=12)
+    bool_mask = random_bool((2, 3, 3), 0.5, seed=12)
+    mask = BlockMask.from_bool(bool_mask, 16, 48).to(DEVICE)
+    route = choose_route(q, mask, kernel="gluon")
+    assert route.name in ("triton", "chunked") and "gluon" in route.reason
+    with pytest.warns(UserWarning, match="kernel='gluon' runs"):
+        out = sparse_attention(q, k, v, mask, kernel="gluon")
+    check(out, masked_sdpa(q, k, v, bool_mask, 16), torch.float32)
+    assert choose_route(q, mask).name != "gluon"  # "auto" never picks it (until measured faster)

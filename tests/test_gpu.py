@@ -236,3 +236,91 @@ def test_entry_key_valid_in_a_cuda_graph():
         graph.replay()
         torch.cuda.synchronize()
         _check_bf16(out, _masked_sdpa(q, k, v, stack[group], block, key_valid))
+
+
+# --------------------------------------------------------------------------------------
+# the Gluon Hopper kernel (kernels/gluon_block_sparse.py) against the masked SDPA, bf16
+# --------------------------------------------------------------------------------------
+
+from scaling_compile.kernels import gluon_block_sparse as gbs  # noqa: E402
+
+needs_gluon_hopper = pytest.mark.skipif(
+    not torch.cuda.is_available()
+    or gbs.gluon_unsupported_reason(torch.device("cuda"), torch.bfloat16, 128, 128) is not None,
+    reason="needs Gluon's Hopper module on an sm90 GPU",
+)
+
+
+def _gluon_mask(h, n, pattern, seed):
+    g = torch.Generator().manual_seed(seed)
+    if pattern == "random":
+        mask = torch.rand(h, n, n, generator=g) < 0.35
+        mask[0, 1] = False
+        mask[0, 1, n - 1] = True  # a row keeping only the ragged last block
+        mask[1 % h, 2] = False
+        mask[1 % h, 2, 0] = True  # a row keeping only the first block
+        mask[0, 3] = False  # an empty row: zeros
+    elif pattern == "all_ones":
+        mask = torch.ones(h, n, n, dtype=torch.bool)
+    else:  # near empty: a single kept block in the whole mask
+        mask = torch.zeros(h, n, n, dtype=torch.bool)
+        mask[h - 1, n - 2, n - 1] = True
+    return mask
+
+
+@needs_gluon_hopper
+@pytest.mark.parametrize("pattern", ["random", "all_ones", "near_empty"])
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("s", [1000, 1024])  # ragged and not
+@pytest.mark.parametrize("compact", [False, True])
+def test_gluon_kernel_matches_masked_sdpa(pattern, d, s, compact):
+    b, h, block = 2, 3, 128
+    q, k, v = _qkv(b, h, s, d, seed=31 + d)
+    n = math.ceil(s / block)
+    bool_mask = _gluon_mask(h, n, pattern, seed=s + d)
+    lists = bsa.kv_block_lists(pack_block_mask(bool_mask).cuda(), n)
+    if compact:
+        lists = bsa.compact_block_lists(*lists)
+    out = bsa.empty_output_like(q).fill_(float("nan"))
+    gbs.gluon_block_sparse_attention(q, k, v, lists, block, out=out)
+    torch.cuda.synchronize()
+    _check_bf16(out, _masked_sdpa(q, k, v, bool_mask, block))
+
+
+@needs_gluon_hopper
+@pytest.mark.parametrize("config", [(1, 2, 1, 24, 240, 0), (2, 2, 1, 24, 240, 1)])
+def test_gluon_kernel_other_configs(config):
+    """One 8-warp consumer instead of two warpgroups; in-kernel TMA descriptors."""
+    b, h, s, d, block = 1, 2, 777, 128, 128
+    q, k, v = _qkv(b, h, s, d, seed=33)
+    n = math.ceil(s / block)
+    bool_mask = _gluon_mask(h, n, "random", seed=33)
+    lists = bsa.kv_block_lists(pack_block_mask(bool_mask).cuda(), n)
+    out = gbs.gluon_block_sparse_attention(q, k, v, lists, block, config=config)
+    _check_bf16(out, _masked_sdpa(q, k, v, bool_mask, block))
+
+
+@needs_gluon_hopper
+def test_gluon_entry_route_stacked_mask_in_a_cuda_graph():
+    """sparse_attention(kernel="gluon"): a stacked mask selected on the device, under CUDA-graph replay."""
+    b, h, s, d, block = 1, 2, 900, 128, 128
+    q, k, v = _qkv(b, h, s, d, seed=34)
+    n = math.ceil(s / block)
+    stack = torch.stack([_gluon_mask(h, n, "random", seed=35), _gluon_mask(h, n, "near_empty", seed=36)])
+    mask = BlockMask.from_bool(stack, block, s).to("cuda")
+    mask.kv_block_lists
+    index = torch.zeros(1, dtype=torch.int32, device="cuda")
+    assert choose_route(q, mask, mask_index=index, kernel="gluon").name == "gluon"
+    assert choose_route(q, mask, mask_index=index).name != "gluon"  # "auto" does not pick it yet
+    key_valid = torch.ones(b, s, dtype=torch.bool, device="cuda")
+    assert choose_route(q, mask, mask_index=index, key_valid=key_valid, kernel="gluon").name == "triton"
+    sparse_attention(q, k, v, mask, mask_index=index, kernel="gluon")  # compile outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = sparse_attention(q, k, v, mask, mask_index=index, kernel="gluon")
+    for group in (1, 0):
+        index.fill_(group)
+        graph.replay()
+        torch.cuda.synchronize()
+        _check_bf16(out, _masked_sdpa(q, k, v, stack[group], block))

@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# One GPU session for the Gluon kernel: install, correctness (tests/test_gpu.py -k gluon), then timings.
+# Usage on the GPU machine, from the repo root:  OUT=/some/dir bash benchmarks/gpu_gluon_check.sh [rep_ms]
+set -u
+REP=${1:-50}
+pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl 2>&1 | tail -2
+PYTHONPATH=/tmp/site pip install -q --no-deps --no-build-isolation -e . 2>&1 | tail -2
+export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1
+python -c "import scaling_compile.kernels, triton, torch; print('import ok', triton.__version__, torch.__version__)"
+nvidia-smi --query-gpu=name,power.limit,clocks.max.sm --format=csv,noheader
+echo "== correctness"
+timeout -s KILL ${T_TEST:-150} python -m pytest -q -x --tb=short -p no:cacheprovider tests/test_gpu.py -k "gluon" 2>&1 | tail -40
+echo "== bench gluon vs triton vs cudnn"
+timeout -s KILL ${T_BENCH:-120} python benchmarks/bench_kernel.py --shapes 1,12,32760,128 --masks ${MASKS:-random} \
+    --variants ${VARIANTS:-gluon,lists_tma1} --no-flex --rep $REP --out $OUT/bench_gluon.json 2>&1 | grep -v "^  tuned" | tail -40
+if [ -n "${KEYPAD:-1}" ]; then
+  echo "== key padding"
+  timeout -s KILL ${T_KEYPAD:-90} python benchmarks/bench_kernel.py --key-padding --densities 0.5,0.3,0.2,0.1 --rep $REP \
+      --out $OUT/bench_key_padding.json 2>&1 | tail -12
+fi
