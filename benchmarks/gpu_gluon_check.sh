@@ -8,8 +8,10 @@ PYTHONPATH=/tmp/site pip install -q --no-deps --no-build-isolation -e . 2>&1 | t
 export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1
 python -c "import scaling_compile.kernels, triton, torch; print('import ok', triton.__version__, torch.__version__)"
 nvidia-smi --query-gpu=name,power.limit,clocks.max.sm --format=csv,noheader
+echo "== sanity"
+if ! timeout -s KILL ${T_SANITY:-60} python benchmarks/gluon_sanity.py; then echo "SANITY FAILED"; SKIP_GLUON=1; fi
 echo "== correctness"
-timeout -s KILL ${T_TEST:-150} python -m pytest -q -x --tb=short -p no:cacheprovider tests/test_gpu.py -k "gluon" 2>&1 | tail -40
+[ -z "${SKIP_GLUON:-}" ] && timeout -s KILL ${T_TEST:-150} python -m pytest -q -x --tb=short -p no:cacheprovider tests/test_gpu.py -k "gluon" 2>&1 | tail -40
 echo "== bench gluon vs triton vs cudnn"
 timeout -s KILL ${T_BENCH:-120} python benchmarks/bench_kernel.py --shapes 1,12,32760,128 --masks ${MASKS:-random} \
     --variants ${VARIANTS:-gluon,lists_tma1} --no-flex --rep $REP --out $OUT/bench_gluon.json 2>&1 | grep -v "^  tuned" | tail -40
