@@ -13,6 +13,7 @@ if ! timeout -s KILL ${T_SANITY:-60} python benchmarks/gluon_sanity.py; then ech
 echo "== correctness"
 [ -z "${SKIP_GLUON:-}" ] && timeout -s KILL ${T_TEST:-150} python -m pytest -q -x --tb=short -p no:cacheprovider tests/test_gpu.py -k "gluon" 2>&1 | tail -40
 echo "== bench gluon vs triton vs cudnn"
+[ -n "${SKIP_GLUON:-}" ] && VARIANTS=lists_tma1
 timeout -s KILL ${T_BENCH:-120} python benchmarks/bench_kernel.py --shapes 1,12,32760,128 --masks ${MASKS:-random} \
     --variants ${VARIANTS:-gluon,lists_tma1} --no-flex --rep $REP --out $OUT/bench_gluon.json 2>&1 | grep -v "^  tuned" | tail -40
 if [ -n "${KEYPAD:-1}" ]; then
