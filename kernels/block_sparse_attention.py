@@ -15,10 +15,11 @@ masks padded keys exactly, as SDPA's ``attn_mask=key_valid[:, None, None, :]``
 combined with the block mask. A query row left with no key to attend (every
 key of its kept blocks is padding) gets zeros, which is what SDPA returns for a
 fully masked row (torch >= 2.5, ``_safe_softmax``; checked in the tests). The
-kernel reads one byte of ``key_valid`` per key of each kept tile holding padding; without it
-the check is compiled away (``HAS_KEY_VALID`` is a compile-time flag). One
-flag byte per key block (:func:`key_blocks_all_valid`) lets tiles whose keys are
-all valid skip that read and the masking: padding costs only where it is.
+kernel reads one byte of ``key_valid`` per key of each kept tile it masks; without it
+the check is compiled away (``HAS_KEY_VALID`` is a compile-time flag). With
+kept-block lists, the kept blocks before a batch element's first padded key
+block (:func:`first_padded_key_block`) run the unmasked loop: padding at the end
+of the sequence (a text tail) costs only in the blocks it touches.
 
 How
 ---
@@ -100,7 +101,7 @@ def _interpreting() -> bool:
 @triton.jit
 def _attend_kv_tile(
     acc, l_i, m_i, q,
-    k_base, v_base, k_desc, v_desc, off_b, off_h, valid_base, all_valid_base, kv_block,
+    k_base, v_base, k_desc, v_desc, off_b, off_h, valid_base,
     start_n, S, stride_ks, stride_vs, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
     MASK_KEYS: tl.constexpr, TMA_MODE: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -113,11 +114,7 @@ def _attend_kv_tile(
     With ``MASK_KEYS`` the keys at or past ``S`` are masked out (only the ragged
     last key block needs it). With ``HAS_KEY_VALID`` the keys whose
     ``key_valid`` byte (``valid_base``: this batch element's row) is 0 are
-    masked out too, but only in a key block that holds padding: one byte per
-    key block (``all_valid_base[kv_block]``, 1 when every key of mask block
-    ``kv_block`` is valid) decides, uniformly for the whole tile, whether the
-    ``BLOCK_N`` bytes are read and applied. Tiles of all-valid blocks cost what
-    they cost without ``key_valid``.
+    masked out too: one load of ``BLOCK_N`` bytes per tile.
     """
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
@@ -134,15 +131,12 @@ def _attend_kv_tile(
         else:
             k = tl.load(k_ptrs)
     qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
-    if HAS_KEY_VALID:  # key padding, read only in key blocks that hold some (a uniform branch)
-        if tl.load(all_valid_base + kv_block) == 0:
-            if MASK_KEYS:  # one byte per key, 0 past S
-                valid = tl.load(valid_base + offs_n, mask=offs_n < S, other=0)
-            else:
-                valid = tl.load(valid_base + offs_n)
-            qk = tl.where((valid != 0)[None, :], qk, float("-inf"))
-        elif MASK_KEYS:
-            qk = tl.where((offs_n < S)[None, :], qk, float("-inf"))
+    if HAS_KEY_VALID:  # key padding: one byte per key, 0 past S
+        if MASK_KEYS:
+            valid = tl.load(valid_base + offs_n, mask=offs_n < S, other=0)
+        else:
+            valid = tl.load(valid_base + offs_n)
+        qk = tl.where((valid != 0)[None, :], qk, float("-inf"))
     elif MASK_KEYS:
         qk = tl.where((offs_n < S)[None, :], qk, float("-inf"))
     # -- online softmax (base 2, scale folded into the FMA) ----
@@ -182,8 +176,8 @@ def _block_sparse_attn_fwd(
     KV_INDICES,  # int32 (G, H, NQB, INDEX_WIDTH) contiguous, or None
     KEY_VALID,  # uint8 (B or 1, S): 1 where a key may be attended (key padding), or None
     stride_valid_b,  # KEY_VALID's batch stride (0: one row for every batch element)
-    ALL_VALID,  # uint8 (B or 1, N_KV_BLOCKS): 1 where every key of the key block is valid, or None
-    stride_all_valid_b,  # ALL_VALID's batch stride (0 with one row)
+    FIRST_PAD,  # int32 (B or 1,): the first key block holding a padded key (N_KV_BLOCKS: none), or None
+    stride_first_pad_b,  # FIRST_PAD's batch stride (0 with one row)
     qk_scale,  # scale * log2(e)
     S, H, N_Q_BLOCKS, N_KV_BLOCKS, N_WORDS,
     INDEX_WIDTH,  # row length of KV_INDICES: N_KV_BLOCKS, or the largest count (compact lists)
@@ -227,10 +221,8 @@ def _block_sparse_attn_fwd(
     o_base = O + off_b.to(tl.int64) * stride_ob + off_h.to(tl.int64) * stride_oh
     if HAS_KEY_VALID:  # this batch element's row of key_valid
         valid_base = KEY_VALID + off_b.to(tl.int64) * stride_valid_b
-        all_valid_base = ALL_VALID + off_b.to(tl.int64) * stride_all_valid_b
     else:
         valid_base = KEY_VALID
-        all_valid_base = ALL_VALID
     if TMA_MODE == 2:  # per-(batch, head) 2-D views: bounds at S, no reshapes
         q_desc = tl.make_tensor_descriptor(q_base, [S, HEAD_DIM], [stride_qs, 1], [BLOCK_M, HEAD_DIM])
         k_desc = tl.make_tensor_descriptor(k_base, [S, HEAD_DIM], [stride_ks, 1], [BLOCK_N, HEAD_DIM])
@@ -259,14 +251,38 @@ def _block_sparse_attn_fwd(
         if RAGGED:
             last_kept = tl.load(idx_ptr + tl.maximum(count - 1, 0))
             n_full = count - ((count > 0) & (last_kept == last_kv)).to(tl.int32)
-        for i in tl.range(0, n_full * SUB_N, warp_specialize=WARP_SPECIALIZE):
+        # Key padding costs only where it is: the kept blocks before this batch element's
+        # first padded key block (an ascending prefix of the list, found by binary search)
+        # run the unmasked loop; only the rest read key_valid.
+        n_clean = n_full
+        if HAS_KEY_VALID:
+            first_pad = tl.load(FIRST_PAD + off_b.to(tl.int64) * stride_first_pad_b)
+            lo = 0
+            hi = n_full
+            while lo < hi:
+                mid = (lo + hi) // 2
+                if tl.load(idx_ptr + mid) < first_pad:
+                    lo = mid + 1
+                else:
+                    hi = mid
+            n_clean = lo
+        for i in tl.range(0, n_clean * SUB_N, warp_specialize=WARP_SPECIALIZE):
             kv_block = tl.load(idx_ptr + i // SUB_N)
             start_n = kv_block * BLOCK_SIZE + (i % SUB_N) * BLOCK_N
             acc, l_i, m_i = _attend_kv_tile(
-                acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, off_b, off_h, valid_base, all_valid_base, kv_block,
+                acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, off_b, off_h, valid_base,
                 start_n, S, stride_ks, stride_vs, qk_scale,
-                HEAD_DIM, BLOCK_N, False, TMA_MODE, DOT_PRECISION, HAS_KEY_VALID,
+                HEAD_DIM, BLOCK_N, False, TMA_MODE, DOT_PRECISION, False,
             )
+        if HAS_KEY_VALID:  # the kept blocks from the first padded one on: masked by key_valid
+            for i in tl.range(n_clean * SUB_N, n_full * SUB_N):
+                kv_block = tl.load(idx_ptr + i // SUB_N)
+                start_n = kv_block * BLOCK_SIZE + (i % SUB_N) * BLOCK_N
+                acc, l_i, m_i = _attend_kv_tile(
+                    acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, off_b, off_h, valid_base,
+                    start_n, S, stride_ks, stride_vs, qk_scale,
+                    HEAD_DIM, BLOCK_N, False, TMA_MODE, DOT_PRECISION, True,
+                )
         has_tail = count - n_full
     else:
         # -- bit-packed path: test each key block's bit, skip the dropped ones ----
@@ -282,8 +298,8 @@ def _block_sparse_attn_fwd(
                         for sub in range(0, SUB_N):
                             start_n = (w * WORD_BITS_C + j) * BLOCK_SIZE + sub * BLOCK_N
                             acc, l_i, m_i = _attend_kv_tile(
-                                acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, off_b, off_h, valid_base, all_valid_base,
-                                w * WORD_BITS_C + j, start_n, S, stride_ks, stride_vs, qk_scale,
+                                acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, off_b, off_h, valid_base,
+                                start_n, S, stride_ks, stride_vs, qk_scale,
                                 HEAD_DIM, BLOCK_N, False, TMA_MODE, DOT_PRECISION, HAS_KEY_VALID,
                             )
         has_tail = 0
@@ -296,7 +312,7 @@ def _block_sparse_attn_fwd(
         for sub in range(0, has_tail * tail_steps):
             start_n = last_kv * BLOCK_SIZE + sub * BLOCK_N
             acc, l_i, m_i = _attend_kv_tile(
-                acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, off_b, off_h, valid_base, all_valid_base, last_kv,
+                acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, off_b, off_h, valid_base,
                 start_n, S, stride_ks, stride_vs, qk_scale,
                 HEAD_DIM, BLOCK_N, True, TMA_MODE, DOT_PRECISION, HAS_KEY_VALID,
             )
@@ -625,20 +641,23 @@ def _lists_on_device(mask_words: torch.Tensor, mask_index: Optional[torch.Tensor
     return counts, indices
 
 
-def key_blocks_all_valid(key_valid: torch.Tensor, block_size: int) -> torch.Tensor:
-    """uint8 ``(B, n_key_blocks)``: 1 where every key of the key block is valid (keys past S count as valid).
+def first_padded_key_block(key_valid: torch.Tensor, block_size: int) -> torch.Tensor:
+    """int32 ``(B,)``: per batch element, the first key block holding a padded key (``n_key_blocks`` if none).
 
-    Computed on the device at each call (a few tiny launches, no sync, captured by
+    Computed on the device at each call (a few tiny launches, no sync; captured by
     CUDA graphs, so an in-place update of ``key_valid`` is seen on replay). The
-    kernel reads one such byte per tile and reads/applies ``key_valid`` only in
-    the blocks flagged 0, so key padding costs nothing where there is none. The
-    ragged last block's keys past S are masked by the kernel's own bound check.
+    kernel runs the kept blocks before it without reading ``key_valid`` at all, so
+    padding at the end of the sequence (a text tail) costs only in the blocks it
+    touches. Keys past S (the ragged last block) count as valid: the kernel's own
+    bound check masks them.
     """
     b, s = key_valid.shape
     n_blocks = triton.cdiv(s, block_size)
     padded = torch.ones((b, n_blocks * block_size), dtype=torch.bool, device=key_valid.device)
     padded[:, :s] = key_valid
-    return padded.view(b, n_blocks, block_size).all(-1).to(torch.uint8)
+    has_padding = ~padded.view(b, n_blocks, block_size).all(-1)
+    first = has_padding.to(torch.int32).argmax(-1).to(torch.int32)  # first True (0 when none)
+    return torch.where(has_padding.any(-1), first, n_blocks).to(torch.int32)
 
 
 def _launch(
@@ -680,12 +699,12 @@ def _launch(
         # Never take a route known to be wrong: block_sparse_attention runs bf16 in fp32 here.
         raise RuntimeError("block_sparse_attention: Triton's interpreter computes bf16 tl.dot wrongly (errors ~1e9); "
                            "call block_sparse_attention (it runs bf16 in fp32 under the interpreter)")
-    valid, stride_valid_b, all_valid, stride_all_valid_b = None, 0, None, 0
+    valid, stride_valid_b, first_pad, stride_first_pad_b = None, 0, None, 0
     if key_valid is not None:
         valid = key_valid.contiguous().view(torch.uint8)  # one byte per key, read by the kernel
         stride_valid_b = 0 if valid.shape[0] == 1 else valid.stride(0)
-        all_valid = key_blocks_all_valid(key_valid, block_size)
-        stride_all_valid_b = 0 if all_valid.shape[0] == 1 else all_valid.stride(0)
+        first_pad = first_padded_key_block(key_valid, block_size)
+        stride_first_pad_b = 0 if first_pad.shape[0] == 1 else 1
     if config is None and interpreting:
         config = (block_size, block_size, 4, 1)  # interpreter: big tiles = fewer numpy calls
 
@@ -694,7 +713,7 @@ def _launch(
         q_desc=q_desc, k_desc=k_desc, v_desc=v_desc, o_desc=o_desc,
         MASK=mask, MASK_INDEX=mask_index if has_g else None,
         KV_COUNTS=counts, KV_INDICES=indices,
-        KEY_VALID=valid, stride_valid_b=stride_valid_b, ALL_VALID=all_valid, stride_all_valid_b=stride_all_valid_b,
+        KEY_VALID=valid, stride_valid_b=stride_valid_b, FIRST_PAD=first_pad, stride_first_pad_b=stride_first_pad_b,
         qk_scale=scale * LOG2E,
         S=s, H=h, N_Q_BLOCKS=n_qb, N_KV_BLOCKS=n_kvb, N_WORDS=mask.shape[-1],
         INDEX_WIDTH=n_kvb if indices is None else indices.shape[-1],

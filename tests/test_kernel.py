@@ -706,21 +706,22 @@ def test_key_valid_all_ones_and_near_empty_masks(pattern, lists):
     assert_matches_sdpa(out, masked_sdpa(q, k, v, mask, block_size, key_valid), torch.float16)
 
 
-def test_key_blocks_all_valid_flags():
-    """One byte per (batch, key block): 1 only where every key is valid; keys past S count as valid."""
-    key_valid = torch.ones(2, 40, dtype=torch.bool, device=DEVICE)
+def test_first_padded_key_block():
+    """Per batch element, the first key block holding a padded key (n_blocks if none); keys past S are valid."""
+    key_valid = torch.ones(3, 40, dtype=torch.bool, device=DEVICE)
     key_valid[0, 17] = False  # block 1 of batch 0 holds one padded key
     key_valid[1, 32:] = False  # batch 1: the ragged last block is all padding
-    flags = bsa.key_blocks_all_valid(key_valid, 16)
-    assert flags.dtype == torch.uint8
-    assert flags.cpu().tolist() == [[1, 0, 1], [1, 1, 0]]
+    first = bsa.first_padded_key_block(key_valid, 16)
+    assert first.dtype == torch.int32
+    assert first.cpu().tolist() == [1, 2, 3]
 
 
 @pytest.mark.parametrize("lists", ["bits", "compact", "device"])
 @pytest.mark.parametrize("config", [(32, 32, 4, 1), (32, 16, 4, 1)])
 def test_key_valid_padding_spans_whole_blocks(lists, config):
-    """Padding that covers whole key blocks (flag 0), blocks partly padded, blocks all valid (flag 1, no
-    masking) and the ragged last block, per batch element differently: exact, no NaN."""
+    """Padding that covers whole key blocks, blocks partly padded, all-valid blocks before the first
+    padded one (the unmasked loop), valid blocks after it, and the ragged last block, per batch element
+    differently: exact, no NaN."""
     b, h, block_size = 3, 2, 32
     s = 5 * block_size + 11  # 6 key blocks, the last one ragged
     q, k, v = make_qkv(b, h, s, 16, torch.float32, "bshd", seed=17)
