@@ -4,5 +4,6 @@
 * :mod:`.attention`: ``sparse_attention``, the one entry point that picks dense / FA4 / Triton / chunked.
 * :mod:`.block_sparse_attention`: the Triton kernel (key padding included); :mod:`.reference` its references.
 * :mod:`.fa4_block_sparse`: FlashAttention-4's block-sparse forward as an optional back-end.
+* :mod:`.gluon_block_sparse`: a warp-specialised Gluon forward for Hopper (``kernel="gluon"``).
 * :mod:`.bitpack`: the packed (one bit per block pair) form of a mask.
 """

@@ -45,6 +45,13 @@ reinterpreted as the box shape for the copies.
 Mask selection: lists of a stack ``(G, H, n_q_blocks, ...)`` with a device-side
 ``mask_index`` (no host sync, CUDA-graph safe), as the Triton kernel.
 
+Known limits (read off the compiled code, Triton 3.6, sm90a): the two-consumer kernel runs
+12 warps (the one-warp producer is padded to a warpgroup), registers 240 / 240 / 24 per
+consumer / consumer / producer warpgroup; at D=128 ptxas still spills about 224 bytes per
+thread, at D=64 nothing. No explicit ping-pong barriers between the consumer warpgroups
+and no persistent schedule yet; ``kernel="auto"`` does not pick this kernel until it is
+measured correct and faster than the Triton kernel on the GPU.
+
 Gluon is imported lazily: on a CPU-only machine (or a Triton without Gluon's
 Hopper module) importing this module succeeds and :func:`gluon_unsupported_reason`
 says why the kernel cannot run.
