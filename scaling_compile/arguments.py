@@ -27,7 +27,9 @@ class UsageError(Exception):
 # Parser and help
 # ---------------------------------------------------------------------------------------------
 def _shows_default(action: argparse.Action) -> bool:
-    if action.default in (None, False, argparse.SUPPRESS) or not action.option_strings:
+    if action.default is None or action.default is False or action.default == argparse.SUPPRESS:
+        return False
+    if not action.option_strings:
         return False
     return not isinstance(action, (argparse._HelpAction, argparse._VersionAction))
 
@@ -42,10 +44,11 @@ class DefaultsFormatter(argparse.HelpFormatter):
     """Help with every option's default (``(default: 5 30 52)``), unless the help already states it."""
 
     def _get_help_string(self, action):
-        help_text = action.help or ""
-        if _shows_default(action) and "default" not in help_text.lower():
+        help_text = (action.help or "").strip()
+        stated = "(default" in help_text.lower() or "default:" in help_text.lower()
+        if _shows_default(action) and not stated:
             help_text += f" (default: {format_default(action.default)})".replace("%", "%%")
-        return help_text
+        return help_text.strip()
 
 
 class Parser(argparse.ArgumentParser):
@@ -62,7 +65,7 @@ class Parser(argparse.ArgumentParser):
     def format_help(self):
         for action in self._actions:  # options without help text still show their default
             if action.help is None and _shows_default(action):
-                action.help = ""
+                action.help = f"(default: {format_default(action.default)})".replace("%", "%%")
         return super().format_help()
 
 
@@ -233,14 +236,14 @@ def check_model_spec(spec: str, subfolder: str | None = None) -> None:
                          "(e.g. scaling_compile.testing:planted_wan_transformer)")
 
 
-def tokens_from_latent(latent, patch_size) -> tuple[int, int, int]:
+def tokens_from_latent(latent, patch_size, flag: str = "--latent") -> tuple[int, int, int]:
     """The token grid of a latent (frames, height, width) under ``patch_size``, or a :class:`UsageError`."""
     latent = tuple(int(v) for v in latent)
     patch = tuple(int(p) for p in patch_size)
     bad = [f"{name} {n} is not a multiple of {p}" for name, n, p in zip(("frames", "height", "width"), latent, patch)
            if n % p]
     if bad:
-        raise UsageError(f"latent {' '.join(map(str, latent))}: {'; '.join(bad)} (the model's patch size is "
+        raise UsageError(f"{flag} {' '.join(map(str, latent))}: {'; '.join(bad)} (the model's patch size is "
                          f"{' '.join(map(str, patch))})")
     return tuple(n // p for n, p in zip(latent, patch))
 
