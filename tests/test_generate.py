@@ -10,6 +10,8 @@ import torch
 from scaling_compile import generate
 from scaling_compile.cli import main
 
+from profiled import chunked_path  # noqa: F401  (fixture: the CPU path a user gets, without the Triton interpreter)
+
 # Small, fast settings: 2 steps; the profile latent 3 16 16 is 3 x 8 x 8 tokens = 3 blocks of 64.
 FAST = ["--steps", "2", "--latent", "3", "16", "16", "--profile-latent", "3", "16", "16", "--device", "cpu"]
 
@@ -54,7 +56,7 @@ def _frames(folder):
     return names
 
 
-def test_generate_on_a_saved_pipeline_folder(pipeline_folder, tmp_path, capsys):
+def test_generate_on_a_saved_pipeline_folder(pipeline_folder, tmp_path, capsys, chunked_path):  # noqa: F811
     out = tmp_path / "video"
     code = main(["generate", str(pipeline_folder), "--out", str(out), "--prompt", "a red fox in the snow",
                  "--guidance-scale", "1.0", "--block-size", "16", *FAST, "--compare"])
@@ -70,7 +72,7 @@ def test_generate_on_a_saved_pipeline_folder(pipeline_folder, tmp_path, capsys):
         assert (out / "video.mp4").stat().st_size > 0
 
 
-def test_generate_on_the_embedded_default(tmp_path, capsys):
+def test_generate_on_the_embedded_default(tmp_path, capsys, chunked_path):  # noqa: F811
     out = tmp_path / "default"
     assert main(["generate", "--out", str(out), "--format", "png", *FAST]) == 0
     captured = capsys.readouterr()
