@@ -97,6 +97,9 @@ def main(argv: list[str] | None = None) -> int:
     except ScalingCompileError as error:
         print(f"scaling-compile {args.command}: {error}", file=sys.stderr)
         return 1
+    except BrokenPipeError:  # output piped into e.g. `head`, which stopped reading
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
 
 
 # ---------------------------------------------------------------------------------------------
@@ -496,7 +499,7 @@ def run_inspect(args) -> int:
         from .plots import density_per_layer, mask_heatmaps
 
         paths = mask_heatmaps(topology, args.png, budget=budget_shown, grid=grid, latent=latent,
-                              step_fraction=args.step)
+                              step_fraction=args.step, progress=sys.stderr.isatty())
         paths.append(density_per_layer(topology, os.path.join(args.png, "density_per_layer.png"),
                                        budget=budget_shown, grid=grid, latent=latent, step_fraction=args.step))
         print(f"wrote {len(paths)} pictures to {args.png}", file=sys.stderr if args.json else sys.stdout)

@@ -62,21 +62,27 @@ def _profiled_latent(topology):
 
 
 def mask_heatmaps(topology, out_dir, *, budget=None, grid=None, latent=None, step_fraction=None,
-                  max_heads: int = 16, columns: int = 4) -> list[str]:
+                  max_heads: int = 16, columns: int = 4, progress: bool = False) -> list[str]:
     """One PNG per node, up to ``max_heads`` heads, ``columns`` heads per row. For each head: the
     attention measured on the calibration at the profiled grid (log colour scale: each key block's
     share of its query block's attention, colour bar) and, below it, the mask served at ``grid``
     (default: the profiled grid; ``latent`` only names it) at ``budget``: kept blocks dark, skipped
-    light (legend). Axes in blocks of ``block_size`` tokens. Returns the paths."""
+    light (legend). Axes in blocks of ``block_size`` tokens. ``progress``: a tqdm bar over the
+    nodes (a 30-block model draws 30 pictures). Returns the paths."""
     plt = _pyplot()
-    from matplotlib.colors import ListedColormap
+    from matplotlib.colors import LinearSegmentedColormap
     from matplotlib.patches import Patch
 
     os.makedirs(out_dir, exist_ok=True)
     used = budget if budget is not None else topology.metadata.get("default_budget")
-    mask_colors = ListedColormap([SKIPPED_COLOR, KEPT_COLOR])
+    # 0 skipped, 1 kept; a panel smaller than the mask in pixels averages neighbouring blocks
+    # (antialiased), so a thin band of kept blocks shows as a lighter shade instead of vanishing
+    mask_colors = LinearSegmentedColormap.from_list("kept", [SKIPPED_COLOR, KEPT_COLOR])
     paths = []
-    for key in sorted(topology.keys(), key=natural_key):
+    from tqdm import tqdm
+
+    for key in tqdm(sorted(topology.keys(), key=natural_key), desc="mask pictures", unit="node",
+                    disable=not progress, leave=False):
         entry = topology.entries[key]
         if entry.scores is None and entry.mask is None:
             continue
@@ -104,8 +110,11 @@ def mask_heatmaps(topology, out_dir, *, budget=None, grid=None, latent=None, ste
                 ax.set_title(f"head {head}: measured attention", fontsize=7)
                 _block_axes(ax, topology.block_size, first_column=column == 0)
             ax = axes[group * per_head + per_head - 1][column]
-            ax.imshow(mask[head].float().numpy(), cmap=mask_colors, vmin=0, vmax=1, interpolation="nearest")
-            ax.set_title(f"head {head}: served, density {float(mask[head].float().mean()):.2f}", fontsize=7)
+            ax.imshow(mask[head].float().numpy(), cmap=mask_colors, vmin=0, vmax=1,
+                      interpolation="nearest" if mask.shape[-1] <= 128 else "antialiased")
+            served = float(mask[head].float().mean())
+            ax.set_title(f"head {head}: served, density {served:.2f}" if served >= 0.01 or served == 0
+                         else f"head {head}: served, density {served:.3f}", fontsize=7)
             _block_axes(ax, topology.block_size, first_column=column == 0)
         for index in range(heads, groups * cols):
             group, column = divmod(index, cols)

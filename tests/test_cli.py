@@ -227,7 +227,7 @@ def test_subcommands_are_pluggable(monkeypatch, capsys):
 def test_console_script_is_installed():
     result = subprocess.run(["scaling-compile", "--help"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0
-    for command in ("profile", "inspect", "bench"):
+    for command in ("profile", "inspect", "generate", "bench", "demo"):
         assert command in result.stdout
 
 
