@@ -207,9 +207,14 @@ def prompt_arguments(pipe, args, *, guidance: float | None) -> tuple[dict, str]:
 
 def timed_generation(pipe, call_kwargs: dict, label: str) -> tuple[object, list[float]]:
     """Run ``pipe`` with its progress bar (``label``); returns its output and the seconds of each step."""
+    import torch
+
+    synchronize = torch.cuda.synchronize if next(pipe.transformer.parameters()).is_cuda else (lambda: None)
+    synchronize()
     marks = [time.perf_counter()]
 
     def on_step_end(_pipe, _step, _timestep, kwargs):
+        synchronize()  # the step's GPU work is done: the mark times it, not its launch
         marks.append(time.perf_counter())
         return kwargs
 
