@@ -264,8 +264,9 @@ def profile_summary(topology, path: str | None = None) -> str:
     entries = topology.entries
     heads = sum(e.num_heads for e in entries.values())
     geometry = profiled_geometry(topology)
+    where = describe_geometry(geometry["tokens"], geometry["latent"])
     lines = [
-        f"profiled {len(entries)} attention nodes, {heads} heads, at {describe_geometry(geometry['tokens'], geometry['latent'])}, "
+        f"profiled {len(entries)} attention nodes, {heads} heads, at {where}, "
         f"block size {topology.block_size}, in {meta.get('profiling', {}).get('seconds', '?')}s "
         f"({meta.get('profiling', {}).get('device', '?')})",
     ]
@@ -463,7 +464,8 @@ def run_inspect(args) -> int:
     calibration, quality_density = profiled_rows(topology)
     step = "pooled over steps" if args.step is None else f"at denoising progress {args.step}"
     served_title = f"served at {where}, budget {budget_shown}, {step}"
-    profiled_title = (f"measured on the calibration at the profiled {describe_geometry(profiled['tokens'], profiled['latent'])}"
+    profiled_where = describe_geometry(profiled["tokens"], profiled["latent"])
+    profiled_title = (f"measured on the calibration at the profiled {profiled_where}"
                       + (f", masks of density {quality_density:.2f}" if quality_density is not None else ""))
     if args.json:
         print(json.dumps({
@@ -485,8 +487,9 @@ def run_inspect(args) -> int:
             print(note)
         print(f"\n{served_title}: mean served density {mean:.4f}")
         print(format_table(served))
+        measured = any("served_mass_recall" in r for r in served)
         print("density: fraction of key blocks kept; error: FAST's predicted node-output error at that density"
-              + ("; recall: calibration attention mass the served mask keeps" if any("served_mass_recall" in r for r in served)
+              + ("; recall: calibration attention mass the served mask keeps" if measured
                  else " (recall of the served masks is measured at the profiled geometry only)"))
         if meta.get("quality"):
             print(f"\n{profiled_title}:")

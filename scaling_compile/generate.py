@@ -41,11 +41,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("pipeline", nargs="?", default=None,
                         help="a local diffusers pipeline folder (saved with save_pretrained, with model_index.json); "
                              "default: the embedded default (small planted-topology Wan, random VAE, no text encoder)")
-    parser.add_argument("--out", default="scaling-video", help="folder for frames/, video.mp4 and the profiled artifact")
+    parser.add_argument("--out", default="scaling-video",
+                        help="folder for frames/, video.mp4 and the profiled artifact")
     parser.add_argument("--artifact", default=None,
-                        help="topology artifact to serve (default: profile the transformer first, to OUT/profiled.safetensors)")
+                        help="topology artifact to serve "
+                             "(default: profile the transformer first, to OUT/profiled.safetensors)")
     parser.add_argument("--prompt", default=DEFAULT_PROMPT,
-                        help="the prompt, for a pipeline with a text encoder (without one: seeded random prompt embeddings)")
+                        help="the prompt, for a pipeline with a text encoder "
+                             "(without one: seeded random prompt embeddings)")
     parser.add_argument("--negative-prompt", default=None, help="negative prompt (with guidance scale > 1)")
     add_latent_argument(parser, "--latent", None,
                         "latent frames, height, width of the video (default: 5 32 32 on cpu; 21 60 104 on cuda, "
@@ -53,7 +56,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_latent_argument(parser, "--profile-latent", None,
                         "latent frames, height, width to profile at when no --artifact is given "
                         "(default: 3 16 16 on cpu, 5 30 52 on cuda)")
-    parser.add_argument("--steps", type=positive_int, default=None, help="denoising steps (default: 6 on cpu, 50 on cuda)")
+    parser.add_argument("--steps", type=positive_int, default=None,
+                        help="denoising steps (default: 6 on cpu, 50 on cuda)")
     parser.add_argument("--guidance-scale", type=float, default=None,
                         help="classifier-free guidance (default: the pipeline's own with a text encoder; "
                              "1.0, no guidance, without one, as for the embedded default)")
@@ -64,7 +68,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--compare", action="store_true",
                         help="also generate with dense attention (same seed and compilation) and print both times")
     parser.add_argument("--format", choices=("auto", "png", "mp4"), default="auto",
-                        help="png: frames only; mp4: frames and an mp4 (needs imageio-ffmpeg); auto: mp4 where possible")
+                        help="png: frames only; mp4: frames and an mp4 (needs imageio-ffmpeg); "
+                             "auto: mp4 where possible")
     parser.add_argument("--fps", type=positive_int, default=16, help="frames per second of the mp4")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (cuda if available)")
     parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
@@ -349,7 +354,8 @@ def run(args) -> int:
     if guidance is not None:
         call["guidance_scale"] = guidance
     print(f"[3/4] {frames_count} frames of {height}x{width} (latent {' x '.join(map(str, latent))}, tokens "
-          f"{' x '.join(map(str, settings['tokens']))}), {settings['steps']} steps, budget {budget_value}; {prompt_note}")
+          f"{' x '.join(map(str, settings['tokens']))}), {settings['steps']} steps, budget {budget_value}; "
+          f"{prompt_note}")
 
     dense_seconds = dense_frames = None
     if args.compare:
@@ -376,7 +382,8 @@ def run(args) -> int:
     if dense_seconds is not None:
         print(f"      dense:  {_step_summary(dense_seconds)}")
         if len(sparse_seconds) > 1 and len(dense_seconds) > 1:
-            ratio = (sum(dense_seconds[1:]) / len(dense_seconds[1:])) / (sum(sparse_seconds[1:]) / len(sparse_seconds[1:]))
+            dense_step = sum(dense_seconds[1:]) / len(dense_seconds[1:])
+            ratio = dense_step / (sum(sparse_seconds[1:]) / len(sparse_seconds[1:]))
             where = "" if device.startswith("cuda") else (" (on the CPU the sparse attention runs a chunked PyTorch "
                                                            "path: speed is measured on a GPU)")
             print(f"      steady-state step time, dense / sparse: {ratio:.2f}x{where}")

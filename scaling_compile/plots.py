@@ -105,8 +105,8 @@ def mask_heatmaps(topology, out_dir, *, budget=None, grid=None, latent=None, ste
                 ax = axes[group * per_head][column]
                 share = mass[head].float()
                 share = share / share.sum(-1, keepdim=True).clamp(min=1e-30)
-                image = ax.imshow(share.clamp(min=MASS_FLOOR).log10().numpy(), cmap="magma", vmin=math.log10(MASS_FLOOR),
-                                  vmax=0.0, interpolation="nearest")
+                image = ax.imshow(share.clamp(min=MASS_FLOOR).log10().numpy(), cmap="magma",
+                                  vmin=math.log10(MASS_FLOOR), vmax=0.0, interpolation="nearest")
                 ax.set_title(f"head {head}: measured attention", fontsize=7)
                 _block_axes(ax, topology.block_size, first_column=column == 0)
             ax = axes[group * per_head + per_head - 1][column]
@@ -131,7 +131,8 @@ def mask_heatmaps(topology, out_dir, *, budget=None, grid=None, latent=None, ste
         lines = [f"{key}: {entry.num_heads} heads" + (f" (first {heads} shown)" if heads < entry.num_heads else "")
                  + f", blocks of {topology.block_size} tokens"]
         if mass is not None:
-            lines.append(f"measured rows: calibration at the profiled {_geometry(entry.grid, _profiled_latent(topology))}")
+            profiled = _geometry(entry.grid, _profiled_latent(topology))
+            lines.append(f"measured rows: calibration at the profiled {profiled}")
         step = "" if step_fraction is None else f", denoising progress {step_fraction}"
         lines.append(f"served rows: {_geometry(at, latent)}, budget {used}{step}")
         fig.suptitle("\n".join(lines), fontsize=8)
@@ -152,7 +153,10 @@ def density_per_layer(topology, path, *, budget=None, grid=None, latent=None, st
     for i, key in enumerate(keys):
         entry = topology.entries[key]
         at = tuple(grid or entry.grid or ())
-        mask = node_masks(topology, key, grid=at, budget=budget, step_fraction=step_fraction) if entry.scores is not None else entry.mask
+        if entry.scores is not None:
+            mask = node_masks(topology, key, grid=at, budget=budget, step_fraction=step_fraction)
+        else:
+            mask = entry.mask
         density = mask.float().flatten(1).mean(1)
         means.append(float(density.mean()))
         heads_x.extend([i] * len(density))

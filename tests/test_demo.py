@@ -8,7 +8,7 @@ from scaling_compile.cli import main
 from profiled import chunked_path  # noqa: F401  (fixture: the CPU path a user gets, without the Triton interpreter)
 
 
-def test_demo_runs_on_tiny_config_and_its_follow_up_shows_the_served_masks(tmp_path, capsys, chunked_path):  # noqa: F811
+def test_demo_runs_and_its_follow_up_shows_the_served_masks(tmp_path, capsys, chunked_path):  # noqa: F811
     code = main(["demo", "--device", "cpu", "--config", "tiny", "--profile-latent", "3", "16", "16",
                  "--run-latent", "3", "16", "24", "--out", str(tmp_path)])
     assert code == 0
