@@ -12,7 +12,7 @@ its own heads. Communication is measured separately: NCCL kernel time inside one
 forward (torch.profiler), and the all-to-all alone at the forward's message size (CUDA events).
 
     NCCL_NVLS_ENABLE=0 PYTHONUNBUFFERED=1 torchrun --nproc_per_node 2 \\
-        benchmarks/bench_context_parallel.py --out $OUT/cp_720p.json
+        benchmarks/bench_context_parallel.py --out out/cp_720p.json
 
 NVLink multicast (NVLS) is switched off by the script itself before NCCL starts.
 ``--smoke`` runs the same flow on the CPU (gloo, tiny planted model, small latent) to check

@@ -1,9 +1,9 @@
 """Block-sparse attention kernel vs cuDNN/flash SDPA (dense) and FlexAttention, on identical masks.
 
-Run on the GPU machine, from the repo root (no install needed: the script
+Run on a CUDA GPU, from the repo root (no install needed: the script
 loads this checkout's ``kernels/`` as ``scaling_compile.kernels``)::
 
-    PYTHONUNBUFFERED=1 python3 benchmarks/bench_kernel.py --out $OUT/bench_kernel.json
+    PYTHONUNBUFFERED=1 python3 benchmarks/bench_kernel.py --out out/bench_kernel.json
 
 For each shape (default Wan2.1 480p and 720p self-attention, (1, 12, 32760, 128)
 and (1, 12, 75600, 128), bf16), each mask kind (``random``: every query block
@@ -49,7 +49,7 @@ installed, and masked dense SDPA), checking each against the reference::
 Checks: every sparse output is compared with the fp32 reference on slices of
 query blocks (first two and last two, the ragged one included) and with our
 kernel's output (max abs error over the whole tensor), so a peer that ignores
-the mask (see the FLASH-backend trap in GPU.md) shows up. Effective TFLOP/s =
+the mask (e.g. a dense backend chosen behind its back) shows up. Effective TFLOP/s =
 4 * B * H * S^2 * D * density / time, density = fraction of kept blocks.
 Prints a table per shape and mask kind; writes every number to ``--out``.
 """

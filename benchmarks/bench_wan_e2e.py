@@ -3,7 +3,7 @@
 Same as ``scaling-compile bench model``; kept as the committed benchmark command::
 
     PYTHONUNBUFFERED=1 python3 benchmarks/bench_wan_e2e.py --config wan2.1-1.3b --latent 21 60 104 \
-        --modes regional whole --budgets 0.5 0.3 0.2 0.1 --out $OUT/e2e.json
+        --modes regional whole --budgets 0.5 0.3 0.2 0.1 --out out/e2e.json
 """
 
 import sys

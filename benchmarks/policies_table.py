@@ -6,7 +6,7 @@ CPU, quality on the ``small`` planted Wan (1280 tokens, blocks of 64; ~15 minute
 
 H100, speed at Wan2.1-1.3B size, 480p 81 frames (32760 tokens, blocks of 128; ~3 minutes)::
 
-    python3 benchmarks/policies_table.py --preset wan2.1-1.3b --out $OUT/policies
+    python3 benchmarks/policies_table.py --preset wan2.1-1.3b --out out/policies
 
 Both into one table: ``python3 benchmarks/policies_table.py --merge cpu.json gpu.json``.
 

@@ -1,9 +1,8 @@
 """Time offline profiling of a full-size Wan2.1-T2V-1.3B transformer at 480p on one GPU.
 
-Run on the GPU machine, set up like ``bench_wan_e2e.py`` (this checkout installed, the
-carried diffusers wheel on the path)::
+Run on a CUDA GPU with this package installed (``pip install -e .``)::
 
-    PYTHONUNBUFFERED=1 python3 benchmarks/profile_wan13b.py --out $OUT/profile_wan13b.json
+    PYTHONUNBUFFERED=1 python3 benchmarks/profile_wan13b.py --out out/profile_wan13b.json
 
 What it does (bf16, one process):
 
@@ -140,7 +139,7 @@ def main() -> int:
     try:
         import diffusers  # noqa: F401
     except ImportError:
-        log("diffusers is missing: carry its wheel (see ../shared/GPU.md, 'Carrying packages')")
+        log("diffusers is missing: pip install diffusers (or pip install -e . in this checkout)")
         return 2
     import scaling_compile as sc
 

@@ -35,13 +35,54 @@ def node_masks(topology, key: str, *, grid, budget=None, step_fraction=None) -> 
     )
 
 
-def mask_heatmaps(topology, out_dir, *, budget=None, grid=None, step_fraction=None, max_heads: int = 16) -> list[str]:
-    """One PNG per node: measured block mass at the profiled grid (top, log scale) and the served
-    mask at ``grid`` (bottom; default the profiled grid) for each head. Returns the paths."""
+def _geometry(grid, latent=None) -> str:
+    tokens = f"tokens {' x '.join(map(str, grid))}" if grid else "tokens ?"
+    return f"latent {' x '.join(map(str, latent))} ({tokens})" if latent else tokens
+
+
+KEPT_COLOR, SKIPPED_COLOR = "#1f4e79", "#eeeeee"
+MASS_FLOOR = 1e-3  # log10 colour scale of attention shares: -3 .. 0
+
+
+def _block_axes(ax, block_size: int, *, first_column: bool) -> None:
+    """Integer block ticks; axis labels name the block size in tokens (x: key, y: query)."""
+    from matplotlib.ticker import MaxNLocator
+
+    for axis in (ax.xaxis, ax.yaxis):
+        axis.set_major_locator(MaxNLocator(nbins=6, integer=True))
+    ax.tick_params(labelsize=6, length=2)
+    ax.set_xlabel(f"key block ({block_size} tokens each)", fontsize=7, labelpad=1)
+    if first_column:
+        ax.set_ylabel(f"query block ({block_size} tokens each)", fontsize=7, labelpad=1)
+
+
+def _profiled_latent(topology):
+    latent = (topology.metadata.get("calibration") or {}).get("latent_shape")
+    return tuple(latent) if latent else None
+
+
+def mask_heatmaps(topology, out_dir, *, budget=None, grid=None, latent=None, step_fraction=None,
+                  max_heads: int = 16, columns: int = 4, progress: bool = False) -> list[str]:
+    """One PNG per node, up to ``max_heads`` heads, ``columns`` heads per row. For each head: the
+    attention measured on the calibration at the profiled grid (log colour scale: each key block's
+    share of its query block's attention, colour bar) and, below it, the mask served at ``grid``
+    (default: the profiled grid; ``latent`` only names it) at ``budget``: kept blocks dark, skipped
+    light (legend). Axes in blocks of ``block_size`` tokens. ``progress``: a tqdm bar over the
+    nodes (a 30-block model draws 30 pictures). Returns the paths."""
     plt = _pyplot()
+    from matplotlib.colors import LinearSegmentedColormap
+    from matplotlib.patches import Patch
+
     os.makedirs(out_dir, exist_ok=True)
+    used = budget if budget is not None else topology.metadata.get("default_budget")
+    # 0 skipped, 1 kept; a panel smaller than the mask in pixels averages neighbouring blocks
+    # (antialiased), so a thin band of kept blocks shows as a lighter shade instead of vanishing
+    mask_colors = LinearSegmentedColormap.from_list("kept", [SKIPPED_COLOR, KEPT_COLOR])
     paths = []
-    for key in sorted(topology.keys(), key=natural_key):
+    from tqdm import tqdm
+
+    for key in tqdm(sorted(topology.keys(), key=natural_key), desc="mask pictures", unit="node",
+                    disable=not progress, leave=False):
         entry = topology.entries[key]
         if entry.scores is None and entry.mask is None:
             continue
@@ -51,64 +92,109 @@ def mask_heatmaps(topology, out_dir, *, budget=None, grid=None, step_fraction=No
         else:
             mask = entry.mask
         heads = min(entry.num_heads, max_heads)
+        cols = min(heads, columns)
+        groups = math.ceil(heads / cols)
         mass = entry.extra.get("block_mass")
-        rows = 2 if mass is not None else 1
-        fig, axes = plt.subplots(rows, heads, figsize=(2.2 * heads + 0.6, 2.3 * rows + 0.6), squeeze=False)
+        per_head = 2 if mass is not None else 1
+        fig, axes = plt.subplots(groups * per_head, cols, figsize=(2.3 * cols + 1.4, 2.5 * groups * per_head + 1.0),
+                                 squeeze=False, layout="constrained")
+        image = None
         for head in range(heads):
+            group, column = divmod(head, cols)
             if mass is not None:
-                ax = axes[0][head]
-                values = mass[head].float().clamp(min=1e-6).log10()
-                ax.imshow(values.numpy(), cmap="magma", interpolation="nearest")
-                ax.set_title(f"head {head}: mass", fontsize=8)
-                ax.set_xticks([])
-                ax.set_yticks([])
-            ax = axes[rows - 1][head]
-            ax.imshow(mask[head].float().numpy(), cmap="Greys", vmin=0, vmax=1, interpolation="nearest")
-            ax.set_title(f"mask {float(mask[head].float().mean()):.2f}", fontsize=8)
-            ax.set_xticks([])
-            ax.set_yticks([])
-        where = f"grid {at}" if at else ""
-        profiled = f", mass at profiled grid {tuple(entry.grid)}" if mass is not None else ""
-        fig.suptitle(f"{key}: key blocks (x) per query block (y), {where}{profiled}", fontsize=9)
-        fig.tight_layout()
+                ax = axes[group * per_head][column]
+                share = mass[head].float()
+                share = share / share.sum(-1, keepdim=True).clamp(min=1e-30)
+                image = ax.imshow(share.clamp(min=MASS_FLOOR).log10().numpy(), cmap="magma",
+                                  vmin=math.log10(MASS_FLOOR), vmax=0.0, interpolation="nearest")
+                ax.set_title(f"head {head}: measured attention", fontsize=7)
+                _block_axes(ax, topology.block_size, first_column=column == 0)
+            ax = axes[group * per_head + per_head - 1][column]
+            ax.imshow(mask[head].float().numpy(), cmap=mask_colors, vmin=0, vmax=1,
+                      interpolation="nearest" if mask.shape[-1] <= 128 else "antialiased")
+            served = float(mask[head].float().mean())
+            ax.set_title(f"head {head}: served, density {served:.2f}" if served >= 0.01 or served == 0
+                         else f"head {head}: served, density {served:.3f}", fontsize=7)
+            _block_axes(ax, topology.block_size, first_column=column == 0)
+        for index in range(heads, groups * cols):
+            group, column = divmod(index, cols)
+            for row in range(per_head):
+                axes[group * per_head + row][column].set_visible(False)
+        if image is not None:
+            mass_axes = [axes[g * per_head][c] for g in range(groups) for c in range(cols)]
+            bar = fig.colorbar(image, ax=mass_axes, shrink=0.8, pad=0.02)
+            bar.set_label("log10 share of the query block's attention", fontsize=7)
+            bar.ax.tick_params(labelsize=6)
+        fig.legend(handles=[Patch(facecolor=KEPT_COLOR, label="kept block (computed)"),
+                            Patch(facecolor=SKIPPED_COLOR, edgecolor="#999999", label="skipped block")],
+                   loc="outside lower center", ncols=2, fontsize=7, frameon=False)
+        lines = [f"{key}: {entry.num_heads} heads" + (f" (first {heads} shown)" if heads < entry.num_heads else "")
+                 + f", blocks of {topology.block_size} tokens"]
+        if mass is not None:
+            profiled = _geometry(entry.grid, _profiled_latent(topology))
+            lines.append(f"measured rows: calibration at the profiled {profiled}")
+        step = "" if step_fraction is None else f", denoising progress {step_fraction}"
+        lines.append(f"served rows: {_geometry(at, latent)}, budget {used}{step}")
+        fig.suptitle("\n".join(lines), fontsize=8)
         path = os.path.join(out_dir, f"mask_{_safe_name(key)}.png")
-        fig.savefig(path, dpi=90)
+        fig.savefig(path, dpi=110)
         plt.close(fig)
         paths.append(path)
     return paths
 
 
-def density_per_layer(topology, path, *, budget=None, grid=None, step_fraction=None) -> str:
-    """Served density per node (bar: mean over heads, dots: heads) at ``budget``, plus the
-    stability IoU of the masks from the two calibration halves where measured."""
+def density_per_layer(topology, path, *, budget=None, grid=None, latent=None, step_fraction=None) -> str:
+    """Served density per node at ``grid`` and ``budget`` (bar: mean over heads, dots: heads) and,
+    in a second panel where measured, the stability IoU of the masks from the two calibration halves
+    (at the profiled grid). Legends sit outside the data."""
     plt = _pyplot()
     keys = [k for k in sorted(topology.keys(), key=natural_key)]
     means, heads_x, heads_y, stability = [], [], [], []
     for i, key in enumerate(keys):
         entry = topology.entries[key]
         at = tuple(grid or entry.grid or ())
-        mask = node_masks(topology, key, grid=at, budget=budget, step_fraction=step_fraction) if entry.scores is not None else entry.mask
+        if entry.scores is not None:
+            mask = node_masks(topology, key, grid=at, budget=budget, step_fraction=step_fraction)
+        else:
+            mask = entry.mask
         density = mask.float().flatten(1).mean(1)
         means.append(float(density.mean()))
         heads_x.extend([i] * len(density))
         heads_y.extend(density.tolist())
         stab = entry.extra.get("stability")
         stability.append(float(stab[:, :, 0].mean()) if stab is not None else float("nan"))
-    fig, ax = plt.subplots(figsize=(max(6, 0.35 * len(keys) + 2), 3.6))
-    ax.bar(range(len(keys)), means, color="#8fb3d9", label="mean density (served)")
-    ax.scatter(heads_x, heads_y, s=10, color="#1f4e79", label="heads", zorder=3)
-    if any(not math.isnan(s) for s in stability):
-        ax.plot(range(len(keys)), stability, color="#c0504d", marker="o", ms=3, label="stability IoU (halves)")
-    ax.set_xticks(range(len(keys)))
-    ax.set_xticklabels(keys, rotation=70, fontsize=7)
+    measured = any(not math.isnan(s) for s in stability)
+    width = max(6.5, 0.3 * len(keys) + 3.5)
+    fig, axes = plt.subplots(2 if measured else 1, 1, figsize=(width, 5.6 if measured else 3.6), sharex=True,
+                             squeeze=False, layout="constrained", height_ratios=[2, 1] if measured else None)
+    ax = axes[0][0]
+    ax.bar(range(len(keys)), means, color="#8fb3d9", label="mean over heads")
+    ax.scatter(heads_x, heads_y, s=10, color="#1f4e79", label="one head", zorder=3)
     ax.set_ylim(0, 1.05)
-    ax.set_ylabel("fraction of key blocks kept")
+    ax.set_ylabel("fraction of key\nblocks kept", fontsize=8)
     used = budget if budget is not None else topology.metadata.get("default_budget")
-    ax.set_title(f"density per layer at budget {used}", fontsize=9)
-    ax.legend(fontsize=7, loc="upper right")
-    fig.tight_layout()
+    if used is not None:
+        ax.axhline(used, ls="--", lw=1, color="#555555", label=f"budget {used}")
+    at = grid or next((tuple(e.grid) for e in topology.entries.values() if e.grid), None)
+    step = "" if step_fraction is None else f", denoising progress {step_fraction}"
+    ax.set_title(f"served density per node at {_geometry(at, latent)}, budget {used}{step}", fontsize=9)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+    ax.grid(axis="y", alpha=0.3)
+    if measured:
+        ax2 = axes[1][0]
+        profiled = next((tuple(e.grid) for e in topology.entries.values() if e.grid), None)
+        ax2.plot(range(len(keys)), stability, color="#c0504d", marker="o", ms=3, label="IoU of the two halves' masks")
+        ax2.set_ylim(0, 1.05)
+        ax2.set_ylabel("IoU", fontsize=8)
+        ax2.set_title(f"stability on the calibration at the profiled {_geometry(profiled, _profiled_latent(topology))} "
+                      "(mean over heads and densities)", fontsize=8)
+        ax2.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+        ax2.grid(axis="y", alpha=0.3)
+    bottom = axes[-1][0]
+    bottom.set_xticks(range(len(keys)))
+    bottom.set_xticklabels(keys, rotation=70, fontsize=7)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=90)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
 

@@ -53,7 +53,7 @@ def test_profile_prints_a_readable_summary(pipeline_folder, tmp_path, capsys):
     folder = pipeline_folder / "transformer"  # a model folder works too
     assert cli.main(["profile", str(folder), "-o", str(out), *PROFILE_ARGS, "--no-sensitivity"]) == 0
     text = capsys.readouterr().out
-    assert "profiled 3 attention nodes, 6 heads, at token grid (3, 8, 8)" in text
+    assert "profiled 3 attention nodes, 6 heads, at latent 3 x 16 x 16 (tokens 3 x 8 x 8)" in text
     assert "halves agree IoU" in text and f"wrote {out}" in text
     assert "fast" not in sc.Topology.load(out).metadata
 
@@ -69,31 +69,136 @@ def test_profile_a_module_factory(tmp_path, capsys):
 
 
 def test_profile_errors_are_one_line(tmp_path, capsys):
-    assert cli.main(["profile", str(tmp_path), "-o", str(tmp_path / "x.safetensors")]) == 1
+    assert cli.main(["profile", str(tmp_path), "-o", str(tmp_path / "x.safetensors")]) == 2
     assert "config.json" in capsys.readouterr().err
-    assert cli.main(["profile", "no_such_thing", "-o", str(tmp_path / "x.safetensors")]) == 1
+    assert cli.main(["profile", "no_such_thing", "-o", str(tmp_path / "x.safetensors")]) == 2
     assert "neither a folder nor module:factory" in capsys.readouterr().err
+
+
+def _one_line_error(argv, capsys) -> str:
+    """Run the CLI; it must exit with 2 and print exactly one line, no traceback."""
+    assert cli.main(argv) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err.count("\n") == 1 and "Traceback" not in captured.err
+    return captured.err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["profile", "models:tiny_wan", "-o", "x.safetensors", "--budget", "0"], "--budget: 0 is not in (0, 1]"),
+    (["profile", "models:no_such_factory", "-o", "x.safetensors"], "models has no 'no_such_factory'"),
+    (["profile", "no_such_module:f", "-o", "x.safetensors"], "cannot import 'no_such_module'"),
+    (["profile", "models:tiny_wan", "-o", "x.pt"], "must end with .safetensors"),
+    (["profile", "models:tiny_wan", "-o", "x.safetensors", "--factory-kwargs", "{"], "is not JSON"),
+    (["profile", "models:tiny_wan", "-o", "x.safetensors", "--factory-kwargs", '{"no_such": 1}'], "--factory-kwargs"),
+    (["profile", "models:tiny_wan", "-o", "x.safetensors", "--latent", "3", "15", "16"], "height 15 is not a multiple"),
+    (["profile", "models:tiny_wan", "-o", "x.safetensors", "--block-size", "100"], "multiple of 16"),
+    (["profile", "models:tiny_wan", "-o", "x.safetensors", "--levels", "0.2", "1.5"], "is not in (0, 1]"),
+    (["profile", "models:tiny_wan", "-o", "x.safetensors", "--device", "tpu"], "use cpu, cuda"),
+    (["profile", "models:tiny_wan"], "required: -o/--output"),
+    (["demo", "--config", "bogus"], "invalid choice: 'bogus'"),
+    (["demo", "--budget", "1.5"], "is not in (0, 1]"),
+    (["demo", "--run-latent", "3", "15", "16"], "height 15 is not a multiple of 2"),
+    (["demo", "--profile-latent", "1", "2", "2"], "fit in one block"),
+    (["no-such-command"], "invalid choice"),
+])
+def test_bad_arguments_give_one_line_and_exit_code_2(argv, message, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert message in _one_line_error(argv, capsys)
+    assert os.listdir(tmp_path) == []  # nothing was written: refused before any work
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+@pytest.mark.parametrize("command", [["demo"], ["profile", "models:tiny_wan", "-o", "x.safetensors"], ["generate"]])
+def test_cuda_without_a_gpu_is_refused_in_one_line(command, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert "this torch sees no CUDA GPU; use --device cpu" in _one_line_error([*command, "--device", "cuda"], capsys)
+
+
+@pytest.mark.parametrize("command", ["profile", "inspect", "demo", "generate"])
+def test_help_shows_every_default(command, capsys):
+    assert cli.main([command, "--help"]) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    expected = {"profile": ["--latent F H W", "(default: 0.25)", "(default: 64)", "(default: 4)"],
+                "inspect": ["--latent F H W", "(default: the artifact's)", "(default: the profiled latent)"],
+                "demo": ["(default: 0.3)", "(default: scaling-demo)", "(default: auto)"],
+                "generate": ["(default: scaling-video)", "(default: 16)", "(default: auto)"]}[command]
+    for piece in expected:
+        assert piece in text
+
+
+def test_bench_help_shows_defaults_of_options_without_help_text(capsys):
+    assert cli.main(["bench", "model", "--help"]) == 0
+    assert "(default: 5)" in capsys.readouterr().out  # --iters has no help text of its own
 
 
 def test_inspect_table_json_and_pngs(artifact, tmp_path, capsys):
     png = tmp_path / "png"
     assert cli.main(["inspect", str(artifact), "--png", str(png)]) == 0
     text = capsys.readouterr().out
-    header = next(line for line in text.splitlines() if line.startswith("node"))
-    for column in ("density", "energy", "error", "IoU", "x-recall", "frame", "anchor"):
-        assert column in header
+    served, profiled = [line for line in text.splitlines() if line.startswith("node")]
+    for column in ("density", "error", "recall"):  # at the profiled grid the served masks' recall is measured
+        assert column in served
+    for column in ("energy", "recall", "IoU", "x-recall", "frame", "anchor"):
+        assert column in profiled
+    assert "served at latent 3 x 16 x 16 (tokens 3 x 8 x 8), budget 0.3" in text
+    assert "measured on the calibration at the profiled latent 3 x 16 x 16 (tokens 3 x 8 x 8)" in text
     rows = [line for line in text.splitlines() if line.startswith("blocks.")]
-    assert len(rows) == 6  # 3 layers x 2 heads
+    assert len(rows) == 12  # 3 layers x 2 heads, in each of the two tables
     files = sorted(os.listdir(png))
     assert files == ["density_per_layer.png", "mask_blocks.0.attn1.png", "mask_blocks.1.attn1.png",
                      "mask_blocks.2.attn1.png"]
+    from PIL import Image
+
     for name in files:
         assert (png / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert cli.main(["inspect", str(artifact), "--json", "--grid", "5", "12", "12", "--budget", "0.2"]) == 0
+        with Image.open(png / name) as picture:
+            assert 500 <= picture.size[0] <= 3000 and 300 <= picture.size[1] <= 3000
+            assert len(set(picture.convert("L").getdata())) > 20  # drawn, not blank
+    assert cli.main(["inspect", str(artifact), "--json", "--latent", "5", "24", "24", "--budget", "0.2"]) == 0
     report = json.loads(capsys.readouterr().out)
-    densities = [row["density"] for row in report["rows"]]
+    served = report["served"]
+    assert served["latent"] == [5, 24, 24] and served["tokens"] == [5, 12, 12] and served["budget"] == 0.2
+    densities = [row["density"] for row in served["rows"]]
     assert abs(sum(densities) / len(densities) - 0.2) < 1e-3  # FAST meets the budget at that grid
-    assert report["metadata"]["west"]["profiled_grid"] == [3, 8, 8]
+    assert all("served_mass_recall" not in row for row in served["rows"])  # no measured mass at another grid
+    assert report["profiled"]["tokens"] == [3, 8, 8] and report["profiled"]["latent"] == [3, 16, 16]
+    assert all("stability_iou" in row for row in report["profiled"]["rows"])
+    # --tokens is the same geometry in token units
+    assert cli.main(["inspect", str(artifact), "--json", "--tokens", "5", "12", "12", "--budget", "0.2"]) == 0
+    assert json.loads(capsys.readouterr().out)["served"]["rows"] == served["rows"]
+
+
+def test_served_recall_at_the_profiled_grid_is_the_mass_the_mask_keeps(artifact):
+    topology = sc.Topology.load(artifact)
+    rows = cli.served_rows(topology, budget=0.3)
+    key = "blocks.1.attn1"
+    entry = topology.entries[key]
+    from scaling_compile.plots import node_masks
+
+    mask = node_masks(topology, key, grid=entry.grid, budget=0.3)
+    mass = entry.extra["block_mass"]
+    for head in range(entry.num_heads):
+        kept = float((mass[head] * mask[head]).sum() / mass[head].sum())
+        row = next(r for r in rows if r["node"] == key and r["head"] == head)
+        assert row["served_mass_recall"] == pytest.approx(kept, abs=1e-3)
+        assert row["density"] == pytest.approx(float(mask[head].float().mean()), abs=1e-4)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--budget", "1.5"], "--budget: 1.5 is not in (0, 1]"),
+    (["--step", "2"], "--step: 2 is not in [0, 1]"),
+    (["--grid", "1", "1", "1"], "is now --tokens T H W"),
+    (["--tokens", "1", "1", "1"], "one key block"),
+    (["--latent", "1", "1", "1"], "height 1 is not a multiple of 2"),
+    (["--latent", "3", "16", "16", "--tokens", "3", "8", "8"], "not allowed with argument --latent"),
+    (["--latent", "3", "0", "16"], "is not a positive integer"),
+])
+def test_inspect_bad_arguments(artifact, argv, message, capsys):
+    assert message in _one_line_error(["inspect", str(artifact), *argv], capsys)
+
+
+def test_inspect_a_missing_file(tmp_path, capsys):
+    assert "does not exist" in _one_line_error(["inspect", str(tmp_path / "none.safetensors")], capsys)
 
 
 def test_inspect_a_broken_file(tmp_path, capsys):
@@ -122,7 +227,7 @@ def test_subcommands_are_pluggable(monkeypatch, capsys):
 def test_console_script_is_installed():
     result = subprocess.run(["scaling-compile", "--help"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0
-    for command in ("profile", "inspect", "bench"):
+    for command in ("profile", "inspect", "generate", "bench", "demo"):
         assert command in result.stdout
 
 
