@@ -301,24 +301,32 @@ def _block_samples(seq_len: int, block_size: int, samples: int) -> tuple[torch.T
     return starts[:, None] + within.long(), lengths
 
 
-def samples_per_block(seq_len: int, block_size: int) -> int:
-    """How many tokens of each block enter a block-pair score (all of them on small grids)."""
+def samples_per_block(seq_len: int, block_size: int, max_pairs: int = MAX_SAMPLED_PAIRS) -> int:
+    """How many tokens of each block the *sampled* estimate uses (:func:`sampled_block_scores`)."""
     n_blocks = math.ceil(seq_len / block_size)
-    return max(1, min(block_size, int(math.isqrt(MAX_SAMPLED_PAIRS)) // n_blocks))
+    return max(1, min(block_size, int(math.isqrt(max_pairs)) // n_blocks))
 
 
-def block_scores(rel: torch.Tensor, anchor: torch.Tensor, grid, block_size: int) -> torch.Tensor:
-    """Mean model score ``rel(k - q) + anchor(k)`` of each (query block, key block): (heads, nb, nb).
+def _key_block_means(anchor: torch.Tensor, seq_len: int, block_size: int) -> torch.Tensor:
+    """Exact mean of ``anchor`` over each key block: (heads, nb)."""
+    heads = anchor.shape[0]
+    n_blocks = math.ceil(seq_len / block_size)
+    lengths = (seq_len - torch.arange(n_blocks) * block_size).clamp(max=block_size)
+    keys = anchor.reshape(heads, -1).double()
+    padded = torch.nn.functional.pad(keys, (0, n_blocks * block_size - seq_len))
+    return padded.view(heads, n_blocks, block_size).sum(-1) / lengths.double()
 
-    ``rel``/``anchor`` must already be at ``grid``. The offset part averages over
-    ``samples_per_block`` evenly spread tokens of each block (exact when that is the
-    whole block); the anchor part is the exact mean over the key block.
-    """
+
+def sampled_block_scores(rel: torch.Tensor, anchor: torch.Tensor, grid, block_size: int,
+                         max_pairs: int = MAX_SAMPLED_PAIRS) -> torch.Tensor:
+    """The estimate WEST version 1 served: the offset part averaged over ``samples_per_block``
+    evenly spread tokens per block and side (kept to measure what sampling loses; serving uses
+    the exact :func:`block_scores`)."""
     grid = tuple(grid)
     seq_len = math.prod(grid)
     heads = rel.shape[0]
-    samples = samples_per_block(seq_len, block_size)
-    tokens, lengths = _block_samples(seq_len, block_size, samples)
+    samples = samples_per_block(seq_len, block_size, max_pairs)
+    tokens, _lengths = _block_samples(seq_len, block_size, samples)
     n_blocks = tokens.shape[0]
     linear = canvas_linear(tokens.reshape(-1), grid)
     index = linear[None, :] - linear[:, None] + canvas_center(grid)  # (q samples, k samples)
@@ -326,10 +334,94 @@ def block_scores(rel: torch.Tensor, anchor: torch.Tensor, grid, block_size: int)
     scores = torch.empty(heads, n_blocks, n_blocks, dtype=torch.float32)
     for head in range(heads):
         scores[head] = flat[head][index].view(n_blocks, samples, n_blocks, samples).mean((1, 3))
-    keys = anchor.reshape(heads, -1).float()
-    padded = torch.nn.functional.pad(keys, (0, n_blocks * block_size - seq_len))
-    per_key_block = padded.view(heads, n_blocks, block_size).sum(-1) / lengths.float()
-    return scores + per_key_block[:, None, :]
+    return scores + _key_block_means(anchor, seq_len, block_size)[:, None, :].float()
+
+
+def row_segments(grid, block_size: int) -> dict[str, torch.Tensor]:
+    """The t-major token sequence cut at every row end and every block end: each piece is one run
+    ``x0 <= x < x1`` of one row ``(t, y)`` inside one block. A block is the union of its segments,
+    so a sum over a block pair is a sum over its segment pairs (int64 tensors of equal length)."""
+    frames, height, width = (int(n) for n in grid)
+    seq_len = frames * height * width
+    cuts = torch.cat([torch.arange(0, seq_len, width), torch.arange(0, seq_len, block_size), torch.tensor([seq_len])])
+    cuts = torch.unique(cuts)
+    start, stop = cuts[:-1], cuts[1:]
+    row = start // width
+    return {"t": row // height, "y": row % height, "x0": start % width, "x1": start % width + (stop - start),
+            "block": start // block_size}
+
+
+def _pair_sum_table(rel: torch.Tensor, grid) -> torch.Tensor:
+    """Second prefix sums along x of ``rel`` (heads, 2F-1, 2H-1, 2W-1) -> (heads, 2F-1, 2H-1, 2W+1),
+    float64: ``E[n] = sum_{m<n} C[m]``, ``C[m] = sum_{o<m} rel[o]`` (x offset index o)."""
+    x = rel.double()
+    first = torch.nn.functional.pad(x, (1, 0)).cumsum(-1)  # C, length 2W
+    return torch.nn.functional.pad(first, (1, 0)).cumsum(-1)  # E, length 2W + 1
+
+
+def _score_device(device):
+    if device is not None:
+        return torch.device(device)
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def block_sums(rel: torch.Tensor, grid, block_size: int, device=None,
+               chunk_pairs: int = 2**24) -> torch.Tensor:
+    """Exact ``sum_{q in Bq, k in Bk} rel(k - q)`` for every block pair: (heads, nb, nb), float64.
+
+    No sampling: both blocks are cut into row segments (:func:`row_segments`); for two segments
+    ``(tq, yq, [a0, a1))`` and ``(tk, yk, [b0, b1))`` the sum over their token pairs is four
+    look-ups in the second prefix sums ``E`` of ``rel[tk - tq, yk - yq, :]`` along x::
+
+        E[b1 - a0 + W] - E[b1 - a1 + W] - E[b0 - a0 + W] + E[b0 - a1 + W]
+
+    and the segment-pair sums are added into their block pairs. Cost: (segments)^2 * 4 per
+    head, segments ~ F*H + nb (a few hundred to a few thousand), independent of S^2.
+    """
+    frames, height, width = grid = tuple(int(n) for n in grid)
+    heads = rel.shape[0]
+    device = _score_device(device)
+    seg = {k: v.to(device) for k, v in row_segments(grid, block_size).items()}
+    n_seg = seg["t"].numel()
+    n_blocks = math.ceil(frames * height * width / block_size)
+    table = _pair_sum_table(rel.reshape(heads, *canvas_shape(grid)).to(device), grid).reshape(heads, -1)
+    row_stride = 2 * width + 1
+    # canvas row of the (dt, dy) offset of each segment pair, times the row length of E
+    base_q = (seg["t"] * (2 * height - 1) + seg["y"]) * row_stride
+    centre = ((frames - 1) * (2 * height - 1) + (height - 1)) * row_stride + width
+    out = torch.zeros(heads, n_blocks, n_blocks, dtype=torch.float64, device=device)
+    rows = max(1, chunk_pairs // max(n_seg, 1))
+    for begin in range(0, n_seg, rows):
+        q = slice(begin, min(begin + rows, n_seg))
+        base = (base_q[None, :] - base_q[q, None]) + centre  # (rows, n_seg): dt, dy and the +W of x
+        a0, a1 = seg["x0"][q, None], seg["x1"][q, None]
+        b0, b1 = seg["x0"][None, :], seg["x1"][None, :]
+        corners = ((b1 - a0, 1.0), (b1 - a1, -1.0), (b0 - a0, -1.0), (b0 - a1, 1.0))
+        partial = torch.zeros(heads, base.shape[0], n_seg, dtype=torch.float64, device=device)
+        for offset, sign in corners:
+            index = (base + offset).reshape(-1)
+            partial += sign * table[:, index].view(heads, base.shape[0], n_seg)
+        per_key_block = torch.zeros(heads, base.shape[0], n_blocks, dtype=torch.float64, device=device)
+        per_key_block.index_add_(2, seg["block"], partial)
+        out.index_add_(1, seg["block"][q], per_key_block)
+    return out.cpu()
+
+
+def block_scores(rel: torch.Tensor, anchor: torch.Tensor, grid, block_size: int, device=None) -> torch.Tensor:
+    """Mean model score ``rel(k - q) + anchor(k)`` of each (query block, key block): (heads, nb, nb).
+
+    ``rel``/``anchor`` must already be at ``grid``. Exact over all token pairs of each block
+    pair (:func:`block_sums`; the anchor part is the exact mean over the key block): a thin
+    structure (a radius-1 window, "same position in every frame") scores in every block pair
+    it touches, at any sequence length.
+    """
+    grid = tuple(int(n) for n in grid)
+    seq_len = math.prod(grid)
+    n_blocks = math.ceil(seq_len / block_size)
+    pairs = block_pair_tokens(seq_len, block_size)
+    scores = block_sums(rel, grid, block_size, device) / pairs
+    scores = scores + _key_block_means(anchor, seq_len, block_size)[:, None, :]
+    return scores.float()
 
 
 def block_ranks(scores: torch.Tensor) -> torch.Tensor:
