@@ -521,7 +521,7 @@ def measure_speed(model, runs, inputs, *, compile: str = "regional", log=_log_de
     """CUDA: median forward time (CUDA events) of the transformer compiled with Inductor and dense
     SDPA, and through ``backend="scaling"`` (Inductor inside) for each (policy, budget) of ``runs``,
     in this process. Returns ``{"dense_ms", "dense_compile_s", "budgets": {budget: {...}}}``."""
-    from .bench import _cuda_ms, _first_call_s
+    from .bench import _first_call_s, cuda_ms
 
     def timed(**kwargs):
         torch._dynamo.reset()
@@ -533,7 +533,7 @@ def measure_speed(model, runs, inputs, *, compile: str = "regional", log=_log_de
             call = torch.compile(model, fullgraph=True, **kwargs)
         with torch.no_grad():
             compile_s = _first_call_s(lambda: _model_output(call, inputs))
-            return compile_s, _cuda_ms(lambda: _model_output(call, inputs))
+            return compile_s, cuda_ms(lambda: _model_output(call, inputs))
 
     try:
         dense_compile_s, dense_ms = timed(backend="inductor")

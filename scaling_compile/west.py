@@ -128,6 +128,43 @@ def check_grid(grid, seq_len: int, what: str = "call") -> tuple[int, int, int]:
 # ---------------------------------------------------------------------------------------------
 # Accumulation (profiling)
 # ---------------------------------------------------------------------------------------------
+def check_query_frames(query_frames, frames: int) -> list[int]:
+    """Sorted distinct frame indices whose query rows are measured (all frames for None)."""
+    if query_frames is None:
+        return list(range(frames))
+    chosen = sorted({int(t) for t in query_frames})
+    if not chosen or chosen[0] < 0 or chosen[-1] >= frames:
+        raise ValueError(f"query frames {query_frames!r} must be frame indices in [0, {frames})")
+    return chosen
+
+
+def spread_query_frames(frames: int, count: int | None) -> list[int]:
+    """``count`` frames spread evenly over ``frames``, first and last included (all for None or
+    ``count >= frames``), always 0, 1 and the last: the query rows a profile at a large grid
+    measures (cost ~ count * H * W * S)."""
+    if count is None or count >= frames:
+        return list(range(frames))
+    if count < 3:
+        raise ValueError(f"query frame count must be >= 3 (or None: all frames), got {count}")
+    # Frames 0 and 1 are both measured: with only frames on a lattice of spacing p, a component
+    # of period p could move between rel and anchor unseen (not identifiable); two adjacent
+    # frames rule that out. The last frame gives every frame offset.
+    spread = {round(i * (frames - 1) / (count - 2)) for i in range(count - 1)}
+    return sorted(spread | {0, 1})
+
+
+def query_row_ranges(grid, query_frames) -> list[tuple[int, int]]:
+    """Token ranges of the rows of ``query_frames`` (consecutive frames merged)."""
+    frame_tokens = int(grid[1]) * int(grid[2])
+    ranges: list[list[int]] = []
+    for t in check_query_frames(query_frames, int(grid[0])):
+        if ranges and ranges[-1][1] == t * frame_tokens:
+            ranges[-1][1] = (t + 1) * frame_tokens
+        else:
+            ranges.append([t * frame_tokens, (t + 1) * frame_tokens])
+    return [(a, b) for a, b in ranges]
+
+
 class MassStatistics:
     """Block-level and offset-level attention mass of one node, accumulated over calls.
 
@@ -135,8 +172,9 @@ class MassStatistics:
     extracted from disjoint calibration sets can be compared (stability).
     """
 
-    def __init__(self, num_heads: int, grid, block_size: int, groups: int = 2, device=None):
+    def __init__(self, num_heads: int, grid, block_size: int, groups: int = 2, device=None, query_frames=None):
         self.num_heads, self.grid, self.block_size = num_heads, tuple(grid), block_size
+        self.query_frames = check_query_frames(query_frames, self.grid[0])
         self.seq_len = math.prod(self.grid)
         self.num_blocks = math.ceil(self.seq_len / block_size)
         canvas = math.prod(canvas_shape(self.grid))
@@ -173,7 +211,11 @@ class MassStatistics:
             raise ValueError("no attention calls were observed for this node")
         offset = self.offset_mass[groups].sum(0).double().cpu() / n
         key = self.key_mass[groups].sum(0).double().cpu() / n
-        return fit_additive(offset, key, self.grid, iterations)
+        return fit_additive(offset, key, self.grid, iterations, self.query_frames)
+
+    def query_ranges(self) -> list[tuple[int, int]]:
+        """Token ranges ``[start, stop)`` of the query rows this node measures (runs of frames)."""
+        return query_row_ranges(self.grid, self.query_frames)
 
     def measured_block_mass(self, groups=None) -> torch.Tensor:
         """Mean block-level attention mass ``(heads, q_blocks, kv_blocks)``; each query's row sums to 1,
@@ -183,42 +225,40 @@ class MassStatistics:
         return (self.block_mass[groups].sum(0) / n).float().cpu()
 
 
-def _box_sums(table: torch.Tensor, lo, hi) -> torch.Tensor:
-    """Sums of ``x`` over boxes ``[lo, hi)`` (per axis index tensors, broadcastable), from the
-    summed-area table ``table`` of ``x`` (leading dims are batch)."""
-    (l0, l1, l2), (h0, h1, h2) = lo, hi
-
-    def at(i, j, k):
-        return table[..., i, j, k]
-
-    return (
-        at(h0, h1, h2) - at(l0, h1, h2) - at(h0, l1, h2) - at(h0, h1, l2)
-        + at(l0, l1, h2) + at(l0, h1, l2) + at(h0, l1, l2) - at(l0, l1, l2)
-    )
+def _summed_area_2d(x: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.pad(x, (1, 0, 1, 0)).cumsum(-1).cumsum(-2)
 
 
-def _summed_area(x: torch.Tensor) -> torch.Tensor:
-    table = torch.nn.functional.pad(x, (1, 0, 1, 0, 1, 0))
-    return table.cumsum(-1).cumsum(-2).cumsum(-3)
+def _box_sums_2d(table: torch.Tensor, lo, hi) -> torch.Tensor:
+    """Sums over boxes ``[lo, hi)`` of the last two axes, from a 2-D summed-area table."""
+    (l1, l2), (h1, h2) = lo, hi
+    return table[..., h1, h2] - table[..., l1, h2] - table[..., h1, l2] + table[..., l1, l2]
 
 
-def _axis_grid(*vectors):
-    """Broadcast three 1-D index vectors to a 3-D grid of index tensors."""
-    a, b, c = vectors
-    return a[:, None, None], b[None, :, None], c[None, None, :]
+def frame_offset_matrix(frames: int, query_frames, dtype=torch.float64) -> torch.Tensor:
+    """``(2F-1, F)``: entry ``[dt + F - 1, tk]`` is 1 when the query frame ``tk - dt`` is measured."""
+    measured = torch.zeros(frames, dtype=dtype)
+    measured[check_query_frames(query_frames, frames)] = 1
+    dt = torch.arange(-(frames - 1), frames)[:, None]
+    source = torch.arange(frames)[None, :] - dt
+    valid = (source >= 0) & (source < frames)
+    return torch.where(valid, measured[source.clamp(0, frames - 1)], torch.zeros((), dtype=dtype))
 
 
-def fit_additive(offset_mass: torch.Tensor, key_mass: torch.Tensor, grid, iterations: int = 30):
+def fit_additive(offset_mass: torch.Tensor, key_mass: torch.Tensor, grid, iterations: int = 30, query_frames=None):
     """Fit ``P(q, k) ~ rel(k - q) + anchor(k)`` to per-offset and per-key attention mass.
 
     ``offset_mass`` (heads, canvas): mean over observations of ``sum_q P(q, q + d)``;
-    ``key_mass`` (heads, seq): mean of ``sum_q P(q, k)``. Backfitting solves the
-    least-squares normal equations of the additive model over all token pairs:
-    ``rel(d) = (M(d) - sum_{k in K(d)} anchor(k)) / count(d)`` and
-    ``anchor(k) = (C(k) - sum_q rel(k - q)) / S``, with box sums from summed-area
-    tables, so each iteration costs O(canvas). The gauge (a constant can move
-    between the two) is fixed by ``min(anchor) = 0``. Returned in relative density
-    units (times S: uniform attention is ``rel = 1, anchor = 0``), float32.
+    ``key_mass`` (heads, seq): mean of ``sum_q P(q, k)``; both over the query rows of
+    ``query_frames`` (all frames by default: a profile at a large grid measures a few frames'
+    rows, so its cost grows with S, not S^2). Backfitting solves the least-squares normal
+    equations of the additive model over those query rows and all keys:
+    ``rel(d) = (M(d) - sum_{q in Q, q + d valid} anchor(q + d)) / count_Q(d)`` and
+    ``anchor(k) = (C(k) - sum_{q in Q} rel(k - q)) / |Q|``; the sums separate into 2-D box
+    sums over (y, x) (summed-area tables) and a product with the measured-frame matrix
+    (:func:`frame_offset_matrix`) over t, so each iteration costs O(F * canvas). The gauge (a
+    constant can move between the two) is fixed by ``min(anchor) = 0``. Returned in relative
+    density units (times S: uniform attention is ``rel = 1, anchor = 0``), float32.
     """
     frames, height, width = grid
     seq = frames * height * width
@@ -226,20 +266,26 @@ def fit_additive(offset_mass: torch.Tensor, key_mass: torch.Tensor, grid, iterat
     cshape = canvas_shape(grid)
     offset_mass = offset_mass.reshape(heads, *cshape).double()
     key_mass = key_mass.reshape(heads, *grid).double()
-    counts = pair_counts(grid)
-    # For offset d the keys of valid pairs are k in [max(0, d), min(n, n + d)) per axis.
-    offsets = [torch.arange(-(n - 1), n) for n in grid]
-    lo = _axis_grid(*[o.clamp(min=0) for o in offsets])
-    hi = _axis_grid(*[(n + o).clamp(max=n) for n, o in zip(grid, offsets)])
-    # For key k the offsets of valid pairs are d in [k - (n-1), k], canvas index [k, k + n - 1].
-    keys = [torch.arange(n) for n in grid]
-    klo = _axis_grid(*keys)
-    khi = _axis_grid(*[k + n for n, k in zip(grid, keys)])
+    frame_matrix = frame_offset_matrix(frames, query_frames)  # (2F-1, F)
+    n_query = float(frame_matrix[frames - 1].sum()) * height * width  # dt = 0 row: the measured frames
+    plane = [(n - torch.arange(-(n - 1), n).abs()).double() for n in (height, width)]
+    counts = frame_matrix.sum(1)[:, None, None] * plane[0][:, None] * plane[1][None, :]
+    counts = counts.clamp(min=1)  # offsets no measured query reaches: no data, rel stays 0 there
+    # For offset (dy, dx) the keys of valid pairs are y in [max(0, dy), min(H, H + dy)), same for x.
+    offsets = [torch.arange(-(n - 1), n) for n in (height, width)]
+    lo = (offsets[0].clamp(min=0)[:, None], offsets[1].clamp(min=0)[None, :])
+    hi = ((height + offsets[0]).clamp(max=height)[:, None], (width + offsets[1]).clamp(max=width)[None, :])
+    # For key (y, x) the offsets of valid pairs are canvas indices [y, y + H - 1], same for x.
+    keys = [torch.arange(n) for n in (height, width)]
+    klo = (keys[0][:, None], keys[1][None, :])
+    khi = ((keys[0] + height)[:, None], (keys[1] + width)[None, :])
     rel = torch.zeros_like(offset_mass)
     anchor = torch.zeros_like(key_mass)
     for _ in range(iterations):
-        anchor = (key_mass - _box_sums(_summed_area(rel), klo, khi)) / seq
-        rel = (offset_mass - _box_sums(_summed_area(anchor), lo, hi)) / counts
+        rel_sums = _box_sums_2d(_summed_area_2d(rel), klo, khi)  # (heads, 2F-1, H, W): over query (y, x)
+        anchor = (key_mass - torch.einsum("dt,hdyx->htyx", frame_matrix, rel_sums)) / n_query
+        anchor_sums = _box_sums_2d(_summed_area_2d(anchor), lo, hi)  # (heads, F, 2H-1, 2W-1)
+        rel = (offset_mass - torch.einsum("dt,htyx->hdyx", frame_matrix, anchor_sums)) / counts
     shift = anchor.flatten(1).min(1).values.view(heads, 1, 1, 1)
     anchor, rel = anchor - shift, rel + shift
     return (rel * seq).float(), (anchor * seq).float()
