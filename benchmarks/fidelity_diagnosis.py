@@ -41,13 +41,15 @@ def main(argv=None) -> int:
     parser.add_argument("--sampled-tokens", type=int, default=4,
                         help="tokens per block and side of the sampled estimate (4 of 64 ~ 7 of 128 at 480p/81f)")
     parser.add_argument("--calibration-prompts", type=int, default=4)
+    parser.add_argument("--query-frames", type=int, default=None,
+                        help="also profile at the serving grid measuring this many query frames (the fix)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="out/fidelity")
     args = parser.parse_args(argv)
     model = planted_wan_transformer(args.config, seed=args.seed, dtype=getattr(torch, args.dtype), device=args.device)
     results = diagnose(model, profile_latent=args.profile_latent, serve_latent=args.serve_latent,
                        block_size=args.block_size, densities=tuple(args.densities), budgets=tuple(args.budgets),
-                       sampled_tokens=args.sampled_tokens, seed=args.seed, progress=True,
+                       sampled_tokens=args.sampled_tokens, seed=args.seed, progress=True, query_frames=args.query_frames,
                        calibration=dict(num_prompts=args.calibration_prompts, num_latents=2, num_timesteps=2))
     results["config"] = vars(args)
     os.makedirs(args.out, exist_ok=True)

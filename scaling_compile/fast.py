@@ -20,7 +20,10 @@ Allocation (:func:`allocate`)
 Minimise ``sum_i e_i(d_i)`` over all heads ``i`` of all nodes (and all step bins
 when a schedule is used) subject to ``mean_i d_i = budget`` (weighted by block
 count) and ``1/nb <= d_i <= 1`` (each query block keeps its diagonal block).
-Each measured curve is replaced by its lower convex hull (linear between
+Every head first gets its *recall floor*: the density at which its WEST-predicted mass at the
+serving grid reaches ``RECALL_FLOOR`` (artifact ``fast.recall_floor``), capped at the budget,
+so the floors always fit and a diffuse head is never below the uniform share. Then
+each measured curve is replaced by its lower convex hull (linear between
 measured densities); the problem is then a separable convex piecewise-linear
 resource allocation, whose exact optimum is the greedy one: start every head at
 its minimum and hand out density segment by segment in order of steepest error
@@ -54,6 +57,11 @@ from .errors import NotServable, ScalingCompileError
 DEFAULT_LEVELS = (0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.65, 0.8)
 DEFAULT_STEP_BINS = 4
 DENSE_STEP = -1.0
+# Every head keeps at least the density at which its predicted mass reaches this (capped at the
+# budget), before the sensitivity-driven allocation hands out the rest: a head whose measured
+# output error looks negligible is never cut to one block per query row while a few more blocks
+# would keep most of its attention (see "Allocation").
+RECALL_FLOOR = 0.9
 
 
 def level_block_counts(levels, n_blocks: int) -> torch.Tensor:
@@ -233,6 +241,23 @@ def _has_sensitivity(topology, keys) -> bool:
     return bool(keys) and all("sensitivity" in topology.entries[k].extra for k in keys)
 
 
+def recall_floor(topology) -> float | None:
+    """The predicted-mass floor of every head (artifact ``fast.recall_floor``; default
+    ``RECALL_FLOOR``; 0 or None: no floor)."""
+    settings = _fast_settings(topology)
+    value = settings.get("recall_floor", RECALL_FLOOR)
+    return float(value) if value else None
+
+
+def floor_densities(topology, key: str, grid, floor: float, budget: float) -> torch.Tensor:
+    """Per head of ``key``: the smallest density at ``grid`` whose WEST-predicted mass reaches
+    ``floor``, capped at ``budget`` (so the floors of all heads always fit in the budget)."""
+    from .west import entry_floor_densities
+
+    entry = topology.entries[key]
+    return entry_floor_densities(key, entry, topology, grid, floor).clamp(max=float(budget))
+
+
 def _curve_densities(topology, key: str, entry, grid) -> torch.Tensor:
     """x-coordinates of an entry's sensitivity curves at ``grid`` (heads, P).
 
@@ -281,6 +306,11 @@ def _allocation(topology, budget: float, grid, per_step: bool) -> dict:
     blocks = torch.full((n,), float(total), dtype=torch.float64)
     minimum = torch.full((n,), float(n_blocks), dtype=torch.float64)
     if sensitivity:
+        floor = recall_floor(topology)
+        if floor:
+            floors = {key: floor_densities(topology, key, grid, floor, budget) for key in keys}
+            lower = torch.tensor([float(floors[key][head]) for _bin, key, head in items], dtype=torch.float64)
+            minimum = torch.maximum(minimum, (lower * blocks + 1e-9).floor())
         density = allocate(curves, blocks, minimum / blocks, budget)
     else:
         density = torch.full((n,), min(max(budget, 1.0 / n_blocks), 1.0), dtype=torch.float64)

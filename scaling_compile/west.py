@@ -544,27 +544,35 @@ def densities_for_mass(cumulative: torch.Tensor, mass_points: torch.Tensor) -> t
     return density
 
 
+# Predicted-mass levels whose densities are kept per head and grid (FAST's recall floor picks one).
+FLOOR_MASS_POINTS = (0.5, 0.8, 0.9, 0.95, 0.99)
+
+
 def _grid_products(key: str, entry, topology, grid):
-    """Ranks (LRU by bytes) and, for entries with sensitivity, the densities at which their measured
-    predicted-mass levels are reached at ``grid`` (kept for every node: tiny)."""
+    """Ranks (LRU by bytes) and the densities at which each head's predicted mass reaches (a) the
+    entry's measured sensitivity levels (entries with sensitivity) and (b) ``FLOOR_MASS_POINTS``,
+    at ``grid`` (both kept for every node: tiny)."""
     grid = tuple(grid)
     cache = topology.__dict__.setdefault("_west_rank_cache", OrderedDict())
     levels = topology.__dict__.setdefault("_west_level_cache", {})
     cache_key = (key, id(entry), grid, topology.block_size, topology_units(topology))
     ranks = cache.get(cache_key)
-    if ranks is not None:
+    if ranks is not None and cache_key in levels:
         cache.move_to_end(cache_key)
-        return ranks, levels.get(cache_key)
+        return ranks, levels[cache_key]
     scores = entry_block_scores(entry, topology, grid)
     ranks = block_ranks(scores)
+    cumulative = cumulative_mass(scores, ranks, math.prod(grid), topology.block_size)
     points = entry.extra.get("sensitivity_mass")
-    if points is not None:
-        cumulative = cumulative_mass(scores, ranks, math.prod(grid), topology.block_size)
-        levels[cache_key] = densities_for_mass(cumulative, points)
+    floors = torch.tensor(FLOOR_MASS_POINTS, dtype=torch.float64).expand(entry.num_heads, -1)
+    levels[cache_key] = {
+        "sensitivity": None if points is None else densities_for_mass(cumulative, points),
+        "floor": densities_for_mass(cumulative, floors),
+    }
     cache[cache_key] = ranks
     while len(cache) > 1 and sum(r.numel() * r.element_size() for r in cache.values()) > _RANK_CACHE_BYTES:
         cache.popitem(last=False)
-    return ranks, levels.get(cache_key)
+    return ranks, levels[cache_key]
 
 
 def entry_ranks(key: str, entry, topology, grid) -> torch.Tensor:
@@ -572,13 +580,25 @@ def entry_ranks(key: str, entry, topology, grid) -> torch.Tensor:
     return _grid_products(key, entry, topology, grid)[0]
 
 
-def entry_level_densities(key: str, entry, topology, grid) -> torch.Tensor | None:
-    """Densities (heads, P) at ``grid`` of the entry's sensitivity points (see :mod:`.fast`)."""
+def _entry_levels(key: str, entry, topology, grid) -> dict:
     levels = topology.__dict__.get("_west_level_cache", {})
     cache_key = (key, id(entry), tuple(grid), topology.block_size, topology_units(topology))
     if cache_key not in levels:
-        _grid_products(key, entry, topology, grid)
-    return topology.__dict__["_west_level_cache"].get(cache_key)
+        return _grid_products(key, entry, topology, grid)[1]
+    return levels[cache_key]
+
+
+def entry_level_densities(key: str, entry, topology, grid) -> torch.Tensor | None:
+    """Densities (heads, P) at ``grid`` of the entry's sensitivity points (see :mod:`.fast`)."""
+    return _entry_levels(key, entry, topology, grid)["sensitivity"]
+
+
+def entry_floor_densities(key: str, entry, topology, grid, mass: float) -> torch.Tensor:
+    """Per head, the density at ``grid`` at which the predicted mass reaches ``mass`` (one of
+    ``FLOOR_MASS_POINTS``): FAST's recall floor."""
+    if mass not in FLOOR_MASS_POINTS:
+        raise ValueError(f"recall floor {mass} must be one of {FLOOR_MASS_POINTS}")
+    return _entry_levels(key, entry, topology, grid)["floor"][:, FLOOR_MASS_POINTS.index(mass)]
 
 
 def entry_key(entry, topology) -> str:

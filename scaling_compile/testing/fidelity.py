@@ -66,7 +66,8 @@ def _fresh(topology):
 
 def diagnose(model, *, profile_latent, serve_latent, block_size: int = 64, densities=(0.1, 0.2, 0.3),
              budgets=(0.3, 0.2), sampled_tokens: int = 4, calibration: dict | None = None,
-             truth_samples: int = 2, seed: int = 0, progress: bool = False, log=print) -> dict:
+             truth_samples: int = 2, query_frames: int | None = None, seed: int = 0, progress: bool = False,
+             log=print) -> dict:
     """Measure the loss per head and cause (module docs) on planted ``model``."""
     import scaling_compile as sc
 
@@ -90,6 +91,16 @@ def diagnose(model, *, profile_latent, serve_latent, block_size: int = 64, densi
     seconds["serving_grid_statistics"] = round(time.perf_counter() - started, 2)
     log(f"measured at the serving grid {serve_grid}: {seconds['serving_grid_statistics']} s")
 
+    at_serving = None
+    if query_frames is not None:  # the fix: profile at the serving grid, measuring a few query frames
+        started = time.perf_counter()
+        at_serving = sc.profile(model, sc.synthetic_calibration(model, tuple(serve_latent), seed=seed + 1,
+                                                                **calibration),
+                                block_size=block_size, quality_densities=tuple(densities), progress=progress,
+                                query_frames=query_frames)
+        seconds["profile_at_serving_grid"] = round(time.perf_counter() - started, 2)
+        log(f"profiled at the serving grid, {query_frames} query frames: {seconds['profile_at_serving_grid']} s")
+
     seq_len = math.prod(serve_grid)
     n_blocks = math.ceil(seq_len / block_size)
     max_pairs = (sampled_tokens * n_blocks) ** 2
@@ -104,13 +115,21 @@ def diagnose(model, *, profile_latent, serve_latent, block_size: int = 64, densi
         sampled = west.sampled_block_scores(rel, anchor, serve_grid, block_size, max_pairs)
         fitted = west.block_scores(truth.scores.float(), west.entry_anchor(truth).float(), serve_grid, block_size)
         heads = entry.num_heads
-        rows = {name: [] for name in ("oracle", "fit_served", "transfer_exact", "transfer_sampled")}
+        names = ("oracle", "fit_served", "transfer_exact", "transfer_sampled") + (("profiled_at_serving",)
+                                                                                  if at_serving else ())
+        rows = {name: [] for name in names}
+        if at_serving is not None:
+            own = at_serving.entries[key]
+            own_scores = west.block_scores(own.scores.float(), west.entry_anchor(own).float(), serve_grid,
+                                           block_size)
         for density in densities:
             counts = _counts(n_blocks, heads, density)
             rows["oracle"].append(_recall(mass, mass, counts))
             rows["fit_served"].append(_recall(fitted, mass, counts))
             rows["transfer_exact"].append(_recall(exact, mass, counts))
             rows["transfer_sampled"].append(_recall(sampled, mass, counts))
+            if at_serving is not None:
+                rows["profiled_at_serving"].append(_recall(own_scores, mass, counts))
         fidelity = entry.extra["fidelity"]  # (heads, densities, 2) at the profile grid
         for head in range(heads):
             pattern = plan[key][head]
@@ -123,17 +142,24 @@ def diagnose(model, *, profile_latent, serve_latent, block_size: int = 64, densi
             heads_out.append(record)
 
     allocation = []
-    for variant, context in (("exact", contextlib.nullcontext()), ("sampled", sampled_scores(max_pairs))):
+    variants = [("transferred, exact", profiled, contextlib.nullcontext()),
+                ("transferred, sampled", profiled, sampled_scores(max_pairs))]
+    if at_serving is not None:
+        variants.append((f"at serving grid, {query_frames} query frames", at_serving, contextlib.nullcontext()))
+    for variant, topology, context in variants:
         with context:
-            _fresh(profiled)
+            _fresh(topology)
             for budget in budgets:
+                allocation.append(_oracle_row(served, plan, serve_grid, budget, block_size))
                 for policy in ("fast", "uniform"):
-                    allocation.append(_allocation_row(profiled, served, plan, serve_grid, budget, policy, variant,
+                    allocation.append(_allocation_row(topology, served, plan, serve_grid, budget, policy, variant,
                                                       max_pairs, units))
-        _fresh(profiled)
+        _fresh(topology)
+    allocation = [dict(t) for t in {tuple(sorted(r.items())): r for r in allocation}.values()]  # one oracle row
     return {"profile_latent": list(profile_latent), "serve_latent": list(serve_latent),
             "profile_grid": list(profile_grid), "serve_grid": list(serve_grid), "block_size": block_size,
             "n_blocks": n_blocks, "densities": list(densities), "sampled_tokens": sampled_tokens,
+            "query_frames": query_frames,
             "heads": heads_out, "allocation": allocation, "seconds": seconds}
 
 
@@ -152,6 +178,26 @@ def _allocation_row(profiled, served, plan, grid, budget, policy, variant, max_p
         recalls.append(_recall(scores, mass, counts))
         weights.append(torch.tensor([p.out_scale ** 2 for p in plan[key]], dtype=torch.float64))
         densities.append(counts.double() / n_blocks**2)
+    return _summary(budget, policy, variant, recalls, weights, densities, n_blocks)
+
+
+def _oracle_row(served, plan, grid, budget, block_size) -> dict:
+    """The per-input oracle's allocation (``baselines.oracle_node_mask``: top mass pooled over a
+    node's heads) on the serving-grid mass: the reference FAST is measured against."""
+    from ..baselines import oracle_node_mask
+
+    n_blocks = math.ceil(math.prod(grid) / block_size)
+    recalls, weights, densities = [], [], []
+    for key, entry in served.entries.items():
+        mass = entry.extra["block_mass"].double()
+        mask = oracle_node_mask(mass.float(), budget)
+        recalls.append(west.mass_recall(mask, mass))
+        weights.append(torch.tensor([p.out_scale ** 2 for p in plan[key]], dtype=torch.float64))
+        densities.append(mask.flatten(1).double().mean(1))
+    return _summary(budget, "oracle (pooled per node)", "measured mass", recalls, weights, densities, n_blocks)
+
+
+def _summary(budget, policy, variant, recalls, weights, densities, n_blocks) -> dict:
     recall, weight, density = torch.cat(recalls), torch.cat(weights), torch.cat(densities)
     return {"budget": budget, "policy": policy, "scores": variant,
             "weighted_recall": float((recall * weight).sum() / weight.sum()),
@@ -166,11 +212,14 @@ def per_class(results) -> list[dict]:
     classes: dict[str, list[dict]] = {}
     for record in results["heads"]:
         classes.setdefault(record["class"], []).append(record)
-    names = ("profile_oracle", "profile_west", "oracle", "fit_served", "transfer_exact", "transfer_sampled")
+    names = ("profile_oracle", "profile_west", "oracle", "fit_served", "transfer_exact", "transfer_sampled",
+             "profiled_at_serving")
     out = []
     for name, records in sorted(classes.items()):
         row = {"class": name, "heads": len(records)}
         for measure in names:
+            if measure not in records[0]:
+                continue
             row[measure] = [sum(r[measure][i] for r in records) / len(records)
                             for i in range(len(results["densities"]))]
         out.append(row)
@@ -180,21 +229,24 @@ def per_class(results) -> list[dict]:
 def format_diagnosis(results) -> str:
     """Markdown tables: recall per class at each density; the allocation at each budget."""
     densities = results["densities"]
+    extra = results.get("query_frames") is not None
+    measures = ("profile_oracle", "profile_west", "oracle", "fit_served", "transfer_exact", "transfer_sampled") + (
+        ("profiled_at_serving",) if extra else ())
     lines = [f"profile grid {tuple(results['profile_grid'])}, serving grid {tuple(results['serve_grid'])}, "
              f"{results['n_blocks']} blocks of {results['block_size']}; sampled estimate: "
              f"{results['sampled_tokens']} tokens per block and side", ""]
     for i, density in enumerate(densities):
         lines += [f"Mass recall at density {density} (uniform per head), mean over the class's heads:", "",
                   "| head class | heads | profile grid: oracle | profile grid: WEST | serving: oracle | "
-                  "(a) fitted at serving grid | (b) transferred, exact scores | (c) transferred, sampled scores |",
-                  "|---|---|---|---|---|---|---|---|"]
+                  "(a) fitted at serving grid | (b) transferred, exact scores | (c) transferred, sampled scores |"
+                  + (f" (e) profiled at serving grid, {results['query_frames']} query frames |" if extra else ""),
+                  "|---|---|---|---|---|---|---|---|" + ("---|" if extra else "")]
         for row in per_class(results):
             lines.append(f"| {row['class']} | {row['heads']} | " + " | ".join(
-                f"{row[m][i]:.3f}" for m in ("profile_oracle", "profile_west", "oracle", "fit_served",
-                                             "transfer_exact", "transfer_sampled")) + " |")
+                f"{row[m][i]:.3f}" for m in measures) + " |")
         lines.append("")
     lines += ["(d) Allocation at the serving grid (recall weighted by each head's output scale squared):", "",
-              "| budget | block scores | policy | weighted recall | mean recall | worst head | mean density | "
+              "| budget | topology | policy | weighted recall | mean recall | worst head | mean density | "
               "heads at 1 block/row | dense heads |", "|---|---|---|---|---|---|---|---|---|"]
     for r in results["allocation"]:
         lines.append(f"| {r['budget']} | {r['scores']} | {r['policy']} | {r['weighted_recall']:.4f} | "
