@@ -34,6 +34,15 @@ non-convex points it optimises their convex envelope. Densities are then
 rounded to whole blocks by largest remainder so that the total number of kept
 blocks is exactly ``round(budget * total blocks)``.
 
+Objective (``fast.objective``): ``"mass"`` (default) replaces the measured curve by
+``e_h(0) * (1 - m_h(d))``, ``m_h`` the head's WEST-predicted cumulative mass at the serving
+grid, ``e_h(0)`` its measured output share (per step bin with a schedule). ``m_h`` is concave
+(best blocks first), so the objective is convex and the greedy exact; it is computed at the grid
+served, so it carries to grids the profile never measured. The measured curves themselves
+(``"sensitivity"``) do not: the error of keeping a fraction of a diffuse head's blocks depends
+on how many tokens that is, and on curves that are concave between measured points the
+allocation is bang-bang (one block per row or dense; docs/quality.md measures both).
+
 Per-step schedule (:class:`StepSchedule`)
 -----------------------------------------
 The compiled model serves all buckets of a schedule from one stacked mask
@@ -62,6 +71,11 @@ DENSE_STEP = -1.0
 # output error looks negligible is never cut to one block per query row while a few more blocks
 # would keep most of its attention (see "Allocation").
 RECALL_FLOOR = 0.9
+# "mass": each head's error is its measured output share e_h(0) times the attention mass its
+# WEST mask is predicted to lose *at the serving grid*; "sensitivity": the measured curves e_h(d),
+# moved along the density axis by predicted mass (see "Allocation").
+OBJECTIVES = ("mass", "sensitivity")
+OBJECTIVE = "mass"
 
 
 def level_block_counts(levels, n_blocks: int) -> torch.Tensor:
@@ -241,6 +255,15 @@ def _has_sensitivity(topology, keys) -> bool:
     return bool(keys) and all("sensitivity" in topology.entries[k].extra for k in keys)
 
 
+def objective(topology) -> str:
+    """What FAST minimises (artifact ``fast.objective``, default ``OBJECTIVE``): ``"mass"`` or
+    ``"sensitivity"`` (module docs)."""
+    value = _fast_settings(topology).get("objective", OBJECTIVE)
+    if value not in OBJECTIVES:
+        raise NotServable(f"unknown FAST objective {value!r} in the artifact; expected one of {OBJECTIVES}")
+    return value
+
+
 def recall_floor(topology) -> float | None:
     """The predicted-mass floor of every head (artifact ``fast.recall_floor``; default
     ``RECALL_FLOOR``; 0 or None: no floor)."""
@@ -294,6 +317,11 @@ def _allocation(topology, budget: float, grid, per_step: bool) -> dict:
         bins = list(range(int(_fast_settings(topology).get("step_bins", 1))))
     sensitivity = _has_sensitivity(topology, keys)
     xs = {key: _curve_densities(topology, key, topology.entries[key], grid) for key in keys} if sensitivity else {}
+    by_mass = sensitivity and objective(topology) == "mass"
+    if by_mass:
+        from .west import entry_mass_curve
+
+        mass_curves = {key: entry_mass_curve(key, topology.entries[key], topology, grid) for key in keys}
     for bin_index in bins:
         for key in keys:
             entry = topology.entries[key]
@@ -301,7 +329,14 @@ def _allocation(topology, budget: float, grid, per_step: bool) -> dict:
                 table = entry.extra["sensitivity"] if bin_index is None else entry.extra["sensitivity_steps"][:, bin_index]
             for head in range(entry.num_heads):
                 items.append((bin_index, key, head))
-                curves.append((xs[key][head].tolist(), table[head].tolist()) if sensitivity else None)
+                if not sensitivity:
+                    curves.append(None)
+                elif by_mass:  # error ~ the head's output share times the predicted mass it loses
+                    points, kept = mass_curves[key]
+                    share = float(table[head][0])
+                    curves.append((points.tolist(), (share * (1.0 - kept[head])).tolist()))
+                else:
+                    curves.append((xs[key][head].tolist(), table[head].tolist()))
     n = len(items)
     blocks = torch.full((n,), float(total), dtype=torch.float64)
     minimum = torch.full((n,), float(n_blocks), dtype=torch.float64)

@@ -546,6 +546,8 @@ def densities_for_mass(cumulative: torch.Tensor, mass_points: torch.Tensor) -> t
 
 # Predicted-mass levels whose densities are kept per head and grid (FAST's recall floor picks one).
 FLOOR_MASS_POINTS = (0.5, 0.8, 0.9, 0.95, 0.99)
+# Densities at which each head's predicted cumulative mass is kept per grid (FAST's mass objective).
+MASS_CURVE_POINTS = 65
 
 
 def _grid_products(key: str, entry, topology, grid):
@@ -565,9 +567,15 @@ def _grid_products(key: str, entry, topology, grid):
     cumulative = cumulative_mass(scores, ranks, math.prod(grid), topology.block_size)
     points = entry.extra.get("sensitivity_mass")
     floors = torch.tensor(FLOOR_MASS_POINTS, dtype=torch.float64).expand(entry.num_heads, -1)
+    total = cumulative.shape[1]
+    grid_points = torch.linspace(0, 1, MASS_CURVE_POINTS, dtype=torch.float64)
+    taken = (grid_points * total).round().long()
+    mass_curve = torch.cat([torch.zeros(entry.num_heads, 1, dtype=cumulative.dtype),
+                            cumulative[:, (taken[1:] - 1).clamp(min=0)]], 1)
     levels[cache_key] = {
         "sensitivity": None if points is None else densities_for_mass(cumulative, points),
         "floor": densities_for_mass(cumulative, floors),
+        "mass_curve": (taken.double() / total, mass_curve),
     }
     cache[cache_key] = ranks
     while len(cache) > 1 and sum(r.numel() * r.element_size() for r in cache.values()) > _RANK_CACHE_BYTES:
@@ -591,6 +599,12 @@ def _entry_levels(key: str, entry, topology, grid) -> dict:
 def entry_level_densities(key: str, entry, topology, grid) -> torch.Tensor | None:
     """Densities (heads, P) at ``grid`` of the entry's sensitivity points (see :mod:`.fast`)."""
     return _entry_levels(key, entry, topology, grid)["sensitivity"]
+
+
+def entry_mass_curve(key: str, entry, topology, grid) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(densities (P,), predicted mass kept (heads, P))`` at ``grid``: each head's WEST-predicted
+    cumulative attention mass at ``MASS_CURVE_POINTS`` densities (concave: best blocks first)."""
+    return _entry_levels(key, entry, topology, grid)["mass_curve"]
 
 
 def entry_floor_densities(key: str, entry, topology, grid, mass: float) -> torch.Tensor:

@@ -58,6 +58,21 @@ def sampled_scores(max_pairs: int):
         yield
 
 
+@contextlib.contextmanager
+def _fast_v1(topology):
+    """FAST as before issue 16 (objective "sensitivity", no recall floor), for this topology."""
+    settings = topology.metadata.setdefault("fast", {})
+    saved = dict(settings)
+    settings.update(objective="sensitivity", recall_floor=0)
+    _fresh(topology)
+    try:
+        yield
+    finally:
+        settings.clear()
+        settings.update(saved)
+        _fresh(topology)
+
+
 def _fresh(topology):
     for cache in ("_fast_cache", "_west_rank_cache", "_west_level_cache"):
         topology.__dict__.pop(cache, None)
@@ -151,7 +166,7 @@ def diagnose(model, *, profile_latent, serve_latent, block_size: int = 64, densi
             _fresh(topology)
             for budget in budgets:
                 allocation.append(_oracle_row(served, plan, serve_grid, budget, block_size))
-                for policy in ("fast", "uniform"):
+                for policy in ("fast", "fast v1", "uniform"):
                     allocation.append(_allocation_row(topology, served, plan, serve_grid, budget, policy, variant,
                                                       max_pairs, units))
         _fresh(topology)
@@ -167,10 +182,17 @@ def _allocation_row(profiled, served, plan, grid, budget, policy, variant, max_p
     seq_len = math.prod(grid)
     n_blocks = math.ceil(seq_len / profiled.block_size)
     recalls, weights, densities = [], [], []
+    allocated = {}
+    if policy == "fast":
+        allocated[policy] = {key: fast.block_counts(profiled, key, budget=budget, grid=grid) for key in profiled.keys()}
+    elif policy == "fast v1":  # measured curves, no recall floor: what FAST did before issue 16
+        with _fast_v1(profiled):
+            allocated[policy] = {key: fast.block_counts(profiled, key, budget=budget, grid=grid)
+                                 for key in profiled.keys()}
     for key, entry in profiled.entries.items():
         mass = served.entries[key].extra["block_mass"].double()
-        if policy == "fast":
-            counts = fast.block_counts(profiled, key, budget=budget, grid=grid)
+        if policy in allocated:
+            counts = allocated[policy][key]
         else:
             counts = _counts(n_blocks, entry.num_heads, budget)
         rel, anchor = west.resample(entry.scores.float(), west.entry_anchor(entry).float(), entry.grid, grid, units)
