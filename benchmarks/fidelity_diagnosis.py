@@ -10,7 +10,8 @@ Full size on one GPU (Wan2.1-1.3B planted, profiled at latent 5 x 40 x 72, serve
 block and side)::
 
     python3 benchmarks/fidelity_diagnosis.py --config wan2.1-1.3b --device cuda --dtype bfloat16 \
-        --profile-latent 5 40 72 --serve-latent 21 60 104 --block-size 128 --sampled-tokens 7 --out $OUT/fidelity
+        --profile-latent 5 40 72 --serve-latent 21 60 104 --block-size 128 --sampled-tokens 7 --query-frames 4 \
+        --truth-query-frames 6 --calibration-prompts 2 --out $OUT/fidelity
 
 Writes fidelity.json (per head) and fidelity.md (tables per head class, see
 scaling_compile.testing.fidelity) to --out and prints the tables.
@@ -43,6 +44,8 @@ def main(argv=None) -> int:
     parser.add_argument("--calibration-prompts", type=int, default=4)
     parser.add_argument("--query-frames", type=int, default=None,
                         help="also profile at the serving grid measuring this many query frames (the fix)")
+    parser.add_argument("--truth-query-frames", type=int, default=None,
+                        help="measure the serving-grid truth on this many query frames (default: every row, S^2)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="out/fidelity")
     args = parser.parse_args(argv)
@@ -50,6 +53,7 @@ def main(argv=None) -> int:
     results = diagnose(model, profile_latent=args.profile_latent, serve_latent=args.serve_latent,
                        block_size=args.block_size, densities=tuple(args.densities), budgets=tuple(args.budgets),
                        sampled_tokens=args.sampled_tokens, seed=args.seed, progress=True, query_frames=args.query_frames,
+                       truth_query_frames=args.truth_query_frames,
                        calibration=dict(num_prompts=args.calibration_prompts, num_latents=2, num_timesteps=2))
     results["config"] = vars(args)
     os.makedirs(args.out, exist_ok=True)

@@ -4,7 +4,9 @@ On a planted model (:mod:`.planted`) every head's class is known, so the loss be
 per-input oracle and the served mask can be split into its causes, head by head, at the
 serving grid (all recalls are shares of the measured block mass at the serving grid):
 
-* ``oracle``: the best mask with the head's block count (ranked by the true block mass);
+* ``oracle``: the best mask with the head's block count (ranked by the true block mass, measured
+  at the serving grid on inputs the profiler never saw; with ``truth_query_frames`` on the rows
+  of that many frames only, and every recall is then over those rows);
 * (a) representation, ``fit_served``: the additive model ``rel(k - q) + anchor(k)`` fitted
   *at the serving grid* (profiling there), exact block scores; ``profile_west`` /
   ``profile_oracle``: the same comparison at the profile grid;
@@ -81,8 +83,8 @@ def _fresh(topology):
 
 def diagnose(model, *, profile_latent, serve_latent, block_size: int = 64, densities=(0.1, 0.2, 0.3),
              budgets=(0.3, 0.2), sampled_tokens: int = 4, calibration: dict | None = None,
-             truth_samples: int = 2, query_frames: int | None = None, seed: int = 0, progress: bool = False,
-             log=print) -> dict:
+             truth_samples: int = 2, query_frames: int | None = None, truth_query_frames: int | None = None,
+             seed: int = 0, progress: bool = False, log=print) -> dict:
     """Measure the loss per head and cause (module docs) on planted ``model``."""
     import scaling_compile as sc
 
@@ -102,7 +104,7 @@ def diagnose(model, *, profile_latent, serve_latent, block_size: int = 64, densi
     truth_set = sc.synthetic_calibration(model, tuple(serve_latent), seed=seed + 2, num_prompts=truth_samples,
                                          num_latents=1, num_timesteps=1)
     served = sc.profile(model, truth_set, block_size=block_size, sensitivity=False,
-                        quality_densities=tuple(densities), progress=progress)
+                        quality_densities=tuple(densities), progress=progress, query_frames=truth_query_frames)
     seconds["serving_grid_statistics"] = round(time.perf_counter() - started, 2)
     log(f"measured at the serving grid {serve_grid}: {seconds['serving_grid_statistics']} s")
 
@@ -156,7 +158,7 @@ def diagnose(model, *, profile_latent, serve_latent, block_size: int = 64, densi
                 record[name] = [float(v[head]) for v in values]
             heads_out.append(record)
 
-    allocation = []
+    allocation, score_cache = [], {}
     variants = [("transferred, exact", profiled, contextlib.nullcontext()),
                 ("transferred, sampled", profiled, sampled_scores(max_pairs))]
     if at_serving is not None:
@@ -168,17 +170,17 @@ def diagnose(model, *, profile_latent, serve_latent, block_size: int = 64, densi
                 allocation.append(_oracle_row(served, plan, serve_grid, budget, block_size))
                 for policy in ("fast", "fast v1", "uniform"):
                     allocation.append(_allocation_row(topology, served, plan, serve_grid, budget, policy, variant,
-                                                      max_pairs, units))
+                                                      max_pairs, units, score_cache))
         _fresh(topology)
     allocation = [dict(t) for t in {tuple(sorted(r.items())): r for r in allocation}.values()]  # one oracle row
     return {"profile_latent": list(profile_latent), "serve_latent": list(serve_latent),
             "profile_grid": list(profile_grid), "serve_grid": list(serve_grid), "block_size": block_size,
             "n_blocks": n_blocks, "densities": list(densities), "sampled_tokens": sampled_tokens,
-            "query_frames": query_frames,
+            "query_frames": query_frames, "truth_query_frames": truth_query_frames,
             "heads": heads_out, "allocation": allocation, "seconds": seconds}
 
 
-def _allocation_row(profiled, served, plan, grid, budget, policy, variant, max_pairs, units) -> dict:
+def _allocation_row(profiled, served, plan, grid, budget, policy, variant, max_pairs, units, cache=None) -> dict:
     seq_len = math.prod(grid)
     n_blocks = math.ceil(seq_len / profiled.block_size)
     recalls, weights, densities = [], [], []
@@ -195,8 +197,13 @@ def _allocation_row(profiled, served, plan, grid, budget, policy, variant, max_p
             counts = allocated[policy][key]
         else:
             counts = _counts(n_blocks, entry.num_heads, budget)
-        rel, anchor = west.resample(entry.scores.float(), west.entry_anchor(entry).float(), entry.grid, grid, units)
-        scores = west.block_scores(rel, anchor, grid, profiled.block_size)
+        scores = None if cache is None else cache.get((variant, key))
+        if scores is None:
+            rel, anchor = west.resample(entry.scores.float(), west.entry_anchor(entry).float(), entry.grid, grid,
+                                        units)
+            scores = west.block_scores(rel, anchor, grid, profiled.block_size)
+            if cache is not None:
+                cache[(variant, key)] = scores
         recalls.append(_recall(scores, mass, counts))
         weights.append(torch.tensor([p.out_scale ** 2 for p in plan[key]], dtype=torch.float64))
         densities.append(counts.double() / n_blocks**2)
