@@ -2,7 +2,12 @@
 
 Run on a CUDA GPU with this package installed (``pip install -e .``)::
 
-    PYTHONUNBUFFERED=1 python3 benchmarks/profile_wan13b.py --out out/profile_wan13b.json
+    PYTHONUNBUFFERED=1 python3 benchmarks/profile_wan13b.py --no-small --out out/profile_wan13b.json
+
+Wan2.1-14B at 720p, 81 frames (targets: 1.3B 480p within 60 s, 14B 720p within 5 minutes)::
+
+    PYTHONUNBUFFERED=1 python3 benchmarks/profile_wan13b.py --config wan2.1-14b --latent 21 90 160 \
+        --no-small --out out/profile_wan14b_720p.json
 
 What it does (bf16, one process):
 
@@ -11,7 +16,9 @@ What it does (bf16, one process):
    weights with ``--weights random``;
 2. profiles it at 480p, 81 frames: latent 21x60x104, token grid 21x30x52 = 32760 tokens,
    block size 128, on ``--prompts x --timesteps`` synthetic calibration samples (two
-   disjoint halves): the WEST mass pass, then the FAST sensitivity pass;
+   disjoint halves): the WEST mass pass, then the FAST sensitivity pass, each measuring the
+   query rows of ``--query-frames`` latent frames (default 4: frames 0, 1, 10, 20), so the
+   cost grows with S (4 * H * W * S per head), not S^2; tqdm shows progress;
 3. prints the profiling time (total, per pass, per sample: the first sample includes
    Dynamo's capture of the model), peak GPU memory, the artifact size, the stability
    figures (masks from the two halves) and the time to instantiate all 30 nodes' masks
@@ -49,6 +56,9 @@ def parse_args():
     parser.add_argument("--budget", type=float, default=0.25)
     parser.add_argument("--no-sensitivity", action="store_true")
     parser.add_argument("--sensitivity-samples", type=int, default=None)
+    parser.add_argument("--query-frames", type=int, default=4,
+                        help="measure the query rows of this many latent frames per call (0: every row, S^2)")
+    parser.add_argument("--no-progress", action="store_true", help="no tqdm progress bars")
     parser.add_argument("--out", default=None, help="write the results (JSON) and the artifacts next to it")
     parser.add_argument("--device", default="cuda", help="cpu: a dry run of the script (use --config tiny)")
     return parser.parse_args()
@@ -85,7 +95,8 @@ def profile_at(model, latent, args, sensitivity: bool):
     started = time.perf_counter()
     topology = sc.profile(
         model, calibration, block_size=args.block_size, default_budget=args.budget, sensitivity=sensitivity,
-        sensitivity_samples=args.sensitivity_samples, progress=False,
+        sensitivity_samples=args.sensitivity_samples, progress=not args.no_progress,
+        query_frames=args.query_frames or None,
     )
     if cuda:
         torch.cuda.synchronize()
@@ -149,6 +160,7 @@ def main() -> int:
         "device": torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu", "torch": torch.__version__, "config": args.config,
         "weights": args.weights, "latent": list(args.latent), "block_size": args.block_size,
         "samples": args.prompts * args.timesteps, "text_len": args.text_len,
+        "query_frames": args.query_frames or None,
     }
     started = time.perf_counter()
     model = build(args.config, args.weights, dtype, device)
@@ -175,14 +187,14 @@ def main() -> int:
         "peak_gpu_gib": round(peak, 2),
         "quality": topology.metadata["quality"],
     }
-    log(f"PROFILE 480p: {seconds:.1f}s total (mass pass {info['mass_seconds']:.1f}s, sensitivity pass "
+    log(f"PROFILE latent {tuple(args.latent)}: {seconds:.1f}s total (mass pass {info['mass_seconds']:.1f}s, sensitivity pass "
         f"{info['sensitivity_seconds']:.1f}s); per sample: mass {mass}, sensitivity {sens}; peak {peak:.1f} GiB")
     log(f"quality: {json.dumps(topology.metadata['quality'])}")
 
     out_dir = os.path.dirname(os.path.abspath(args.out)) if args.out else None
     if out_dir:
         os.makedirs(out_dir, exist_ok=True)
-    path = os.path.join(out_dir or "/tmp", "wan13b_480p.safetensors")
+    path = os.path.join(out_dir or "/tmp", f"{args.config}_{'x'.join(map(str, args.latent))}.safetensors")
     topology.save(path)
     results["artifact_mb"] = round(os.path.getsize(path) / 1e6, 2)
     loaded = sc.Topology.load(path)

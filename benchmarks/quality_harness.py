@@ -50,6 +50,11 @@ def parse_args(argv=None):
     parser.add_argument("--compile", default=None, choices=["whole", "regional"])
     parser.add_argument("--no-speed", action="store_true", help="on cuda: skip the speed measurement")
     parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--query-frames", type=int, default=None,
+                        help="profile measuring this many query frames of each call (cost grows with S)")
+    parser.add_argument("--sensitivity-samples", type=int, default=None,
+                        help="calibration samples of the FAST sensitivity pass (default: the preset's)")
+    parser.add_argument("--progress", action="store_true", help="tqdm progress bars while profiling")
     return parser.parse_args(argv)
 
 
@@ -61,6 +66,8 @@ def config_from_args(args):
         "profile_latent": args.profile_latent and tuple(args.profile_latent), "block_size": args.block_size,
         "steps": args.steps, "eval_steps": args.eval_steps and tuple(args.eval_steps),
         "guidance_scale": args.guidance, "prompts": args.prompts, "compile": args.compile, "seed": args.seed,
+        "query_frames": args.query_frames, "sensitivity_samples": args.sensitivity_samples,
+        "progress": args.progress or None,
     }
     cfg = dataclasses.replace(cfg, **{k: v for k, v in changes.items() if v is not None})
     if args.device and not args.dtype:

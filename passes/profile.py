@@ -43,6 +43,8 @@ from ..west import (
     WEST_VERSION,
     MassStatistics,
     block_ranks,
+    query_row_ranges,
+    spread_query_frames,
     entry_ranks,
     mask_from_ranks,
     mask_iou,
@@ -183,9 +185,10 @@ def _fresh_runner(model, name: str):
 class Profiler:
     """Run-time state of the instrumented nodes: which pass, which sample, and the statistics."""
 
-    def __init__(self, block_size: int, chunk_elements: int | None = None):
+    def __init__(self, block_size: int, chunk_elements: int | None = None, query_frames: int | None = None):
         self.block_size = block_size
         self.chunk_elements = chunk_elements
+        self.query_frames = query_frames  # measured query frames per call (None: all rows)
         self.mode = "mass"
         self.grid = None
         self.group = 0
@@ -218,7 +221,8 @@ class Profiler:
         if self.mode == "mass":
             stats = self.mass.get(key)
             if stats is None:
-                stats = self.mass[key] = MassStatistics(heads, self.grid, self.block_size, 2, query.device)
+                frames = spread_query_frames(self.grid[0], self.query_frames)
+                stats = self.mass[key] = MassStatistics(heads, self.grid, self.block_size, 2, query.device, frames)
                 self.projection[key] = out_weight is not None
             if tuple(stats.grid) != tuple(self.grid):
                 raise ScalingCompileError(
@@ -234,8 +238,8 @@ class Profiler:
                 return out
             per_row = seq + stats.n_blocks * dim
         rows = self._rows(batch, heads, seq, per_row)
-        for start in range(0, seq, rows):
-            logits = torch.matmul(query[:, :, start:start + rows].float(), keys_t) * scale
+        for start, stop in self._chunks(rows):
+            logits = torch.matmul(query[:, :, start:stop].float(), keys_t) * scale
             probs = torch.softmax(logits, dim=-1)
             del logits
             if self.mode == "mass":
@@ -247,6 +251,13 @@ class Profiler:
         else:
             stats.count(self.bin, batch)
         return out
+
+    def _chunks(self, rows: int) -> list[tuple[int, int]]:
+        """Query-row chunks of at most ``rows`` rows, over the measured frames only."""
+        chunks = []
+        for begin, end in query_row_ranges(self.grid, spread_query_frames(self.grid[0], self.query_frames)):
+            chunks.extend((start, min(start + rows, end)) for start in range(begin, end, rows))
+        return chunks
 
     def _sensitivity_statistics(self, key, heads, dim, out_weight, device):
         entry = self.topology.entries.get(key) if self.topology is not None else None
@@ -393,6 +404,7 @@ def profile(
     chunk_elements: int | None = None,
     quality_densities=QUALITY_DENSITIES,
     sensitivity_samples: int | None = None,
+    query_frames: int | None = None,
 ) -> Topology:
     """Profile ``model`` on ``calibration`` and return its WEST/FAST topology (save it with ``.save``).
 
@@ -407,6 +419,10 @@ def profile(
     keys: optional collection (or predicate) of node keys to profile; default: every served node.
     chunk_elements: float32 elements per chunk of attention rows (memory bound of the profiler).
     sensitivity_samples: measure sensitivity on this many samples (evenly spread), default all.
+    query_frames: measure the query rows of this many frames (>= 3; evenly spread, frames 0, 1
+        and the last always among them) instead of all rows, so that profiling at the serving
+        grid costs ``query_frames * H * W * S`` per head, not ``S^2``. The WEST fit uses all keys
+        of those rows (scaling_compile.west.fit_additive); default None: every row.
     The first sample of the first pass includes Dynamo's capture of the model.
     """
     if units not in UNITS:
@@ -415,10 +431,12 @@ def profile(
         raise ValueError(f"default_budget must be in (0, 1], got {default_budget}")
     if step_bins < 1:
         raise ValueError(f"step_bins must be >= 1, got {step_bins}")
+    if query_frames is not None and int(query_frames) < 3:
+        raise ValueError(f"query_frames must be >= 3 (or None: every query row), got {query_frames}")
     calibration = as_calibration(calibration)
     wanted = None if keys is None else (keys if callable(keys) else set(keys).__contains__)
     model.eval()
-    profiler = Profiler(block_size, chunk_elements)
+    profiler = Profiler(block_size, chunk_elements, query_frames)
     profiler.levels, profiler.step_bins = tuple(levels), step_bins
     profiler_id = next(_ids)
     _profilers[profiler_id] = profiler
@@ -519,6 +537,7 @@ def _topology_from_mass(model, profiler, calibration, block_size, default_budget
             "representation": "additive: rel(k - q) + anchor(k), relative density units",
             "units": units,
             "profiled_grid": list(grid),
+            "query_frames": spread_query_frames(grid[0], profiler.query_frames),
             "latent_shape": list(hidden.shape) if isinstance(hidden, torch.Tensor) else None,
             "patch_size": list(getattr(getattr(model, "config", None), "patch_size", None) or []) or None,
             "output_projection": dict(profiler.projection),

@@ -126,6 +126,28 @@ def _compute_dtype(model) -> torch.dtype:
     return max(sizes, key=sizes.get) if sizes else torch.float32
 
 
+def prompt_embeddings(model, count: int, *, seed: int, text_len: int | None = None, embedding_std: float = 0.2,
+                      device=None, dtype=None) -> list[torch.Tensor]:
+    """``count`` prompt embeddings shaped like Wan's T5 context: ``(1, text_len, text_dim)`` (512
+    tokens for Wan), each a random-length prompt (between text_len/8 and text_len/2 tokens) of
+    values with std ``embedding_std``, zero padded to ``text_len`` as Wan's pipeline pads. The
+    same generator as :func:`synthetic_calibration` (``seed`` picks them: keep the harness's seeds
+    apart from the profiler's, so the evaluation uses prompts the profiler never saw)."""
+    config = _model_config(model)
+    parameter = next(model.parameters())
+    device = parameter.device if device is None else torch.device(device)
+    dtype = _compute_dtype(model) if dtype is None else dtype
+    text_len = int(text_len or getattr(model, "planted_info", {}).get("text_len", 0) or 512)
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    out = []
+    for _ in range(count):
+        length = int(torch.randint(max(1, text_len // 8), max(2, text_len // 2 + 1), (1,), generator=generator))
+        embedding = torch.zeros(1, text_len, int(config.text_dim))
+        embedding[:, :length] = embedding_std * torch.randn(1, length, int(config.text_dim), generator=generator)
+        out.append(embedding.to(device=device, dtype=dtype))
+    return out
+
+
 def synthetic_calibration(
     model,
     latent_shape: Sequence[int] = (3, 16, 16),
@@ -305,6 +327,7 @@ __all__ = [
     "CalibrationSample",
     "CalibrationSet",
     "as_calibration",
+    "prompt_embeddings",
     "shifted_sigma",
     "synthetic_calibration",
     "wan_pipeline_calibration",

@@ -20,7 +20,10 @@ Allocation (:func:`allocate`)
 Minimise ``sum_i e_i(d_i)`` over all heads ``i`` of all nodes (and all step bins
 when a schedule is used) subject to ``mean_i d_i = budget`` (weighted by block
 count) and ``1/nb <= d_i <= 1`` (each query block keeps its diagonal block).
-Each measured curve is replaced by its lower convex hull (linear between
+Every head first gets its *recall floor*: the density at which its WEST-predicted mass at the
+serving grid reaches ``RECALL_FLOOR`` (artifact ``fast.recall_floor``), capped at the budget,
+so the floors always fit and a diffuse head is never below the uniform share. Then
+each measured curve is replaced by its lower convex hull (linear between
 measured densities); the problem is then a separable convex piecewise-linear
 resource allocation, whose exact optimum is the greedy one: start every head at
 its minimum and hand out density segment by segment in order of steepest error
@@ -30,6 +33,15 @@ before a larger one anywhere), runs in ``O(n log n)``, and on the measured,
 non-convex points it optimises their convex envelope. Densities are then
 rounded to whole blocks by largest remainder so that the total number of kept
 blocks is exactly ``round(budget * total blocks)``.
+
+Objective (``fast.objective``): ``"mass"`` (default) replaces the measured curve by
+``e_h(0) * (1 - m_h(d))``, ``m_h`` the head's WEST-predicted cumulative mass at the serving
+grid, ``e_h(0)`` its measured output share (per step bin with a schedule). ``m_h`` is concave
+(best blocks first), so the objective is convex and the greedy exact; it is computed at the grid
+served, so it carries to grids the profile never measured. The measured curves themselves
+(``"sensitivity"``) do not: the error of keeping a fraction of a diffuse head's blocks depends
+on how many tokens that is, and on curves that are concave between measured points the
+allocation is bang-bang (one block per row or dense; docs/quality.md measures both).
 
 Per-step schedule (:class:`StepSchedule`)
 -----------------------------------------
@@ -54,6 +66,16 @@ from .errors import NotServable, ScalingCompileError
 DEFAULT_LEVELS = (0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.65, 0.8)
 DEFAULT_STEP_BINS = 4
 DENSE_STEP = -1.0
+# Every head keeps at least the density at which its predicted mass reaches this (capped at the
+# budget), before the sensitivity-driven allocation hands out the rest: a head whose measured
+# output error looks negligible is never cut to one block per query row while a few more blocks
+# would keep most of its attention (see "Allocation").
+RECALL_FLOOR = 0.9
+# "mass": each head's error is its measured output share e_h(0) times the attention mass its
+# WEST mask is predicted to lose *at the serving grid*; "sensitivity": the measured curves e_h(d),
+# moved along the density axis by predicted mass (see "Allocation").
+OBJECTIVES = ("mass", "sensitivity")
+OBJECTIVE = "mass"
 
 
 def level_block_counts(levels, n_blocks: int) -> torch.Tensor:
@@ -233,6 +255,32 @@ def _has_sensitivity(topology, keys) -> bool:
     return bool(keys) and all("sensitivity" in topology.entries[k].extra for k in keys)
 
 
+def objective(topology) -> str:
+    """What FAST minimises (artifact ``fast.objective``, default ``OBJECTIVE``): ``"mass"`` or
+    ``"sensitivity"`` (module docs)."""
+    value = _fast_settings(topology).get("objective", OBJECTIVE)
+    if value not in OBJECTIVES:
+        raise NotServable(f"unknown FAST objective {value!r} in the artifact; expected one of {OBJECTIVES}")
+    return value
+
+
+def recall_floor(topology) -> float | None:
+    """The predicted-mass floor of every head (artifact ``fast.recall_floor``; default
+    ``RECALL_FLOOR``; 0 or None: no floor)."""
+    settings = _fast_settings(topology)
+    value = settings.get("recall_floor", RECALL_FLOOR)
+    return float(value) if value else None
+
+
+def floor_densities(topology, key: str, grid, floor: float, budget: float) -> torch.Tensor:
+    """Per head of ``key``: the smallest density at ``grid`` whose WEST-predicted mass reaches
+    ``floor``, capped at ``budget`` (so the floors of all heads always fit in the budget)."""
+    from .west import entry_floor_densities
+
+    entry = topology.entries[key]
+    return entry_floor_densities(key, entry, topology, grid, floor).clamp(max=float(budget))
+
+
 def _curve_densities(topology, key: str, entry, grid) -> torch.Tensor:
     """x-coordinates of an entry's sensitivity curves at ``grid`` (heads, P).
 
@@ -269,6 +317,11 @@ def _allocation(topology, budget: float, grid, per_step: bool) -> dict:
         bins = list(range(int(_fast_settings(topology).get("step_bins", 1))))
     sensitivity = _has_sensitivity(topology, keys)
     xs = {key: _curve_densities(topology, key, topology.entries[key], grid) for key in keys} if sensitivity else {}
+    by_mass = sensitivity and objective(topology) == "mass"
+    if by_mass:
+        from .west import entry_mass_curve
+
+        mass_curves = {key: entry_mass_curve(key, topology.entries[key], topology, grid) for key in keys}
     for bin_index in bins:
         for key in keys:
             entry = topology.entries[key]
@@ -276,11 +329,23 @@ def _allocation(topology, budget: float, grid, per_step: bool) -> dict:
                 table = entry.extra["sensitivity"] if bin_index is None else entry.extra["sensitivity_steps"][:, bin_index]
             for head in range(entry.num_heads):
                 items.append((bin_index, key, head))
-                curves.append((xs[key][head].tolist(), table[head].tolist()) if sensitivity else None)
+                if not sensitivity:
+                    curves.append(None)
+                elif by_mass:  # error ~ the head's output share times the predicted mass it loses
+                    points, kept = mass_curves[key]
+                    share = float(table[head][0])
+                    curves.append((points.tolist(), (share * (1.0 - kept[head])).tolist()))
+                else:
+                    curves.append((xs[key][head].tolist(), table[head].tolist()))
     n = len(items)
     blocks = torch.full((n,), float(total), dtype=torch.float64)
     minimum = torch.full((n,), float(n_blocks), dtype=torch.float64)
     if sensitivity:
+        floor = recall_floor(topology)
+        if floor:
+            floors = {key: floor_densities(topology, key, grid, floor, budget) for key in keys}
+            lower = torch.tensor([float(floors[key][head]) for _bin, key, head in items], dtype=torch.float64)
+            minimum = torch.maximum(minimum, (lower * blocks + 1e-9).floor())
         density = allocate(curves, blocks, minimum / blocks, budget)
     else:
         density = torch.full((n,), min(max(budget, 1.0 / n_blocks), 1.0), dtype=torch.float64)

@@ -340,6 +340,8 @@ class HarnessConfig:
     seed: int = 0
     calibration: dict = field(default_factory=lambda: dict(num_prompts=4, num_latents=2, num_timesteps=2))
     sensitivity: bool = True  # FAST sensitivity pass (else west_fast is uniform too)
+    sensitivity_samples: int | None = None  # calibration samples of the sensitivity pass (None: all)
+    query_frames: int | None = None  # profile measuring this many query frames (None: every row)
     vae: dict = field(default_factory=dict)  # overrides of TINY_VAE
     compile: str = "whole"  # "whole" (torch.compile) or "regional" (compile_repeated_blocks)
     inner: str = "eager"  # the scaling backend's inner compiler for the quality runs
@@ -347,6 +349,7 @@ class HarnessConfig:
     dtype: str = "float32"
     decode_batch: int = 8
     speed: bool = False  # CUDA: also time the transformer forward, WEST + FAST at each budget vs dense
+    progress: bool = False  # tqdm progress bars of the profiler
 
     def to_dict(self) -> dict:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
@@ -366,6 +369,31 @@ PRESETS: dict[str, HarnessConfig] = {
                                  block_size=128, steps=4, eval_steps=(2,), prompts=1, compile="regional",
                                  device="cuda", dtype="bfloat16",
                                  calibration=dict(num_prompts=2, num_latents=2, num_timesteps=2)),
+    # H200, issue 16: 81 frames at 480p (21 x 30 x 52 = 32760 tokens, 256 blocks of 128), profiled at
+    # the serving grid measuring 4 query frames (0, 1, 10, 20), 4 calibration samples, sensitivity
+    # on 2; evaluated on 2 prompts (512-token embeddings, seeds the profiler never saw), 4 steps.
+    "wan2.1-1.3b-480p": HarnessConfig(config="wan2.1-1.3b", latent=(21, 60, 104), profile_latent=(21, 60, 104),
+                                      query_frames=4, block_size=128, budgets=(0.3, 0.2),
+                                      policies=("west_fast", "west_uniform", "oracle", "planted"), steps=4,
+                                      eval_steps=(2,), prompts=2, compile="regional", device="cuda",
+                                      dtype="bfloat16", sensitivity_samples=2,
+                                      calibration=dict(num_prompts=2, num_latents=2, num_timesteps=2)),
+    # 81 frames at 720p (21 x 45 x 80 = 75600 tokens, 591 blocks of 128), the topology profiled at
+    # 480p / 81 frames (as above): the transfer to a grid the profile did not measure.
+    "wan2.1-1.3b-720p": HarnessConfig(config="wan2.1-1.3b", latent=(21, 90, 160), profile_latent=(21, 60, 104),
+                                      query_frames=4, block_size=128, budgets=(0.3, 0.2),
+                                      policies=("west_fast", "west_uniform", "oracle", "planted"), steps=4,
+                                      eval_steps=(2,), prompts=1, compile="regional", device="cuda",
+                                      dtype="bfloat16", sensitivity_samples=2,
+                                      calibration=dict(num_prompts=2, num_latents=2, num_timesteps=2)),
+    # CPU, issue 16's transfer regime at small size: 21 x 12 x 20 = 5040 tokens, 79 blocks of 64;
+    # "small-transfer" profiles at 5 x 8 x 12 tokens, "small-serving" at the serving grid (4 query frames).
+    "small-transfer": HarnessConfig(latent=(21, 24, 40), profile_latent=(5, 16, 24), budgets=(0.3, 0.2),
+                                    policies=("west_fast", "west_uniform", "oracle", "planted"), steps=4,
+                                    eval_steps=(2,), prompts=1),
+    "small-serving": HarnessConfig(latent=(21, 24, 40), profile_latent=(21, 24, 40), query_frames=4,
+                                   budgets=(0.3, 0.2), policies=("west_fast", "west_uniform", "oracle", "planted"),
+                                   steps=4, eval_steps=(2,), prompts=1, sensitivity_samples=4),
 }
 
 
@@ -385,7 +413,8 @@ def run_harness(cfg: HarnessConfig, *, log=_log_default, checkpoint=None) -> dic
     """
     import scaling_compile as sc
 
-    from .testing import example_inputs, planted_head_patterns, planted_wan_transformer, token_grid_of
+    from .calibration import prompt_embeddings
+    from .testing import planted_head_patterns, planted_wan_transformer, token_grid_of
 
     started = time.perf_counter()
     device, dtype = torch.device(cfg.device), getattr(torch, cfg.dtype)
@@ -405,12 +434,17 @@ def run_harness(cfg: HarnessConfig, *, log=_log_default, checkpoint=None) -> dic
     pipe = wan_pipeline(model, tiny_vae(cfg.seed, device, **cfg.vae), cfg.flow_shift)
     t = stage("build", t)
 
-    topology = None
+    topology, profile_stats = None, None
     if any(name.startswith("west") for name in cfg.policies):
         calibration = sc.synthetic_calibration(model, tuple(cfg.profile_latent), seed=cfg.seed + 1, device=device,
                                                dtype=dtype, **cfg.calibration)
         topology = sc.profile(model, calibration, block_size=cfg.block_size, sensitivity=cfg.sensitivity,
-                              progress=False)
+                              progress=cfg.progress, query_frames=cfg.query_frames,
+                              sensitivity_samples=cfg.sensitivity_samples)
+        peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+        profile_stats = {"seconds": topology.metadata["profiling"]["seconds"], "peak_gib": peak,
+                         "query_frames": topology.metadata["west"].get("query_frames")}
+        log(f"  profiled at latent {tuple(cfg.profile_latent)}: {profile_stats}")
         t = stage("profile", t)
     policies = make_policies(cfg.policies, topology=topology, model=model, keys=keys, heads=heads, grid=grid,
                              block_size=cfg.block_size, seed=cfg.seed)
@@ -420,9 +454,9 @@ def run_harness(cfg: HarnessConfig, *, log=_log_default, checkpoint=None) -> dic
         truth = planted_truth(model, grid, cfg.block_size)
         weights = {k: torch.tensor([p.out_scale**2 for p in row]) for k, row in planted_head_patterns(model).items()}
 
-    # Prompts never seen by the profiler (other seeds); negative prompt = zeros (CFG only).
-    prompts = [example_inputs(model, *cfg.latent, seed=cfg.seed + 1000 + p)["encoder_hidden_states"]
-               for p in range(cfg.prompts)]
+    # Prompts never seen by the profiler (other seeds), shaped like Wan's T5 context (zero padded to
+    # the model's text length, 512 for Wan); negative prompt = zeros (CFG only).
+    prompts = prompt_embeddings(model, cfg.prompts, seed=cfg.seed + 1000, device=device, dtype=dtype)
     negative = [torch.zeros_like(e) for e in prompts] if cfg.guidance_scale > 1 else [None] * len(prompts)
     generation = dict(latent=tuple(cfg.latent), steps=cfg.steps, guidance_scale=cfg.guidance_scale)
 
@@ -467,6 +501,7 @@ def run_harness(cfg: HarnessConfig, *, log=_log_default, checkpoint=None) -> dic
         "harness": cfg.to_dict(), "device": _device_name(device), "torch": torch.__version__, "grid": list(grid),
         "seq_len": seq_len, "n_blocks": math.ceil(seq_len / cfg.block_size),
         "profile": (topology.metadata.get("quality") if topology is not None else None),
+        "profiling": profile_stats,
         "rows": [], "nodes": node_records, "seconds": seconds,
     }
 
@@ -521,7 +556,7 @@ def measure_speed(model, runs, inputs, *, compile: str = "regional", log=_log_de
     """CUDA: median forward time (CUDA events) of the transformer compiled with Inductor and dense
     SDPA, and through ``backend="scaling"`` (Inductor inside) for each (policy, budget) of ``runs``,
     in this process. Returns ``{"dense_ms", "dense_compile_s", "budgets": {budget: {...}}}``."""
-    from .bench import _cuda_ms, _first_call_s
+    from .bench import _first_call_s, cuda_ms
 
     def timed(**kwargs):
         torch._dynamo.reset()
@@ -533,7 +568,7 @@ def measure_speed(model, runs, inputs, *, compile: str = "regional", log=_log_de
             call = torch.compile(model, fullgraph=True, **kwargs)
         with torch.no_grad():
             compile_s = _first_call_s(lambda: _model_output(call, inputs))
-            return compile_s, _cuda_ms(lambda: _model_output(call, inputs))
+            return compile_s, cuda_ms(lambda: _model_output(call, inputs))
 
     try:
         dense_compile_s, dense_ms = timed(backend="inductor")

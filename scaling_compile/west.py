@@ -128,6 +128,43 @@ def check_grid(grid, seq_len: int, what: str = "call") -> tuple[int, int, int]:
 # ---------------------------------------------------------------------------------------------
 # Accumulation (profiling)
 # ---------------------------------------------------------------------------------------------
+def check_query_frames(query_frames, frames: int) -> list[int]:
+    """Sorted distinct frame indices whose query rows are measured (all frames for None)."""
+    if query_frames is None:
+        return list(range(frames))
+    chosen = sorted({int(t) for t in query_frames})
+    if not chosen or chosen[0] < 0 or chosen[-1] >= frames:
+        raise ValueError(f"query frames {query_frames!r} must be frame indices in [0, {frames})")
+    return chosen
+
+
+def spread_query_frames(frames: int, count: int | None) -> list[int]:
+    """``count`` frames spread evenly over ``frames``, first and last included (all for None or
+    ``count >= frames``), always 0, 1 and the last: the query rows a profile at a large grid
+    measures (cost ~ count * H * W * S)."""
+    if count is None or count >= frames:
+        return list(range(frames))
+    if count < 3:
+        raise ValueError(f"query frame count must be >= 3 (or None: all frames), got {count}")
+    # Frames 0 and 1 are both measured: with only frames on a lattice of spacing p, a component
+    # of period p could move between rel and anchor unseen (not identifiable); two adjacent
+    # frames rule that out. The last frame gives every frame offset.
+    spread = {round(i * (frames - 1) / (count - 2)) for i in range(count - 1)}
+    return sorted(spread | {0, 1})
+
+
+def query_row_ranges(grid, query_frames) -> list[tuple[int, int]]:
+    """Token ranges of the rows of ``query_frames`` (consecutive frames merged)."""
+    frame_tokens = int(grid[1]) * int(grid[2])
+    ranges: list[list[int]] = []
+    for t in check_query_frames(query_frames, int(grid[0])):
+        if ranges and ranges[-1][1] == t * frame_tokens:
+            ranges[-1][1] = (t + 1) * frame_tokens
+        else:
+            ranges.append([t * frame_tokens, (t + 1) * frame_tokens])
+    return [(a, b) for a, b in ranges]
+
+
 class MassStatistics:
     """Block-level and offset-level attention mass of one node, accumulated over calls.
 
@@ -135,8 +172,9 @@ class MassStatistics:
     extracted from disjoint calibration sets can be compared (stability).
     """
 
-    def __init__(self, num_heads: int, grid, block_size: int, groups: int = 2, device=None):
+    def __init__(self, num_heads: int, grid, block_size: int, groups: int = 2, device=None, query_frames=None):
         self.num_heads, self.grid, self.block_size = num_heads, tuple(grid), block_size
+        self.query_frames = check_query_frames(query_frames, self.grid[0])
         self.seq_len = math.prod(self.grid)
         self.num_blocks = math.ceil(self.seq_len / block_size)
         canvas = math.prod(canvas_shape(self.grid))
@@ -173,7 +211,11 @@ class MassStatistics:
             raise ValueError("no attention calls were observed for this node")
         offset = self.offset_mass[groups].sum(0).double().cpu() / n
         key = self.key_mass[groups].sum(0).double().cpu() / n
-        return fit_additive(offset, key, self.grid, iterations)
+        return fit_additive(offset, key, self.grid, iterations, self.query_frames)
+
+    def query_ranges(self) -> list[tuple[int, int]]:
+        """Token ranges ``[start, stop)`` of the query rows this node measures (runs of frames)."""
+        return query_row_ranges(self.grid, self.query_frames)
 
     def measured_block_mass(self, groups=None) -> torch.Tensor:
         """Mean block-level attention mass ``(heads, q_blocks, kv_blocks)``; each query's row sums to 1,
@@ -183,42 +225,40 @@ class MassStatistics:
         return (self.block_mass[groups].sum(0) / n).float().cpu()
 
 
-def _box_sums(table: torch.Tensor, lo, hi) -> torch.Tensor:
-    """Sums of ``x`` over boxes ``[lo, hi)`` (per axis index tensors, broadcastable), from the
-    summed-area table ``table`` of ``x`` (leading dims are batch)."""
-    (l0, l1, l2), (h0, h1, h2) = lo, hi
-
-    def at(i, j, k):
-        return table[..., i, j, k]
-
-    return (
-        at(h0, h1, h2) - at(l0, h1, h2) - at(h0, l1, h2) - at(h0, h1, l2)
-        + at(l0, l1, h2) + at(l0, h1, l2) + at(h0, l1, l2) - at(l0, l1, l2)
-    )
+def _summed_area_2d(x: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.pad(x, (1, 0, 1, 0)).cumsum(-1).cumsum(-2)
 
 
-def _summed_area(x: torch.Tensor) -> torch.Tensor:
-    table = torch.nn.functional.pad(x, (1, 0, 1, 0, 1, 0))
-    return table.cumsum(-1).cumsum(-2).cumsum(-3)
+def _box_sums_2d(table: torch.Tensor, lo, hi) -> torch.Tensor:
+    """Sums over boxes ``[lo, hi)`` of the last two axes, from a 2-D summed-area table."""
+    (l1, l2), (h1, h2) = lo, hi
+    return table[..., h1, h2] - table[..., l1, h2] - table[..., h1, l2] + table[..., l1, l2]
 
 
-def _axis_grid(*vectors):
-    """Broadcast three 1-D index vectors to a 3-D grid of index tensors."""
-    a, b, c = vectors
-    return a[:, None, None], b[None, :, None], c[None, None, :]
+def frame_offset_matrix(frames: int, query_frames, dtype=torch.float64) -> torch.Tensor:
+    """``(2F-1, F)``: entry ``[dt + F - 1, tk]`` is 1 when the query frame ``tk - dt`` is measured."""
+    measured = torch.zeros(frames, dtype=dtype)
+    measured[check_query_frames(query_frames, frames)] = 1
+    dt = torch.arange(-(frames - 1), frames)[:, None]
+    source = torch.arange(frames)[None, :] - dt
+    valid = (source >= 0) & (source < frames)
+    return torch.where(valid, measured[source.clamp(0, frames - 1)], torch.zeros((), dtype=dtype))
 
 
-def fit_additive(offset_mass: torch.Tensor, key_mass: torch.Tensor, grid, iterations: int = 30):
+def fit_additive(offset_mass: torch.Tensor, key_mass: torch.Tensor, grid, iterations: int = 30, query_frames=None):
     """Fit ``P(q, k) ~ rel(k - q) + anchor(k)`` to per-offset and per-key attention mass.
 
     ``offset_mass`` (heads, canvas): mean over observations of ``sum_q P(q, q + d)``;
-    ``key_mass`` (heads, seq): mean of ``sum_q P(q, k)``. Backfitting solves the
-    least-squares normal equations of the additive model over all token pairs:
-    ``rel(d) = (M(d) - sum_{k in K(d)} anchor(k)) / count(d)`` and
-    ``anchor(k) = (C(k) - sum_q rel(k - q)) / S``, with box sums from summed-area
-    tables, so each iteration costs O(canvas). The gauge (a constant can move
-    between the two) is fixed by ``min(anchor) = 0``. Returned in relative density
-    units (times S: uniform attention is ``rel = 1, anchor = 0``), float32.
+    ``key_mass`` (heads, seq): mean of ``sum_q P(q, k)``; both over the query rows of
+    ``query_frames`` (all frames by default: a profile at a large grid measures a few frames'
+    rows, so its cost grows with S, not S^2). Backfitting solves the least-squares normal
+    equations of the additive model over those query rows and all keys:
+    ``rel(d) = (M(d) - sum_{q in Q, q + d valid} anchor(q + d)) / count_Q(d)`` and
+    ``anchor(k) = (C(k) - sum_{q in Q} rel(k - q)) / |Q|``; the sums separate into 2-D box
+    sums over (y, x) (summed-area tables) and a product with the measured-frame matrix
+    (:func:`frame_offset_matrix`) over t, so each iteration costs O(F * canvas). The gauge (a
+    constant can move between the two) is fixed by ``min(anchor) = 0``. Returned in relative
+    density units (times S: uniform attention is ``rel = 1, anchor = 0``), float32.
     """
     frames, height, width = grid
     seq = frames * height * width
@@ -226,20 +266,26 @@ def fit_additive(offset_mass: torch.Tensor, key_mass: torch.Tensor, grid, iterat
     cshape = canvas_shape(grid)
     offset_mass = offset_mass.reshape(heads, *cshape).double()
     key_mass = key_mass.reshape(heads, *grid).double()
-    counts = pair_counts(grid)
-    # For offset d the keys of valid pairs are k in [max(0, d), min(n, n + d)) per axis.
-    offsets = [torch.arange(-(n - 1), n) for n in grid]
-    lo = _axis_grid(*[o.clamp(min=0) for o in offsets])
-    hi = _axis_grid(*[(n + o).clamp(max=n) for n, o in zip(grid, offsets)])
-    # For key k the offsets of valid pairs are d in [k - (n-1), k], canvas index [k, k + n - 1].
-    keys = [torch.arange(n) for n in grid]
-    klo = _axis_grid(*keys)
-    khi = _axis_grid(*[k + n for n, k in zip(grid, keys)])
+    frame_matrix = frame_offset_matrix(frames, query_frames)  # (2F-1, F)
+    n_query = float(frame_matrix[frames - 1].sum()) * height * width  # dt = 0 row: the measured frames
+    plane = [(n - torch.arange(-(n - 1), n).abs()).double() for n in (height, width)]
+    counts = frame_matrix.sum(1)[:, None, None] * plane[0][:, None] * plane[1][None, :]
+    counts = counts.clamp(min=1)  # offsets no measured query reaches: no data, rel stays 0 there
+    # For offset (dy, dx) the keys of valid pairs are y in [max(0, dy), min(H, H + dy)), same for x.
+    offsets = [torch.arange(-(n - 1), n) for n in (height, width)]
+    lo = (offsets[0].clamp(min=0)[:, None], offsets[1].clamp(min=0)[None, :])
+    hi = ((height + offsets[0]).clamp(max=height)[:, None], (width + offsets[1]).clamp(max=width)[None, :])
+    # For key (y, x) the offsets of valid pairs are canvas indices [y, y + H - 1], same for x.
+    keys = [torch.arange(n) for n in (height, width)]
+    klo = (keys[0][:, None], keys[1][None, :])
+    khi = ((keys[0] + height)[:, None], (keys[1] + width)[None, :])
     rel = torch.zeros_like(offset_mass)
     anchor = torch.zeros_like(key_mass)
     for _ in range(iterations):
-        anchor = (key_mass - _box_sums(_summed_area(rel), klo, khi)) / seq
-        rel = (offset_mass - _box_sums(_summed_area(anchor), lo, hi)) / counts
+        rel_sums = _box_sums_2d(_summed_area_2d(rel), klo, khi)  # (heads, 2F-1, H, W): over query (y, x)
+        anchor = (key_mass - torch.einsum("dt,hdyx->htyx", frame_matrix, rel_sums)) / n_query
+        anchor_sums = _box_sums_2d(_summed_area_2d(anchor), lo, hi)  # (heads, F, 2H-1, 2W-1)
+        rel = (offset_mass - torch.einsum("dt,htyx->hdyx", frame_matrix, anchor_sums)) / counts
     shift = anchor.flatten(1).min(1).values.view(heads, 1, 1, 1)
     anchor, rel = anchor - shift, rel + shift
     return (rel * seq).float(), (anchor * seq).float()
@@ -301,24 +347,32 @@ def _block_samples(seq_len: int, block_size: int, samples: int) -> tuple[torch.T
     return starts[:, None] + within.long(), lengths
 
 
-def samples_per_block(seq_len: int, block_size: int) -> int:
-    """How many tokens of each block enter a block-pair score (all of them on small grids)."""
+def samples_per_block(seq_len: int, block_size: int, max_pairs: int = MAX_SAMPLED_PAIRS) -> int:
+    """How many tokens of each block the *sampled* estimate uses (:func:`sampled_block_scores`)."""
     n_blocks = math.ceil(seq_len / block_size)
-    return max(1, min(block_size, int(math.isqrt(MAX_SAMPLED_PAIRS)) // n_blocks))
+    return max(1, min(block_size, int(math.isqrt(max_pairs)) // n_blocks))
 
 
-def block_scores(rel: torch.Tensor, anchor: torch.Tensor, grid, block_size: int) -> torch.Tensor:
-    """Mean model score ``rel(k - q) + anchor(k)`` of each (query block, key block): (heads, nb, nb).
+def _key_block_means(anchor: torch.Tensor, seq_len: int, block_size: int) -> torch.Tensor:
+    """Exact mean of ``anchor`` over each key block: (heads, nb)."""
+    heads = anchor.shape[0]
+    n_blocks = math.ceil(seq_len / block_size)
+    lengths = (seq_len - torch.arange(n_blocks) * block_size).clamp(max=block_size)
+    keys = anchor.reshape(heads, -1).double()
+    padded = torch.nn.functional.pad(keys, (0, n_blocks * block_size - seq_len))
+    return padded.view(heads, n_blocks, block_size).sum(-1) / lengths.double()
 
-    ``rel``/``anchor`` must already be at ``grid``. The offset part averages over
-    ``samples_per_block`` evenly spread tokens of each block (exact when that is the
-    whole block); the anchor part is the exact mean over the key block.
-    """
+
+def sampled_block_scores(rel: torch.Tensor, anchor: torch.Tensor, grid, block_size: int,
+                         max_pairs: int = MAX_SAMPLED_PAIRS) -> torch.Tensor:
+    """The estimate WEST version 1 served: the offset part averaged over ``samples_per_block``
+    evenly spread tokens per block and side (kept to measure what sampling loses; serving uses
+    the exact :func:`block_scores`)."""
     grid = tuple(grid)
     seq_len = math.prod(grid)
     heads = rel.shape[0]
-    samples = samples_per_block(seq_len, block_size)
-    tokens, lengths = _block_samples(seq_len, block_size, samples)
+    samples = samples_per_block(seq_len, block_size, max_pairs)
+    tokens, _lengths = _block_samples(seq_len, block_size, samples)
     n_blocks = tokens.shape[0]
     linear = canvas_linear(tokens.reshape(-1), grid)
     index = linear[None, :] - linear[:, None] + canvas_center(grid)  # (q samples, k samples)
@@ -326,10 +380,94 @@ def block_scores(rel: torch.Tensor, anchor: torch.Tensor, grid, block_size: int)
     scores = torch.empty(heads, n_blocks, n_blocks, dtype=torch.float32)
     for head in range(heads):
         scores[head] = flat[head][index].view(n_blocks, samples, n_blocks, samples).mean((1, 3))
-    keys = anchor.reshape(heads, -1).float()
-    padded = torch.nn.functional.pad(keys, (0, n_blocks * block_size - seq_len))
-    per_key_block = padded.view(heads, n_blocks, block_size).sum(-1) / lengths.float()
-    return scores + per_key_block[:, None, :]
+    return scores + _key_block_means(anchor, seq_len, block_size)[:, None, :].float()
+
+
+def row_segments(grid, block_size: int) -> dict[str, torch.Tensor]:
+    """The t-major token sequence cut at every row end and every block end: each piece is one run
+    ``x0 <= x < x1`` of one row ``(t, y)`` inside one block. A block is the union of its segments,
+    so a sum over a block pair is a sum over its segment pairs (int64 tensors of equal length)."""
+    frames, height, width = (int(n) for n in grid)
+    seq_len = frames * height * width
+    cuts = torch.cat([torch.arange(0, seq_len, width), torch.arange(0, seq_len, block_size), torch.tensor([seq_len])])
+    cuts = torch.unique(cuts)
+    start, stop = cuts[:-1], cuts[1:]
+    row = start // width
+    return {"t": row // height, "y": row % height, "x0": start % width, "x1": start % width + (stop - start),
+            "block": start // block_size}
+
+
+def _pair_sum_table(rel: torch.Tensor, grid) -> torch.Tensor:
+    """Second prefix sums along x of ``rel`` (heads, 2F-1, 2H-1, 2W-1) -> (heads, 2F-1, 2H-1, 2W+1),
+    float64: ``E[n] = sum_{m<n} C[m]``, ``C[m] = sum_{o<m} rel[o]`` (x offset index o)."""
+    x = rel.double()
+    first = torch.nn.functional.pad(x, (1, 0)).cumsum(-1)  # C, length 2W
+    return torch.nn.functional.pad(first, (1, 0)).cumsum(-1)  # E, length 2W + 1
+
+
+def _score_device(device):
+    if device is not None:
+        return torch.device(device)
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def block_sums(rel: torch.Tensor, grid, block_size: int, device=None,
+               chunk_pairs: int = 2**24) -> torch.Tensor:
+    """Exact ``sum_{q in Bq, k in Bk} rel(k - q)`` for every block pair: (heads, nb, nb), float64.
+
+    No sampling: both blocks are cut into row segments (:func:`row_segments`); for two segments
+    ``(tq, yq, [a0, a1))`` and ``(tk, yk, [b0, b1))`` the sum over their token pairs is four
+    look-ups in the second prefix sums ``E`` of ``rel[tk - tq, yk - yq, :]`` along x::
+
+        E[b1 - a0 + W] - E[b1 - a1 + W] - E[b0 - a0 + W] + E[b0 - a1 + W]
+
+    and the segment-pair sums are added into their block pairs. Cost: (segments)^2 * 4 per
+    head, segments ~ F*H + nb (a few hundred to a few thousand), independent of S^2.
+    """
+    frames, height, width = grid = tuple(int(n) for n in grid)
+    heads = rel.shape[0]
+    device = _score_device(device)
+    seg = {k: v.to(device) for k, v in row_segments(grid, block_size).items()}
+    n_seg = seg["t"].numel()
+    n_blocks = math.ceil(frames * height * width / block_size)
+    table = _pair_sum_table(rel.reshape(heads, *canvas_shape(grid)).to(device), grid).reshape(heads, -1)
+    row_stride = 2 * width + 1
+    # canvas row of the (dt, dy) offset of each segment pair, times the row length of E
+    base_q = (seg["t"] * (2 * height - 1) + seg["y"]) * row_stride
+    centre = ((frames - 1) * (2 * height - 1) + (height - 1)) * row_stride + width
+    out = torch.zeros(heads, n_blocks, n_blocks, dtype=torch.float64, device=device)
+    rows = max(1, chunk_pairs // max(n_seg, 1))
+    for begin in range(0, n_seg, rows):
+        q = slice(begin, min(begin + rows, n_seg))
+        base = (base_q[None, :] - base_q[q, None]) + centre  # (rows, n_seg): dt, dy and the +W of x
+        a0, a1 = seg["x0"][q, None], seg["x1"][q, None]
+        b0, b1 = seg["x0"][None, :], seg["x1"][None, :]
+        corners = ((b1 - a0, 1.0), (b1 - a1, -1.0), (b0 - a0, -1.0), (b0 - a1, 1.0))
+        partial = torch.zeros(heads, base.shape[0], n_seg, dtype=torch.float64, device=device)
+        for offset, sign in corners:
+            index = (base + offset).reshape(-1)
+            partial += sign * table[:, index].view(heads, base.shape[0], n_seg)
+        per_key_block = torch.zeros(heads, base.shape[0], n_blocks, dtype=torch.float64, device=device)
+        per_key_block.index_add_(2, seg["block"], partial)
+        out.index_add_(1, seg["block"][q], per_key_block)
+    return out.cpu()
+
+
+def block_scores(rel: torch.Tensor, anchor: torch.Tensor, grid, block_size: int, device=None) -> torch.Tensor:
+    """Mean model score ``rel(k - q) + anchor(k)`` of each (query block, key block): (heads, nb, nb).
+
+    ``rel``/``anchor`` must already be at ``grid``. Exact over all token pairs of each block
+    pair (:func:`block_sums`; the anchor part is the exact mean over the key block): a thin
+    structure (a radius-1 window, "same position in every frame") scores in every block pair
+    it touches, at any sequence length.
+    """
+    grid = tuple(int(n) for n in grid)
+    seq_len = math.prod(grid)
+    n_blocks = math.ceil(seq_len / block_size)
+    pairs = block_pair_tokens(seq_len, block_size)
+    scores = block_sums(rel, grid, block_size, device) / pairs
+    scores = scores + _key_block_means(anchor, seq_len, block_size)[:, None, :]
+    return scores.float()
 
 
 def block_ranks(scores: torch.Tensor) -> torch.Tensor:
@@ -406,27 +544,43 @@ def densities_for_mass(cumulative: torch.Tensor, mass_points: torch.Tensor) -> t
     return density
 
 
+# Predicted-mass levels whose densities are kept per head and grid (FAST's recall floor picks one).
+FLOOR_MASS_POINTS = (0.5, 0.8, 0.9, 0.95, 0.99)
+# Densities at which each head's predicted cumulative mass is kept per grid (FAST's mass objective).
+MASS_CURVE_POINTS = 65
+
+
 def _grid_products(key: str, entry, topology, grid):
-    """Ranks (LRU by bytes) and, for entries with sensitivity, the densities at which their measured
-    predicted-mass levels are reached at ``grid`` (kept for every node: tiny)."""
+    """Ranks (LRU by bytes) and the densities at which each head's predicted mass reaches (a) the
+    entry's measured sensitivity levels (entries with sensitivity) and (b) ``FLOOR_MASS_POINTS``,
+    at ``grid`` (both kept for every node: tiny)."""
     grid = tuple(grid)
     cache = topology.__dict__.setdefault("_west_rank_cache", OrderedDict())
     levels = topology.__dict__.setdefault("_west_level_cache", {})
     cache_key = (key, id(entry), grid, topology.block_size, topology_units(topology))
     ranks = cache.get(cache_key)
-    if ranks is not None:
+    if ranks is not None and cache_key in levels:
         cache.move_to_end(cache_key)
-        return ranks, levels.get(cache_key)
+        return ranks, levels[cache_key]
     scores = entry_block_scores(entry, topology, grid)
     ranks = block_ranks(scores)
+    cumulative = cumulative_mass(scores, ranks, math.prod(grid), topology.block_size)
     points = entry.extra.get("sensitivity_mass")
-    if points is not None:
-        cumulative = cumulative_mass(scores, ranks, math.prod(grid), topology.block_size)
-        levels[cache_key] = densities_for_mass(cumulative, points)
+    floors = torch.tensor(FLOOR_MASS_POINTS, dtype=torch.float64).expand(entry.num_heads, -1)
+    total = cumulative.shape[1]
+    grid_points = torch.linspace(0, 1, MASS_CURVE_POINTS, dtype=torch.float64)
+    taken = (grid_points * total).round().long()
+    mass_curve = torch.cat([torch.zeros(entry.num_heads, 1, dtype=cumulative.dtype),
+                            cumulative[:, (taken[1:] - 1).clamp(min=0)]], 1)
+    levels[cache_key] = {
+        "sensitivity": None if points is None else densities_for_mass(cumulative, points),
+        "floor": densities_for_mass(cumulative, floors),
+        "mass_curve": (taken.double() / total, mass_curve),
+    }
     cache[cache_key] = ranks
     while len(cache) > 1 and sum(r.numel() * r.element_size() for r in cache.values()) > _RANK_CACHE_BYTES:
         cache.popitem(last=False)
-    return ranks, levels.get(cache_key)
+    return ranks, levels[cache_key]
 
 
 def entry_ranks(key: str, entry, topology, grid) -> torch.Tensor:
@@ -434,13 +588,31 @@ def entry_ranks(key: str, entry, topology, grid) -> torch.Tensor:
     return _grid_products(key, entry, topology, grid)[0]
 
 
-def entry_level_densities(key: str, entry, topology, grid) -> torch.Tensor | None:
-    """Densities (heads, P) at ``grid`` of the entry's sensitivity points (see :mod:`.fast`)."""
+def _entry_levels(key: str, entry, topology, grid) -> dict:
     levels = topology.__dict__.get("_west_level_cache", {})
     cache_key = (key, id(entry), tuple(grid), topology.block_size, topology_units(topology))
     if cache_key not in levels:
-        _grid_products(key, entry, topology, grid)
-    return topology.__dict__["_west_level_cache"].get(cache_key)
+        return _grid_products(key, entry, topology, grid)[1]
+    return levels[cache_key]
+
+
+def entry_level_densities(key: str, entry, topology, grid) -> torch.Tensor | None:
+    """Densities (heads, P) at ``grid`` of the entry's sensitivity points (see :mod:`.fast`)."""
+    return _entry_levels(key, entry, topology, grid)["sensitivity"]
+
+
+def entry_mass_curve(key: str, entry, topology, grid) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(densities (P,), predicted mass kept (heads, P))`` at ``grid``: each head's WEST-predicted
+    cumulative attention mass at ``MASS_CURVE_POINTS`` densities (concave: best blocks first)."""
+    return _entry_levels(key, entry, topology, grid)["mass_curve"]
+
+
+def entry_floor_densities(key: str, entry, topology, grid, mass: float) -> torch.Tensor:
+    """Per head, the density at ``grid`` at which the predicted mass reaches ``mass`` (one of
+    ``FLOOR_MASS_POINTS``): FAST's recall floor."""
+    if mass not in FLOOR_MASS_POINTS:
+        raise ValueError(f"recall floor {mass} must be one of {FLOOR_MASS_POINTS}")
+    return _entry_levels(key, entry, topology, grid)["floor"][:, FLOOR_MASS_POINTS.index(mass)]
 
 
 def entry_key(entry, topology) -> str:

@@ -265,3 +265,43 @@ def test_targets_and_table_from_rows():
     assert table.splitlines()[0].startswith("| policy | budget | density | attn recall |")
     assert "31.00" in table and "forward ms" not in table
 
+
+
+def test_speed_stage_imports_the_bench_timers():
+    """measure_speed's timers exist under the names it imports (the GPU speed stage once failed on
+    a renamed one)."""
+    import inspect
+
+    from scaling_compile import bench
+
+    source = inspect.getsource(quality.measure_speed)
+    assert "from .bench import _first_call_s, cuda_ms" in source
+    assert callable(bench.cuda_ms) and callable(bench._first_call_s)
+
+
+def test_full_size_presets_serve_81_frames_with_unseen_t5_like_prompts():
+    import importlib.util
+    import pathlib
+
+    for name, latent in (("wan2.1-1.3b-480p", (21, 60, 104)), ("wan2.1-1.3b-720p", (21, 90, 160))):
+        cfg = quality.PRESETS[name]
+        assert cfg.latent == latent and cfg.query_frames == 4 and set(cfg.budgets) == {0.3, 0.2}
+        assert {"west_fast", "west_uniform", "oracle", "planted"} == set(cfg.policies)
+    path = pathlib.Path(__file__).parents[1] / "benchmarks" / "quality_harness.py"
+    spec = importlib.util.spec_from_file_location("quality_harness", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    cfg = module.config_from_args(module.parse_args(["--config", "wan2.1-1.3b-480p", "--no-speed", "--prompts", "3",
+                                                     "--query-frames", "5"]))
+    assert (cfg.prompts, cfg.query_frames, cfg.speed) == (3, 5, False)
+    from scaling_compile.calibration import prompt_embeddings, synthetic_calibration
+
+    model = planted()
+    prompts = prompt_embeddings(model, 3, seed=1000, text_len=64)
+    for embedding in prompts:
+        assert embedding.shape == (1, 64, model.config.text_dim)
+        used = embedding.abs().sum(-1)[0] > 0
+        assert 8 <= int(used.sum()) <= 32 and not bool(used[int(used.sum()):].any())  # zero padded
+    calibration = synthetic_calibration(model, (3, 16, 16), num_prompts=2, num_timesteps=1, text_len=64, seed=1)
+    seen = [s.inputs["encoder_hidden_states"] for s in calibration]
+    assert all(not torch.equal(p, c) for p in prompts for c in seen)
