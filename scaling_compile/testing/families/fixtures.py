@@ -396,7 +396,7 @@ FAMILIES: dict[str, Family] = {
              "motion_encoder_channel_sizes": {"4": 16, "8": 16, "16": 16}, "motion_encoder_size": 16,
              "motion_style_dim": 8, "motion_dim": 4, "motion_encoder_dim": 16, "face_encoder_hidden_dim": 16,
              "face_encoder_num_heads": 2, "inject_face_latents_blocks": 2},
-            (21, 16, 16),
+            (21, 8, 8),
             _wan_animate_inputs,
             "B,C,F,H,W",
             (1, 2, 2),
