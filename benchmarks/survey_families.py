@@ -19,6 +19,7 @@ without any SDPA call inside (linear, flex, hand-written attention) are listed a
     python benchmarks/survey_families.py            # plain table
     python benchmarks/survey_families.py --markdown # the table of docs/families.md
     python benchmarks/survey_families.py wan ltx    # some families only
+    python benchmarks/survey_families.py --backend  # what today's backend does with each family
 """
 
 from __future__ import annotations
@@ -73,12 +74,86 @@ def render(surveys: list[Survey], markdown: bool) -> str:
     return "\n".join(lines)
 
 
+def _video_masks(sv, block: int, seed: int = 0) -> dict:
+    """Random block masks (diagonal kept) over the video tokens of each video self-attention call."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    masks = {}
+    for call in sv.calls:
+        if not call.serves_video or "per pixel" in call.kind:
+            continue
+        n = -(-len(call.video_rows) // block)
+        mask = (torch.rand(call.query_shape[1], n, n, generator=g) < 0.4) | torch.eye(n, dtype=torch.bool)
+        masks[call.module if call.ordinal == 0 else f"{call.module}#{call.ordinal}"] = mask
+    return masks
+
+
+def backend_today(name: str, block: int = 16) -> dict:
+    """What today's backend does with this family: its report with no artifact, with hand-written
+    masks over the video tokens, and what profiling (WEST, no FAST) gives and serves."""
+    import warnings
+
+    import torch
+
+    import scaling_compile as sc
+
+    fam = FAMILIES[name]
+    model, inputs = fam.model(), fam.inputs()
+    sv = survey(fam, model=model, vary_grid=False)
+    video_calls = [c for c in sv.calls if c.serves_video and "per pixel" not in c.kind]
+    row = {"family": name, "video self-attention calls": len(video_calls)}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch._dynamo.reset()
+        plain = sc.sdpa_nodes(model, **inputs)
+        row["report (no artifact)"] = f"{len(plain)} nodes for {len(sv.calls)} calls; keys " + ", ".join(
+            sorted({d.key for d in plain})[:4]) + (" ..." if len({d.key for d in plain}) > 4 else "")
+        masks = _video_masks(sv, block)
+        if masks:
+            torch._dynamo.reset()
+            hand = sc.sdpa_nodes(model, artifact=sc.Topology.from_block_masks(masks, block_size=block), **inputs)
+            reasons = sorted({d.reason.replace(f"{d.key!r}: ", "")[:90] for d in hand if not d.served and d.key in masks or
+                              (not d.served and any(k.endswith("." + d.key) for k in masks))})
+            row["hand-written video masks"] = f"{sum(d.served for d in hand)} served" + (
+                f"; dense: {'; '.join(reasons)}" if reasons else "")
+        else:
+            row["hand-written video masks"] = "nothing to serve"
+        try:
+            torch._dynamo.reset()
+            samples = [fam.inputs(seed=s) for s in range(2)]
+            topology = sc.profile(model, samples, block_size=block, sensitivity=False, progress=False)
+            torch._dynamo.reset()
+            prof = sc.sdpa_nodes(model, artifact=topology, **inputs)
+            row["profiled"] = f"{len(topology.keys())} entries, {sum(d.served for d in prof)} served"
+        except Exception as exc:  # what a user meets today
+            row["profiled"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:140]}"
+    return row
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("families", nargs="*", help="family names (default: all)")
     parser.add_argument("--markdown", action="store_true", help="print a markdown table")
+    parser.add_argument("--backend", action="store_true",
+                        help="instead: what today's backend does with each family (report, hand-written "
+                             "video masks, profiling); slower (Dynamo captures)")
     args = parser.parse_args(argv)
     names = args.families or list(FAMILIES)
+    if args.backend:
+        rows = []
+        for name in names:
+            try:
+                rows.append(backend_today(name))
+            except Exception as exc:
+                rows.append({"family": name, "error": f"{type(exc).__name__}: {exc}"})
+            print(f"ran {name}", file=sys.stderr, flush=True)
+        columns = list(dict.fromkeys(k for r in rows for k in r))
+        print("| " + " | ".join(columns) + " |")
+        print("|" + "---|" * len(columns))
+        for r in rows:
+            print("| " + " | ".join(str(r.get(c, "")) for c in columns) + " |")
+        return 0
     surveys = []
     for name in names:
         fam = FAMILIES[name]
