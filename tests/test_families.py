@@ -17,8 +17,9 @@ applied), equal to a masked-SDPA reference written here, with the served-node co
 report keys unique per call; attention outside SDPA reported.
 
 Slow (``-m slow``, about 6 minutes more on 2 cores): the default Inductor inner compiler
-(C++ compilation on CPU); every test of the six families whose Dynamo capture takes longest
-(``HEAVY``: wan_animate, wan_vace, ltx2, mochi, hunyuan_video_framepack, hunyuan_video_1_5);
+(C++ compilation on CPU); every test of the seven families whose capture takes longest
+(``HEAVY``: anyflow_far, wan_animate, wan_vace, ltx2, mochi, hunyuan_video_framepack,
+hunyuan_video_1_5);
 the served-sparse tests of all but four families (wan, cogvideox, hunyuan_video, ltx).
 """
 
@@ -264,12 +265,13 @@ SERVED_GRID = {
 }
 
 # Served SDPA nodes per family once the layout lands: every self-attention whose queries hold
-# video tokens (joint text+video included; text-only refiners, audio-only attention and
-# cross-attention stay dense). Measured from the layouts above, written down.
+# video tokens (joint text+video included; text-only refiners, audio-only attention,
+# cross-attention and Latte's temporal attention over 2 frames stay dense). Measured from the
+# layouts above, written down.
 EXPECTED_SERVED = {
     "wan": 2, "wan_vace": 6, "wan_animate": 2, "skyreels_v2": 2, "chronoedit": 2, "anyflow": 2, "anyflow_far": 0, "helios": 2,
     "cogvideox": 2, "cogvideox_1_5": 2, "consisid": 1, "easyanimate": 2, "hunyuan_video": 2,
-    "hunyuan_video_1_5": 2, "hunyuan_video_framepack": 2, "ltx": 1, "ltx2": 2, "allegro": 1, "latte": 2,
+    "hunyuan_video_1_5": 2, "hunyuan_video_framepack": 2, "ltx": 1, "ltx2": 2, "allegro": 1, "latte": 1,
     "mochi": 2, "motif_video": 2, "minimax_h3": 2, "kandinsky5": 2, "cosmos": 2, "sana_video": 0,
 }
 
@@ -285,8 +287,6 @@ NOT_SERVED_TODAY = {
     "hunyuan_video_1_5": "joint attention with 13 context rows and a (B,1,S,S) bool attn_mask: dense; one "
                          "relative key for both blocks (graph break per block)",
     "hunyuan_video_framepack": "history prefix + image/text suffix; one relative key 'attn' for both blocks",
-    "latte": "factorised attention: per-frame spatial calls are batched over frames, temporal calls over "
-             "pixels; the backend has no layout for either",
     "mochi": "joint attention inside a per-sample Python loop that Dynamo runs eagerly: no node to serve",
     "motif_video": "joint attention, text suffix",
     "minimax_h3": "caller-packed text + audio + video sequence",
