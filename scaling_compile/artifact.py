@@ -253,19 +253,19 @@ def _messages(problems: dict, name: str) -> list[str]:
     return messages
 
 
-def check_artifact_against(topology: Topology, root: torch.nn.Module | None, node_keys=()) -> list[str]:
+def check_artifact_against(topology: Topology, root: torch.nn.Module | None, node_keys=None) -> list[str]:
     """What does not fit between ``topology`` and the model ``root`` (None: unknown), one message each.
 
-    ``node_keys``: the SDPA node keys of the graph being compiled (relative to the compiled
-    module, ``attn1`` for a regionally compiled block); only the model's nodes without an
-    entry that this graph has are reported as missing, so each graph of a model compiled
-    with graph breaks reports its own. Empty when everything fits or ``root`` is None.
+    ``node_keys``: the keys of the graph's SDPA nodes that could be served (relative to the
+    compiled module, ``attn1`` for a regionally compiled block), or None for the whole model;
+    only the model's nodes without an entry among them are reported as missing, so each
+    graph of a model compiled with graph breaks reports its own, and cross-attention never. Empty when everything fits or ``root`` is None.
     The backend warns with each message, or raises under ``strict`` (artifacts/FORMAT.md).
     """
     if root is None:
         return []
     problems = check_model(topology, root)
-    if "missing" in problems and node_keys:
+    if "missing" in problems and node_keys is not None:
         paths = [str(k) for k in node_keys]
         relevant = [k for k in problems["missing"] if any(k == p or k.endswith("." + p) for p in paths)]
         if relevant:

@@ -54,12 +54,16 @@ def scaling_backend(gm: torch.fx.GraphModule, example_inputs, options=None, mode
         topology = _fit_to_model(topology, gm, example_inputs, opts)
     decisions = rewrite_sdpa_calls(gm, topology, opts, example_inputs) if topology is not None else []
     if decisions:
-        report_decisions(decisions, strict=opts.strict)
+        report_decisions(decisions, strict=opts.strict, warn_uncovered=bool(topology.entries))
     return compile_inner(gm, example_inputs, opts.inner, opts.mode or mode)
 
 
-def report_decisions(decisions, *, strict: bool) -> None:
-    """Tell the user what became of the graph's attention (see the module docstring)."""
+def report_decisions(decisions, *, strict: bool, warn_uncovered: bool = True) -> None:
+    """Tell the user what became of the graph's attention (see the module docstring).
+
+    ``warn_uncovered``: warn when the artifact covers none of the graph's servable calls (off when
+    nothing of the artifact is served anyway, e.g. it was found to be for another model).
+    """
     summary = summarize(decisions)
     dense = [d for d in decisions if d.covered and not d.served]
     if dense and strict:
@@ -78,7 +82,7 @@ def report_decisions(decisions, *, strict: bool) -> None:
             'scaling_compile.sdpa_nodes(model, ..., artifact=...) lists them, and options={"strict": True} '
             f"makes this an error. Summary: {summary}"
         )
-    elif uncovered and not any(d.covered for d in decisions):
+    elif warn_uncovered and uncovered and not any(d.covered for d in decisions):
         keys = ", ".join(d.key for d in uncovered[:4]) + (", ..." if len(uncovered) > 4 else "")
         warn_user(
             f"scaling: the artifact has no entry for any of the {len(uncovered)} attention calls of this "
@@ -103,7 +107,7 @@ def _fit_to_model(topology, gm: torch.fx.GraphModule, example_inputs, opts: Back
     root = model_root_of(example_inputs)
     if root is None:
         return topology
-    node_keys = [call.key for call in find_sdpa_calls(gm)]
+    node_keys = [call.key for call in find_sdpa_calls(gm) if call.dense_reason is None]
     problems = check_artifact_against(topology, root, node_keys)
     if not problems:
         return topology
