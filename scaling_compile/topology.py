@@ -226,9 +226,12 @@ class Topology:
         }
         path = os.fspath(path)
         data = signed_artifact_bytes(tensors, header)
-        temporary = f"{path}.{os.getpid()}.tmp"
+        import uuid
+
+        temporary = f"{path}.{uuid.uuid4().hex}.tmp"  # unique per writer; the umask applies as to open()
         try:
-            with open(temporary, "wb") as handle:
+            fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+            with os.fdopen(fd, "wb") as handle:
                 handle.write(data)
             os.replace(temporary, path)
         finally:

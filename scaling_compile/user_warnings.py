@@ -58,9 +58,9 @@ def warn_user(message: str, category: type[Warning] = UserWarning) -> None:
         return
     module_globals = frame.f_globals
     registry = module_globals.setdefault("__warningregistry__", {})
-    warnings.warn_explicit(
+    warnings.warn_explicit(  # no module_globals: a `python -c` or notebook __main__ has no source loader
         message, category, frame.f_code.co_filename, frame.f_lineno,
-        module=module_globals.get("__name__", "<unknown>"), registry=registry, module_globals=module_globals,
+        module=module_globals.get("__name__", "<unknown>"), registry=registry,
     )
 
 

@@ -12,6 +12,8 @@ import os
 import shutil
 import signal
 import struct
+import subprocess
+import sys
 import time
 import weakref
 
@@ -25,6 +27,8 @@ from scaling_compile.options import load_topology
 from scaling_compile.topology import signed_artifact_bytes
 
 from profiled import planted_topology
+
+TESTS = os.path.dirname(os.path.abspath(__file__))
 
 
 @contextlib.contextmanager
@@ -82,58 +86,50 @@ def with_header(header: dict, body: bytes) -> bytes:
 # ---------------------------------------------------------------------------------------------
 # Not a file
 # ---------------------------------------------------------------------------------------------
-@contextlib.contextmanager
-def fifo_unblocked_after(fifo, seconds: float):
-    """A FIFO that a reader would wait on forever: after ``seconds`` a writer opens and closes it,
-    so a loader that blocks (in native code, where no signal reaches it) returns, and the test
-    fails on the time taken instead of hanging."""
-    import threading
-
-    stop = threading.Event()
-
-    def writer():
-        if not stop.wait(seconds):
-            try:
-                os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
-            except OSError:
-                pass
-
-    thread = threading.Thread(target=writer, daemon=True)
-    thread.start()
-    started = time.perf_counter()
+def run_isolated(code: str, timeout: float) -> subprocess.CompletedProcess:
+    """Run ``code`` in a fresh Python: a loader that blocks in native code (holding the GIL, where
+    no signal or thread can reach it) is killed after ``timeout`` seconds and the test fails,
+    instead of the test run hanging."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([TESTS, os.environ.get("PYTHONPATH", "")]))
     try:
-        yield
-    finally:
-        stop.set()
-        thread.join()
-    assert time.perf_counter() - started < seconds, "the loader waited on the FIFO"
+        return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout, env=env)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"blocked for more than {timeout} s (a FIFO read as a file?)")
 
 
 def test_fifo_is_refused_without_blocking(tmp_path):
     fifo = tmp_path / "artifact.safetensors"
     os.mkfifo(fifo)
-    with fifo_unblocked_after(fifo, 5), pytest.raises(sc.ArtifactError, match="FIFO.*regular file"):
-        sc.Topology.load(fifo)
+    result = run_isolated(
+        "import scaling_compile as sc\n"
+        "try:\n"
+        f"    sc.Topology.load({str(fifo)!r})\n"
+        "except sc.ArtifactError as error:\n"
+        "    print('ArtifactError:', error)\n", timeout=60)
+    assert "ArtifactError:" in result.stdout and "FIFO" in result.stdout and "regular file" in result.stdout, (
+        result.stdout + result.stderr)
+
+
+def test_backend_with_a_fifo_stays_dense_with_a_warning(tmp_path):
+    fifo = tmp_path / "artifact.safetensors"
+    os.mkfifo(fifo)
+    result = run_isolated(
+        "import warnings, torch\n"
+        "from models import ToyDiT\n"
+        "model = ToyDiT(modes=('plain',)).eval()\n"
+        "x = torch.randn(1, 32, 32)\n"
+        f"compiled = torch.compile(model, backend='scaling', options={{'artifact': {str(fifo)!r}, 'inner': 'eager'}})\n"
+        "with warnings.catch_warnings(record=True) as caught, torch.no_grad():\n"
+        "    warnings.simplefilter('always')\n"
+        "    out = compiled(x)\n"
+        "    torch.testing.assert_close(out, model(x))\n"
+        "print([str(w.message) for w in caught if 'FIFO' in str(w.message)])\n", timeout=120)
+    assert result.returncode == 0 and "FIFO" in result.stdout, result.stdout + result.stderr
 
 
 def test_directory_is_named_as_such(tmp_path):
     with pytest.raises(sc.ArtifactError, match="is a directory.*inside it"):
         sc.Topology.load(tmp_path)
-
-
-def test_backend_with_a_fifo_stays_dense_with_a_warning(tmp_path):
-    from models import ToyDiT
-
-    fifo = tmp_path / "artifact.safetensors"
-    os.mkfifo(fifo)
-    torch._dynamo.reset()
-    model = ToyDiT(modes=("plain",)).eval()
-    x = torch.randn(1, 32, 32)
-    compiled = torch.compile(model, backend="scaling", options={"artifact": str(fifo), "inner": "eager"})
-    with fifo_unblocked_after(fifo, 30), pytest.warns(UserWarning, match="FIFO"), torch.no_grad():
-        out = compiled(x)
-    torch.testing.assert_close(out, model(x))
-    torch._dynamo.reset()
 
 
 # ---------------------------------------------------------------------------------------------
