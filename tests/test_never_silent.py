@@ -167,7 +167,7 @@ def test_an_artifact_covering_nothing_of_the_graph_warns():
     model = ToyDiT(modes=("plain",)).eval()
     topology = sc.Topology.from_block_masks(masks_for(32, keys=("layers.0",)), block_size=BLOCK, seq_len=32)
     compiled = torch.compile(model, backend="scaling", options={"artifact": topology, "inner": "eager"})
-    with torch.no_grad(), pytest.warns(UserWarning, match="no entry for any of the 1 attention calls"):
+    with torch.no_grad(), pytest.warns(UserWarning, match=r"no entry for any of the 1 attention calls|does not have: \[.layers.0.\]"):
         compiled(torch.randn(1, 32, 32))
 
 
