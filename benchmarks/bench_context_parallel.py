@@ -215,7 +215,7 @@ def main() -> int:
     seq = math.prod(grid)
     masks = local_3d_mask(grid, args.block_size, args.budget, heads, temporal_weights=(0.5, 1.0, 2.0, 4.0))
     topology = sc.Topology.from_block_masks({f"blocks.{i}.attn1": masks for i in range(layers)},
-                                            block_size=args.block_size)
+                                            block_size=args.block_size, seq_len=seq)
     log(f"{args.config}: {layers} layers x {heads} heads, grid {grid} = {seq} tokens, {dtype}, "
         f"{world} x {device_name}, torch {torch.__version__}; "
         f"3D-local masks, density {float(masks.float().mean()):.3f}; setup {time.perf_counter() - started:.0f} s")

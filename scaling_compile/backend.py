@@ -2,64 +2,137 @@
 
 ``torch.compile(model, backend="scaling", options={"artifact": "wan.safetensors"})``
 finds the SDPA calls of each Dynamo graph, rewrites those the artifact covers
-into the block-sparse custom op, logs one summary line, and hands the graph to
-Inductor (or runs it eagerly with ``inner="eager"``). Registered through the
-``torch_dynamo_backends`` entry point, so no import is needed.
+into the block-sparse custom op, and hands the graph to Inductor (or runs it
+eagerly with ``inner="eager"``). Registered through the ``torch_dynamo_backends``
+entry point, so no import is needed.
+
+What the user is told, per compiled graph (README, "Options"):
+- every attention the artifact covers is served: one INFO line on the
+  ``scaling_compile`` logger (quiet unless logging is configured);
+- attention the artifact covers stays dense, or the artifact covers none of the
+  graph's servable attention: one warning, at the user's line, saying how many,
+  why, and what to do (``strict``: an error instead);
+- no artifact: one warning saying how to make one;
+- the artifact does not fit the model (another model's fingerprint, entries for
+  modules the model lacks): a warning, or an error under ``strict``.
 """
 
 from __future__ import annotations
 
 import logging
-import warnings
 
 import torch
 
-from .errors import ArtifactError
+from .errors import ArtifactError, NotServable
 from .options import BackendOptions
 from .passes.rewrite import rewrite_sdpa_calls, summarize
+from .user_warnings import warn_user
 
 log = logging.getLogger("scaling_compile")
 
-_warned_no_artifact = False
 
+def scaling_backend(gm: torch.fx.GraphModule, example_inputs, options=None, mode: str | None = None):
+    """Dynamo backend: rewrite served SDPA nodes, then compile with the inner compiler.
 
-def scaling_backend(gm: torch.fx.GraphModule, example_inputs, options: dict | None = None, mode: str | None = None):
-    """Dynamo backend: rewrite served SDPA nodes, then compile with the inner compiler."""
+    ``options``: a dict (``torch.compile(..., options={...})``) or a :class:`BackendOptions`.
+    """
     opts = BackendOptions.from_dict(options)
     try:
         topology = opts.load_topology()
     except ArtifactError as error:
         if opts.strict:
             raise
-        warnings.warn(f"scaling: {error}. Every attention stays dense.", stacklevel=2)
+        warn_user(f"scaling: {error}. Every attention stays dense.")
         topology = None
     if topology is None and opts.artifact is None:
-        _warn_no_artifact()
+        warn_user(
+            "scaling: no artifact given, so no attention is rewritten (dense attention, plain "
+            "Inductor). Make one with `scaling-compile profile` and pass "
+            'options={"artifact": "model.safetensors"}.'
+        )
+    if topology is not None:
+        topology = _fit_to_model(topology, gm, example_inputs, opts)
     decisions = rewrite_sdpa_calls(gm, topology, opts, example_inputs) if topology is not None else []
     if decisions:
-        log.info("scaling: %s", summarize(decisions))
-        if opts.strict:
-            dense = [d for d in decisions if d.covered and not d.served]
-            if dense:
-                from .errors import NotServable
-
-                raise NotServable(
-                    "strict: these SDPA nodes cannot be served sparse:\n"
-                    + "\n".join(str(d) for d in dense)
-                )
+        report_decisions(decisions, strict=opts.strict, warn_uncovered=bool(topology.entries))
     return compile_inner(gm, example_inputs, opts.inner, opts.mode or mode)
 
 
-def _warn_no_artifact() -> None:
-    global _warned_no_artifact
-    if not _warned_no_artifact:
-        _warned_no_artifact = True
-        warnings.warn(
-            "scaling: no artifact given, so no attention is rewritten (dense attention, plain "
-            "Inductor). Make one with `scaling-compile profile` and pass "
-            'options={"artifact": "model.safetensors"}.',
-            stacklevel=3,
+def report_decisions(decisions, *, strict: bool, warn_uncovered: bool = True) -> None:
+    """Tell the user what became of the graph's attention (see the module docstring).
+
+    ``warn_uncovered``: warn when the artifact covers none of the graph's servable calls (off when
+    nothing of the artifact is served anyway, e.g. it was found to be for another model).
+    """
+    summary = summarize(decisions)
+    dense = [d for d in decisions if d.covered and not d.served]
+    if dense and strict:
+        raise NotServable(
+            "strict: these SDPA nodes cannot be served sparse:\n" + "\n".join(str(d) for d in dense)
         )
+    uncovered = [d for d in decisions if not d.covered and not d.served and d.reason == "no artifact entry"]
+    if dense:
+        reasons: dict[str, int] = {}
+        for d in dense:
+            reasons[d.reason] = reasons.get(d.reason, 0) + 1
+        why = "; ".join(f"{n} x {reason}" for reason, n in reasons.items())
+        warn_user(
+            f"scaling: {len(dense)} of the {len(decisions)} attention calls of this graph that the "
+            f"artifact covers stay dense ({why}). Each reason says what to change; "
+            'scaling_compile.sdpa_nodes(model, ..., artifact=...) lists them, and options={"strict": True} '
+            f"makes this an error. Summary: {summary}"
+        )
+    elif warn_uncovered and uncovered and not any(d.covered for d in decisions):
+        keys = ", ".join(d.key for d in uncovered[:4]) + (", ..." if len(uncovered) > 4 else "")
+        warn_user(
+            f"scaling: the artifact has no entry for any of the {len(uncovered)} attention calls of this "
+            f"graph that could be served ({keys}), so all of them stay dense. Was it made for this "
+            "model? Profile it (`scaling-compile profile`), or name the keys scaling_compile.sdpa_nodes "
+            "lists."
+        )
+    else:
+        log.info("scaling: %s", summary)
+
+
+def _fit_to_model(topology, gm: torch.fx.GraphModule, example_inputs, opts: BackendOptions):
+    """``topology`` checked against the model this graph belongs to, where the backend can find it.
+
+    The model's root is found from the parameters that reach the graph
+    (:func:`model_root_of`). Problems (:func:`~.artifact.check_artifact_against`) are an
+    error under ``strict``, else a warning; the part of the topology that is safe is served.
+    """
+    from .artifact import check_artifact_against, fitted_topology
+    from .passes.match import find_sdpa_calls
+
+    root = model_root_of(example_inputs)
+    if root is None:
+        return topology
+    node_keys = [call.key for call in find_sdpa_calls(gm) if call.dense_reason is None]
+    problems = check_artifact_against(topology, root, node_keys)
+    if not problems:
+        return topology
+    if opts.strict:
+        raise ArtifactError("strict: the artifact does not fit the model:\n" + "\n".join(problems))
+    for problem in problems:
+        warn_user(f"scaling: {problem}")
+    return fitted_topology(topology, root)
+
+
+def model_root_of(example_inputs) -> torch.nn.Module | None:
+    """The model whose parameters reach the graph as inputs, or None when none does.
+
+    Dynamo passes a compiled module's parameters to the graph as inputs; the owner of the
+    first one (:func:`~.module_index.parameter_name`) is the model, for a whole-model graph
+    and for a block compiled regionally alike.
+    """
+    from .module_index import parameter_name
+
+    for value in example_inputs or ():
+        if isinstance(value, torch.nn.Parameter):
+            found = parameter_name(value)
+            if found is not None:
+                return found[0]
+    return None
 
 
 def compile_inner(gm: torch.fx.GraphModule, example_inputs, inner: str, mode: str | None):

@@ -27,12 +27,13 @@ see the same masks.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
 
 from .masks import local_3d_mask, random_block_mask
-from .topology import NodeTopology, Topology
+from .topology import Topology
 
 # Sensitivity data of profiled entries: without it the FAST allocation is uniform per head.
 _FAST_TENSORS = ("sensitivity", "sensitivity_steps", "sensitivity_mass")
@@ -75,16 +76,17 @@ class ProfiledPolicy(Policy):
 class StaticPolicy(Policy):
     """Hand-written masks per budget (``Topology.from_block_masks``): they serve one grid only."""
 
-    def __init__(self, name: str, label: str, make_masks, block_size: int, budgeted: bool = True):
+    def __init__(self, name: str, label: str, make_masks, block_size: int, budgeted: bool = True, *, seq_len: int):
         self.name, self.label, self.budgeted = name, label, budgeted
-        self._make_masks, self._block_size = make_masks, block_size
+        self._make_masks, self._block_size, self._seq_len = make_masks, block_size, seq_len
         self._topologies: dict = {}
 
     def topology(self, budget):
         budget = budget if self.budgeted else None
         if budget not in self._topologies:
             self._topologies[budget] = Topology.from_block_masks(
-                self._make_masks(budget), self._block_size, {"policy": self.name, "budget": budget}
+                self._make_masks(budget), self._block_size, {"policy": self.name, "budget": budget},
+                seq_len=self._seq_len,
             )
         return self._topologies[budget]
 
@@ -112,10 +114,7 @@ def uniform_budget(topology: Topology) -> Topology:
     The WEST ranking (scores, anchors) is shared; only the per-head allocation changes.
     """
     entries = {
-        key: NodeTopology(
-            entry.num_heads, entry.mask, entry.scores, entry.grid,
-            {name: t for name, t in entry.extra.items() if name not in _FAST_TENSORS},
-        )
+        key: dataclasses.replace(entry, extra={name: t for name, t in entry.extra.items() if name not in _FAST_TENSORS})
         for key, entry in topology.entries.items()
     }
     metadata = {k: v for k, v in topology.metadata.items() if k != "fast"}
@@ -132,7 +131,8 @@ def west_uniform(topology: Topology) -> Policy:
 
 def local3d(keys, heads: int, grid, block_size: int) -> Policy:
     return StaticPolicy("local3d", "static 3D-local window",
-                        lambda b: dict.fromkeys(keys, local_3d_mask(tuple(grid), block_size, b, heads)), block_size)
+                        lambda b: dict.fromkeys(keys, local_3d_mask(tuple(grid), block_size, b, heads)), block_size,
+                        seq_len=math.prod(grid))
 
 
 def random_blocks(keys, heads: int, grid, block_size: int, seed: int = 0) -> Policy:
@@ -140,7 +140,7 @@ def random_blocks(keys, heads: int, grid, block_size: int, seed: int = 0) -> Pol
     return StaticPolicy(
         "random", "random blocks",
         lambda b: {key: random_block_mask(n_blocks, b, heads, seed=seed + i) for i, key in enumerate(keys)},
-        block_size,
+        block_size, seq_len=math.prod(grid),
     )
 
 
@@ -157,7 +157,7 @@ def planted_truth(model, grid, block_size: int) -> Policy:
             masks[key] = mask
         return masks
 
-    return StaticPolicy("planted", "planted ground truth", make, block_size, budgeted=False)
+    return StaticPolicy("planted", "planted ground truth", make, block_size, budgeted=False, seq_len=math.prod(grid))
 
 
 def oracle_node_mask(mass: torch.Tensor, budget: float) -> torch.Tensor:

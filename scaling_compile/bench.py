@@ -230,7 +230,7 @@ def bench_model(args) -> dict:
             masks = all_ones if budget is None else local_3d_mask(
                 grid, args.block_size, budget, heads, temporal_weights=(0.5, 1.0, 2.0, 4.0))
             topology = sc.Topology.from_block_masks({f"blocks.{i}.attn1": masks for i in range(layers)},
-                                                    block_size=args.block_size)
+                                                    block_size=args.block_size, seq_len=seq)
             kwargs = {"backend": "scaling", "fullgraph": True,
                       "options": {"artifact": topology, "strict": True, "kernel": kernel}}
         if mode == "regional":

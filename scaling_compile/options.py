@@ -1,24 +1,52 @@
-"""Options of the ``scaling`` backend, as passed in ``torch.compile(..., options={...})``."""
+"""Options of the ``scaling`` backend, as passed in ``torch.compile(..., options={...})``.
+
+Every option is checked once, here, for its type and range: a wrong value is a
+:class:`ScalingCompileError` that names the option, the value and what is accepted
+(``strict="false"`` is refused, not taken as true; a budget given as a string is
+refused, not compared as one). ``options`` may be a dict or a :class:`BackendOptions`.
+"""
 
 from __future__ import annotations
 
+import math
+import numbers
 import os
+import threading
+import weakref
 from dataclasses import dataclass, fields
+from typing import Mapping
 
 from .errors import ScalingCompileError
 from .policies import POLICIES  # noqa: F401  (re-exported: "west", "haste", "svoo", "west+haste", "svoo+haste")
 
 INNER_COMPILERS = ("inductor", "eager")
 KERNELS = ("triton", "fa4", "auto")
+MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
-@dataclass
+def _refuse(name: str, value, accepted: str) -> None:
+    raise ScalingCompileError(
+        f"option {name}={value!r} ({type(value).__name__}): {accepted}"
+    )
+
+
+def _choice(name: str, value, choices: tuple[str, ...]) -> str:
+    """``value`` as one of ``choices`` (any letter case), else an error listing them."""
+    if not isinstance(value, str) or value.strip().lower() not in choices:
+        _refuse(name, value, f"choose one of {choices}")
+    return value.strip().lower()
+
+
+@dataclass(frozen=True, eq=False)  # identity equality: options may hold a Topology, a dict
 class BackendOptions:
-    """Everything the backend can be told.
+    """Everything the backend can be told; checked when made (a wrong value never gets through).
 
     artifact: path of a topology artifact (safetensors) or a ``Topology``; None rewrites nothing.
-    budget: mean fraction of key blocks kept, overriding the artifact's default (profiled artifacts).
-    strict: raise instead of falling back to dense attention when a call cannot be served.
+    budget: mean fraction of key blocks kept, in (0, 1], overriding the artifact's default
+        (profiled artifacts); a number, not a string.
+    strict: True or False (a bool, not "false"): raise instead of falling back to dense
+        attention when a call the artifact covers cannot be served, and on any mismatch
+        between the artifact and the model.
     inner: the compiler the rewritten graph is handed to: "inductor" (default) or "eager".
     kernel: which block-sparse kernel runs the served calls, on the same masks: "auto"
         (default: FlashAttention-4 where it is installed and serves the call, else this
@@ -32,6 +60,7 @@ class BackendOptions:
     schedule: a per-diffusion-step schedule (``scaling_compile.StepSchedule``) or None.
     mode: Inductor's mode ("reduce-overhead" for CUDA graphs, "max-autotune", ...). torch.compile
         refuses ``mode=`` together with ``options=``, so with this backend it goes in the options.
+    Letter case of inner, kernel and policy does not matter ("Triton" is "triton").
     """
 
     artifact: object = None
@@ -44,25 +73,60 @@ class BackendOptions:
     schedule: object = None
     mode: str | None = None
 
+    def __post_init__(self):
+        for name, value in self._checked().items():
+            object.__setattr__(self, name, value)
+
     @classmethod
-    def from_dict(cls, options: dict | None) -> "BackendOptions":
-        options = dict(options or {})
+    def from_dict(cls, options: "Mapping | BackendOptions | None") -> "BackendOptions":
+        """The options of ``torch.compile(..., options=...)``: a dict, a :class:`BackendOptions`, or None."""
+        if isinstance(options, BackendOptions):
+            return options
+        if options is None:
+            return cls()
+        if not isinstance(options, Mapping):
+            raise ScalingCompileError(
+                f"options={options!r} ({type(options).__name__}): pass a dict such as "
+                '{"artifact": "model.safetensors"}, or a scaling_compile.BackendOptions'
+            )
         known = {f.name for f in fields(cls)}
-        unknown = sorted(set(options) - known)
+        bad_names = sorted(repr(k) for k in options if not isinstance(k, str))
+        unknown = sorted(str(k) for k in options if isinstance(k, str) and k not in known) + bad_names
         if unknown:
             raise ScalingCompileError(
                 f"unknown option(s) {unknown} for backend 'scaling'; valid options: {sorted(known)}"
             )
-        parsed = cls(**options)
-        parsed.validate()
-        return parsed
+        return cls(**dict(options))
 
     def validate(self) -> None:
-        if self.inner not in INNER_COMPILERS:
-            raise ScalingCompileError(f"option inner={self.inner!r}: choose one of {INNER_COMPILERS}")
-        if self.kernel not in KERNELS:
-            raise ScalingCompileError(f"option kernel={self.kernel!r}: choose one of {KERNELS}")
-        if self.kernel == "fa4":
+        """Kept for callers of earlier versions: an instance is validated when it is made."""
+        self._checked()
+
+    def _checked(self) -> dict:
+        """Each option's value after its check (canonical spelling), or a ScalingCompileError."""
+        checked = {}
+        artifact = self.artifact
+        if artifact is not None and not isinstance(artifact, (str, os.PathLike)):
+            from .topology import Topology
+
+            if not isinstance(artifact, Topology):
+                _refuse("artifact", artifact, "pass the path of a .safetensors topology or a scaling_compile.Topology")
+        if isinstance(artifact, (str, os.PathLike)) and not os.fspath(artifact):
+            _refuse("artifact", artifact, "an empty path: pass the path of a .safetensors topology, or None")
+        budget = self.budget
+        if budget is not None:
+            if isinstance(budget, bool) or not isinstance(budget, numbers.Real):
+                _refuse("budget", budget, "pass a number in (0, 1], the fraction of key blocks kept, e.g. 0.3")
+            if not (math.isfinite(float(budget)) and 0.0 < float(budget) <= 1.0):
+                _refuse("budget", budget, "the fraction of key blocks kept must be in (0, 1]")
+            checked["budget"] = float(budget)
+        if not isinstance(self.strict, bool):
+            _refuse("strict", self.strict, "pass True or False (a bool; a string such as 'false' is refused)")
+        checked["inner"] = _choice("inner", self.inner, INNER_COMPILERS)
+        checked["kernel"] = kernel = _choice("kernel", self.kernel, KERNELS)
+        if self.mode is not None:
+            checked["mode"] = _choice("mode", self.mode, MODES)
+        if kernel == "fa4":
             from .kernels.fa4_block_sparse import INSTALL_HINT, fa4_import_error
 
             if fa4_import_error() is not None:
@@ -72,41 +136,53 @@ class BackendOptions:
                 )
         from .policies import canonical_policy, uses_west, validate_policy_options
 
-        self.policy = canonical_policy(self.policy)  # raises for unknown policies and combinations
-        validate_policy_options(self.policy, self.policy_options)
-        if self.schedule is not None and not uses_west(self.policy):
-            raise ScalingCompileError(
-                f"option schedule: a step schedule switches WEST masks; policy {self.policy!r} has none"
-            )
-        if self.budget is not None and not (0.0 < float(self.budget) <= 1.0):
-            raise ScalingCompileError(
-                f"option budget={self.budget!r}: the fraction of key blocks kept must be in (0, 1]"
-            )
-        if self.artifact is not None and not isinstance(self.artifact, (str, os.PathLike)):
-            from .topology import Topology
+        checked["policy"] = policy = canonical_policy(self.policy)  # raises for unknown policies and combinations
+        options = self.policy_options
+        if options is not None:
+            if not isinstance(options, Mapping) or not all(isinstance(k, str) for k in options):
+                _refuse("policy_options", options, 'pass a dict of option names to values, e.g. {"top_p": 0.9}')
+            checked["policy_options"] = options = dict(options)
+        validate_policy_options(policy, options)
+        if self.schedule is not None:
+            from .fast import StepSchedule
 
-            if not isinstance(self.artifact, Topology):
+            if not isinstance(self.schedule, StepSchedule):
+                _refuse("schedule", self.schedule, "pass a scaling_compile.StepSchedule, or None")
+            if not uses_west(policy):
                 raise ScalingCompileError(
-                    "option artifact must be a path to a .safetensors topology or a "
-                    f"scaling_compile.Topology, got {type(self.artifact).__name__}"
+                    f"option schedule: a step schedule switches WEST masks; policy {policy!r} has none"
                 )
+        return checked
 
     def load_topology(self):
-        """The Topology to serve from (loaded and validated once per path), or None."""
+        """The Topology to serve from (a path is read, checked and validated; see :func:`load_topology`), or None."""
         if self.artifact is None:
             return None
         if isinstance(self.artifact, (str, os.PathLike)):
-            return _load_cached(os.fspath(self.artifact))
+            return load_topology(self.artifact)
         return self.artifact
 
 
-_loaded: dict[tuple[str, float], object] = {}
+# Topologies loaded from files, by the sha256 of the file's bytes. Weak: an entry lives only
+# while something (a compiled graph's plans) still holds the topology, so nothing here keeps
+# user data alive; while it lives, every graph compiled from the same bytes shares it. Keyed
+# by content, a file replaced in place (even with its mtime kept: `cp -p`, `rsync -a`) is read
+# anew.
+_by_content: "weakref.WeakValueDictionary[str, object]" = weakref.WeakValueDictionary()
+_by_content_lock = threading.Lock()
 
 
-def _load_cached(path: str):
-    from .topology import Topology
+def load_topology(path: str | os.PathLike):
+    """The :class:`~scaling_compile.Topology` in the artifact at ``path``: the file is read once,
+    checked, and parsed unless a live topology was loaded from the same bytes."""
+    from .artifact_file import read_artifact_file
+    from .topology import topology_from_file
 
-    stamp = (os.path.abspath(path), os.path.getmtime(path) if os.path.exists(path) else 0.0)
-    if stamp not in _loaded:
-        _loaded[stamp] = Topology.load(path)
-    return _loaded[stamp]
+    file = read_artifact_file(path)
+    with _by_content_lock:
+        topology = _by_content.get(file.sha256)
+    if topology is None:
+        topology = topology_from_file(file)
+        with _by_content_lock:
+            topology = _by_content.setdefault(file.sha256, topology)
+    return topology

@@ -18,7 +18,8 @@ from typing import Mapping
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load as safetensors_load
+from safetensors.torch import save
 
 from .errors import ArtifactError, NotServable
 
@@ -30,11 +31,14 @@ FORMAT_VERSION = 1
 class NodeTopology:
     """What the artifact knows about one SDPA node.
 
-    ``mask``: bool ``(heads, q_blocks, kv_blocks)`` served as is (for one sequence length).
+    ``mask``: bool ``(heads, q_blocks, kv_blocks)`` served as is, for the one sequence length
+    ``seq_len`` it was made for (hand-written masks: another length with the same block
+    count is another layout of tokens in blocks, so it stays dense).
     ``scores``: float ``(heads, ...)`` profiled block scores, resampled per call (profiled artifacts).
     ``sensitivity``: optional per-head sensitivity data used for budgets (FAST).
     ``grid``: the token grid (frames, height, width) the entry was made at, if known.
     ``extra``: any further named tensors of the entry (kept through save/load).
+    ``seq_len``: the sequence length (tokens) a ``mask`` serves; required with a mask.
     """
 
     num_heads: int
@@ -42,9 +46,30 @@ class NodeTopology:
     scores: torch.Tensor | None = None
     grid: tuple[int, int, int] | None = None
     extra: dict[str, torch.Tensor] = field(default_factory=dict)
+    seq_len: int | None = None
+
+    def __post_init__(self):
+        if self.mask is not None and self.seq_len is None:
+            raise ValueError(
+                "a NodeTopology with a mask must say the sequence length it serves (seq_len=...): "
+                "a block mask fits every length with the same block count, but it was made for one"
+            )
 
     def density(self) -> float | None:
         return None if self.mask is None else float(self.mask.float().mean())
+
+
+def _check_seq_len(key: str, mask: torch.Tensor, seq_len, block_size: int) -> int:
+    """``seq_len`` as an int, if a ``mask`` of this shape can be made for it at ``block_size``."""
+    if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 1:
+        raise ValueError(f"seq_len of {key!r} must be a positive int (tokens), got {seq_len!r}")
+    n_blocks = math.ceil(seq_len / block_size) if block_size > 0 else 0
+    if tuple(mask.shape[1:]) != (n_blocks, n_blocks):
+        raise ValueError(
+            f"mask of {key!r} has {mask.shape[1]}x{mask.shape[2]} blocks but {seq_len} tokens at block "
+            f"size {block_size} are {n_blocks}x{n_blocks} blocks: give the length the mask was made for"
+        )
+    return seq_len
 
 
 def _check_mask(key: str, mask: torch.Tensor) -> torch.Tensor:
@@ -83,17 +108,31 @@ class Topology:
     # -- construction -------------------------------------------------------------------------
     @classmethod
     def from_block_masks(
-        cls, masks: Mapping[str, torch.Tensor], block_size: int, metadata: Mapping | None = None
+        cls,
+        masks: Mapping[str, torch.Tensor],
+        block_size: int,
+        metadata: Mapping | None = None,
+        *,
+        seq_len: int | Mapping[str, int] | None = None,
     ) -> "Topology":
         """Hand-written masks: ``{node_key: bool tensor (heads, q_blocks, kv_blocks)}``.
 
-        Each mask serves the sequence length it was made for
-        (``q_blocks == ceil(seq_len / block_size)``); calls of another length stay dense.
+        ``seq_len``: the sequence length (tokens) the masks were made for, one int for all
+        or ``{node_key: length}``; ``q_blocks == kv_blocks == ceil(seq_len / block_size)``.
+        Each mask serves exactly that length: calls of any other length stay dense, with
+        the reason, even where the block count happens to be the same (48 and 36 tokens
+        are both 3 blocks of 16, but not the same tokens in the same blocks).
         """
+        if seq_len is None:
+            raise TypeError(
+                "Topology.from_block_masks needs seq_len=: the sequence length (tokens) the masks "
+                "were made for (an int, or {node_key: length}); calls of other lengths stay dense"
+            )
         entries = {}
         for key, mask in masks.items():
             mask = _check_mask(key, mask)
-            entries[key] = NodeTopology(num_heads=mask.shape[0], mask=mask)
+            length = seq_len.get(key) if isinstance(seq_len, Mapping) else seq_len
+            entries[key] = NodeTopology(num_heads=mask.shape[0], mask=mask, seq_len=_check_seq_len(key, mask, length, block_size))
         return cls(entries, block_size, metadata)
 
     # -- queries -------------------------------------------------------------------------------
@@ -144,10 +183,10 @@ class Topology:
 
         if is_dense_step(step_fraction):  # a schedule's dense warm-up bucket
             return torch.ones(entry.num_heads, n_blocks, n_blocks, dtype=torch.bool)
-        if mask.shape[1:] != (n_blocks, n_blocks):
+        if seq_len != entry.seq_len:
             raise NotServable(
-                f"{key!r}: the mask has {mask.shape[1]}x{mask.shape[2]} blocks but a sequence of "
-                f"{seq_len} tokens needs {n_blocks}x{n_blocks} at block size {self.block_size}; "
+                f"{key!r}: the mask was made for {entry.seq_len} tokens ({mask.shape[1]}x{mask.shape[2]} "
+                f"blocks of {self.block_size}), this call has {seq_len} (needs {n_blocks}x{n_blocks}); "
                 "hand-written masks serve one sequence length (profile the model for a "
                 "resolution-independent artifact)"
             )
@@ -155,13 +194,18 @@ class Topology:
 
     # -- persistence ---------------------------------------------------------------------------
     def save(self, path: str | os.PathLike) -> None:
-        """Write the topology as safetensors (tensors) plus JSON metadata. Never pickle."""
+        """Write the topology as safetensors (tensors) plus JSON metadata, with a checksum. Never pickle.
+
+        The file is written next to ``path`` and moved into place, so a reader never sees half a file.
+        """
         tensors: dict[str, torch.Tensor] = {}
         nodes = {}
         for key, entry in self.entries.items():
             record: dict = {"num_heads": entry.num_heads, "tensors": []}
             if entry.grid is not None:
-                record["grid"] = list(entry.grid)
+                record["grid"] = [int(g) for g in entry.grid]
+            if entry.seq_len is not None:
+                record["seq_len"] = int(entry.seq_len)
             named = {"mask": entry.mask, "scores": entry.scores, **entry.extra}
             for name, tensor in named.items():
                 if tensor is None:
@@ -180,85 +224,145 @@ class Topology:
             "nodes": json.dumps(nodes),
             "metadata": json.dumps(self.metadata),
         }
-        save_file(tensors, os.fspath(path), metadata=header)
+        path = os.fspath(path)
+        data = signed_artifact_bytes(tensors, header)
+        import uuid
+
+        temporary = f"{path}.{uuid.uuid4().hex}.tmp"  # unique per writer; the umask applies as to open()
+        try:
+            fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(data)
+            os.replace(temporary, path)
+        finally:
+            if os.path.exists(temporary):
+                os.remove(temporary)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Topology":
-        """Read and validate an artifact written by :meth:`save`."""
-        path = os.fspath(path)
-        if not os.path.exists(path):
+        """Read and validate an artifact written by :meth:`save` (see :func:`topology_from_file`)."""
+        from .artifact_file import read_artifact_file
+
+        return topology_from_file(read_artifact_file(path))
+
+
+def signed_artifact_bytes(tensors: dict[str, torch.Tensor], header: dict[str, str]) -> bytes:
+    """The safetensors bytes of ``tensors`` with ``header`` and its ``checksum`` field.
+
+    The checksum (sha256 of the header fields, the tensor table and the tensor bytes) lets
+    a reader tell a damaged or edited file from the one written, instead of serving its masks.
+    """
+    from .artifact_file import content_checksum, parse_container
+
+    header = {k: v for k, v in header.items() if k != "checksum"}
+    unsigned = parse_container("<memory>", save(tensors, metadata=header))
+    header["checksum"] = content_checksum(header, unsigned.tensors, unsigned.tensor_bytes)
+    signed = save(tensors, metadata=header)
+    parsed = parse_container("<memory>", signed)
+    if parsed.tensors != unsigned.tensors or parsed.tensor_bytes != unsigned.tensor_bytes:  # layout must not move
+        raise RuntimeError("safetensors laid the tensors out differently on the second write")
+    return signed
+
+
+def topology_from_file(file) -> "Topology":
+    """The :class:`Topology` in a checked artifact file (:class:`~.artifact_file.ArtifactFile`).
+
+    Order of checks: the container (done by the reader), the format name and version, the
+    checksum, the header schema (:mod:`.artifact_schema`), the tensors against the header,
+    then the tables against the metadata (:func:`~.artifact.validate_tables`). Any problem
+    is an :class:`ArtifactError` naming the file and the field.
+    """
+    from .artifact_file import content_checksum
+    from .artifact_schema import validate_header
+
+    path, header = file.path, file.metadata
+    if header.get("format") != FORMAT_NAME:
+        raise ArtifactError(
+            f"{path!r} is a safetensors file but not a scaling-compile topology "
+            f"(format {header.get('format')!r}); pass an artifact written by "
+            "`scaling-compile profile` or Topology.save"
+        )
+    version = header.get("format_version")
+    if version != str(FORMAT_VERSION):
+        raise ArtifactError(
+            f"{path!r} has format version {version}, this scaling-compile reads version "
+            f"{FORMAT_VERSION}: re-profile the model with this version, or install the "
+            "scaling-compile release that wrote it"
+        )
+    checksum = header.get("checksum")
+    if checksum is not None and checksum != content_checksum(header, file.tensors, file.tensor_bytes):
+        raise ArtifactError(
+            f"artifact {path!r}: its checksum does not match its content: the file was damaged "
+            "(a bad copy or disk) or edited after it was written; re-create it with "
+            "`scaling-compile profile` (or Topology.save), or copy it again"
+        )
+    block_size, nodes, metadata = validate_header(path, header)
+    try:
+        tensors = safetensors_load(file.data)
+    except (SafetensorError, ValueError, RuntimeError, TypeError) as error:
+        raise ArtifactError(
+            f"artifact {path!r} is corrupt or truncated ({error}); re-create it with `scaling-compile profile`"
+        ) from error
+    listed = {f"{key}/{name}" for key, record in nodes.items() for name in record["tensors"]}
+    unlisted = sorted(set(tensors) - listed)
+    if unlisted:
+        raise ArtifactError(f"artifact {path!r}: tensors {unlisted[:5]} are not listed by any node of the "
+                            "header; the file is damaged, re-create it")
+    entries = {}
+    for key, record in nodes.items():
+        entries[key] = _entry_from_record(path, key, record, tensors, block_size)
+    topology = Topology(entries, block_size, metadata)
+    from .artifact import validate_tables  # shapes, finite values, FAST and online tables vs metadata
+
+    validate_tables(topology, path)
+    return topology
+
+
+def _entry_from_record(path: str, key: str, record: dict, tensors: dict, block_size: int) -> NodeTopology:
+    named = {}
+    for name in record["tensors"]:
+        tensor = tensors.get(f"{key}/{name}")
+        if tensor is None:
             raise ArtifactError(
-                f"artifact {path!r} does not exist: make one with `scaling-compile profile` "
-                "or pass a Topology object"
+                f"{path!r}: tensor {key}/{name} listed in the header is missing; "
+                "the file is damaged, re-create it"
+            )
+        if name in record.get("bool", []):
+            if tensor.dtype != torch.uint8 or bool((tensor > 1).any()):
+                raise ArtifactError(f"{path!r}: {key}/{name} is listed as bool but holds {tensor.dtype} values "
+                                    "other than 0 and 1; the file is damaged, re-create it")
+            tensor = tensor.bool()
+        named[name] = tensor
+    mask, scores = named.pop("mask", None), named.pop("scores", None)
+    heads = record["num_heads"]
+    for name, tensor in (("mask", mask), ("scores", scores)):
+        if tensor is not None and (tensor.dim() < 1 or tensor.shape[0] != heads):
+            raise ArtifactError(
+                f"{path!r}: {key}/{name} has shape {tuple(tensor.shape)}, the header says {heads} heads; "
+                "the file is inconsistent, re-create it"
+            )
+    if mask is not None:
+        if mask.dtype != torch.bool:
+            raise ArtifactError(f"{path!r}: {key}/mask is stored as {mask.dtype}, not as a bool tensor; "
+                                "the file is damaged, re-create it")
+        if "seq_len" not in record:
+            raise ArtifactError(
+                f"artifact {path!r}: nodes[{key!r}] has a mask but no seq_len: it was written by a "
+                "scaling-compile that did not record the sequence length a hand-written mask was made "
+                "for, so it could be served at a wrong length. Re-create it: "
+                "Topology.from_block_masks(masks, block_size, seq_len=<tokens>).save(path)"
             )
         try:
-            from safetensors import safe_open
-
-            with safe_open(path, framework="pt") as handle:
-                header = handle.metadata() or {}
-            tensors = load_file(path)
-        except (SafetensorError, OSError, ValueError, RuntimeError) as error:
-            raise ArtifactError(
-                f"artifact {path!r} is corrupt or truncated ({error}); re-create it with "
-                "`scaling-compile profile`"
-            ) from error
-        if header.get("format") != FORMAT_NAME:
-            raise ArtifactError(
-                f"{path!r} is a safetensors file but not a scaling-compile topology "
-                f"(format {header.get('format')!r}); pass an artifact written by "
-                "`scaling-compile profile` or Topology.save"
-            )
-        version = header.get("format_version")
-        if version != str(FORMAT_VERSION):
-            raise ArtifactError(
-                f"{path!r} has format version {version}, this scaling-compile reads version "
-                f"{FORMAT_VERSION}: re-profile the model with this version, or install the "
-                "scaling-compile release that wrote it"
-            )
-        try:
-            nodes = json.loads(header["nodes"])
-            metadata = json.loads(header.get("metadata", "{}"))
-            block_size = int(header["block_size"])
-        except (KeyError, ValueError) as error:
-            raise ArtifactError(f"{path!r} has a damaged header ({error}); re-create it") from error
-        entries = {}
-        for key, record in nodes.items():
-            named = {}
-            for name in record["tensors"]:
-                tensor = tensors.get(f"{key}/{name}")
-                if tensor is None:
-                    raise ArtifactError(
-                        f"{path!r}: tensor {key}/{name} listed in the header is missing; "
-                        "the file is damaged, re-create it"
-                    )
-                if name in record.get("bool", []):
-                    tensor = tensor.bool()
-                named[name] = tensor
-            entry = NodeTopology(
-                num_heads=int(record["num_heads"]),
-                mask=named.pop("mask", None),
-                scores=named.pop("scores", None),
-                grid=tuple(record["grid"]) if "grid" in record else None,
-                extra=named,
-            )
-            for name, tensor in (("mask", entry.mask), ("scores", entry.scores)):
-                if tensor is not None and tensor.shape[0] != entry.num_heads:
-                    raise ArtifactError(
-                        f"{path!r}: {key}/{name} has {tensor.shape[0]} heads, header says "
-                        f"{entry.num_heads}; the file is inconsistent, re-create it"
-                    )
-            if entry.mask is not None:
-                try:
-                    entry.mask = _check_mask(key, entry.mask)
-                except ValueError as error:
-                    raise ArtifactError(f"{path!r}: {error}") from error
-            entries[key] = entry
-        topology = cls(entries, block_size, metadata)
-        if any(entry.scores is not None for entry in entries.values()):
-            from .artifact import validate_profiled  # profiled entries: shapes, FAST tables, metadata
-
-            validate_profiled(topology, path)
-        return topology
+            mask = _check_mask(key, mask)
+            _check_seq_len(key, mask, record["seq_len"], block_size)
+        except ValueError as error:
+            raise ArtifactError(f"{path!r}: {error}; re-create it") from error
+    if scores is not None and not scores.is_floating_point():
+        raise ArtifactError(f"{path!r}: {key}/scores is stored as {scores.dtype}, not floating point; "
+                            "the file is damaged, re-create it")
+    grid = tuple(record["grid"]) if "grid" in record else None
+    return NodeTopology(num_heads=heads, mask=mask, scores=scores, grid=grid, extra=named,
+                        seq_len=record.get("seq_len"))
 
 
 def model_fingerprint(model: torch.nn.Module) -> dict:

@@ -9,3 +9,9 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+    # Decorate the Triton kernels now, under the interpreter: Triton chooses interpreter or
+    # driver when a kernel is defined, and a test that unsets TRITON_INTERPRET (profiled.py's
+    # chunked_path) would otherwise make the first import define them for a driver this
+    # machine lacks, failing every later kernel test ("0 active drivers").
+    import scaling_compile.kernels.block_sparse_attention  # noqa: E402,F401

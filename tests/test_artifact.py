@@ -6,6 +6,7 @@ import json
 import math
 import os
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,6 +14,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 import scaling_compile as sc
+from scaling_compile.topology import signed_artifact_bytes
 
 from masked_reference import run_masked
 from models import tiny_wan
@@ -37,8 +39,10 @@ def artifact(tmp_path):
     return path
 
 
-def rewrite(source, target, *, header=None, metadata=None, tensors=None):
-    """Copy an artifact, changing header fields, metadata fields, or tensors (a function of the dict)."""
+def rewrite(source, target, *, header=None, metadata=None, tensors=None, sign=True):
+    """Copy an artifact, changing header fields, metadata fields, or tensors (a function of the dict).
+
+    ``sign``: give the copy a checksum of its new content (else the old one stays, and mismatches)."""
     with safe_open(str(source), framework="pt") as handle:
         fields = dict(handle.metadata())
         stored = {k: handle.get_tensor(k) for k in handle.keys()}
@@ -49,7 +53,10 @@ def rewrite(source, target, *, header=None, metadata=None, tensors=None):
         fields["metadata"] = json.dumps(meta)
     if tensors is not None:
         tensors(stored)
-    save_file(stored, str(target), metadata=fields)
+    if sign:  # a file written so by a faulty writer: its checksum fits its (bad) content
+        Path(target).write_bytes(signed_artifact_bytes(stored, fields))
+    else:  # edited after it was written: the checksum no longer fits
+        save_file(stored, str(target), metadata=fields)
     return target
 
 

@@ -82,7 +82,7 @@ def test_every_unservable_variant_stays_dense_with_its_reason():
     model = ToyDiT(dim=32, heads=2, modes=modes).eval()
     x, context = torch.randn(1, 32, 32), torch.randn(1, 8, 32)
     keys = ["blocks.0", "blocks.1", "blocks.2", "blocks.3", "blocks.4", "blocks.5", "blocks.5#1"]
-    topology = sc.Topology.from_block_masks(random_block_masks(keys, 2, 2), block_size=BLOCK)
+    topology = sc.Topology.from_block_masks(random_block_masks(keys, 2, 2), block_size=BLOCK, seq_len=32)
     decisions = {d.key: d for d in sc.sdpa_nodes(model, x, context, artifact=topology)}
     assert set(decisions) == set(keys)
     assert decisions["blocks.0"].served and decisions["blocks.1"].served  # keyword and positional
@@ -95,7 +95,7 @@ def test_every_unservable_variant_stays_dense_with_its_reason():
 def test_unsupported_head_dim_and_missing_entry_are_reported():
     model = ToyDiT(dim=48, heads=2, modes=("plain", "plain")).eval()  # head_dim 24
     x = torch.randn(1, 32, 48)
-    topology = sc.Topology.from_block_masks(random_block_masks(["blocks.0"], 2, 2), block_size=BLOCK)
+    topology = sc.Topology.from_block_masks(random_block_masks(["blocks.0"], 2, 2), block_size=BLOCK, seq_len=32)
     decisions = sc.sdpa_nodes(model, x, artifact=topology)
     assert "head_dim 24" in decisions[0].reason
     model = ToyDiT(dim=32, heads=2, modes=("plain", "plain")).eval()
@@ -105,7 +105,7 @@ def test_unsupported_head_dim_and_missing_entry_are_reported():
 
 def test_mask_for_another_sequence_length_stays_dense_with_reason():
     model = ToyDiT(modes=("plain",)).eval()
-    topology = sc.Topology.from_block_masks(random_block_masks(["blocks.0"], 2, 3), block_size=BLOCK)
+    topology = sc.Topology.from_block_masks(random_block_masks(["blocks.0"], 2, 3), block_size=BLOCK, seq_len=48)
     (decision,) = sc.sdpa_nodes(model, torch.randn(1, 32, 32), artifact=topology)
     assert not decision.served and "needs 2x2" in decision.reason
 
@@ -129,7 +129,7 @@ def test_rewritten_graph_matches_masked_reference(layers, heads, head_dim, seq, 
     n_blocks = math.ceil(seq / BLOCK)
     served_keys = [f"blocks.{i}" for i in range(layers) if (seed >> i) & 1 or i == 0]
     masks = random_block_masks(served_keys, heads, n_blocks, density, seed)
-    topology = sc.Topology.from_block_masks(masks, block_size=BLOCK)
+    topology = sc.Topology.from_block_masks(masks, block_size=BLOCK, seq_len=seq)
     compiled, graphs = compile_and_record(model, {"artifact": topology, "inner": "eager"})
     with torch.no_grad():
         out = compiled(x, context)
@@ -149,7 +149,7 @@ def test_all_ones_masks_give_the_dense_result(seq, seed):
     x = torch.randn(2, seq, 32)
     n = math.ceil(seq / BLOCK)
     topology = sc.Topology.from_block_masks(
-        {k: torch.ones(2, n, n, dtype=torch.bool) for k in ("blocks.0", "blocks.1")}, block_size=BLOCK
+        {k: torch.ones(2, n, n, dtype=torch.bool) for k in ("blocks.0", "blocks.1")}, block_size=BLOCK, seq_len=seq
     )
     with torch.no_grad():
         dense = model(x)
@@ -160,7 +160,7 @@ def test_all_ones_masks_give_the_dense_result(seq, seed):
 def test_second_call_does_not_recompile_under_inductor():
     model = ToyDiT(modes=("plain", "cross")).eval()
     x, context = torch.randn(1, 40, 32), torch.randn(1, 4, 32)
-    topology = sc.Topology.from_block_masks(random_block_masks(["blocks.0"], 2, 3), block_size=BLOCK)
+    topology = sc.Topology.from_block_masks(random_block_masks(["blocks.0"], 2, 3), block_size=BLOCK, seq_len=40)
     compiled = torch.compile(model, backend="scaling", options={"artifact": topology}, fullgraph=True)
     with torch.no_grad():
         first = compiled(x, context)
@@ -170,10 +170,7 @@ def test_second_call_does_not_recompile_under_inductor():
 
 
 # -- options and failure modes ---------------------------------------------------------------------
-def test_no_artifact_rewrites_nothing_and_warns_how_to_make_one(monkeypatch):
-    import scaling_compile.backend as backend
-
-    monkeypatch.setattr(backend, "_warned_no_artifact", False)
+def test_no_artifact_rewrites_nothing_and_warns_how_to_make_one():
     model = ToyDiT(modes=("plain",)).eval()
     x = torch.randn(1, 32, 32)
     compiled, graphs = compile_and_record(model, None)
@@ -192,7 +189,7 @@ def test_unknown_option_is_a_clear_error():
 
 def test_strict_raises_for_a_covered_node_that_cannot_be_served():
     model = ToyDiT(modes=("causal",)).eval()
-    topology = sc.Topology.from_block_masks(random_block_masks(["blocks.0"], 2, 2), block_size=BLOCK)
+    topology = sc.Topology.from_block_masks(random_block_masks(["blocks.0"], 2, 2), block_size=BLOCK, seq_len=32)
     compiled = torch.compile(model, backend="scaling", options={"artifact": topology, "strict": True})
     with pytest.raises(Exception, match="is_causal"), torch.no_grad():
         compiled(torch.randn(1, 32, 32))
@@ -200,7 +197,7 @@ def test_strict_raises_for_a_covered_node_that_cannot_be_served():
 
 def test_runtime_shape_change_falls_back_to_dense_never_wrong():
     model = ToyDiT(modes=("plain",)).eval()
-    topology = sc.Topology.from_block_masks(random_block_masks(["blocks.0"], 2, 2), block_size=BLOCK)
+    topology = sc.Topology.from_block_masks(random_block_masks(["blocks.0"], 2, 2), block_size=BLOCK, seq_len=32)
     compiled = torch.compile(model, backend="scaling", options={"artifact": topology, "inner": "eager"}, dynamic=True)
     with torch.no_grad():
         compiled(torch.randn(1, 32, 32))
@@ -214,12 +211,12 @@ def test_empty_mask_row_is_rejected_with_advice():
     mask = torch.ones(1, 2, 2, dtype=torch.bool)
     mask[0, 1] = False
     with pytest.raises(ValueError, match="keeps no key block"):
-        sc.Topology.from_block_masks({"blocks.0": mask}, block_size=BLOCK)
+        sc.Topology.from_block_masks({"blocks.0": mask}, block_size=BLOCK, seq_len=32)
 
 
 def test_training_is_left_dense():
     model = ToyDiT(modes=("plain",))
-    topology = sc.Topology.from_block_masks(random_block_masks(["blocks.0"], 2, 2), block_size=BLOCK)
+    topology = sc.Topology.from_block_masks(random_block_masks(["blocks.0"], 2, 2), block_size=BLOCK, seq_len=32)
     decisions = []
 
     def spy(gm, example_inputs, **kwargs):
@@ -242,7 +239,7 @@ def test_wan_whole_model_matches_masked_reference():
     model = tiny_wan()
     inputs = wan_inputs()  # 3 x 4 x 4 = 48 tokens, 3 blocks of 16
     masks = wan_masks(model, 3)
-    topology = sc.Topology.from_block_masks(masks, block_size=BLOCK)
+    topology = sc.Topology.from_block_masks(masks, block_size=BLOCK, seq_len=48)
     compiled, graphs = compile_and_record(model, {"artifact": topology}, fullgraph=True)
     with torch.no_grad():
         out = compiled(**inputs).sample
@@ -296,7 +293,7 @@ def test_other_diffusers_video_transformers_stay_correct(name, model, inputs):
     n = math.ceil(seq / BLOCK)
     heads = servable[0].query_shape[-3]
     masks = random_block_masks([d.key for d in servable], heads, n, 0.5)
-    topology = sc.Topology.from_block_masks(masks, block_size=BLOCK)
+    topology = sc.Topology.from_block_masks(masks, block_size=BLOCK, seq_len=seq)
     compiled, graphs = compile_and_record(model, {"artifact": topology})
     with torch.no_grad():
         out = compiled(**inputs).sample
@@ -312,7 +309,7 @@ def scheduled_toy():
     masks = random_block_masks(["blocks.0"], 2, 3, density=0.3, seed=1)
     schedule = sc.StepSchedule(num_steps=4, dense_warmup=2, buckets=1)
     compiled = torch.compile(model, backend="scaling", options={
-        "artifact": sc.Topology.from_block_masks(masks, block_size=BLOCK), "schedule": schedule})
+        "artifact": sc.Topology.from_block_masks(masks, block_size=BLOCK, seq_len=48), "schedule": schedule})
     return model, x, masks, schedule, compiled
 
 

@@ -93,7 +93,7 @@ def test_parameter_paths_through_diffusers_hooks():
 # -- the head slice -------------------------------------------------------------------------------
 def test_sharded_topology_serves_each_rank_its_heads():
     masks = head_varying_masks()
-    topology = sc.Topology.from_block_masks(masks, block_size=BLOCK)
+    topology = sc.Topology.from_block_masks(masks, block_size=BLOCK, seq_len=48)
     for degree in (2, 4):
         local = HEADS // degree
         for rank in range(degree):
@@ -178,7 +178,7 @@ def ulysses_run(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("ulysses")
     masks = head_varying_masks()
     artifact = workdir / "artifact.safetensors"  # one artifact, made without any parallelism
-    sc.Topology.from_block_masks(masks, block_size=BLOCK).save(artifact)
+    sc.Topology.from_block_masks(masks, block_size=BLOCK, seq_len=48).save(artifact)
     try:
         mp.spawn(run_rank, args=(2, _free_port(), str(workdir), str(artifact), LAYERS, HEADS), nprocs=2)
     except (RuntimeError, OSError) as error:  # pragma: no cover - sandboxes without sockets/processes

@@ -30,7 +30,7 @@ def setup(num_layers=3, frames=3, height=16, width=16):
     n = -(-seq // BLOCK)
     keys = [f"blocks.{i}.attn1" for i in range(num_layers)]
     masks = random_block_masks(keys, 2, n, density=0.4, seed=3)
-    topology = sc.Topology.from_block_masks(masks, block_size=BLOCK)
+    topology = sc.Topology.from_block_masks(masks, block_size=BLOCK, seq_len=seq)
     expected = run_masked(model, masks, BLOCK, **inputs).sample.float()
     return model, inputs, topology, expected
 

@@ -284,7 +284,7 @@ def test_svoo_layer_profiling_and_levels_meet_the_budget(tmp_path):
     model = tiny_wan(num_layers=3)
     samples = [wan_inputs(seed=s) for s in range(2)]
     keys = [f"blocks.{i}.attn1" for i in range(3)]
-    west = sc.Topology.from_block_masks(random_block_masks(keys, 2, 3, density=0.3), BLOCK)
+    west = sc.Topology.from_block_masks(random_block_masks(keys, 2, 3, density=0.3), BLOCK, seq_len=48)
     # one pass, both online calibrations, merged into an existing artifact (one file serves every policy)
     topology = policies.calibrate_online(model, samples, topology=west, budgets=(0.5,), clusters=4, p_grid=(0.5, 0.9))
     topology.save(tmp_path / "all.safetensors")
@@ -340,7 +340,7 @@ def test_each_policy_end_to_end_equals_the_masked_reference_without_recompiling(
     keys = [f"blocks.{i}.attn1" for i in range(3)]
     first = wan_inputs(seed=0)
     if policy.startswith("west"):
-        topology = sc.Topology.from_block_masks(random_block_masks(keys, 2, 3, density=0.3, seed=1), BLOCK)
+        topology = sc.Topology.from_block_masks(random_block_masks(keys, 2, 3, density=0.3, seed=1), BLOCK, seq_len=48)
     else:
         topology = policies.online_topology(model, **first, block_size=BLOCK)
     second = dict(first, hidden_states=first["hidden_states"] * 1.0001)  # tiny drift: HASTE reuses
@@ -433,7 +433,7 @@ def test_reconfigure_switches_policy_and_budget_of_a_compiled_model_without_reco
     model = tiny_wan(num_layers=2)
     inputs = wan_inputs(seed=0)
     keys = [f"blocks.{i}.attn1" for i in range(2)]
-    topology = sc.Topology.from_block_masks(random_block_masks(keys, 2, 3, density=0.3, seed=2), BLOCK)
+    topology = sc.Topology.from_block_masks(random_block_masks(keys, 2, 3, density=0.3, seed=2), BLOCK, seq_len=48)
     before = plans.plan_count()
     compiled = torch.compile(model, backend="scaling", options={"artifact": topology, "inner": "eager"})
     with torch.no_grad():

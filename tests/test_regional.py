@@ -32,7 +32,7 @@ def test_regional_compilation_serves_each_block_with_its_own_masks(inner):
     model = tiny_wan(num_layers=4)
     inputs = wan_inputs()
     masks = per_block_masks(model, 3)
-    topology = sc.Topology.from_block_masks(masks, block_size=BLOCK)
+    topology = sc.Topology.from_block_masks(masks, block_size=BLOCK, seq_len=48)
     graphs = []
 
     def spy(gm, example_inputs, **kwargs):
@@ -57,7 +57,7 @@ def test_regional_follows_the_model_to_new_weights():
     model = tiny_wan(num_layers=3)
     inputs = wan_inputs()
     masks = per_block_masks(model, 3)
-    topology = sc.Topology.from_block_masks(masks, block_size=BLOCK)
+    topology = sc.Topology.from_block_masks(masks, block_size=BLOCK, seq_len=48)
     model.compile_repeated_blocks(backend="scaling", options={"artifact": topology, "inner": "eager"})
     with torch.no_grad():
         model(**inputs)
@@ -83,7 +83,7 @@ def test_regional_follows_the_model_to_new_weights():
 def test_whole_model_and_regional_agree():
     model = tiny_wan(num_layers=3)
     inputs = wan_inputs()
-    topology = sc.Topology.from_block_masks(per_block_masks(model, 3), block_size=BLOCK)
+    topology = sc.Topology.from_block_masks(per_block_masks(model, 3), block_size=BLOCK, seq_len=48)
     with torch.no_grad():
         whole = torch.compile(model, backend="scaling", options={"artifact": topology}, fullgraph=True)(**inputs).sample
         torch._dynamo.reset()
@@ -95,7 +95,7 @@ def test_whole_model_and_regional_agree():
 def test_whole_model_fullgraph_does_not_recompile():
     model = tiny_wan(num_layers=2)
     inputs = wan_inputs()
-    topology = sc.Topology.from_block_masks(per_block_masks(model, 3), block_size=BLOCK)
+    topology = sc.Topology.from_block_masks(per_block_masks(model, 3), block_size=BLOCK, seq_len=48)
     compiled = torch.compile(model, backend="scaling", options={"artifact": topology}, fullgraph=True)
     with torch.no_grad():
         compiled(**inputs)
@@ -108,7 +108,7 @@ def test_dynamic_shapes_serve_two_resolutions_without_recompiling():
     model = tiny_wan(num_layers=2)
     small, large = wan_inputs(frames=3, height=8, width=12), wan_inputs(frames=3, height=12, width=16)
     masks = per_block_masks(model, 5)  # 3 x 4 x 6 = 72 tokens
-    topology = sc.Topology.from_block_masks(masks, block_size=BLOCK)
+    topology = sc.Topology.from_block_masks(masks, block_size=BLOCK, seq_len=72)
     run = torch.compile(model, backend="scaling", options={"artifact": topology}, dynamic=True)
     with torch.no_grad():
         out_small = run(**small).sample
@@ -144,7 +144,7 @@ def test_regional_dynamic_adds_no_recompile_beyond_torch_own():
     resolutions = [(3, 8, 12), (3, 12, 16), (3, 16, 20)]
     stock, _, _ = _regional_compiles("eager", None, resolutions)
     masks = per_block_masks(tiny_wan(num_layers=2), 5)
-    topology = sc.Topology.from_block_masks(masks, block_size=BLOCK)
+    topology = sc.Topology.from_block_masks(masks, block_size=BLOCK, seq_len=72)
     with pytest.warns(UserWarning, match="stays dense"):
         ours, outs, _model = _regional_compiles("scaling", {"artifact": topology}, resolutions)
     assert ours == stock
@@ -162,7 +162,7 @@ def test_masks_of_every_block_are_built_at_compile_time():
     from scaling_compile import plans
 
     model = tiny_wan(num_layers=3)
-    topology = sc.Topology.from_block_masks(per_block_masks(model, 3), block_size=BLOCK)
+    topology = sc.Topology.from_block_masks(per_block_masks(model, 3), block_size=BLOCK, seq_len=48)
     seen = []
 
     def spy(gm, example_inputs, **kwargs):

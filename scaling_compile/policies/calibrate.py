@@ -11,6 +11,7 @@ a :class:`~scaling_compile.Topology`: saved as the artifact, never pickled.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 import math
 import time
@@ -83,8 +84,7 @@ def _merge(topology: Topology | None, extras: dict[str, dict[str, torch.Tensor]]
             raise ScalingCompileError(f"block_size {block_size} differs from the topology's {topology.block_size}")
         entries = {}
         for key, entry in topology.entries.items():
-            entries[key] = NodeTopology(entry.num_heads, entry.mask, entry.scores, entry.grid,
-                                        {**entry.extra, **extras.get(key, {})})
+            entries[key] = dataclasses.replace(entry, extra={**entry.extra, **extras.get(key, {})})
         result = Topology(entries, block_size, copy.deepcopy(topology.metadata))
     result.metadata.update(metadata)
     return result
