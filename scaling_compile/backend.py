@@ -35,7 +35,7 @@ def scaling_backend(gm: torch.fx.GraphModule, example_inputs, options: dict | No
         topology = None
     if topology is None and opts.artifact is None:
         _warn_no_artifact()
-    decisions = rewrite_sdpa_calls(gm, topology, opts, example_inputs) if topology is not None else []
+    decisions, plans = rewrite_sdpa_calls(gm, topology, opts, example_inputs) if topology is not None else ([], [])
     if decisions:
         log.info("scaling: %s", summarize(decisions))
         if opts.strict:
@@ -47,7 +47,24 @@ def scaling_backend(gm: torch.fx.GraphModule, example_inputs, options: dict | No
                     "strict: these SDPA nodes cannot be served sparse:\n"
                     + "\n".join(str(d) for d in dense)
                 )
-    return compile_inner(gm, example_inputs, opts.inner, opts.mode or mode)
+    return owning(compile_inner(gm, example_inputs, opts.inner, opts.mode or mode), plans)
+
+
+def owning(compiled, plans: list):
+    """``compiled``, made the owner of the plans its graph's ops serve from.
+
+    The plans live exactly as long as the compiled graph (nothing process-wide holds them),
+    so a model compiled and then dropped is freed with its plans.
+    """
+    if not plans:
+        return compiled
+
+    def run(*args, **kwargs):
+        return compiled(*args, **kwargs)
+
+    run.__dict__.update(getattr(compiled, "__dict__", {}))  # e.g. _boxed_call
+    run._scaling_plans = plans
+    return run
 
 
 def _warn_no_artifact() -> None:

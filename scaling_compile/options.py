@@ -30,6 +30,8 @@ class BackendOptions:
         per call), or a combination ("west+haste", "svoo+haste"); see scaling_compile.policies.
     policy_options: parameters of the online policy (e.g. {"top_p": 0.9, "drift_threshold": 0.05}).
     schedule: a per-diffusion-step schedule (``scaling_compile.StepSchedule``) or None.
+    layout: a ``scaling_compile.families.FamilyLayout`` describing a model the built-in families
+        do not know (how its latent, patch sizes and text tokens make the attention layout).
     mode: Inductor's mode ("reduce-overhead" for CUDA graphs, "max-autotune", ...). torch.compile
         refuses ``mode=`` together with ``options=``, so with this backend it goes in the options.
     """
@@ -43,6 +45,7 @@ class BackendOptions:
     policy_options: dict | None = None
     schedule: object = None
     mode: str | None = None
+    layout: object = None
 
     @classmethod
     def from_dict(cls, options: dict | None) -> "BackendOptions":
@@ -78,6 +81,12 @@ class BackendOptions:
             raise ScalingCompileError(
                 f"option schedule: a step schedule switches WEST masks; policy {self.policy!r} has none"
             )
+        if self.layout is not None:
+            from .families import FamilyLayout
+
+            if not isinstance(self.layout, FamilyLayout):
+                raise ScalingCompileError(
+                    f"option layout={self.layout!r}: give a scaling_compile.families.FamilyLayout")
         if self.budget is not None and not (0.0 < float(self.budget) <= 1.0):
             raise ScalingCompileError(
                 f"option budget={self.budget!r}: the fraction of key blocks kept must be in (0, 1]"
