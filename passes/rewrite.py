@@ -154,8 +154,9 @@ def unmatched_decisions(gm: fx.GraphModule, topology) -> list[NodeDecision]:
 def rewrite_sdpa_calls(gm: fx.GraphModule, topology, options, example_inputs=None):
     """Replace each servable SDPA node of ``gm`` by the sparse custom op.
 
-    Returns every decision and the plans of the served nodes (the caller keeps the plans
-    alive for as long as the compiled graph lives). ``options`` is the backend's
+    Returns every decision; the plans of the served nodes are left in
+    ``gm.meta["scaling_plans"]`` for the caller, which keeps them alive for as long as the
+    compiled graph lives. ``options`` is the backend's
     :class:`~scaling_compile.options.BackendOptions`. With the graph's ``example_inputs`` the
     calls' modules are located and the masks of static geometries built now, not at the first call.
     """
@@ -210,7 +211,8 @@ def rewrite_sdpa_calls(gm: fx.GraphModule, topology, options, example_inputs=Non
     decisions.extend(unmatched_decisions(gm, topology))
     gm.graph.lint()
     gm.recompile()
-    return decisions, plans
+    gm.meta["scaling_plans"] = plans
+    return decisions
 
 
 def _prewarm(plan, call: SDPACall, layout, anchor_example, keys) -> None:

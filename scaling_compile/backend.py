@@ -35,7 +35,8 @@ def scaling_backend(gm: torch.fx.GraphModule, example_inputs, options: dict | No
         topology = None
     if topology is None and opts.artifact is None:
         _warn_no_artifact()
-    decisions, plans = rewrite_sdpa_calls(gm, topology, opts, example_inputs) if topology is not None else ([], [])
+    decisions = rewrite_sdpa_calls(gm, topology, opts, example_inputs) if topology is not None else []
+    plans = gm.meta.pop("scaling_plans", [])
     if decisions:
         log.info("scaling: %s", summarize(decisions))
         if opts.strict:

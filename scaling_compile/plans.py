@@ -408,12 +408,13 @@ def layout_block_mask(topology, key: str, seq_len: int, heads: int, layout: Atte
                       budget=None, step_fraction=None) -> torch.Tensor:
     """A call's block mask: the topology's mask of its video tokens, widened to its layout.
 
-    No layout: the entry's mask over the whole sequence (hand-written masks need no grid;
-    a profiled entry then raises GridRequired). Joint layouts keep the other tokens' rows
-    and columns (:meth:`AttentionLayout.expand`); hand-written masks then describe the
-    video tokens.
+    Hand-written masks (``Topology.from_block_masks``) describe the whole sequence of the
+    calls of their length and are served as written. A profiled entry is resampled to the
+    layout's video grid; joint layouts keep the other tokens' rows and columns
+    (:meth:`AttentionLayout.expand`). No layout: a profiled entry raises GridRequired.
     """
-    if layout is None:
+    entry = topology.entries.get(key)
+    if layout is None or getattr(entry, "scores", None) is None:
         return topology.block_mask(key, seq_len=seq_len, num_heads=heads, grid=None, budget=budget,
                                    step_fraction=step_fraction)
     video = topology.block_mask(key, seq_len=layout.video_tokens, num_heads=heads, grid=layout.grid,
