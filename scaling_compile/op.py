@@ -18,8 +18,9 @@ from __future__ import annotations
 
 import torch
 
+import contextlib
 import inspect
-import warnings
+import threading
 from functools import lru_cache
 
 from .kernels.reference import block_sparse_attention_chunked
@@ -95,10 +96,11 @@ def sparse_sdpa(
         from .kernels.block_sparse_attention import block_sparse_attention
 
         words = served.words if served.mask_index is not None else served.words[0]
-        return block_sparse_attention(
-            query, key, value, words, block_size, scale=scale, mask_index=served.mask_index,
-            block_lists=None if device_lists else served.block_lists, **padding,
-        )
+        with _interpreter_lock(query.device):
+            return block_sparse_attention(
+                query, key, value, words, block_size, scale=scale, mask_index=served.mask_index,
+                block_lists=None if device_lists else served.block_lists, **padding,
+            )
     words = served.words[_host_index(served)]
     out = empty_output_like(query)
     out.copy_(block_sparse_attention_chunked(query, key, value, words, block_size, scale=scale, **padding))
@@ -110,6 +112,16 @@ def _dense_sdpa(query, key, value, scale, attn_mask=None) -> torch.Tensor:
     out = empty_output_like(query)
     out.copy_(torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask, scale=scale))
     return out
+
+
+# Triton's CPU interpreter (TRITON_INTERPRET=1) patches module state while it runs a kernel, so
+# two threads interpreting at once break each other ("Did you forget to add @triton.jit?"). Calls on
+# the interpreter take turns; compiled GPU kernels run concurrently as usual.
+_INTERPRETER = threading.Lock()
+
+
+def _interpreter_lock(device: torch.device):
+    return _INTERPRETER if device.type != "cuda" else contextlib.nullcontext()
 
 
 @lru_cache(maxsize=None)
