@@ -115,9 +115,9 @@ class AttentionLayout:
         """The call's block mask from the mask of its video tokens.
 
         ``video_mask``: bool ``(heads, vb, vb)`` over the video span's own blocks. A block pair
-        of the call keeps the union of the video block pairs it overlaps (exact when the video
-        span starts on a block boundary, a superset otherwise); rows and columns of blocks
-        holding any non-video token are kept whole.
+        of the call keeps the union of the video block pairs it overlaps; rows and columns of
+        blocks holding any non-video token are kept whole. Exact on the video tokens when the
+        video span starts and ends on block boundaries, a superset otherwise.
         """
         if self.is_video_only:
             return video_mask
