@@ -234,7 +234,7 @@ def graph_layout(gm: fx.GraphModule, call: SDPACall, plan, anchor_example):
     graph (regional blocks, graphs after a break) returns ``(None, None)``: the layout then
     comes from the root's call at run time. Nothing else in the graph is taken for a grid.
     """
-    from ..families import family_of, patch_sizes
+    from ..families import LATENT_DIMS, family_of, patch_sizes
     from ..layout import AttentionLayout
     from ..plans import _is_compiled
 
@@ -261,7 +261,7 @@ def graph_layout(gm: fx.GraphModule, call: SDPACall, plan, anchor_example):
     value = hidden.meta.get("example_value") if hidden is not None else None
     if not isinstance(value, torch.Tensor) or value.dim() != 5:
         return None, None
-    dims = (2, 3, 4) if family.latent == "BCFHW" else (1, 3, 4)
+    dims = LATENT_DIMS[family.latent]
     text_node = text_value = None
     if family.text != "none" and not isinstance(family.text_tokens, int):
         text_node = input_placeholder(gm, family.text_tokens, _position(names, family.text_tokens))

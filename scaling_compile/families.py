@@ -25,15 +25,18 @@ import torch
 
 from .layout import TEXT_POSITIONS, AttentionLayout
 
-LATENT_LAYOUTS = ("BCFHW", "BFCHW", "packed")
+LATENT_LAYOUTS = ("BCFHW", "BFCHW", "BFHWC", "packed")
+
+#: Where the (frames, height, width) of a 5-D latent sit, per layout.
+LATENT_DIMS = {"BCFHW": (2, 3, 4), "BFCHW": (1, 3, 4), "BFHWC": (1, 2, 3)}
 
 
 @dataclass(frozen=True)
 class FamilyLayout:
     """How one transformer family lays out the tokens of its self-attention.
 
-    ``latent``: ``"BCFHW"`` (channels first: Wan, HunyuanVideo), ``"BFCHW"`` (CogVideoX) or
-    ``"packed"`` (``(B, S, C)`` tokens with ``num_frames``/``height``/``width`` arguments: LTX).
+    ``latent``: ``"BCFHW"`` (channels first: Wan, HunyuanVideo), ``"BFCHW"`` (CogVideoX),
+    ``"BFHWC"`` (channels last: Kandinsky 5) or ``"packed"`` (``(B, S, C)`` tokens with ``num_frames``/``height``/``width`` arguments: LTX).
     ``patch_size`` / ``patch_size_t``: config entries (``patch_size`` may be an int or a
     (t, h, w) tuple; a missing ``patch_size_t`` means 1). ``text``: where the text tokens sit in
     the self-attention (``"none"``: text is only in cross-attention), counted by dimension 1 of
@@ -58,27 +61,60 @@ class FamilyLayout:
 
 
 _VIDEO_ONLY = FamilyLayout()
+_TEXT_PREFIX = FamilyLayout(text="prefix")
+_TEXT_SUFFIX = FamilyLayout(text="suffix")
 
-#: The built-in descriptions, keyed by transformer class name (read-only).
+#: The built-in descriptions, keyed by transformer class name (read-only). From the survey of
+#: diffusers 0.42.1's video transformers (docs/families.md of the families work).
 FAMILIES = MappingProxyType({
     # Wan and its variants: (B, C, F, H, W) latents, patch_size (1, 2, 2), text only in cross-attention.
     "WanTransformer3DModel": _VIDEO_ONLY,
     "WanVACETransformer3DModel": _VIDEO_ONLY,
-    "WanAnimateTransformer3DModel": _VIDEO_ONLY,
+    "WanAnimateTransformer3DModel": _VIDEO_ONLY,  # frame 0 of the latent is the reference frame
     "SkyReelsV2Transformer3DModel": _VIDEO_ONLY,
     "ChronoEditTransformer3DModel": _VIDEO_ONLY,
+    "AnyFlowTransformer3DModel": FamilyLayout(latent="BFCHW"),
+    "CosmosTransformer3DModel": _VIDEO_ONLY,
+    "AllegroTransformer3DModel": _VIDEO_ONLY,  # int patch_size + patch_size_t
+    "Kandinsky5Transformer3DModel": FamilyLayout(latent="BFHWC"),
     # HunyuanVideo: video tokens, then the text tokens; a (B, 1, 1, S) bool key-padding mask.
     "HunyuanVideoTransformer3DModel": FamilyLayout(text="suffix", key_padding="encoder_attention_mask"),
+    "MochiTransformer3DModel": _TEXT_SUFFIX,
+    "MotifVideoTransformer3DModel": _TEXT_SUFFIX,
     # CogVideoX 1.0 / 1.5: (B, F, C, H, W) latents, int patch_size (+ patch_size_t in 1.5), text first.
     "CogVideoXTransformer3DModel": FamilyLayout(latent="BFCHW", text="prefix"),
-    # LTX-Video: packed (B, S, C) latents with num_frames / height / width arguments.
+    "ConsisIDTransformer3DModel": FamilyLayout(latent="BFCHW", text="prefix"),
+    "EasyAnimateTransformer3DModel": _TEXT_PREFIX,
+    # LTX-Video, LTX-2: packed (B, S, C) latents with num_frames / height / width arguments.
     "LTXVideoTransformer3DModel": FamilyLayout(latent="packed"),
+    "LTX2VideoTransformer3DModel": FamilyLayout(latent="packed"),
+})
+
+#: Families whose self-attention no description here can lay out, and why: their profiled
+#: masks are never served (calls stay dense, with this reason); hand-written masks still are.
+NOT_DESCRIBED = MappingProxyType({
+    "HeliosTransformer3DModel": "history latents at their own compressions form a prefix of the video tokens",
+    "HunyuanVideoFramepackTransformer3DModel": "history latents before and image tokens after the video",
+    "HunyuanVideo15Transformer3DModel": "13 context rows after the video under a full (B, 1, S, S) mask",
+    "MiniMaxH3Transformer3DModel": "the caller packs text, audio and video rows (video_indices, text_indices)",
+    "LatteTransformer3DModel": "factorised attention: per frame and per pixel, the other axes in the batch",
+    "SanaVideoTransformer3DModel": "linear attention (no SDPA call to serve)",
+    "AnyFlowFARTransformer3DModel": "FlexAttention with its own block mask (no SDPA call to serve)",
 })
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     """The model inside ``torch.compile``'s wrapper."""
     return getattr(model, "_orig_mod", model)
+
+
+def unknown_family_reason(model: torch.nn.Module) -> str:
+    """Why ``model`` has no layout description (for warnings and ``sdpa_nodes``)."""
+    name = type(unwrap(model)).__name__
+    if name in NOT_DESCRIBED:
+        return f"{name}: {NOT_DESCRIBED[name]}"
+    return (f"{name} has no attention layout description: give its class a _scaling_layout = "
+            "scaling_compile.FamilyLayout(...) or pass options={'layout': FamilyLayout(...)}")
 
 
 def family_of(model: torch.nn.Module, override: FamilyLayout | None = None) -> FamilyLayout | None:
@@ -132,10 +168,8 @@ def call_layout(model: torch.nn.Module, family: FamilyLayout, inputs: dict) -> A
         frames, height, width = (int(s) for s in sizes)
     elif hidden.dim() != 5:
         return f"{family.hidden_states} has {hidden.dim()} dimensions, a {family.latent} latent has 5"
-    elif family.latent == "BCFHW":
-        frames, height, width = hidden.shape[2:]
     else:
-        frames, height, width = hidden.shape[1], hidden.shape[3], hidden.shape[4]
+        frames, height, width = (hidden.shape[d] for d in LATENT_DIMS[family.latent])
     grid = (int(frames) // pt, int(height) // ph, int(width) // pw)
     if min(grid) < 1:
         return f"latent {tuple(hidden.shape)} is smaller than one patch {(pt, ph, pw)}"

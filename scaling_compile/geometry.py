@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .families import FamilyLayout, bind_inputs, call_layout, family_of
+from .families import FamilyLayout, bind_inputs, call_layout, family_of, unknown_family_reason
 from .layout import AttentionLayout
 
 _stated_grid: contextvars.ContextVar = contextvars.ContextVar("scaling_stated_grid", default=None)
@@ -92,7 +92,7 @@ _FAMILY = "_scaling_family"
 def _push(module, args, kwargs):
     family = module.__dict__.get(_FAMILY) or family_of(module)
     if family is None:
-        layout = f"{type(module).__name__} has no attention layout description (scaling_compile.families)"
+        layout = unknown_family_reason(module)
     else:
         layout = call_layout(module, family, bind_inputs(module, args, kwargs))
     stacks = module.__dict__.setdefault(_CALLS, {})

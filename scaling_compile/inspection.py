@@ -41,4 +41,10 @@ def sdpa_nodes(model, *args, artifact=None, budget=None, **kwargs) -> list[NodeD
                 call.query_shape[-2] == layout.seq_len
             decisions.append(decide_in_graph(gm, call, topology, budget, layout if fits else None)[0])
         decisions.extend(unmatched_decisions(gm, topology))
+    if family is None:
+        from .families import NOT_DESCRIBED, unknown_family_reason
+
+        if type(model).__name__ in NOT_DESCRIBED:  # listed, never silently passed over
+            decisions.append(NodeDecision(f"<{type(model).__name__}>", (), (), served=False,
+                                          reason=unknown_family_reason(model)))
     return decisions

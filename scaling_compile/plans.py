@@ -173,6 +173,12 @@ class AttentionPlan:
                 layout = AttentionLayout(layout.seq_len, layout.video, grid, layout.others, layout.key_padding)
             elif layout is None or math.prod(grid) == seq_len:
                 layout = AttentionLayout.video_only(grid)
+        if layout is None and getattr(self.topology.entries.get(key), "scores", None) is not None:
+            why = call.layout if call is not None and isinstance(call.layout, str) else (
+                "no call of its model is in progress (the call during which regional blocks compile: "
+                "call scaling_compile.register_root(model) before it; model.forward called directly; "
+                "or a graph after a graph break, which does not see the model's inputs)")
+            raise NotServable(f"{key}: the token grid of this call is unknown: {why}")
         if layout is not None and seq_len is not None:
             reason = layout.mismatch(seq_len)
             if reason is not None:
