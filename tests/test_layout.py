@@ -604,6 +604,7 @@ def test_hunyuan_video_joint_attention_with_key_padding_is_served(compile_mode):
     with torch.no_grad(), no_scaling_warnings():
         out = run(**inputs).sample
     close(out, expected)
+    assert (out - dense(_hunyuan(), inputs)).abs().max() > 1e-4  # really sparse
 
 
 def test_a_layout_that_does_not_match_the_call_runs_dense():
