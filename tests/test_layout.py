@@ -619,3 +619,36 @@ def test_a_layout_that_does_not_match_the_call_runs_dense():
     with torch.no_grad():
         out = compiled(**inputs).sample
     close(out, dense(_cogvideox(text=16), inputs))
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    n_blocks=st.integers(2, 5),
+    shared=st.lists(st.tuples(st.integers(0, 4), st.integers(0, 4)), max_size=3),
+    tied=st.lists(st.tuples(st.integers(0, 4), st.integers(0, 4)), max_size=3),
+)
+def test_locate_names_a_module_only_when_its_anchor_is_unique(n_blocks, shared, tied):
+    """Random module sharing and weight tying: a block's anchor is located at exactly the module
+    that holds it when only one does, and refused (a reason) when several do."""
+    from scaling_compile.module_index import Place, locate
+
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = torch.nn.Linear(4, 4)
+
+    root = torch.nn.ModuleList(Block() for _ in range(n_blocks))
+    for a, b in shared:
+        if a < n_blocks and b < n_blocks and a != b:
+            root[b].attn = root[a].attn
+    for a, b in tied:
+        if a < n_blocks and b < n_blocks and a != b:
+            root[b].attn.weight = root[a].attn.weight
+    for i in range(n_blocks):
+        anchor = root[i].attn.weight
+        holders = [f"{j}.attn" for j in range(n_blocks) if root[j].attn.weight is anchor]
+        found = locate(anchor, "weight", [root])
+        if len(holders) == 1:
+            assert isinstance(found, Place) and found.module_path == holders[0] == f"{i}.attn"
+        else:
+            assert isinstance(found, str) and "shared" in found
