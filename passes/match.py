@@ -43,6 +43,7 @@ class SDPACall:
     dtype: torch.dtype | None
     dense_reason: str | None = None
     notes: list[str] = field(default_factory=list)
+    after_break: bool = False  # made by the graph's own frame, resumed after a graph break in it
 
     @property
     def key(self) -> str:
@@ -162,9 +163,21 @@ def find_sdpa_calls(gm: fx.GraphModule) -> list[SDPACall]:
                 key_shape=tuple(key.shape) if isinstance(key, torch.Tensor) else (),
                 dtype=query.dtype if isinstance(query, torch.Tensor) else None,
                 dense_reason=_dense_reason(args, query, key),
+                after_break=not path and _in_resumed_frame(node),
             )
         )
     return calls
+
+
+def _in_resumed_frame(node: fx.Node) -> bool:
+    """Whether the call is made directly by a frame Dynamo resumed after a graph break.
+
+    Such a frame is the rest of a module's forward: the module's SDPA calls before the break
+    are in another graph, so the ordinals counted in this graph are not the call's own.
+    """
+    trace = node.meta.get("stack_trace") or ""
+    frames = [line for line in trace.splitlines() if line.lstrip().startswith("File ")]
+    return bool(frames) and ", in torch_dynamo_resume_in_" in frames[-1]
 
 
 def find_anchor_placeholder(gm: fx.GraphModule, module_path: str) -> tuple[fx.Node, str] | None:

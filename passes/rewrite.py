@@ -14,6 +14,7 @@ callable owns them.
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import math
 import operator
@@ -180,10 +181,12 @@ def rewrite_sdpa_calls(gm: fx.GraphModule, topology, options, example_inputs=Non
             policy=options.policy,
             policy_options=options.policy_options,
             family=options.layout,
+            ordinal_known=not call.after_break,
         )
         anchor_example = examples.get(anchor) if anchor is not None else None
         layout_arg, layout = graph_layout(gm, call, plan, anchor_example)
-        decision, served_from = decide_in_graph(gm, call, topology, options.budget, layout, options.policy)
+        decision, served_from = decide_in_graph(gm, _located(call, plan, anchor_example, topology), topology,
+                                                 options.budget, layout, options.policy)
         plan.topology = served_from
         if decision.served and not _grad_free(call):
             decision.served = False
@@ -213,6 +216,17 @@ def rewrite_sdpa_calls(gm: fx.GraphModule, topology, options, example_inputs=Non
     gm.recompile()
     gm.meta["scaling_plans"] = plans
     return decisions
+
+
+def _located(call: SDPACall, plan, anchor_example, topology) -> SDPACall:
+    """``call`` named by its module's full path (found by identity) when its graph path names no
+    artifact entry: after a graph break the graph's paths are relative to the resumed frame."""
+    if topology is None or not isinstance(anchor_example, torch.Tensor) or artifact_keys_for(call, topology):
+        return call
+    found = plan.place(anchor_example)
+    if isinstance(found, str):
+        return call
+    return dataclasses.replace(call, module_path=found[0].module_path)
 
 
 def _prewarm(plan, call: SDPACall, layout, anchor_example, keys) -> None:

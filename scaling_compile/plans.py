@@ -78,6 +78,7 @@ class AttentionPlan:
     policy: str = "west"
     policy_options: dict | None = None
     family: object = None  # a FamilyLayout from options["layout"], for roots the built-in families do not know
+    ordinal_known: bool = True  # False after a graph break inside the module (its earlier calls are elsewhere)
     _cache: dict = field(default_factory=dict, repr=False)
     _places: dict = field(default_factory=dict, repr=False)  # anchor storage -> Place (weak references)
     _roots: "weakref.WeakSet" = field(default_factory=weakref.WeakSet, repr=False)
@@ -163,6 +164,9 @@ class AttentionPlan:
         place, call = found
         _relative, ordinal = split_node_key(self.graph_key)
         key = make_node_key(place.module_path, ordinal)
+        if not self.ordinal_known and make_node_key(place.module_path, 1) in self.topology:
+            raise NotServable(f"{key}: made after a graph break inside its module, which makes several SDPA "
+                              "calls: which of them this is cannot be told")
         if key not in self.topology:
             raise NotServable(f"no artifact entry for {key!r}")
         if layout is None and call is not None and isinstance(call.layout, AttentionLayout):

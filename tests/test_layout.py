@@ -652,3 +652,33 @@ def test_locate_names_a_module_only_when_its_anchor_is_unique(n_blocks, shared, 
             assert isinstance(found, Place) and found.module_path == holders[0] == f"{i}.attn"
         else:
             assert isinstance(found, str) and "shared" in found
+
+
+class TwoCallsWithABreak(torch.nn.Module):
+    """Two SDPA calls of one module with a graph break between them: keys ``0`` and ``0#1``."""
+
+    def __init__(self, dim=32, heads=2):
+        super().__init__()
+        self.heads = heads
+        self.to_qkv = torch.nn.Linear(dim, 3 * dim)
+        self.to_out = torch.nn.Linear(dim, dim)
+
+    def forward(self, x):
+        b, s, d = x.shape
+        q, k, v = self.to_qkv(x).view(b, s, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        first = F.scaled_dot_product_attention(q, k, v)
+        torch._dynamo.graph_break()
+        second = F.scaled_dot_product_attention(q, v, k)
+        return x + self.to_out((first + second).transpose(1, 2).reshape(b, s, d))
+
+
+def test_a_call_after_a_break_inside_its_module_is_not_served_another_calls_masks():
+    """The second call's graph counts it as the module's first: it must stay dense, not take ``0``'s masks."""
+    model = torch.nn.Sequential(TwoCallsWithABreak()).eval()
+    masks = random_block_masks(["0", "0#1"], 2, 2, density=0.4, seed=9)
+    x = torch.randn(1, 32, 32)
+    compiled = torch.compile(model, backend="scaling",
+                             options={"artifact": sc.Topology.from_block_masks(masks, block_size=BLOCK)})
+    with torch.no_grad(), pytest.warns(UserWarning, match="graph break"):
+        out = compiled(x)
+    close(out, run_masked(model, {"0": masks["0"]}, BLOCK, x))  # the first call sparse, the second dense
