@@ -71,6 +71,7 @@ class RootCall:
 
     root: weakref.ref
     layout: AttentionLayout | str
+    places: dict = field(default_factory=dict, repr=False)  # (anchor storage, suffix) -> Place or reason
     _names: dict | None = field(default=None, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 

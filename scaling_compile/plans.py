@@ -132,10 +132,15 @@ class AttentionPlan:
         place = self._places.get(key)
         call = None if place is None or place.root() is None else current_call(place.root())
         if call is not None:  # a tracked root call: its own index of the root, fresh per call
-            names = call.parameter_names().get(key)
-            found = place_in(place.root(), names, self.anchor_suffix) if names else None
+            found = call.places.get((key, self.anchor_suffix))
+            if found is None:
+                names = call.parameter_names().get(key)
+                found = place_in(place.root(), names, self.anchor_suffix) if names else "not in the root"
+                call.places[(key, self.anchor_suffix)] = found
             if isinstance(found, Place):
                 return found, call
+            if found != "not in the root":
+                return found  # the root call's own index says why (e.g. a shared anchor)
         elif place is not None and confirm(place, anchor):
             return place, None
         with self._lock:
