@@ -161,15 +161,18 @@ class AttentionPlan:
     def resolve(self, anchor: torch.Tensor | None, layout: AttentionLayout | None = None,
                 seq_len: int | None = None) -> tuple[str, AttentionLayout | None]:
         """The call's artifact key and confirmed layout; NotServable says why the call stays dense."""
-        if anchor is None or self.anchor_suffix is None:
-            raise NotServable(f"no parameter of {self.graph_key!r} reaches the graph, so its module cannot be told")
-        found = self.place(anchor)
-        if isinstance(found, str):
-            raise NotServable(f"cannot tell which module {self.graph_key!r} is: {found}")
-        place, call = found
-        _relative, ordinal = split_node_key(self.graph_key)
-        key = make_node_key(place.module_path, ordinal)
-        if not self.ordinal_known and make_node_key(place.module_path, 1) in self.topology:
+        if anchor is None and self.anchor_suffix is None and self.graph_key in self.topology:
+            key, call = self.graph_key, None  # a plan made for one known node, called directly (benchmarks)
+        else:
+            if anchor is None or self.anchor_suffix is None:
+                raise NotServable(f"no parameter of {self.graph_key!r} reaches the graph, so its module cannot be told")
+            found = self.place(anchor)
+            if isinstance(found, str):
+                raise NotServable(f"cannot tell which module {self.graph_key!r} is: {found}")
+            place, call = found
+            _relative, ordinal = split_node_key(self.graph_key)
+            key = make_node_key(place.module_path, ordinal)
+        if not self.ordinal_known and make_node_key(split_node_key(key)[0], 1) in self.topology:
             raise NotServable(f"{key}: made after a graph break inside its module, which makes several SDPA "
                               "calls: which of them this is cannot be told")
         if key not in self.topology:
