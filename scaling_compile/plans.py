@@ -190,11 +190,11 @@ class AttentionPlan:
                 "no call of its model is in progress (the call during which regional blocks compile: "
                 "call scaling_compile.register_root(model) before it; model.forward called directly; "
                 "or a graph after a graph break, which does not see the model's inputs)")
-            raise NotServable(f"{key}: the token grid of this call is unknown: {why}")
+            raise NotServable(f"the token grid of this call is unknown: {why}")  # one warning for all blocks
         if layout is not None and seq_len is not None:
             reason = layout.mismatch(seq_len)
             if reason is not None:
-                raise NotServable(f"{key}: {reason}")
+                raise NotServable(reason)
         return key, layout
 
     # -- masks for one call ---------------------------------------------------------------------
