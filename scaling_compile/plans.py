@@ -141,8 +141,8 @@ class AttentionPlan:
                 return found, call
             if found != "not in the root":
                 return found  # the root call's own index says why (e.g. a shared anchor)
-        elif place is not None and confirm(place, anchor):
-            return place, None
+        if place is not None and confirm(place, anchor):  # e.g. offloading moved it since the call began
+            return place, call
         with self._lock:
             found = locate(anchor, self.anchor_suffix, list(self._roots))
             if not isinstance(found, Place):
