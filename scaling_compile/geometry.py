@@ -91,6 +91,8 @@ _FAMILY = "_scaling_family"
 
 
 def _push(module, args, kwargs):
+    if torch.compiler.is_compiling():  # a compiled root derives layouts in its graph: trace nothing
+        return None
     family = module.__dict__.get(_FAMILY) or family_of(module)
     if family is None:
         layout = unknown_family_reason(module)
@@ -102,6 +104,8 @@ def _push(module, args, kwargs):
 
 
 def _pop(module, args, kwargs, output):
+    if torch.compiler.is_compiling():
+        return None
     stack = module.__dict__.get(_CALLS, {}).get(threading.get_ident())
     if stack:
         stack.pop()
@@ -118,8 +122,8 @@ def track_calls(root: torch.nn.Module, family: FamilyLayout | None = None) -> No
         root.__dict__[_FAMILY] = family
     if root.__dict__.get("_scaling_hooks") is None:
         root.__dict__["_scaling_hooks"] = (
-            root.register_forward_pre_hook(torch.compiler.disable(_push), with_kwargs=True),
-            root.register_forward_hook(torch.compiler.disable(_pop), with_kwargs=True, always_call=True),
+            root.register_forward_pre_hook(_push, with_kwargs=True),
+            root.register_forward_hook(_pop, with_kwargs=True, always_call=True),
         )
 
 

@@ -85,7 +85,7 @@ def locate(anchor: torch.Tensor, suffix: str, roots) -> Place | str:
         names = parameter_names(root).get(key)
         if names:
             found.append(place_in(root, names, suffix))
-    places = [p for p in found if isinstance(p, Place)]
+    places = _distinct([p for p in found if isinstance(p, Place)])
     if len(places) == 1:
         return places[0]
     if len(places) > 1:
@@ -95,6 +95,18 @@ def locate(anchor: torch.Tensor, suffix: str, roots) -> Place | str:
         return found[0]
     return ("its anchor parameter is not owned by any live nn.Module "
             "(call scaling_compile.register_root(model) if the model is held somewhere unusual)")
+
+
+def _distinct(places: list[Place]) -> list[Place]:
+    """One place per (model, module path): ``torch.compile`` wrappers of one model name one module."""
+    seen, distinct = set(), []
+    for place in places:
+        root = place.root()
+        identity = (id(getattr(root, "_orig_mod", root)), place.module_path)
+        if identity not in seen:
+            seen.add(identity)
+            distinct.append(place)
+    return distinct
 
 
 def confirm(place: Place, anchor: torch.Tensor) -> bool:

@@ -682,3 +682,16 @@ def test_a_call_after_a_break_inside_its_module_is_not_served_another_calls_mask
     with torch.no_grad(), pytest.warns(UserWarning, match="graph break"):
         out = compiled(x)
     close(out, run_masked(model, {"0": masks["0"]}, BLOCK, x))  # the first call sparse, the second dense
+
+
+def test_a_tracked_model_still_compiles_whole_in_one_graph():
+    """The call-tracking hooks of register_root trace to nothing: fullgraph whole-model compilation works."""
+    model = tiny_wan(num_layers=2)
+    topology = FrameLocal(wan_keys(model), model.config.num_attention_heads)
+    sc.register_root(model)
+    inputs = wan_inputs(3, 8, 12)
+    compiled = torch.compile(model, backend="scaling", options={"artifact": topology, "inner": "eager"},
+                             fullgraph=True)
+    with torch.no_grad(), no_scaling_warnings():
+        out = compiled(**inputs).sample
+    close(out, frame_local_reference(tiny_wan(num_layers=2), topology, inputs, (3, 4, 6)))
