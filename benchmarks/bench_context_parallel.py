@@ -158,7 +158,7 @@ def served_heads() -> list[list[str]]:
     from scaling_compile.parallel import ShardedTopology
 
     mine = set()
-    for plan in plans._plans:
+    for plan in plans.all_plans():
         if not isinstance(plan.topology, ShardedTopology):
             continue
         for cache_key, served in plan._cache.items():

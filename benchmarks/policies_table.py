@@ -54,6 +54,7 @@ import scaling_compile.op  # noqa: F401  (registers torch.ops.scaling.sparse_sdp
 from scaling_compile import policies
 from scaling_compile import quality as q
 from scaling_compile.kernels.bitpack import unpack_block_mask
+from scaling_compile.layout import AttentionLayout
 from scaling_compile.plans import AttentionPlan, get_plan, plan_count, register_plan
 from scaling_compile.policies.haste import HasteSettings
 
@@ -135,14 +136,15 @@ def node_pass(model, topology, policy, options, budget, inputs_seq, grid, block_
     """Serve every self-attention call of the eager model through the op, the policy's state
     carried along ``inputs_seq``; per-call metrics and the transformer outputs."""
     plans: dict[str, int] = {}
+    held: list[AttentionPlan] = []  # the op reaches plans through a weak index: this pass owns them
     records: list[dict] = []
-    grid_list = list(grid)
+    grid_list = AttentionLayout.video_only(grid).to_ints()
 
     def serve(node, query, key, value, scale, dense):
         if node not in plans:
-            plans[node] = register_plan(AttentionPlan(graph_key=node, anchor_suffix=None, topology=topology,
-                                                      budget=budget, strict=True, policy=policy,
-                                                      policy_options=options))
+            held.append(AttentionPlan(graph_key=node, anchor_suffix=None, topology=topology, budget=budget,
+                                      strict=True, policy=policy, policy_options=options))
+            plans[node] = register_plan(held[-1])
         plan = get_plan(plans[node])
         with policies.record_masks() as recorded:
             out = torch.ops.scaling.sparse_sdpa(query, key, value, None, plans[node], scale, grid_list)
@@ -151,7 +153,7 @@ def node_pass(model, topology, policy, options, budget, inputs_seq, grid, block_
             token_mask, block = recorded[0].token_mask(seq), recorded[0].block_mask
             refreshed = recorded[0].refreshed
         else:  # WEST: the plan's cached static mask
-            served = plan.masks_for(query, None, tuple(grid))
+            served = plan.masks_for(query, None, grid_list)
             block = unpack_block_mask(served.words[0].cpu(), math.ceil(seq / block_size))[None]
             token_mask = policies.MaskRecord(node, policy, block, block_size).token_mask(seq)
             refreshed = None

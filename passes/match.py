@@ -1,9 +1,10 @@
 """Find the scaled-dot-product-attention calls of a Dynamo FX graph and decide which can be served sparse.
 
 A call is served by the block-sparse kernel only when that is exactly the
-attention the model asked for (up to the mask): no attn_mask, not causal, no
-dropout, no GQA broadcasting, self-attention (query and key of one length), a
-head dim and dtype the kernel supports. Everything else stays dense and the
+attention the model asked for (up to the mask): no attn_mask other than a bool
+key-padding mask (served exactly by the kernel), not causal, no dropout, no GQA
+broadcasting, self-attention (query and key of one length), a head dim and dtype
+the kernel supports. Everything else stays dense and the
 reason is recorded, so the user can see why.
 """
 
@@ -42,6 +43,7 @@ class SDPACall:
     dtype: torch.dtype | None
     dense_reason: str | None = None
     notes: list[str] = field(default_factory=list)
+    after_break: bool = False  # made by the graph's own frame, resumed after a graph break in it
 
     @property
     def key(self) -> str:
@@ -98,9 +100,23 @@ def _same_length(a, b) -> bool:
         return a is b
 
 
+def is_key_padding_mask(mask, query, key) -> bool:
+    """Whether an SDPA ``attn_mask`` (example value) is a bool mask over keys only: ``(B|1, 1, 1, S_k)``,
+    ``(1, S_k)`` or ``(S_k,)``, which the kernels serve exactly as ``key_valid``."""
+    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or not isinstance(key, torch.Tensor):
+        return False
+    shape = tuple(mask.shape)
+    if not 1 <= len(shape) <= 4 or not _same_length(shape[-1], key.shape[-2]):
+        return False
+    if len(shape) == 4:
+        return _same_length(shape[1], 1) and _same_length(shape[2], 1) and (
+            _same_length(shape[0], 1) or _same_length(shape[0], query.shape[0]))
+    return all(_same_length(s, 1) for s in shape[:-1])
+
+
 def _dense_reason(args: dict, query, key) -> str | None:
-    if args["attn_mask"] is not None:
-        return "attn_mask given"
+    if args["attn_mask"] is not None and not is_key_padding_mask(_example_value(args["attn_mask"]), query, key):
+        return "attn_mask given (only a bool key-padding mask is served sparse)"
     if args["is_causal"] is not False:
         return "is_causal"
     if not (isinstance(args["dropout_p"], (int, float)) and args["dropout_p"] == 0.0):
@@ -147,42 +163,61 @@ def find_sdpa_calls(gm: fx.GraphModule) -> list[SDPACall]:
                 key_shape=tuple(key.shape) if isinstance(key, torch.Tensor) else (),
                 dtype=query.dtype if isinstance(query, torch.Tensor) else None,
                 dense_reason=_dense_reason(args, query, key),
+                after_break=not path and _in_resumed_frame(node),
             )
         )
     return calls
 
 
-def find_anchor_placeholder(gm: fx.GraphModule, module_path: str) -> tuple[fx.Node, str] | None:
-    """A parameter placeholder owned by the module at ``module_path``, and its path relative to it.
+def _in_resumed_frame(node: fx.Node) -> bool:
+    """Whether the call is made directly by a frame Dynamo resumed after a graph break.
 
-    Under regional compilation one graph serves every block, so the block a call
-    belongs to is only known at run time, from which parameters reach the graph.
-    The parameter returned here (e.g. ``attn1.to_q.weight``) is passed to the
-    custom op as that identity.
+    Such a frame is the rest of a module's forward: the module's SDPA calls before the break
+    are in another graph, so the ordinals counted in this graph are not the call's own.
+    """
+    trace = node.meta.get("stack_trace") or ""
+    frames = [line for line in trace.splitlines() if line.lstrip().startswith("File ")]
+    return bool(frames) and ", in torch_dynamo_resume_in_" in frames[-1]
+
+
+def find_anchor_placeholder(gm: fx.GraphModule, module_path: str) -> tuple[fx.Node, str] | None:
+    """A non-empty parameter placeholder owned by the module at ``module_path``, and its path relative to it.
+
+    The parameter (e.g. ``attn1.to_q.weight``) is passed to the custom op, which finds the
+    call's module from it by identity at run time (:mod:`scaling_compile.module_index`):
+    under regional compilation one graph serves every block, and after a graph break the
+    graph's own module paths are relative to whatever frame it was made from. For a call
+    made directly by the graph's frame (empty module path) the frame must have one module
+    owning parameters, else no anchor is returned.
     """
     prefix = module_path + "." if module_path else ""
+    found = []
     for node in gm.graph.nodes:
         if node.op != "placeholder":
             continue
-        path = _parameter_path(node)
-        if path is not None and path.startswith(prefix):
-            return node, path[len(prefix):]
-    for node in gm.graph.nodes:  # parameters held as attributes (inline_inbuilt_nn_modules off)
-        if node.op == "get_attr" and isinstance(getattr(gm, str(node.target), None), torch.nn.Parameter):
-            path = str(node.target).replace("_", ".")
-            if path.startswith(prefix):
-                return node, path[len(prefix):]
-    return None
+        parsed = _parameter_path(node)
+        if parsed is None:
+            continue
+        local, path = parsed
+        value = node.meta.get("example_value")
+        if isinstance(value, torch.Tensor) and value.numel() == 0:
+            continue  # a zero-size tensor (data pointer 0) identifies nothing
+        if path.startswith(prefix):
+            found.append((local, node, path[len(prefix):]))
+    if not module_path and len({local for local, _node, _path in found}) > 1:
+        return None
+    return (found[0][1], found[0][2]) if found else None
 
 
-def _parameter_path(node: fx.Node) -> str | None:
-    """Dotted path of the parameter a Dynamo placeholder holds, relative to the compiled root, or None."""
+def _parameter_path(node: fx.Node) -> tuple[str, str] | None:
+    """The frame local a Dynamo parameter placeholder comes from, and its dotted path below it; or None."""
     grapharg = node.meta.get("grapharg")
     source = getattr(grapharg, "source", None)
     if source is None:
         return None
     parts: list[str] = []
     is_param = False
+    local = None
     while source is not None:
         index = getattr(source, "index", None)
         member = getattr(source, "member", None)
@@ -201,17 +236,35 @@ def _parameter_path(node: fx.Node) -> str | None:
             elif member not in ("__dict__", "_modules"):
                 parts.append(member)
         if hasattr(source, "local_name"):
+            local = source.local_name
             break
         source = getattr(source, "base", None)
-    if not is_param:
+    if not is_param or local is None:
         return None
-    return strip_hook_wrappers(".".join(reversed(parts)))
+    return local, strip_hook_wrappers(".".join(reversed(parts)))
+
+
+def input_placeholder(gm: fx.GraphModule, name: str, position: int | None = None) -> fx.Node | None:
+    """The placeholder holding the graph frame's argument ``name`` (``L['name']``, ``L['kwargs']['name']``,
+    or ``L['args'][position]`` when the frame is a module's ``_call_impl``); None if the graph has none."""
+    wanted = {f"L['{name}']", f"L['kwargs']['{name}']"}
+    if position is not None:
+        wanted.add(f"L['args'][{position}]")
+    for node in gm.graph.nodes:
+        if node.op != "placeholder":
+            continue
+        source = getattr(node.meta.get("grapharg"), "source", None)
+        if source is not None and source.name in wanted:
+            return node
+    return None
 
 
 __all__ = [
     "SDPACall",
     "find_sdpa_calls",
     "find_anchor_placeholder",
+    "input_placeholder",
+    "is_key_padding_mask",
     "is_sdpa_node",
     "sdpa_arguments",
     "SUPPORTED_HEAD_DIMS",

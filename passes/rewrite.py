@@ -3,20 +3,27 @@
 For each SDPA call the pass decides, from the call's static properties and the
 topology, whether the sparse kernel can serve it exactly. Served calls become
 the custom op, carrying a plan id (the run-time record of the node's key,
-topology and options) and, when the block is only known at run time (regional
-compilation), a parameter of the attention module as its identity. Everything
-else is left untouched, with the reason recorded.
+topology and options), a parameter of the attention module (the call's module is
+found from it by identity at every call), the call's attention layout when the
+graph's own inputs give it (whole-model compilation: the ``hidden_states`` input
+and the model's family description, :mod:`scaling_compile.families`), and its
+key-padding mask if it has one. Everything else is left untouched, with the
+reason recorded. The plans made here are returned to the backend, whose compiled
+callable owns them.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import math
+import operator
 from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
 
-from .match import SDPACall, _same_length, find_anchor_placeholder, find_sdpa_calls
+from .match import SDPACall, find_anchor_placeholder, find_sdpa_calls, input_placeholder
 from .node_keys import split_node_key
 
 
@@ -66,12 +73,13 @@ def artifact_keys_for_key(node_key: str, topology) -> list[str]:
     return matches
 
 
-def decide(call: SDPACall, topology, budget: float | None = None, grid=None, policy: str = "west") -> NodeDecision:
+def decide(call: SDPACall, topology, budget: float | None = None, layout=None, policy: str = "west") -> NodeDecision:
     """Whether ``call`` can be served sparse from ``topology``, with the reason if not.
 
-    ``grid`` is the call's token grid when the graph shows it (profiled topologies need it
-    to report a density at compile time). Online policies without a WEST prior need no
-    static mask: their density is only known at run time.
+    ``layout`` is the call's static :class:`~scaling_compile.layout.AttentionLayout` when the
+    graph gives it (profiled topologies need its grid to report a density at compile time).
+    Online policies without a WEST prior need no static mask: their density is only known at
+    run time.
     """
     decision = NodeDecision(call.key, call.query_shape, call.key_shape, served=False)
     if topology is None:
@@ -96,11 +104,14 @@ def decide(call: SDPACall, topology, budget: float | None = None, grid=None, pol
             return decision
     elif isinstance(seq_len, int):
         from ..errors import NotServable
+        from ..plans import layout_block_mask
 
+        if layout is not None and layout.mismatch(seq_len) is not None:
+            decision.reason = layout.mismatch(seq_len)
+            return decision
         for key in keys:
             try:
-                static_grid = tuple(grid) if grid is not None and all(isinstance(g, int) for g in grid) else None
-                mask = topology.block_mask(key, seq_len=seq_len, num_heads=heads, budget=budget, grid=static_grid)
+                mask = layout_block_mask(topology, key, seq_len, heads, layout, budget)
                 densities.append(float(mask.float().mean()))
             except NotServable as reason:
                 reasons.append(str(reason))
@@ -117,13 +128,13 @@ def decide(call: SDPACall, topology, budget: float | None = None, grid=None, pol
     return decision
 
 
-def decide_in_graph(gm: fx.GraphModule, call: SDPACall, topology, budget=None, grid=None, policy: str = "west"):
+def decide_in_graph(gm: fx.GraphModule, call: SDPACall, topology, budget=None, layout=None, policy: str = "west"):
     """:func:`decide` for a call of ``gm``, and the topology it is served from: under context
     parallelism (Ulysses) the view of this rank's heads (``scaling_compile.parallel``)."""
     from .. import parallel
 
     served_from = parallel.topology_for_call(gm, call, topology)
-    decision = decide(call, served_from, budget, grid, policy)
+    decision = decide(call, served_from, budget, layout, policy)
     if decision.served and decision.served_keys and call.query_shape:
         decision.note = parallel.shard_note(served_from, decision.served_keys[0], call.num_heads)
     return decision, served_from
@@ -141,56 +152,60 @@ def unmatched_decisions(gm: fx.GraphModule, topology) -> list[NodeDecision]:
     return decisions
 
 
-def rewrite_sdpa_calls(gm: fx.GraphModule, topology, options, example_inputs=None) -> list[NodeDecision]:
-    """Replace each servable SDPA node of ``gm`` by the sparse custom op; return every decision.
+def rewrite_sdpa_calls(gm: fx.GraphModule, topology, options, example_inputs=None):
+    """Replace each servable SDPA node of ``gm`` by the sparse custom op.
 
-    ``options`` is the backend's :class:`~scaling_compile.options.BackendOptions`. With the
-    graph's ``example_inputs`` the masks of static geometries are built now, not at the first call.
+    Returns every decision; the plans of the served nodes are left in
+    ``gm.meta["scaling_plans"]`` for the caller, which keeps them alive for as long as the
+    compiled graph lives. ``options`` is the backend's
+    :class:`~scaling_compile.options.BackendOptions`. With the graph's ``example_inputs`` the
+    calls' modules are located and the masks of static geometries built now, not at the first call.
     """
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     examples = dict(zip(placeholders, example_inputs or []))
     from .. import op as _op  # noqa: F401  (registers torch.ops.scaling.sparse_sdpa)
     from ..plans import AttentionPlan, register_plan
 
-    decisions = []
+    decisions, plans = [], []
     for call in find_sdpa_calls(gm):
-        grid = token_grid_in_graph(gm, call.query_shape[-2]) if call.query_shape else None
-        decision, served_from = decide_in_graph(gm, call, topology, options.budget, grid, options.policy)
-        if decision.served and not _grad_free(call):
-            decision.served = False
-            decision.reason = "inputs require grad (the sparse kernel is inference-only: use torch.no_grad())"
-        if decision.served:
-            anchor = None
-            anchor_suffix = None
-            if call.key not in topology:
-                found = find_anchor_placeholder(gm, call.module_path)
-                if found is None:
-                    decision.served = False
-                    decision.reason = "block unknown at run time (no parameter of the module reaches the graph)"
-                else:
-                    anchor, anchor_suffix = found
-        if not decision.served:
-            decisions.append(decision)
-            continue
+        found = find_anchor_placeholder(gm, call.module_path) if call.dense_reason is None else None
+        anchor, anchor_suffix = found if found is not None else (None, None)
         plan = AttentionPlan(
             graph_key=call.key,
             anchor_suffix=anchor_suffix,
-            topology=served_from,
+            topology=topology,
             budget=options.budget,
             strict=options.strict,
             kernel=options.kernel,
             schedule=options.schedule,
             policy=options.policy,
             policy_options=options.policy_options,
+            family=options.layout,
+            ordinal_known=not call.after_break,
         )
+        anchor_example = examples.get(anchor) if anchor is not None else None
+        layout_arg, layout = graph_layout(gm, call, plan, anchor_example)
+        decision, served_from = decide_in_graph(gm, _located(call, plan, anchor_example, topology), topology,
+                                                 options.budget, layout, options.policy)
+        plan.topology = served_from
+        if decision.served and not _grad_free(call):
+            decision.served = False
+            decision.reason = "inputs require grad (the sparse kernel is inference-only: use torch.no_grad())"
+        if decision.served and anchor is None:
+            decision.served = False
+            decision.reason = "its module cannot be told at run time (no parameter of the module reaches the graph)"
+        if not decision.served:
+            decisions.append(decision)
+            continue
         plan_id = register_plan(plan)
-        _prewarm(plan, call, decision, grid, examples.get(anchor) if anchor is not None else None)
+        plans.append(plan)
+        _prewarm(plan, call, layout, anchor_example, decision.served_keys)
         args = call.arguments
         with gm.graph.inserting_before(call.node):
             new = gm.graph.call_function(
                 torch.ops.scaling.sparse_sdpa.default,
-                (args["query"], args["key"], args["value"], anchor, plan_id, args["scale"],
-                 grid_argument(gm, call, grid)),
+                (args["query"], args["key"], args["value"], anchor, plan_id, args["scale"], layout_arg,
+                 args["attn_mask"]),
             )
         new.meta.update({k: v for k, v in call.node.meta.items() if k != "example_value"})
         call.node.replace_all_uses_with(new)
@@ -199,63 +214,126 @@ def rewrite_sdpa_calls(gm: fx.GraphModule, topology, options, example_inputs=Non
     decisions.extend(unmatched_decisions(gm, topology))
     gm.graph.lint()
     gm.recompile()
+    gm.meta["scaling_plans"] = plans
     return decisions
 
 
-def _prewarm(plan, call: SDPACall, decision: NodeDecision, grid, anchor_example) -> None:
+def _located(call: SDPACall, plan, anchor_example, topology) -> SDPACall:
+    """``call`` named by its module's full path (found by identity) when its graph path names no
+    artifact entry: after a graph break the graph's paths are relative to the resumed frame."""
+    if topology is None or not isinstance(anchor_example, torch.Tensor) or artifact_keys_for(call, topology):
+        return call
+    found = plan.place(anchor_example)
+    if isinstance(found, str):
+        return call
+    return dataclasses.replace(call, module_path=found[0].module_path)
+
+
+def _prewarm(plan, call: SDPACall, layout, anchor_example, keys) -> None:
     seq_len, heads = call.query_shape[-2], call.num_heads
     query = call.arguments["query"].meta.get("example_value")
-    static = isinstance(seq_len, int) and (grid is None or all(isinstance(g, int) for g in grid))
-    if not static or query is None or (anchor_example is None and plan.graph_key not in plan.topology):
+    if not isinstance(seq_len, int) or query is None or not isinstance(anchor_example, torch.Tensor):
         return
-    if anchor_example is not None and not isinstance(anchor_example, torch.Tensor):
-        return
-    plan.prewarm(
-        decision.served_keys, seq_len, heads, query.device,
-        grid=None if grid is None else tuple(grid), anchor=anchor_example, query=query,
-    )
+    plan.prewarm(seq_len, heads, query.device, layout=layout, anchor=anchor_example, query=query, keys=keys)
 
 
-def token_grid_in_graph(gm: fx.GraphModule, seq_len) -> list | None:
-    """The (frames, height, width) of a 5-D video tensor in ``gm`` with ``seq_len`` tokens, if any.
+def graph_layout(gm: fx.GraphModule, call: SDPACall, plan, anchor_example):
+    """The call's attention layout from the graph's own inputs: ``(op argument, static layout)``.
 
-    Under whole-model compilation the patch embedding's output ``(B, C, F, H, W)``
-    is in the graph; its last three sizes (symbolic under dynamic shapes) are the
-    token grid of the self-attention calls. Regional graphs have none: their
-    grid is learnt at run time.
+    Only a graph made from the root model's own forward has the root's inputs: it is
+    recognised by the call's anchor parameter, whose path in the graph is its full path in
+    the root (found by identity). Its ``hidden_states`` (and text) inputs and the root's
+    family description give the layout; under dynamic shapes the op argument holds size
+    nodes of those inputs, so each call's layout comes from its own tensors. Any other
+    graph (regional blocks, graphs after a break) returns ``(None, None)``: the layout then
+    comes from the root's call at run time. Nothing else in the graph is taken for a grid.
     """
-    found = _grid_tensor(gm, seq_len)
-    return None if found is None else found[1]
+    from ..families import LATENT_DIMS, family_of, patch_sizes
+    from ..layout import AttentionLayout
+    from ..plans import _is_compiled
 
-
-def _grid_tensor(gm: fx.GraphModule, seq_len, before: fx.Node | None = None):
-    """The first 5-D tensor node (before ``before``) whose last three sizes multiply to ``seq_len``, and them."""
-    for node in gm.graph.nodes:
-        if node is before:
-            break
-        value = node.meta.get("example_value")
-        if isinstance(value, torch.Tensor) and value.dim() == 5:
-            dims = list(value.shape[2:])
-            if _same_length(dims[0] * dims[1] * dims[2], seq_len):
-                return node, dims
-    return None
-
-
-def grid_argument(gm: fx.GraphModule, call: SDPACall, grid: list | None) -> list | None:
-    """The op's ``grid`` argument: ints when static, else ``size`` nodes of the 5-D tensor.
-
-    Under dynamic shapes the sizes are read off the tensor at run time by nodes of the
-    graph, rather than written as free symbols: the values always come from this call's
-    own tensor, whatever Dynamo passes for its symbolic inputs.
-    """
-    if grid is None or all(isinstance(g, int) for g in grid):
-        return grid
-    found = _grid_tensor(gm, call.query_shape[-2], before=call.node)
-    if found is None:
-        return None  # the plan learns the grid at run time (regional path)
-    node, _dims = found
+    if not isinstance(anchor_example, torch.Tensor) or not call.query_shape:
+        return None, None
+    found = plan.place(anchor_example)
+    if isinstance(found, str):
+        return None, None
+    place, _root_call = found
+    root = place.root()
+    expected = ".".join(p for p in (call.module_path, plan.anchor_suffix) if p)
+    if root is None or not _is_compiled(root) or _stripped(place.parameter_name) != expected:
+        return None, None
+    family = family_of(root, plan.family)
+    if family is None or family.latent == "packed":
+        return None, None
+    model = getattr(root, "_orig_mod", root)
+    try:
+        pt, ph, pw = patch_sizes(model, family)
+        names = list(inspect.signature(model.forward).parameters)
+    except (ValueError, TypeError):
+        return None, None
+    hidden = input_placeholder(gm, family.hidden_states, _position(names, family.hidden_states))
+    value = hidden.meta.get("example_value") if hidden is not None else None
+    if not isinstance(value, torch.Tensor) or value.dim() != 5:
+        return None, None
+    dims = LATENT_DIMS[family.latent]
+    text_node = text_value = None
+    if family.text != "none" and not isinstance(family.text_tokens, int):
+        text_node = input_placeholder(gm, family.text_tokens, _position(names, family.text_tokens))
+        text_value = text_node.meta.get("example_value") if text_node is not None else None
+        if not isinstance(text_value, torch.Tensor) or text_value.dim() < 2:
+            return None, None
+    padded = family.key_padding is not None and input_placeholder(
+        gm, family.key_padding, _position(names, family.key_padding)) is not None
     with gm.graph.inserting_before(call.node):
-        return [gm.graph.call_method("size", (node, dim)) for dim in (2, 3, 4)]
+        grid = [_div(gm, _size(gm, hidden, value, d), p) for d, p in zip(dims, (pt, ph, pw))]
+        video = _mul(gm, _mul(gm, grid[0], grid[1]), grid[2])
+        if family.text == "none":
+            text = 0
+        elif isinstance(family.text_tokens, int):
+            text = family.text_tokens
+        else:
+            text = _size(gm, text_node, text_value, 1)
+        if family.text == "prefix":
+            start, stop, total = text, _add(gm, text, video), _add(gm, text, video)
+        else:
+            start, stop, total = 0, video, _add(gm, video, text)
+    argument = [total, start, stop, *grid, int(padded)]
+    static = None
+    if all(isinstance(v, int) for v in argument):
+        try:
+            static = AttentionLayout.from_ints(argument)
+        except ValueError:
+            return None, None
+    return argument, static
+
+
+def _stripped(name: str) -> str:
+    from ..module_index import strip_wrappers
+
+    return strip_wrappers(name)
+
+
+def _position(names: list[str], name: str) -> int | None:
+    """Index of ``name`` in ``forward``'s signature, as it appears in ``_call_impl``'s ``args``."""
+    return names.index(name) if name in names else None
+
+
+def _size(gm, node, value, dim):
+    size = value.shape[dim]
+    if isinstance(size, int):
+        return size
+    return gm.graph.call_method("size", (node, dim))
+
+
+def _arith(op):
+    def apply(gm, a, b):
+        if isinstance(a, int) and isinstance(b, int):
+            return op(a, b)
+        return gm.graph.call_function(op, (a, b))
+    return apply
+
+
+_div, _mul, _add = _arith(operator.floordiv), _arith(operator.mul), _arith(operator.add)
 
 
 def _grad_free(call: SDPACall) -> bool:

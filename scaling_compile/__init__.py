@@ -3,8 +3,9 @@
     model = torch.compile(model, backend="scaling", options={"artifact": "wan.safetensors"})
 
 Public API: :class:`Topology` (the artifact), :func:`sdpa_nodes` (what the
-backend will do with each attention call), :func:`register_root`,
-:func:`token_grid`.
+backend will do with each attention call), :class:`AttentionLayout` and
+:class:`FamilyLayout` (what each attention call attends over, and how a model
+family's inputs say it), :func:`register_root`, :func:`token_grid`.
 
 Offline side: :func:`profile` (WEST topology + FAST sensitivities of a model
 from a calibration set, see :mod:`.calibration`), :class:`StepSchedule` (the
@@ -13,9 +14,10 @@ per-denoising-step budgets, switched without recompiling), :func:`load_artifact`
 """
 
 from .errors import ArtifactError, NotServable, ScalingCompileError
-from .geometry import set_grid, token_grid
+from .geometry import register_root, set_grid, token_grid
+from .families import FamilyLayout
 from .inspection import sdpa_nodes
-from .module_index import register_root
+from .layout import AttentionLayout
 from .options import BackendOptions
 from .topology import NodeTopology, Topology, model_fingerprint
 from .artifact import check_model, load_artifact
@@ -25,6 +27,8 @@ from .passes.profile import profile
 
 __all__ = [
     "ArtifactError",
+    "AttentionLayout",
+    "FamilyLayout",
     "BackendOptions",
     "CalibrationSample",
     "CalibrationSet",

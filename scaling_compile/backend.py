@@ -53,9 +53,28 @@ def scaling_backend(gm: torch.fx.GraphModule, example_inputs, options=None, mode
     if topology is not None:
         topology = _fit_to_model(topology, gm, example_inputs, opts)
     decisions = rewrite_sdpa_calls(gm, topology, opts, example_inputs) if topology is not None else []
+    plans = gm.meta.pop("scaling_plans", [])
     if decisions:
         report_decisions(decisions, strict=opts.strict, warn_uncovered=bool(topology.entries))
-    return compile_inner(gm, example_inputs, opts.inner, opts.mode or mode)
+    return owning(compile_inner(gm, example_inputs, opts.inner, opts.mode or mode), plans)
+
+
+def owning(compiled, plans: list):
+    """``compiled``, made the owner of the plans its graph's ops serve from.
+
+    The plans live exactly as long as the compiled graph (nothing process-wide holds them),
+    so a model compiled and then dropped is freed with its plans.
+    """
+    if not plans:
+        return compiled
+
+    def run(*args, **kwargs):
+        return compiled(*args, **kwargs)
+
+    run.__dict__.update(getattr(compiled, "__dict__", {}))  # e.g. _boxed_call
+    run._scaling_plans = plans
+    return run
+
 
 
 def report_decisions(decisions, *, strict: bool, warn_uncovered: bool = True) -> None:
@@ -119,19 +138,19 @@ def _fit_to_model(topology, gm: torch.fx.GraphModule, example_inputs, opts: Back
 
 
 def model_root_of(example_inputs) -> torch.nn.Module | None:
-    """The model whose parameters reach the graph as inputs, or None when none does.
+    """The model whose parameters reach the graph as inputs, or None when it is not one model.
 
-    Dynamo passes a compiled module's parameters to the graph as inputs; the owner of the
-    first one (:func:`~.module_index.parameter_name`) is the model, for a whole-model graph
-    and for a block compiled regionally alike.
+    Dynamo passes a compiled module's parameters to the graph as inputs; the top-level
+    module owning the first one (:func:`~.module_index.roots_owning`, by identity) is the
+    model, for a whole-model graph and for a block compiled regionally alike. A parameter
+    owned by several top-level modules names no single model: None (nothing is checked).
     """
-    from .module_index import parameter_name
+    from .module_index import roots_owning
 
     for value in example_inputs or ():
-        if isinstance(value, torch.nn.Parameter):
-            found = parameter_name(value)
-            if found is not None:
-                return found[0]
+        if isinstance(value, torch.nn.Parameter) and value.numel() > 0:
+            roots = roots_owning(value)
+            return roots[0] if len(roots) == 1 else None
     return None
 
 

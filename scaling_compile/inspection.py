@@ -6,7 +6,7 @@ import torch
 
 from .options import BackendOptions
 from .passes.match import find_sdpa_calls
-from .passes.rewrite import NodeDecision, decide_in_graph, token_grid_in_graph, unmatched_decisions
+from .passes.rewrite import NodeDecision, decide_in_graph, unmatched_decisions
 
 
 def capture_graphs(model, *args, **kwargs) -> list[torch.fx.GraphModule]:
@@ -29,11 +29,22 @@ def sdpa_nodes(model, *args, artifact=None, budget=None, **kwargs) -> list[NodeD
     With no ``artifact`` every node is reported dense ("no artifact") but still
     listed with its key, which is how a user learns the keys to write masks for.
     """
+    from .families import bind_inputs, call_layout, family_of
+
     topology = BackendOptions.from_dict({"artifact": artifact}).load_topology()
+    family = family_of(model)
+    layout = call_layout(model, family, bind_inputs(model, args, kwargs)) if family is not None else None
     decisions = []
     for gm in capture_graphs(model, *args, **kwargs):
         for call in find_sdpa_calls(gm):
-            grid = token_grid_in_graph(gm, call.query_shape[-2]) if call.query_shape else None
-            decisions.append(decide_in_graph(gm, call, topology, budget, grid)[0])
+            fits = not isinstance(layout, str) and layout is not None and call.query_shape and \
+                call.query_shape[-2] == layout.seq_len
+            decisions.append(decide_in_graph(gm, call, topology, budget, layout if fits else None)[0])
         decisions.extend(unmatched_decisions(gm, topology))
+    if family is None:
+        from .families import NOT_DESCRIBED, unknown_family_reason
+
+        if type(model).__name__ in NOT_DESCRIBED:  # listed, never silently passed over
+            decisions.append(NodeDecision(f"<{type(model).__name__}>", (), (), served=False,
+                                          reason=unknown_family_reason(model)))
     return decisions

@@ -1,98 +1,140 @@
-"""Which model, and which place in it, a parameter belongs to.
+"""Which module of which model an attention call belongs to, found by parameter identity.
 
-Regional compilation (diffusers' ``compile_repeated_blocks``) compiles ONE block
-and runs that graph for every block, so a rewritten attention call learns which
-block it is serving only at run time, from the parameters that reach the graph.
-This module maps a parameter's storage to its dotted name in the root module
-that owns it (``blocks.7.attn1.to_q.weight``), so the call can pick block 7's
-masks with one dictionary lookup.
+A rewritten attention call carries one parameter of its attention module (its
+``anchor``, e.g. ``attn1.to_q.weight``). :func:`locate` finds, in the models that
+own that very tensor (same storage, shape and dtype), every dotted name it has;
+the call's module path is the name less the anchor's own suffix. It must be
+unique: an anchor shared by two modules (a shared attention module, a tied
+weight) names no single block, and such a call stays dense. A zero-size tensor
+(data pointer 0) identifies nothing and is never an anchor.
 
-Roots are found once by scanning live ``nn.Module`` objects (the backend is never
-handed the model itself); after that each lookup is a dict access. A miss (the
-model was moved to another device, or new weights were loaded) re-indexes the
-known roots, then scans again.
+Nothing here is process-wide: the found places are kept by the plan that asked
+(:class:`Place`, weak references only), and re-confirmed at every call
+(:func:`confirm`): a block re-ordered, replaced or reloaded after compiling is
+located again, never served another block's masks.
 """
 
 from __future__ import annotations
 
 import gc
-import threading
 import weakref
+from dataclasses import dataclass
 
 import torch
-
-_lock = threading.Lock()
-_roots: "weakref.WeakSet[torch.nn.Module]" = weakref.WeakSet()
-# (device, data_ptr) -> (root, dotted name, the parameter). A hit counts only while that
-# parameter still lives at that address: storage freed by new weights can be reused by
-# another block's parameter, and a stale entry would then name the wrong block.
-_by_pointer: dict[tuple[str, int], tuple[weakref.ref, str, weakref.ref]] = {}
-
-
-def register_root(model: torch.nn.Module) -> None:
-    """Index ``model``'s parameters now (optional: roots are otherwise found automatically)."""
-    with _lock:
-        _roots.add(model)
-        _index(model)
-
-
-def _pointer(tensor: torch.Tensor) -> tuple[str, int]:
-    return (str(tensor.device), tensor.data_ptr())
-
 
 _WRAPPER_PREFIXES = ("_orig_mod.", "_checkpoint_wrapped_module.", "_fsdp_wrapped_module.")
 
 
-def _strip_wrappers(name: str) -> str:
+def strip_wrappers(name: str) -> str:
     """Drop the path segments wrappers add (``torch.compile``'s ``_orig_mod.``, checkpointing, FSDP)."""
     for prefix in _WRAPPER_PREFIXES:
         name = name.replace(prefix, "")
     return name
 
 
-def _index(root: torch.nn.Module) -> None:
-    ref = weakref.ref(root)
+def storage_key(tensor: torch.Tensor) -> tuple | None:
+    """What identifies a parameter's data: device, address, dtype and shape; None for empty tensors."""
+    if tensor.numel() == 0:
+        return None
+    return (str(tensor.device), tensor.data_ptr(), tensor.dtype, tuple(tensor.shape))
+
+
+@dataclass(frozen=True)
+class Place:
+    """Where an anchor parameter lives: the root model, the module path (wrappers stripped), the parameter."""
+
+    root: weakref.ref
+    module_path: str
+    parameter_name: str  # the dotted name in the root, as ``root.get_parameter`` takes it
+    parameter: weakref.ref
+
+
+def parameter_names(root: torch.nn.Module) -> dict[tuple, list[str]]:
+    """Every dotted parameter name of ``root`` (duplicates kept), by :func:`storage_key`."""
+    names: dict[tuple, list[str]] = {}
     for name, param in root.named_parameters(remove_duplicate=False):
-        _by_pointer[_pointer(param)] = (ref, _strip_wrappers(name), weakref.ref(param))
+        key = storage_key(param)
+        if key is not None:
+            names.setdefault(key, []).append(name)
+    return names
 
 
-def _scan_for_roots() -> None:
-    modules = [obj for obj in gc.get_objects() if issubclass(type(obj), torch.nn.Module)]
-    children = set()
-    for module in modules:
-        for child in module.children():
-            children.add(id(child))
-    for module in modules:
-        if id(module) not in children and next(module.parameters(), None) is not None:
-            _roots.add(module)
+def place_in(root: torch.nn.Module, names: list[str], suffix: str) -> Place | str:
+    """The unique module owning an anchor that ``root`` names ``names``, or why there is none."""
+    modules = sorted({strip_wrappers(n)[: -len(suffix) - 1] for n in names if _ends_with(strip_wrappers(n), suffix)})
+    if not modules:
+        return f"the anchor parameter is not a {suffix!r} of any module of {type(root).__name__}"
+    if len(modules) > 1:
+        return (f"its parameter {suffix!r} is shared by {', '.join(modules)} (a shared module or a tied weight), "
+                "so the block of the call cannot be told")
+    name = next(n for n in names if _ends_with(strip_wrappers(n), suffix))
+    return Place(weakref.ref(root), modules[0], name, weakref.ref(root.get_parameter(name)))
 
 
-def _live(found, pointer) -> bool:
-    if found is None:
+def _ends_with(name: str, suffix: str) -> bool:
+    return name.endswith("." + suffix)
+
+
+def locate(anchor: torch.Tensor, suffix: str, roots) -> Place | str:
+    """The module (of one of ``roots``) whose parameter ``suffix`` is ``anchor``, or why it cannot be told."""
+    key = storage_key(anchor)
+    if key is None:
+        return "its anchor parameter is empty, which identifies nothing"
+    found = []
+    for root in roots:
+        names = parameter_names(root).get(key)
+        if names:
+            found.append(place_in(root, names, suffix))
+    places = _distinct([p for p in found if isinstance(p, Place)])
+    if len(places) == 1:
+        return places[0]
+    if len(places) > 1:
+        return ("its anchor parameter belongs to several models ("
+                + ", ".join(type(p.root()).__name__ for p in places) + ")")
+    if found:
+        return found[0]
+    return ("its anchor parameter is not owned by any live nn.Module "
+            "(call scaling_compile.register_root(model) if the model is held somewhere unusual)")
+
+
+def _distinct(places: list[Place]) -> list[Place]:
+    """One place per (model, module path): ``torch.compile`` wrappers of one model name one module."""
+    seen, distinct = set(), []
+    for place in places:
+        root = place.root()
+        identity = (id(getattr(root, "_orig_mod", root)), place.module_path)
+        if identity not in seen:
+            seen.add(identity)
+            distinct.append(place)
+    return distinct
+
+
+def confirm(place: Place, anchor: torch.Tensor) -> bool:
+    """Whether ``place`` still holds ``anchor``: same parameter object at the same name, same storage."""
+    root, param = place.root(), place.parameter()
+    if root is None or param is None or storage_key(param) != storage_key(anchor):
         return False
-    root, param = found[0](), found[2]()
-    return root is not None and param is not None and _pointer(param) == pointer
+    try:
+        return root.get_parameter(place.parameter_name) is param
+    except AttributeError:
+        return False
 
 
-def parameter_name(tensor: torch.Tensor) -> tuple[torch.nn.Module, str] | None:
-    """``(root, dotted name)`` of the parameter whose storage ``tensor`` is, or None if unknown."""
-    pointer = _pointer(tensor)
-    found = _by_pointer.get(pointer)
-    if _live(found, pointer):
-        return found[0](), found[1]
-    with _lock:
-        for rescan in (False, True):
-            if rescan:
-                _scan_for_roots()
-            _by_pointer.clear()
-            for root in list(_roots):
-                _index(root)
-            found = _by_pointer.get(pointer)
-            if _live(found, pointer):
-                return found[0](), found[1]
-    return None
+def roots_owning(tensor: torch.Tensor) -> list[torch.nn.Module]:
+    """The top-level modules (no parent module) owning a parameter with ``tensor``'s storage.
 
-
-def still_at(tensor: torch.Tensor, name_found: tuple[torch.nn.Module, str]) -> bool:
-    """True while the parameter ``name_found`` names still has ``tensor``'s storage (cheap)."""
-    return _live(_by_pointer.get(_pointer(tensor)), _pointer(tensor)) and _by_pointer[_pointer(tensor)][1] == name_found[1]
+    Found by scanning live modules once per unknown anchor (the backend is never handed
+    the model); the caller keeps the result as weak references.
+    """
+    key = storage_key(tensor)
+    if key is None:
+        return []
+    modules = [obj for obj in gc.get_objects() if issubclass(type(obj), torch.nn.Module)]  # no isinstance: weak proxies
+    children = {id(child) for module in modules for child in module.children()}
+    owners = []
+    for module in modules:
+        if id(module) in children:
+            continue
+        if any(storage_key(p) == key for p in module.parameters()):
+            owners.append(module)
+    return owners

@@ -58,6 +58,8 @@ class BackendOptions:
         per call), or a combination ("west+haste", "svoo+haste"); see scaling_compile.policies.
     policy_options: parameters of the online policy (e.g. {"top_p": 0.9, "drift_threshold": 0.05}).
     schedule: a per-diffusion-step schedule (``scaling_compile.StepSchedule``) or None.
+    layout: a ``scaling_compile.families.FamilyLayout`` describing a model the built-in families
+        do not know (how its latent, patch sizes and text tokens make the attention layout).
     mode: Inductor's mode ("reduce-overhead" for CUDA graphs, "max-autotune", ...). torch.compile
         refuses ``mode=`` together with ``options=``, so with this backend it goes in the options.
     Letter case of inner, kernel and policy does not matter ("Triton" is "triton").
@@ -72,6 +74,7 @@ class BackendOptions:
     policy_options: dict | None = None
     schedule: object = None
     mode: str | None = None
+    layout: object = None
 
     def __post_init__(self):
         for name, value in self._checked().items():
@@ -143,6 +146,11 @@ class BackendOptions:
                 _refuse("policy_options", options, 'pass a dict of option names to values, e.g. {"top_p": 0.9}')
             checked["policy_options"] = options = dict(options)
         validate_policy_options(policy, options)
+        if self.layout is not None:
+            from .families import FamilyLayout
+
+            if not isinstance(self.layout, FamilyLayout):
+                _refuse("layout", self.layout, "pass a scaling_compile.families.FamilyLayout, or None")
         if self.schedule is not None:
             from .fast import StepSchedule
 

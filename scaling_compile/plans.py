@@ -1,15 +1,21 @@
 """Run-time side of a rewritten SDPA node: which masks serve a call, and serving it.
 
 The rewrite pass replaces each served SDPA node by ``torch.ops.scaling.sparse_sdpa``
-with an integer ``plan_id``. The plan registered under that id knows the node's
-key, the topology and the options; it turns a call into device masks once per
-(block, sequence length, device) and caches them, so a steady-state call does
-one dictionary lookup on the host and no mask work at all.
+with an integer ``plan_id``. The plan (the node's relative key, the topology, the
+options) turns a call into device masks once per (module, layout, device) and
+caches them, so a steady-state call does a few dictionary lookups on the host and
+no mask work at all.
 
-The node key is either known statically (whole-model compilation: ``blocks.3.attn1``)
-or completed at run time from the parameter passed as ``anchor`` (regional
-compilation: the graph says ``attn1``, the anchor ``blocks.3.attn1.to_q.weight``
-says which block is running).
+Which module a call belongs to is found from the parameter passed as ``anchor``
+(e.g. ``attn1.to_q.weight``), by identity, and confirmed at every call
+(:mod:`scaling_compile.module_index`); its token layout comes with the call, from
+the graph's own inputs (whole-model) or from the call of its root model in
+progress (regional, :mod:`scaling_compile.geometry`), and is confirmed against the
+call's length. Whatever cannot be confirmed runs dense, with one warning.
+
+Plans are owned by the compiled graph they serve (the callable the backend
+returns holds them); the op reaches its plan through a weak index that holds
+nothing, so a model compiled and then dropped is freed with its plans.
 
 Online policies (``policy="haste"``, ``"svoo"``, ``"west+haste"``, ``"svoo+haste"``;
 :mod:`scaling_compile.policies`) resolve the node the same way, then hand the call to
@@ -20,17 +26,20 @@ and runs the same kernel; a WEST prior, if any, comes from the static cache abov
 from __future__ import annotations
 
 import logging
+import math
 import os
 import threading
 import warnings
+import weakref
 from dataclasses import dataclass, field
 
 import torch
 
 from .errors import NotServable
 from .west import GridRequired
-from .geometry import current_grid, track_grid
-from .module_index import parameter_name, still_at
+from .geometry import current_call, stated_grid, track_calls
+from .layout import AttentionLayout
+from .module_index import Place, confirm, locate, place_in, roots_owning, storage_key
 from .passes.node_keys import make_node_key, split_node_key
 from .kernels.bitpack import pack_block_mask
 
@@ -68,11 +77,15 @@ class AttentionPlan:
     schedule: "object | None" = None
     policy: str = "west"
     policy_options: dict | None = None
+    family: object = None  # a FamilyLayout from options["layout"], for roots the built-in families do not know
+    ordinal_known: bool = True  # False after a graph break inside the module (its earlier calls are elsewhere)
     _cache: dict = field(default_factory=dict, repr=False)
-    _keys: dict = field(default_factory=dict, repr=False)
+    _places: dict = field(default_factory=dict, repr=False)  # anchor storage -> Place (weak references)
+    _roots: "weakref.WeakSet" = field(default_factory=weakref.WeakSet, repr=False)
     _warned: set = field(default_factory=set, repr=False)
     _policy: object = field(default=None, repr=False)
     _fa4_support: dict = field(default_factory=dict, repr=False)
+    _lock: threading.RLock = field(default_factory=threading.RLock, repr=False)
 
     def __post_init__(self):
         from .policies import canonical_policy, is_online, uses_west
@@ -111,67 +124,111 @@ class AttentionPlan:
         return self._policy
 
     # -- which node is this call? --------------------------------------------------------------
-    def resolve(self, anchor: torch.Tensor | None) -> tuple[str, torch.nn.Module | None, tuple | None]:
-        """The call's artifact key, and (regional) the root model and the anchor's identity."""
-        if self.graph_key in self.topology:
-            return self.graph_key, None, None
-        if anchor is None or self.anchor_suffix is None:
-            raise NotServable(f"no artifact entry for {self.graph_key!r}")
-        found = parameter_name(anchor)
-        if found is None:
-            raise NotServable(
-                f"cannot tell which module {self.graph_key!r} belongs to: its parameter is not "
-                "owned by any live nn.Module (call scaling_compile.register_root(model))"
-            )
-        root, name = found
-        suffix = "." + self.anchor_suffix
-        if not name.endswith(suffix):
-            raise NotServable(f"parameter {name!r} does not end with {suffix!r}")
-        module_path = name[: -len(suffix)]
-        _relative_path, ordinal = split_node_key(self.graph_key)
-        return make_node_key(module_path, ordinal), root, found
+    def place(self, anchor: torch.Tensor) -> tuple[Place, "object | None"] | str:
+        """Where the call's module lives (confirmed), and its root's call in progress; or why unknown."""
+        key = storage_key(anchor)
+        if key is None:
+            return "its anchor parameter is empty, which identifies nothing"
+        place = self._places.get(key)
+        call = None if place is None or place.root() is None else current_call(place.root())
+        if call is not None:  # a tracked root call: its own index of the root, fresh per call
+            found = call.places.get((key, self.anchor_suffix))
+            if found is None:
+                names = call.parameter_names().get(key)
+                found = place_in(place.root(), names, self.anchor_suffix) if names else "not in the root"
+                call.places[(key, self.anchor_suffix)] = found
+            if isinstance(found, Place):
+                return found, call
+            if found != "not in the root":
+                return found  # the root call's own index says why (e.g. a shared anchor)
+        if place is not None and confirm(place, anchor):  # e.g. offloading moved it since the call began
+            return place, call
+        with self._lock:
+            found = locate(anchor, self.anchor_suffix, list(self._roots))
+            if not isinstance(found, Place):
+                for root in roots_owning(anchor):
+                    self._roots.add(root)
+                found = locate(anchor, self.anchor_suffix, list(self._roots))
+            if not isinstance(found, Place):
+                self._places.pop(key, None)
+                return found
+            self._places[key] = found
+        root = found.root()
+        if root is not None and not _is_compiled(root):
+            track_calls(root, self.family)  # regional: the root runs eagerly and records each call's layout
+        return found, (None if root is None else current_call(root))
+
+    def resolve(self, anchor: torch.Tensor | None, layout: AttentionLayout | None = None,
+                seq_len: int | None = None) -> tuple[str, AttentionLayout | None]:
+        """The call's artifact key and confirmed layout; NotServable says why the call stays dense."""
+        if anchor is None and self.anchor_suffix is None and self.graph_key in self.topology:
+            key, call = self.graph_key, None  # a plan made for one known node, called directly (benchmarks)
+        else:
+            if anchor is None or self.anchor_suffix is None:
+                raise NotServable(f"no parameter of {self.graph_key!r} reaches the graph, so its module cannot be told")
+            found = self.place(anchor)
+            if isinstance(found, str):
+                raise NotServable(f"cannot tell which module {self.graph_key!r} is: {found}")
+            place, call = found
+            _relative, ordinal = split_node_key(self.graph_key)
+            key = make_node_key(place.module_path, ordinal)
+        if not self.ordinal_known and make_node_key(split_node_key(key)[0], 1) in self.topology:
+            raise NotServable(f"{key}: made after a graph break inside its module, which makes several SDPA "
+                              "calls: which of them this is cannot be told")
+        if key not in self.topology:
+            raise NotServable(f"no artifact entry for {key!r}")
+        if layout is None and call is not None and isinstance(call.layout, AttentionLayout):
+            layout = call.layout
+        grid = stated_grid()
+        if grid is not None:  # the user's explicit statement, confirmed like any layout
+            if layout is not None and math.prod(grid) == layout.video_tokens:
+                layout = AttentionLayout(layout.seq_len, layout.video, grid, layout.others, layout.key_padding)
+            elif layout is None or math.prod(grid) == seq_len:
+                layout = AttentionLayout.video_only(grid)
+        if layout is None and getattr(self.topology.entries.get(key), "scores", None) is not None:
+            why = call.layout if call is not None and isinstance(call.layout, str) else (
+                "no call of its model is in progress (the call during which regional blocks compile: "
+                "call scaling_compile.register_root(model) before it; model.forward called directly; "
+                "or a graph after a graph break, which does not see the model's inputs)")
+            raise NotServable(f"the token grid of this call is unknown: {why}")  # one warning for all blocks
+        if layout is not None and seq_len is not None:
+            reason = layout.mismatch(seq_len)
+            if reason is not None:
+                raise NotServable(reason)
+        return key, layout
 
     # -- masks for one call ---------------------------------------------------------------------
-    def call_key(
-        self, query: torch.Tensor, anchor: torch.Tensor | None, grid: tuple[int, int, int] | None = None
-    ) -> tuple[str, tuple | None] | DenseFallback:
-        """This call's artifact key and token grid (regional: learnt at run time), or why it stays dense."""
-        seq_len = query.shape[-2]
-        pointer = _anchor_id(anchor)
-        resolved = self._keys.get(pointer)
-        if resolved is not None and resolved[1] is not None and not still_at(anchor, resolved[2]):
-            resolved = None  # the storage now belongs to another parameter (new weights loaded)
-        if resolved is None:
-            try:
-                resolved = self.resolve(anchor)
-            except NotServable as reason:
-                return self._fallback(reason)
-            self._keys[pointer] = resolved
-        key, root = resolved[0], resolved[1]
-        if root is not None and grid is None:
-            track_grid(root)  # regional: the root runs eagerly and reports each call's grid
-            grid = current_grid(seq_len)
-        return key, grid
+    def call_key(self, query: torch.Tensor, anchor: torch.Tensor | None, layout=None):
+        """This call's artifact key and layout (None: unknown), or why it stays dense."""
+        try:
+            if layout is not None and not isinstance(layout, AttentionLayout):
+                try:
+                    layout = AttentionLayout.from_ints(layout)
+                except ValueError as error:
+                    raise NotServable(f"the layout the graph computed is not consistent: {error}") from None
+            return self.resolve(anchor, layout, query.shape[-2])
+        except NotServable as reason:
+            return self._fallback(reason)
 
-    def masks_for(
-        self, query: torch.Tensor, anchor: torch.Tensor | None, grid: tuple[int, int, int] | None = None
-    ) -> ServedMasks | DenseFallback:
-        """The masks serving this call, cached per (node key, geometry, device).
+    def masks_for(self, query: torch.Tensor, anchor: torch.Tensor | None, layout=None) -> ServedMasks | DenseFallback:
+        """The masks serving this call, cached per (node key, layout, device).
 
-        Steady state: one pointer lookup (regional) and one dict lookup, no device work.
+        Steady state: one confirmation of the anchor's place and one dict lookup, no device work.
         """
-        found = self.call_key(query, anchor, grid)
+        found = self.call_key(query, anchor, layout)
         if isinstance(found, DenseFallback):
             return found
-        key, grid = found
-        return self._served(key, query.shape[-2], query.shape[-3], query.device, grid)
+        key, layout = found
+        return self._served(key, query.shape[-2], query.shape[-3], query.device, layout)
 
-    def online_attention(self, query, key, value, anchor, grid, scale, out) -> torch.Tensor | DenseFallback:
+    def online_attention(self, query, key, value, anchor, layout, scale, out) -> torch.Tensor | DenseFallback:
         """Serve one call of an online policy: its output (layout of ``out``), or why it stays dense."""
-        found = self.call_key(query, anchor, grid)
+        found = self.call_key(query, anchor, layout)
         if isinstance(found, DenseFallback):
             return found
-        node, grid = found
+        node, layout = found
+        if layout is not None and not layout.is_video_only:
+            return self._fallback(NotServable(f"{node}: online policies serve video-only layouts, not {layout}"))
         heads = query.shape[-3]
         entry = self.topology.entries.get(node)
         if entry is not None and entry.num_heads != heads:
@@ -180,19 +237,22 @@ class AttentionPlan:
                 "the artifact was made for another model"))
         prior = None
         if self.uses_west:
-            served = self._served(node, query.shape[-2], heads, query.device, grid)
+            served = self._served(node, query.shape[-2], heads, query.device, layout)
             if isinstance(served, DenseFallback):
                 return served
             prior = served.words if served.mask_index is None else served.words.index_select(0, served.mask_index)
         return self.online_policy().attend(node, query, key, value, scale, prior, out)
 
-    def _served(self, key, seq_len, heads, device, grid, budget=None) -> ServedMasks | DenseFallback:
+    def _served(self, key, seq_len, heads, device, layout, budget=None) -> ServedMasks | DenseFallback:
         budget = self._west_budget() if budget is None else budget
-        cache_key = (key, seq_len, heads, str(device), grid, budget)
+        cache_key = (key, seq_len, heads, str(device), layout, budget)
         served = self._cache.get(cache_key)
         if served is None:
-            served = self._instantiate(key, seq_len, heads, device, grid, budget)
-            self._cache[cache_key] = served
+            with self._lock:  # one thread builds a geometry's masks; the others wait for them
+                served = self._cache.get(cache_key)
+                if served is None:
+                    served = self._instantiate(key, seq_len, heads, device, layout, budget)
+                    self._cache[cache_key] = served
         return served
 
     def runs_dense(self, served: ServedMasks) -> bool:
@@ -293,48 +353,44 @@ class AttentionPlan:
             return self.online_policy().prior_budget()
         return self.budget
 
-    def prewarm(self, keys, seq_len: int, heads: int, device, grid=None, anchor=None, query=None) -> None:
-        """Instantiate the masks of ``keys`` for this geometry now, at compile time.
+    def prewarm(self, seq_len: int, heads: int, device, layout=None, anchor=None, query=None, keys=()) -> None:
+        """Instantiate the masks of this call's geometry now, at compile time.
 
         Mask work then never happens inside a call, and the cached device tensors are
         allocated outside any CUDA-graph memory pool (CUDA graph trees reject live
         allocations of their pool that are not outputs). Online policies allocate their
         per-node state here too (``query``: the call's example value, for its shape).
         """
-        if anchor is not None:
-            try:
-                _key, root, _found = self.resolve(anchor)
-            except NotServable:
-                root = None
-            if root is not None and grid is None:
-                track_grid(root)
-                grid = current_grid(seq_len)
-        for key in keys:
-            try:
-                if self.uses_west:
-                    served = self._served(key, seq_len, heads, device, grid)
-                    if query is not None and isinstance(served, ServedMasks) and isinstance(query.shape[-1], int):
-                        self.fa4_supported(query)  # imports FA4 now, never inside a CUDA-graph capture
-                        self.fa4_lists(served, query)
-                if self.online and query is not None:
-                    batch, head_dim = query.shape[0], query.shape[-1]
-                    if isinstance(batch, int) and isinstance(head_dim, int):
-                        self.online_policy().prewarm(key, batch, heads, seq_len, head_dim, device)
-            except NotServable:
-                pass  # strict: raised again, with context, at the call
+        try:
+            key, layout = self.resolve(anchor, layout, seq_len)
+        except NotServable:
+            return  # stays dense at the call, with its reason
+        if layout is None and getattr(self.topology.entries.get(key), "scores", None) is not None:
+            return  # a profiled entry needs the call's grid: built at the first call that has one
+        for other in keys:  # regional: the other blocks served by this graph, same geometry
+            if other != key and self.uses_west:
+                try:
+                    self._served(other, seq_len, heads, device, layout)
+                except (NotServable, GridRequired):
+                    pass
+        try:
+            if self.uses_west:
+                served = self._served(key, seq_len, heads, device, layout)
+                if query is not None and isinstance(served, ServedMasks) and isinstance(query.shape[-1], int):
+                    self.fa4_supported(query)  # imports FA4 now, never inside a CUDA-graph capture
+                    self.fa4_lists(served, query)
+            if self.online and query is not None:
+                batch, head_dim = query.shape[0], query.shape[-1]
+                if isinstance(batch, int) and isinstance(head_dim, int):
+                    self.online_policy().prewarm(key, batch, heads, seq_len, head_dim, device)
+        except NotServable:
+            pass  # strict: raised again, with context, at the call
 
-    def _instantiate(self, key: str, seq_len: int, heads: int, device, grid, budget) -> ServedMasks | DenseFallback:
+    def _instantiate(self, key: str, seq_len: int, heads: int, device, layout, budget) -> ServedMasks | DenseFallback:
         device = torch.device(device)
         try:
             masks = [
-                self.topology.block_mask(
-                    key,
-                    seq_len=seq_len,
-                    num_heads=heads,
-                    grid=grid,
-                    budget=budget,
-                    step_fraction=fraction,
-                )
+                self._layout_mask(key, seq_len, heads, layout, budget, fraction)
                 for fraction in (self.schedule.step_fractions() if self.schedule else [None])
             ]
         except NotServable as reason:
@@ -353,6 +409,9 @@ class AttentionPlan:
         return ServedMasks(words=words, mask_index=index, density=float(stacked.float().mean()), block_lists=lists,
                            dense_groups=dense_groups)
 
+    def _layout_mask(self, key, seq_len, heads, layout, budget, fraction) -> torch.Tensor:
+        return layout_block_mask(self.topology, key, seq_len, heads, layout, budget, fraction)
+
     def _fallback(self, reason: NotServable) -> DenseFallback:
         if self.strict:
             raise reason
@@ -361,6 +420,24 @@ class AttentionPlan:
             self._warned.add(message)
             warnings.warn(message, stacklevel=3)
         return DenseFallback(str(reason))
+
+
+def layout_block_mask(topology, key: str, seq_len: int, heads: int, layout: AttentionLayout | None,
+                      budget=None, step_fraction=None) -> torch.Tensor:
+    """A call's block mask: the topology's mask of its video tokens, widened to its layout.
+
+    Hand-written masks (``Topology.from_block_masks``) describe the whole sequence of the
+    calls of their length and are served as written. A profiled entry is resampled to the
+    layout's video grid; joint layouts keep the other tokens' rows and columns
+    (:meth:`AttentionLayout.expand`). No layout: a profiled entry raises GridRequired.
+    """
+    entry = topology.entries.get(key)
+    if layout is None or getattr(entry, "scores", None) is None:
+        return topology.block_mask(key, seq_len=seq_len, num_heads=heads, grid=None, budget=budget,
+                                   step_fraction=step_fraction)
+    video = topology.block_mask(key, seq_len=layout.video_tokens, num_heads=heads, grid=layout.grid,
+                                budget=budget, step_fraction=step_fraction)
+    return layout.expand(video.to(torch.bool), topology.block_size)
 
 
 def _kept_block_lists(words: torch.Tensor, n_kv_blocks: int, dense_groups: tuple[bool, ...]):
@@ -382,35 +459,43 @@ def uses_triton(device: torch.device) -> bool:
     return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def _anchor_id(anchor: torch.Tensor | None):
-    return None if anchor is None else anchor.data_ptr()
+def _is_compiled(root: torch.nn.Module) -> bool:
+    """Whether ``root`` itself runs compiled (its hooks would be traced), as opposed to regional."""
+    return hasattr(root, "_orig_mod") or getattr(root, "_compiled_call_impl", None) is not None
 
 
-_plans: list[AttentionPlan] = []
-_plans_lock = threading.Lock()
+# The op reaches its plan by id through this index. It holds nothing: each plan is owned by the
+# compiled callable of its graph (see scaling_compile.backend), and leaves the index with it.
+_index: "weakref.WeakValueDictionary[int, AttentionPlan]" = weakref.WeakValueDictionary()
+_next_id = [0]
+_index_lock = threading.Lock()
 
 
 def register_plan(plan: AttentionPlan) -> int:
-    with _plans_lock:
-        _plans.append(plan)
-        return len(_plans) - 1
+    """Give ``plan`` an id the op can reach it by, for as long as something else holds it."""
+    with _index_lock:
+        plan_id = _next_id[0]
+        _next_id[0] += 1
+        _index[plan_id] = plan
+        plan.plan_id = plan_id
+        return plan_id
 
 
 def get_plan(plan_id: int) -> AttentionPlan:
-    try:
-        return _plans[plan_id]
-    except IndexError:
+    plan = _index.get(plan_id)
+    if plan is None:
         raise RuntimeError(
             f"scaling: plan {plan_id} is unknown in this process. A graph rewritten by the "
-            "scaling backend was loaded from a cache or another process without its plans; "
-            "compile the model again in this process."
-        ) from None
+            "scaling backend was loaded from a cache or another process without its plans, or "
+            "outlived the compiled model that owned them; compile the model again in this process."
+        )
+    return plan
 
 
-def all_plans() -> list[AttentionPlan]:
-    """Every plan registered in this process (for reports: masks held, statistics)."""
-    with _plans_lock:
-        return list(_plans)
+def all_plans(first_plan: int = 0) -> list[AttentionPlan]:
+    """The plans alive in this process with ids from ``first_plan`` on, in id order (for reports)."""
+    with _index_lock:
+        return [plan for plan_id, plan in sorted(_index.items()) if plan_id >= first_plan]
 
 
 def served_mask_bytes(first_plan: int = 0) -> int:
@@ -419,7 +504,7 @@ def served_mask_bytes(first_plan: int = 0) -> int:
     Each storage is counted once: FA4's lists are views of the Triton kernel's.
     """
     storages = {}
-    for plan in all_plans()[first_plan:]:
+    for plan in all_plans(first_plan):
         for served in plan._cache.values():
             if not isinstance(served, ServedMasks):
                 continue
@@ -441,14 +526,15 @@ def release_served_masks() -> None:
 
 
 def plan_count() -> int:
-    """How many plans this process has registered (the ids of a compilation are a contiguous range)."""
-    return len(_plans)
+    """The id the next plan will get (the ids of one compilation are a contiguous range from here)."""
+    with _index_lock:
+        return _next_id[0]
 
 
 def online_statistics() -> dict[str, dict]:
     """Per node key, what the online policies of this process did: calls, share of heads re-predicted."""
     stats: dict[str, dict] = {}
-    for plan in list(_plans):
+    for plan in all_plans():
         policy = plan._policy
         if policy is not None:
             for key, value in policy.statistics().items():
@@ -459,6 +545,7 @@ def online_statistics() -> dict[str, dict]:
 __all__ = [
     "AttentionPlan",
     "DenseFallback",
+    "all_plans",
     "ServedMasks",
     "get_plan",
     "online_statistics",

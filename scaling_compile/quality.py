@@ -220,6 +220,9 @@ def served(model, policy: Policy, budget: float | None, *, block_size: int, grid
     torch._dynamo.reset()
     try:
         if compile == "regional":
+            from .geometry import register_root
+
+            register_root(model)  # the first call (the one that compiles the blocks) knows its grid too
             model.compile_repeated_blocks(backend="scaling", options=options)
             yield model
         elif compile == "whole":

@@ -35,7 +35,7 @@ def _served_masks(first_plan: int) -> dict:
     from scaling_compile.parallel import ShardedTopology
 
     served = {}
-    for plan in plans._plans[first_plan:]:
+    for plan in plans.all_plans(first_plan):
         for cache_key, masks in plan._cache.items():
             key, _seq, heads = cache_key[:3]  # (key, seq_len, heads, device, grid, ...)
             if not hasattr(masks, "words"):
@@ -84,7 +84,7 @@ def _run(rank, world, workdir, artifact, num_layers, heads, regional_inner):
         result["eager_dense"] = model(**inputs, return_dict=False)[0]
 
         graphs: list = []
-        first_plan = len(plans._plans)
+        first_plan = plans.plan_count()
         model.compile_repeated_blocks(backend=_spy(graphs), options={**options, "inner": regional_inner},
                                     fullgraph=True)
         result["regional"] = model(**inputs, return_dict=False)[0]
@@ -97,7 +97,7 @@ def _run(rank, world, workdir, artifact, num_layers, heads, regional_inner):
         torch._dynamo.reset()
 
         graphs = []
-        first_plan = len(plans._plans)
+        first_plan = plans.plan_count()
         compiled = torch.compile(model, backend=_spy(graphs), options={**options, "inner": "eager"})
         result["whole"] = compiled(**inputs, return_dict=False)[0]
         result["whole_graphs"] = graphs

@@ -87,7 +87,7 @@ def test_every_unservable_variant_stays_dense_with_its_reason():
     assert set(decisions) == set(keys)
     assert decisions["blocks.0"].served and decisions["blocks.1"].served  # keyword and positional
     assert decisions["blocks.2"].reason == "is_causal"
-    assert decisions["blocks.3"].reason == "attn_mask given"
+    assert decisions["blocks.3"].reason.startswith("attn_mask given")  # a causal mask, not key padding
     assert decisions["blocks.4"].reason.startswith("cross-attention")
     assert decisions["blocks.5"].served and decisions["blocks.5#1"].served
 

@@ -87,7 +87,7 @@ def test_parameter_paths_through_diffusers_hooks():
     node = graph.placeholder("w")
     node.meta["grapharg"] = GraphArg()
     node.meta["grapharg"].source = source
-    assert _parameter_path(node) == "attn1.to_q.weight"
+    assert _parameter_path(node) == ("function_reference", "attn1.to_q.weight")
 
 
 # -- the head slice -------------------------------------------------------------------------------

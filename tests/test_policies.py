@@ -410,7 +410,7 @@ def test_calibrated_haste_artifact_serves_through_the_backend(tmp_path):
     with torch.no_grad(), policies.record_masks() as records:
         out = compiled(**inputs).sample
     stored = {k: e.extra["haste_p"][0] for k, e in topology.entries.items()}
-    served = [plan._policy for plan in plans._plans if plan._policy is not None][-2:]
+    served = [plan._policy for plan in plans.all_plans() if plan._policy is not None][-2:]
     for policy in served:  # the plans serve the calibrated per-head thresholds of the artifact
         for (key, _heads, _device), p in policy._p.items():
             torch.testing.assert_close(p.flatten(), stored[key])

@@ -1,0 +1,186 @@
+"""How to read the attention layout of each diffusers video transformer from its config and inputs.
+
+One :class:`FamilyLayout` per transformer class, as data (like diffusers'
+``_repeated_blocks``): where the latent's frames/height/width sit, which config
+entries are the patch sizes, where the text tokens of joint attention sit and how
+many there are, and which input is a key-padding mask. :func:`call_layout` turns a
+model, its description and one call's inputs into an :class:`AttentionLayout`.
+
+Your own model: give its class a ``_scaling_layout = FamilyLayout(...)`` attribute,
+or pass ``options={"layout": FamilyLayout(...)}`` to the compile call. Nothing here
+is a registry that code mutates: :data:`FAMILIES` is read-only data.
+
+    class MyDiT(ModelMixin, ConfigMixin):
+        _repeated_blocks = ["MyBlock"]
+        _scaling_layout = FamilyLayout(latent="BCFHW", text="prefix")
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from types import MappingProxyType
+
+import torch
+
+from .layout import TEXT_POSITIONS, AttentionLayout
+
+LATENT_LAYOUTS = ("BCFHW", "BFCHW", "BFHWC", "packed")
+
+#: Where the (frames, height, width) of a 5-D latent sit, per layout.
+LATENT_DIMS = {"BCFHW": (2, 3, 4), "BFCHW": (1, 3, 4), "BFHWC": (1, 2, 3)}
+
+
+@dataclass(frozen=True)
+class FamilyLayout:
+    """How one transformer family lays out the tokens of its self-attention.
+
+    ``latent``: ``"BCFHW"`` (channels first: Wan, HunyuanVideo), ``"BFCHW"`` (CogVideoX),
+    ``"BFHWC"`` (channels last: Kandinsky 5) or ``"packed"`` (``(B, S, C)`` tokens with ``num_frames``/``height``/``width`` arguments: LTX).
+    ``patch_size`` / ``patch_size_t``: config entries (``patch_size`` may be an int or a
+    (t, h, w) tuple; a missing ``patch_size_t`` means 1). ``text``: where the text tokens sit in
+    the self-attention (``"none"``: text is only in cross-attention), counted by dimension 1 of
+    the input ``text_tokens`` (or a fixed int). ``key_padding``: the input whose bool mask
+    (True = attend) pads the text, if any.
+    """
+
+    latent: str = "BCFHW"
+    hidden_states: str = "hidden_states"
+    patch_size: str = "patch_size"
+    patch_size_t: str | None = "patch_size_t"
+    text: str = "none"
+    text_tokens: str | int = "encoder_hidden_states"
+    key_padding: str | None = None
+    packed_sizes: tuple[str, str, str] = ("num_frames", "height", "width")
+
+    def __post_init__(self):
+        if self.latent not in LATENT_LAYOUTS:
+            raise ValueError(f"FamilyLayout.latent {self.latent!r} must be one of {LATENT_LAYOUTS}")
+        if self.text not in TEXT_POSITIONS:
+            raise ValueError(f"FamilyLayout.text {self.text!r} must be one of {TEXT_POSITIONS}")
+
+
+_VIDEO_ONLY = FamilyLayout()
+_TEXT_PREFIX = FamilyLayout(text="prefix")
+_TEXT_SUFFIX = FamilyLayout(text="suffix")
+
+#: The built-in descriptions, keyed by transformer class name (read-only). From the survey of
+#: diffusers 0.42.1's video transformers (docs/families.md of the families work).
+FAMILIES = MappingProxyType({
+    # Wan and its variants: (B, C, F, H, W) latents, patch_size (1, 2, 2), text only in cross-attention.
+    "WanTransformer3DModel": _VIDEO_ONLY,
+    "WanVACETransformer3DModel": _VIDEO_ONLY,
+    "WanAnimateTransformer3DModel": _VIDEO_ONLY,  # frame 0 of the latent is the reference frame
+    "SkyReelsV2Transformer3DModel": _VIDEO_ONLY,
+    "ChronoEditTransformer3DModel": _VIDEO_ONLY,
+    "AnyFlowTransformer3DModel": FamilyLayout(latent="BFCHW"),
+    "CosmosTransformer3DModel": _VIDEO_ONLY,
+    "AllegroTransformer3DModel": _VIDEO_ONLY,  # int patch_size + patch_size_t
+    "Kandinsky5Transformer3DModel": FamilyLayout(latent="BFHWC"),
+    # HunyuanVideo: video tokens, then the text tokens; a (B, 1, 1, S) bool key-padding mask.
+    "HunyuanVideoTransformer3DModel": FamilyLayout(text="suffix", key_padding="encoder_attention_mask"),
+    "MochiTransformer3DModel": _TEXT_SUFFIX,
+    "MotifVideoTransformer3DModel": _TEXT_SUFFIX,
+    # CogVideoX 1.0 / 1.5: (B, F, C, H, W) latents, int patch_size (+ patch_size_t in 1.5), text first.
+    "CogVideoXTransformer3DModel": FamilyLayout(latent="BFCHW", text="prefix"),
+    "ConsisIDTransformer3DModel": FamilyLayout(latent="BFCHW", text="prefix"),
+    "EasyAnimateTransformer3DModel": _TEXT_PREFIX,
+    # LTX-Video, LTX-2: packed (B, S, C) latents with num_frames / height / width arguments.
+    "LTXVideoTransformer3DModel": FamilyLayout(latent="packed"),
+    "LTX2VideoTransformer3DModel": FamilyLayout(latent="packed"),
+})
+
+#: Families whose self-attention no description here can lay out, and why: their profiled
+#: masks are never served (calls stay dense, with this reason); hand-written masks still are.
+NOT_DESCRIBED = MappingProxyType({
+    "HeliosTransformer3DModel": "history latents at their own compressions form a prefix of the video tokens",
+    "HunyuanVideoFramepackTransformer3DModel": "history latents before and image tokens after the video",
+    "HunyuanVideo15Transformer3DModel": "13 context rows after the video under a full (B, 1, S, S) mask",
+    "MiniMaxH3Transformer3DModel": "the caller packs text, audio and video rows (video_indices, text_indices)",
+    "LatteTransformer3DModel": "factorised attention: per frame and per pixel, the other axes in the batch",
+    "SanaVideoTransformer3DModel": "linear attention (no SDPA call to serve)",
+    "AnyFlowFARTransformer3DModel": "FlexAttention with its own block mask (no SDPA call to serve)",
+})
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The model inside ``torch.compile``'s wrapper."""
+    return getattr(model, "_orig_mod", model)
+
+
+def unknown_family_reason(model: torch.nn.Module) -> str:
+    """Why ``model`` has no layout description (for warnings and ``sdpa_nodes``)."""
+    name = type(unwrap(model)).__name__
+    if name in NOT_DESCRIBED:
+        return f"{name}: {NOT_DESCRIBED[name]}"
+    return (f"{name} has no attention layout description: give its class a _scaling_layout = "
+            "scaling_compile.FamilyLayout(...) or pass options={'layout': FamilyLayout(...)}")
+
+
+def family_of(model: torch.nn.Module, override: FamilyLayout | None = None) -> FamilyLayout | None:
+    """The layout description of ``model``: ``override``, its class's ``_scaling_layout``, or :data:`FAMILIES`."""
+    if override is not None:
+        return override
+    model = unwrap(model)
+    own = getattr(type(model), "_scaling_layout", None)
+    if isinstance(own, FamilyLayout):
+        return own
+    return FAMILIES.get(type(model).__name__)
+
+
+def patch_sizes(model: torch.nn.Module, family: FamilyLayout) -> tuple[int, int, int]:
+    """(t, h, w) patch sizes from the config: ``patch_size`` as an int or a 3-tuple, ``patch_size_t`` or 1."""
+    config = getattr(unwrap(model), "config", None)
+    get = (config.get if hasattr(config, "get") else lambda name, default=None: getattr(config, name, default))
+    patch = get(family.patch_size, None) if config is not None else None
+    if patch is None:
+        raise ValueError(f"{type(unwrap(model)).__name__} has no config.{family.patch_size}")
+    if isinstance(patch, (tuple, list)):
+        if len(patch) != 3:
+            raise ValueError(f"config.{family.patch_size} = {patch!r}: expected an int or (t, h, w)")
+        return tuple(int(p) for p in patch)
+    patch_t = (get(family.patch_size_t, None) if family.patch_size_t else None) or 1
+    return int(patch_t), int(patch), int(patch)
+
+
+def bind_inputs(model: torch.nn.Module, args: tuple, kwargs: dict) -> dict:
+    """The forward call's arguments by parameter name."""
+    try:
+        bound = inspect.signature(unwrap(model).forward).bind_partial(*args, **kwargs)
+    except TypeError:
+        return dict(kwargs)
+    return dict(bound.arguments)
+
+
+def call_layout(model: torch.nn.Module, family: FamilyLayout, inputs: dict) -> AttentionLayout | str:
+    """The layout of the self-attention of ``model`` called with ``inputs`` (by name), or why it is unknown."""
+    try:
+        pt, ph, pw = patch_sizes(model, family)
+    except ValueError as error:
+        return str(error)
+    hidden = inputs.get(family.hidden_states)
+    if not isinstance(hidden, torch.Tensor):
+        return f"the call has no tensor argument {family.hidden_states!r}"
+    if family.latent == "packed":
+        sizes = [inputs.get(name) for name in family.packed_sizes]
+        if any(s is None for s in sizes):
+            return f"packed latents need the arguments {family.packed_sizes}"
+        frames, height, width = (int(s) for s in sizes)
+    elif hidden.dim() != 5:
+        return f"{family.hidden_states} has {hidden.dim()} dimensions, a {family.latent} latent has 5"
+    else:
+        frames, height, width = (hidden.shape[d] for d in LATENT_DIMS[family.latent])
+    grid = (int(frames) // pt, int(height) // ph, int(width) // pw)
+    if min(grid) < 1:
+        return f"latent {tuple(hidden.shape)} is smaller than one patch {(pt, ph, pw)}"
+    text_tokens = 0
+    if family.text != "none":
+        if isinstance(family.text_tokens, int):
+            text_tokens = family.text_tokens
+        else:
+            text = inputs.get(family.text_tokens)
+            if not isinstance(text, torch.Tensor) or text.dim() < 2:
+                return f"the call has no text tensor {family.text_tokens!r}"
+            text_tokens = int(text.shape[1])
+    padding = family.key_padding is not None and isinstance(inputs.get(family.key_padding), torch.Tensor)
+    return AttentionLayout.joint(grid, text_tokens, family.text, key_padding=padding)
