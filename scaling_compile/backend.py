@@ -149,9 +149,16 @@ def model_root_of(example_inputs) -> torch.nn.Module | None:
 
     for value in example_inputs or ():
         if isinstance(value, torch.nn.Parameter) and value.numel() > 0:
-            roots = roots_owning(value)
-            return roots[0] if len(roots) == 1 else None
+            roots = {id(root): root for root in map(_unwrapped, roots_owning(value))}
+            return next(iter(roots.values())) if len(roots) == 1 else None
     return None
+
+
+def _unwrapped(module: torch.nn.Module) -> torch.nn.Module:
+    """The model inside ``torch.compile``'s wrappers (each compile call makes one around the same model)."""
+    while isinstance(getattr(module, "_orig_mod", None), torch.nn.Module):
+        module = module._orig_mod
+    return module
 
 
 def compile_inner(gm: torch.fx.GraphModule, example_inputs, inner: str, mode: str | None):
