@@ -30,7 +30,7 @@ its own axis weights) and each density, it times with ``triton.testing.do_bench`
 The Gluon kernel against Triton, cuDNN (dense) and FA4 (where installed), 480p::
 
     PYTHONUNBUFFERED=1 python3 benchmarks/bench_kernel.py --shapes 1,12,32760,128 --masks random,local \
-        --variants gluon,lists_tma1 --no-flex --out $OUT/bench_gluon.json
+        --variants gluon,lists_tma1 --no-flex --out out/bench_gluon.json
 
 ``--sweep "MODE:BM,BN,WARPS,STAGES[:ws];..."`` instead times explicit launch
 configurations (cached lists, TMA mode MODE, optional warp specialization) at
@@ -44,7 +44,7 @@ on the video blocks, text rows and columns kept; it times the public call with
 cached lists with and without ``key_valid`` (and FA4 without padding, where
 installed, and masked dense SDPA), checking each against the reference::
 
-    PYTHONUNBUFFERED=1 python3 benchmarks/bench_kernel.py --key-padding --out $OUT/bench_key_padding.json
+    PYTHONUNBUFFERED=1 python3 benchmarks/bench_kernel.py --key-padding --out out/bench_key_padding.json
 
 Checks: every sparse output is compared with the fp32 reference on slices of
 query blocks (first two and last two, the ragged one included) and with our

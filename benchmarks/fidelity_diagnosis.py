@@ -11,7 +11,7 @@ block and side)::
 
     python3 benchmarks/fidelity_diagnosis.py --config wan2.1-1.3b --device cuda --dtype bfloat16 \
         --profile-latent 5 40 72 --serve-latent 21 60 104 --block-size 128 --sampled-tokens 7 --query-frames 4 \
-        --truth-query-frames 6 --calibration-prompts 2 --out $OUT/fidelity
+        --truth-query-frames 6 --calibration-prompts 2 --out out/fidelity
 
 Writes fidelity.json (per head) and fidelity.md (tables per head class, see
 scaling_compile.testing.fidelity) to --out and prints the tables.

@@ -4,10 +4,11 @@ CPU (the "small" planted config, about 10 minutes on 2 cores)::
 
     python3 benchmarks/quality_harness.py --out out/quality
 
-H100 (Wan2.1-1.3B size, 480p, 33 frames; also speed, a ratio against dense in the same
-process; see docs/quality.md for the wheel set-up)::
+A CUDA GPU (Wan2.1-1.3B size, 81 frames at 480p or 720p; also speed, a ratio against dense
+in the same process)::
 
-    python3 benchmarks/quality_harness.py --config wan2.1-1.3b --device cuda --out $OUT/quality
+    python3 benchmarks/quality_harness.py --config wan2.1-1.3b-480p --out out/quality480
+    python3 benchmarks/quality_harness.py --config wan2.1-1.3b-720p --no-speed --out out/quality720
 
 For every policy (WEST + FAST, WEST with a uniform budget, static 3D-local windows, the
 online oracle, random blocks, and the planted ground truth) at every budget it measures
