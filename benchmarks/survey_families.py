@@ -28,7 +28,7 @@ import argparse
 import sys
 
 from scaling_compile.testing.families import FAMILIES, UNBUILT
-from scaling_compile.testing.families.attention import Survey, patch_attributes, survey
+from scaling_compile.testing.families.attention import Survey, patch_attributes, survey, video_lengths, video_masks
 
 def _fmt_shape(shape) -> str:
     return "x".join(str(s) for s in shape)
@@ -74,21 +74,6 @@ def render(surveys: list[Survey], markdown: bool) -> str:
     return "\n".join(lines)
 
 
-def _video_masks(sv, block: int, seed: int = 0) -> dict:
-    """Random block masks (diagonal kept) over the video tokens of each video self-attention call."""
-    import torch
-
-    g = torch.Generator().manual_seed(seed)
-    masks = {}
-    for call in sv.calls:
-        if not call.serves_video or "per pixel" in call.kind:
-            continue
-        n = -(-len(call.video_rows) // block)
-        mask = (torch.rand(call.query_shape[1], n, n, generator=g) < 0.4) | torch.eye(n, dtype=torch.bool)
-        masks[call.module if call.ordinal == 0 else f"{call.module}#{call.ordinal}"] = mask
-    return masks
-
-
 def backend_today(name: str, block: int = 16) -> dict:
     """What today's backend does with this family: its report with no artifact, with hand-written
     masks over the video tokens, and what profiling (WEST, no FAST) gives and serves."""
@@ -109,10 +94,11 @@ def backend_today(name: str, block: int = 16) -> dict:
         plain = sc.sdpa_nodes(model, **inputs)
         row["report (no artifact)"] = f"{len(plain)} nodes for {len(sv.calls)} calls; keys " + ", ".join(
             sorted({d.key for d in plain})[:4]) + (" ..." if len({d.key for d in plain}) > 4 else "")
-        masks = _video_masks(sv, block)
+        masks = video_masks(sv, block)
         if masks:
             torch._dynamo.reset()
-            hand = sc.sdpa_nodes(model, artifact=sc.Topology.from_block_masks(masks, block_size=block), **inputs)
+            topology = sc.Topology.from_block_masks(masks, block_size=block, seq_len=video_lengths(sv))
+            hand = sc.sdpa_nodes(model, artifact=topology, **inputs)
             reasons = sorted({d.reason.replace(f"{d.key!r}: ", "")[:90] for d in hand if not d.served and d.key in masks or
                               (not d.served and any(k.endswith("." + d.key) for k in masks))})
             row["hand-written video masks"] = f"{sum(d.served for d in hand)} served" + (

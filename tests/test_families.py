@@ -36,7 +36,7 @@ from torch.overrides import TorchFunctionMode
 import scaling_compile as sc
 from scaling_compile.kernels.reference import token_mask_from_blocks
 from scaling_compile.testing.families import FAMILIES, UNBUILT
-from scaling_compile.testing.families.attention import survey
+from scaling_compile.testing.families.attention import survey, video_lengths, video_masks
 
 NAMES = list(FAMILIES)
 BLOCK = 16
@@ -294,20 +294,6 @@ NOT_SERVED_TODAY = {
 CHEAP_SERVED = {"wan", "cogvideox", "hunyuan_video", "ltx"}
 
 
-def video_masks(name: str, sv, seed: int = 0) -> dict[str, torch.Tensor]:
-    """Random block masks (diagonal kept) over the VIDEO tokens of each call that should be served."""
-    g = torch.Generator().manual_seed(seed)
-    masks = {}
-    for call in sv.calls:
-        if not call.serves_video or "per pixel" in call.kind:
-            continue
-        n_blocks = -(-len(call.video_rows) // BLOCK)
-        mask = torch.rand(call.query_shape[1], n_blocks, n_blocks, generator=g) < 0.4
-        mask |= torch.eye(n_blocks, dtype=torch.bool)
-        masks[call.module if call.ordinal == 0 else f"{call.module}#{call.ordinal}"] = mask
-    return masks
-
-
 class _VideoMasked(TorchFunctionMode):
     """The reference: SDPA call ``i`` attends within its video block mask on the video x video
     part; every other row and column (text, history, audio) is kept; its own attn_mask applies."""
@@ -362,8 +348,8 @@ def test_video_masks_served_per_family(name, monkeypatch):
     # the interpreter a forward takes tens of seconds
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     model, inputs, dense, sv = measured(name, SERVED_GRID.get(name))
-    masks = video_masks(name, sv)
-    topology = sc.Topology.from_block_masks(masks, block_size=BLOCK)
+    masks = video_masks(sv, BLOCK)
+    topology = sc.Topology.from_block_masks(masks, block_size=BLOCK, seq_len=video_lengths(sv))
     served = [d.key for d in sc.sdpa_nodes(model, artifact=topology, **inputs) if d.served]
     assert len(served) == EXPECTED_SERVED[name], f"served {served}"
     expected = masked_reference(model, inputs, sv, masks)

@@ -400,3 +400,23 @@ def survey(fam: Family, grid=None, model: torch.nn.Module | None = None, vary_gr
                   base.softmax_outside_sdpa, seq_vs_grid, calls=per_call)
 
 
+def _video_calls(sv: Survey):
+    """The calls of a survey that attend over video tokens (not the per-pixel temporal kind), with their keys."""
+    for call in sv.calls:
+        if call.serves_video and "per pixel" not in call.kind:
+            yield (call.module if call.ordinal == 0 else f"{call.module}#{call.ordinal}"), call
+
+
+def video_masks(sv: Survey, block: int, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Random block masks (diagonal kept, density about 0.4) over the video tokens of each video call."""
+    g = torch.Generator().manual_seed(seed)
+    masks = {}
+    for key, call in _video_calls(sv):
+        n = -(-len(call.video_rows) // block)
+        masks[key] = (torch.rand(call.query_shape[1], n, n, generator=g) < 0.4) | torch.eye(n, dtype=torch.bool)
+    return masks
+
+
+def video_lengths(sv: Survey) -> dict[str, int]:
+    """The number of video tokens of each call :func:`video_masks` makes a mask for (its ``seq_len``)."""
+    return {key: len(call.video_rows) for key, call in _video_calls(sv)}
