@@ -241,11 +241,12 @@ class Profiler:
         for start, stop in self._chunks(rows):
             logits = torch.matmul(query[:, :, start:stop].float(), keys_t) * scale
             probs = torch.softmax(logits, dim=-1)
-            del logits
             if self.mode == "mass":
+                del logits
                 stats.add(probs, start, self.group)
-            else:
-                stats.add(probs, value, start, self.bin)
+            else:  # the logits make rows whose kept blocks' probabilities underflow exact
+                stats.add(probs, value, start, self.bin, logits=logits)
+                del logits
         if self.mode == "mass":
             stats.count(self.group, batch)
         else:
@@ -471,6 +472,7 @@ def profile(
                 sensitivity_seconds = time.perf_counter() - started_sensitivity
     finally:
         _profilers.pop(profiler_id, None)
+    _require_finite(topology)
     topology.metadata["profiling"] = {
         "seconds": round(time.perf_counter() - started, 3),
         "mass_seconds": round(mass_seconds, 3),
@@ -485,6 +487,24 @@ def profile(
         "skipped_nodes": profiler.skipped,
     }
     return topology
+
+
+def _require_finite(topology: Topology) -> None:
+    """Refuse a topology holding NaN or infinite values (naming node and table): the artifact loader
+    rejects such a file, and a non-finite table would make FAST's allocation meaningless."""
+    bad = []
+    for key, entry in topology.entries.items():
+        tables = {"scores": entry.scores, "mask": entry.mask, **entry.extra}
+        for name, tensor in tables.items():
+            if isinstance(tensor, torch.Tensor) and tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                count = int((~torch.isfinite(tensor)).sum())
+                bad.append(f"{key}/{name} ({count} of {tensor.numel()} values)")
+    if bad:
+        raise ScalingCompileError(
+            "profiling produced NaN or infinite statistics in " + ", ".join(bad)
+            + "; this is a bug in the profiler (nothing was written): please report it with the "
+            "model, its dtype and the calibration geometry"
+        )
 
 
 def _version() -> str:
