@@ -65,12 +65,6 @@ from .errors import NotServable, ScalingCompileError
 # Nominal densities at which sensitivity is measured (0 and 1 are added as exact end points).
 DEFAULT_LEVELS = (0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.65, 0.8)
 DEFAULT_STEP_BINS = 4
-# Rows whose kept blocks hold less than this share of the row's softmax probability are measured in
-# the log domain (SensitivityStatistics._exact_rows): below it, fp32 probabilities of the kept keys
-# may have underflowed (exp(-88) ~ 1e-38; a planted head's logits span hundreds of units) and the
-# fast path's kept-mass division is 0/0 or built from lost terms. Above it, any underflowed term is
-# < 1e-38 * S of a kept mass >= 1e-20: negligible.
-EXACT_BELOW_KEPT_MASS = 1e-20
 DENSE_STEP = -1.0
 # Every head keeps at least the density at which its predicted mass reaches this (capped at the
 # budget), before the sensitivity-driven allocation hands out the rest: a head whose measured
@@ -100,7 +94,16 @@ def step_bin(step_fraction: float, step_bins: int) -> int:
 # Measuring sensitivity
 # ---------------------------------------------------------------------------------------------
 class SensitivityStatistics:
-    """Output error of each head of one node at each density level, accumulated per step bin."""
+    """Output error of each head of one node at each density level, accumulated per step bin.
+
+    Every row is measured in the log domain, block by block: each key block's softmax is taken
+    against its own maximum (output ``o_j``, log-mass ``lse_j``), and a level's masked output is
+    ``sum_{j kept} softmax_j(lse) o_j`` over the blocks it keeps, which is exactly the renormalised
+    softmax of the kept keys the kernel computes. Unlike ``numerator / denominator`` sums of the
+    row's global softmax, this never divides by a kept probability that fp32 rounded to 0: with
+    logits spanning hundreds of units (planted full-size heads; any sharp head at 480p) a level's
+    kept blocks can hold < 1e-38 of the row's probability, which gave 0/0 = NaN.
+    """
 
     def __init__(self, ranks: torch.Tensor, levels, block_size: int, step_bins: int, gram=None, device=None):
         heads, n_blocks, _ = ranks.shape
@@ -108,10 +111,9 @@ class SensitivityStatistics:
         self.counts = level_block_counts(levels, n_blocks)
         inner = self.counts[1:-1]
         ranks = ranks.to(device)
-        # Masks are nested (a level keeps the best-ranked blocks), so each level's output is a
-        # prefix sum over key blocks in rank order: one cumsum serves every level.
-        self.order = ranks.long().argsort(dim=-1)  # (heads, nq, nk) key blocks by rank
-        self.kept = (ranks[None] < inner.to(device).view(-1, 1, 1, 1)).sum(-1)  # (L, heads, nq)
+        # Masks are nested (a level keeps the best-ranked blocks); every level keeps each query
+        # block's diagonal block (ranked first), so no masked row is empty.
+        self.level_masks = ranks[None] < inner.to(device).view(-1, 1, 1, 1)  # (L, heads, nq, nk)
         self.gram = None if gram is None else gram.to(device=device, dtype=torch.float32)
         n_levels = int(inner.numel())
         # float64 sums on the rows' device: one chunk's fp32 sums are added without a host sync.
@@ -127,93 +129,39 @@ class SensitivityStatistics:
             return x.square().sum((0, 2, 4)).double()
         return torch.einsum("bhrld,hde,bhrle->hl", x, self.gram, x).double()
 
-    def add(self, probs: torch.Tensor, value: torch.Tensor, row_start: int, bin_index: int,
+    def add(self, probs: torch.Tensor | None, value: torch.Tensor, row_start: int, bin_index: int,
             logits: torch.Tensor | None = None) -> None:
-        """Add one chunk: ``probs`` (B, H, rows, S) softmax rows from ``row_start``, ``value`` (B, H, S, D).
+        """Add one chunk of query rows starting at ``row_start``; ``value`` (B, H, S, D).
 
-        ``logits`` (B, H, rows, S), the pre-softmax scores of the same rows, make the rows whose kept
-        blocks hold almost none of the probability exact (see :meth:`_exact_rows`); without them
-        those rows use ``log(probs)``, exact unless the kept probabilities underflowed to 0.
+        ``logits`` (B, H, rows, S): the rows' pre-softmax scores (what the profiler passes;
+        ``probs`` may then be None). Without them, ``probs`` (the softmax rows) stand in as
+        ``log(probs)``, exact unless a level's kept probabilities underflowed to 0.
         """
-        batch, heads, rows, seq = probs.shape
-        self._to_device(probs.device)
-        pad = self.n_blocks * self.block_size - seq
-        p = torch.nn.functional.pad(probs, (0, pad)).view(batch, heads, rows, self.n_blocks, self.block_size)
-        v = torch.nn.functional.pad(value.float(), (0, 0, 0, pad)).view(batch, heads, self.n_blocks, self.block_size, -1)
-        partial = torch.einsum("bhrjs,bhjsd->bhrjd", p, v)  # per key block numerators
-        norm = p.sum(-1)  # (B, H, rows, nk)
-        dense = partial.sum(3)
-        energy = self._quadratic(dense.unsqueeze(3))[:, 0]
-        row_blocks = torch.arange(row_start, row_start + rows, device=probs.device) // self.block_size
-        order = self.order[:, row_blocks][None].expand(batch, -1, -1, -1)  # (B, H, rows, nk)
-        dim = partial.shape[-1]
-        numerators = partial.gather(3, order.unsqueeze(-1).expand(-1, -1, -1, -1, dim)).cumsum_(3)
-        denominators = norm.gather(3, order).cumsum_(3)
-        del partial
-        # Every level at once: the prefix of the rank order each level keeps ends at kept - 1.
-        last = (self.kept[:, :, row_blocks] - 1).permute(1, 2, 0)[None].expand(batch, -1, -1, -1)  # (B, H, rows, L)
-        kept_mass = denominators.gather(3, last)
-        out = numerators.gather(3, last.unsqueeze(-1).expand(-1, -1, -1, -1, dim)) / kept_mass.unsqueeze(-1)
-        del numerators, denominators
-        # Rows whose kept blocks hold (almost) none of the row's probability: the division above is
-        # 0/0 (NaN) or built from underflowed terms; those rows are recomputed in the log domain.
-        weak = (kept_mass < EXACT_BELOW_KEPT_MASS).any(-1)  # (B, H, rows)
-        diff = out - dense.unsqueeze(3)
-        if bool(weak.any()):
-            diff = torch.where(weak[..., None, None], torch.zeros((), device=diff.device), diff)
-        error = self._quadratic(diff)
-        del out, diff
-        if bool(weak.any()):
-            error = error + self._exact_rows(weak, probs if logits is None else logits, logits is None,
-                                             value, dense, row_blocks)
-        self.energy[bin_index] += energy.to(self.energy.device)
-        self.error[bin_index] += error.to(self.error.device)
-
-    def _exact_rows(self, weak, scores, from_probs: bool, value, dense, row_blocks) -> torch.Tensor:
-        """Error (heads, levels), float64, of the ``weak`` rows computed in the log domain.
-
-        Each key block's softmax is taken against its own maximum (``o_j``, log-mass ``lse_j``);
-        a level's masked output is ``sum_{j kept} softmax_j(lse) o_j`` over its kept blocks, which
-        is exact however small the kept blocks' share of the row's probability is (the kernel
-        serving the mask computes the same renormalised softmax of the kept keys).
-        """
+        scores = logits if logits is not None else probs.log()
         batch, heads, rows, seq = scores.shape
-        levels = self.kept.shape[0]
         pad = self.n_blocks * self.block_size - seq
-        error = torch.zeros(heads, levels, dtype=torch.float64, device=scores.device)
-        for b, h in weak.any(2).nonzero().tolist():
-            picked = weak[b, h].nonzero().squeeze(1)
-            logits = scores[b, h, picked].float()
-            if from_probs:
-                logits = logits.log()
-            logits = torch.nn.functional.pad(logits, (0, pad), value=-math.inf)
-            logits = logits.view(-1, self.n_blocks, self.block_size)
-            top = logits.amax(-1, keepdim=True)  # a block's own maximum (finite: no block is all padding)
-            e = torch.exp(logits - top)
-            mass = e.sum(-1)  # >= 1
-            v = torch.nn.functional.pad(value[b, h].float(), (0, 0, 0, pad)).view(self.n_blocks, self.block_size, -1)
-            block_out = torch.einsum("rjs,jsd->rjd", e, v) / mass.unsqueeze(-1)
-            log_mass = top.squeeze(-1) + mass.log()
-            order = self.order[h, row_blocks[picked]]  # (r, nk)
-            log_mass = log_mass.gather(1, order)
-            block_out = block_out.gather(1, order.unsqueeze(-1).expand(-1, -1, block_out.shape[-1]))
-            position = torch.arange(self.n_blocks, device=scores.device)
-            kept = self.kept[:, h, row_blocks[picked]].t()  # (r, L)
-            inside = position[None, None, :] < kept[:, :, None]  # (r, L, nk)
-            weights = torch.softmax(log_mass[:, None, :].masked_fill(~inside, -math.inf), -1)
-            out = torch.einsum("rlj,rjd->rld", weights, block_out)
-            diff = (out - dense[b, h, picked].unsqueeze(1))[None, None]  # (1, 1, r, L, D)
-            if self.gram is None:
-                error[h] += diff.square().sum((0, 1, 2, 4)).double()
-            else:
-                error[h] += torch.einsum("bhrld,de,bhrle->l", diff, self.gram[h], diff).double()
-        return error
-
-    def _to_device(self, device) -> None:
-        """Keep the rank tables on the device of the attention rows (they are built on the first call's)."""
-        if self.order.device != device:
-            self.order, self.kept = self.order.to(device), self.kept.to(device)
-            self.gram = None if self.gram is None else self.gram.to(device)
+        blocks = scores.float()
+        if pad:
+            blocks = torch.nn.functional.pad(blocks, (0, pad), value=-math.inf)
+        blocks = blocks.view(batch, heads, rows, self.n_blocks, self.block_size)
+        top = blocks.amax(-1, keepdim=True)  # each key block's own maximum (finite: no block is all padding)
+        e = torch.exp(blocks - top)
+        del blocks
+        mass = e.sum(-1)  # (B, H, rows, nk), >= 1
+        v = value.float()
+        v = (torch.nn.functional.pad(v, (0, 0, 0, pad)) if pad else v).view(batch, heads, self.n_blocks, self.block_size, -1)
+        block_out = torch.einsum("bhrjs,bhjsd->bhrjd", e, v)  # per key block numerators
+        del e
+        log_mass = top.squeeze(-1) + mass.log()  # (B, H, rows, nk)
+        row_blocks = torch.arange(row_start, row_start + rows, device=scores.device) // self.block_size
+        kept = self.level_masks[:, :, row_blocks].permute(1, 2, 0, 3)  # (H, rows, L, nk)
+        weights = log_mass.unsqueeze(3).masked_fill(~kept[None], -math.inf).softmax(-1) / mass.unsqueeze(3)
+        dense_weights = log_mass.softmax(-1) / mass  # (B, H, rows, nk)
+        out = torch.einsum("bhrlj,bhrjd->bhrld", weights, block_out)  # (B, H, rows, L, D)
+        dense = torch.einsum("bhrj,bhrjd->bhrd", dense_weights, block_out).unsqueeze(3)
+        del block_out, weights
+        self.energy[bin_index] += self._quadratic(dense)[:, 0].to(self.energy.device)
+        self.error[bin_index] += self._quadratic(out - dense).to(self.error.device)
 
     def count(self, bin_index: int, batch: int) -> None:
         self.observations[bin_index] += batch
