@@ -239,6 +239,7 @@ class Profiler:
         self.calls += 1
         scale = 1.0 / math.sqrt(dim) if scale is None else float(scale)
         keys_t = key_.float().transpose(-1, -2)
+        values = value.float() if self.mode != "mass" else None  # once per call, not per chunk
         if self.mode == "mass":
             stats = self.mass.get(key)
             if stats is None:
@@ -269,7 +270,7 @@ class Profiler:
                 del logits
                 stats.add(probs, start, self.group)
             else:  # log-domain per key block: exact however little mass a level keeps
-                stats.add(None, value, start, self.bin, logits=logits)
+                stats.add(None, values, start, self.bin, logits=logits)
                 del logits
         if self.mode == "mass":
             stats.count(self.group, batch)

@@ -145,7 +145,7 @@ class SensitivityStatistics:
             blocks = torch.nn.functional.pad(blocks, (0, pad), value=-math.inf)
         blocks = blocks.view(batch, heads, rows, self.n_blocks, self.block_size)
         top = blocks.amax(-1, keepdim=True)  # each key block's own maximum (finite: no block is all padding)
-        e = torch.exp(blocks - top)
+        e = torch.sub(blocks, top).exp_()
         del blocks
         mass = e.sum(-1)  # (B, H, rows, nk), >= 1
         v = value.float()
