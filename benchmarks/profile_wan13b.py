@@ -104,6 +104,27 @@ def profile_at(model, latent, args, sensitivity: bool):
     return topology, seconds, (torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0)
 
 
+def time_split(seconds: float, info: dict, peak: float, latent) -> str:
+    """Where the profiling time went, one line per stage (the stages add up to the total)."""
+    mass, sens = info["mass_sample_seconds"], info["sensitivity_sample_seconds"]
+    steady = statistics.median(mass[1:]) if len(mass) > 1 else None
+    capture = f"first sample {mass[0]:.1f}s incl. Dynamo capture" if mass else ""
+    fit = info.get("fit_seconds", 0.0)
+    other = seconds - info["mass_seconds"] - fit - info["sensitivity_seconds"]
+    setup, curves = info.get("sensitivity_setup_seconds", 0.0), info.get("sensitivity_curves_seconds", 0.0)
+    lines = [
+        f"PROFILE latent {tuple(latent)}: {seconds:.1f}s total, peak {peak:.1f} GiB, "
+        f"chunks of {info.get('chunk_rows')} query rows ({info.get('chunk_elements')} fp32 elements)",
+        f"  mass pass         {info['mass_seconds']:7.1f}s  ({capture}; then "
+        f"{steady if steady is None else round(steady, 2)}s per sample) per sample {mass}",
+        f"  WEST fit+quality  {fit:7.1f}s  (3 fits per node: all samples and the two halves)",
+        f"  sensitivity pass  {info['sensitivity_seconds']:7.1f}s  (rank tables {setup:.1f}s, curves {curves:.1f}s) "
+        f"per sample {sens}",
+        f"  other             {other:7.1f}s",
+    ]
+    return "\n".join(lines)
+
+
 def instantiate_all(topology, grid, budget) -> float:
     """Seconds to build every node's mask at ``grid`` from a freshly loaded copy (no caches)."""
     started = time.perf_counter()
@@ -178,7 +199,12 @@ def main() -> int:
     results["profile"] = {
         "seconds": round(seconds, 2),
         "mass_pass_seconds": info["mass_seconds"],
+        "fit_seconds": info.get("fit_seconds"),
         "sensitivity_pass_seconds": info["sensitivity_seconds"],
+        "sensitivity_setup_seconds": info.get("sensitivity_setup_seconds"),
+        "sensitivity_curves_seconds": info.get("sensitivity_curves_seconds"),
+        "chunk_elements": info.get("chunk_elements"),
+        "chunk_rows": info.get("chunk_rows"),
         "mass_sample_seconds": mass,
         "sensitivity_sample_seconds": sens,
         "mass_seconds_per_sample_steady": round(statistics.median(mass[1:]), 3) if len(mass) > 1 else None,
@@ -187,8 +213,7 @@ def main() -> int:
         "peak_gpu_gib": round(peak, 2),
         "quality": topology.metadata["quality"],
     }
-    log(f"PROFILE latent {tuple(args.latent)}: {seconds:.1f}s total (mass pass {info['mass_seconds']:.1f}s, sensitivity pass "
-        f"{info['sensitivity_seconds']:.1f}s); per sample: mass {mass}, sensitivity {sens}; peak {peak:.1f} GiB")
+    log(time_split(seconds, info, peak, args.latent))
     log(f"quality: {json.dumps(topology.metadata['quality'])}")
 
     out_dir = os.path.dirname(os.path.abspath(args.out)) if args.out else None

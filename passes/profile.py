@@ -182,6 +182,24 @@ def _fresh_runner(model, name: str):
 # ---------------------------------------------------------------------------------------------
 # The profiler
 # ---------------------------------------------------------------------------------------------
+# A chunk of query rows is measured with about this many live float32 copies of its logits (logits,
+# per-block exponentials, their transposed copy for the block matmul, per-block outputs, ...).
+CHUNK_COPIES = 8
+CPU_CHUNK_ELEMENTS = 2**23
+MAX_CHUNK_ELEMENTS = 2**29  # 2 GiB per fp32 copy
+
+
+def default_chunk_elements(device: torch.device) -> int:
+    """float32 elements per chunk of attention rows: on a GPU, what fits ``CHUNK_COPIES`` times in half
+    the memory free when profiling starts (at least 2**24, at most ``MAX_CHUNK_ELEMENTS``).
+    Chunks only bound memory (the statistics are sums over rows): fewer, larger chunks mean fewer
+    kernel launches per node; at 480p the old fixed 2**26 meant 128-row chunks, ~1500 per sample."""
+    if device.type != "cuda":
+        return CPU_CHUNK_ELEMENTS
+    free, _total = torch.cuda.mem_get_info(device)
+    return int(min(max(free // (2 * 4 * CHUNK_COPIES), 2**24), MAX_CHUNK_ELEMENTS))
+
+
 class Profiler:
     """Run-time state of the instrumented nodes: which pass, which sample, and the statistics."""
 
@@ -201,10 +219,13 @@ class Profiler:
         self.topology: Topology | None = None
         self.levels = DEFAULT_LEVELS
         self.step_bins = DEFAULT_STEP_BINS
+        self.setup_seconds = 0.0  # building the sensitivity pass's rank tables
+        self.chunk_rows: dict[str, int] = {}  # query rows per chunk, per pass (the largest node's)
 
-    def _rows(self, batch: int, heads: int, seq: int, per_row: int) -> int:
-        budget = self.chunk_elements or (2**26 if torch.cuda.is_available() else 2**23)
-        rows = budget // max(1, batch * heads * per_row)
+    def _rows(self, batch: int, heads: int, seq: int, per_row: int, device: torch.device) -> int:
+        if self.chunk_elements is None:
+            self.chunk_elements = default_chunk_elements(device)
+        rows = self.chunk_elements // max(1, batch * heads * per_row)
         return max(self.block_size, rows // self.block_size * self.block_size)
 
     def attention(self, key, query, key_, value, out_weight, scale):
@@ -218,6 +239,7 @@ class Profiler:
         self.calls += 1
         scale = 1.0 / math.sqrt(dim) if scale is None else float(scale)
         keys_t = key_.float().transpose(-1, -2)
+        values = value.float() if self.mode != "mass" else None  # once per call, not per chunk
         if self.mode == "mass":
             stats = self.mass.get(key)
             if stats is None:
@@ -232,20 +254,24 @@ class Profiler:
             per_row = seq
         else:
             stats = self.sensitivity.get(key)
-            if stats is None:
+            if key not in self.sensitivity:
+                started = time.perf_counter()
                 stats = self.sensitivity[key] = self._sensitivity_statistics(key, heads, dim, out_weight, query.device)
+                self.setup_seconds += time.perf_counter() - started
             if stats is None:
                 return out
             per_row = seq + stats.n_blocks * dim
-        rows = self._rows(batch, heads, seq, per_row)
+        rows = self._rows(batch, heads, seq, per_row, query.device)
+        self.chunk_rows[self.mode] = min(rows, self.chunk_rows.get(self.mode, rows))
         for start, stop in self._chunks(rows):
             logits = torch.matmul(query[:, :, start:stop].float(), keys_t) * scale
-            probs = torch.softmax(logits, dim=-1)
-            del logits
             if self.mode == "mass":
+                probs = torch.softmax(logits, dim=-1)
+                del logits
                 stats.add(probs, start, self.group)
-            else:
-                stats.add(probs, value, start, self.bin)
+            else:  # log-domain per key block: exact however little mass a level keeps
+                stats.add(None, values, start, self.bin, logits=logits)
+                del logits
         if self.mode == "mass":
             stats.count(self.group, batch)
         else:
@@ -457,9 +483,11 @@ def profile(
             mass_samples = _run_pass(runner, model, profiler, samples, "attention mass", progress,
                                      lambda s: setattr(profiler, "group", 1 if s.group % 2 else 0))
             mass_seconds = time.perf_counter() - started
+            started_fit = time.perf_counter()
             topology = _topology_from_mass(model, profiler, calibration, block_size, default_budget, units,
                                            quality_densities)
-            sensitivity_seconds = 0.0
+            fit_seconds = time.perf_counter() - started_fit
+            sensitivity_seconds = attach_seconds = 0.0
             if sensitivity:
                 started_sensitivity = time.perf_counter()
                 profiler.mode, profiler.topology = "sensitivity", topology
@@ -467,14 +495,24 @@ def profile(
                     runner, model, profiler, _spread(samples, sensitivity_samples), "sensitivity", progress,
                     lambda s: setattr(profiler, "bin", step_bin(s.denoising_progress(), step_bins)),
                 )
+                started_attach = time.perf_counter()
                 _attach_sensitivity(topology, profiler, levels, step_bins)
+                attach_seconds = time.perf_counter() - started_attach
                 sensitivity_seconds = time.perf_counter() - started_sensitivity
     finally:
         _profilers.pop(profiler_id, None)
+    _require_finite(topology)
     topology.metadata["profiling"] = {
         "seconds": round(time.perf_counter() - started, 3),
         "mass_seconds": round(mass_seconds, 3),
+        # between the passes: WEST fits (full + two halves per node) and the fidelity/stability figures
+        "fit_seconds": round(fit_seconds, 3),
         "sensitivity_seconds": round(sensitivity_seconds, 3),
+        # inside the sensitivity pass: building each node's rank tables (first sample) and the curves
+        "sensitivity_setup_seconds": round(profiler.setup_seconds, 3),
+        "sensitivity_curves_seconds": round(attach_seconds, 3),
+        "chunk_elements": profiler.chunk_elements,
+        "chunk_rows": dict(profiler.chunk_rows),
         "mass_sample_seconds": mass_samples,
         "sensitivity_sample_seconds": sensitivity_samples_seconds,
         "device": _device_name(next(model.parameters()).device),
@@ -485,6 +523,24 @@ def profile(
         "skipped_nodes": profiler.skipped,
     }
     return topology
+
+
+def _require_finite(topology: Topology) -> None:
+    """Refuse a topology holding NaN or infinite values (naming node and table): the artifact loader
+    rejects such a file, and a non-finite table would make FAST's allocation meaningless."""
+    bad = []
+    for key, entry in topology.entries.items():
+        tables = {"scores": entry.scores, "mask": entry.mask, **entry.extra}
+        for name, tensor in tables.items():
+            if isinstance(tensor, torch.Tensor) and tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                count = int((~torch.isfinite(tensor)).sum())
+                bad.append(f"{key}/{name} ({count} of {tensor.numel()} values)")
+    if bad:
+        raise ScalingCompileError(
+            "profiling produced NaN or infinite statistics in " + ", ".join(bad)
+            + "; this is a bug in the profiler (nothing was written): please report it with the "
+            "model, its dtype and the calibration geometry"
+        )
 
 
 def _version() -> str:

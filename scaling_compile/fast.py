@@ -94,7 +94,16 @@ def step_bin(step_fraction: float, step_bins: int) -> int:
 # Measuring sensitivity
 # ---------------------------------------------------------------------------------------------
 class SensitivityStatistics:
-    """Output error of each head of one node at each density level, accumulated per step bin."""
+    """Output error of each head of one node at each density level, accumulated per step bin.
+
+    Every row is measured in the log domain, block by block: each key block's softmax is taken
+    against its own maximum (output ``o_j``, log-mass ``lse_j``), and a level's masked output is
+    ``sum_{j kept} softmax_j(lse) o_j`` over the blocks it keeps, which is exactly the renormalised
+    softmax of the kept keys the kernel computes. Unlike ``numerator / denominator`` sums of the
+    row's global softmax, this never divides by a kept probability that fp32 rounded to 0: with
+    logits spanning hundreds of units (planted full-size heads; any sharp head at 480p) a level's
+    kept blocks can hold < 1e-38 of the row's probability, which gave 0/0 = NaN.
+    """
 
     def __init__(self, ranks: torch.Tensor, levels, block_size: int, step_bins: int, gram=None, device=None):
         heads, n_blocks, _ = ranks.shape
@@ -102,43 +111,57 @@ class SensitivityStatistics:
         self.counts = level_block_counts(levels, n_blocks)
         inner = self.counts[1:-1]
         ranks = ranks.to(device)
-        # Masks are nested (a level keeps the best-ranked blocks), so each level's output is a
-        # prefix sum over key blocks in rank order: one cumsum serves every level.
-        self.order = ranks.long().argsort(dim=-1)  # (heads, nq, nk) key blocks by rank
-        self.kept = (ranks[None] < inner.to(device).view(-1, 1, 1, 1)).sum(-1)  # (L, heads, nq)
+        # Masks are nested (a level keeps the best-ranked blocks); every level keeps each query
+        # block's diagonal block (ranked first), so no masked row is empty.
+        self.level_masks = ranks[None] < inner.to(device).view(-1, 1, 1, 1)  # (L, heads, nq, nk)
         self.gram = None if gram is None else gram.to(device=device, dtype=torch.float32)
         n_levels = int(inner.numel())
-        self.error = torch.zeros(step_bins, heads, n_levels, dtype=torch.float64)
-        self.energy = torch.zeros(step_bins, heads, dtype=torch.float64)
+        # float64 sums on the rows' device: one chunk's fp32 sums are added without a host sync.
+        self.error = torch.zeros(step_bins, heads, n_levels, dtype=torch.float64, device=device)
+        self.energy = torch.zeros(step_bins, heads, dtype=torch.float64, device=device)
         self.observations = torch.zeros(step_bins, dtype=torch.float64)
 
     def _quadratic(self, x: torch.Tensor) -> torch.Tensor:
-        """Per head ``sum x^T G_h x`` over batch and rows; x (batch, heads, rows, dim)."""
-        if self.gram is None:
-            return x.square().sum((0, 2, 3)).double().cpu()
-        return torch.einsum("bhrd,hde,bhre->h", x, self.gram, x).double().cpu()
+        """Per head and level ``sum x^T G_h x`` over batch and rows; x (batch, heads, rows, levels, dim).
 
-    def add(self, probs: torch.Tensor, value: torch.Tensor, row_start: int, bin_index: int) -> None:
-        """Add one chunk: ``probs`` (B, H, rows, S) softmax rows from ``row_start``, ``value`` (B, H, S, D)."""
-        batch, heads, rows, seq = probs.shape
+        Returns float64 (heads, levels) on x's device (no host synchronisation per chunk)."""
+        if self.gram is None:
+            return x.square().sum((0, 2, 4)).double()
+        return torch.einsum("bhrld,hde,bhrle->hl", x, self.gram, x).double()
+
+    def add(self, probs: torch.Tensor | None, value: torch.Tensor, row_start: int, bin_index: int,
+            logits: torch.Tensor | None = None) -> None:
+        """Add one chunk of query rows starting at ``row_start``; ``value`` (B, H, S, D).
+
+        ``logits`` (B, H, rows, S): the rows' pre-softmax scores (what the profiler passes;
+        ``probs`` may then be None). Without them, ``probs`` (the softmax rows) stand in as
+        ``log(probs)``, exact unless a level's kept probabilities underflowed to 0.
+        """
+        scores = logits if logits is not None else probs.log()
+        batch, heads, rows, seq = scores.shape
         pad = self.n_blocks * self.block_size - seq
-        p = torch.nn.functional.pad(probs, (0, pad)).view(batch, heads, rows, self.n_blocks, self.block_size)
-        v = torch.nn.functional.pad(value.float(), (0, 0, 0, pad)).view(batch, heads, self.n_blocks, self.block_size, -1)
-        partial = torch.einsum("bhrjs,bhjsd->bhrjd", p, v)  # per key block numerators
-        norm = p.sum(-1)  # (B, H, rows, nk)
-        dense = partial.sum(3)
-        self.energy[bin_index] += self._quadratic(dense)
-        row_blocks = torch.arange(row_start, row_start + rows, device=probs.device) // self.block_size
-        order = self.order[:, row_blocks][None].expand(batch, -1, -1, -1)  # (B, H, rows, nk)
-        dim = partial.shape[-1]
-        numerators = partial.gather(3, order.unsqueeze(-1).expand(-1, -1, -1, -1, dim)).cumsum_(3)
-        denominators = norm.gather(3, order).cumsum_(3)
-        del partial
-        for level in range(self.kept.shape[0]):
-            last = (self.kept[level][:, row_blocks] - 1)[None].expand(batch, -1, -1).unsqueeze(-1)
-            out = numerators.gather(3, last.unsqueeze(-1).expand(-1, -1, -1, -1, dim)).squeeze(3)
-            out = out / denominators.gather(3, last)
-            self.error[bin_index, :, level] += self._quadratic(out - dense)
+        blocks = scores.float()
+        if pad:
+            blocks = torch.nn.functional.pad(blocks, (0, pad), value=-math.inf)
+        blocks = blocks.view(batch, heads, rows, self.n_blocks, self.block_size)
+        top = blocks.amax(-1, keepdim=True)  # each key block's own maximum (finite: no block is all padding)
+        e = torch.sub(blocks, top).exp_()
+        del blocks
+        mass = e.sum(-1)  # (B, H, rows, nk), >= 1
+        v = value.float()
+        v = (torch.nn.functional.pad(v, (0, 0, 0, pad)) if pad else v).view(batch, heads, self.n_blocks, self.block_size, -1)
+        block_out = torch.einsum("bhrjs,bhjsd->bhrjd", e, v)  # per key block numerators
+        del e
+        log_mass = top.squeeze(-1) + mass.log()  # (B, H, rows, nk)
+        row_blocks = torch.arange(row_start, row_start + rows, device=scores.device) // self.block_size
+        kept = self.level_masks[:, :, row_blocks].permute(1, 2, 0, 3)  # (H, rows, L, nk)
+        weights = log_mass.unsqueeze(3).masked_fill(~kept[None], -math.inf).softmax(-1) / mass.unsqueeze(3)
+        dense_weights = log_mass.softmax(-1) / mass  # (B, H, rows, nk)
+        out = torch.einsum("bhrlj,bhrjd->bhrld", weights, block_out)  # (B, H, rows, L, D)
+        dense = torch.einsum("bhrj,bhrjd->bhrd", dense_weights, block_out).unsqueeze(3)
+        del block_out, weights
+        self.energy[bin_index] += self._quadratic(dense)[:, 0].to(self.energy.device)
+        self.error[bin_index] += self._quadratic(out - dense).to(self.error.device)
 
     def count(self, bin_index: int, batch: int) -> None:
         self.observations[bin_index] += batch
@@ -151,8 +174,9 @@ class SensitivityStatistics:
             zero = energy / total
             return torch.cat([zero.unsqueeze(-1), error / total.unsqueeze(-1), torch.zeros_like(zero).unsqueeze(-1)], -1)
 
-        pooled = normalise(self.error.sum(0), self.energy.sum(0))
-        per_bin = normalise(self.error, self.energy)
+        error, energy = self.error.cpu(), self.energy.cpu()
+        pooled = normalise(error.sum(0), energy.sum(0))
+        per_bin = normalise(error, energy)
         empty = self.observations == 0
         per_bin[empty] = pooled.expand(int(empty.sum()), -1, -1)
         return pooled.float(), per_bin.float()

@@ -455,3 +455,92 @@ def test_pipeline_calibration_follows_the_callback_protocol():
     assert sorted({s.progress for s in calibration}) == [0.2, 0.8]
     assert [s.group for s in calibration.samples[::4]] == [0, 1, 0]
     assert "attention_kwargs" not in calibration.samples[0].inputs
+
+
+# ---------------------------------------------------------------------------------------------
+# Finite statistics however peaked the attention (bf16 models at serving size)
+# ---------------------------------------------------------------------------------------------
+def _masked_attention_float64(q, k, v, mask, block, scale):
+    """Masked softmax attention of the kept blocks, in float64 (the kernel's renormalised output)."""
+    seq = q.shape[-2]
+    tokens = mask.repeat_interleave(block, 1).repeat_interleave(block, 2)[:, :seq, :seq]
+    logits = (q.double() @ k.double().transpose(-1, -2)) * scale
+    logits = logits.masked_fill(~tokens[None], -math.inf)
+    return torch.softmax(logits, -1) @ v.double()
+
+
+def test_sensitivity_is_exact_when_the_kept_blocks_probabilities_underflow():
+    # Logits spanning hundreds of units (planted full-size heads): for many rows the blocks a
+    # low level keeps hold < 1e-38 of the row's fp32 probability, i.e. exactly 0. The kept
+    # softmax is still well defined (and is what the kernel computes); 0/0 must never appear.
+    torch.manual_seed(1)
+    batch, heads, seq, dim, block = 1, 2, 40, 8, 8
+    q, k, v = (torch.randn(batch, heads, seq, dim) for _ in range(3))
+    q = q * 60.0
+    n = math.ceil(seq / block)
+    ranks = west.block_ranks(torch.rand(heads, n, n))
+    levels = (0.25, 0.5)
+    scale = 1 / math.sqrt(dim)
+    logits = q @ k.transpose(-1, -2) * scale
+    probs = torch.softmax(logits, -1)
+    counts = fast.level_block_counts(levels, n)
+    first = west.mask_from_ranks(ranks, torch.full((heads,), int(counts[1])))
+    tokens = first.repeat_interleave(block, 1).repeat_interleave(block, 2)[:, :seq, :seq]
+    assert bool(((probs[0] * tokens).sum(-1) == 0).any()), "the case under test: kept probability 0"
+    stats = fast.SensitivityStatistics(ranks, levels, block, step_bins=1)
+    for start in range(0, seq, 16):
+        rows = slice(start, start + 16)
+        stats.add(probs[:, :, rows], v, start, 0, logits=logits[:, :, rows])
+    stats.count(0, batch)
+    dense = probs.double() @ v.double()
+    for level, count in enumerate(counts[1:-1]):
+        mask = west.mask_from_ranks(ranks, torch.full((heads,), int(count)))
+        out = _masked_attention_float64(q, k, v, mask, block, scale)
+        error = (out - dense).square().sum((0, 2, 3))
+        assert torch.isfinite(stats.error[0, :, level]).all()
+        torch.testing.assert_close(stats.error[0, :, level], error, rtol=1e-4, atol=1e-4)
+    pooled, per_bin = stats.curves()
+    assert torch.isfinite(pooled).all() and torch.isfinite(per_bin).all()
+
+
+def _peaked_planted_bf16():
+    """The tiny planted Wan in bfloat16 with its query/key norms scaled up, so its logits span
+    hundreds of units, like the full-size planted model's at 480p."""
+    from scaling_compile.testing import planted_wan_transformer
+
+    model = planted_wan_transformer("tiny", seed=0, dtype=torch.bfloat16)
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            if name.endswith("attn1"):
+                module.norm_q.weight.mul_(4.0)
+                module.norm_k.weight.mul_(4.0)
+    return model
+
+
+def test_bf16_profile_saves_and_loads_with_finite_tables(tmp_path):
+    model = _peaked_planted_bf16()
+    calibration = sc.synthetic_calibration(model, PROFILE_LATENT, num_prompts=2, num_timesteps=2, text_len=16)
+    topology = sc.profile(model, calibration, block_size=BLOCK, progress=False)
+    path = tmp_path / "bf16.safetensors"
+    topology.save(path)
+    loaded = sc.Topology.load(path)
+    for key, entry in loaded.entries.items():
+        for name, tensor in {"scores": entry.scores, **entry.extra}.items():
+            if tensor is not None and tensor.is_floating_point():
+                assert torch.isfinite(tensor).all(), f"{key}/{name}"
+        assert "sensitivity" in entry.extra
+
+
+def test_profile_refuses_non_finite_statistics_and_names_the_node(monkeypatch):
+    curves = fast.SensitivityStatistics.curves
+
+    def poisoned(self):
+        pooled, per_bin = curves(self)
+        pooled[0, 1] = float("nan")
+        return pooled, per_bin
+
+    monkeypatch.setattr(fast.SensitivityStatistics, "curves", poisoned)
+    model = planted()
+    calibration = sc.synthetic_calibration(model, PROFILE_LATENT, num_prompts=2, num_timesteps=1, text_len=16)
+    with pytest.raises(sc.ScalingCompileError, match=r"blocks\.0\.attn1/sensitivity \(1 of"):
+        sc.profile(model, calibration, block_size=BLOCK, progress=False)
