@@ -26,6 +26,7 @@ bsa = importlib.import_module("scaling_compile.kernels.block_sparse_attention")
 bitpack = importlib.import_module("scaling_compile.kernels.bitpack")
 reference = importlib.import_module("scaling_compile.kernels.reference")
 plans = importlib.import_module("scaling_compile.plans")
+attention = importlib.import_module("scaling_compile.kernels.attention")
 
 FA4_GPU = (
     torch.cuda.is_available()
@@ -100,7 +101,7 @@ def kernel_device():
     """Where the Triton kernel serves these small models: CPU under the interpreter (machines
     without CUDA, conftest.py), else the GPU. Neither (a CUDA machine's CPU, without the
     interpreter, serves through a chunked PyTorch path that FA4 never sees): skip."""
-    if plans.uses_triton(torch.device("cpu")):
+    if attention.triton_runs_on(torch.device("cpu")):
         return torch.device("cpu"), torch.float32, dict(atol=2e-5, rtol=1e-4)
     if torch.cuda.is_available():
         return torch.device("cuda"), torch.float16, dict(atol=1e-2, rtol=1e-2)
@@ -170,12 +171,12 @@ def test_mask_memory_counts_the_fa4_view_once(monkeypatch):
     with torch.no_grad(), pytest.warns(UserWarning, match="FA4 refused the call"):
         compiled(**inputs)
     served = [m for plan in plans.all_plans(first) for m in plan._cache.values()]
-    assert served and all(m.fa4 for m in served)
+    assert served and all(m.cached_fa4_lists() is not None for m in served)
     expected = 0
     for m in served:
-        (view,) = m.fa4.values()
-        assert view.indices.untyped_storage().data_ptr() == m.block_lists[1].untyped_storage().data_ptr()
-        expected += sum(t.untyped_storage().nbytes() for t in (m.words, *m.block_lists, view.no_partial_counts))
+        view, lists = m.cached_fa4_lists(), m.cached_kv_block_lists()
+        assert view.indices.untyped_storage().data_ptr() == lists[1].untyped_storage().data_ptr()
+        expected += sum(t.untyped_storage().nbytes() for t in (m.words, *lists, view.no_partial_counts))
     assert plans.served_mask_bytes(first) == expected
 
 

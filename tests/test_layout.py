@@ -33,6 +33,7 @@ from masked_reference import run_masked
 from models import random_block_masks, tiny_wan, wan_inputs
 
 BLOCK = 16
+WAN_TOKENS = 3 * 4 * 4  # wan_inputs(): 3 frames of 8 x 8 latents, 2 x 2 patches
 
 
 @pytest.fixture(autouse=True)
@@ -410,7 +411,8 @@ def test_a_dropped_compiled_model_is_freed(mode):
     from scaling_compile import plans
 
     model = tiny_wan(num_layers=2)
-    topology = sc.Topology.from_block_masks(random_block_masks(wan_keys(model), 2, 3, 0.5), block_size=BLOCK)
+    masks = random_block_masks(wan_keys(model), 2, 3, 0.5)
+    topology = sc.Topology.from_block_masks(masks, block_size=BLOCK, seq_len=WAN_TOKENS)
     first = plans.plan_count()
     if mode == "whole":
         run = torch.compile(model, backend="scaling", options={"artifact": topology, "inner": "eager"})
@@ -442,7 +444,7 @@ def test_an_anchor_shared_by_two_blocks_is_never_served_another_blocks_masks(sha
         else:
             m.blocks[1].attn1.to_q.weight = m.blocks[0].attn1.to_q.weight
     masks = per_block(model)
-    regional(model, sc.Topology.from_block_masks(masks, block_size=BLOCK))
+    regional(model, sc.Topology.from_block_masks(masks, block_size=BLOCK, seq_len=WAN_TOKENS))
     inputs = wan_inputs()
     with torch.no_grad(), pytest.warns(UserWarning, match="shared"):
         out = model(**inputs).sample
@@ -467,7 +469,7 @@ def test_zero_size_parameters_never_identify_a_block():
     model = torch.nn.Sequential(*(EmptyParamAttention() for _ in range(3))).eval()
     keys = [f"{i}.attn" for i in range(3)]
     masks = random_block_masks(keys, 2, 2, density=0.4, seed=3)
-    topology = sc.Topology.from_block_masks(masks, block_size=BLOCK)
+    topology = sc.Topology.from_block_masks(masks, block_size=BLOCK, seq_len=32)
     x = torch.randn(1, 32, 32)
     expected = run_masked(model, masks, BLOCK, x)
     for block in model:
@@ -480,7 +482,7 @@ def test_zero_size_parameters_never_identify_a_block():
 def test_reordered_blocks_are_served_by_their_new_place():
     model = tiny_wan(num_layers=3)
     masks = per_block(model)
-    regional(model, sc.Topology.from_block_masks(masks, block_size=BLOCK))
+    regional(model, sc.Topology.from_block_masks(masks, block_size=BLOCK, seq_len=WAN_TOKENS))
     inputs = wan_inputs()
     with torch.no_grad():
         model(**inputs)
@@ -519,7 +521,7 @@ def test_graph_breaks_do_not_collide_keys():
     x = torch.randn(1, 32, 32)
     expected = run_masked(model, masks, BLOCK, x)
     compiled = torch.compile(model, backend="scaling",
-                             options={"artifact": sc.Topology.from_block_masks(masks, block_size=BLOCK)})
+                             options={"artifact": sc.Topology.from_block_masks(masks, block_size=BLOCK, seq_len=32)})
     with torch.no_grad(), no_scaling_warnings():
         out = compiled(x)
     close(out, expected)
@@ -579,13 +581,6 @@ def test_cogvideox_joint_attention_is_served_sparse_with_text_kept():
     assert (out - dense(_cogvideox(text=16), inputs)).abs().max() > 1e-4  # really sparse
 
 
-def _kernels_take_key_valid():
-    from scaling_compile.op import _kernels_take_key_valid as check
-
-    return check()
-
-
-@pytest.mark.skipif(not _kernels_take_key_valid(), reason="needs the kernels' key_valid (helper KERNEL's branch)")
 @pytest.mark.parametrize("compile_mode", ["whole", "regional"])
 def test_hunyuan_video_joint_attention_with_key_padding_is_served(compile_mode):
     model = _hunyuan()
@@ -678,7 +673,7 @@ def test_a_call_after_a_break_inside_its_module_is_not_served_another_calls_mask
     masks = random_block_masks(["0", "0#1"], 2, 2, density=0.4, seed=9)
     x = torch.randn(1, 32, 32)
     compiled = torch.compile(model, backend="scaling",
-                             options={"artifact": sc.Topology.from_block_masks(masks, block_size=BLOCK)})
+                             options={"artifact": sc.Topology.from_block_masks(masks, block_size=BLOCK, seq_len=32)})
     with torch.no_grad(), pytest.warns(UserWarning, match="graph break"):
         out = compiled(x)
     close(out, run_masked(model, {"0": masks["0"]}, BLOCK, x))  # the first call sparse, the second dense
