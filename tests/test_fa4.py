@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib
 import math
+import warnings
 
 import pytest
 import torch
@@ -178,6 +179,45 @@ def test_mask_memory_counts_the_fa4_view_once(monkeypatch):
         assert view.indices.untyped_storage().data_ptr() == lists[1].untyped_storage().data_ptr()
         expected += sum(t.untyped_storage().nbytes() for t in (m.words, *lists, view.no_partial_counts))
     assert plans.served_mask_bytes(first) == expected
+
+
+def test_key_padded_calls_run_triton_and_leave_fa4_on_for_unpadded_calls(monkeypatch):
+    """FA4 cannot mask padded keys: a node's key-padded call runs the Triton kernel (no refusal, no
+    warning), and its unpadded calls still go to FA4 (faked here by a masked SDPA, to count them)."""
+    monkeypatch.setattr(fa4, "fa4_unsupported_reason", lambda *args: None)  # pretend FA4 serves such calls
+    device, dtype, tolerance = kernel_device()
+    heads, seq, block = 2, 48, 16
+    mask = torch.rand(heads, 3, 3, generator=torch.Generator().manual_seed(3)) < 0.5
+    mask |= torch.eye(3, dtype=torch.bool)  # every query row keeps a key
+    tokens = mask.repeat_interleave(block, 1).repeat_interleave(block, 2)[:, :seq, :seq].to(device)
+
+    def masked_sdpa(q, k, v, key_valid=None):
+        allowed = tokens if key_valid is None else tokens & key_valid[:, None, None, :]
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
+
+    calls = []
+
+    def fake_fa4(q, k, v, lists, scale=None, mask_index=None, **kwargs):
+        calls.append(kwargs)
+        return masked_sdpa(q, k, v)
+
+    monkeypatch.setattr(fa4, "fa4_block_sparse_attention", fake_fa4)
+    topology = sc.Topology.from_block_masks({"node": mask}, block_size=block, seq_len=seq)
+    plan = plans.AttentionPlan("node", None, topology, kernel="auto")
+    q, k, v = (torch.randn(1, heads, seq, 16, generator=torch.Generator().manual_seed(i)).to(device, dtype)
+               for i in range(3))
+    served = plan.masks_for(q, None)
+    key_valid = torch.ones(1, seq, dtype=torch.bool, device=device)
+    key_valid[:, 40:] = False
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no refusal, no fallback warning
+        padded = plan.attend(q, k, v, served, None, key_valid)
+        assert calls == []
+        unpadded = [plan.attend(q, k, v, served, None) for _ in range(2)]
+    assert len(calls) == 2  # FA4 still serves the node's unpadded calls
+    torch.testing.assert_close(padded.float(), masked_sdpa(q, k, v, key_valid).float(), **tolerance)
+    for out in unpadded:
+        torch.testing.assert_close(out.float(), masked_sdpa(q, k, v).float(), **tolerance)
 
 
 # ----------------------------------------------------------------------------- GPU
