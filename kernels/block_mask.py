@@ -266,6 +266,10 @@ class BlockMask:
             self._derived["fa4"] = lists
         return lists
 
+    def cached_fa4_lists(self):
+        """:attr:`fa4_lists` if already derived, else None (nothing is computed)."""
+        return self._derived.get("fa4")
+
     # -- checks -------------------------------------------------------------------------------
     def check_call(self, query: torch.Tensor) -> None:
         """Raise ``ValueError`` unless a call with ``query`` ``(B, H, S, D)`` is one this mask was made for."""

@@ -2,9 +2,11 @@
 
 The rewrite pass replaces each served SDPA node by ``torch.ops.scaling.sparse_sdpa``
 with an integer ``plan_id``. The plan (the node's relative key, the topology, the
-options) turns a call into device masks once per (module, layout, device) and
-caches them, so a steady-state call does a few dictionary lookups on the host and
-no mask work at all.
+options) turns a call into a :class:`~scaling_compile.kernels.block_mask.BlockMask`
+once per (module, layout, device) and caches it, so a steady-state call does a few
+dictionary lookups on the host and no mask work at all; the call itself is served by
+:func:`~scaling_compile.kernels.attention.sparse_attention`, which alone chooses the
+kernel (plan -> mask -> attention).
 
 Which module a call belongs to is found from the parameter passed as ``anchor``
 (e.g. ``attn1.to_q.weight``), by identity, and confirmed at every call
@@ -27,7 +29,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import threading
 import warnings
 import weakref
@@ -41,22 +42,10 @@ from .geometry import current_call, stated_grid, track_calls
 from .layout import AttentionLayout
 from .module_index import Place, confirm, locate, place_in, roots_owning, storage_key
 from .passes.node_keys import make_node_key, split_node_key
-from .kernels.bitpack import pack_block_mask
+from .kernels.attention import choose_route, sparse_attention, triton_runs_on
+from .kernels.block_mask import BlockMask
 
 log = logging.getLogger("scaling_compile")
-
-
-@dataclass
-class ServedMasks:
-    """Device-resident packed masks of one (node, geometry), plus what the kernel needs to pick one."""
-
-    words: torch.Tensor  # int32 (G, heads, q_blocks, words)
-    mask_index: torch.Tensor | None  # int32 (1,) on device selecting G, or None when G == 1
-    density: float
-    block_lists: tuple[torch.Tensor, torch.Tensor] | None = None  # kept key blocks per row, derived once
-    fa4: dict = field(default_factory=dict, repr=False)  # (dtype, head_dim) -> FA4BlockLists or None (Triton)
-    dense_groups: tuple[bool, ...] = ()  # per stacked mask g: keeps every block (a dense schedule step)
-    capture_path_warm: bool = False  # the device-list kernel has run once outside any capture
 
 
 @dataclass
@@ -84,7 +73,7 @@ class AttentionPlan:
     _roots: "weakref.WeakSet" = field(default_factory=weakref.WeakSet, repr=False)
     _warned: set = field(default_factory=set, repr=False)
     _policy: object = field(default=None, repr=False)
-    _fa4_support: dict = field(default_factory=dict, repr=False)
+    _capture_warm: "weakref.WeakSet" = field(default_factory=weakref.WeakSet, repr=False)  # masks warmed for capture
     _lock: threading.RLock = field(default_factory=threading.RLock, repr=False)
 
     def __post_init__(self):
@@ -210,8 +199,8 @@ class AttentionPlan:
         except NotServable as reason:
             return self._fallback(reason)
 
-    def masks_for(self, query: torch.Tensor, anchor: torch.Tensor | None, layout=None) -> ServedMasks | DenseFallback:
-        """The masks serving this call, cached per (node key, layout, device).
+    def masks_for(self, query: torch.Tensor, anchor: torch.Tensor | None, layout=None) -> BlockMask | DenseFallback:
+        """The mask serving this call, cached per (node key, layout, device).
 
         Steady state: one confirmation of the anchor's place and one dict lookup, no device work.
         """
@@ -240,10 +229,11 @@ class AttentionPlan:
             served = self._served(node, query.shape[-2], heads, query.device, layout)
             if isinstance(served, DenseFallback):
                 return served
-            prior = served.words if served.mask_index is None else served.words.index_select(0, served.mask_index)
+            prior = served.words if not served.stacked else served.words.index_select(
+                0, self.schedule.device_index(query.device))
         return self.online_policy().attend(node, query, key, value, scale, prior, out)
 
-    def _served(self, key, seq_len, heads, device, layout, budget=None) -> ServedMasks | DenseFallback:
+    def _served(self, key, seq_len, heads, device, layout, budget=None) -> BlockMask | DenseFallback:
         budget = self._west_budget() if budget is None else budget
         cache_key = (key, seq_len, heads, str(device), layout, budget)
         served = self._cache.get(cache_key)
@@ -255,97 +245,49 @@ class AttentionPlan:
                     self._cache[cache_key] = served
         return served
 
-    def runs_dense(self, served: ServedMasks) -> bool:
-        """Whether this call's mask keeps every block, so the dense kernel serves it exactly and faster.
+    def attend(self, query, key, value, mask: BlockMask, scale, key_valid=None) -> torch.Tensor:
+        """Serve one call with its mask; :func:`sparse_attention` chooses the kernel.
 
-        A single mask: known at compile time. A schedule's stack: the host knows the
-        current step's bucket (``StepSchedule.set_step``), so dense warm-up steps run
-        dense attention with no device sync. While a CUDA graph is being captured the
-        branch would be frozen into the graph, so captured calls take the
-        device-indexed sparse kernel instead (:meth:`needs_device_lists`: same result).
+        A schedule's stack selects its mask through the schedule's device index (read by
+        the kernel: no sync, CUDA-graph safe) and, outside a CUDA-graph capture, through
+        the bucket the host knows too (``StepSchedule.set_step``), so dense warm-up steps
+        run the dense kernel and sparse steps the cached lists. A captured call must not
+        freeze a host branch into the graph: it selects on the device only.
         """
-        if not served.dense_groups:
-            return False
-        if served.mask_index is None:
-            return served.dense_groups[0]
-        if self.schedule is None or _capturing(served):
-            return False
-        return served.dense_groups[self.schedule.current_bucket]
+        index = group = None
+        if mask.stacked:
+            index = self.schedule.device_index(query.device)
+            if not _capturing(mask):
+                group = self.schedule.current_bucket
+        kernel = self.kernel
+        if kernel == "fa4":  # a call FA4 cannot serve: warned once per plan and reason here, then as "auto"
+            route = choose_route(query, mask, mask_index=index, key_valid=key_valid, kernel=kernel, group=group)
+            if route.name not in ("fa4", "dense_fa4", "triton_device_lists"):
+                self._warn_once(f"scaling: {self.graph_key} runs {_ROUTE_WORDS[route.name]}, not FA4: {route.reason}")
+            kernel = "auto"
+        return sparse_attention(query, key, value, mask, scale=scale, mask_index=index, key_valid=key_valid,
+                                kernel=kernel, group=group)
 
-    @staticmethod
-    def needs_device_lists(served: ServedMasks) -> bool:
-        """Whether this call must build its kept-block lists on the device from the packed bits.
-
-        The cached lists leave out the rows of a schedule's all-ones (dense-step) masks,
-        which the host always serves with the dense kernel; that keeps the lists as
-        small as the sparse masks need. A call captured into a CUDA graph selects its
-        mask on the device, so it builds the lists of ``mask[g]`` there (one small
-        launch) and runs the Triton kernel.
-        """
-        return served.mask_index is not None and any(served.dense_groups) and _capturing(served)
-
-    def warm_capture_path(self, served: ServedMasks, query, key, value, scale) -> None:
+    def warm_capture_path(self, mask: BlockMask, query, key, value, scale, key_valid=None) -> None:
         """Run the device-list kernel once, eagerly, before any CUDA graph captures it.
 
         A schedule's dense steps run the dense kernel on the host path, so the kernel a
-        captured call takes (:meth:`needs_device_lists`) might otherwise be compiled and
-        autotuned for the first time inside the capture, which CUDA forbids. The first
-        eager call of each stack pays one extra attention call; later calls nothing.
+        captured call takes (lists of ``mask[g]`` built on the device) might otherwise be
+        compiled and autotuned for the first time inside the capture, which CUDA forbids.
+        The first eager call of each stack pays one extra attention call; later calls nothing.
         """
-        if served.capture_path_warm or served.mask_index is None or not any(served.dense_groups):
+        if mask in self._capture_warm or not mask.stacked or not any(mask.dense_groups):
             return
-        served.capture_path_warm = True
-        if not served.words.is_cuda or _capturing(served):
+        self._capture_warm.add(mask)
+        if not mask.words.is_cuda or _capturing(mask):
             return
-        from .kernels.block_sparse_attention import block_sparse_attention
+        sparse_attention(query, key, value, mask, scale=scale, key_valid=key_valid,
+                         mask_index=self.schedule.device_index(query.device), kernel="triton")
 
-        block_sparse_attention(query, key, value, served.words, self.topology.block_size, scale=scale,
-                               mask_index=served.mask_index)
-
-    def fa4_supported(self, query: torch.Tensor) -> bool:
-        """Whether FA4 serves calls like ``query`` (``kernel="fa4"``/``"auto"``, installed, GPU, dtype, head dim, block).
-
-        Under ``kernel="fa4"`` a call it cannot serve runs the Triton kernel, with one warning.
-        """
-        if self.kernel == "triton":
-            return False
-        choice = (str(query.device), query.dtype, int(query.shape[-1]))
-        if choice not in self._fa4_support:
-            from .kernels.fa4_block_sparse import fa4_unsupported_reason
-
-            reason = fa4_unsupported_reason(query.device, query.dtype, int(query.shape[-1]), self.topology.block_size)
-            if reason is not None and self.kernel == "fa4":
-                message = f"scaling: {self.graph_key} runs the Triton kernel, not FA4: {reason}"
-                if message not in self._warned:
-                    self._warned.add(message)
-                    warnings.warn(message, stacklevel=4)
-            self._fa4_support[choice] = reason is None
-        return self._fa4_support[choice]
-
-    def fa4_failed(self, query: torch.Tensor, error: Exception) -> None:
-        """FA4 refused a call it was expected to serve: warn once, and serve such calls with Triton from now on."""
-        self._fa4_support[(str(query.device), query.dtype, int(query.shape[-1]))] = False
-        message = (f"scaling: {self.graph_key}: FA4 refused the call ({type(error).__name__}: {error}); "
-                   "it runs the Triton kernel instead")
+    def _warn_once(self, message: str) -> None:
         if message not in self._warned:
             self._warned.add(message)
             warnings.warn(message, stacklevel=4)
-
-    def fa4_lists(self, served: ServedMasks, query: torch.Tensor):
-        """FA4's view of this call's cached kept-block lists, or None when FA4 does not serve it.
-
-        Built once per (masks, dtype, head dim), at compile time by :meth:`prewarm`; they
-        share the Triton kernel's list storage (no copy).
-        """
-        if served.block_lists is None or not self.fa4_supported(query):
-            return None
-        choice = (query.dtype, int(query.shape[-1]))
-        if choice not in served.fa4:
-            from .kernels.fa4_block_sparse import fa4_block_lists
-
-            served.fa4[choice] = fa4_block_lists(*served.block_lists, self.topology.block_size,
-                                                 allow_empty=any(served.dense_groups))
-        return served.fa4[choice]
 
     def _west_budget(self) -> float | None:
         """The budget of the WEST masks: the whole budget, or the prior's share under "west+haste"."""
@@ -376,9 +318,8 @@ class AttentionPlan:
         try:
             if self.uses_west:
                 served = self._served(key, seq_len, heads, device, layout)
-                if query is not None and isinstance(served, ServedMasks) and isinstance(query.shape[-1], int):
-                    self.fa4_supported(query)  # imports FA4 now, never inside a CUDA-graph capture
-                    self.fa4_lists(served, query)
+                if query is not None and isinstance(served, BlockMask) and isinstance(query.shape[-1], int):
+                    self._prewarm_fa4(served, query)
             if self.online and query is not None:
                 batch, head_dim = query.shape[0], query.shape[-1]
                 if isinstance(batch, int) and isinstance(head_dim, int):
@@ -386,7 +327,7 @@ class AttentionPlan:
         except NotServable:
             pass  # strict: raised again, with context, at the call
 
-    def _instantiate(self, key: str, seq_len: int, heads: int, device, layout, budget) -> ServedMasks | DenseFallback:
+    def _instantiate(self, key: str, seq_len: int, heads: int, device, layout, budget) -> BlockMask | DenseFallback:
         device = torch.device(device)
         try:
             masks = [
@@ -397,17 +338,12 @@ class AttentionPlan:
             return self._fallback(reason)
         except GridRequired as reason:  # a profiled topology, and the call's token grid is unknown
             return self._fallback(NotServable(str(reason)))
-        stacked = torch.stack([m.to(torch.bool) for m in masks])
-        words = pack_block_mask(stacked).to(device)
-        index = self.schedule.device_index(device) if self.schedule else None
-        dense_groups = tuple(bool(m.all()) for m in stacked)
-        lists = None
-        if uses_triton(device) and not all(dense_groups):  # all-ones masks always run the dense kernel
-            lists = _kept_block_lists(words, stacked.shape[-1], dense_groups)
-            if index is None:
-                lists = (lists[0][0], lists[1][0])
-        return ServedMasks(words=words, mask_index=index, density=float(stacked.float().mean()), block_lists=lists,
-                           dense_groups=dense_groups)
+        stacked = torch.stack([m.to(torch.bool) for m in masks])  # host facts taken here, on the CPU
+        mask = BlockMask.from_bool(stacked.cpu() if self.schedule else stacked[0].cpu(), self.topology.block_size,
+                                   seq_len).to(device)
+        if triton_runs_on(device) and not all(mask.dense_groups):  # all-ones masks run the dense kernel
+            mask.kv_block_lists  # derived once, now (compile time), outside any CUDA-graph capture
+        return mask
 
     def _layout_mask(self, key, seq_len, heads, layout, budget, fraction) -> torch.Tensor:
         return layout_block_mask(self.topology, key, seq_len, heads, layout, budget, fraction)
@@ -420,6 +356,22 @@ class AttentionPlan:
             self._warned.add(message)
             warnings.warn(message, stacklevel=3)
         return DenseFallback(str(reason))
+
+    def _prewarm_fa4(self, mask: BlockMask, query) -> None:
+        """FA4's view of the mask's lists, derived now where FA4 serves such calls (asking imports
+        FA4 too), never inside a CUDA-graph capture."""
+        if self.kernel == "triton":
+            return
+        index = torch.zeros(1, dtype=torch.int32) if mask.stacked else None  # host-only: never read
+        for group in range(mask.groups):
+            route = choose_route(query, mask, mask_index=index, kernel=self.kernel,
+                                 group=group if mask.stacked else None)
+            if route.name == "fa4":
+                try:
+                    mask.fa4_lists
+                except ValueError:  # another mask of the stack has empty rows: its calls refuse FA4, then Triton
+                    pass
+                return
 
 
 def layout_block_mask(topology, key: str, seq_len: int, heads: int, layout: AttentionLayout | None,
@@ -440,23 +392,14 @@ def layout_block_mask(topology, key: str, seq_len: int, heads: int, layout: Atte
     return layout.expand(video.to(torch.bool), topology.block_size)
 
 
-def _kept_block_lists(words: torch.Tensor, n_kv_blocks: int, dense_groups: tuple[bool, ...]):
-    """Compact kept-block lists of a mask stack; the rows of all-ones groups are left empty (never read)."""
-    from .kernels.block_sparse_attention import compact_block_lists, kv_block_lists
-
-    counts, indices = kv_block_lists(words, n_kv_blocks)
-    if any(dense_groups):
-        counts[torch.tensor(dense_groups, device=counts.device)] = 0
-    return compact_block_lists(counts, indices)
+def _capturing(mask: BlockMask) -> bool:
+    """Whether a CUDA graph is being captured on the current stream (the call selects its mask on the device)."""
+    return mask.words.is_cuda and torch.cuda.is_current_stream_capturing()
 
 
-def _capturing(served: ServedMasks) -> bool:
-    return served.words.is_cuda and torch.cuda.is_current_stream_capturing()
-
-
-def uses_triton(device: torch.device) -> bool:
-    """Whether calls on ``device`` run the Triton kernel (CUDA, or the CPU interpreter)."""
-    return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+# How a route reads in a warning (kernel="fa4" calls that FA4 does not serve).
+_ROUTE_WORDS = {"dense_sdpa": "PyTorch's dense SDPA", "triton": "the Triton kernel",
+                "gluon": "the Gluon kernel", "chunked": "the chunked PyTorch path"}
 
 
 def _is_compiled(root: torch.nn.Module) -> bool:
@@ -505,13 +448,13 @@ def served_mask_bytes(first_plan: int = 0) -> int:
     """
     storages = {}
     for plan in all_plans(first_plan):
-        for served in plan._cache.values():
-            if not isinstance(served, ServedMasks):
+        for mask in plan._cache.values():
+            if not isinstance(mask, BlockMask):
                 continue
-            tensors = [served.words, *(served.block_lists or ())]
-            for lists in served.fa4.values():
-                if lists is not None:
-                    tensors += [lists.counts, lists.indices, lists.no_partial_counts]
+            tensors = [mask.words, *(mask.cached_kv_block_lists() or ())]
+            fa4 = mask.cached_fa4_lists()
+            if fa4 is not None:
+                tensors += [fa4.counts, fa4.indices, fa4.no_partial_counts]
             for tensor in tensors:
                 storage = tensor.untyped_storage()
                 storages[(str(tensor.device), storage.data_ptr())] = storage.nbytes()
@@ -546,7 +489,6 @@ __all__ = [
     "AttentionPlan",
     "DenseFallback",
     "all_plans",
-    "ServedMasks",
     "get_plan",
     "online_statistics",
     "plan_count",

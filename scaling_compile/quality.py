@@ -136,18 +136,12 @@ def block_recall(mask: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
 
 def sparse_attention(query, key, value, mask: torch.Tensor, block_size: int, scale: float | None = None):
     """Attention restricted to the bool block ``mask`` (heads, nq, nk): what a served node computes
-    (the Triton kernel on CUDA or under ``TRITON_INTERPRET=1``, else the op's chunked PyTorch path)."""
-    from .plans import uses_triton
+    (:func:`~scaling_compile.kernels.attention.sparse_attention` picks the kernel, as the op does)."""
+    from .kernels.attention import sparse_attention as attention
+    from .kernels.block_mask import BlockMask
 
-    if uses_triton(query.device):
-        from .kernels.bitpack import pack_block_mask
-        from .kernels.block_sparse_attention import block_sparse_attention
-
-        words = pack_block_mask(mask.to(query.device))
-        return block_sparse_attention(query, key, value, words, block_size, scale=scale)
-    from .kernels.reference import block_sparse_attention_chunked
-
-    return block_sparse_attention_chunked(query, key, value, mask.to(query.device), block_size, scale=scale)
+    block_mask = BlockMask.from_bool(mask.to("cpu", torch.bool), block_size, query.shape[-2]).to(query.device)
+    return attention(query, key, value, block_mask, scale=scale)
 
 
 # ---------------------------------------------------------------------------------------------

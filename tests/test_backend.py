@@ -356,7 +356,7 @@ def test_schedule_lists_stay_compact_and_captured_dense_steps_stay_exact(monkeyp
         schedule.set_step(0)
         compiled(x)
         served = [m for plan in plans.all_plans() for m in plan._cache.values()][-1]
-        counts, indices = served.block_lists
+        counts, indices = served.cached_kv_block_lists()  # derived at compile time
         assert served.dense_groups == (True, False)
         assert int(counts[0].max()) == 0 and indices.shape[-1] == int(counts[1].max()) < 3
         monkeypatch.setattr(plans, "_capturing", lambda served: True)  # as inside torch.cuda.graph

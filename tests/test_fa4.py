@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib
 import math
+import warnings
 
 import pytest
 import torch
@@ -26,6 +27,7 @@ bsa = importlib.import_module("scaling_compile.kernels.block_sparse_attention")
 bitpack = importlib.import_module("scaling_compile.kernels.bitpack")
 reference = importlib.import_module("scaling_compile.kernels.reference")
 plans = importlib.import_module("scaling_compile.plans")
+attention = importlib.import_module("scaling_compile.kernels.attention")
 
 FA4_GPU = (
     torch.cuda.is_available()
@@ -100,7 +102,7 @@ def kernel_device():
     """Where the Triton kernel serves these small models: CPU under the interpreter (machines
     without CUDA, conftest.py), else the GPU. Neither (a CUDA machine's CPU, without the
     interpreter, serves through a chunked PyTorch path that FA4 never sees): skip."""
-    if plans.uses_triton(torch.device("cpu")):
+    if attention.triton_runs_on(torch.device("cpu")):
         return torch.device("cpu"), torch.float32, dict(atol=2e-5, rtol=1e-4)
     if torch.cuda.is_available():
         return torch.device("cuda"), torch.float16, dict(atol=1e-2, rtol=1e-2)
@@ -170,13 +172,52 @@ def test_mask_memory_counts_the_fa4_view_once(monkeypatch):
     with torch.no_grad(), pytest.warns(UserWarning, match="FA4 refused the call"):
         compiled(**inputs)
     served = [m for plan in plans.all_plans(first) for m in plan._cache.values()]
-    assert served and all(m.fa4 for m in served)
+    assert served and all(m.cached_fa4_lists() is not None for m in served)
     expected = 0
     for m in served:
-        (view,) = m.fa4.values()
-        assert view.indices.untyped_storage().data_ptr() == m.block_lists[1].untyped_storage().data_ptr()
-        expected += sum(t.untyped_storage().nbytes() for t in (m.words, *m.block_lists, view.no_partial_counts))
+        view, lists = m.cached_fa4_lists(), m.cached_kv_block_lists()
+        assert view.indices.untyped_storage().data_ptr() == lists[1].untyped_storage().data_ptr()
+        expected += sum(t.untyped_storage().nbytes() for t in (m.words, *lists, view.no_partial_counts))
     assert plans.served_mask_bytes(first) == expected
+
+
+def test_key_padded_calls_run_triton_and_leave_fa4_on_for_unpadded_calls(monkeypatch):
+    """FA4 cannot mask padded keys: a node's key-padded call runs the Triton kernel (no refusal, no
+    warning), and its unpadded calls still go to FA4 (faked here by a masked SDPA, to count them)."""
+    monkeypatch.setattr(fa4, "fa4_unsupported_reason", lambda *args: None)  # pretend FA4 serves such calls
+    device, dtype, tolerance = kernel_device()
+    heads, seq, block = 2, 48, 16
+    mask = torch.rand(heads, 3, 3, generator=torch.Generator().manual_seed(3)) < 0.5
+    mask |= torch.eye(3, dtype=torch.bool)  # every query row keeps a key
+    tokens = mask.repeat_interleave(block, 1).repeat_interleave(block, 2)[:, :seq, :seq].to(device)
+
+    def masked_sdpa(q, k, v, key_valid=None):
+        allowed = tokens if key_valid is None else tokens & key_valid[:, None, None, :]
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
+
+    calls = []
+
+    def fake_fa4(q, k, v, lists, scale=None, mask_index=None, **kwargs):
+        calls.append(kwargs)
+        return masked_sdpa(q, k, v)
+
+    monkeypatch.setattr(fa4, "fa4_block_sparse_attention", fake_fa4)
+    topology = sc.Topology.from_block_masks({"node": mask}, block_size=block, seq_len=seq)
+    plan = plans.AttentionPlan("node", None, topology, kernel="auto")
+    q, k, v = (torch.randn(1, heads, seq, 16, generator=torch.Generator().manual_seed(i)).to(device, dtype)
+               for i in range(3))
+    served = plan.masks_for(q, None)
+    key_valid = torch.ones(1, seq, dtype=torch.bool, device=device)
+    key_valid[:, 40:] = False
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no refusal, no fallback warning
+        padded = plan.attend(q, k, v, served, None, key_valid)
+        assert calls == []
+        unpadded = [plan.attend(q, k, v, served, None) for _ in range(2)]
+    assert len(calls) == 2  # FA4 still serves the node's unpadded calls
+    torch.testing.assert_close(padded.float(), masked_sdpa(q, k, v, key_valid).float(), **tolerance)
+    for out in unpadded:
+        torch.testing.assert_close(out.float(), masked_sdpa(q, k, v).float(), **tolerance)
 
 
 # ----------------------------------------------------------------------------- GPU

@@ -33,7 +33,7 @@ from masked_reference import run_masked
 from models import random_block_masks, tiny_wan, wan_inputs
 
 BLOCK = 16
-WAN_TOKENS = 3 * 4 * 4  # wan_inputs()' latent 3 x 8 x 8, patch (1, 2, 2)
+WAN_TOKENS = 3 * 4 * 4  # wan_inputs(): 3 frames of 8 x 8 latents, 2 x 2 patches
 
 
 @pytest.fixture(autouse=True)
@@ -411,8 +411,8 @@ def test_a_dropped_compiled_model_is_freed(mode):
     from scaling_compile import plans
 
     model = tiny_wan(num_layers=2)
-    topology = sc.Topology.from_block_masks(random_block_masks(wan_keys(model), 2, 3, 0.5), block_size=BLOCK,
-                                           seq_len=WAN_TOKENS)
+    masks = random_block_masks(wan_keys(model), 2, 3, 0.5)
+    topology = sc.Topology.from_block_masks(masks, block_size=BLOCK, seq_len=WAN_TOKENS)
     first = plans.plan_count()
     if mode == "whole":
         run = torch.compile(model, backend="scaling", options={"artifact": topology, "inner": "eager"})
@@ -581,13 +581,6 @@ def test_cogvideox_joint_attention_is_served_sparse_with_text_kept():
     assert (out - dense(_cogvideox(text=16), inputs)).abs().max() > 1e-4  # really sparse
 
 
-def _kernels_take_key_valid():
-    from scaling_compile.op import _kernels_take_key_valid as check
-
-    return check()
-
-
-@pytest.mark.skipif(not _kernels_take_key_valid(), reason="needs the kernels' key_valid (helper KERNEL's branch)")
 @pytest.mark.parametrize("compile_mode", ["whole", "regional"])
 def test_hunyuan_video_joint_attention_with_key_padding_is_served(compile_mode):
     model = _hunyuan()

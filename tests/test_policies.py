@@ -252,9 +252,9 @@ def test_co_clustering_groups_tokens_by_direction_and_the_permutation_is_stable(
 @pytest.mark.parametrize("batch, seq", [(1, 48), (2, 50)])
 def test_svoo_permuted_attention_is_exact_given_the_mask(path, batch, seq, monkeypatch):
     if path == "chunked":
-        import scaling_compile.plans as plans
+        import scaling_compile.kernels.attention as attention
 
-        monkeypatch.setattr(plans, "uses_triton", lambda device: False)
+        monkeypatch.setattr(attention, "triton_runs_on", lambda device: False)
     heads, dim = 2, 16
     q, k, v = qkv(5, batch=batch, heads=heads, seq=seq, dim=dim)
     g = torch.Generator().manual_seed(6)

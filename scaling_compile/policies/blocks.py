@@ -9,7 +9,9 @@ import math
 
 import torch
 
+from ..kernels.attention import sparse_attention
 from ..kernels.bitpack import pack_block_mask
+from ..kernels.block_mask import BlockMask
 
 
 def block_means(x: torch.Tensor, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -79,28 +81,18 @@ def pack(mask: torch.Tensor) -> torch.Tensor:
 def attend(query, key, value, words: torch.Tensor, block_size: int, scale, out: torch.Tensor) -> torch.Tensor:
     """Block-sparse attention with a mask per batch element, written into ``out``.
 
-    ``words`` int32 ``(B, H, nq, W)`` (one packed mask per batch element and head). The
-    kernel applies one mask to a whole batch, so each batch element is one launch (B = 1,
-    the usual case for a diffusion transformer's call, is a single launch). On a device
-    where Triton does not run, the op's chunked PyTorch path computes the same thing.
+    ``words`` int32 ``(B, H, nq, W)`` (one packed mask per batch element and head), seen as a
+    stack of ``B`` masks: batch element ``b`` is served by mask ``b``
+    (:func:`~scaling_compile.kernels.attention.sparse_attention` picks the kernel; a mask made
+    on the device per call is never inspected on the host, so no call syncs).
     """
-    from ..plans import uses_triton
-
+    mask = BlockMask.from_words(words, block_size, query.shape[-2])
     batch = query.shape[0]
-    if uses_triton(query.device):
-        from ..kernels.block_sparse_attention import block_sparse_attention
-
-        if batch == 1:
-            return block_sparse_attention(query, key, value, words[0], block_size, scale=scale)
-        for b in range(batch):
-            out[b:b + 1].copy_(block_sparse_attention(query[b:b + 1], key[b:b + 1], value[b:b + 1], words[b],
-                                                      block_size, scale=scale))
-        return out
-    from ..kernels.reference import block_sparse_attention_chunked
-
+    if batch == 1:
+        return sparse_attention(query, key, value, mask, scale=scale, group=0)
     for b in range(batch):
-        out[b:b + 1].copy_(block_sparse_attention_chunked(query[b:b + 1], key[b:b + 1], value[b:b + 1], words[b],
-                                                          block_size, scale=scale))
+        out[b:b + 1].copy_(sparse_attention(query[b:b + 1], key[b:b + 1], value[b:b + 1], mask, scale=scale,
+                                            group=b))
     return out
 
 
