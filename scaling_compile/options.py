@@ -19,8 +19,9 @@ from typing import Mapping
 from .errors import ScalingCompileError
 from .policies import POLICIES  # noqa: F401  (re-exported: "west", "haste", "svoo", "west+haste", "svoo+haste")
 
+from .kernels.attention import KERNELS  # "auto", "triton", "fa4", "gluon": the one list, beside the kernels
+
 INNER_COMPILERS = ("inductor", "eager")
-KERNELS = ("triton", "fa4", "auto")
 MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
@@ -53,7 +54,9 @@ class BackendOptions:
         package's Triton kernel; on the H100 FA4 measured faster, docs/performance.md),
         "triton", or "fa4" (FA4's block-sparse path; ``pip install "scaling-compile[fa4]"``
         or ``[fa4-cu13]``, Hopper GPU; a call it cannot serve runs the Triton kernel, with a
-        warning). Online policies (HASTE, SVOO) run the Triton kernel.
+        warning), or "gluon" (this package's warp-specialised Hopper kernel, sm90 only; other
+        GPUs run the Triton kernel, with a warning). Online policies (HASTE, SVOO) run the
+        Triton kernel.
     policy: how masks are chosen: "west" (static, offline topology), "haste" / "svoo" (online,
         per call), or a combination ("west+haste", "svoo+haste"); see scaling_compile.policies.
     policy_options: parameters of the online policy (e.g. {"top_p": 0.9, "drift_threshold": 0.05}).

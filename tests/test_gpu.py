@@ -324,3 +324,44 @@ def test_gluon_entry_route_stacked_mask_in_a_cuda_graph():
         graph.replay()
         torch.cuda.synchronize()
         _check_bf16(out, _masked_sdpa(q, k, v, stack[group], block))
+
+
+@needs_gluon_hopper
+@pytest.mark.parametrize("compile_mode", ["whole", "regional"])
+def test_backend_serves_wan_through_the_gluon_kernel(compile_mode):
+    """options={"kernel": "gluon"}: the backend's calls run the Gluon kernel, equal to the masked reference."""
+    torch._dynamo.reset()
+    block, frames, height, width = 128, 4, 32, 32  # 1024 tokens, 8 blocks of 128
+    model = tiny_wan(num_layers=2, heads=2, head_dim=64).to("cuda", torch.bfloat16)
+    inputs = {k: v.to("cuda") for k, v in wan_inputs(frames, height, width).items()}
+    for name in ("hidden_states", "encoder_hidden_states"):
+        inputs[name] = inputs[name].to(torch.bfloat16)
+    seq = frames * (height // 2) * (width // 2)
+    masks = random_block_masks([f"blocks.{i}.attn1" for i in range(2)], 2, seq // block, density=0.4, seed=11)
+    topology = sc.Topology.from_block_masks(masks, block_size=block, seq_len=seq)
+    expected = run_masked(model, masks, block, **inputs).sample.float()
+    options = {"artifact": topology, "strict": True, "kernel": "gluon"}
+    from scaling_compile.kernels import gluon_block_sparse
+
+    launched = []
+    original = gluon_block_sparse.gluon_block_sparse_attention
+
+    def counting(*args, **kwargs):
+        launched.append(1)
+        return original(*args, **kwargs)
+
+    gluon_block_sparse.gluon_block_sparse_attention = counting
+    try:
+        if compile_mode == "whole":
+            sc.register_root(model)
+            run = torch.compile(model, backend="scaling", options=options)
+        else:
+            sc.register_root(model)
+            model.compile_repeated_blocks(backend="scaling", options=options)
+            run = model
+        with torch.no_grad():
+            out = run(**inputs).sample
+    finally:
+        gluon_block_sparse.gluon_block_sparse_attention = original
+    check(out, expected)
+    assert launched, "no call reached the Gluon kernel"
