@@ -649,14 +649,8 @@ def test_locate_names_a_module_only_when_its_anchor_is_unique(n_blocks, shared, 
             assert isinstance(found, str) and "shared" in found
 
 
-class TwoCallsWithABreak(torch.nn.Module):
+class TwoCallsWithABreak(BreakingAttention):
     """Two SDPA calls of one module with a graph break between them: keys ``0`` and ``0#1``."""
-
-    def __init__(self, dim=32, heads=2):
-        super().__init__()
-        self.heads = heads
-        self.to_qkv = torch.nn.Linear(dim, 3 * dim)
-        self.to_out = torch.nn.Linear(dim, dim)
 
     def forward(self, x):
         b, s, d = x.shape
