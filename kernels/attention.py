@@ -88,12 +88,18 @@ def _fa4_reason(query: torch.Tensor, mask: BlockMask, key_valid, kernel: str) ->
         return f"kernel={kernel!r}"
     if key_valid is not None:
         return "key padding (key_valid): FA4's block-sparse path cannot mask padded keys exactly"
-    reasons = mask._derived.setdefault("fa4_reasons", {})
+    from .fa4_block_sparse import fa4_unsupported_reason
+
+    return _kept_reason(query, mask, "fa4_reasons", fa4_unsupported_reason)
+
+
+def _kept_reason(query: torch.Tensor, mask: BlockMask, table: str, unsupported_reason) -> Optional[str]:
+    """``unsupported_reason(device, dtype, head_dim, block_size)`` of this call, asked once per mask and
+    kind of call (:func:`_call_kind`) and kept in the mask's derived facts under ``table``."""
+    reasons = mask._derived.setdefault(table, {})
     choice = _call_kind(query)
     if choice not in reasons:
-        from .fa4_block_sparse import fa4_unsupported_reason
-
-        reasons[choice] = fa4_unsupported_reason(query.device, query.dtype, int(query.shape[-1]), mask.block_size)
+        reasons[choice] = unsupported_reason(query.device, query.dtype, int(query.shape[-1]), mask.block_size)
     return reasons[choice]
 
 
@@ -105,13 +111,9 @@ def _gluon_reason(query: torch.Tensor, mask: BlockMask, key_valid) -> Optional[s
     """None when the Gluon Hopper kernel serves this call, else why not (asked once per mask and kind of call)."""
     if key_valid is not None:
         return "key padding (key_valid) is not in the Gluon kernel yet"
-    reasons = mask._derived.setdefault("gluon_reasons", {})
-    choice = _call_kind(query)
-    if choice not in reasons:
-        from .gluon_block_sparse import gluon_unsupported_reason
+    from .gluon_block_sparse import gluon_unsupported_reason
 
-        reasons[choice] = gluon_unsupported_reason(query.device, query.dtype, int(query.shape[-1]), mask.block_size)
-    return reasons[choice]
+    return _kept_reason(query, mask, "gluon_reasons", gluon_unsupported_reason)
 
 
 def _triton_reason(query: torch.Tensor, mask: BlockMask) -> Optional[str]:

@@ -93,13 +93,13 @@ def _timestep(generator: torch.Generator, batch: int = 1) -> torch.Tensor:
 # Input builders, one per input convention. ``grid`` is the latent (frames, height, width).
 # ---------------------------------------------------------------------------------------
 
-def _bcfhw_text(channels: int, text_len: int, text_dim: int, **extra):
-    """(B, C, F, H, W) latent + (B, L, D) text + timestep: Wan, Mochi, Allegro, ..."""
+def _latent_text(latent_shape, channels: int, text_len: int, text_dim: int, **extra):
+    """A latent of shape ``latent_shape(channels, f, h, w)`` + (B, L, D) text + timestep; ``extra``
+    inputs are values or ``fn(generator, grid)``."""
 
     def make(fam: Family, grid: Grid, g: torch.Generator) -> dict:
-        f, h, w = grid
         kwargs = {
-            "hidden_states": _randn(g, 1, channels, f, h, w),
+            "hidden_states": _randn(g, *latent_shape(channels, *grid)),
             "encoder_hidden_states": _randn(g, 1, text_len, text_dim),
             "timestep": _timestep(g),
         }
@@ -107,22 +107,16 @@ def _bcfhw_text(channels: int, text_len: int, text_dim: int, **extra):
         return kwargs
 
     return make
+
+
+def _bcfhw_text(channels: int, text_len: int, text_dim: int, **extra):
+    """(B, C, F, H, W) latent + text + timestep: Wan, Mochi, Allegro, ..."""
+    return _latent_text(lambda c, f, h, w: (1, c, f, h, w), channels, text_len, text_dim, **extra)
 
 
 def _bfchw_text(channels: int, text_len: int, text_dim: int, **extra):
     """(B, F, C, H, W) latent + text + timestep: CogVideoX, ConsisID."""
-
-    def make(fam: Family, grid: Grid, g: torch.Generator) -> dict:
-        f, h, w = grid
-        kwargs = {
-            "hidden_states": _randn(g, 1, f, channels, h, w),
-            "encoder_hidden_states": _randn(g, 1, text_len, text_dim),
-            "timestep": _timestep(g),
-        }
-        kwargs.update({k: (v(g, grid) if callable(v) else v) for k, v in extra.items()})
-        return kwargs
-
-    return make
+    return _latent_text(lambda c, f, h, w: (1, f, c, h, w), channels, text_len, text_dim, **extra)
 
 
 def _wan_animate_inputs(fam: Family, grid: Grid, g: torch.Generator) -> dict:
