@@ -34,7 +34,7 @@ import json
 import math
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
@@ -375,14 +375,6 @@ PRESETS: dict[str, HarnessConfig] = {
                                       eval_steps=(2,), prompts=2, compile="regional", device="cuda",
                                       dtype="bfloat16", sensitivity_samples=2,
                                       calibration=dict(num_prompts=2, num_latents=2, num_timesteps=2)),
-    # 81 frames at 720p (21 x 45 x 80 = 75600 tokens, 591 blocks of 128), the topology profiled at
-    # 480p / 81 frames (as above): the transfer to a grid the profile did not measure.
-    "wan2.1-1.3b-720p": HarnessConfig(config="wan2.1-1.3b", latent=(21, 90, 160), profile_latent=(21, 60, 104),
-                                      query_frames=4, block_size=128, budgets=(0.3, 0.2),
-                                      policies=("west_fast", "west_uniform", "oracle", "planted"), steps=4,
-                                      eval_steps=(2,), prompts=1, compile="regional", device="cuda",
-                                      dtype="bfloat16", sensitivity_samples=2,
-                                      calibration=dict(num_prompts=2, num_latents=2, num_timesteps=2)),
     # CPU, issue 16's transfer regime at small size: 21 x 12 x 20 = 5040 tokens, 79 blocks of 64;
     # "small-transfer" profiles at 5 x 8 x 12 tokens, "small-serving" at the serving grid (4 query frames).
     "small-transfer": HarnessConfig(latent=(21, 24, 40), profile_latent=(5, 16, 24), budgets=(0.3, 0.2),
@@ -392,6 +384,9 @@ PRESETS: dict[str, HarnessConfig] = {
                                    budgets=(0.3, 0.2), policies=("west_fast", "west_uniform", "oracle", "planted"),
                                    steps=4, eval_steps=(2,), prompts=1, sensitivity_samples=4),
 }
+# 81 frames at 720p (21 x 45 x 80 = 75600 tokens, 591 blocks of 128), the topology profiled at
+# 480p / 81 frames as in "wan2.1-1.3b-480p": the transfer to a grid the profile did not measure.
+PRESETS["wan2.1-1.3b-720p"] = replace(PRESETS["wan2.1-1.3b-480p"], latent=(21, 90, 160), prompts=1)
 
 
 def _log_default(message: str) -> None:
