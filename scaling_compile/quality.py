@@ -386,7 +386,12 @@ PRESETS: dict[str, HarnessConfig] = {
 }
 # 81 frames at 720p (21 x 45 x 80 = 75600 tokens, 591 blocks of 128), the topology profiled at
 # 480p / 81 frames as in "wan2.1-1.3b-480p": the transfer to a grid the profile did not measure.
-PRESETS["wan2.1-1.3b-720p"] = replace(PRESETS["wan2.1-1.3b-480p"], latent=(21, 90, 160), prompts=1)
+# Wan's own VAE geometry (8x spatial, 4x temporal): WanPipeline wants pixel sizes divisible by 16,
+# and the 4x tiny VAE would ask for 360 x 640.
+PRESETS["wan2.1-1.3b-720p"] = replace(
+    PRESETS["wan2.1-1.3b-480p"], latent=(21, 90, 160), prompts=1,
+    vae=dict(dim_mult=(1, 1, 1, 1), temperal_downsample=(False, True, True), scale_factor_spatial=8,
+             scale_factor_temporal=4))
 
 
 def _log_default(message: str) -> None:

@@ -305,3 +305,13 @@ def test_full_size_presets_serve_81_frames_with_unseen_t5_like_prompts():
     calibration = synthetic_calibration(model, (3, 16, 16), num_prompts=2, num_timesteps=1, text_len=64, seed=1)
     seen = [s.inputs["encoder_hidden_states"] for s in calibration]
     assert all(not torch.equal(p, c) for p in prompts for c in seen)
+
+
+@pytest.mark.parametrize("name", sorted(quality.PRESETS))
+def test_every_preset_gives_pixel_sizes_the_pipeline_accepts(name):
+    """WanPipeline refuses heights and widths not divisible by 16: each preset's latent times its
+    VAE's spatial factor must be (the 720p preset once asked for 360 x 640 with a 4x VAE)."""
+    cfg = quality.PRESETS[name]
+    spatial = {**quality.TINY_VAE, **cfg.vae}["scale_factor_spatial"]
+    _, height, width = cfg.latent
+    assert (height * spatial) % 16 == 0 and (width * spatial) % 16 == 0, (height * spatial, width * spatial)
