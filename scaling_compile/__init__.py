@@ -24,6 +24,7 @@ from .artifact import check_model, load_artifact
 from .calibration import CalibrationSample, CalibrationSet, synthetic_calibration, wan_pipeline_calibration
 from .fast import DENSE_STEP, StepSchedule
 from .passes.profile import profile
+from .passes.profile_config import ProfileConfig
 
 __all__ = [
     "ArtifactError",
@@ -37,6 +38,7 @@ __all__ = [
     "check_model",
     "load_artifact",
     "profile",
+    "ProfileConfig",
     "synthetic_calibration",
     "wan_pipeline_calibration",
     "NodeTopology",

@@ -37,6 +37,8 @@ class CalibrationSample:
     progress: denoising progress in [0, 1] (0 = first step); None: derived from the timestep.
     group: which disjoint half of the calibration set the sample belongs to (0 or 1).
     grid: token grid (frames, height, width) after patchify; None: derived from the latent.
+    layout: the :class:`~scaling_compile.AttentionLayout` of the model's self-attention on these
+        inputs (which tokens are video); None: derived from the model's family description.
     """
 
     inputs: dict
@@ -44,6 +46,7 @@ class CalibrationSample:
     group: int = 0
     grid: tuple[int, int, int] | None = None
     label: str = ""
+    layout: object = None
 
     def denoising_progress(self) -> float:
         if self.progress is not None:
