@@ -319,6 +319,10 @@ def profile(model: torch.nn.Module, calibration, config: ProfileConfig | None = 
     if config is not None and not isinstance(config, ProfileConfig):
         raise TypeError(f"config must be a scaling_compile.ProfileConfig, got {type(config).__name__}")
     config = ProfileConfig.from_keywords(config, **keywords)
+    from ..families import NOT_SERVABLE
+
+    if type(model).__name__ in NOT_SERVABLE:
+        raise ScalingCompileError(f"cannot profile {type(model).__name__}: {NOT_SERVABLE[type(model).__name__]}")
     calibration = as_calibration(calibration)
     model.eval()
     profiler = Profiler(config.block_size, config.chunk_elements, config.query_frames)
