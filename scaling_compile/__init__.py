@@ -14,7 +14,7 @@ per-denoising-step budgets, switched without recompiling), :func:`load_artifact`
 """
 
 from .errors import ArtifactError, NotServable, ScalingCompileError
-from .geometry import register_root, set_grid, token_grid
+from .geometry import compile_repeated_blocks, register_root, set_grid, token_grid
 from .families import FamilyLayout
 from .inspection import sdpa_nodes
 from .layout import AttentionLayout
@@ -36,6 +36,7 @@ __all__ = [
     "DENSE_STEP",
     "StepSchedule",
     "check_model",
+    "compile_repeated_blocks",
     "load_artifact",
     "profile",
     "ProfileConfig",

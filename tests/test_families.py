@@ -36,7 +36,7 @@ from torch.overrides import TorchFunctionMode
 import scaling_compile as sc
 from scaling_compile.kernels.reference import token_mask_from_blocks
 from scaling_compile.testing.families import FAMILIES, UNBUILT
-from scaling_compile.testing.families.attention import survey, video_lengths, video_masks
+from scaling_compile.testing.families.attention import served_pattern, survey, video_lengths, video_masks
 
 NAMES = list(FAMILIES)
 BLOCK = 16
@@ -315,9 +315,10 @@ class _VideoMasked(TorchFunctionMode):
         bound = dict(zip(names, args)) | kwargs
         q = bound["query"]
         seq, video = q.shape[-2], call.video_rows
-        a, n = video[0], len(video)
-        allowed = torch.ones(q.shape[1], seq, seq, dtype=torch.bool)
-        allowed[:, a:a + n, a:a + n] = token_mask_from_blocks(self.masks[key], n, n, BLOCK, BLOCK)
+        if seq == len(video):  # video only: the mask as written
+            allowed = token_mask_from_blocks(self.masks[key], seq, seq, BLOCK, BLOCK)
+        else:  # joint: the video mask at the kernel's block granularity, other tokens' blocks kept
+            allowed = served_pattern(self.masks[key], seq, video[0], len(video), BLOCK)
         own = bound.get("attn_mask")
         if own is None:
             bound["attn_mask"] = allowed

@@ -31,7 +31,7 @@ from torch.overrides import TorchFunctionMode
 
 import scaling_compile as sc
 from scaling_compile.testing.families import FAMILIES
-from scaling_compile.testing.families.attention import patch_sizes, survey
+from scaling_compile.testing.families.attention import patch_sizes, served_pattern, survey
 
 BLOCK = 16
 
@@ -146,7 +146,7 @@ class _ServedPattern(TorchFunctionMode):
         if key not in self.masks:
             return func(**bound)
         seq = bound["query"].shape[-2]
-        allowed = served_pattern(self.masks[key], seq, call.video_rows[0], len(call.video_rows))
+        allowed = served_pattern(self.masks[key], seq, call.video_rows[0], len(call.video_rows), BLOCK)
         own = bound.get("attn_mask")
         if own is None:
             bound["attn_mask"] = allowed
@@ -155,22 +155,6 @@ class _ServedPattern(TorchFunctionMode):
         else:
             bound["attn_mask"] = own.masked_fill(~allowed, float("-inf"))
         return func(**bound)
-
-
-def served_pattern(video_mask: torch.Tensor, seq: int, start: int, count: int) -> torch.Tensor:
-    """Token-level (heads, seq, seq) pattern: a block of the call keeps a block pair when any video
-    block pair it overlaps is kept; blocks holding a non-video token keep their rows and columns."""
-    tokens = torch.arange(seq)
-    block = tokens // BLOCK
-    is_video = (tokens >= start) & (tokens < start + count)
-    n_blocks = -(-seq // BLOCK)
-    overlap = torch.zeros(n_blocks, video_mask.shape[-1])
-    overlap[block[is_video], (tokens[is_video] - start) // BLOCK] = 1.0
-    other = torch.zeros(n_blocks, dtype=torch.bool)
-    other[block[~is_video]] = True
-    kept = (overlap @ video_mask.float() @ overlap.T) > 0
-    kept |= other[None, :, None] | other[None, None, :]
-    return kept[:, block][:, :, block]
 
 
 def reference(fam, model, inputs, topology):
@@ -242,8 +226,7 @@ def test_profiled_artifact_served_per_family(name, tmp_path):
     if fam.repeated_blocks:
         torch._dynamo.reset()
         regional = fam.model()
-        sc.register_root(regional)
-        regional.compile_repeated_blocks(backend="scaling", options={"inner": "eager", "artifact": topology})
+        sc.compile_repeated_blocks(regional, options={"inner": "eager", "artifact": topology})  # registers the root
         out, served = _run(regional, inputs)
         assert served == set(topology.keys())
         torch.testing.assert_close(out, expected, atol=1e-4, rtol=1e-4)
@@ -282,3 +265,23 @@ def test_mochi_is_refused_with_its_reason():
     samples = [fam.inputs(fam.default_grid, seed=s) for s in (0, 1)]
     with pytest.raises(sc.ScalingCompileError, match="per-sample Python loop"):
         sc.profile(model, samples, block_size=BLOCK, progress=False)
+
+
+def test_regional_first_call_needs_the_root_registered(tmp_path):
+    """diffusers' compile_repeated_blocks alone: the first call compiles the blocks while the root's call
+    is already running, so its layout is unknown: dense, with a warning that says what to do; the second
+    call is served. ``scaling_compile.compile_repeated_blocks`` registers the root first: the first call
+    is served (tested per family above)."""
+    from scaling_compile.plans import plan_count
+
+    fam, _model, inputs, topology = profiled("wan", tmp_path)
+    regional = fam.model()
+    first = plan_count()
+    regional.compile_repeated_blocks(backend="scaling", options={"inner": "eager", "artifact": topology})
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _run(regional, inputs)
+    assert served_keys(first) == set()
+    assert any("register_root" in str(w.message) for w in caught)
+    _run(regional, inputs)
+    assert served_keys(first) == set(topology.keys())
