@@ -285,3 +285,18 @@ def test_regional_first_call_needs_the_root_registered(tmp_path):
     assert any("register_root" in str(w.message) for w in caught)
     _run(regional, inputs)
     assert served_keys(first) == set(topology.keys())
+
+
+@pytest.mark.parametrize("name", ["cogvideox", pytest.param("hunyuan_video", marks=pytest.mark.slow)])
+def test_synthetic_calibration_follows_the_model(name):
+    """No Wan-only assumptions: the latent in the family's layout, the text width from its config,
+    the extra inputs its forward takes (HunyuanVideo: pooled projections, text mask, guidance)."""
+    fam = FAMILIES[name]
+    model = fam.model()
+    grid = PROFILED[name][0]
+    text_len = None if name == "cogvideox" else 16  # CogVideoX: its config's max_text_seq_length
+    calibration = sc.synthetic_calibration(model, grid, num_prompts=2, num_timesteps=1, text_len=text_len)
+    inputs = calibration.samples[0].inputs
+    assert inputs["hidden_states"].shape == fam.inputs(grid)["hidden_states"].shape
+    topology = sc.profile(model, calibration, block_size=BLOCK, progress=False, sensitivity=False)
+    assert len(topology.keys()) == PROFILED[name][1]
