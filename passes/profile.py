@@ -274,10 +274,13 @@ def _run_pass(runner, model, profiler, samples, desc, progress, setup, family) -
             torch.cuda.synchronize(device)
         seconds.append(round(time.perf_counter() - started, 4))
         if profiler.calls == 0:
+            from ..families import family_of, unknown_family_reason
+
+            undescribed = "" if family_of(model, family) is not None else f"; {unknown_family_reason(model)}"
             raise ScalingCompileError(
                 f"no instrumented attention call ran over this sample's layout {profiler.layout}: the "
                 "model has no self-attention the scaling backend would serve over these tokens"
-                + (f" (skipped: {profiler.skipped})" if profiler.skipped else "")
+                + (f" (skipped: {profiler.skipped})" if profiler.skipped else "") + undescribed
             )
     return seconds
 
