@@ -149,7 +149,8 @@ def bench(name, args) -> dict:
 
     spec = MODELS[name]
     layers = tuple(args.hunyuan_layers) if name == "hunyuan_video" else args.cogvideox_layers
-    model, make_inputs = spec["build"](layers)
+    with torch.device("cuda"):  # random weights drawn on the GPU (seconds, not minutes of CPU init)
+        model, make_inputs = spec["build"](layers)
     model = model.to("cuda", torch.bfloat16).eval()
     print(f"{spec['label']}: {sum(p.numel() for p in model.parameters()) / 1e9:.2f} B parameters "
           f"(layers {layers}), {torch.cuda.get_device_name()}", flush=True)
