@@ -32,7 +32,6 @@ import torch.nn.functional as F
 from ..calibration import _compute_dtype, as_calibration
 from ..errors import ScalingCompileError
 from ..fast import step_bin
-from ..west import spread_query_frames  # noqa: F401  (re-exported for older imports)
 from .match import find_anchor_placeholder, find_sdpa_calls
 from .node_keys import make_node_key
 from .profile_config import QUALITY_DENSITIES, ProfileConfig
