@@ -311,3 +311,28 @@ def test_unservable_families_are_refused_with_their_reason(name):
     reason = {"hunyuan_video_1_5": "13 context rows", "sana_video": "linear attention"}[name]
     with pytest.raises(sc.ScalingCompileError, match=reason):
         sc.profile(model, samples, block_size=BLOCK, progress=False)
+
+
+def test_pipeline_calibration_records_any_family():
+    """A CogVideoX pipeline's real denoising loop (classifier-free guidance batched: batch 2) recorded
+    and profiled: the text prefix kept out of the measured video grid."""
+    pytest.importorskip("transformers")  # diffusers' video pipelines import it, even with no text encoder
+    from diffusers import CogVideoXDDIMScheduler, CogVideoXPipeline
+
+    from scaling_compile.pipelines import pipeline_calibration
+
+    model = FAMILIES["cogvideox"].model()
+    pipe = CogVideoXPipeline(tokenizer=None, text_encoder=None, vae=None, transformer=model,
+                             scheduler=CogVideoXDDIMScheduler())
+    pipe.set_progress_bar_config(disable=True)
+    calls = [dict(prompt_embeds=torch.randn(1, 8, 8, generator=torch.Generator().manual_seed(s)),
+                  negative_prompt_embeds=torch.zeros(1, 8, 8), height=128, width=128, num_frames=1,
+                  guidance_scale=6.0) for s in (0, 1)]
+    sets = pipeline_calibration(pipe, calls, num_inference_steps=2, record_steps=[0, 1])
+    calibration = sets["transformer"]
+    assert len(calibration) == 4 and {s.group for s in calibration} == {0, 1}
+    assert calibration.samples[0].inputs["hidden_states"].shape == (2, 1, 4, 16, 16)
+    topology = sc.profile(model, calibration, block_size=BLOCK, progress=False, sensitivity=False)
+    assert topology.keys() == ["transformer_blocks.0.attn1", "transformer_blocks.1.attn1"]
+    assert all(tuple(e.grid) == (1, 8, 8) for e in topology.entries.values())
+    assert topology.metadata["calibration"]["source"] == "pipeline"
