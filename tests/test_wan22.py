@@ -146,3 +146,10 @@ def test_wan22_both_transformers_profiled_served_and_scheduled(tmp_path):
     torch.testing.assert_close(out, expected, atol=1e-4, rtol=1e-4)
     stacks = [m for p in all_plans(first) for m in p._cache.values() if isinstance(m, BlockMask)]
     assert len(stacks) == 4 and all(m.stacked for m in stacks)  # 2 nodes x 2 transformers, one stack each
+
+
+def test_weights_digest_tells_experts_apart_not_dtypes():
+    fam = FAMILIES["wan"]
+    high, low = fam.model(0), fam.model(1)
+    assert weights_digest(high) != weights_digest(low)
+    assert weights_digest(high) == weights_digest(fam.model(0).to(torch.float16))
