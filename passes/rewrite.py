@@ -263,9 +263,11 @@ def graph_layout(gm: fx.GraphModule, call: SDPACall, plan, anchor_example):
     if root is None or not _is_compiled(root) or _stripped(place.parameter_name) != expected:
         return None, None
     family = family_of(root, plan.family)
+    model = getattr(root, "_orig_mod", root)
+    if family is not None and family.derive is not None:
+        return _derived_layout(gm, model, family)
     if family is None or family.latent == "packed":
         return None, None
-    model = getattr(root, "_orig_mod", root)
     try:
         pt, ph, pw = patch_sizes(model, family)
         names = list(inspect.signature(model.forward).parameters)
@@ -305,6 +307,33 @@ def graph_layout(gm: fx.GraphModule, call: SDPACall, plan, anchor_example):
         except ValueError:
             return None, None
     return argument, static
+
+
+def _derived_layout(gm: fx.GraphModule, model, family):
+    """A family's own ``derive`` evaluated on the graph's example inputs: a static layout, or
+    ``(None, None)`` when it needs tensor values or the shapes are symbolic."""
+    from ..families import call_layout
+    from ..layout import AttentionLayout
+
+    try:
+        names = list(inspect.signature(model.forward).parameters)
+    except (ValueError, TypeError):
+        return None, None
+    inputs = {}
+    for position, name in enumerate(names):
+        node = input_placeholder(gm, name, position)
+        value = node.meta.get("example_value") if node is not None else None
+        if isinstance(value, torch.Tensor):
+            if not all(isinstance(s, int) for s in value.shape):
+                return None, None
+            inputs[name] = value
+    try:
+        layout = call_layout(model, family, inputs)
+    except Exception:  # noqa: BLE001 - e.g. a description reading fake tensor values
+        return None, None
+    if not isinstance(layout, AttentionLayout):
+        return None, None
+    return layout.to_ints(), layout
 
 
 def _stripped(name: str) -> str:

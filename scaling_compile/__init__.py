@@ -14,7 +14,7 @@ per-denoising-step budgets, switched without recompiling), :func:`load_artifact`
 """
 
 from .errors import ArtifactError, NotServable, ScalingCompileError
-from .geometry import register_root, set_grid, token_grid
+from .geometry import compile_repeated_blocks, register_root, set_grid, token_grid
 from .families import FamilyLayout
 from .inspection import sdpa_nodes
 from .layout import AttentionLayout
@@ -24,6 +24,7 @@ from .artifact import check_model, load_artifact
 from .calibration import CalibrationSample, CalibrationSet, synthetic_calibration, wan_pipeline_calibration
 from .fast import DENSE_STEP, StepSchedule
 from .passes.profile import profile
+from .passes.profile_config import ProfileConfig
 
 __all__ = [
     "ArtifactError",
@@ -35,8 +36,10 @@ __all__ = [
     "DENSE_STEP",
     "StepSchedule",
     "check_model",
+    "compile_repeated_blocks",
     "load_artifact",
     "profile",
+    "ProfileConfig",
     "synthetic_calibration",
     "wan_pipeline_calibration",
     "NodeTopology",

@@ -126,6 +126,10 @@ def _fit_to_model(topology, gm: torch.fx.GraphModule, example_inputs, opts: Back
     root = model_root_of(example_inputs)
     if root is None:
         return topology
+    from .families import NOT_SERVABLE
+
+    if type(root).__name__ in NOT_SERVABLE:  # its attention is in no graph: nothing here would say so
+        warn_user(f"scaling: {type(root).__name__}: {NOT_SERVABLE[type(root).__name__]}. Its attention stays dense.")
     node_keys = [call.key for call in find_sdpa_calls(gm) if call.dense_reason is None]
     problems = check_artifact_against(topology, root, node_keys)
     if not problems:

@@ -37,6 +37,8 @@ class CalibrationSample:
     progress: denoising progress in [0, 1] (0 = first step); None: derived from the timestep.
     group: which disjoint half of the calibration set the sample belongs to (0 or 1).
     grid: token grid (frames, height, width) after patchify; None: derived from the latent.
+    layout: the :class:`~scaling_compile.AttentionLayout` of the model's self-attention on these
+        inputs (which tokens are video); None: derived from the model's family description.
     """
 
     inputs: dict
@@ -44,6 +46,7 @@ class CalibrationSample:
     group: int = 0
     grid: tuple[int, int, int] | None = None
     label: str = ""
+    layout: object = None
 
     def denoising_progress(self) -> float:
         if self.progress is not None:
@@ -117,6 +120,102 @@ def _model_config(model):
     return config
 
 
+#: Config entries that give a video transformer's text-embedding width, in the order they are tried.
+TEXT_DIM_KEYS = ("text_dim", "text_embed_dim", "caption_channels", "in_text_dim", "joint_attention_dim",
+                 "cross_attention_dim")
+#: Config entries that give the latent's channel count.
+CHANNEL_KEYS = ("in_channels", "in_visual_dim")
+
+
+def _config_value(config, keys, what: str) -> int:
+    for key in keys:
+        value = config.get(key) if hasattr(config, "get") else getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    raise TypeError(f"the model's config has none of {keys} for the {what}: build the calibration samples "
+                    "yourself (CalibrationSample(inputs=...)) or record them from a pipeline "
+                    "(scaling_compile.pipelines.pipeline_calibration)")
+
+
+def _text_dim(config) -> int:
+    return _config_value(config, TEXT_DIM_KEYS, "text embedding width")
+
+
+def _default_text_len(model, config, text_len) -> int:
+    """``text_len``, else the model's fixed text length (CogVideoX's max_text_seq_length), else 512."""
+    if text_len:
+        return int(text_len)
+    fixed = config.get("max_text_seq_length") if hasattr(config, "get") else None
+    return int(fixed or getattr(model, "planted_info", {}).get("text_len", 0) or 512)
+
+
+def _latent_inputs(model, field_bcfhw: torch.Tensor) -> dict:
+    """The model's latent input(s) made from a (B, C, F, H, W) field, in its family's layout."""
+    from .families import FamilyLayout, family_of
+
+    family = family_of(model) or FamilyLayout()
+    if family.latent == "BCFHW":
+        return {family.hidden_states: field_bcfhw}
+    if family.latent == "BFCHW":
+        return {family.hidden_states: field_bcfhw.transpose(1, 2).contiguous()}
+    if family.latent == "BFHWC":
+        return {family.hidden_states: field_bcfhw.permute(0, 2, 3, 4, 1).contiguous()}
+    if family.latent == "packed" and family.derive is None:
+        from .families import patch_sizes
+
+        if patch_sizes(model, family) != (1, 1, 1):
+            raise TypeError(f"synthetic packed latents need patch size 1, {type(model).__name__} has "
+                            f"{patch_sizes(model, family)}: build the samples yourself")
+        frames, height, width = field_bcfhw.shape[2:]
+        names = family.packed_sizes
+        return {family.hidden_states: field_bcfhw.flatten(2).transpose(1, 2).contiguous(),
+                names[0]: int(frames), names[1]: int(height), names[2]: int(width)}
+    raise TypeError(f"{type(model).__name__}'s inputs are packed by its caller: build the calibration samples "
+                    "yourself or record them from a pipeline (scaling_compile.pipelines.pipeline_calibration)")
+
+
+def _extra_inputs(model, config, latent: dict, text_len: int, prompt_len: int, device, dtype, generator) -> dict:
+    """Inputs other video transformers need besides latent, timestep and text, by forward parameter name."""
+    import inspect
+
+    names = set(inspect.signature(model.forward).parameters)
+    get = config.get if hasattr(config, "get") else (lambda key, default=None: getattr(config, key, default))
+    extra = {}
+    if "pooled_projections" in names and get("pooled_projection_dim"):
+        extra["pooled_projections"] = torch.randn(1, int(get("pooled_projection_dim")), generator=generator).to(
+            device=device, dtype=dtype)
+    if "encoder_attention_mask" in names:  # the prompt's tokens, then padding (key padding where served)
+        mask = torch.zeros(1, text_len, device=device)
+        mask[:, :prompt_len] = 1
+        extra["encoder_attention_mask"] = mask
+    if "guidance" in names and get("guidance_embeds"):
+        extra["guidance"] = torch.tensor([6000.0], device=device)
+    if "image_rotary_emb" in names and get("use_rotary_positional_embeddings") and get("patch_size"):
+        extra["image_rotary_emb"] = _cogvideox_rope(config, next(iter(latent.values())), device)
+    return extra
+
+
+def _cogvideox_rope(config, hidden: torch.Tensor, device):
+    """CogVideoX's 3-D RoPE for a (B, F, C, H, W) latent, as ``CogVideoXPipeline`` prepares it."""
+    from diffusers.models.embeddings import get_3d_rotary_pos_embed
+    from diffusers.pipelines.cogvideo.pipeline_cogvideox import get_resize_crop_region_for_grid
+
+    patch, patch_t = int(config.patch_size), config.get("patch_size_t") if hasattr(config, "get") else None
+    frames, height, width = hidden.shape[1], hidden.shape[3], hidden.shape[4]
+    grid_h, grid_w = height // patch, width // patch
+    base_w, base_h = config.sample_width // patch, config.sample_height // patch
+    if patch_t is None:
+        crops = get_resize_crop_region_for_grid((grid_h, grid_w), base_w, base_h)
+        cos, sin = get_3d_rotary_pos_embed(embed_dim=config.attention_head_dim, crops_coords=crops,
+                                           grid_size=(grid_h, grid_w), temporal_size=frames, device=device)
+    else:  # CogVideoX 1.5
+        cos, sin = get_3d_rotary_pos_embed(embed_dim=config.attention_head_dim, crops_coords=None,
+                                           grid_size=(grid_h, grid_w), temporal_size=-(-frames // patch_t),
+                                           grid_type="slice", max_size=(max(base_h, grid_h), max(base_w, grid_w)),
+                                           device=device)
+    return cos, sin
+
+
 def _compute_dtype(model) -> torch.dtype:
     """The dtype most of the model's weights are in (fp32-kept modules such as norms do not count)."""
     sizes: dict[torch.dtype, int] = {}
@@ -137,13 +236,14 @@ def prompt_embeddings(model, count: int, *, seed: int, text_len: int | None = No
     parameter = next(model.parameters())
     device = parameter.device if device is None else torch.device(device)
     dtype = _compute_dtype(model) if dtype is None else dtype
-    text_len = int(text_len or getattr(model, "planted_info", {}).get("text_len", 0) or 512)
+    text_len = _default_text_len(model, config, text_len)
+    text_dim = _text_dim(config)
     generator = torch.Generator(device="cpu").manual_seed(seed)
     out = []
     for _ in range(count):
         length = int(torch.randint(max(1, text_len // 8), max(2, text_len // 2 + 1), (1,), generator=generator))
-        embedding = torch.zeros(1, text_len, int(config.text_dim))
-        embedding[:, :length] = embedding_std * torch.randn(1, length, int(config.text_dim), generator=generator)
+        embedding = torch.zeros(1, text_len, text_dim)
+        embedding[:, :length] = embedding_std * torch.randn(1, length, text_dim, generator=generator)
         out.append(embedding.to(device=device, dtype=dtype))
     return out
 
@@ -162,12 +262,20 @@ def synthetic_calibration(
     device=None,
     dtype=None,
 ) -> CalibrationSet:
-    """A prompt-agnostic calibration set for a diffusers video transformer (Wan layout).
+    """A prompt-agnostic calibration set for a diffusers video transformer.
 
     ``latent_shape`` is the latent (frames, height, width). Prompts and latents are
     split into two disjoint groups; every prompt is paired with ``num_timesteps``
     timesteps spread over the denoising trajectory (each with one of its group's
     latents), so there are ``num_prompts * num_timesteps`` samples.
+
+    Built from the model's config and forward signature, not Wan's alone: the latent in its
+    family's layout (channels first or last, (B, F, C, H, W), or packed tokens with
+    ``num_frames``/``height``/``width``; :mod:`scaling_compile.families`), the text width from
+    the first of :data:`TEXT_DIM_KEYS` in the config (CogVideoX's fixed ``max_text_seq_length``
+    as the text length), and, where the forward takes them, pooled projections, a text
+    attention mask (the prompt's tokens, then padding), guidance and CogVideoX's RoPE. Models
+    whose caller packs the sequence (MiniMax-H3) need recorded or hand-built samples.
     """
     if num_prompts < 1 or num_latents < 1 or num_timesteps < 1:
         raise ValueError("num_prompts, num_latents and num_timesteps must be >= 1")
@@ -175,9 +283,11 @@ def synthetic_calibration(
     parameter = next(model.parameters())
     device = parameter.device if device is None else torch.device(device)
     dtype = _compute_dtype(model) if dtype is None else dtype
-    text_len = int(text_len or getattr(model, "planted_info", {}).get("text_len", 0) or 512)
+    text_len = _default_text_len(model, config, text_len)
+    text_dim = _text_dim(config)
     frames, height, width = (int(v) for v in latent_shape)
-    shape = (1, int(config.in_channels), frames, height, width)
+    shape = (1, _config_value(config, CHANNEL_KEYS, "latent channels"), frames, height, width)
+    extras_generator = torch.Generator(device="cpu").manual_seed(seed + 7919)  # the main stream stays Wan's
     generator = torch.Generator(device="cpu").manual_seed(seed)
     groups = 2 if num_prompts >= 2 else 1
     latents = {
@@ -187,22 +297,25 @@ def synthetic_calibration(
     for prompt in range(num_prompts):
         group = prompt % groups
         length = int(torch.randint(max(1, text_len // 8), max(2, text_len // 2 + 1), (1,), generator=generator))
-        embedding = torch.zeros(1, text_len, int(config.text_dim))
-        embedding[:, :length] = embedding_std * torch.randn(1, length, int(config.text_dim), generator=generator)
+        embedding = torch.zeros(1, text_len, text_dim)
+        embedding[:, :length] = embedding_std * torch.randn(1, length, text_dim, generator=generator)
         for j in range(num_timesteps):
             progress = (j + 0.5) / num_timesteps
             sigma = shifted_sigma(progress, flow_shift)
             clean = latents[(group, (prompt // groups + j) % num_latents)]
             noise = torch.randn(shape, generator=generator)
             noisy = (1.0 - sigma) * clean + sigma * noise
+            latent = _latent_inputs(model, noisy.to(device=device, dtype=dtype))
+            inputs = {
+                **latent,
+                "timestep": torch.tensor([sigma * NUM_TRAIN_TIMESTEPS], device=device),
+                "encoder_hidden_states": embedding.to(device=device, dtype=dtype),
+                "return_dict": False,
+            }
+            inputs.update(_extra_inputs(model, config, latent, text_len, length, device, dtype, extras_generator))
             samples.append(
                 CalibrationSample(
-                    inputs={
-                        "hidden_states": noisy.to(device=device, dtype=dtype),
-                        "timestep": torch.tensor([sigma * NUM_TRAIN_TIMESTEPS], device=device),
-                        "encoder_hidden_states": embedding.to(device=device, dtype=dtype),
-                        "return_dict": False,
-                    },
+                    inputs=inputs,
                     progress=progress,
                     group=group,
                     label=f"prompt {prompt}, step {progress:.2f}",

@@ -18,8 +18,10 @@ is a registry that code mutates: :data:`FAMILIES` is read-only data.
 from __future__ import annotations
 
 import inspect
+import math
 from dataclasses import dataclass
 from types import MappingProxyType
+from typing import Callable
 
 import torch
 
@@ -42,6 +44,12 @@ class FamilyLayout:
     the self-attention (``"none"``: text is only in cross-attention), counted by dimension 1 of
     the input ``text_tokens`` (or a fixed int). ``key_padding``: the input whose bool mask
     (True = attend) pads the text, if any.
+    ``derive``: for a model whose sequence holds tokens the fields above cannot count (history
+    latents at their own compressions, caller-packed rows, factorised attention), a function
+    ``derive(model, inputs) -> AttentionLayout | str`` (inputs by parameter name; a string says
+    why the layout is unknown) that replaces the rule above. Under whole-model compilation it is
+    evaluated on the graph's example inputs (shapes only: one that reads tensor values serves
+    regional compilation, where the root's real inputs are seen).
     """
 
     latent: str = "BCFHW"
@@ -52,6 +60,7 @@ class FamilyLayout:
     text_tokens: str | int = "encoder_hidden_states"
     key_padding: str | None = None
     packed_sizes: tuple[str, str, str] = ("num_frames", "height", "width")
+    derive: Callable | None = None
 
     def __post_init__(self):
         if self.latent not in LATENT_LAYOUTS:
@@ -63,6 +72,63 @@ class FamilyLayout:
 _VIDEO_ONLY = FamilyLayout()
 _TEXT_PREFIX = FamilyLayout(text="prefix")
 _TEXT_SUFFIX = FamilyLayout(text="suffix")
+
+
+def helios_layout(model: torch.nn.Module, inputs: dict) -> AttentionLayout | str:
+    """Helios: the short, mid and long history latents (patch x1, x2, x4; the mid and long ones
+    padded to their kernel) precede the video tokens in the self-attention."""
+    video = call_layout(model, _VIDEO_ONLY, inputs)
+    if isinstance(video, str):
+        return video
+    patch = patch_sizes(model, _VIDEO_ONLY)
+    before = 0
+    for name, scale, padded in (("short", 1, False), ("mid", 2, True), ("long", 4, True)):
+        latent, index = inputs.get(f"latents_history_{name}"), inputs.get(f"indices_latents_history_{name}")
+        if not isinstance(latent, torch.Tensor) or index is None:
+            continue
+        if latent.dim() != 5:
+            return f"latents_history_{name} has {latent.dim()} dimensions, not 5"
+        sizes = [int(s) for s in latent.shape[2:]]
+        kernel = [p * scale for p in patch]
+        before += math.prod(-(-s // k) if padded else s // k for s, k in zip(sizes, kernel))
+    n = video.video_tokens
+    return AttentionLayout(before + n, (before, before + n), video.grid, ((0, before),) if before else ())
+
+
+def latte_layout(model: torch.nn.Module, inputs: dict) -> AttentionLayout | str:
+    """Latte: factorised attention. Its spatial self-attention attends within each frame (the
+    frames are in the batch), so the served video grid is one frame; the temporal attention
+    (over the frames of one pixel) never matches it and stays dense."""
+    video = call_layout(model, _VIDEO_ONLY, inputs)
+    if isinstance(video, str):
+        return video
+    return AttentionLayout.video_only((1, video.grid[1], video.grid[2]))
+
+
+def minimax_h3_layout(model: torch.nn.Module, inputs: dict) -> AttentionLayout | str:
+    """MiniMax-H3: the caller packs text, audio and video rows; the video rows must be one
+    contiguous span whose ``position_ids`` (t, h, w) run in raster order over their grid.
+    Reads index values, so only a root run eagerly (regional compilation) is laid out."""
+    video, positions = inputs.get("video_indices"), inputs.get("position_ids")
+    if not isinstance(video, torch.Tensor) or not isinstance(positions, torch.Tensor):
+        return "MiniMax-H3 calls need video_indices and position_ids"
+    total = sum(int(inputs[n].numel()) for n in ("video_indices", "audio_indices", "text_indices")
+                if isinstance(inputs.get(n), torch.Tensor))
+    video = video.flatten().long().cpu()
+    count = int(video.numel())
+    if count == 0:
+        return "no video rows"
+    start = int(video[0])
+    if not torch.equal(video, torch.arange(start, start + count)):
+        return "the video rows are not one contiguous span"
+    coords = positions.reshape(-1, positions.shape[-1])[video].round().long().cpu()
+    coords = coords - coords.min(0).values
+    grid = tuple(int(v) + 1 for v in coords.max(0).values[:3])
+    raster = (coords[:, 0] * grid[1] + coords[:, 1]) * grid[2] + coords[:, 2]
+    if math.prod(grid) != count or not torch.equal(raster, torch.arange(count)):
+        return "the video rows' position_ids are not a (t, h, w) raster"
+    others = tuple(span for span in ((0, start), (start + count, total)) if span[1] > span[0])
+    return AttentionLayout(total, (start, start + count), grid, others)
 
 #: The built-in descriptions, keyed by transformer class name (read-only). From the survey of
 #: diffusers 0.42.1's video transformers (docs/families.md of the families work).
@@ -76,6 +142,9 @@ FAMILIES = MappingProxyType({
     "AnyFlowTransformer3DModel": FamilyLayout(latent="BFCHW"),
     "CosmosTransformer3DModel": _VIDEO_ONLY,
     "AllegroTransformer3DModel": _VIDEO_ONLY,  # int patch_size + patch_size_t
+    "HeliosTransformer3DModel": FamilyLayout(derive=helios_layout),
+    "LatteTransformer3DModel": FamilyLayout(derive=latte_layout),
+    "MiniMaxH3Transformer3DModel": FamilyLayout(latent="packed", derive=minimax_h3_layout),
     "Kandinsky5Transformer3DModel": FamilyLayout(latent="BFHWC"),
     # HunyuanVideo: video tokens, then the text tokens; a (B, 1, 1, S) bool key-padding mask.
     "HunyuanVideoTransformer3DModel": FamilyLayout(text="suffix", key_padding="encoder_attention_mask"),
@@ -93,13 +162,19 @@ FAMILIES = MappingProxyType({
 #: Families whose self-attention no description here can lay out, and why: their profiled
 #: masks are never served (calls stay dense, with this reason); hand-written masks still are.
 NOT_DESCRIBED = MappingProxyType({
-    "HeliosTransformer3DModel": "history latents at their own compressions form a prefix of the video tokens",
-    "HunyuanVideoFramepackTransformer3DModel": "history latents before and image tokens after the video",
+    "HunyuanVideoFramepackTransformer3DModel": (
+        "history latents before and image tokens after the video, the text cut to its unpadded length "
+        "(a graph break on the data-dependent length), and no _repeated_blocks for regional compilation"),
     "HunyuanVideo15Transformer3DModel": "13 context rows after the video under a full (B, 1, S, S) mask",
-    "MiniMaxH3Transformer3DModel": "the caller packs text, audio and video rows (video_indices, text_indices)",
-    "LatteTransformer3DModel": "factorised attention: per frame and per pixel, the other axes in the batch",
     "SanaVideoTransformer3DModel": "linear attention (no SDPA call to serve)",
     "AnyFlowFARTransformer3DModel": "FlexAttention with its own block mask (no SDPA call to serve)",
+})
+
+#: Families described above whose attention the backend still cannot serve, and why (warned).
+NOT_SERVABLE = MappingProxyType({
+    "MochiTransformer3DModel": (
+        "MochiAttnProcessor2_0 runs its joint attention in a per-sample Python loop (torch.nonzero on the "
+        "text mask): Dynamo runs it eagerly, outside any graph, so no attention call can be served or profiled"),
 })
 
 
@@ -111,6 +186,8 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
 def unknown_family_reason(model: torch.nn.Module) -> str:
     """Why ``model`` has no layout description (for warnings and ``sdpa_nodes``)."""
     name = type(unwrap(model)).__name__
+    if name in NOT_SERVABLE:
+        return f"{name}: {NOT_SERVABLE[name]}"
     if name in NOT_DESCRIBED:
         return f"{name}: {NOT_DESCRIBED[name]}"
     return (f"{name} has no attention layout description: give its class a _scaling_layout = "
@@ -154,6 +231,11 @@ def bind_inputs(model: torch.nn.Module, args: tuple, kwargs: dict) -> dict:
 
 def call_layout(model: torch.nn.Module, family: FamilyLayout, inputs: dict) -> AttentionLayout | str:
     """The layout of the self-attention of ``model`` called with ``inputs`` (by name), or why it is unknown."""
+    if family.derive is not None:
+        try:
+            return family.derive(model, inputs)
+        except Exception as error:  # noqa: BLE001 - a description that cannot read these inputs
+            return f"{type(unwrap(model)).__name__}'s layout description failed on this call: {error}"
     try:
         pt, ph, pw = patch_sizes(model, family)
     except ValueError as error:

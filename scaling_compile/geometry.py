@@ -143,6 +143,23 @@ def register_root(model: torch.nn.Module, layout: FamilyLayout | None = None) ->
     track_calls(model, layout)
 
 
+def compile_repeated_blocks(model: torch.nn.Module, *, options: dict | None = None, **compile_kwargs) -> None:
+    """diffusers' ``model.compile_repeated_blocks(backend="scaling", options=options, ...)``, with the
+    model registered first (:func:`register_root`), so that its FIRST call is served too.
+
+    Why the diffusers method alone leaves the first call dense (with a warning): its blocks are
+    compiled lazily, inside the model's first call, and the backend is never handed the model: it
+    learns the root from the block's parameters when that call is already running, after the
+    root's inputs (which give the token layout) were passed. Recovering them would mean walking
+    the Python stack, which the layout design forbids; from the second call on, the root's own
+    hook records each call's layout.
+    """
+    options = dict(options or {})
+    layout = options.get("layout")
+    register_root(model, layout if isinstance(layout, FamilyLayout) else None)
+    model.compile_repeated_blocks(backend="scaling", options=options, **compile_kwargs)
+
+
 def grid_from_latent(module: torch.nn.Module, hidden_states) -> tuple[int, int, int] | None:
     """Token grid of a known video transformer called on ``hidden_states``, or None."""
     family = family_of(module) or FamilyLayout(latent="BFCHW" if _int_patch(module) else "BCFHW")

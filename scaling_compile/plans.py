@@ -379,11 +379,18 @@ def layout_block_mask(topology, key: str, seq_len: int, heads: int, layout: Atte
     """A call's block mask: the topology's mask of its video tokens, widened to its layout.
 
     Hand-written masks (``Topology.from_block_masks``) describe the whole sequence of the
-    calls of their length and are served as written. A profiled entry is resampled to the
+    calls of their length and are served as written; one made for the VIDEO tokens of a joint
+    call (its length is the layout's video count) is widened to the layout like a profiled one. A profiled entry is resampled to the
     layout's video grid; joint layouts keep the other tokens' rows and columns
     (:meth:`AttentionLayout.expand`). No layout: a profiled entry raises GridRequired.
     """
     entry = topology.entries.get(key)
+    hand_written_video = (layout is not None and getattr(entry, "scores", None) is None and not layout.is_video_only
+                          and getattr(entry, "seq_len", None) == layout.video_tokens != seq_len)
+    if hand_written_video:  # a hand-written mask of a joint call's video tokens: widened like a profiled one
+        video = topology.block_mask(key, seq_len=layout.video_tokens, num_heads=heads, budget=budget,
+                                    step_fraction=step_fraction)
+        return layout.expand(video.to(torch.bool), topology.block_size)
     if layout is None or getattr(entry, "scores", None) is None:
         return topology.block_mask(key, seq_len=seq_len, num_heads=heads, grid=None, budget=budget,
                                    step_fraction=step_fraction)

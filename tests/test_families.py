@@ -10,11 +10,12 @@ What holds today (asserted):
 - the measured layout of each family is the one written down here (a diffusers change shows);
 - ``sdpa_nodes`` accounts for every SDPA call of the model, each dense one with a reason.
 
-What the backend SHOULD do once the attention layout lands (issue 14) is encoded as
-``xfail(strict=False)`` with the reason, per family: hand-written masks over the VIDEO tokens
-served on the video x video part (text / other rows and columns kept, the call's own mask
-applied), equal to a masked-SDPA reference written here, with the served-node count per family;
-report keys unique per call; attention outside SDPA reported.
+Hand-written masks over the VIDEO tokens are served on the video x video part of every family the
+layout describes (text / other rows and columns kept at the kernel's block granularity, the call's
+own mask applied), equal to a masked-SDPA reference written here, with the served-node count per
+family; the families where that does not hold are ``xfail(strict=False)`` with the reason
+(``NOT_SERVED_TODAY``). The PROFILED path (profile -> artifact -> whole-model and regional) is
+tests/test_families_profiled.py.
 
 Slow (``-m slow``, about 6 minutes more on 2 cores): the default Inductor inner compiler
 (C++ compilation on CPU); every test of the seven families whose capture takes longest
@@ -36,7 +37,7 @@ from torch.overrides import TorchFunctionMode
 import scaling_compile as sc
 from scaling_compile.kernels.reference import token_mask_from_blocks
 from scaling_compile.testing.families import FAMILIES, UNBUILT
-from scaling_compile.testing.families.attention import survey, video_lengths, video_masks
+from scaling_compile.testing.families.attention import served_pattern, survey, video_lengths, video_masks
 
 NAMES = list(FAMILIES)
 BLOCK = 16
@@ -254,7 +255,7 @@ def test_report_lists_attention_outside_sdpa(name):
         assert module in reported
 
 
-# --- once layouts land: hand-written video masks served on every family --------------------------
+# --- hand-written video masks served on every described family ------------------------------------
 
 # Grids with at least 4 blocks of video tokens per call (so the masks are not trivially dense).
 SERVED_GRID = {
@@ -275,21 +276,15 @@ EXPECTED_SERVED = {
     "mochi": 2, "motif_video": 2, "minimax_h3": 2, "kandinsky5": 2, "cosmos": 2, "sana_video": 0,
 }
 
-# Why each family is not served (or not served right) today, measured with these tests.
+# Why each family is not served from hand-written video masks under whole-model compilation, measured
+# with these tests (tests/test_families_profiled.py serves minimax_h3 regionally from a profiled artifact).
 NOT_SERVED_TODAY = {
-    "helios": "history tokens (84 rows) precede the video in the self-attention: a video-sized mask "
-              "does not match the call's sequence, so it stays dense",
-    "cogvideox": "joint attention, text prefix: the call's sequence is text + video",
-    "cogvideox_1_5": "joint attention, text prefix",
-    "consisid": "joint attention, text prefix",
-    "easyanimate": "joint attention, text prefix",
-    "hunyuan_video": "joint attention, text suffix, and a bool key-padding attn_mask on every call: dense",
-    "hunyuan_video_1_5": "joint attention with 13 context rows and a (B,1,S,S) bool attn_mask: dense; one "
-                         "relative key for both blocks (graph break per block)",
-    "hunyuan_video_framepack": "history prefix + image/text suffix; one relative key 'attn' for both blocks",
+    "hunyuan_video_1_5": "joint attention with 13 context rows and a full (B,1,S,S) bool attn_mask: dense",
+    "hunyuan_video_framepack": "history prefix + image/text suffix, the text cut to its unpadded length after a "
+                               "graph break: the call's layout is not seen, so it stays dense (with a warning)",
     "mochi": "joint attention inside a per-sample Python loop that Dynamo runs eagerly: no node to serve",
-    "motif_video": "joint attention, text suffix",
-    "minimax_h3": "caller-packed text + audio + video sequence",
+    "minimax_h3": "caller-packed text + audio + video rows: the layout reads index values, which a whole-model "
+                  "graph does not have (served under regional compilation)",
 }
 CHEAP_SERVED = {"wan", "cogvideox", "hunyuan_video", "ltx"}
 
@@ -315,9 +310,10 @@ class _VideoMasked(TorchFunctionMode):
         bound = dict(zip(names, args)) | kwargs
         q = bound["query"]
         seq, video = q.shape[-2], call.video_rows
-        a, n = video[0], len(video)
-        allowed = torch.ones(q.shape[1], seq, seq, dtype=torch.bool)
-        allowed[:, a:a + n, a:a + n] = token_mask_from_blocks(self.masks[key], n, n, BLOCK, BLOCK)
+        if seq == len(video):  # video only: the mask as written
+            allowed = token_mask_from_blocks(self.masks[key], seq, seq, BLOCK, BLOCK)
+        else:  # joint: the video mask at the kernel's block granularity, other tokens' blocks kept
+            allowed = served_pattern(self.masks[key], seq, video[0], len(video), BLOCK)
         own = bound.get("attn_mask")
         if own is None:
             bound["attn_mask"] = allowed

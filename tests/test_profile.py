@@ -62,22 +62,17 @@ def test_instrumented_graph_returns_the_dense_result():
     model = tiny_wan()
     kwargs = dict(wan_inputs(), return_dict=False)
     profiler = profile_pass.Profiler(BLOCK)
-    profiler.grid = (3, 4, 4)
-    pid = next(profile_pass._ids)
-    profile_pass._profilers[pid] = profiler
+    profiler.layout = sc.AttentionLayout.video_only((3, 4, 4))
     instrumented = []
 
     def backend(gm, example_inputs, **_):
-        instrumented.extend(profile_pass.instrument(gm, pid))
+        instrumented.extend(profile_pass.instrument(gm, profiler))
         return gm.forward
 
-    try:
-        runner = torch.compile(profile_pass._fresh_runner(model, "test_runner"), backend=backend)
-        with torch.no_grad():
-            out = runner(kwargs)[0]
-            expected = model(**kwargs)[0]
-    finally:
-        profile_pass._profilers.pop(pid)
+    runner = torch.compile(profile_pass._fresh_runner(model, "test_runner"), backend=backend)
+    with torch.no_grad():
+        out = runner(kwargs)[0]
+        expected = model(**kwargs)[0]
     assert [k for k, _ in instrumented] == ["blocks.0.attn1", "blocks.1.attn1", "blocks.2.attn1"]
     assert all(projection for _, projection in instrumented)
     torch.testing.assert_close(out, expected)

@@ -28,24 +28,24 @@ DEFAULT_BUDGETS = (0.5, 0.3, 0.2, 0.1)
 
 
 class _Probe:
-    """What an instrumented SDPA node calls (``profiled_sdpa``): dense attention, plus ``handler``."""
+    """What an instrumented SDPA node calls: dense attention (with the call's own mask), plus ``handler``."""
 
     def __init__(self, handler):
         self.handler = handler
         self.calls = 0
 
-    def attention(self, node_key, query, key, value, _out_weight, scale):
-        out = F.scaled_dot_product_attention(query, key, value, scale=scale)
+    def attention(self, node_key, query, key, value, _out_weight, scale, attn_mask=None):
+        out = F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask, scale=scale)
         self.calls += 1
         self.handler(node_key, query, key, value, scale, out)
         return out
 
 
-def _probing_backend(gm, example_inputs, *, probe_id: int, wanted, found: list, **_kwargs):
+def _probing_backend(gm, example_inputs, *, probe, wanted, found: list, **_kwargs):
     """Dynamo backend of :func:`run_probed`: instrument the served SDPA nodes, run eagerly."""
     from ..passes.profile import instrument
 
-    found.extend(key for key, _projection in instrument(gm, probe_id, wanted))
+    found.extend(key for key, _projection in instrument(gm, probe, wanted))
     return gm.forward
 
 
@@ -53,20 +53,16 @@ def run_probed(model: torch.nn.Module, calibration, handler, keys=None) -> list[
     """Run every calibration sample through ``model`` with ``handler(node_key, q, k, v, scale,
     dense_out)`` called at each served self-attention node; returns the instrumented keys."""
     from ..calibration import as_calibration
-    from ..passes.profile import _fresh_runner, _ids, _profilers
+    from ..passes.profile import _fresh_runner
 
-    probe, probe_id, found = _Probe(handler), next(_ids), []
+    probe, found = _Probe(handler), []
     wanted = keys if keys is None or callable(keys) else set(keys).__contains__
-    backend = functools.partial(_probing_backend, probe_id=probe_id, wanted=wanted, found=found)
-    runner = torch.compile(_fresh_runner(model.eval(), f"scaling_policy_probe_{probe_id}"), backend=backend,
+    backend = functools.partial(_probing_backend, probe=probe, wanted=wanted, found=found)
+    runner = torch.compile(_fresh_runner(model.eval(), f"scaling_policy_probe_{id(probe):x}"), backend=backend,
                            dynamic=False)
-    _profilers[probe_id] = probe  # what the instrumented nodes call (passes.profile.profiled_sdpa)
-    try:
-        with torch.no_grad():
-            for sample in as_calibration(calibration):
-                runner(sample.inputs)
-    finally:
-        _profilers.pop(probe_id, None)
+    with torch.no_grad():  # the instrumented nodes call the probe (passes.profile.instrument)
+        for sample in as_calibration(calibration):
+            runner(sample.inputs)
     if probe.calls == 0:
         raise ScalingCompileError("no self-attention call the scaling backend would serve ran on the calibration set")
     return found

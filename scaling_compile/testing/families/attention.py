@@ -30,7 +30,7 @@ from torch.overrides import TorchFunctionMode
 
 from .fixtures import Family
 
-__all__ = ["Call", "CallLayout", "Site", "Survey", "Trace", "patch_sizes", "survey", "trace"]
+__all__ = ["Call", "CallLayout", "Site", "Survey", "Trace", "patch_sizes", "served_pattern", "survey", "trace"]
 
 _SDPA = {F.scaled_dot_product_attention, torch._C._nn.scaled_dot_product_attention}
 _SOFTMAX = {F.softmax, torch.softmax, torch.Tensor.softmax}
@@ -420,3 +420,21 @@ def video_masks(sv: Survey, block: int, seed: int = 0) -> dict[str, torch.Tensor
 def video_lengths(sv: Survey) -> dict[str, int]:
     """The number of video tokens of each call :func:`video_masks` makes a mask for (its ``seq_len``)."""
     return {key: len(call.video_rows) for key, call in _video_calls(sv)}
+
+
+def served_pattern(video_mask: torch.Tensor, seq: int, start: int, count: int, block: int) -> torch.Tensor:
+    """Token-level ``(heads, seq, seq)`` pattern the backend serves for a joint call whose video tokens are
+    ``start:start + count`` and whose video block mask is ``video_mask`` (heads, vb, vb), written plainly
+    for the tests' references: a block of the call keeps a block pair when any video block pair it overlaps
+    is kept; blocks holding a non-video token keep their rows and columns (the kernel's block granularity)."""
+    tokens = torch.arange(seq)
+    block_of = tokens // block
+    is_video = (tokens >= start) & (tokens < start + count)
+    n_blocks = -(-seq // block)
+    overlap = torch.zeros(n_blocks, video_mask.shape[-1])
+    overlap[block_of[is_video], (tokens[is_video] - start) // block] = 1.0
+    other = torch.zeros(n_blocks, dtype=torch.bool)
+    other[block_of[~is_video]] = True
+    kept = (overlap @ video_mask.float() @ overlap.T) > 0
+    kept |= other[None, :, None] | other[None, None, :]
+    return kept[:, block_of][:, :, block_of]

@@ -1,0 +1,338 @@
+"""Every diffusers video transformer family: profile -> artifact file -> served sparse, equal to a masked reference.
+
+For each family (tiny configs of :mod:`scaling_compile.testing.families`, CPU, float32):
+
+1. ``scaling_compile.profile`` (WEST + FAST, block 16) on two calibration samples built by the
+   family's own input builder (seeds 0 and 1, two disjoint groups), at a latent with several
+   video blocks per call;
+2. the topology is saved as a safetensors file and loaded back;
+3. the model is compiled whole (``backend="scaling"``, eager inner, the op's chunked PyTorch
+   path) and, where the class has ``_repeated_blocks``, regionally; the number of attention
+   nodes served sparse at run time is asserted;
+4. the output equals a reference written here: eager PyTorch with every SDPA call intercepted
+   (a ``TorchFunctionMode``), the call's video rows taken from the backend-independent survey
+   (perturbation, :mod:`scaling_compile.testing.families.attention`), and its attention
+   restricted to the served block pattern: on the video x video part the artifact's mask of
+   the call's video tokens, every block holding a text or other token kept whole (the
+   kernel's block granularity), and the call's own attention mask applied.
+
+Slow tier (``-m slow``): every family but the four cheapest (wan, cogvideox, hunyuan_video, ltx).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
+
+import scaling_compile as sc
+from scaling_compile.testing.families import FAMILIES
+from scaling_compile.testing.families.attention import patch_sizes, served_pattern, survey
+
+BLOCK = 16
+
+# Latent grid profiled and served per family (>= 4 video blocks of 16 tokens per call), and the
+# number of attention nodes served sparse from the profiled artifact (every self-attention over
+# video tokens; text refiners, audio attention and cross-attention stay dense).
+PROFILED = {
+    "wan": ((2, 16, 16), 2),
+    "wan_vace": ((2, 16, 16), 6),
+    "wan_animate": ((21, 8, 8), 2),
+    "skyreels_v2": ((2, 16, 16), 2),
+    "chronoedit": ((2, 16, 16), 2),
+    "anyflow": ((2, 16, 16), 2),
+    "cosmos": ((2, 16, 16), 2),
+    "allegro": ((2, 16, 16), 1),
+    "kandinsky5": ((2, 16, 16), 2),
+    "ltx": ((1, 8, 8), 1),
+    "ltx2": ((1, 8, 8), 2),
+    "cogvideox": ((1, 16, 16), 2),
+    "cogvideox_1_5": ((2, 16, 16), 2),
+    "consisid": ((1, 16, 16), 1),
+    "easyanimate": ((2, 16, 16), 2),
+    "hunyuan_video": ((1, 8, 8), 2),
+    "motif_video": ((1, 8, 8), 2),
+    "helios": ((2, 16, 16), 2),
+    "latte": ((2, 16, 16), 1),
+    "minimax_h3": ((2, 16, 16), 2),
+}
+
+#: Families whose profiled artifact is not served, and why (docs/families.md says the same).
+NOT_PROFILED = {
+    "mochi": "its joint attention runs in a per-sample Python loop Dynamo runs eagerly: no graph node to profile",
+    "anyflow_far": "FlexAttention with its own block mask: no SDPA call",
+    "sana_video": "linear attention: no SDPA call",
+    "hunyuan_video_1_5": "13 context rows after the video under a full (B, 1, S, S) bool mask: dense",
+    "hunyuan_video_framepack": "history prefix and image tokens around the video, the text cut to its unpadded "
+                               "length after a graph break, no _repeated_blocks: the layout is not seen",
+}
+
+CHEAP = {"wan", "cogvideox", "hunyuan_video", "ltx"}
+# packed latents: under whole-model compilation the grid is stated (the graph holds num_frames etc. as constants)
+PACKED = {"ltx", "ltx2"}
+# the layout reads index values (caller-packed rows): served under regional compilation, where the root runs
+# eagerly; whole-model calls stay dense with a warning (never another layout)
+REGIONAL_ONLY = {"minimax_h3"}
+
+
+def test_every_family_is_profiled_or_says_why():
+    assert set(PROFILED) | set(NOT_PROFILED) == set(FAMILIES)
+    assert not set(PROFILED) & set(NOT_PROFILED)
+    assert sum(1 for n in PROFILED if PROFILED[n][1]) >= 20
+
+
+@pytest.fixture(autouse=True)
+def quiet_and_fresh(monkeypatch):
+    # the op's chunked PyTorch path on CPU tensors (the Triton kernel has its own tests)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    torch._dynamo.reset()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
+    torch._dynamo.reset()
+
+
+def _sample(output) -> torch.Tensor:
+    if isinstance(output, tuple):
+        output = output[0]
+    return getattr(output, "sample", output)
+
+
+def _token_grid(fam, grid) -> tuple[int, int, int]:
+    pt, ph, pw = patch_sizes(fam)
+    if fam.name == "latte":  # factorised: the spatial attention attends within one frame
+        return (1, grid[1] // ph, grid[2] // pw)
+    return (math.ceil(grid[0] / pt), grid[1] // ph, grid[2] // pw)
+
+
+def profiled(name: str, tmp_path):
+    """The family's model, its serving inputs, the profiled topology loaded back from its file."""
+    fam = FAMILIES[name]
+    grid, _ = PROFILED[name]
+    model = fam.model()
+    calibration = [
+        sc.CalibrationSample(inputs=fam.inputs(grid, seed=seed), group=seed % 2, progress=0.25 + 0.5 * seed)
+        for seed in (0, 1)
+    ]
+    config = sc.ProfileConfig(block_size=BLOCK, progress=False, sensitivity_samples=1, levels=(0.1, 0.3, 0.6))
+    topology = sc.profile(model, calibration, config)
+    path = tmp_path / f"{name}.safetensors"
+    topology.save(path)
+    loaded = sc.Topology.load(path)
+    assert loaded.keys() == topology.keys()
+    return fam, model, fam.inputs(grid, seed=7), loaded
+
+
+class _ServedPattern(TorchFunctionMode):
+    """The reference: SDPA call ``i`` restricted to the served block pattern of its artifact entry."""
+
+    def __init__(self, calls, masks):
+        super().__init__()
+        self.calls, self.masks, self.index = calls, masks, 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = dict(kwargs or {})
+        if func not in (F.scaled_dot_product_attention, torch._C._nn.scaled_dot_product_attention):
+            return func(*args, **kwargs)
+        call = self.calls[self.index]
+        self.index += 1
+        key = call.module if call.ordinal == 0 else f"{call.module}#{call.ordinal}"
+        names = ["query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale"]
+        bound = dict(zip(names, args)) | kwargs
+        if key not in self.masks:
+            return func(**bound)
+        seq = bound["query"].shape[-2]
+        allowed = served_pattern(self.masks[key], seq, call.video_rows[0], len(call.video_rows), BLOCK)
+        own = bound.get("attn_mask")
+        if own is None:
+            bound["attn_mask"] = allowed
+        elif own.dtype == torch.bool:
+            bound["attn_mask"] = own & allowed
+        else:
+            bound["attn_mask"] = own.masked_fill(~allowed, float("-inf"))
+        return func(**bound)
+
+
+def reference(fam, model, inputs, topology):
+    """(served-pattern reference output, dense output, keys of the calls with masks)."""
+    grid = tuple(PROFILED[fam.name][0])
+    sv = survey(fam, grid, model=model, vary_grid=False)
+    token_grid = _token_grid(fam, grid)
+    masks = {}
+    for call in sv.calls:
+        key = call.module if call.ordinal == 0 else f"{call.module}#{call.ordinal}"
+        if key in topology and call.serves_video:
+            video = len(call.video_rows)
+            assert video == math.prod(token_grid), f"{key}: {video} video rows, grid {token_grid}"
+            masks[key] = topology.block_mask(key, seq_len=video, num_heads=call.query_shape[1], grid=token_grid)
+    with torch.no_grad():
+        dense = _sample(model(**inputs)).clone()
+        with _ServedPattern(sv.calls, masks):
+            expected = _sample(model(**inputs)).clone()
+    return expected, dense, masks
+
+
+def served_keys(first_plan: int) -> set[str]:
+    """Node keys served sparse at run time by the plans made since ``first_plan``."""
+    from scaling_compile.kernels.block_mask import BlockMask
+    from scaling_compile.plans import all_plans
+
+    return {cache_key[0] for plan in all_plans(first_plan)
+            for cache_key, served in plan._cache.items() if isinstance(served, BlockMask)}
+
+
+def _run(model, inputs, stated=None):
+    from scaling_compile.plans import plan_count
+
+    first = plan_count()
+    with torch.no_grad():
+        if stated is not None:
+            with sc.token_grid(stated):
+                out = _sample(model(**inputs))
+        else:
+            out = _sample(model(**inputs))
+    return out, served_keys(first)
+
+
+def _param(name):
+    return pytest.param(name, marks=[] if name in CHEAP else [pytest.mark.slow])
+
+
+@pytest.mark.parametrize("name", [_param(n) for n in PROFILED])
+def test_profiled_artifact_served_per_family(name, tmp_path):
+    fam, model, inputs, topology = profiled(name, tmp_path)
+    grid, count = PROFILED[name]
+    assert len(topology.keys()) == count, f"profiled {topology.keys()}"
+    assert "fast" in topology.metadata  # FAST sensitivities measured for every node
+    expected, dense, masks = reference(fam, model, inputs, topology)
+    assert set(masks) == set(topology.keys())
+    assert any(float(m.float().mean()) < 1 for m in masks.values()), "every mask is dense: the test proves nothing"
+    assert (expected - dense).abs().max() > 1e-5, "the masks must change the output, or the test proves nothing"
+
+    stated = _token_grid(fam, grid) if name in PACKED else None
+    compiled = torch.compile(model, backend="scaling", options={"inner": "eager", "artifact": topology})
+    out, served = _run(compiled, inputs, stated)
+    if name in REGIONAL_ONLY:
+        assert served == set()
+        torch.testing.assert_close(out, dense, atol=1e-4, rtol=1e-4)
+    else:
+        assert served == set(topology.keys())
+        torch.testing.assert_close(out, expected, atol=1e-4, rtol=1e-4)
+
+    if fam.repeated_blocks:
+        torch._dynamo.reset()
+        regional = fam.model()
+        sc.compile_repeated_blocks(regional, options={"inner": "eager", "artifact": topology})  # registers the root
+        out, served = _run(regional, inputs)
+        assert served == set(topology.keys())
+        torch.testing.assert_close(out, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_profile_accepts_keywords_and_config_alike(tmp_path):
+    fam = FAMILIES["wan"]
+    model = fam.model()
+    samples = [fam.inputs(PROFILED["wan"][0], seed=s) for s in (0, 1)]
+    by_config = sc.profile(model, samples, sc.ProfileConfig(block_size=BLOCK, progress=False, sensitivity=False))
+    by_keywords = sc.profile(model, samples, block_size=BLOCK, progress=False, sensitivity=False)
+    assert by_config.keys() == by_keywords.keys()
+    for key in by_config.keys():
+        torch.testing.assert_close(by_config.entries[key].scores, by_keywords.entries[key].scores)
+    with pytest.raises(TypeError, match="unknown options"):
+        sc.profile(model, samples, block_sise=BLOCK)
+    with pytest.raises(ValueError, match="query_frames"):
+        sc.ProfileConfig(query_frames=2)
+
+
+def test_joint_layout_measured_on_video_tokens_only(tmp_path):
+    """CogVideoX's text prefix is never measured: the entry's grid is the video grid, and the
+    artifact records the layout each node was measured on."""
+    fam, model, inputs, topology = profiled("cogvideox", tmp_path)
+    grid = _token_grid(fam, PROFILED["cogvideox"][0])
+    text = inputs["encoder_hidden_states"].shape[1]
+    for key in topology.keys():
+        assert tuple(topology.entries[key].grid) == grid
+        assert f"video {text}:{text + math.prod(grid)}" in topology.metadata["west"]["layouts"][key]
+
+
+@pytest.mark.slow
+def test_mochi_is_refused_with_its_reason():
+    fam = FAMILIES["mochi"]
+    model = fam.model()
+    samples = [fam.inputs(fam.default_grid, seed=s) for s in (0, 1)]
+    with pytest.raises(sc.ScalingCompileError, match="per-sample Python loop"):
+        sc.profile(model, samples, block_size=BLOCK, progress=False)
+
+
+def test_regional_first_call_needs_the_root_registered(tmp_path):
+    """diffusers' compile_repeated_blocks alone: the first call compiles the blocks while the root's call
+    is already running, so its layout is unknown: dense, with a warning that says what to do; the second
+    call is served. ``scaling_compile.compile_repeated_blocks`` registers the root first: the first call
+    is served (tested per family above)."""
+    from scaling_compile.plans import plan_count
+
+    fam, _model, inputs, topology = profiled("wan", tmp_path)
+    regional = fam.model()
+    first = plan_count()
+    regional.compile_repeated_blocks(backend="scaling", options={"inner": "eager", "artifact": topology})
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _run(regional, inputs)
+    assert served_keys(first) == set()
+    assert any("register_root" in str(w.message) for w in caught)
+    _run(regional, inputs)
+    assert served_keys(first) == set(topology.keys())
+
+
+@pytest.mark.parametrize("name", ["cogvideox", pytest.param("hunyuan_video", marks=pytest.mark.slow)])
+def test_synthetic_calibration_follows_the_model(name):
+    """No Wan-only assumptions: the latent in the family's layout, the text width from its config,
+    the extra inputs its forward takes (HunyuanVideo: pooled projections, text mask, guidance)."""
+    fam = FAMILIES[name]
+    model = fam.model()
+    grid = PROFILED[name][0]
+    text_len = None if name == "cogvideox" else 16  # CogVideoX: its config's max_text_seq_length
+    calibration = sc.synthetic_calibration(model, grid, num_prompts=2, num_timesteps=1, text_len=text_len)
+    inputs = calibration.samples[0].inputs
+    assert inputs["hidden_states"].shape == fam.inputs(grid)["hidden_states"].shape
+    topology = sc.profile(model, calibration, block_size=BLOCK, progress=False, sensitivity=False)
+    assert len(topology.keys()) == PROFILED[name][1]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["hunyuan_video_1_5", "sana_video"])
+def test_unservable_families_are_refused_with_their_reason(name):
+    fam = FAMILIES[name]
+    model = fam.model()
+    samples = [fam.inputs(fam.default_grid, seed=s) for s in (0, 1)]
+    reason = {"hunyuan_video_1_5": "13 context rows", "sana_video": "linear attention"}[name]
+    with pytest.raises(sc.ScalingCompileError, match=reason):
+        sc.profile(model, samples, block_size=BLOCK, progress=False)
+
+
+def test_pipeline_calibration_records_any_family():
+    """A CogVideoX pipeline's real denoising loop (classifier-free guidance batched: batch 2) recorded
+    and profiled: the text prefix kept out of the measured video grid."""
+    pytest.importorskip("transformers")  # diffusers' video pipelines import it, even with no text encoder
+    from diffusers import CogVideoXDDIMScheduler, CogVideoXPipeline
+
+    from scaling_compile.pipelines import pipeline_calibration
+
+    model = FAMILIES["cogvideox"].model()
+    pipe = CogVideoXPipeline(tokenizer=None, text_encoder=None, vae=None, transformer=model,
+                             scheduler=CogVideoXDDIMScheduler())
+    pipe.set_progress_bar_config(disable=True)
+    calls = [dict(prompt_embeds=torch.randn(1, 8, 8, generator=torch.Generator().manual_seed(s)),
+                  negative_prompt_embeds=torch.zeros(1, 8, 8), height=128, width=128, num_frames=1,
+                  guidance_scale=6.0) for s in (0, 1)]
+    sets = pipeline_calibration(pipe, calls, num_inference_steps=2, record_steps=[0, 1])
+    calibration = sets["transformer"]
+    assert len(calibration) == 4 and {s.group for s in calibration} == {0, 1}
+    assert calibration.samples[0].inputs["hidden_states"].shape == (2, 1, 4, 16, 16)
+    topology = sc.profile(model, calibration, block_size=BLOCK, progress=False, sensitivity=False)
+    assert topology.keys() == ["transformer_blocks.0.attn1", "transformer_blocks.1.attn1"]
+    assert all(tuple(e.grid) == (1, 8, 8) for e in topology.entries.values())
+    assert topology.metadata["calibration"]["source"] == "pipeline"
