@@ -7,8 +7,15 @@ kept-block lists (``counts, indices`` from :func:`.block_sparse_attention.kv_blo
 compact lists included): ``softmax(scale * Q K^T restricted to the kept 128 x 128
 blocks) V`` for ``(B, H, S, D)`` inputs, fp16/bf16, head dim 64 or 128, any ``S``
 (the ragged last key block is masked at ``S``); a query block that keeps no key
-block gets zeros. No key padding (``key_valid``): the entry point runs the Triton
-kernel for such calls.
+block gets zeros.
+
+Key padding (``key_valid``, bool ``(B, S)``): as the Triton kernel, SDPA's
+``attn_mask = block mask & key_valid[:, None, None, :]``; a row left with no key to
+attend is zero. Only the kept blocks from a batch element's first padded key block
+on read ``key_valid`` (one byte per key of the tile; a uniform branch), so a text
+tail's padding costs only in the blocks it touches. Optional log-sum-exp output
+(``return_lse``): fp32 ``(B, H, S)``, natural log, ``-inf`` for a row with no key,
+for merging partial results (ring attention).
 
 Why a second kernel
 -------------------
@@ -17,8 +24,8 @@ SM alternates loading, QK^T, softmax and PV, and the tensor cores idle while it
 waits (issue 19: about 50% tensor-pipe use against FA4's 82%). Gluon exposes the
 pieces FlashAttention-3 is built from, so the structure can be written down:
 
-How (one CTA = one query block of 128 rows of one (batch, head))
------------------------------------------------------------------
+How (one "item" = one query block of 128 rows of one (batch, head))
+--------------------------------------------------------------------
 * a **producer** partition (one warp) TMA-loads the CTA's query rows once and
   then, for each kept key block of the row's list, its K and V tiles into a ring
   of ``STAGES`` shared-memory slots. Each slot has a "ready" mbarrier (the TMA
@@ -37,6 +44,17 @@ How (one CTA = one query block of 128 rows of one (batch, head))
 * the epilogue normalises once by the row sum and stores rows ``< S`` straight to
   ``O`` (the ``(B, S, H, D)`` memory layout flash SDPA returns).
 
+Two schedules. Default: one CTA per item, grid ``(n_q_blocks, B * H)`` with the
+query blocks of one head next to each other (its K/V stay in L2). Persistent
+(``persistent=True``): one CTA per SM; a work list built once per mask
+(:func:`gluon_work_list`: every item, sorted by kept-block count, longest first,
+stable) is dealt round-robin, program ``p`` taking items ``p, p + P, ...``, so the
+long rows start first and the short ones fill the tail. Producer and consumers walk
+the same items: the ring's slot and phase come from a running count of the key
+blocks the CTA has streamed, and a ``q_empty`` barrier (the consumers release Q after
+their last QK^T of an item) lets the producer load the next item's query rows while
+the last PV and the epilogue of the previous one still run.
+
 Descriptors: host-side 4-D TMA descriptors over the strided ``(B, H, S, D)`` views
 (no copies; rows past ``S`` come back as zeros). Their boxes are ``[1, 1, rows,
 D]``; the shared-memory tiles are 2-D with the same 128-byte swizzle and are
@@ -48,9 +66,10 @@ Mask selection: lists of a stack ``(G, H, n_q_blocks, ...)`` with a device-side
 Known limits (read off the compiled code, Triton 3.6, sm90a): the two-consumer kernel runs
 12 warps (the one-warp producer is padded to a warpgroup), registers 240 / 240 / 24 per
 consumer / consumer / producer warpgroup; at D=128 ptxas still spills about 224 bytes per
-thread, at D=64 nothing. No explicit ping-pong barriers between the consumer warpgroups
-and no persistent schedule yet; ``kernel="auto"`` does not pick this kernel until it is
-measured correct and faster than the Triton kernel on the GPU.
+thread (none when ``S`` is a multiple of 128), at D=64 nothing. No explicit ping-pong
+barriers between the consumer warpgroups (FA3's named-barrier scheduling): the two
+warpgroups overlap only as the warp scheduler interleaves them. ``kernel="auto"`` picks
+this kernel on sm90 where it serves the call (:mod:`.attention`).
 
 Gluon is imported lazily: on a CPU-only machine (or a Triton without Gluon's
 Hopper module) importing this module succeeds and :func:`gluon_unsupported_reason`
@@ -64,7 +83,10 @@ from typing import Optional, Tuple
 
 import torch
 
-__all__ = ["GLUON_BLOCK_SIZES", "GLUON_HEAD_DIMS", "gluon_block_sparse_attention", "gluon_unsupported_reason"]
+__all__ = [
+    "GLUON_BLOCK_SIZES", "GLUON_HEAD_DIMS", "gluon_block_sparse_attention", "gluon_unsupported_reason",
+    "gluon_work_list",
+]
 
 LOG2E = 1.4426950408889634
 GLUON_BLOCK_SIZES = (128,)
@@ -83,8 +105,7 @@ except Exception as error:  # pragma: no cover - depends on the installed triton
     _IMPORT_ERROR = f"{type(error).__name__}: {error}"
 
 
-def gluon_unsupported_reason(device: torch.device, dtype: torch.dtype, head_dim: int, block_size: int,
-                             key_padding: bool = False) -> Optional[str]:
+def gluon_unsupported_reason(device: torch.device, dtype: torch.dtype, head_dim: int, block_size: int) -> Optional[str]:
     """None when this kernel serves such a call, else why not (host-side facts only, no launch)."""
     if _IMPORT_ERROR is not None:
         return f"Gluon's Hopper module is not importable ({_IMPORT_ERROR})"
@@ -99,8 +120,6 @@ def gluon_unsupported_reason(device: torch.device, dtype: torch.dtype, head_dim:
         return f"the Gluon kernel takes head dims {GLUON_HEAD_DIMS}, got {head_dim}"
     if block_size not in GLUON_BLOCK_SIZES:
         return f"the Gluon kernel takes {GLUON_BLOCK_SIZES}-token blocks, got {block_size}"
-    if key_padding:
-        return "key padding (key_valid) is not in the Gluon kernel yet"
     return None
 
 

@@ -1,0 +1,60 @@
+"""The Gluon kernel's persistent schedule (kernels/gluon_block_sparse.gluon_work_list), on any machine.
+
+The work list is plain torch: every (batch, head, query block) once, by kept-block count,
+longest first, ties in (batch, head, query block) order. The kernel itself runs only on an
+sm90 GPU (tests/test_gpu.py); the routing rule that keeps it off the CPU is checked here too.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import pytest
+import torch
+
+gluon = importlib.import_module("scaling_compile.kernels.gluon_block_sparse")
+attention = importlib.import_module("scaling_compile.kernels.attention")
+BlockMask = importlib.import_module("scaling_compile.kernels.block_mask").BlockMask
+
+
+def expected_work(counts: torch.Tensor, batch: int) -> torch.Tensor:
+    """The same list written the slow way: items sorted by (-count, flat index)."""
+    h, n = counts.shape
+    items = [(b * h + head) * n + qb for b in range(batch) for head in range(h) for qb in range(n)]
+    return torch.tensor(sorted(items, key=lambda item: (-int(counts[(item // n) % h, item % n]), item)),
+                        dtype=torch.int32)
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_work_list_is_every_item_once_longest_first(batch):
+    g = torch.Generator().manual_seed(batch)
+    counts = torch.randint(0, 5, (2, 3, 7), generator=g, dtype=torch.int32)  # (G, H, n_q_blocks), many ties
+    work = gluon.gluon_work_list(counts, batch)
+    assert work.dtype == torch.int32 and work.shape == (2, batch * 3 * 7) and work.is_contiguous()
+    for group in range(2):
+        assert torch.equal(work[group], expected_work(counts[group], batch))
+        assert torch.equal(work[group].sort().values, torch.arange(batch * 3 * 7, dtype=torch.int32))
+
+
+def test_work_list_of_one_mask_has_one_row():
+    counts = torch.tensor([[0, 2, 2, 1]], dtype=torch.int32)  # H = 1
+    assert gluon.gluon_work_list(counts, 2).tolist() == [[1, 2, 5, 6, 3, 7, 0, 4]]
+
+
+def test_work_list_rejects_what_is_not_counts():
+    with pytest.raises(ValueError, match="counts must be int32"):
+        gluon.gluon_work_list(torch.zeros(3, 4), 1)
+
+
+def test_auto_never_picks_gluon_where_it_cannot_run():
+    """kernel="auto" takes the Gluon kernel only where gluon_unsupported_reason says it serves the call."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    q = torch.zeros(1, 2, 256, 128, dtype=torch.bfloat16, device=device)
+    bool_mask = torch.rand(2, 2, 2, generator=torch.Generator().manual_seed(0)) < 0.5
+    bool_mask[:, :, 0] = True
+    mask = BlockMask.from_bool(bool_mask, 128, 256).to(device)
+    serves = gluon.gluon_unsupported_reason(device, torch.bfloat16, 128, 128) is None
+    assert (attention.choose_route(q, mask).name == "gluon") == serves
+    if device.type == "cpu":
+        assert not serves
+    assert attention.choose_route(q, mask, kernel="triton").name != "gluon"
