@@ -5,12 +5,15 @@ loads this checkout's ``kernels/`` as ``scaling_compile.kernels``)::
 
     PYTHONUNBUFFERED=1 python3 benchmarks/bench_kernel.py --out out/bench_kernel.json
 
-For each shape (default Wan2.1 480p and 720p self-attention, (1, 12, 32760, 128)
-and (1, 12, 75600, 128), bf16), each mask kind (``random``: every query block
-keeps a random set of key blocks; ``local``: every query block keeps its
-nearest key blocks on the latent (frames x height x width) grid, each head with
-its own axis weights) and each density, it times with ``triton.testing.do_bench``
-(median, L2 flushed) in ONE process:
+For each shape (default Wan2.1-1.3B 480p and 720p and Wan2.1-14B 720p
+self-attention, (1, 12, 32760, 128), (1, 12, 75600, 128), (1, 40, 75600, 128),
+bf16), each mask kind (the package's own families, ``scaling_compile.masks``:
+``random``: every query block keeps round(density * n) random key blocks, its own
+among them; ``local``: every query block keeps its nearest key blocks on the
+latent (frames x height x width) grid, heads alternating temporal / isotropic /
+spatial; ``local_uneven``: the same with per-head densities from 0.25x to 1.75x,
+so query blocks differ in work) and each density, it times with
+``triton.testing.do_bench`` (median, L2 flushed) in ONE process:
 
 * cuDNN SDPA and flash SDPA, dense (density 1.0 only; their time is the dense
   baseline for every density);
@@ -25,12 +28,14 @@ its own axis weights) and each density, it times with ``triton.testing.do_bench`
   (``kv_block_lists``) with host 4-D TMA descriptors / in-kernel 2-D TMA
   descriptors / plain pointers; ``bits`` = the kernel tests the mask bits itself;
   ``gluon`` = the warp-specialised Gluon Hopper kernel (``kernels/gluon_block_sparse.py``)
-  on the same cached lists (``gluon:C-S-PW-PR-CR-M`` = an explicit launch config).
+  on the same cached lists, one CTA per query block; ``gluon_persistent`` = the same
+  kernel on its persistent schedule (one CTA per SM, work list built once per mask);
+  ``gluon:C-S-PW-PR-CR-M`` = an explicit launch config.
 
-The Gluon kernel against Triton, cuDNN (dense) and FA4 (where installed), 480p::
-
-    PYTHONUNBUFFERED=1 python3 benchmarks/bench_kernel.py --shapes 1,12,32760,128 --masks random,local \
-        --variants gluon,lists_tma1 --no-flex --out out/bench_gluon.json
+The default variants are ``lists_tma1,gluon,gluon_persistent``; the table at the end
+has a row per density and, per peer, the faster Gluon schedule's speed-up (same
+process). The one-session GPU script ``benchmarks/gpu_gluon_check.sh`` runs it at the
+three shapes after the Gluon tests.
 
 ``--sweep "MODE:BM,BN,WARPS,STAGES[:ws];..."`` instead times explicit launch
 configurations (cached lists, TMA mode MODE, optional warp specialization) at
@@ -40,9 +45,10 @@ one shape on random masks, checking each against the reference on slices.
 kernel: joint video + text attention at (1, 24, 32760 + 256, 128) bf16 (Wan 480p
 grid 21 x 30 x 52, then 256 text tokens whose last 156 are padding), masks built
 with the package's own 3D-local family (``scaling_compile.masks.local_3d_mask``)
-on the video blocks, text rows and columns kept; it times the public call with
-cached lists with and without ``key_valid`` (and FA4 without padding, where
-installed, and masked dense SDPA), checking each against the reference::
+on the video blocks, text rows and columns kept; it times the Triton kernel's
+public call and the Gluon kernel (on sm90) with cached lists, with and without
+``key_valid`` (and FA4 without padding, where installed, and masked dense SDPA),
+checking each against the reference::
 
     PYTHONUNBUFFERED=1 python3 benchmarks/bench_kernel.py --key-padding --out out/bench_key_padding.json
 
