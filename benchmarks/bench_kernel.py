@@ -30,6 +30,8 @@ so query blocks differ in work) and each density, it times with
   ``gluon`` = the warp-specialised Gluon Hopper kernel (``kernels/gluon_block_sparse.py``)
   on the same cached lists, one CTA per query block; ``gluon_persistent`` = the same
   kernel on its persistent schedule (one CTA per SM, work list built once per mask);
+  ``gluon_pingpong`` / ``gluon_persistent_pingpong`` = the two consumer warpgroups
+  taking turns issuing their matmuls (FA3's ping-pong);
   ``gluon:C-S-PW-PR-CR-M`` = an explicit launch config.
 
 The default variants are ``lists_tma1,gluon,gluon_persistent``; the table at the end
@@ -339,15 +341,16 @@ def main(argv=None):
                             out = run_ours()
                             compiled = None
                         elif variant.startswith("gluon"):
-                            # "gluon" / "gluon_persistent", optionally ":CONSUMERS-STAGES-PW-PREGS-CREGS-MODE"
+                            # "gluon[_persistent][_pingpong]", optionally ":CONSUMERS-STAGES-PW-PREGS-CREGS-MODE"
                             config = tuple(int(x) for x in variant.split(":")[1].split("-")) if ":" in variant else None
-                            persistent = variant.split(":")[0] == "gluon_persistent"
+                            persistent = "persistent" in variant.split(":")[0]
+                            pingpong = "pingpong" in variant.split(":")[0]
                             work = gluon_bsa.gluon_work_list(lists[0], b) if persistent else None  # once per mask
 
-                            def run_ours(out=out, config=config, persistent=persistent, work=work):
+                            def run_ours(out=out, config=config, persistent=persistent, pingpong=pingpong, work=work):
                                 return gluon_bsa.gluon_block_sparse_attention(
                                     q, k, v, lists, block, out=out, config=config, persistent=persistent,
-                                    work_list=work)
+                                    pingpong=pingpong, work_list=work)
 
                             run_ours()
                             compiled = None
@@ -595,13 +598,15 @@ def key_padding(args, env, dtype, block, do_bench, device="cuda"):
 # table columns: (result kernel name, column title); the ratios compare the Gluon kernel with each peer
 TABLE_COLUMNS = (("sdpa_cudnn", "cuDNN dense"), ("fa4_dense", "FA4 dense"), ("fa4", "FA4 block-sparse"),
                  ("flex", "Flex"), ("ours_lists_tma1", "Triton"), ("ours_default", "Triton (public call)"),
-                 ("ours_gluon", "Gluon"), ("ours_gluon_persistent", "Gluon persistent"))
+                 ("ours_gluon", "Gluon"), ("ours_gluon_persistent", "Gluon persistent"),
+                 ("ours_gluon_pingpong", "Gluon ping-pong"), ("ours_gluon_persistent_pingpong", "Gluon pers. ping-pong"))
+GLUON_SCHEDULES = ("ours_gluon", "ours_gluon_persistent", "ours_gluon_pingpong", "ours_gluon_persistent_pingpong")
 RATIO_PEERS = (("fa4", "FA4"), ("sdpa_cudnn", "dense cuDNN"), ("ours_lists_tma1", "Triton"), ("flex", "Flex"))
 
 
 def print_table(results, densities):
     """Markdown, one table per (shape, mask kind): a row per density, 'ms (TFLOP/s)' per kernel, then the
-    faster Gluon schedule's speed-up over each peer (peer ms / Gluon ms, same process; over dense cuDNN:
+    fastest Gluon schedule's speed-up over each peer (peer ms / Gluon ms, same process; over dense cuDNN:
     cuDNN's dense time / Gluon's sparse time) and the persistent schedule's over the plain one."""
     shapes = []
     for r in results:
@@ -617,7 +622,7 @@ def print_table(results, densities):
         columns = [(key, title) for key, title in TABLE_COLUMNS if key in present]
         peers = [(key, title) for key, title in RATIO_PEERS if key in present]
         for kind in kinds or ["dense"]:
-            print(f"\n### {shape} bf16, {kind} masks: ms (effective TFLOP/s); Gluon = the faster of its two schedules")
+            print(f"\n### {shape} bf16, {kind} masks: ms (effective TFLOP/s); ratios: the fastest Gluon schedule")
             head = [title for _, title in columns] + [f"Gluon x vs {t}" for _, t in peers] + ["persistent x vs plain"]
             print("| density | " + " | ".join(head) + " |")
             print("|---|" + "---|" * len(head))
@@ -634,7 +639,7 @@ def print_table(results, densities):
                 for key, _ in columns:
                     r = find(key) if (key not in ("sdpa_cudnn", "fa4_dense") or d >= 1.0) else None
                     cells.append(f"{r['ms']:.2f} ({r['tflops']:.0f})" if r else "")
-                gluon = [r for r in (find("ours_gluon"), find("ours_gluon_persistent")) if r]
+                gluon = [r for r in map(find, GLUON_SCHEDULES) if r]
                 best = min((r["ms"] for r in gluon), default=None)
                 for key, _ in peers:
                     peer = dense_cudnn if key == "sdpa_cudnn" else find(key)  # cuDNN: dense attention's time

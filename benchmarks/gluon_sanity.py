@@ -1,10 +1,12 @@
 """Quick Gluon-kernel sanity check on a Hopper GPU: small ragged calls against a masked SDPA written here.
 
-Per head dim (128, 64): the plain schedule, the persistent one, and key padding with the
-log-sum-exp output. One line per case; exit code 1 on any mismatch (the GPU script then
-leaves the Gluon kernel out of its benchmark).
+Per head dim (128, 64): the plain schedule, the persistent one, ping-pong, and key padding
+with the log-sum-exp output. One line per case; exit code 1 on any mismatch. With
+``--ok-file PATH`` it writes, after each case, the benchmark variants whose case passed at
+every head dim run so far (``gluon``, ``gluon_persistent``, ``gluon_pingpong``): the GPU script
+times only those, so a failing or hanging schedule costs its column, not the run.
 
-    python benchmarks/gluon_sanity.py
+    python benchmarks/gluon_sanity.py [--ok-file out/gluon_ok.txt]
 """
 import math
 import sys
@@ -22,7 +24,22 @@ def token_mask(mask, block, s, key_valid=None):
     return keep if key_valid is None else keep & key_valid.cpu()[:, None, None, :]
 
 
+VARIANT_OF_CASE = {"plain": "gluon", "persistent": "gluon_persistent", "pingpong": "gluon_pingpong"}
+
+
 def main() -> int:
+    ok_file = sys.argv[sys.argv.index("--ok-file") + 1] if "--ok-file" in sys.argv else None
+    failed = set()
+
+    def record(name, good):
+        if not good:
+            failed.add(name)
+        if ok_file:  # rewritten after every case: what a hang later leaves is still right
+            passed = [v for c, v in VARIANT_OF_CASE.items() if c not in failed and c in seen]
+            with open(ok_file, "w") as f:
+                f.write(",".join(passed))
+
+    seen = set()
     ok = True
     for d in (128, 64):
         b, h, s, block = 2, 2, 1000, 128
@@ -43,6 +60,7 @@ def main() -> int:
         cases = {
             "plain": (dict(), None),
             "persistent": (dict(persistent=True), None),
+            "pingpong": (dict(pingpong=True), None),
             "key_valid+lse": (dict(key_valid=key_valid, return_lse=True), key_valid),
             "key_valid+lse persistent": (dict(key_valid=key_valid, return_lse=True, persistent=True), key_valid),
         }
@@ -53,6 +71,8 @@ def main() -> int:
             except Exception as error:  # a compile or launch failure is a failed check, not a crash
                 print(f"gluon sanity d={d} {name}: FAILED {type(error).__name__}: {str(error)[:400]}", flush=True)
                 ok = False
+                seen.add(name)
+                record(name, False)
                 continue
             out, lse = result if isinstance(result, tuple) else (result, None)
             keep = token_mask(mask, block, s, kv)
@@ -70,6 +90,8 @@ def main() -> int:
                 good &= same_inf and lse_err < 5e-2
             print(line + ("" if good else "  <-- MISMATCH"), flush=True)
             ok &= good
+            seen.add(name)
+            record(name, good)
     return 0 if ok else 1
 
 

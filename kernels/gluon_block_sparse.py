@@ -66,10 +66,12 @@ Mask selection: lists of a stack ``(G, H, n_q_blocks, ...)`` with a device-side
 Known limits (read off the compiled code, Triton 3.6, sm90a): the two-consumer kernel runs
 12 warps (the one-warp producer is padded to a warpgroup), registers 240 / 240 / 24 per
 consumer / consumer / producer warpgroup; at D=128 ptxas still spills about 224 bytes per
-thread (none when ``S`` is a multiple of 128), at D=64 nothing. No explicit ping-pong
-barriers between the consumer warpgroups (FA3's named-barrier scheduling): the two
-warpgroups overlap only as the warp scheduler interleaves them. ``kernel="auto"`` picks
-this kernel on sm90 where it serves the call (:mod:`.attention`).
+thread (none when ``S`` is a multiple of 128), at D=64 nothing. By default the two
+consumer warpgroups overlap only as the warp scheduler interleaves them; ``pingpong=True``
+makes them take turns issuing their wgmmas (FA3's warp-scheduler barrier, here a pair of
+mbarriers: one warpgroup's softmax runs under the other's matmuls); which is faster is for
+the benchmark to say. ``kernel="auto"`` picks this kernel on sm90 where it serves the call
+(:mod:`.attention`), with the default schedule.
 
 Gluon is imported lazily: on a CPU-only machine (or a Triton without Gluon's
 Hopper module) importing this module succeeds and :func:`gluon_unsupported_reason`
@@ -269,18 +271,38 @@ if _IMPORT_ERROR is None:
         mbarrier.arrive(empty_bar)
 
     @gluon.jit
+    def _wait_turn(turn_mine, turn_round, WG: gl.constexpr, PINGPONG: gl.constexpr):
+        """Ping-pong: wait until the other consumer warpgroup has issued its tensor-core work of the
+        previous round (FA3's warp-scheduler barrier). Warpgroup 0 goes first: its round 0 waits on
+        phase 1 of a fresh barrier, which passes at once."""
+        if PINGPONG:
+            if WG == 0:
+                mbarrier.wait(turn_mine, (turn_round & 1) ^ 1)
+            else:
+                mbarrier.wait(turn_mine, turn_round & 1)
+
+    @gluon.jit
+    def _pass_turn(turn_other, PINGPONG: gl.constexpr):
+        """Ping-pong: this warpgroup's wgmmas of the round are issued; the other one may issue its own
+        (its tensor-core work queues behind ours while we run the softmax)."""
+        if PINGPONG:
+            _release(turn_other)
+
+    @gluon.jit
     def _consume_item(q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, k_empty, v_ready, v_empty,
                       O, stride_ob, stride_oh, stride_os, LSE,
                       KEY_VALID, stride_valid_b, FIRST_PAD, stride_first_pad_b,
                       KV_COUNTS, KV_INDICES, mask_row, index_width, off_b, off_h, q_start, S, H, qk_scale, last_kv,
-                      t, item_iter,
+                      t, item_iter, turn_mine, turn_other, turn_round,
                       WG: gl.constexpr, ROWS: gl.constexpr, BLOCK: gl.constexpr, HEAD_DIM: gl.constexpr,
                       STAGES: gl.constexpr, RAGGED: gl.constexpr, WARPS: gl.constexpr,
-                      HAS_KEY_VALID: gl.constexpr, HAS_LSE: gl.constexpr):
+                      HAS_KEY_VALID: gl.constexpr, HAS_LSE: gl.constexpr, PINGPONG: gl.constexpr):
         """Rows ``[q_start + WG * ROWS, + ROWS)`` of one item: attention over its kept key blocks,
         stored to ``O`` (and the row log-sum-exp to ``LSE``). ``t`` / ``item_iter`` as in
-        :func:`_produce_item` (the two partitions count the same blocks and items). Returns ``t``
-        after this item."""
+        :func:`_produce_item` (the two partitions count the same blocks and items). ``turn_round``
+        counts this warpgroup's earlier rounds of wgmma issues (ping-pong only: the prologue, each
+        loop step and the drain are one round each; both consumers run the same rounds).
+        Returns ``t`` and ``turn_round`` after this item."""
         # wgmma layouts: M is split over the warps (16 rows each), N is one instruction wide
         s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[WARPS, 1],
                                                            instr_shape=[16, BLOCK, 16])
@@ -309,12 +331,16 @@ if _IMPORT_ERROR is None:
         count = gl.load(KV_COUNTS + mask_row)
         idx_ptr = KV_INDICES + mask_row.to(gl.int64) * index_width
         mbarrier.wait(q_ready, item_iter & 1)
+        next_round = turn_round
         if count > 0:
+            next_round = turn_round + count + 1
             # -- prologue: scores and probabilities of the first kept block ----
             start_n = gl.load(idx_ptr) * BLOCK
             slot = t % STAGES
             mbarrier.wait(k_ready.index(slot), (t // STAGES) & 1)
+            _wait_turn(turn_mine, turn_round, WG, PINGPONG)
             s_ij = warpgroup_mma(q, k_smem.index(slot).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+            _pass_turn(turn_other, PINGPONG)
             s_ij = warpgroup_mma_wait(num_outstanding=0, deps=(s_ij,))
             _release(k_empty.index(slot))
             s_ij = _mask_keys(s_ij, start_n, cols, S, valid_base, pad_start, start_n == last_kv * BLOCK,
@@ -327,10 +353,12 @@ if _IMPORT_ERROR is None:
                 prev = (n - 1) % STAGES
                 start_n = gl.load(idx_ptr + j) * BLOCK
                 mbarrier.wait(k_ready.index(slot), (n // STAGES) & 1)
+                _wait_turn(turn_mine, turn_round + j, WG, PINGPONG)
                 s_ij = warpgroup_mma(q, k_smem.index(slot).permute((1, 0)), s_zero, use_acc=False, is_async=True)
                 p_op = gl.convert_layout(p.to(dtype), p_layout)
                 mbarrier.wait(v_ready.index(prev), ((n - 1) // STAGES) & 1)
                 acc = warpgroup_mma(p_op, v_smem.index(prev), acc, is_async=True)
+                _pass_turn(turn_other, PINGPONG)
                 s_ij = warpgroup_mma_wait(num_outstanding=1, deps=(s_ij,))  # the older group: QK^T(j)
                 _release(k_empty.index(slot))
                 s_ij = _mask_keys(s_ij, start_n, cols, S, valid_base, pad_start, start_n == last_kv * BLOCK,
@@ -346,7 +374,9 @@ if _IMPORT_ERROR is None:
             last = n % STAGES
             p_op = gl.convert_layout(p.to(dtype), p_layout)
             mbarrier.wait(v_ready.index(last), (n // STAGES) & 1)
+            _wait_turn(turn_mine, turn_round + count, WG, PINGPONG)
             acc = warpgroup_mma(p_op, v_smem.index(last), acc, is_async=True)
+            _pass_turn(turn_other, PINGPONG)
             acc, p_op = warpgroup_mma_wait(num_outstanding=0, deps=(acc, p_op))
             _release(v_empty.index(last))
         else:
@@ -370,37 +400,40 @@ if _IMPORT_ERROR is None:
         o_base = O + off_b.to(gl.int64) * stride_ob + off_h.to(gl.int64) * stride_oh
         ptrs = o_base + gl.expand_dims(rows.to(gl.int64) * stride_os, 1) + gl.expand_dims(dims, 0)
         gl.store(ptrs, out, mask=gl.expand_dims(rows < S, 1))
-        return t + count
+        return t + count, next_round
 
     @gluon.jit
     def _consumer(q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, k_empty, v_ready, v_empty,
                   O, stride_ob, stride_oh, stride_os, LSE,
                   KEY_VALID, stride_valid_b, FIRST_PAD, stride_first_pad_b,
                   KV_COUNTS, KV_INDICES, index_width, WORK, n_items, first_item, item_step, g, H, N_Q_BLOCKS,
-                  mask_row, off_b, off_h, q_start, S, qk_scale, last_kv,
+                  mask_row, off_b, off_h, q_start, S, qk_scale, last_kv, turn_mine, turn_other,
                   WG: gl.constexpr, ROWS: gl.constexpr, BLOCK: gl.constexpr, HEAD_DIM: gl.constexpr,
                   STAGES: gl.constexpr, RAGGED: gl.constexpr, WARPS: gl.constexpr,
-                  HAS_KEY_VALID: gl.constexpr, HAS_LSE: gl.constexpr, PERSISTENT: gl.constexpr):
+                  HAS_KEY_VALID: gl.constexpr, HAS_LSE: gl.constexpr, PERSISTENT: gl.constexpr,
+                  PINGPONG: gl.constexpr):
         """One item, or, persistent, the same items as the producer, in the same order."""
         if PERSISTENT:
             t = 0
             item_iter = 0
+            turn_round = 0
             for w in range(first_item, n_items, item_step):
                 b_w, h_w, qb_w, row_w = _item_coords(WORK, w, g, n_items, H, N_Q_BLOCKS)
-                t = _consume_item(q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, k_empty, v_ready, v_empty,
-                                  O, stride_ob, stride_oh, stride_os, LSE,
-                                  KEY_VALID, stride_valid_b, FIRST_PAD, stride_first_pad_b,
-                                  KV_COUNTS, KV_INDICES, row_w, index_width, b_w, h_w, qb_w * BLOCK, S, H, qk_scale,
-                                  last_kv, t, item_iter,
-                                  WG, ROWS, BLOCK, HEAD_DIM, STAGES, RAGGED, WARPS, HAS_KEY_VALID, HAS_LSE)
+                t, turn_round = _consume_item(q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, k_empty, v_ready, v_empty,
+                                         O, stride_ob, stride_oh, stride_os, LSE,
+                                         KEY_VALID, stride_valid_b, FIRST_PAD, stride_first_pad_b,
+                                         KV_COUNTS, KV_INDICES, row_w, index_width, b_w, h_w, qb_w * BLOCK, S, H,
+                                         qk_scale, last_kv, t, item_iter, turn_mine, turn_other, turn_round,
+                                         WG, ROWS, BLOCK, HEAD_DIM, STAGES, RAGGED, WARPS, HAS_KEY_VALID, HAS_LSE,
+                                         PINGPONG)
                 item_iter += 1
         else:
             _consume_item(q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, k_empty, v_ready, v_empty,
                           O, stride_ob, stride_oh, stride_os, LSE,
                           KEY_VALID, stride_valid_b, FIRST_PAD, stride_first_pad_b,
                           KV_COUNTS, KV_INDICES, mask_row, index_width, off_b, off_h, q_start, S, H, qk_scale,
-                          last_kv, 0, 0,
-                          WG, ROWS, BLOCK, HEAD_DIM, STAGES, RAGGED, WARPS, HAS_KEY_VALID, HAS_LSE)
+                          last_kv, 0, 0, turn_mine, turn_other, 0,
+                          WG, ROWS, BLOCK, HEAD_DIM, STAGES, RAGGED, WARPS, HAS_KEY_VALID, HAS_LSE, PINGPONG)
 
     # ----------------------------------------------------------------------------------
     # The kernel: shared memory, barriers, and the partitions
@@ -424,6 +457,7 @@ if _IMPORT_ERROR is None:
         PRODUCER_WARPS: gl.constexpr, PRODUCER_REGS: gl.constexpr, CONSUMER_REGS: gl.constexpr,
         DESC_MODE: gl.constexpr,
         HAS_KEY_VALID: gl.constexpr = False, HAS_LSE: gl.constexpr = False, PERSISTENT: gl.constexpr = False,
+        PINGPONG: gl.constexpr = False,  # two consumers only: they take turns issuing their wgmmas
     ):
         ROWS: gl.constexpr = BLOCK // NUM_CONSUMERS
         WARPS: gl.constexpr = ROWS // 16  # consumer warps: 16 query rows each
@@ -467,6 +501,9 @@ if _IMPORT_ERROR is None:
         k_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         v_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        turn = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())  # ping-pong: consumer c's turn
+        mbarrier.init(turn.index(0), count=1)
+        mbarrier.init(turn.index(1), count=1)
         mbarrier.init(q_ready, count=1)
         mbarrier.init(q_empty, count=NUM_CONSUMERS)  # every consumer releases Q
         for s in gl.static_range(STAGES):
@@ -486,7 +523,9 @@ if _IMPORT_ERROR is None:
                                  KEY_VALID, stride_valid_b, FIRST_PAD, stride_first_pad_b,
                                  KV_COUNTS, KV_INDICES, index_width, WORK, n_items, first_item, item_step, g, H,
                                  N_Q_BLOCKS, mask_row, off_b, off_h, q_start, S, qk_scale, last_kv,
-                                 0, ROWS, BLOCK, HEAD_DIM, STAGES, RAGGED, WARPS, HAS_KEY_VALID, HAS_LSE, PERSISTENT)),
+                                 turn.index(0), turn.index(1),
+                                 0, ROWS, BLOCK, HEAD_DIM, STAGES, RAGGED, WARPS, HAS_KEY_VALID, HAS_LSE, PERSISTENT,
+                                 PINGPONG)),
                     (_producer, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem,
                                  q_ready, q_empty, k_ready, k_empty, v_ready, v_empty,
                                  KV_COUNTS, KV_INDICES, index_width, WORK, n_items, first_item, item_step, g, H,
@@ -497,7 +536,9 @@ if _IMPORT_ERROR is None:
                                  KEY_VALID, stride_valid_b, FIRST_PAD, stride_first_pad_b,
                                  KV_COUNTS, KV_INDICES, index_width, WORK, n_items, first_item, item_step, g, H,
                                  N_Q_BLOCKS, mask_row, off_b, off_h, q_start, S, qk_scale, last_kv,
-                                 1, ROWS, BLOCK, HEAD_DIM, STAGES, RAGGED, WARPS, HAS_KEY_VALID, HAS_LSE, PERSISTENT)),
+                                 turn.index(1), turn.index(0),
+                                 1, ROWS, BLOCK, HEAD_DIM, STAGES, RAGGED, WARPS, HAS_KEY_VALID, HAS_LSE, PERSISTENT,
+                                 PINGPONG)),
                 ],
                 [PRODUCER_WARPS, WARPS],
                 [PRODUCER_REGS, CONSUMER_REGS],
@@ -510,7 +551,9 @@ if _IMPORT_ERROR is None:
                                  KEY_VALID, stride_valid_b, FIRST_PAD, stride_first_pad_b,
                                  KV_COUNTS, KV_INDICES, index_width, WORK, n_items, first_item, item_step, g, H,
                                  N_Q_BLOCKS, mask_row, off_b, off_h, q_start, S, qk_scale, last_kv,
-                                 0, ROWS, BLOCK, HEAD_DIM, STAGES, RAGGED, WARPS, HAS_KEY_VALID, HAS_LSE, PERSISTENT)),
+                                 turn.index(0), turn.index(1),
+                                 0, ROWS, BLOCK, HEAD_DIM, STAGES, RAGGED, WARPS, HAS_KEY_VALID, HAS_LSE, PERSISTENT,
+                                 PINGPONG)),
                     (_producer, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem,
                                  q_ready, q_empty, k_ready, k_empty, v_ready, v_empty,
                                  KV_COUNTS, KV_INDICES, index_width, WORK, n_items, first_item, item_step, g, H,
@@ -522,6 +565,8 @@ if _IMPORT_ERROR is None:
             )
         mbarrier.invalidate(q_ready)
         mbarrier.invalidate(q_empty)
+        mbarrier.invalidate(turn.index(0))
+        mbarrier.invalidate(turn.index(1))
         for s in gl.static_range(STAGES):
             mbarrier.invalidate(k_ready.index(s))
             mbarrier.invalidate(v_ready.index(s))
@@ -581,6 +626,7 @@ def gluon_block_sparse_attention(
     return_lse: bool = False,
     persistent: bool = False,
     work_list: Optional[torch.Tensor] = None,
+    pingpong: bool = False,
     config: Optional[Tuple[int, int, int, int, int, int]] = None,
     out: Optional[torch.Tensor] = None,
 ):
@@ -605,6 +651,8 @@ def gluon_block_sparse_attention(
             the most kept blocks first) instead of one CTA per query block.
         work_list: the persistent schedule's list (default: built in this call; build it once
             per mask and batch size with :func:`gluon_work_list`).
+        pingpong: the two consumer warpgroups take turns issuing their wgmmas (FA3's
+            ping-pong: one's softmax under the other's matmuls); two consumers only.
         config: ``(NUM_CONSUMERS, STAGES, PRODUCER_WARPS, PRODUCER_REGS, CONSUMER_REGS, DESC_MODE)``;
             default :data:`DEFAULT_CONFIGS` by head dim. The persistent schedule takes DESC_MODE 0.
         out: optional output of ``q``'s shape (default: the ``(B, S, H, D)`` layout).
@@ -636,6 +684,7 @@ def gluon_block_sparse_attention(
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
     consumers, stages, producer_warps, producer_regs, consumer_regs, desc_mode = config or DEFAULT_CONFIGS[d]
     rows = block_size // consumers
+    _check(not pingpong or consumers == 2, f"pingpong needs two consumer warpgroups, the config has {consumers}")
     out = empty_output_like(q) if out is None else out
     _check(out.shape == q.shape and out.dtype == q.dtype and out.stride(-1) == 1,
            f"out must be {q.dtype} of shape {tuple(q.shape)} with a contiguous last dim")
@@ -680,6 +729,6 @@ def gluon_block_sparse_attention(
         RAGGED=s % block_size != 0, HAS_G=has_g,
         PRODUCER_WARPS=producer_warps, PRODUCER_REGS=producer_regs, CONSUMER_REGS=consumer_regs,
         DESC_MODE=desc_mode, HAS_KEY_VALID=key_valid is not None, HAS_LSE=return_lse, PERSISTENT=persistent,
-        num_warps=rows // 16,
+        PINGPONG=pingpong, num_warps=rows // 16,
     )
     return (out, lse) if return_lse else out

@@ -426,7 +426,23 @@ def test_gluon_kernel_lse_without_padding(pattern):
 
 
 @needs_gluon_hopper
-def test_gluon_persistent_uneven_rows_and_more_items_than_programs():
+@pytest.mark.parametrize("pattern", ["random", "all_ones", "near_empty"])
+@pytest.mark.parametrize("d", [64, 128])
+def test_gluon_pingpong_matches_masked_sdpa(pattern, d):
+    """The two consumer warpgroups taking turns (FA3's ping-pong): same result, no deadlock on empty rows."""
+    b, h, s, block = 2, 3, 1000, 128
+    q, k, v = _qkv(b, h, s, d, seed=37 + d)
+    n = math.ceil(s / block)
+    bool_mask = _gluon_mask(h, n, pattern, seed=37 + d)
+    lists = bsa.kv_block_lists(pack_block_mask(bool_mask).cuda(), n)
+    out = gbs.gluon_block_sparse_attention(q, k, v, lists, block, pingpong=True)
+    torch.cuda.synchronize()
+    _check_bf16(out, _masked_sdpa(q, k, v, bool_mask, block))
+
+
+@needs_gluon_hopper
+@pytest.mark.parametrize("pingpong", [False, True])
+def test_gluon_persistent_uneven_rows_and_more_items_than_programs(pingpong):
     """Rows of very different lengths (the work list's reason to exist), several items per program, batch 3:
     every item is computed once, by the right program, with the ring's phases carried across items."""
     b, h, s, d, block = 3, 4, 128 * 40 - 17, 128, 128  # 3 * 4 * 40 = 480 items > the SMs
@@ -441,7 +457,8 @@ def test_gluon_persistent_uneven_rows_and_more_items_than_programs():
     lists = bsa.compact_block_lists(*bsa.kv_block_lists(pack_block_mask(bool_mask).cuda(), n))
     work = gbs.gluon_work_list(lists[0], b)
     out = bsa.empty_output_like(q).fill_(float("nan"))
-    gbs.gluon_block_sparse_attention(q, k, v, lists, block, persistent=True, work_list=work, out=out)
+    gbs.gluon_block_sparse_attention(q, k, v, lists, block, persistent=True, work_list=work, out=out,
+                                     pingpong=pingpong)
     torch.cuda.synchronize()
     _check_bf16(out, _masked_sdpa(q, k, v, bool_mask, block))
     plain = gbs.gluon_block_sparse_attention(q, k, v, lists, block)
@@ -449,8 +466,8 @@ def test_gluon_persistent_uneven_rows_and_more_items_than_programs():
 
 
 @needs_gluon_hopper
-@pytest.mark.parametrize("persistent", [False, True])
-def test_gluon_kernel_stacked_lists_key_padding_in_a_cuda_graph(persistent):
+@pytest.mark.parametrize("persistent, pingpong", [(False, False), (True, False), (True, True)])
+def test_gluon_kernel_stacked_lists_key_padding_in_a_cuda_graph(persistent, pingpong):
     """Stacked lists selected on the device, key padding updated in place, lse: all under CUDA-graph replay."""
     b, h, s, d, block = 2, 2, 900, 128, 128
     q, k, v = _qkv(b, h, s, d, seed=45)
@@ -464,7 +481,8 @@ def test_gluon_kernel_stacked_lists_key_padding_in_a_cuda_graph(persistent):
 
     def call():
         return gbs.gluon_block_sparse_attention(q, k, v, lists, block, mask_index=index, key_valid=key_valid,
-                                                return_lse=True, persistent=persistent, work_list=work)
+                                                return_lse=True, persistent=persistent, pingpong=pingpong,
+                                                work_list=work)
 
     call()  # compile outside the capture
     torch.cuda.synchronize()
