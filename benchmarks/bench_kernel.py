@@ -553,7 +553,7 @@ def key_padding(args, env, dtype, block, do_bench, device="cuda"):
         flops = 4.0 * b * h * s * s * d * actual
         timings = {}
         runs = [("triton_none", None, "triton"), ("triton_key_valid", key_valid, "triton")]
-        if gluon_bsa.gluon_unsupported_reason(q.device, q.dtype, d, block) is None:
+        if "gluon" in args.variants.split(",") and gluon_bsa.gluon_unsupported_reason(q.device, q.dtype, d, block) is None:
             runs += [("gluon_none", None, "gluon"), ("gluon_key_valid", key_valid, "gluon")]
         for name, kv, kernel in runs:
             def run(kv=kv, kernel=kernel):
@@ -591,8 +591,8 @@ def key_padding(args, env, dtype, block, do_bench, device="cuda"):
                       f"{timings[f'{kernel}_none']:.3f} ms, key_valid {timings[f'{kernel}_key_valid']:.3f} ms: "
                       f"x{overhead:.3f}", flush=True)
         if "gluon_key_valid" in timings:
-            print(f"KEYPAD S={s} local d={density:.2f}: with key_valid, Gluon x{timings['triton_key_valid'] / "
-                  f"timings['gluon_key_valid']:.2f} vs Triton", flush=True)
+            speedup = timings["triton_key_valid"] / timings["gluon_key_valid"]
+            print(f"KEYPAD S={s} local d={density:.2f}: with key_valid, Gluon x{speedup:.2f} vs Triton", flush=True)
 
 
 # table columns: (result kernel name, column title); the ratios compare the Gluon kernel with each peer
