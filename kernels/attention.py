@@ -17,7 +17,10 @@ picks how (:func:`choose_route`):
    where it serves the call: an sm90 GPU with Gluon's Hopper module (triton >= 3.5),
    fp16/bf16, head dim 64 or 128, 128-token blocks; key padding and empty rows
    included. ``kernel="auto"`` and ``kernel="gluon"`` take it; ``"gluon"`` on a call it
-   cannot serve runs the Triton kernel (or the chunked path), with a warning.
+   cannot serve runs the Triton kernel (or the chunked path), with a warning. Inputs TMA
+   cannot read in place (a last dim that is not contiguous, strides or a base that are not
+   16-byte aligned: :func:`.gluon_block_sparse.gluon_layout_reason`, asked per call) run
+   the Triton kernel too.
 4. ``fa4``: FlashAttention-4's block-sparse forward where it is installed and
    serves the call (Hopper, fp16/bf16, head dim 64/96/128, 128-token blocks, no
    key padding, no empty rows) and ``kernel`` is ``"fa4"``, or ``"auto"`` on a call
@@ -243,6 +246,15 @@ def sparse_attention(
     if kernel == "gluon" and route.name in ("triton", "chunked"):
         warnings.warn(f"sparse_attention: kernel='gluon' runs {route.name}: {route.reason}", stacklevel=2)
     name = route.name
+    if name == "gluon":
+        from .gluon_block_sparse import gluon_layout_reason
+
+        layout_reason = gluon_layout_reason(query, key, value)
+        if layout_reason is not None:  # views TMA cannot read in place: the Triton kernel reads any strides
+            if kernel == "gluon":
+                warnings.warn(f"sparse_attention: kernel='gluon' runs the Triton kernel: {layout_reason}", stacklevel=2)
+            name = choose_route(query, mask, mask_index=mask_index, key_valid=key_valid, kernel="triton",
+                                group=group).name
     if name == "gluon":
         from .block_sparse_attention import _lists_on_device
         from .gluon_block_sparse import gluon_block_sparse_attention

@@ -86,8 +86,8 @@ from typing import Optional, Tuple
 import torch
 
 __all__ = [
-    "GLUON_BLOCK_SIZES", "GLUON_HEAD_DIMS", "gluon_block_sparse_attention", "gluon_unsupported_reason",
-    "gluon_work_list",
+    "GLUON_BLOCK_SIZES", "GLUON_HEAD_DIMS", "gluon_block_sparse_attention", "gluon_layout_reason",
+    "gluon_unsupported_reason", "gluon_work_list",
 ]
 
 LOG2E = 1.4426950408889634
@@ -122,6 +122,17 @@ def gluon_unsupported_reason(device: torch.device, dtype: torch.dtype, head_dim:
         return f"the Gluon kernel takes head dims {GLUON_HEAD_DIMS}, got {head_dim}"
     if block_size not in GLUON_BLOCK_SIZES:
         return f"the Gluon kernel takes {GLUON_BLOCK_SIZES}-token blocks, got {block_size}"
+    return None
+
+
+def gluon_layout_reason(*tensors: torch.Tensor) -> Optional[str]:
+    """None when TMA can read these tensors in place (contiguous last dim, 16-byte aligned base and
+    strides), else why not: such a call is served by the Triton kernel, which reads any strides."""
+    for t in tensors:
+        es = t.element_size()
+        if t.stride(-1) != 1 or t.data_ptr() % 16 or any((st * es) % 16 for st in t.stride()[:-1]):
+            return (f"TMA needs a contiguous last dim and 16-byte aligned base and strides, got strides "
+                    f"{t.stride()} at an offset of {t.data_ptr() % 16} bytes")
     return None
 
 
@@ -668,10 +679,8 @@ def gluon_block_sparse_attention(
     _check(q.shape == k.shape == v.shape and q.dim() == 4, f"q, k, v must share a (B, H, S, D) shape, got "
            f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
     _check(q.dtype == k.dtype == v.dtype, f"q, k, v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}", TypeError)
-    for t in (q, k, v):
-        es = t.element_size()
-        _check(t.stride(-1) == 1 and t.data_ptr() % 16 == 0 and all((st * es) % 16 == 0 for st in t.stride()[:-1]),
-               f"TMA needs a contiguous last dim and 16-byte aligned strides, got {t.stride()}")
+    layout_reason = gluon_layout_reason(q, k, v)
+    _check(layout_reason is None, str(layout_reason))
     b, h, s, d = q.shape
     n_qb = math.ceil(s / block_size)
     counts, indices = (t.contiguous() for t in block_lists)

@@ -58,3 +58,14 @@ def test_auto_never_picks_gluon_where_it_cannot_run():
     if device.type == "cpu":
         assert not serves
     assert attention.choose_route(q, mask, kernel="triton").name != "gluon"
+
+
+def test_layout_reason_names_what_tma_cannot_read():
+    """Inputs TMA reads in place pass; a misaligned base or a non-contiguous last dim is named (that call runs
+    the Triton kernel instead, see sparse_attention)."""
+    x = torch.zeros(1, 64, 2, 128, dtype=torch.bfloat16)
+    assert gluon.gluon_layout_reason(x.transpose(1, 2), x.transpose(1, 2)) is None  # (B, S, H, D) views
+    flat = torch.zeros(64 * 2 * 128 + 8, dtype=torch.bfloat16)
+    shifted = flat[1:1 + 64 * 2 * 128].view(1, 64, 2, 128).transpose(1, 2)  # base 2 bytes off
+    assert "16-byte" in gluon.gluon_layout_reason(x, shifted)
+    assert "contiguous last dim" in gluon.gluon_layout_reason(x.transpose(-1, -2))

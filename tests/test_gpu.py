@@ -510,3 +510,24 @@ def test_auto_serves_key_padding_through_the_gluon_kernel():
     key_valid = _key_valid("suffix_padded", b, s, seed=52)
     assert choose_route(q, mask, key_valid=key_valid).name == "gluon"
     _check_bf16(sparse_attention(q, k, v, mask, key_valid=key_valid), _masked_sdpa(q, k, v, bool_mask, block, key_valid))
+
+
+@needs_gluon_hopper
+def test_views_tma_cannot_read_run_the_triton_kernel():
+    """A base that is not 16-byte aligned: kernel="auto" serves it with the Triton kernel (exact), and
+    kernel="gluon" says so in a warning, instead of failing in the Gluon kernel's TMA checks."""
+    b, h, s, d, block = 1, 2, 600, 128, 128
+    n = math.ceil(s / block)
+    g = torch.Generator().manual_seed(53)
+    flat = torch.randn(3 * b * s * h * d + 8, generator=g).to(torch.bfloat16).cuda()
+    q, k, v = (flat[1 + i * b * s * h * d: 1 + (i + 1) * b * s * h * d].view(b, s, h, d).transpose(1, 2)
+               for i in range(3))
+    assert gbs.gluon_layout_reason(q, k, v) is not None
+    bool_mask = _gluon_mask(h, n, "random", seed=53)
+    mask = BlockMask.from_bool(bool_mask, block, s).to("cuda")
+    mask.kv_block_lists
+    assert choose_route(q, mask).name == "gluon"  # the route is a per-mask fact; the layout is checked per call
+    _check_bf16(sparse_attention(q, k, v, mask), _masked_sdpa(q, k, v, bool_mask, block))
+    with pytest.warns(UserWarning, match="kernel='gluon' runs the Triton kernel"):
+        out = sparse_attention(q, k, v, mask, kernel="gluon")
+    _check_bf16(out, _masked_sdpa(q, k, v, bool_mask, block))
