@@ -20,7 +20,8 @@ picks how (:func:`choose_route`):
    cannot serve runs the Triton kernel (or the chunked path), with a warning. Inputs TMA
    cannot read in place (a last dim that is not contiguous, strides or a base that are not
    16-byte aligned: :func:`.gluon_block_sparse.gluon_layout_reason`, asked per call) run
-   the Triton kernel too.
+   the Triton kernel too, and so does every later call of its kind when the Gluon kernel
+   fails to compile with the installed Triton (one warning; the mask remembers).
 4. ``fa4``: FlashAttention-4's block-sparse forward where it is installed and
    serves the call (Hopper, fp16/bf16, head dim 64/96/128, 128-token blocks, no
    key padding, no empty rows) and ``kernel`` is ``"fa4"``, or ``"auto"`` on a call
@@ -257,13 +258,23 @@ def sparse_attention(
                                 group=group).name
     if name == "gluon":
         from .block_sparse_attention import _lists_on_device
-        from .gluon_block_sparse import gluon_block_sparse_attention
+        from .gluon_block_sparse import gluon_block_sparse_attention, gluon_compile_failure
 
         words, index, lists = _kernel_operands(mask, mask_index, group, device_lists=False)
         if lists is None:  # lists of the selected mask built on the device (no sync)
             lists, index = _lists_on_device(words, index, mask.num_blocks), None
-        return gluon_block_sparse_attention(query, key, value, lists, mask.block_size, scale, index,
-                                            key_valid=key_valid)
+        try:
+            return gluon_block_sparse_attention(query, key, value, lists, mask.block_size, scale, index,
+                                                key_valid=key_valid)
+        except Exception as error:
+            if not gluon_compile_failure(error):
+                raise
+            # it does not compile with this Triton (before any launch): the Triton kernel serves such calls
+            reason = f"the Gluon kernel failed to compile here ({type(error).__name__}: {str(error)[:300]})"
+            mask._derived.setdefault("gluon_reasons", {})[_call_kind(query)] = reason
+            warnings.warn(f"sparse_attention: {reason}; it runs the Triton kernel instead", stacklevel=2)
+            name = choose_route(query, mask, mask_index=mask_index, key_valid=key_valid, kernel="triton",
+                                group=group).name
     if name in ("fa4", "dense_fa4"):
         from .fa4_block_sparse import FA4_REFUSALS
 

@@ -69,3 +69,58 @@ def test_layout_reason_names_what_tma_cannot_read():
     shifted = flat[1:1 + 64 * 2 * 128].view(1, 64, 2, 128).transpose(1, 2)  # base 2 bytes off
     assert "16-byte" in gluon.gluon_layout_reason(x, shifted)
     assert "contiguous last dim" in gluon.gluon_layout_reason(x.transpose(-1, -2))
+
+
+def test_a_gluon_kernel_that_does_not_compile_here_falls_back_once_and_stays_exact(monkeypatch):
+    """auto picked Gluon, but the installed Triton cannot compile it (raised before any launch): one warning,
+    the Triton kernel serves the call exactly, and the mask remembers (no second attempt, no second warning)."""
+    import warnings
+
+    import torch.nn.functional as F
+    from triton.compiler.errors import CompilationError
+
+    if not attention.triton_runs_on(torch.device("cuda" if torch.cuda.is_available() else "cpu")):
+        pytest.skip("Triton does not run here")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    calls = []
+
+    def failing(*args, **kwargs):
+        calls.append(1)
+        raise CompilationError("src", None, "a Gluon construct this Triton does not have")
+
+    monkeypatch.setattr(gluon, "gluon_unsupported_reason", lambda *a, **k: None)
+    monkeypatch.setattr(gluon, "gluon_block_sparse_attention", failing)
+    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    g = torch.Generator().manual_seed(5)
+    q, k, v = (t.to(dtype).to(device).transpose(1, 2) for t in torch.randn(3, 1, 48, 2, 16, generator=g))
+    bool_mask = torch.rand(2, 3, 3, generator=g) < 0.5
+    bool_mask[:, :, 0] = True
+    mask = BlockMask.from_bool(bool_mask, 16, 48).to(device)
+    assert attention.choose_route(q, mask).name == "gluon"
+    with pytest.warns(UserWarning, match="failed to compile here"):
+        out = attention.sparse_attention(q, k, v, mask)
+    keep = bool_mask.repeat_interleave(16, -2).repeat_interleave(16, -1)
+    expected = F.scaled_dot_product_attention(q.float().cpu(), k.float().cpu(), v.float().cpu(), attn_mask=keep)
+    torch.testing.assert_close(out.float().cpu(), expected, atol=5e-3, rtol=5e-3)
+    assert attention.choose_route(q, mask).name != "gluon" and "failed to compile" in str(
+        mask._derived["gluon_reasons"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        attention.sparse_attention(q, k, v, mask)
+    assert len(calls) == 1
+
+
+def test_other_errors_of_the_gluon_kernel_propagate(monkeypatch):
+    """Only a compile failure falls back: any other error (a bad argument, a CUDA error) is raised."""
+    def broken(*args, **kwargs):
+        raise ValueError("gluon_block_sparse_attention: a real bug")
+
+    monkeypatch.setattr(gluon, "gluon_unsupported_reason", lambda *a, **k: None)
+    monkeypatch.setattr(gluon, "gluon_block_sparse_attention", broken)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    q = torch.zeros(1, 2, 48, 16, device=device)
+    mask = BlockMask.from_bool(torch.eye(3, dtype=torch.bool).expand(2, 3, 3), 16, 48).to(device)
+    with pytest.raises(ValueError, match="a real bug"):
+        attention.sparse_attention(q, q, q, mask)
+    assert not gluon.gluon_compile_failure(ValueError("x"))
+    assert gluon.gluon_compile_failure(RuntimeError("PassManager::run failed"))
