@@ -248,33 +248,10 @@ def sparse_attention(
         warnings.warn(f"sparse_attention: kernel='gluon' runs {route.name}: {route.reason}", stacklevel=2)
     name = route.name
     if name == "gluon":
-        from .gluon_block_sparse import gluon_layout_reason
-
-        layout_reason = gluon_layout_reason(query, key, value)
-        if layout_reason is not None:  # views TMA cannot read in place: the Triton kernel reads any strides
-            if kernel == "gluon":
-                warnings.warn(f"sparse_attention: kernel='gluon' runs the Triton kernel: {layout_reason}", stacklevel=2)
-            name = choose_route(query, mask, mask_index=mask_index, key_valid=key_valid, kernel="triton",
-                                group=group).name
-    if name == "gluon":
-        from .block_sparse_attention import _lists_on_device
-        from .gluon_block_sparse import gluon_block_sparse_attention, gluon_compile_failure
-
-        words, index, lists = _kernel_operands(mask, mask_index, group, device_lists=False)
-        if lists is None:  # lists of the selected mask built on the device (no sync)
-            lists, index = _lists_on_device(words, index, mask.num_blocks), None
-        try:
-            return gluon_block_sparse_attention(query, key, value, lists, mask.block_size, scale, index,
-                                                key_valid=key_valid)
-        except Exception as error:
-            if not gluon_compile_failure(error):
-                raise
-            # it does not compile with this Triton (before any launch): the Triton kernel serves such calls
-            reason = f"the Gluon kernel failed to compile here ({type(error).__name__}: {str(error)[:300]})"
-            mask._derived.setdefault("gluon_reasons", {})[_call_kind(query)] = reason
-            warnings.warn(f"sparse_attention: {reason}; it runs the Triton kernel instead", stacklevel=2)
-            name = choose_route(query, mask, mask_index=mask_index, key_valid=key_valid, kernel="triton",
-                                group=group).name
+        out = _run_gluon(query, key, value, mask, scale, mask_index, group, key_valid, kernel)
+        if out is not None:
+            return out
+        name = choose_route(query, mask, mask_index=mask_index, key_valid=key_valid, kernel="triton", group=group).name
     if name in ("fa4", "dense_fa4"):
         from .fa4_block_sparse import FA4_REFUSALS
 
@@ -304,6 +281,55 @@ def sparse_attention(
     out.copy_(block_sparse_attention_chunked(query, key, value, mask.words[g], mask.block_size, scale=scale,
                                              key_valid=key_valid))
     return out
+
+
+def _run_gluon(query, key, value, mask: BlockMask, scale, mask_index, group, key_valid, kernel) -> Optional[torch.Tensor]:
+    """The Gluon kernel on this call (its default schedule, :mod:`.gluon_block_sparse`), or None where it
+    cannot run it and the caller runs the Triton kernel: inputs TMA cannot read in place (a warning under
+    ``kernel="gluon"``), or a kernel that does not compile with the installed Triton (raised before any
+    launch; one warning, and the mask remembers for such calls). Any other error propagates."""
+    from .block_sparse_attention import _lists_on_device
+    from .gluon_block_sparse import (DEFAULT_PERSISTENT, DEFAULT_PINGPONG, gluon_block_sparse_attention,
+                                     gluon_compile_failure, gluon_layout_reason)
+
+    layout_reason = gluon_layout_reason(query, key, value)
+    if layout_reason is not None:
+        if kernel == "gluon":
+            warnings.warn(f"sparse_attention: kernel='gluon' runs the Triton kernel: {layout_reason}", stacklevel=3)
+        return None
+    words, index, lists = _kernel_operands(mask, mask_index, group, device_lists=False)
+    work = None
+    if lists is None:  # lists of the selected mask built on the device (no sync)
+        lists, index = _lists_on_device(words, index, mask.num_blocks), None
+    elif DEFAULT_PERSISTENT:
+        work = _gluon_work_list(mask, lists[0], query.shape[0], "stack" if index is not None else group)
+    try:
+        return gluon_block_sparse_attention(query, key, value, lists, mask.block_size, scale, index,
+                                            key_valid=key_valid, persistent=work is not None, work_list=work,
+                                            pingpong=DEFAULT_PINGPONG)
+    except Exception as error:
+        if not gluon_compile_failure(error):
+            raise
+        reason = f"the Gluon kernel failed to compile here ({type(error).__name__}: {str(error)[:300]})"
+        mask._derived.setdefault("gluon_reasons", {})[_call_kind(query)] = reason
+        warnings.warn(f"sparse_attention: {reason}; it runs the Triton kernel instead", stacklevel=3)
+        return None
+
+
+def _gluon_work_list(mask: BlockMask, counts: torch.Tensor, batch: int, selection) -> Optional[torch.Tensor]:
+    """The persistent schedule's work list of the mask's cached lists (``selection``: the host-known
+    group, or "stack" for the device-selected stack), built once per selection and batch size and kept
+    in the mask's derived facts. None inside a CUDA-graph capture before it exists (a capture records
+    the build without running it): that call runs the plain schedule."""
+    from .gluon_block_sparse import gluon_work_list
+
+    works = mask._derived.setdefault("gluon_work", {})
+    work = works.get((selection, batch))
+    if work is None:
+        if counts.is_cuda and torch.cuda.is_current_stream_capturing():
+            return None
+        work = works[(selection, batch)] = gluon_work_list(counts, batch)
+    return work
 
 
 def _kernel_operands(mask: BlockMask, mask_index, group, device_lists: bool):

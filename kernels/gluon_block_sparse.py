@@ -603,6 +603,11 @@ if _IMPORT_ERROR is None:
 # DESC_MODE). Shared memory at D=128: Q 32 KB + STAGES x (K 32 KB + V 32 KB) -> 2 stages = 160 KB
 # (one CTA per SM).
 DEFAULT_CONFIGS = {128: (2, 2, 1, 24, 240, 0), 64: (2, 3, 1, 24, 240, 0)}
+# The schedule calls through kernels.attention (kernel="auto" / "gluon") run: one CTA per query block, no
+# ping-pong, until the benchmark (benchmarks/gpu_gluon_check.sh) measures the others faster. Flipping
+# DEFAULT_PERSISTENT makes those calls build the work list once per mask and batch size (kept with the mask).
+DEFAULT_PERSISTENT = False
+DEFAULT_PINGPONG = False
 
 
 def _descriptor(t: torch.Tensor, rows: int) -> "TensorDescriptor":

@@ -124,3 +124,13 @@ def test_other_errors_of_the_gluon_kernel_propagate(monkeypatch):
         attention.sparse_attention(q, q, q, mask)
     assert not gluon.gluon_compile_failure(ValueError("x"))
     assert gluon.gluon_compile_failure(RuntimeError("PassManager::run failed"))
+
+
+def test_the_persistent_work_list_is_built_once_per_selection_and_batch():
+    mask = BlockMask.from_bool(torch.rand(2, 2, 4, 4, generator=torch.Generator().manual_seed(1)) < 0.5, 16, 64)
+    counts = mask.kv_block_lists[0]
+    first = attention._gluon_work_list(mask, counts, 2, "stack")
+    assert attention._gluon_work_list(mask, counts, 2, "stack") is first
+    assert torch.equal(first, gluon.gluon_work_list(counts, 2))
+    assert attention._gluon_work_list(mask, counts[1], 2, 1) is not first
+    assert attention._gluon_work_list(mask, counts, 3, "stack").shape == (2, 3 * 2 * 4)

@@ -531,3 +531,33 @@ def test_views_tma_cannot_read_run_the_triton_kernel():
     with pytest.warns(UserWarning, match="kernel='gluon' runs the Triton kernel"):
         out = sparse_attention(q, k, v, mask, kernel="gluon")
     _check_bf16(out, _masked_sdpa(q, k, v, bool_mask, block))
+
+
+@needs_gluon_hopper
+@pytest.mark.parametrize("pingpong", [False, True])
+def test_entry_with_the_persistent_schedule_as_default(monkeypatch, pingpong):
+    """What flipping gluon_block_sparse.DEFAULT_PERSISTENT (and DEFAULT_PINGPONG) does to sparse_attention:
+    a work list built once per selection and batch size, reused under CUDA-graph capture, exact results."""
+    monkeypatch.setattr(gbs, "DEFAULT_PERSISTENT", True)
+    monkeypatch.setattr(gbs, "DEFAULT_PINGPONG", pingpong)
+    b, h, s, d, block = 2, 2, 1100, 128, 128
+    q, k, v = _qkv(b, h, s, d, seed=54)
+    n = math.ceil(s / block)
+    stack = torch.stack([_gluon_mask(h, n, "random", seed=55), _gluon_mask(h, n, "near_empty", seed=56)])
+    mask = BlockMask.from_bool(stack, block, s).to("cuda")
+    mask.kv_block_lists
+    key_valid = _key_valid("prefix", b, s, seed=54)
+    _check_bf16(sparse_attention(q, k, v, mask, group=0, key_valid=key_valid),
+                _masked_sdpa(q, k, v, stack[0], block, key_valid))
+    assert (0, b) in mask._derived["gluon_work"]
+    index = torch.ones(1, dtype=torch.int32, device="cuda")
+    sparse_attention(q, k, v, mask, mask_index=index)  # builds the stack's work list outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = sparse_attention(q, k, v, mask, mask_index=index)
+    for group in (0, 1):
+        index.fill_(group)
+        graph.replay()
+        torch.cuda.synchronize()
+        _check_bf16(out, _masked_sdpa(q, k, v, stack[group], block))
