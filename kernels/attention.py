@@ -283,11 +283,14 @@ def sparse_attention(
     return out
 
 
-def _run_gluon(query, key, value, mask: BlockMask, scale, mask_index, group, key_valid, kernel) -> Optional[torch.Tensor]:
-    """The Gluon kernel on this call (its default schedule, :mod:`.gluon_block_sparse`), or None where it
-    cannot run it and the caller runs the Triton kernel: inputs TMA cannot read in place (a warning under
-    ``kernel="gluon"``), or a kernel that does not compile with the installed Triton (raised before any
-    launch; one warning, and the mask remembers for such calls). Any other error propagates."""
+def _run_gluon(query, key, value, mask: BlockMask, scale, mask_index, group, key_valid, kernel,
+               return_lse: bool = False):
+    """The Gluon kernel on this call (its default schedule, :mod:`.gluon_block_sparse`): the output, or
+    with ``return_lse`` the pair (output, natural-log lse fp32 ``(B, H, S)``, ``-inf`` for a row with no
+    key). None where it cannot run the call and the caller runs the Triton kernel: inputs TMA cannot
+    read in place (a warning under ``kernel="gluon"``), or a kernel that does not compile with the
+    installed Triton (raised before any launch; one warning, and the mask remembers for such calls).
+    Any other error propagates."""
     from .block_sparse_attention import _lists_on_device
     from .gluon_block_sparse import (DEFAULT_PERSISTENT, DEFAULT_PINGPONG, gluon_block_sparse_attention,
                                      gluon_compile_failure, gluon_layout_reason)
@@ -305,8 +308,8 @@ def _run_gluon(query, key, value, mask: BlockMask, scale, mask_index, group, key
         work = _gluon_work_list(mask, lists[0], query.shape[0], "stack" if index is not None else group)
     try:
         return gluon_block_sparse_attention(query, key, value, lists, mask.block_size, scale, index,
-                                            key_valid=key_valid, persistent=work is not None, work_list=work,
-                                            pingpong=DEFAULT_PINGPONG)
+                                            key_valid=key_valid, return_lse=return_lse,
+                                            persistent=work is not None, work_list=work, pingpong=DEFAULT_PINGPONG)
     except Exception as error:
         if not gluon_compile_failure(error):
             raise
