@@ -561,3 +561,21 @@ def test_entry_with_the_persistent_schedule_as_default(monkeypatch, pingpong):
         graph.replay()
         torch.cuda.synchronize()
         _check_bf16(out, _masked_sdpa(q, k, v, stack[group], block))
+
+
+@needs_gluon_hopper
+def test_gluon_entry_route_returns_the_lse():
+    """The Gluon route's lse (what sparse_attention(return_lse=True) hands to a ring merge), key padding included."""
+    from scaling_compile.kernels import attention
+
+    b, h, s, d, block = 2, 2, 1000, 128, 128
+    q, k, v = _qkv(b, h, s, d, seed=57)
+    n = math.ceil(s / block)
+    bool_mask = _gluon_mask(h, n, "random", seed=57)
+    mask = BlockMask.from_bool(bool_mask, block, s).to("cuda")
+    mask.kv_block_lists
+    key_valid = _key_valid("suffix_padded", b, s, seed=57)
+    out, lse = attention._run_gluon(q, k, v, mask, None, None, None, key_valid, "auto", return_lse=True)
+    torch.cuda.synchronize()
+    _check_bf16(out, _masked_sdpa(q, k, v, bool_mask, block, key_valid))
+    _check_lse(lse, _masked_lse(q, k, bool_mask, block, key_valid))
