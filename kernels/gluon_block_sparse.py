@@ -65,8 +65,11 @@ Mask selection: lists of a stack ``(G, H, n_q_blocks, ...)`` with a device-side
 
 Known limits (read off the compiled code, Triton 3.6, sm90a): the two-consumer kernel runs
 12 warps (the one-warp producer is padded to a warpgroup), registers 240 / 240 / 24 per
-consumer / consumer / producer warpgroup; at D=128 ptxas still spills about 224 bytes per
-thread (none when ``S`` is a multiple of 128), at D=64 nothing. By default the two
+consumer / consumer / producer warpgroup. The ragged last key block is peeled off the
+consumers' loop (it can only be a list's last entry): with the key-bound check in the loop,
+ptxas spilled 224 bytes per thread at D=128; now the plain schedule spills nothing (key
+padding and lse included), the persistent one still 140-250 bytes at D=128 with a ragged
+``S`` (benchmarks/gluon_compile_check.py prints these). By default the two
 consumer warpgroups overlap only as the warp scheduler interleaves them; ``pingpong=True``
 makes them take turns issuing their wgmmas (FA3's warp-scheduler barrier, here a pair of
 mbarriers: one warpgroup's softmax runs under the other's matmuls); which is faster is for
@@ -314,6 +317,39 @@ if _IMPORT_ERROR is None:
             _release(turn_other)
 
     @gluon.jit
+    def _steady_step(q, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, turn_mine, turn_other,
+                     p, m_i, l_i, acc, s_zero, cols, idx_ptr, t, j, turn_round, S, valid_base, pad_start, last_kv,
+                     qk_scale, WG: gl.constexpr, BLOCK: gl.constexpr, HEAD_DIM: gl.constexpr,
+                     STAGES: gl.constexpr, WARPS: gl.constexpr, RAGGED: gl.constexpr,
+                     HAS_KEY_VALID: gl.constexpr, PINGPONG: gl.constexpr):
+        """Kept block ``j`` (> 0) of the item: QK^T(j) and PV(j-1) in flight together, the softmax of
+        ``j`` under PV(j-1) (FA3's intra-warpgroup overlap). Returns the new ``p, m_i, l_i, acc``."""
+        o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[WARPS, 1],
+                                                           instr_shape=[16, HEAD_DIM, 16])
+        p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+        row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
+        n = t + j
+        slot = n % STAGES
+        prev = (n - 1) % STAGES
+        start_n = gl.load(idx_ptr + j) * BLOCK
+        mbarrier.wait(k_ready.index(slot), (n // STAGES) & 1)
+        _wait_turn(turn_mine, turn_round + j, WG, PINGPONG)
+        s_ij = warpgroup_mma(q, k_smem.index(slot).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+        p_op = gl.convert_layout(p.to(q.dtype), p_layout)
+        mbarrier.wait(v_ready.index(prev), ((n - 1) // STAGES) & 1)
+        acc = warpgroup_mma(p_op, v_smem.index(prev), acc, is_async=True)
+        _pass_turn(turn_other, PINGPONG)
+        s_ij = warpgroup_mma_wait(num_outstanding=1, deps=(s_ij,))  # the older group: QK^T(j)
+        _release(k_empty.index(slot))
+        s_ij = _mask_keys(s_ij, start_n, cols, S, valid_base, pad_start, start_n == last_kv * BLOCK,
+                          RAGGED, HAS_KEY_VALID)
+        p, m_i, l_i, alpha = _online_softmax(s_ij, m_i, l_i, qk_scale, HAS_KEY_VALID)
+        acc, p_op = warpgroup_mma_wait(num_outstanding=0, deps=(acc, p_op))
+        _release(v_empty.index(prev))
+        acc = acc * gl.expand_dims(gl.convert_layout(alpha, row_o), 1)
+        return p, m_i, l_i, acc
+
+    @gluon.jit
     def _consume_item(q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, k_empty, v_ready, v_empty,
                       O, stride_ob, stride_oh, stride_os, LSE,
                       KEY_VALID, stride_valid_b, FIRST_PAD, stride_first_pad_b,
@@ -372,26 +408,24 @@ if _IMPORT_ERROR is None:
                               RAGGED, HAS_KEY_VALID)
             p, m_i, l_i, alpha = _online_softmax(s_ij, m_i, l_i, qk_scale, HAS_KEY_VALID)
             # -- steady state: QK^T(j) and PV(j-1) in flight together, softmax(j) under PV(j-1) ----
-            for j in range(1, count):
-                n = t + j
-                slot = n % STAGES
-                prev = (n - 1) % STAGES
-                start_n = gl.load(idx_ptr + j) * BLOCK
-                mbarrier.wait(k_ready.index(slot), (n // STAGES) & 1)
-                _wait_turn(turn_mine, turn_round + j, WG, PINGPONG)
-                s_ij = warpgroup_mma(q, k_smem.index(slot).permute((1, 0)), s_zero, use_acc=False, is_async=True)
-                p_op = gl.convert_layout(p.to(dtype), p_layout)
-                mbarrier.wait(v_ready.index(prev), ((n - 1) // STAGES) & 1)
-                acc = warpgroup_mma(p_op, v_smem.index(prev), acc, is_async=True)
-                _pass_turn(turn_other, PINGPONG)
-                s_ij = warpgroup_mma_wait(num_outstanding=1, deps=(s_ij,))  # the older group: QK^T(j)
-                _release(k_empty.index(slot))
-                s_ij = _mask_keys(s_ij, start_n, cols, S, valid_base, pad_start, start_n == last_kv * BLOCK,
-                                  RAGGED, HAS_KEY_VALID)
-                p, m_i, l_i, alpha = _online_softmax(s_ij, m_i, l_i, qk_scale, HAS_KEY_VALID)
-                acc, p_op = warpgroup_mma_wait(num_outstanding=0, deps=(acc, p_op))
-                _release(v_empty.index(prev))
-                acc = acc * gl.expand_dims(gl.convert_layout(alpha, row_o), 1)
+            # The ragged last key block can only be the list's last entry (ascending lists): it is
+            # peeled off the loop, so the loop carries no key-bound check (that check's registers
+            # made ptxas spill at D=128).
+            peel = 0
+            if RAGGED:
+                peel = ((count > 1) & (gl.load(idx_ptr + count - 1) == last_kv)).to(gl.int32)
+            for j in range(1, count - peel):
+                p, m_i, l_i, acc = _steady_step(q, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty,
+                                                turn_mine, turn_other, p, m_i, l_i, acc, s_zero, cols, idx_ptr,
+                                                t, j, turn_round, S, valid_base, pad_start, last_kv, qk_scale,
+                                                WG, BLOCK, HEAD_DIM, STAGES, WARPS, False, HAS_KEY_VALID, PINGPONG)
+            if RAGGED:
+                if peel != 0:  # the ragged last block, masked at S
+                    p, m_i, l_i, acc = _steady_step(q, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty,
+                                                    turn_mine, turn_other, p, m_i, l_i, acc, s_zero, cols, idx_ptr,
+                                                    t, count - 1, turn_round, S, valid_base, pad_start, last_kv,
+                                                    qk_scale, WG, BLOCK, HEAD_DIM, STAGES, WARPS, True,
+                                                    HAS_KEY_VALID, PINGPONG)
             # every QK^T of this item is done: Q's rows may be overwritten by the next item's
             _release(q_empty)
             # -- drain: PV of the last kept block ----
