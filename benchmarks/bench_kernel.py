@@ -5,12 +5,15 @@ loads this checkout's ``kernels/`` as ``scaling_compile.kernels``)::
 
     PYTHONUNBUFFERED=1 python3 benchmarks/bench_kernel.py --out out/bench_kernel.json
 
-For each shape (default Wan2.1 480p and 720p self-attention, (1, 12, 32760, 128)
-and (1, 12, 75600, 128), bf16), each mask kind (``random``: every query block
-keeps a random set of key blocks; ``local``: every query block keeps its
-nearest key blocks on the latent (frames x height x width) grid, each head with
-its own axis weights) and each density, it times with ``triton.testing.do_bench``
-(median, L2 flushed) in ONE process:
+For each shape (default Wan2.1-1.3B 480p and 720p and Wan2.1-14B 720p
+self-attention, (1, 12, 32760, 128), (1, 12, 75600, 128), (1, 40, 75600, 128),
+bf16), each mask kind (the package's own families, ``scaling_compile.masks``:
+``random``: every query block keeps round(density * n) random key blocks, its own
+among them; ``local``: every query block keeps its nearest key blocks on the
+latent (frames x height x width) grid, heads alternating temporal / isotropic /
+spatial; ``local_uneven``: the same with per-head densities from 0.25x to 1.75x,
+so query blocks differ in work) and each density, it times with
+``triton.testing.do_bench`` (median, L2 flushed) in ONE process:
 
 * cuDNN SDPA and flash SDPA, dense (density 1.0 only; their time is the dense
   baseline for every density);
@@ -25,12 +28,16 @@ its own axis weights) and each density, it times with ``triton.testing.do_bench`
   (``kv_block_lists``) with host 4-D TMA descriptors / in-kernel 2-D TMA
   descriptors / plain pointers; ``bits`` = the kernel tests the mask bits itself;
   ``gluon`` = the warp-specialised Gluon Hopper kernel (``kernels/gluon_block_sparse.py``)
-  on the same cached lists (``gluon:C-S-PW-PR-CR-M`` = an explicit launch config).
+  on the same cached lists, one CTA per query block; ``gluon_persistent`` = the same
+  kernel on its persistent schedule (one CTA per SM, work list built once per mask);
+  ``gluon_pingpong`` / ``gluon_persistent_pingpong`` = the two consumer warpgroups
+  taking turns issuing their matmuls (FA3's ping-pong);
+  ``gluon:C-S-PW-PR-CR-M`` = an explicit launch config.
 
-The Gluon kernel against Triton, cuDNN (dense) and FA4 (where installed), 480p::
-
-    PYTHONUNBUFFERED=1 python3 benchmarks/bench_kernel.py --shapes 1,12,32760,128 --masks random,local \
-        --variants gluon,lists_tma1 --no-flex --out out/bench_gluon.json
+The default variants are ``lists_tma1,gluon,gluon_persistent``; the table at the end
+has a row per density and, per peer, the faster Gluon schedule's speed-up (same
+process). The one-session GPU script ``benchmarks/gpu_gluon_check.sh`` runs it at the
+three shapes after the Gluon tests.
 
 ``--sweep "MODE:BM,BN,WARPS,STAGES[:ws];..."`` instead times explicit launch
 configurations (cached lists, TMA mode MODE, optional warp specialization) at
@@ -40,9 +47,10 @@ one shape on random masks, checking each against the reference on slices.
 kernel: joint video + text attention at (1, 24, 32760 + 256, 128) bf16 (Wan 480p
 grid 21 x 30 x 52, then 256 text tokens whose last 156 are padding), masks built
 with the package's own 3D-local family (``scaling_compile.masks.local_3d_mask``)
-on the video blocks, text rows and columns kept; it times the public call with
-cached lists with and without ``key_valid`` (and FA4 without padding, where
-installed, and masked dense SDPA), checking each against the reference::
+on the video blocks, text rows and columns kept; it times the Triton kernel's
+public call and the Gluon kernel (on sm90) with cached lists, with and without
+``key_valid`` (and FA4 without padding, where installed, and masked dense SDPA),
+checking each against the reference::
 
     PYTHONUNBUFFERED=1 python3 benchmarks/bench_kernel.py --key-padding --out out/bench_key_padding.json
 
@@ -91,9 +99,12 @@ fa4 = importlib.import_module("scaling_compile.kernels.fa4_block_sparse")
 bitpack = importlib.import_module("scaling_compile.kernels.bitpack")
 reference = importlib.import_module("scaling_compile.kernels.reference")
 gluon_bsa = importlib.import_module("scaling_compile.kernels.gluon_block_sparse")
+masks_pkg = importlib.import_module("scaling_compile.masks")  # the package's own mask families
 
 # latent grids (frames, height, width) of Wan2.1 after VAE + 2x2 patchify, 81 frames
 GRIDS = {32760: (21, 30, 52), 75600: (21, 45, 80)}
+# Wan2.1-1.3B 480p and 720p, Wan2.1-14B 720p (81 frames) self-attention
+DEFAULT_SHAPES = "1,12,32760,128;1,12,75600,128;1,40,75600,128"
 
 
 # --------------------------------------------------------------------------------------
@@ -101,40 +112,42 @@ GRIDS = {32760: (21, 30, 52), 75600: (21, 45, 80)}
 # --------------------------------------------------------------------------------------
 
 
-def random_mask(h, n, density, gen, device):
-    """Each query block keeps exactly round(density * n) random key blocks."""
-    keep = max(1, round(density * n))
-    scores = torch.rand(h, n, n, generator=gen, device="cpu").to(device)
-    idx = scores.topk(keep, dim=-1).indices
-    return torch.zeros(h, n, n, dtype=torch.bool, device=device).scatter_(-1, idx, True)
+def random_mask(h, n, density, seed, device):
+    """The package's random family: each query block keeps exactly round(density * n) key blocks, its own
+    among them (``scaling_compile.masks.random_block_mask``)."""
+    return masks_pkg.random_block_mask(n, density, heads=h, seed=seed).to(device)
 
 
-def block_centroids(s, block, grid, device):
-    """Mean (t, y, x) of the tokens of each block; token order is t-major, then y, then x."""
-    t, y, x = grid
-    assert t * y * x == s, (grid, s)
-    tok = torch.arange(s, device=device)
-    coords = torch.stack([tok // (y * x), (tok // x) % y, tok % x], -1).float()
-    n = math.ceil(s / block)
-    owner = tok // block
-    sums = torch.zeros(n, 3, device=device).index_add_(0, owner, coords)
-    counts = torch.zeros(n, device=device).index_add_(0, owner, torch.ones(s, device=device))
-    return sums / counts[:, None]
+LOCAL_TEMPORAL_WEIGHTS = (0.25, 1.0, 4.0)  # per head, cycled: temporal-ish, isotropic, spatial-ish heads
 
 
-def local_mask(h, s, block, density, gen, device):
-    """3D-local: each query block keeps its round(density * n) nearest key blocks (per-head axis weights)."""
+def local_mask(h, s, block, density, device, uneven=False):
+    """The package's 3D-local family on the latent grid of ``s`` tokens: each query block keeps its nearest
+    round(density * n) key blocks (``scaling_compile.masks.local_3d_mask``), heads alternating between
+    temporal and spatial neighbourhoods. ``uneven``: per-head densities spread from 0.25x to 1.75x the
+    given one (as per-head budgets make them; mean about ``density``), so query blocks differ in work."""
     grid = GRIDS.get(s)
     if grid is None:
-        return random_mask(h, math.ceil(s / block), density, gen, device)
-    c = block_centroids(s, block, grid, device)  # (n, 3)
-    n = c.shape[0]
-    keep = max(1, round(density * n))
-    weights = torch.exp(torch.randn(h, 3, generator=gen) * 1.0).to(device)  # temporal-ish / spatial-ish heads
-    diff2 = (c[:, None, :] - c[None, :, :]) ** 2  # (n, n, 3)
-    dist = torch.einsum("qkc,hc->hqk", diff2, weights)
-    idx = dist.topk(keep, dim=-1, largest=False).indices
-    return torch.zeros(h, n, n, dtype=torch.bool, device=device).scatter_(-1, idx, True)
+        raise SystemExit(f"local masks need S in {sorted(GRIDS)} (a Wan2.1 latent grid), got S={s}")
+    if not uneven:
+        return masks_pkg.local_3d_mask(grid, block, density, heads=h,
+                                       temporal_weights=LOCAL_TEMPORAL_WEIGHTS).to(device)
+    factors = torch.linspace(0.25, 1.75, h).tolist() if h > 1 else [1.0]
+    heads = [masks_pkg.local_3d_mask(grid, block, min(1.0, density * f), heads=1,
+                                     temporal_weights=(LOCAL_TEMPORAL_WEIGHTS[i % 3],))
+             for i, f in enumerate(factors)]
+    return torch.cat(heads).to(device)
+
+
+def build_mask(kind, h, s, block, density, device):
+    n = math.ceil(s / block)
+    if density >= 1.0:
+        return torch.ones(h, n, n, dtype=torch.bool, device=device)
+    if kind == "random":
+        return random_mask(h, n, density, int(density * 1000) + s, device)
+    if kind in ("local", "local_uneven"):
+        return local_mask(h, s, block, density, device, uneven=kind == "local_uneven")
+    raise SystemExit(f"unknown mask kind {kind!r}: random, local or local_uneven")
 
 
 # --------------------------------------------------------------------------------------
@@ -220,13 +233,14 @@ def kernel_info(compiled):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--shapes", default="1,12,32760,128;1,12,75600,128", help="B,H,S,D;...")
+    p.add_argument("--shapes", default=DEFAULT_SHAPES, help="B,H,S,D;...")
     p.add_argument("--densities", default="1.0,0.5,0.3,0.2,0.1")
     p.add_argument("--masks", default="random,local")
     p.add_argument("--block-size", type=int, default=128)
     p.add_argument("--dtype", default="bfloat16")
-    p.add_argument("--variants", default="default,lists_tma1,lists_ptr,bits",
-                   help="our kernel's variants to time")
+    p.add_argument("--variants", default="lists_tma1,gluon,gluon_persistent",
+                   help="our kernels' variants to time (default, lists_tma1, lists_tma2, lists_ptr, bits, gluon, "
+                        "gluon_persistent, gluon[:CONFIG])")
     p.add_argument("--sweep", default=None, help="MODE:BM,BN,WARPS,STAGES[:ws];... explicit configs to time")
     p.add_argument("--no-flex", action="store_true")
     p.add_argument("--no-fa4", action="store_true", help="skip FlashAttention-4 even where it is installed")
@@ -274,8 +288,8 @@ def main(argv=None):
     for shape_text in args.shapes.split(";"):
         b, h, s, d = parse_shape(shape_text)
         flops_dense = 4.0 * b * h * s * s * d
-        gen = torch.Generator().manual_seed(0)
-        x = torch.randn(3, b, s, h, d, generator=gen).to(dtype).to(dev)
+        gen = torch.Generator(dev).manual_seed(0)
+        x = torch.randn(3, b, s, h, d, generator=gen, device=dev, dtype=dtype)
         q, k, v = (t.transpose(1, 2) for t in x)  # (B, H, S, D) views of (B, S, H, D), as in a DiT
         n = math.ceil(s / block)
         row = dict(shape=[b, h, s, d])
@@ -303,11 +317,7 @@ def main(argv=None):
             for density in densities:
                 if density >= 1.0 and mask_kind != args.masks.split(",")[0]:
                     continue  # the dense mask is the same for every kind
-                mgen = torch.Generator().manual_seed(int(density * 1000) + s)
-                if mask_kind == "random":
-                    mask = random_mask(h, n, density, mgen, dev)
-                else:
-                    mask = local_mask(h, s, block, density, mgen, dev)
+                mask = build_mask(mask_kind, h, s, block, density, dev)
                 actual = mask.float().mean().item()
                 words = bitpack.pack_block_mask(mask)
                 lists = bsa.kv_block_lists(words, n)
@@ -330,12 +340,17 @@ def main(argv=None):
 
                             out = run_ours()
                             compiled = None
-                        elif variant.startswith("gluon"):  # "gluon" or "gluon:CONSUMERS-STAGES-PW-PREGS-CREGS-MODE"
+                        elif variant.startswith("gluon"):
+                            # "gluon[_persistent][_pingpong]", optionally ":CONSUMERS-STAGES-PW-PREGS-CREGS-MODE"
                             config = tuple(int(x) for x in variant.split(":")[1].split("-")) if ":" in variant else None
+                            persistent = "persistent" in variant.split(":")[0]
+                            pingpong = "pingpong" in variant.split(":")[0]
+                            work = gluon_bsa.gluon_work_list(lists[0], b) if persistent else None  # once per mask
 
-                            def run_ours(out=out, config=config):
-                                return gluon_bsa.gluon_block_sparse_attention(q, k, v, lists, block, out=out,
-                                                                              config=config)
+                            def run_ours(out=out, config=config, persistent=persistent, pingpong=pingpong, work=work):
+                                return gluon_bsa.gluon_block_sparse_attention(
+                                    q, k, v, lists, block, out=out, config=config, persistent=persistent,
+                                    pingpong=pingpong, work_list=work)
 
                             run_ours()
                             compiled = None
@@ -446,7 +461,7 @@ def sweep(args, env, dtype, block, densities, do_bench):
     n = math.ceil(s / block)
     cases = []
     for density in densities:
-        mask = random_mask(h, n, density, torch.Generator().manual_seed(int(density * 1000) + s), dev)
+        mask = build_mask("random", h, s, block, density, dev)
         words = bitpack.pack_block_mask(mask)
         cases.append((density, mask.float().mean().item(), words, bsa.kv_block_lists(words, n),
                       reference_slices(q, k, v, mask, block)))
@@ -498,7 +513,7 @@ def joint_local_mask(heads, grid, text_tokens, block, density):
 
 def key_padding(args, env, dtype, block, do_bench, device="cuda"):
     """Cost of key padding in the kernel: key_valid vs none, same masks, one process."""
-    shapes = args.shapes if args.shapes != "1,12,32760,128;1,12,75600,128" else f"1,24,{32760 + args.text_tokens},128"
+    shapes = args.shapes if args.shapes != DEFAULT_SHAPES else f"1,24,{32760 + args.text_tokens},128"
     b, h, s, d = parse_shape(shapes.split(";")[0])
     video = s - args.text_tokens
     grid = GRIDS.get(video)
@@ -537,11 +552,20 @@ def key_padding(args, env, dtype, block, do_bench, device="cuda"):
         lists = bsa.compact_block_lists(*bsa.kv_block_lists(words, n))
         flops = 4.0 * b * h * s * s * d * actual
         timings = {}
-        for name, kv in (("triton_none", None), ("triton_key_valid", key_valid)):
-            def run(kv=kv):
+        runs = [("triton_none", None, "triton"), ("triton_key_valid", key_valid, "triton")]
+        if "gluon" in args.variants.split(",") and gluon_bsa.gluon_unsupported_reason(q.device, q.dtype, d, block) is None:
+            runs += [("gluon_none", None, "gluon"), ("gluon_key_valid", key_valid, "gluon")]
+        for name, kv, kernel in runs:
+            def run(kv=kv, kernel=kernel):
+                if kernel == "gluon":
+                    return gluon_bsa.gluon_block_sparse_attention(q, k, v, lists, block, key_valid=kv)
                 return bsa.block_sparse_attention(q, k, v, words, block, block_lists=lists, key_valid=kv)
 
-            out = run()
+            try:
+                out = run()
+            except Exception as exc:  # the Gluon kernel on a machine where it fails: the rest still runs
+                record(dict(kernel=name, density=density, error=repr(exc)[:300]))
+                continue
             if dev.type == "cuda":
                 torch.cuda.synchronize()
             slices = [(r0, r1, reference.block_sparse_attention_reference(
@@ -559,46 +583,77 @@ def key_padding(args, env, dtype, block, do_bench, device="cuda"):
                             tflops=flops / ms * 1e-9))
             except Exception as exc:
                 record(dict(kernel="fa4_none", density=density, error=repr(exc)[:300]))
-        overhead = timings["triton_key_valid"] / timings["triton_none"]
-        record(dict(kernel="key_valid_over_none", density=density, ratio=overhead))
-        print(f"S={s} local d={density:.2f} ({actual:.3f}): none {timings['triton_none']:.3f} ms, key_valid "
-              f"{timings['triton_key_valid']:.3f} ms: x{overhead:.3f}", flush=True)
+        for kernel in ("triton", "gluon"):
+            if f"{kernel}_none" in timings and f"{kernel}_key_valid" in timings:
+                overhead = timings[f"{kernel}_key_valid"] / timings[f"{kernel}_none"]
+                record(dict(kernel=f"{kernel}_key_valid_over_none", density=density, ratio=overhead))
+                print(f"KEYPAD S={s} local d={density:.2f} ({actual:.3f}) {kernel}: none "
+                      f"{timings[f'{kernel}_none']:.3f} ms, key_valid {timings[f'{kernel}_key_valid']:.3f} ms: "
+                      f"x{overhead:.3f}", flush=True)
+        if "gluon_key_valid" in timings:
+            speedup = timings["triton_key_valid"] / timings["gluon_key_valid"]
+            print(f"KEYPAD S={s} local d={density:.2f}: with key_valid, Gluon x{speedup:.2f} vs Triton", flush=True)
+
+
+# table columns: (result kernel name, column title); the ratios compare the Gluon kernel with each peer
+TABLE_COLUMNS = (("sdpa_cudnn", "cuDNN dense"), ("fa4_dense", "FA4 dense"), ("fa4", "FA4 block-sparse"),
+                 ("flex", "Flex"), ("ours_lists_tma1", "Triton"), ("ours_default", "Triton (public call)"),
+                 ("ours_gluon", "Gluon"), ("ours_gluon_persistent", "Gluon persistent"),
+                 ("ours_gluon_pingpong", "Gluon ping-pong"), ("ours_gluon_persistent_pingpong", "Gluon pers. ping-pong"))
+GLUON_SCHEDULES = ("ours_gluon", "ours_gluon_persistent", "ours_gluon_pingpong", "ours_gluon_persistent_pingpong")
+RATIO_PEERS = (("fa4", "FA4"), ("sdpa_cudnn", "dense cuDNN"), ("ours_lists_tma1", "Triton"), ("flex", "Flex"))
 
 
 def print_table(results, densities):
-    """Markdown table: one row per (shape, mask, kernel); cells 'ms (TFLOP/s)'; then ratios."""
-    groups = {}
+    """Markdown, one table per (shape, mask kind): a row per density, 'ms (TFLOP/s)' per kernel, then the
+    fastest Gluon schedule's speed-up over each peer (peer ms / Gluon ms, same process; over dense cuDNN:
+    cuDNN's dense time / Gluon's sparse time) and the persistent schedule's over the plain one."""
+    shapes = []
     for r in results:
-        if "ms" not in r:
-            continue
-        key = (tuple(r["shape"]), "random" if r["mask"] == "dense" and r["kernel"].startswith("sdpa") else r["mask"])
-        groups.setdefault(tuple(r["shape"]), []).append(r)
-    for shape, rows in groups.items():
-        kinds = sorted({r["mask"] for r in rows if r["mask"] != "dense"})
-        for kind in kinds:
-            print(f"\n### {shape} bf16, {kind} masks: ms (eff. TFLOP/s) [x vs flex, x vs FA4 block-sparse, x vs dense cuDNN]")
-            print("| kernel | " + " | ".join(f"{d:g}" for d in densities) + " |")
-            print("|---|" + "---|" * len(densities))
-            kernels = []
-            for r in rows:
-                if r["kernel"] not in kernels:
-                    kernels.append(r["kernel"])
-            for kern in kernels:
+        if tuple(r["shape"]) not in shapes:
+            shapes.append(tuple(r["shape"]))
+    for shape in shapes:
+        rows = [r for r in results if tuple(r["shape"]) == shape and "ms" in r]
+        kinds = []
+        for r in rows:
+            if r["mask"] != "dense" and r["mask"] not in kinds:
+                kinds.append(r["mask"])
+        present = {r["kernel"] for r in rows}
+        columns = [(key, title) for key, title in TABLE_COLUMNS if key in present]
+        peers = [(key, title) for key, title in RATIO_PEERS if key in present]
+        for kind in kinds or ["dense"]:
+            print(f"\n### {shape} bf16, {kind} masks: ms (effective TFLOP/s); ratios: the fastest Gluon schedule")
+            head = [title for _, title in columns] + [f"Gluon x vs {t}" for _, t in peers] + ["persistent x vs plain"]
+            print("| density | " + " | ".join(head) + " |")
+            print("|---|" + "---|" * len(head))
+            dense_cudnn = next((r for r in rows if r["kernel"] == "sdpa_cudnn"), None)
+            for d in densities:
+                def find(key):
+                    for r in rows:
+                        if r["kernel"] != key or abs(r["density"] - d) > 1e-9:
+                            continue
+                        if r["mask"] == kind or r["mask"] == "dense" or key == "sdpa_cudnn":
+                            return r
+                    return None
                 cells = []
-                for d in densities:
-                    match = [r for r in rows if r["kernel"] == kern and abs(r["density"] - d) < 1e-9
-                             and (r["mask"] == kind or r["mask"] == "dense")]
-                    if not match:
-                        cells.append("")
-                        continue
-                    r = match[0]
-                    extra = ""
-                    if not kern.startswith("sdpa"):
-                        ratios = [r.get("speedup_vs_flex"), r.get("speedup_vs_fa4"),
-                                  next((v for key, v in r.items() if key.startswith("speedup_vs_dense")), None)]
-                        extra = " [" + ", ".join("-" if x is None else f"{x:.2f}" for x in ratios) + "]"
-                    cells.append(f"{r['ms']:.2f} ({r['tflops']:.0f}){extra}")
-                print(f"| {kern} | " + " | ".join(cells) + " |")
+                for key, _ in columns:
+                    r = find(key) if (key not in ("sdpa_cudnn", "fa4_dense") or d >= 1.0) else None
+                    cells.append(f"{r['ms']:.2f} ({r['tflops']:.0f})" if r else "")
+                gluon = [r for r in map(find, GLUON_SCHEDULES) if r]
+                best = min((r["ms"] for r in gluon), default=None)
+                for key, _ in peers:
+                    peer = dense_cudnn if key == "sdpa_cudnn" else find(key)  # cuDNN: dense attention's time
+                    cells.append(f"{peer['ms'] / best:.2f}" if peer and best else "")
+                plain, pers = find("ours_gluon"), find("ours_gluon_persistent")
+                cells.append(f"{plain['ms'] / pers['ms']:.2f}" if plain and pers else "")
+                if any(cells):
+                    print(f"| {'dense' if d >= 1.0 else f'{d:g}'} | " + " | ".join(cells) + " |")
+    worst = max((r.get("err_vs_ref", 0.0) for r in results if "ms" in r), default=float("nan"))
+    errors = [f"{r['kernel']} {r['shape']} {r['mask']} {r['density']}: {r['error'][:200]}" for r in results
+              if "error" in r]
+    print(f"\nlargest error against the fp32 reference (first and last two query blocks): {worst:.2e}")
+    for line in errors:
+        print("FAILED", line)
 
 
 if __name__ == "__main__":

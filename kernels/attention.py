@@ -13,17 +13,32 @@ picks how (:func:`choose_route`):
    device (``mask_index`` without ``group``: a CUDA-graph capture) and that also
    holds all-ones masks, whose rows the cached lists leave out: the Triton kernel
    builds the lists of ``mask[g]`` on the device (one small launch, no sync).
-3. ``fa4``: FlashAttention-4's block-sparse forward where it is installed and
+3. ``gluon``: the warp-specialised Gluon kernel for Hopper (:mod:`.gluon_block_sparse`)
+   where it serves the call: an sm90 GPU with Gluon's Hopper module (triton >= 3.5),
+   fp16/bf16, head dim 64 or 128, 128-token blocks; key padding and empty rows
+   included. ``kernel="auto"`` and ``kernel="gluon"`` take it; ``"gluon"`` on a call it
+   cannot serve runs the Triton kernel (or the chunked path), with a warning. Inputs TMA
+   cannot read in place (a last dim that is not contiguous, strides or a base that are not
+   16-byte aligned: :func:`.gluon_block_sparse.gluon_layout_reason`, asked per call) run
+   the Triton kernel too, and so does every later call of its kind when the Gluon kernel
+   fails to compile with the installed Triton (one warning; the mask remembers).
+4. ``fa4``: FlashAttention-4's block-sparse forward where it is installed and
    serves the call (Hopper, fp16/bf16, head dim 64/96/128, 128-token blocks, no
-   key padding, no empty rows) and ``kernel`` is not ``"triton"``.
-4. ``gluon``: only with ``kernel="gluon"``: the warp-specialised Gluon kernel for
-   Hopper (:mod:`.gluon_block_sparse`: sm90, fp16/bf16, head dim 64/128, 128-token
-   blocks, no key padding). Where it cannot serve the call, the Triton kernel does,
-   with a warning. ``"auto"`` does not pick it (yet: until it is measured faster).
+   key padding, no empty rows) and ``kernel`` is ``"fa4"``, or ``"auto"`` on a call
+   the Gluon kernel does not serve (another head dim; a Blackwell GPU).
 5. ``triton``: the Triton kernel where Triton runs (CUDA, or the CPU under
    ``TRITON_INTERPRET=1``; bf16 runs in fp32 there) and supports the shape.
 6. ``chunked``: the chunked PyTorch path (SDPA with a token mask per chunk of
    query blocks): CPU without the interpreter, or a shape Triton does not take.
+
+The rule of ``kernel="auto"``, in one line: dense masks run dense (FA4's dense
+forward where installed, else SDPA); sparse masks run the Gluon kernel on sm90
+where it serves the call, else FA4's block-sparse forward where it serves it, else
+the Triton kernel (every other GPU, and the CPU under the interpreter), else the
+chunked path. ``kernel="fa4"`` puts FA4 before Gluon, ``"triton"`` skips both. A
+stack selected on the device only with all-ones masks in it (a CUDA-graph capture
+of a schedule with dense steps) runs the Triton kernel's device-built lists, whatever
+the choice (its compile is warmed before the capture, see ``plans.warm_capture_path``).
 
 Every route computes the same thing: SDPA with the block mask expanded to tokens
 and combined with ``key_valid``; a query row with no key to attend is zero
@@ -107,10 +122,8 @@ def _call_kind(query: torch.Tensor) -> tuple:
     return (str(query.device), query.dtype, int(query.shape[-1]))
 
 
-def _gluon_reason(query: torch.Tensor, mask: BlockMask, key_valid) -> Optional[str]:
+def _gluon_reason(query: torch.Tensor, mask: BlockMask) -> Optional[str]:
     """None when the Gluon Hopper kernel serves this call, else why not (asked once per mask and kind of call)."""
-    if key_valid is not None:
-        return "key padding (key_valid) is not in the Gluon kernel yet"
     from .gluon_block_sparse import gluon_unsupported_reason
 
     return _kept_reason(query, mask, "gluon_reasons", gluon_unsupported_reason)
@@ -160,11 +173,12 @@ def choose_route(
         if triton_reason is None:
             return Route("triton_device_lists", "the selected mask is known only on the device")
         return Route("chunked", triton_reason)
-    if kernel == "gluon":
-        gluon_reason = _gluon_reason(query, mask, key_valid)
+    if kernel in ("auto", "gluon"):
+        gluon_reason = _gluon_reason(query, mask)
         if gluon_reason is None:
             return Route("gluon")
-        fa4_reason = f"kernel='gluon', which cannot serve it: {gluon_reason}"
+        if kernel == "gluon":
+            fa4_reason = f"kernel='gluon', which cannot serve it: {gluon_reason}"
     if fa4_reason is None and not facts:
         fa4_reason = "the mask's rows are not known on the host (ask mask.density once to allow FA4)"
     if fa4_reason is None:
@@ -205,10 +219,11 @@ def sparse_attention(
             When both are given they must agree (not checked: that would sync).
         key_valid: optional bool ``(B, S)`` key padding, True where the key may be
             attended (``(1, S)`` applies to every batch element).
-        kernel: ``"auto"`` (FA4 where it serves the call, else Triton, else the
-            chunked path), ``"fa4"`` (the same, with a warning when FA4 cannot serve
-            the call), ``"triton"`` (never FA4), ``"gluon"`` (the Gluon Hopper kernel,
-            else Triton with a warning).
+        kernel: ``"auto"`` (the Gluon kernel on sm90 where it serves the call, else
+            FA4 where it serves it, else Triton, else the chunked path), ``"fa4"``
+            (FA4 first, with a warning when FA4 cannot serve the call), ``"triton"``
+            (neither Gluon nor FA4), ``"gluon"`` (the Gluon Hopper kernel, else Triton
+            with a warning).
 
     Returns:
         ``(B, H, S, D)`` in the memory layout of ``(B, S, H, D)`` (flash SDPA's; see
@@ -233,13 +248,10 @@ def sparse_attention(
         warnings.warn(f"sparse_attention: kernel='gluon' runs {route.name}: {route.reason}", stacklevel=2)
     name = route.name
     if name == "gluon":
-        from .block_sparse_attention import _lists_on_device
-        from .gluon_block_sparse import gluon_block_sparse_attention
-
-        words, index, lists = _kernel_operands(mask, mask_index, group, device_lists=False)
-        if lists is None:  # lists of the selected mask built on the device (no sync)
-            lists, index = _lists_on_device(words, index, mask.num_blocks), None
-        return gluon_block_sparse_attention(query, key, value, lists, mask.block_size, scale, index)
+        out = _run_gluon(query, key, value, mask, scale, mask_index, group, key_valid, kernel)
+        if out is not None:
+            return out
+        name = choose_route(query, mask, mask_index=mask_index, key_valid=key_valid, kernel="triton", group=group).name
     if name in ("fa4", "dense_fa4"):
         from .fa4_block_sparse import FA4_REFUSALS
 
@@ -269,6 +281,58 @@ def sparse_attention(
     out.copy_(block_sparse_attention_chunked(query, key, value, mask.words[g], mask.block_size, scale=scale,
                                              key_valid=key_valid))
     return out
+
+
+def _run_gluon(query, key, value, mask: BlockMask, scale, mask_index, group, key_valid, kernel,
+               return_lse: bool = False):
+    """The Gluon kernel on this call (its default schedule, :mod:`.gluon_block_sparse`): the output, or
+    with ``return_lse`` the pair (output, natural-log lse fp32 ``(B, H, S)``, ``-inf`` for a row with no
+    key). None where it cannot run the call and the caller runs the Triton kernel: inputs TMA cannot
+    read in place (a warning under ``kernel="gluon"``), or a kernel that does not compile with the
+    installed Triton (raised before any launch; one warning, and the mask remembers for such calls).
+    Any other error propagates."""
+    from .block_sparse_attention import _lists_on_device
+    from .gluon_block_sparse import (DEFAULT_PERSISTENT, DEFAULT_PINGPONG, gluon_block_sparse_attention,
+                                     gluon_compile_failure, gluon_layout_reason)
+
+    layout_reason = gluon_layout_reason(query, key, value)
+    if layout_reason is not None:
+        if kernel == "gluon":
+            warnings.warn(f"sparse_attention: kernel='gluon' runs the Triton kernel: {layout_reason}", stacklevel=3)
+        return None
+    words, index, lists = _kernel_operands(mask, mask_index, group, device_lists=False)
+    work = None
+    if lists is None:  # lists of the selected mask built on the device (no sync)
+        lists, index = _lists_on_device(words, index, mask.num_blocks), None
+    elif DEFAULT_PERSISTENT:
+        work = _gluon_work_list(mask, lists[0], query.shape[0], "stack" if index is not None else group)
+    try:
+        return gluon_block_sparse_attention(query, key, value, lists, mask.block_size, scale, index,
+                                            key_valid=key_valid, return_lse=return_lse,
+                                            persistent=work is not None, work_list=work, pingpong=DEFAULT_PINGPONG)
+    except Exception as error:
+        if not gluon_compile_failure(error):
+            raise
+        reason = f"the Gluon kernel failed to compile here ({type(error).__name__}: {str(error)[:300]})"
+        mask._derived.setdefault("gluon_reasons", {})[_call_kind(query)] = reason
+        warnings.warn(f"sparse_attention: {reason}; it runs the Triton kernel instead", stacklevel=3)
+        return None
+
+
+def _gluon_work_list(mask: BlockMask, counts: torch.Tensor, batch: int, selection) -> Optional[torch.Tensor]:
+    """The persistent schedule's work list of the mask's cached lists (``selection``: the host-known
+    group, or "stack" for the device-selected stack), built once per selection and batch size and kept
+    in the mask's derived facts. None inside a CUDA-graph capture before it exists (a capture records
+    the build without running it): that call runs the plain schedule."""
+    from .gluon_block_sparse import gluon_work_list
+
+    works = mask._derived.setdefault("gluon_work", {})
+    work = works.get((selection, batch))
+    if work is None:
+        if counts.is_cuda and torch.cuda.is_current_stream_capturing():
+            return None
+        work = works[(selection, batch)] = gluon_work_list(counts, batch)
+    return work
 
 
 def _kernel_operands(mask: BlockMask, mask_index, group, device_lists: bool):

@@ -132,6 +132,7 @@ from scaling_compile.kernels.attention import choose_route, sparse_attention  # 
 from scaling_compile.kernels.bitpack import pack_block_mask  # noqa: E402
 from scaling_compile.kernels.block_mask import BlockMask  # noqa: E402
 from scaling_compile.kernels.fa4_block_sparse import fa4_unsupported_reason  # noqa: E402
+from scaling_compile.kernels import gluon_block_sparse as gbs  # noqa: E402
 
 
 def _masked_sdpa(q, k, v, bool_mask, block_size, key_valid=None):
@@ -192,8 +193,9 @@ def test_kernel_key_valid_bf16(kind, block_size, d, lists, use_tma):
 
 
 def test_entry_bf16_routes_and_key_padding():
-    """Autotuned public path through sparse_attention: FA4 (where installed) or Triton without padding,
-    Triton with it; all-ones masks dense; all equal to the masked SDPA."""
+    """The public path through sparse_attention, kernel="auto": Gluon on sm90 (with and without padding),
+    else FA4 (where installed) without padding and Triton with it; all-ones masks dense; all equal to
+    the masked SDPA."""
     b, h, s, d, block = 2, 4, 3000, 128, 128
     q, k, v = _qkv(b, h, s, d, seed=21)
     n = math.ceil(s / block)
@@ -204,8 +206,10 @@ def test_entry_bf16_routes_and_key_padding():
     mask.kv_block_lists
     key_valid = _key_valid("suffix_padded", b, s, seed=21)
     fa4_serves = fa4_unsupported_reason(q.device, q.dtype, d, block) is None
-    assert choose_route(q, mask).name == ("fa4" if fa4_serves else "triton")
-    assert choose_route(q, mask, key_valid=key_valid).name == "triton"
+    gluon_serves = gbs.gluon_unsupported_reason(q.device, q.dtype, d, block) is None
+    assert choose_route(q, mask).name == ("gluon" if gluon_serves else "fa4" if fa4_serves else "triton")
+    assert choose_route(q, mask, key_valid=key_valid).name == ("gluon" if gluon_serves else "triton")
+    assert choose_route(q, mask, kernel="triton").name == "triton"
     _check_bf16(sparse_attention(q, k, v, mask), _masked_sdpa(q, k, v, bool_mask, block))
     _check_bf16(sparse_attention(q, k, v, mask, key_valid=key_valid), _masked_sdpa(q, k, v, bool_mask, block, key_valid))
     ones = torch.ones(h, n, n, dtype=torch.bool)
@@ -242,8 +246,6 @@ def test_entry_key_valid_in_a_cuda_graph():
 # the Gluon Hopper kernel (kernels/gluon_block_sparse.py) against the masked SDPA, bf16
 # --------------------------------------------------------------------------------------
 
-from scaling_compile.kernels import gluon_block_sparse as gbs  # noqa: E402
-
 needs_gluon_hopper = pytest.mark.skipif(
     not torch.cuda.is_available()
     or gbs.gluon_unsupported_reason(torch.device("cuda"), torch.bfloat16, 128, 128) is not None,
@@ -273,7 +275,8 @@ def _gluon_mask(h, n, pattern, seed):
 @pytest.mark.parametrize("d", [64, 128])
 @pytest.mark.parametrize("s", [1000, 1024])  # ragged and not
 @pytest.mark.parametrize("compact", [False, True])
-def test_gluon_kernel_matches_masked_sdpa(pattern, d, s, compact):
+@pytest.mark.parametrize("persistent", [False, True])
+def test_gluon_kernel_matches_masked_sdpa(pattern, d, s, compact, persistent):
     b, h, block = 2, 3, 128
     q, k, v = _qkv(b, h, s, d, seed=31 + d)
     n = math.ceil(s / block)
@@ -282,7 +285,7 @@ def test_gluon_kernel_matches_masked_sdpa(pattern, d, s, compact):
     if compact:
         lists = bsa.compact_block_lists(*lists)
     out = bsa.empty_output_like(q).fill_(float("nan"))
-    gbs.gluon_block_sparse_attention(q, k, v, lists, block, out=out)
+    gbs.gluon_block_sparse_attention(q, k, v, lists, block, out=out, persistent=persistent)
     torch.cuda.synchronize()
     _check_bf16(out, _masked_sdpa(q, k, v, bool_mask, block))
 
@@ -311,9 +314,9 @@ def test_gluon_entry_route_stacked_mask_in_a_cuda_graph():
     mask.kv_block_lists
     index = torch.zeros(1, dtype=torch.int32, device="cuda")
     assert choose_route(q, mask, mask_index=index, kernel="gluon").name == "gluon"
-    assert choose_route(q, mask, mask_index=index).name != "gluon"  # "auto" does not pick it yet
+    assert choose_route(q, mask, mask_index=index).name == "gluon"  # "auto" picks it on sm90
     key_valid = torch.ones(b, s, dtype=torch.bool, device="cuda")
-    assert choose_route(q, mask, mask_index=index, key_valid=key_valid, kernel="gluon").name == "triton"
+    assert choose_route(q, mask, mask_index=index, key_valid=key_valid, kernel="gluon").name == "gluon"
     sparse_attention(q, k, v, mask, mask_index=index, kernel="gluon")  # compile outside the capture
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
@@ -365,3 +368,214 @@ def test_backend_serves_wan_through_the_gluon_kernel(compile_mode):
         gluon_block_sparse.gluon_block_sparse_attention = original
     check(out, expected)
     assert launched, "no call reached the Gluon kernel"
+
+
+def _masked_lse(q, k, bool_mask, block_size, key_valid=None):
+    """Natural-log log-sum-exp of each row's attended scaled scores (fp32, CPU); -inf where none."""
+    s, d = q.shape[-2], q.shape[-1]
+    keep = bool_mask.cpu().repeat_interleave(block_size, -2)[..., :s, :].repeat_interleave(block_size, -1)[..., :s]
+    if key_valid is not None:
+        keep = keep & key_valid.cpu()[:, None, None, :]
+    scores = (q.float().cpu() @ k.float().cpu().transpose(-1, -2)) / math.sqrt(d)
+    return torch.logsumexp(scores.masked_fill(~keep, float("-inf")), -1)
+
+
+def _check_lse(lse, expected):
+    assert lse.dtype == torch.float32 and lse.shape == expected.shape
+    lse = lse.cpu()
+    assert torch.equal(torch.isinf(lse), torch.isinf(expected)), "rows with no key must be exactly -inf"
+    finite = torch.isfinite(expected)
+    torch.testing.assert_close(lse[finite], expected[finite], atol=2e-2, rtol=1e-3)
+
+
+@needs_gluon_hopper
+@pytest.mark.parametrize("kind", ["random", "prefix", "suffix_padded"])
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("persistent", [False, True])
+def test_gluon_kernel_key_padding_and_lse(kind, d, persistent):
+    """key_valid as SDPA's attn_mask & the block mask (rows with no valid key: zeros), and the lse output."""
+    b, h, s, block = 2, 3, 1000, 128  # ragged
+    q, k, v = _qkv(b, h, s, d, seed=41 + d)
+    n = math.ceil(s / block)
+    bool_mask = _gluon_mask(h, n, "random", seed=41 + d)
+    key_valid = _key_valid(kind, b, s, seed=d)
+    lists = bsa.compact_block_lists(*bsa.kv_block_lists(pack_block_mask(bool_mask).cuda(), n))
+    out = bsa.empty_output_like(q).fill_(float("nan"))
+    _, lse = gbs.gluon_block_sparse_attention(q, k, v, lists, block, key_valid=key_valid, return_lse=True,
+                                              persistent=persistent, out=out)
+    torch.cuda.synchronize()
+    _check_bf16(out, _masked_sdpa(q, k, v, bool_mask, block, key_valid))
+    _check_lse(lse, _masked_lse(q, k, bool_mask, block, key_valid))
+    one_row = _key_valid("random", 1, s, seed=d + 1)  # (1, S): the same padding for every batch element
+    out = gbs.gluon_block_sparse_attention(q, k, v, lists, block, key_valid=one_row, persistent=persistent)
+    _check_bf16(out, _masked_sdpa(q, k, v, bool_mask, block, one_row.expand(b, s)))
+
+
+@needs_gluon_hopper
+@pytest.mark.parametrize("pattern", ["random", "all_ones", "near_empty"])
+def test_gluon_kernel_lse_without_padding(pattern):
+    b, h, s, d, block = 1, 3, 1024, 128, 128
+    q, k, v = _qkv(b, h, s, d, seed=43)
+    n = s // block
+    bool_mask = _gluon_mask(h, n, pattern, seed=43)
+    lists = bsa.kv_block_lists(pack_block_mask(bool_mask).cuda(), n)
+    out, lse = gbs.gluon_block_sparse_attention(q, k, v, lists, block, return_lse=True)
+    torch.cuda.synchronize()
+    _check_bf16(out, _masked_sdpa(q, k, v, bool_mask, block))
+    _check_lse(lse, _masked_lse(q, k, bool_mask, block))
+
+
+@needs_gluon_hopper
+@pytest.mark.parametrize("pattern", ["random", "all_ones", "near_empty"])
+@pytest.mark.parametrize("d", [64, 128])
+def test_gluon_pingpong_matches_masked_sdpa(pattern, d):
+    """The two consumer warpgroups taking turns (FA3's ping-pong): same result, no deadlock on empty rows."""
+    b, h, s, block = 2, 3, 1000, 128
+    q, k, v = _qkv(b, h, s, d, seed=37 + d)
+    n = math.ceil(s / block)
+    bool_mask = _gluon_mask(h, n, pattern, seed=37 + d)
+    lists = bsa.kv_block_lists(pack_block_mask(bool_mask).cuda(), n)
+    out = gbs.gluon_block_sparse_attention(q, k, v, lists, block, pingpong=True)
+    torch.cuda.synchronize()
+    _check_bf16(out, _masked_sdpa(q, k, v, bool_mask, block))
+
+
+@needs_gluon_hopper
+@pytest.mark.parametrize("pingpong", [False, True])
+def test_gluon_persistent_uneven_rows_and_more_items_than_programs(pingpong):
+    """Rows of very different lengths (the work list's reason to exist), several items per program, batch 3:
+    every item is computed once, by the right program, with the ring's phases carried across items."""
+    b, h, s, d, block = 3, 4, 128 * 40 - 17, 128, 128  # 3 * 4 * 40 = 480 items > the SMs
+    q, k, v = _qkv(b, h, s, d, seed=44)
+    n = math.ceil(s / block)
+    g = torch.Generator().manual_seed(44)
+    bool_mask = torch.rand(h, n, n, generator=g) < torch.rand(h, n, 1, generator=g) ** 3  # uneven row densities
+    bool_mask[0, :5] = False  # empty rows
+    bool_mask[1, 7] = True  # a full row
+    bool_mask[2, 9] = False
+    bool_mask[2, 9, n - 1] = True  # only the ragged block
+    lists = bsa.compact_block_lists(*bsa.kv_block_lists(pack_block_mask(bool_mask).cuda(), n))
+    work = gbs.gluon_work_list(lists[0], b)
+    out = bsa.empty_output_like(q).fill_(float("nan"))
+    gbs.gluon_block_sparse_attention(q, k, v, lists, block, persistent=True, work_list=work, out=out,
+                                     pingpong=pingpong)
+    torch.cuda.synchronize()
+    _check_bf16(out, _masked_sdpa(q, k, v, bool_mask, block))
+    plain = gbs.gluon_block_sparse_attention(q, k, v, lists, block)
+    torch.testing.assert_close(out, plain, atol=0, rtol=0)  # same arithmetic, another schedule
+
+
+@needs_gluon_hopper
+@pytest.mark.parametrize("persistent, pingpong", [(False, False), (True, False), (True, True)])
+def test_gluon_kernel_stacked_lists_key_padding_in_a_cuda_graph(persistent, pingpong):
+    """Stacked lists selected on the device, key padding updated in place, lse: all under CUDA-graph replay."""
+    b, h, s, d, block = 2, 2, 900, 128, 128
+    q, k, v = _qkv(b, h, s, d, seed=45)
+    n = math.ceil(s / block)
+    stack = torch.stack([_gluon_mask(h, n, "random", seed=46), _gluon_mask(h, n, "near_empty", seed=47),
+                         _gluon_mask(h, n, "all_ones", seed=48)])
+    lists = bsa.kv_block_lists(pack_block_mask(stack).cuda(), n)
+    work = gbs.gluon_work_list(lists[0], b)
+    index = torch.zeros(1, dtype=torch.int32, device="cuda")
+    key_valid = _key_valid("random", b, s, seed=45)
+
+    def call():
+        return gbs.gluon_block_sparse_attention(q, k, v, lists, block, mask_index=index, key_valid=key_valid,
+                                                return_lse=True, persistent=persistent, pingpong=pingpong,
+                                                work_list=work)
+
+    call()  # compile outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out, lse = call()
+    for group, seed in ((2, 49), (1, 50), (0, 51)):
+        index.fill_(group)
+        key_valid.copy_(_key_valid("prefix" if group else "random", b, s, seed=seed))
+        graph.replay()
+        torch.cuda.synchronize()
+        _check_bf16(out, _masked_sdpa(q, k, v, stack[group], block, key_valid))
+        _check_lse(lse, _masked_lse(q, k, stack[group], block, key_valid))
+
+
+@needs_gluon_hopper
+def test_auto_serves_key_padding_through_the_gluon_kernel():
+    """sparse_attention(kernel="auto") with key padding on sm90: the Gluon route, equal to the masked SDPA."""
+    b, h, s, d, block = 2, 3, 1500, 64, 128
+    q, k, v = _qkv(b, h, s, d, seed=52)
+    n = math.ceil(s / block)
+    bool_mask = _gluon_mask(h, n, "random", seed=52)
+    mask = BlockMask.from_bool(bool_mask, block, s).to("cuda")
+    mask.kv_block_lists
+    key_valid = _key_valid("suffix_padded", b, s, seed=52)
+    assert choose_route(q, mask, key_valid=key_valid).name == "gluon"
+    _check_bf16(sparse_attention(q, k, v, mask, key_valid=key_valid), _masked_sdpa(q, k, v, bool_mask, block, key_valid))
+
+
+@needs_gluon_hopper
+def test_views_tma_cannot_read_run_the_triton_kernel():
+    """A base that is not 16-byte aligned: kernel="auto" serves it with the Triton kernel (exact), and
+    kernel="gluon" says so in a warning, instead of failing in the Gluon kernel's TMA checks."""
+    b, h, s, d, block = 1, 2, 600, 128, 128
+    n = math.ceil(s / block)
+    g = torch.Generator().manual_seed(53)
+    flat = torch.randn(3 * b * s * h * d + 8, generator=g).to(torch.bfloat16).cuda()
+    q, k, v = (flat[1 + i * b * s * h * d: 1 + (i + 1) * b * s * h * d].view(b, s, h, d).transpose(1, 2)
+               for i in range(3))
+    assert gbs.gluon_layout_reason(q, k, v) is not None
+    bool_mask = _gluon_mask(h, n, "random", seed=53)
+    mask = BlockMask.from_bool(bool_mask, block, s).to("cuda")
+    mask.kv_block_lists
+    assert choose_route(q, mask).name == "gluon"  # the route is a per-mask fact; the layout is checked per call
+    _check_bf16(sparse_attention(q, k, v, mask), _masked_sdpa(q, k, v, bool_mask, block))
+    with pytest.warns(UserWarning, match="kernel='gluon' runs the Triton kernel"):
+        out = sparse_attention(q, k, v, mask, kernel="gluon")
+    _check_bf16(out, _masked_sdpa(q, k, v, bool_mask, block))
+
+
+@needs_gluon_hopper
+@pytest.mark.parametrize("pingpong", [False, True])
+def test_entry_with_the_persistent_schedule_as_default(monkeypatch, pingpong):
+    """What flipping gluon_block_sparse.DEFAULT_PERSISTENT (and DEFAULT_PINGPONG) does to sparse_attention:
+    a work list built once per selection and batch size, reused under CUDA-graph capture, exact results."""
+    monkeypatch.setattr(gbs, "DEFAULT_PERSISTENT", True)
+    monkeypatch.setattr(gbs, "DEFAULT_PINGPONG", pingpong)
+    b, h, s, d, block = 2, 2, 1100, 128, 128
+    q, k, v = _qkv(b, h, s, d, seed=54)
+    n = math.ceil(s / block)
+    stack = torch.stack([_gluon_mask(h, n, "random", seed=55), _gluon_mask(h, n, "near_empty", seed=56)])
+    mask = BlockMask.from_bool(stack, block, s).to("cuda")
+    mask.kv_block_lists
+    key_valid = _key_valid("prefix", b, s, seed=54)
+    _check_bf16(sparse_attention(q, k, v, mask, group=0, key_valid=key_valid),
+                _masked_sdpa(q, k, v, stack[0], block, key_valid))
+    assert (0, b) in mask._derived["gluon_work"]
+    index = torch.ones(1, dtype=torch.int32, device="cuda")
+    sparse_attention(q, k, v, mask, mask_index=index)  # builds the stack's work list outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = sparse_attention(q, k, v, mask, mask_index=index)
+    for group in (0, 1):
+        index.fill_(group)
+        graph.replay()
+        torch.cuda.synchronize()
+        _check_bf16(out, _masked_sdpa(q, k, v, stack[group], block))
+
+
+@needs_gluon_hopper
+def test_gluon_entry_route_returns_the_lse():
+    """The Gluon route's lse (what sparse_attention(return_lse=True) hands to a ring merge), key padding included."""
+    from scaling_compile.kernels import attention
+
+    b, h, s, d, block = 2, 2, 1000, 128, 128
+    q, k, v = _qkv(b, h, s, d, seed=57)
+    n = math.ceil(s / block)
+    bool_mask = _gluon_mask(h, n, "random", seed=57)
+    mask = BlockMask.from_bool(bool_mask, block, s).to("cuda")
+    mask.kv_block_lists
+    key_valid = _key_valid("suffix_padded", b, s, seed=57)
+    out, lse = attention._run_gluon(q, k, v, mask, None, None, None, key_valid, "auto", return_lse=True)
+    torch.cuda.synchronize()
+    _check_bf16(out, _masked_sdpa(q, k, v, bool_mask, block, key_valid))
+    _check_lse(lse, _masked_lse(q, k, bool_mask, block, key_valid))
