@@ -258,7 +258,7 @@ def speed_pass(model, topology, runs, inputs_seq, rounds, results, save):
         forward_ms = time_sequence(model, inputs_seq, rounds)
         # one more pass: prediction sections timed by CUDA events (GPU time only, so the host-side
         # copies of the recorded masks in the same pass do not count), masks recorded
-        with torch.no_grad(), policies.time_predictions() as timer, policies.record_masks() as recorded:
+        with torch.no_grad(), policies.time_predictions(*map(get_plan, plan_ids)) as timer, policies.record_masks() as recorded:
             for inputs in inputs_seq:
                 model(**dict(inputs, return_dict=False))
         per_forward = {name: ms / len(inputs_seq) for name, ms in timer.ms.items()}

@@ -544,7 +544,7 @@ def _require_finite(topology: Topology) -> None:
 
 
 def _version() -> str:
-    from .. import __version__
+    from ..version import __version__
 
     return __version__
 

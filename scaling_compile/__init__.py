@@ -24,6 +24,7 @@ from .artifact import check_model, load_artifact
 from .calibration import CalibrationSample, CalibrationSet, synthetic_calibration, wan_pipeline_calibration
 from .fast import DENSE_STEP, StepSchedule
 from .passes.profile import profile
+from .version import __version__
 
 __all__ = [
     "ArtifactError",
@@ -49,4 +50,3 @@ __all__ = [
     "set_grid",
     "token_grid",
 ]
-__version__ = "0.1.0"

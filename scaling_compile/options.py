@@ -11,13 +11,11 @@ from __future__ import annotations
 import math
 import numbers
 import os
-import threading
-import weakref
 from dataclasses import dataclass, fields
 from typing import Mapping
 
 from .errors import ScalingCompileError
-from .policies import POLICIES  # noqa: F401  (re-exported: "west", "haste", "svoo", "west+haste", "svoo+haste")
+from .policies.config import POLICIES  # noqa: F401  (re-exported: "west", "haste", "svoo", "west+haste", "svoo+haste")
 
 from .kernels.attention import KERNELS  # "auto", "triton", "fa4", "gluon": the one list, beside the kernels
 
@@ -140,7 +138,7 @@ class BackendOptions:
                     f'option kernel="fa4": FlashAttention-4 cannot be imported ({fa4_import_error()}); '
                     f'{INSTALL_HINT}, or use kernel="triton" / "auto"'
                 )
-        from .policies import canonical_policy, uses_west, validate_policy_options
+        from .policies.config import canonical_policy, uses_west, validate_policy_options
 
         checked["policy"] = policy = canonical_policy(self.policy)  # raises for unknown policies and combinations
         options = self.policy_options
@@ -166,34 +164,11 @@ class BackendOptions:
         return checked
 
     def load_topology(self):
-        """The Topology to serve from (a path is read, checked and validated; see :func:`load_topology`), or None."""
+        """The Topology to serve from (a path is read, checked and validated; see :func:`~.artifact.load_topology`), or None."""
         if self.artifact is None:
             return None
         if isinstance(self.artifact, (str, os.PathLike)):
+            from .artifact import load_topology
+
             return load_topology(self.artifact)
         return self.artifact
-
-
-# Topologies loaded from files, by the sha256 of the file's bytes. Weak: an entry lives only
-# while something (a compiled graph's plans) still holds the topology, so nothing here keeps
-# user data alive; while it lives, every graph compiled from the same bytes shares it. Keyed
-# by content, a file replaced in place (even with its mtime kept: `cp -p`, `rsync -a`) is read
-# anew.
-_by_content: "weakref.WeakValueDictionary[str, object]" = weakref.WeakValueDictionary()
-_by_content_lock = threading.Lock()
-
-
-def load_topology(path: str | os.PathLike):
-    """The :class:`~scaling_compile.Topology` in the artifact at ``path``: the file is read once,
-    checked, and parsed unless a live topology was loaded from the same bytes."""
-    from .artifact_file import read_artifact_file
-    from .topology import topology_from_file
-
-    file = read_artifact_file(path)
-    with _by_content_lock:
-        topology = _by_content.get(file.sha256)
-    if topology is None:
-        topology = topology_from_file(file)
-        with _by_content_lock:
-            topology = _by_content.setdefault(file.sha256, topology)
-    return topology

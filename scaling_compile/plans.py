@@ -77,7 +77,7 @@ class AttentionPlan:
     _lock: threading.RLock = field(default_factory=threading.RLock, repr=False)
 
     def __post_init__(self):
-        from .policies import canonical_policy, is_online, uses_west
+        from .policies.config import canonical_policy, is_online, uses_west
 
         self.policy = canonical_policy(self.policy)
         self.online = is_online(self.policy)
@@ -104,7 +104,7 @@ class AttentionPlan:
     def online_policy(self):
         """The object serving this plan's online policy (made on first use), or None for "west"."""
         if self._policy is None and self.online:
-            from .policies import make_online_policy
+            from .policies.config import make_online_policy
 
             self._policy = make_online_policy(
                 self.policy, topology=self.topology, budget=self.budget, options=self.policy_options,

@@ -122,6 +122,24 @@ def test_reuse_when_drift_is_small_refresh_when_large_per_head(refresh):
     assert gate.refreshes.tolist() == [[1, 2, 1]] and int(gate.calls) == 3
 
 
+def test_prediction_timer_is_owned_by_the_policies_it_was_attached_to():
+    """time_predictions(owner) times that policy's sections only; other policies and calls after
+    the block are not timed (nothing process-wide holds a timer)."""
+    timed_policy, other = _policy(), _policy()
+    q, k, _ = qkv(0, heads=2)
+    with policies.time_predictions(timed_policy) as timer:
+        timed_policy.masks("n", q, k, None)
+        other.masks("n", q, k, None)
+    assert timer.calls == {"haste.check": 1, "haste.predict": 1}
+    assert all(ms >= 0.0 for ms in timer.ms.values())
+    assert timed_policy.timers == [] and other.timers == []
+    timed_policy.masks("n", q, k, None)
+    assert timer.calls == {"haste.check": 1, "haste.predict": 1}
+    with pytest.raises(sc.ScalingCompileError, match="name the attention plans"):
+        with policies.time_predictions():
+            pass
+
+
 def test_drift_accumulates_since_the_last_refresh_not_the_last_call():
     policy = _policy(drift_threshold=0.05, refresh="host")
     q, k, _ = qkv(2, heads=1)
