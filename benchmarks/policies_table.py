@@ -55,6 +55,7 @@ from scaling_compile import policies
 from scaling_compile import quality as q
 from scaling_compile.kernels.bitpack import unpack_block_mask
 from scaling_compile.layout import AttentionLayout
+from scaling_compile.tables import markdown_table
 from scaling_compile.plans import AttentionPlan, get_plan, plan_count, register_plan
 from scaling_compile.policies.haste import HasteSettings
 
@@ -425,15 +426,9 @@ def merged_rows(*results) -> list[dict]:
 
 
 def format_table(rows) -> str:
-    columns = [c for c in COLUMNS if any(r.get(c[0]) is not None for r in rows)]
-    lines = ["| " + " | ".join(c[1] for c in columns) + " |", "|" + "---|" * len(columns)]
-    for r in rows:
-        cells = []
-        for key, _title, fmt in columns:
-            value = r.get(key)
-            cells.append("" if value is None else fmt.format(value) if key != "budget" else str(value))
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    columns = [(key, title, (lambda value: "" if value is None else str(value)) if key == "budget" else fmt)
+               for key, title, fmt in COLUMNS]
+    return markdown_table(rows, columns)
 
 
 def describe(result) -> str:

@@ -56,8 +56,11 @@ class BackendOptions:
         GPUs run the Triton kernel, with a warning). Online policies (HASTE, SVOO) run the
         Triton kernel.
     policy: how masks are chosen: "west" (static, offline topology), "haste" / "svoo" (online,
-        per call), or a combination ("west+haste", "svoo+haste"); see scaling_compile.policies.
-    policy_options: parameters of the online policy (e.g. {"top_p": 0.9, "drift_threshold": 0.05}).
+        per call), or a combination ("west+haste", "svoo+haste"); or a typed config holding its
+        options (``scaling_compile.policies.HasteConfig(top_p=0.9)``, ``WestConfig()``,
+        ``SvooConfig(...)``); see scaling_compile.policies. Kept as the name (and its options).
+    policy_options: parameters of the online policy (e.g. {"top_p": 0.9, "drift_threshold": 0.05});
+        None with a typed config.
     schedule: a per-diffusion-step schedule (``scaling_compile.StepSchedule``) or None.
     layout: a ``scaling_compile.families.FamilyLayout`` describing a model the built-in families
         do not know (how its latent, patch sizes and text tokens make the attention layout).
@@ -71,7 +74,7 @@ class BackendOptions:
     strict: bool = False
     inner: str = "inductor"
     kernel: str = "auto"
-    policy: str = "west"
+    policy: object = "west"  # a name, or a policies.PolicyConfig
     policy_options: dict | None = None
     schedule: object = None
     mode: str | None = None
@@ -138,14 +141,19 @@ class BackendOptions:
                     f'option kernel="fa4": FlashAttention-4 cannot be imported ({fa4_import_error()}); '
                     f'{INSTALL_HINT}, or use kernel="triton" / "auto"'
                 )
-        from .policies.config import canonical_policy, uses_west, validate_policy_options
+        from .policies.config import policy_from, uses_west, validate_policy_options
 
-        checked["policy"] = policy = canonical_policy(self.policy)  # raises for unknown policies and combinations
         options = self.policy_options
         if options is not None:
             if not isinstance(options, Mapping) or not all(isinstance(k, str) for k in options):
                 _refuse("policy_options", options, 'pass a dict of option names to values, e.g. {"top_p": 0.9}')
-            checked["policy_options"] = options = dict(options)
+            options = dict(options)
+        # a name (+ policy_options) or a typed config (policies.HasteConfig(...)), kept as the name and
+        # its options; raises for unknown policies and combinations
+        policy, options = policy_from(self.policy, options)
+        checked["policy"] = policy
+        if options is not None:
+            checked["policy_options"] = options
         validate_policy_options(policy, options)
         if self.layout is not None:
             from .families import FamilyLayout

@@ -275,7 +275,7 @@ def test_speed_stage_imports_the_bench_timers():
     from scaling_compile import bench
 
     source = inspect.getsource(quality.measure_speed)
-    assert "from .bench import _first_call_s, cuda_ms" in source
+    assert "from ..bench import _first_call_s, cuda_ms" in source
     assert callable(bench.cuda_ms) and callable(bench._first_call_s)
 
 

@@ -19,6 +19,10 @@
                    rule (recomputed only when pooled q/k drift)
 =================  ==========================================================================
 
+Typed configs (torchao's style) say the same with their options inside:
+``options={"policy": HasteConfig(top_p=0.9, west_prior=True)}`` is ``{"policy": "west+haste",
+"policy_options": {"top_p": 0.9}}`` (:mod:`.config`).
+
 Every policy runs through ``torch.ops.scaling.sparse_sdpa`` and the same Triton kernel;
 a step never recompiles (masks are data, not graph constants). Policy parameters come
 from ``options["policy_options"]``, then the artifact (calibration), then defaults.
@@ -30,6 +34,10 @@ from .blocks import device_key, inverse_permutation
 from .calibrate import calibrate_haste, calibrate_online, online_topology, profile_svoo
 from .config import (
     COMPONENTS,
+    HasteConfig,
+    PolicyConfig,
+    SvooConfig,
+    WestConfig,
     ONLINE,
     POLICIES,
     canonical_policy,
@@ -44,6 +52,10 @@ from .timing import PredictionTimer, time_predictions
 
 __all__ = [
     "COMPONENTS",
+    "HasteConfig",
+    "PolicyConfig",
+    "SvooConfig",
+    "WestConfig",
     "MaskRecord",
     "ONLINE",
     "PredictionTimer",

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from ..baselines import POLICY_NAMES, Policy, make_policies, planted_truth
+from ..baselines import BASELINE_NAMES, Baseline, make_baselines, planted_truth
 from .interception import uncompile_blocks, self_attention_calls, served, sparse_attention
 from .metrics import attention_recall, block_attention_mass, block_recall, cosine, psnr, relative_l2, ssim
 from .pipeline import model_output, decode_latents, generate, tiny_vae, wan_pipeline
@@ -27,7 +27,7 @@ class HarnessConfig:
     profile_latent: tuple = (3, 32, 32)  # latent of the calibration samples (the topology resamples)
     block_size: int = 64
     budgets: tuple = (0.5, 0.3, 0.2, 0.1)
-    policies: tuple = POLICY_NAMES
+    policies: tuple = BASELINE_NAMES
     steps: int = 10  # denoising steps
     eval_steps: tuple = (3, 7)  # steps whose dense-run transformer inputs feed node and transformer metrics
     guidance_scale: float = 1.0  # > 1: classifier-free guidance, negative prompt = zero embeddings
@@ -137,7 +137,7 @@ def run_harness(cfg: HarnessConfig, *, log=_log_default, checkpoint=None) -> dic
                          "query_frames": topology.metadata["west"].get("query_frames")}
         log(f"  profiled at latent {tuple(cfg.profile_latent)}: {profile_stats}")
         t = stage("profile", t)
-    policies = make_policies(cfg.policies, topology=topology, model=model, keys=keys, heads=heads, grid=grid,
+    policies = make_baselines(cfg.policies, topology=topology, model=model, keys=keys, heads=heads, grid=grid,
                              block_size=cfg.block_size, seed=cfg.seed)
     runs = _runs(policies, list(cfg.budgets))
     truth, weights = None, {}
@@ -285,7 +285,7 @@ def _mean(values) -> float:
     return sum(values) / len(values) if values else float("nan")
 
 
-def _summarise(policy: Policy, budget, node_records) -> dict:
+def _summarise(policy: Baseline, budget, node_records) -> dict:
     """One table row from the per-node records of a policy and budget."""
     mine = [r for r in node_records if r["policy"] == policy.name and r["budget"] == budget]
     per_node: dict[str, list[float]] = {}

@@ -10,7 +10,7 @@ import contextlib
 import torch
 import torch.nn.functional as F
 
-from ..baselines import Policy
+from ..baselines import Baseline
 from .metrics import block_attention_mass
 
 
@@ -66,7 +66,7 @@ def uncompile_blocks(model) -> None:
 
 
 @contextlib.contextmanager
-def served(model, policy: Policy, budget: float | None, *, block_size: int, grid, compile: str = "whole",
+def served(model, policy: Baseline, budget: float | None, *, block_size: int, grid, compile: str = "whole",
            inner: str = "eager"):
     """Yields the transformer serving ``policy`` at ``budget`` (call it like the model).
 

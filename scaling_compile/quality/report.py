@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import os
 
+from ..tables import markdown_table
+
 
 def _row(rows, policy, budget):
     return next((r for r in rows if r["policy"] == policy and r["budget"] == budget), None)
@@ -55,18 +57,13 @@ _COLUMNS = [
 def format_table(rows, columns=None) -> str:
     """The results as a markdown table; ``columns``: ``[(key, title, format), ...]`` (default: the
     harness's). Columns that no row has are left out; a ``budget`` of None reads "own"."""
-    columns = [c for c in (columns or _COLUMNS) if any(r.get(c[0]) is not None for r in rows)]
-    lines = ["| " + " | ".join(c[1] for c in columns) + " |", "|" + "---|" * len(columns)]
-    for r in rows:
-        cells = []
-        for key, _title, fmt in columns:
-            value = r.get(key)
-            if key == "budget" and value is None:
-                cells.append("own")
-            else:
-                cells.append("" if value is None else fmt.format(value))
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    columns = [(key, title, _budget_cell) if key == "budget" else (key, title, fmt)
+               for key, title, fmt in (columns or _COLUMNS)]
+    return markdown_table(rows, columns)
+
+
+def _budget_cell(value) -> str:
+    return "own" if value is None else str(value)
 
 
 def format_targets(targets) -> str:

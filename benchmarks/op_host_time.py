@@ -1,0 +1,130 @@
+"""Host time of one call of ``torch.ops.scaling.sparse_sdpa``: its Python path, measured on tiny tensors.
+
+The op's work per call on the host (dispatch, finding the call's plan and module, the cached
+mask lookup, choosing the kernel) is paid by every served attention call of every step;
+on a GPU it is hidden only while the device is busier than the host. This measures it on
+CPU with tensors so small that the attention itself is negligible, and splits it:
+
+* ``op``: ``torch.ops.scaling.sparse_sdpa`` as the compiled graph calls it (with an anchor,
+  so the module is found and confirmed as in serving);
+* ``masks_for``: the plan's part (module place, layout, cached mask);
+* ``attention``: ``kernels.attention.sparse_attention`` on the cached mask alone;
+* ``sdpa``: PyTorch's dense SDPA on the same tensors (the floor of any attention call);
+* ``python_calls_per_op``: Python function calls per op call (cProfile), a count that does not
+  depend on the machine's load.
+
+    python benchmarks/op_host_time.py [--calls 2000] [--device cpu|cuda] [--profile]
+
+On CUDA the figures are host time per call too (the device work is queued, not waited for,
+except once at the end of each timing).
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import pstats
+import time
+
+import torch
+
+import scaling_compile as sc
+from scaling_compile import op as _op  # noqa: F401  (registers torch.ops.scaling.sparse_sdpa)
+from scaling_compile.kernels.attention import sparse_attention
+from scaling_compile.plans import AttentionPlan, register_plan
+
+
+class Attention(torch.nn.Module):
+    def __init__(self, dim: int):
+        super().__init__()
+        self.to_q = torch.nn.Linear(dim, dim)
+
+
+class Root(torch.nn.Module):
+    def __init__(self, dim: int, layers: int):
+        super().__init__()
+        self.blocks = torch.nn.ModuleList(torch.nn.ModuleDict({"attn1": Attention(dim)}) for _ in range(layers))
+
+
+def setup(device: str, heads: int = 2, seq: int = 128, head_dim: int = 16, block: int = 64):
+    """A root model, a plan for its ``blocks.*.attn1`` (hand-written masks), and one call's tensors."""
+    torch.manual_seed(0)
+    root = Root(heads * head_dim, layers=2).to(device)
+    n = -(-seq // block)
+    masks = {f"blocks.{i}.attn1": torch.rand(heads, n, n) < 0.5 for i in range(2)}
+    for mask in masks.values():
+        mask |= torch.eye(n, dtype=torch.bool)
+    topology = sc.Topology.from_block_masks(masks, block, seq_len=seq)
+    plan = AttentionPlan("attn1", "to_q.weight", topology, kernel="auto")
+    plan_id = register_plan(plan)
+    q, k, v = (torch.randn(1, heads, seq, head_dim, device=device) for _ in range(3))
+    anchor = root.blocks[1]["attn1"].to_q.weight
+    return root, plan, plan_id, (q, k, v), anchor
+
+
+def per_call_us(fn, calls: int, repeats: int = 7, device: str = "cpu") -> float:
+    """Least over ``repeats`` of the mean wall time of ``calls`` calls, in microseconds (the least:
+    on a shared machine other processes only ever add time)."""
+    fn()
+    samples = []
+    for _ in range(repeats):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        began = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        samples.append((time.perf_counter() - began) / calls * 1e6)
+    return min(samples)
+
+
+def python_calls(fn, calls: int) -> float:
+    """Python-level function calls (cProfile's count) per call of ``fn``: deterministic, unlike time."""
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for _ in range(calls):
+        fn()
+    profiler.disable()
+    return pstats.Stats(profiler).total_calls / calls
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--calls", type=int, default=2000)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--profile", action="store_true", help="also print the op's top functions (cProfile)")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)  # tiny tensors: threads only add noise to host time
+    root, plan, plan_id, (q, k, v), anchor = setup(args.device)
+    mask = plan.masks_for(q, anchor)
+    assert isinstance(mask, sc.kernels.block_mask.BlockMask), mask  # served, not dense
+
+    def op():
+        return torch.ops.scaling.sparse_sdpa(q, k, v, anchor, plan_id, None, None, None)
+
+    with torch.no_grad():
+        results = {
+            "op_us": per_call_us(op, args.calls, device=args.device),
+            "masks_for_us": per_call_us(lambda: plan.masks_for(q, anchor), args.calls, device=args.device),
+            "attention_us": per_call_us(lambda: sparse_attention(q, k, v, mask), args.calls, device=args.device),
+            "sdpa_us": per_call_us(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v), args.calls,
+                                   device=args.device),
+        }
+        results["op_overhead_us"] = results["op_us"] - results["attention_us"]
+        results["python_calls_per_op"] = python_calls(op, 100)
+        for name, value in results.items():
+            print(f"{name:>20}: {value:8.1f}" + ("" if name.startswith("python") else " us"))
+        if args.profile:
+            profiler = cProfile.Profile()
+            profiler.enable()
+            for _ in range(args.calls):
+                op()
+            profiler.disable()
+            pstats.Stats(profiler).sort_stats("tottime").print_stats(18)
+    del root
+    return results
+
+
+if __name__ == "__main__":
+    main()
