@@ -32,9 +32,9 @@ from .plans import DenseFallback, get_plan
 # backward (the matcher never rewrites inputs that require grad), so it needs none of them.
 _LIBRARY = torch.library.Library("scaling", "DEF")
 _LIBRARY.define(
-    "sparse_sdpa(Tensor query, Tensor key, Tensor value, Tensor? anchor, int plan_id, float? scale, "
-    "int[]? layout, Tensor? key_mask) -> Tensor"
-)
+    "sparse_sdpa(Tensor query, Tensor key, Tensor value, Tensor? anchor, SymInt plan_id, float? scale, "
+    "SymInt[]? layout, Tensor? key_mask) -> Tensor"
+)  # the schema custom_op inferred: SymInt, so a layout of symbolic sizes (dynamic shapes) adds no guard
 
 
 def sparse_sdpa(

@@ -130,7 +130,7 @@ class AttentionPlan:
                 return found, call
             if found != "not in the root":
                 return found  # the root call's own index says why (e.g. a shared anchor)
-        if place is not None and confirm(place, anchor):  # e.g. offloading moved it since the call began
+        if place is not None and confirm(place, anchor, key):  # e.g. offloading moved it since the call began
             return place, call
         with self._lock:
             found = locate(anchor, self.anchor_suffix, list(self._roots))
