@@ -23,7 +23,7 @@ see the same masks.
 ``oracle``                online, per input: for every call, the blocks holding most of
                           *that input's own* dense attention mass, pooled over the node's
                           heads (the recall-optimal mask at the node's density); served
-                          eagerly from the call's q and k (see ``quality.served``)
+                          eagerly from the call's q and k (see ``quality.serve_baseline``)
 ``planted``               ground truth of a planted model (``testing.expected_block_mask``),
                           at its own density (not budgeted): a reference point
 ========================  ==================================================================

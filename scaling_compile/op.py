@@ -66,15 +66,15 @@ def sparse_sdpa(
             return _dense_sdpa(query, key, value, scale, key_mask)
     with _interpreter_lock(query.device):
         if plan.online:
-            served = plan.online_attention(query, key, value, anchor, layout, scale, empty_output_like(query))
-            if not isinstance(served, DenseFallback):
-                return served
-        else:
-            served = plan.masks_for(query, anchor, layout)
-        if isinstance(served, DenseFallback):
+            output = plan.online_attention(query, key, value, anchor, layout, scale, empty_output_like(query))
+            if not isinstance(output, DenseFallback):
+                return output
             return _dense_sdpa(query, key, value, scale, key_mask)
-        plan.warm_capture_path(served, query, key, value, scale, key_valid)
-        return plan.attend(query, key, value, served, scale, key_valid)
+        mask = plan.masks_for(query, anchor, layout)
+        if isinstance(mask, DenseFallback):
+            return _dense_sdpa(query, key, value, scale, key_mask)
+        plan.warm_capture_path(mask, query, key, value, scale, key_valid)
+        return plan.attend(query, key, value, mask, scale, key_valid)
 
 
 def _dense_sdpa(query, key, value, scale, attn_mask=None) -> torch.Tensor:

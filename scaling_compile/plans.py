@@ -208,7 +208,7 @@ class AttentionPlan:
         if isinstance(found, DenseFallback):
             return found
         key, layout = found
-        return self._served(key, query.shape[-2], query.shape[-3], query.device, layout)
+        return self._cached_mask(key, query.shape[-2], query.shape[-3], query.device, layout)
 
     def online_attention(self, query, key, value, anchor, layout, scale, out) -> torch.Tensor | DenseFallback:
         """Serve one call of an online policy: its output (layout of ``out``), or why it stays dense."""
@@ -226,14 +226,14 @@ class AttentionPlan:
                 "the artifact was made for another model"))
         prior = None
         if self.uses_west:
-            served = self._served(node, query.shape[-2], heads, query.device, layout)
+            served = self._cached_mask(node, query.shape[-2], heads, query.device, layout)
             if isinstance(served, DenseFallback):
                 return served
             prior = served.words if not served.stacked else served.words.index_select(
                 0, self.schedule.device_index(query.device))
         return self.online_policy().attend(node, query, key, value, scale, prior, out)
 
-    def _served(self, key, seq_len, heads, device, layout, budget=None) -> BlockMask | DenseFallback:
+    def _cached_mask(self, key, seq_len, heads, device, layout, budget=None) -> BlockMask | DenseFallback:
         budget = self._west_budget() if budget is None else budget
         cache_key = (key, seq_len, heads, str(device), layout, budget)
         served = self._cache.get(cache_key)
@@ -312,12 +312,12 @@ class AttentionPlan:
         for other in keys:  # regional: the other blocks served by this graph, same geometry
             if other != key and self.uses_west:
                 try:
-                    self._served(other, seq_len, heads, device, layout)
+                    self._cached_mask(other, seq_len, heads, device, layout)
                 except (NotServable, GridRequired):
                     pass
         try:
             if self.uses_west:
-                served = self._served(key, seq_len, heads, device, layout)
+                served = self._cached_mask(key, seq_len, heads, device, layout)
                 if query is not None and isinstance(served, BlockMask) and isinstance(query.shape[-1], int):
                     self._prewarm_fa4(served, query)
             if self.online and query is not None:

@@ -78,7 +78,7 @@ def test_served_policy_computes_the_masks_it_reports(compile):
     for policy in (baselines.west_fast(planted_topology()), baselines.local3d(keys, 4, grid, BLOCK)):
         masks = {k: policy.node_mask(k, 0.3, seq_len=seq, heads=4, grid=grid) for k in keys}
         expected = run_masked(model, masks, BLOCK, **kwargs).sample
-        with torch.no_grad(), quality.served(model, policy, 0.3, block_size=BLOCK, grid=grid,
+        with torch.no_grad(), quality.serve_baseline(model, policy, 0.3, block_size=BLOCK, grid=grid,
                                              compile=compile) as transformer:
             got = transformer(**kwargs).sample
         assert torch.allclose(got, expected, atol=1e-4), (policy.name, float((got - expected).abs().max()))
@@ -96,7 +96,7 @@ def test_online_oracle_serves_each_calls_own_top_mass():
 
     oracle = baselines.OraclePolicy()
     with torch.no_grad(), quality.self_attention_calls(model, capture), \
-            quality.served(model, oracle, 0.3, block_size=BLOCK, grid=grid) as transformer:
+            quality.serve_baseline(model, oracle, 0.3, block_size=BLOCK, grid=grid) as transformer:
         got = transformer(**kwargs).sample
     expected = run_masked(model, served_masks, BLOCK, **kwargs).sample
     assert torch.allclose(got, expected, atol=1e-4)

@@ -20,7 +20,7 @@ Metrics (all against dense attention, same inputs, same seed)
 Policies (``scaling_compile.baselines``) are served the way they would be used: the
 topologies through ``torch.compile(model, backend="scaling", options={"artifact": ...,
 "budget": ...})`` (``strict``: nothing silently dense), the online oracle eagerly from
-each call's own q and k (:func:`served`).
+each call's own q and k (:func:`serve_baseline`).
 
 Modules: :mod:`.metrics` (the numbers), :mod:`.interception` (reaching and serving the
 self-attention calls), :mod:`.pipeline` (the denoising loop and VAE), :mod:`.harness`
@@ -32,7 +32,7 @@ self-attention calls), :mod:`.pipeline` (the denoising loop and VAE), :mod:`.har
 from __future__ import annotations
 
 from .harness import PRESETS, HarnessConfig, measure_speed, run_harness
-from .interception import self_attention_calls, served, sparse_attention
+from .interception import self_attention_calls, serve_baseline, sparse_attention
 from .metrics import attention_recall, block_attention_mass, block_recall, cosine, psnr, relative_l2, ssim
 from .pipeline import decode_latents, generate, tiny_vae, wan_pipeline
 from .report import check_targets, format_table, format_targets, plot_results, report, write_outputs
@@ -56,7 +56,7 @@ __all__ = [
     "relative_l2",
     "run_harness",
     "self_attention_calls",
-    "served",
+    "serve_baseline",
     "sparse_attention",
     "ssim",
     "tiny_vae",

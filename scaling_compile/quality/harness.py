@@ -12,7 +12,7 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from ..baselines import BASELINE_NAMES, Baseline, make_baselines, planted_truth
-from .interception import uncompile_blocks, self_attention_calls, served, sparse_attention
+from .interception import uncompile_blocks, self_attention_calls, serve_baseline, sparse_attention
 from .metrics import attention_recall, block_attention_mass, block_recall, cosine, psnr, relative_l2, ssim
 from .pipeline import model_output, decode_latents, generate, tiny_vae, wan_pipeline
 from .report import check_targets
@@ -200,7 +200,7 @@ def run_harness(cfg: HarnessConfig, *, log=_log_default, checkpoint=None) -> dic
     sparse_latents = {}
     for policy, budget in runs:
         tag = f"{policy.name} @ {budget if budget is not None else 'own density'}"
-        with torch.no_grad(), served(model, policy, budget, block_size=cfg.block_size, grid=grid,
+        with torch.no_grad(), serve_baseline(model, policy, budget, block_size=cfg.block_size, grid=grid,
                                      compile=cfg.compile, inner=cfg.inner) as transformer:
             outputs = [model_output(transformer, inputs).float() for inputs in eval_inputs]
             latents = [generate(pipe, transformer, embeds, seed=cfg.seed + p, negative_prompt_embeds=negative[p],

@@ -1,6 +1,6 @@
 """Serving a mask policy inside a Wan model for the quality harness: every self-attention call
 reached by patching SDPA (:func:`self_attention_calls`), and a policy served the way it would
-be used (:func:`served`: ``torch.compile(..., backend="scaling")`` for topologies, the op's own
+be used (:func:`serve_baseline`: ``torch.compile(..., backend="scaling")`` for topologies, the op's own
 attention path for the online oracle)."""
 
 from __future__ import annotations
@@ -66,7 +66,7 @@ def uncompile_blocks(model) -> None:
 
 
 @contextlib.contextmanager
-def served(model, policy: Baseline, budget: float | None, *, block_size: int, grid, compile: str = "whole",
+def serve_baseline(model, policy: Baseline, budget: float | None, *, block_size: int, grid, compile: str = "whole",
            inner: str = "eager"):
     """Yields the transformer serving ``policy`` at ``budget`` (call it like the model).
 
