@@ -41,15 +41,13 @@ from ..west import (
     DEFAULT_UNITS,
     UNITS,
     WEST_VERSION,
-    MassStatistics,
     block_ranks,
-    query_row_ranges,
-    spread_query_frames,
     entry_ranks,
     mask_from_ranks,
     mask_iou,
     mass_recall,
 )
+from ..west_fit import MassStatistics, query_row_ranges, spread_query_frames
 from .match import find_sdpa_calls
 from .node_keys import split_node_key
 
