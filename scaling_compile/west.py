@@ -18,8 +18,8 @@ between query token ``q`` and key token ``k``::
 
 Both are in *relative density* units (uniform attention scores 1 per pair) and
 are fitted by backfitting (alternating least squares over all query/key pairs,
-:mod:`.west_fit`) from two accumulated statistics: the attention mass per 3D offset and per key
-position. Neither needs the S x S matrix. Heads whose attention depends on both
+:mod:`.west_fit`) from two accumulated statistics: the attention mass per 3D
+offset and per key position. Neither needs the S x S matrix. Heads whose attention depends on both
 the query's absolute position and the offset (e.g. "the first frame, near my own
 position") are approximated by the sum, which ranks the right blocks first.
 
