@@ -94,7 +94,7 @@ def test_online_oracle_serves_each_calls_own_top_mass():
     def capture(key, q, k, v, scale, out):  # runs after the oracle: sees the oracle's inputs
         served_masks[key] = baselines.oracle_node_mask(quality.block_attention_mass(q, k, BLOCK, scale), 0.3)
 
-    oracle = baselines.OraclePolicy()
+    oracle = baselines.OracleBaseline()
     with torch.no_grad(), quality.self_attention_calls(model, capture), \
             quality.serve_baseline(model, oracle, 0.3, block_size=BLOCK, grid=grid) as transformer:
         got = transformer(**kwargs).sample
