@@ -14,6 +14,7 @@ CPU with tensors so small that the attention itself is negligible, and splits it
   depend on the machine's load.
 
     python benchmarks/op_host_time.py [--calls 2000] [--device cpu|cuda] [--profile]
+    python benchmarks/op_host_time.py --device cuda --dtype float16 --seq 1024 --head-dim 64 --block 128
 
 On CUDA the figures are host time per call too (the device work is queued, not waited for,
 except once at the end of each timing).
@@ -46,7 +47,7 @@ class Root(torch.nn.Module):
         self.blocks = torch.nn.ModuleList(torch.nn.ModuleDict({"attn1": Attention(dim)}) for _ in range(layers))
 
 
-def setup(device: str, heads: int = 1, seq: int = 64, head_dim: int = 8, block: int = 16):
+def setup(device: str, heads: int = 1, seq: int = 64, head_dim: int = 8, block: int = 16, dtype=torch.float32):
     """A root model, a plan for its ``blocks.*.attn1`` (hand-written masks), and one call's tensors."""
     torch.manual_seed(0)
     root = Root(heads * head_dim, layers=2).to(device)
@@ -57,7 +58,7 @@ def setup(device: str, heads: int = 1, seq: int = 64, head_dim: int = 8, block: 
     topology = sc.Topology.from_block_masks(masks, block, seq_len=seq)
     plan = AttentionPlan("attn1", "to_q.weight", topology, kernel="auto")
     plan_id = register_plan(plan)
-    q, k, v = (torch.randn(1, heads, seq, head_dim, device=device) for _ in range(3))
+    q, k, v = (torch.randn(1, heads, seq, head_dim, device=device, dtype=dtype) for _ in range(3))
     anchor = root.blocks[1]["attn1"].to_q.weight
     return root, plan, plan_id, (q, k, v), anchor
 
@@ -96,9 +97,15 @@ def main(argv=None) -> dict:
     parser.add_argument("--calls", type=int, default=2000)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--profile", action="store_true", help="also print the op's top functions (cProfile)")
+    parser.add_argument("--seq", type=int, default=64)
+    parser.add_argument("--heads", type=int, default=1)
+    parser.add_argument("--head-dim", type=int, default=8, help="8 (default) runs the chunked path; 16-128 the kernel")
+    parser.add_argument("--block", type=int, default=16)
+    parser.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"))
     args = parser.parse_args(argv)
     torch.set_num_threads(1)  # tiny tensors: threads only add noise to host time
-    root, plan, plan_id, (q, k, v), anchor = setup(args.device)
+    root, plan, plan_id, (q, k, v), anchor = setup(args.device, args.heads, args.seq, args.head_dim, args.block,
+                                                   getattr(torch, args.dtype))
     mask = plan.masks_for(q, anchor)
     assert isinstance(mask, sc.kernels.block_mask.BlockMask), mask  # served, not dense
 
