@@ -55,6 +55,7 @@ from scaling_compile import policies
 from scaling_compile import quality as q
 from scaling_compile.kernels.bitpack import unpack_block_mask
 from scaling_compile.layout import AttentionLayout
+from scaling_compile.tables import markdown_table
 from scaling_compile.plans import AttentionPlan, get_plan, plan_count, register_plan
 from scaling_compile.policies.haste import HasteSettings
 
@@ -258,7 +259,7 @@ def speed_pass(model, topology, runs, inputs_seq, rounds, results, save):
         forward_ms = time_sequence(model, inputs_seq, rounds)
         # one more pass: prediction sections timed by CUDA events (GPU time only, so the host-side
         # copies of the recorded masks in the same pass do not count), masks recorded
-        with torch.no_grad(), policies.time_predictions() as timer, policies.record_masks() as recorded:
+        with torch.no_grad(), policies.time_predictions(*map(get_plan, plan_ids)) as timer, policies.record_masks() as recorded:
             for inputs in inputs_seq:
                 model(**dict(inputs, return_dict=False))
         per_forward = {name: ms / len(inputs_seq) for name, ms in timer.ms.items()}
@@ -425,15 +426,9 @@ def merged_rows(*results) -> list[dict]:
 
 
 def format_table(rows) -> str:
-    columns = [c for c in COLUMNS if any(r.get(c[0]) is not None for r in rows)]
-    lines = ["| " + " | ".join(c[1] for c in columns) + " |", "|" + "---|" * len(columns)]
-    for r in rows:
-        cells = []
-        for key, _title, fmt in columns:
-            value = r.get(key)
-            cells.append("" if value is None else fmt.format(value) if key != "budget" else str(value))
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    columns = [(key, title, (lambda value: "" if value is None else str(value)) if key == "budget" else fmt)
+               for key, title, fmt in COLUMNS]
+    return markdown_table(rows, columns)
 
 
 def describe(result) -> str:

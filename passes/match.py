@@ -15,9 +15,9 @@ from dataclasses import dataclass, field
 import torch
 import torch.fx as fx
 
+from ..kernels.block_sparse_attention import SUPPORTED_HEAD_DIMS  # one definition, beside the kernel
 from .node_keys import make_node_key, normalize_module_path, strip_hook_wrappers
 
-SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 SDPA_TARGETS = {

@@ -59,7 +59,3 @@ def split_node_key(key: str) -> tuple[str, int]:
     path, _, ordinal = key.partition("#")
     return ("" if path == "<root>" else path), (int(ordinal) if ordinal else 0)
 
-
-def join_module_path(prefix: str, relative: str) -> str:
-    """``join_module_path("blocks.3", "attn1") == "blocks.3.attn1"``; either part may be empty."""
-    return ".".join(p for p in (prefix, relative) if p)

@@ -386,7 +386,7 @@ def profile(model: torch.nn.Module, calibration, config: ProfileConfig | None = 
 
 
 def _version() -> str:
-    from .. import __version__
+    from ..version import __version__
 
     return __version__
 

@@ -6,7 +6,7 @@ sample's :class:`~scaling_compile.layout.AttentionLayout`, measures the VIDEO x 
 of its attention in chunks of query rows (never the S x S matrix):
 
 1. pass "mass": per-offset, per-key and per-block attention mass of each head
-   (:class:`scaling_compile.west.MassStatistics`), for each disjoint half of the
+   (:class:`scaling_compile.west_fit.MassStatistics`), for each disjoint half of the
    calibration set;
 2. pass "sensitivity": the output error of each head at a ladder of densities of its
    WEST mask, weighted by the head's output projection when it can be found in the graph
@@ -31,17 +31,8 @@ import torch.nn.functional as F
 from ..errors import ScalingCompileError
 from ..fast import DEFAULT_LEVELS, DEFAULT_STEP_BINS, SensitivityStatistics, level_block_counts
 from ..topology import NodeTopology, Topology, model_fingerprint
-from ..west import (
-    WEST_VERSION,
-    MassStatistics,
-    block_ranks,
-    entry_ranks,
-    mask_from_ranks,
-    mask_iou,
-    mass_recall,
-    query_row_ranges,
-    spread_query_frames,
-)
+from ..west import WEST_VERSION, block_ranks, entry_ranks, mask_from_ranks, mask_iou, mass_recall
+from ..west_fit import MassStatistics, query_row_ranges, spread_query_frames
 
 # A chunk of query rows is measured with about this many live float32 copies of its logits (logits,
 # per-block exponentials, their transposed copy for the block matmul, per-block outputs, ...).

@@ -95,7 +95,7 @@ def decide(call: SDPACall, topology, budget: float | None = None, layout=None, p
         return decision
     seq_len, heads = call.query_shape[-2], call.num_heads
     densities, reasons = [], []
-    from ..policies import uses_west
+    from ..policies.config import uses_west
 
     if not uses_west(policy):  # online only: the entry must fit the call's heads, masks come per call
         keys = [k for k in keys if topology.entries[k].num_heads == heads]

@@ -2,7 +2,9 @@
 
     model = torch.compile(model, backend="scaling", options={"artifact": "wan.safetensors"})
 
-Public API: :class:`Topology` (the artifact), :func:`sdpa_nodes` (what the
+Public API: :class:`Topology` (the artifact), :class:`BackendOptions` and the typed
+policy configs :class:`WestConfig`, :class:`HasteConfig`, :class:`SvooConfig` (what
+``options=`` takes, beside a dict), :func:`sdpa_nodes` (what the
 backend will do with each attention call), :class:`AttentionLayout` and
 :class:`FamilyLayout` (what each attention call attends over, and how a model
 family's inputs say it), :func:`register_root`, :func:`token_grid`.
@@ -19,18 +21,23 @@ from .families import FamilyLayout
 from .inspection import sdpa_nodes
 from .layout import AttentionLayout
 from .options import BackendOptions
+from .policies.config import HasteConfig, SvooConfig, WestConfig
 from .topology import NodeTopology, Topology, model_fingerprint
 from .artifact import check_model, load_artifact
 from .calibration import CalibrationSample, CalibrationSet, synthetic_calibration, wan_pipeline_calibration
 from .fast import DENSE_STEP, StepSchedule
 from .passes.profile import profile
 from .passes.profile_config import ProfileConfig
+from .version import __version__
 
 __all__ = [
     "ArtifactError",
     "AttentionLayout",
     "FamilyLayout",
     "BackendOptions",
+    "HasteConfig",
+    "SvooConfig",
+    "WestConfig",
     "CalibrationSample",
     "CalibrationSet",
     "DENSE_STEP",
@@ -52,4 +59,3 @@ __all__ = [
     "set_grid",
     "token_grid",
 ]
-__version__ = "0.1.0"

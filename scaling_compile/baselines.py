@@ -1,10 +1,14 @@
-"""Mask policies compared by the quality harness, each served the way it would be in use.
+"""Baselines compared by the quality harness, each served the way it would be in use.
 
-A policy answers one question: for a budget (mean fraction of key blocks kept),
+("Baseline", not "policy": a *policy* is what the backend serves, ``options={"policy":
+"west"|"haste"|...}``, :mod:`scaling_compile.policies`; a baseline is one way of choosing masks
+that the harness compares, WEST's among others.)
+
+A baseline answers one question: for a budget (mean fraction of key blocks kept),
 which block mask does each self-attention node get? Most policies are
 *topologies*, served by the ``scaling`` backend exactly as an artifact is
 (``torch.compile(model, backend="scaling", options={"artifact": topology,
-"budget": budget})``); :meth:`Policy.node_mask` returns the very mask the
+"budget": budget})``); :meth:`Baseline.node_mask` returns the very mask the
 backend's plan instantiates for a call, so per-node metrics and end-to-end runs
 see the same masks.
 
@@ -19,7 +23,7 @@ see the same masks.
 ``oracle``                online, per input: for every call, the blocks holding most of
                           *that input's own* dense attention mass, pooled over the node's
                           heads (the recall-optimal mask at the node's density); served
-                          eagerly from the call's q and k (see ``quality.served``)
+                          eagerly from the call's q and k (see ``quality.serve_baseline``)
 ``planted``               ground truth of a planted model (``testing.expected_block_mask``),
                           at its own density (not budgeted): a reference point
 ========================  ==================================================================
@@ -39,10 +43,10 @@ from .topology import Topology
 _FAST_TENSORS = ("sensitivity", "sensitivity_steps", "sensitivity_mass")
 
 
-class Policy:
-    """How block masks are chosen at a budget (subclasses: one per kind of policy)."""
+class Baseline:
+    """How block masks are chosen at a budget (subclasses: one per kind of baseline)."""
 
-    name = "policy"
+    name = "baseline"
     label = "policy"
     online = False  # the mask depends on the input (computed from the call's own attention)
     budgeted = True  # False: one fixed mask set at its own density (budget ignored)
@@ -60,10 +64,10 @@ class Policy:
         return self.topology(budget).block_mask(key, seq_len=seq_len, num_heads=heads, grid=grid, budget=budget)
 
     def __repr__(self) -> str:
-        return f"<policy {self.name}>"
+        return f"<baseline {self.name}>"
 
 
-class ProfiledPolicy(Policy):
+class ProfiledBaseline(Baseline):
     """A profiled (WEST/FAST) topology; the budget goes to the backend as ``options["budget"]``."""
 
     def __init__(self, topology: Topology, name: str, label: str):
@@ -73,7 +77,7 @@ class ProfiledPolicy(Policy):
         return self._topology
 
 
-class StaticPolicy(Policy):
+class StaticBaseline(Baseline):
     """Hand-written masks per budget (``Topology.from_block_masks``): they serve one grid only."""
 
     def __init__(self, name: str, label: str, make_masks, block_size: int, budgeted: bool = True, *, seq_len: int):
@@ -94,7 +98,7 @@ class StaticPolicy(Policy):
         return super().node_mask(key, budget if self.budgeted else None, seq_len=seq_len, heads=heads, grid=grid)
 
 
-class OraclePolicy(Policy):
+class OracleBaseline(Baseline):
     """Online top-mass mask of each call, at the budget's density (see :func:`oracle_node_mask`)."""
 
     name, label, online = "oracle", "online oracle (own top mass)", True
@@ -121,30 +125,30 @@ def uniform_budget(topology: Topology) -> Topology:
     return Topology(entries, topology.block_size, metadata)
 
 
-def west_fast(topology: Topology) -> Policy:
-    return ProfiledPolicy(topology, "west_fast", "WEST + FAST")
+def west_fast(topology: Topology) -> Baseline:
+    return ProfiledBaseline(topology, "west_fast", "WEST + FAST")
 
 
-def west_uniform(topology: Topology) -> Policy:
-    return ProfiledPolicy(uniform_budget(topology), "west_uniform", "WEST, uniform budget")
+def west_uniform(topology: Topology) -> Baseline:
+    return ProfiledBaseline(uniform_budget(topology), "west_uniform", "WEST, uniform budget")
 
 
-def local3d(keys, heads: int, grid, block_size: int) -> Policy:
-    return StaticPolicy("local3d", "static 3D-local window",
+def local3d(keys, heads: int, grid, block_size: int) -> Baseline:
+    return StaticBaseline("local3d", "static 3D-local window",
                         lambda b: dict.fromkeys(keys, local_3d_mask(tuple(grid), block_size, b, heads)), block_size,
                         seq_len=math.prod(grid))
 
 
-def random_blocks(keys, heads: int, grid, block_size: int, seed: int = 0) -> Policy:
+def random_blocks(keys, heads: int, grid, block_size: int, seed: int = 0) -> Baseline:
     n_blocks = math.ceil(math.prod(grid) / block_size)
-    return StaticPolicy(
+    return StaticBaseline(
         "random", "random blocks",
         lambda b: {key: random_block_mask(n_blocks, b, heads, seed=seed + i) for i, key in enumerate(keys)},
         block_size, seq_len=math.prod(grid),
     )
 
 
-def planted_truth(model, grid, block_size: int) -> Policy:
+def planted_truth(model, grid, block_size: int) -> Baseline:
     """The planted model's ground-truth masks (with the diagonal block, as every served mask has)."""
     from .testing.planted import expected_block_mask, planted_head_patterns
 
@@ -157,7 +161,7 @@ def planted_truth(model, grid, block_size: int) -> Policy:
             masks[key] = mask
         return masks
 
-    return StaticPolicy("planted", "planted ground truth", make, block_size, budgeted=False, seq_len=math.prod(grid))
+    return StaticBaseline("planted", "planted ground truth", make, block_size, budgeted=False, seq_len=math.prod(grid))
 
 
 def oracle_node_mask(mass: torch.Tensor, budget: float) -> torch.Tensor:
@@ -178,15 +182,15 @@ def oracle_node_mask(mass: torch.Tensor, budget: float) -> torch.Tensor:
     return mask.view(heads, n_q, n_k)
 
 
-def make_policies(names, *, topology: Topology | None, model, keys, heads: int, grid, block_size: int,
-                  seed: int = 0) -> list[Policy]:
+def make_baselines(names, *, topology: Topology | None, model, keys, heads: int, grid, block_size: int,
+                  seed: int = 0) -> list[Baseline]:
     """The policies called ``names`` for a model served at token ``grid``."""
     makers = {
         "west_fast": lambda: west_fast(topology),
         "west_uniform": lambda: west_uniform(topology),
         "local3d": lambda: local3d(keys, heads, grid, block_size),
         "random": lambda: random_blocks(keys, heads, grid, block_size, seed),
-        "oracle": OraclePolicy,
+        "oracle": OracleBaseline,
         "planted": lambda: planted_truth(model, grid, block_size),
     }
     unknown = [n for n in names if n not in makers]
@@ -197,16 +201,16 @@ def make_policies(names, *, topology: Topology | None, model, keys, heads: int, 
     return [makers[n]() for n in names]
 
 
-POLICY_NAMES = ("west_fast", "west_uniform", "local3d", "oracle", "random", "planted")
+BASELINE_NAMES = ("west_fast", "west_uniform", "local3d", "oracle", "random", "planted")
 
 __all__ = [
-    "POLICY_NAMES",
-    "OraclePolicy",
-    "Policy",
-    "ProfiledPolicy",
-    "StaticPolicy",
+    "BASELINE_NAMES",
+    "OracleBaseline",
+    "Baseline",
+    "ProfiledBaseline",
+    "StaticBaseline",
     "local3d",
-    "make_policies",
+    "make_baselines",
     "oracle_node_mask",
     "planted_truth",
     "random_blocks",

@@ -309,7 +309,7 @@ def _denoise(model, latents, embeddings, steps: int, shift: float = 5.0, on_step
 def bench_loop(args) -> dict:
     import scaling_compile as sc
 
-    from .quality import psnr
+    from .quality.metrics import psnr
     from .testing import example_inputs, planted_wan_transformer
 
     model = planted_wan_transformer(args.config, dtype=torch.bfloat16, device="cuda").eval()

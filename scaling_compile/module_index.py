@@ -36,7 +36,7 @@ def storage_key(tensor: torch.Tensor) -> tuple | None:
     """What identifies a parameter's data: device, address, dtype and shape; None for empty tensors."""
     if tensor.numel() == 0:
         return None
-    return (str(tensor.device), tensor.data_ptr(), tensor.dtype, tuple(tensor.shape))
+    return (tensor.device, tensor.data_ptr(), tensor.dtype, tensor.shape)  # a tensor's device has its index
 
 
 @dataclass(frozen=True)
@@ -109,15 +109,24 @@ def _distinct(places: list[Place]) -> list[Place]:
     return distinct
 
 
-def confirm(place: Place, anchor: torch.Tensor) -> bool:
-    """Whether ``place`` still holds ``anchor``: same parameter object at the same name, same storage."""
+def confirm(place: Place, anchor: torch.Tensor, anchor_key: tuple | None = None) -> bool:
+    """Whether ``place`` still holds ``anchor``: same parameter object at the same name, same storage.
+
+    ``anchor_key``: ``storage_key(anchor)`` when the caller has it. Run at every served call, so
+    the name is followed through ``_modules`` / ``_parameters`` directly (what
+    ``get_parameter`` does, without its checks per level)."""
     root, param = place.root(), place.parameter()
-    if root is None or param is None or storage_key(param) != storage_key(anchor):
+    if root is None or param is None:
         return False
-    try:
-        return root.get_parameter(place.parameter_name) is param
-    except AttributeError:
+    if param is not anchor and storage_key(param) != (storage_key(anchor) if anchor_key is None else anchor_key):
         return False
+    *path, name = place.parameter_name.split(".")
+    module = root
+    for part in path:
+        module = module._modules.get(part)
+        if module is None:
+            return False
+    return module._parameters.get(name) is param
 
 
 def roots_owning(tensor: torch.Tensor) -> list[torch.nn.Module]:

@@ -1,6 +1,6 @@
 """The custom op every served SDPA node is rewritten into: ``torch.ops.scaling.sparse_sdpa``.
 
-Registered with ``torch.library`` and given a fake implementation, so Dynamo,
+Defined with ``torch.library`` and given a fake implementation, so Dynamo,
 Inductor, dynamic shapes and CUDA graphs treat it as an opaque op with a known
 output. Its real implementation asks the node's plan for the BlockMask of this
 call (a cached lookup) and serves it with ``kernels.attention.sparse_attention``
@@ -26,7 +26,17 @@ from .layout import key_only_mask
 from .plans import DenseFallback, get_plan
 
 
-@torch.library.custom_op("scaling::sparse_sdpa", mutates_args=())
+# Defined with ``torch.library.Library`` rather than ``@torch.library.custom_op``: the latter
+# wraps the implementation in three Python layers (autograd, backend, Dynamo-disable), which
+# measured ~25 us of host time per call on a CPU (benchmarks/op_host_time.py); the op has no
+# backward (the matcher never rewrites inputs that require grad), so it needs none of them.
+_LIBRARY = torch.library.Library("scaling", "DEF")
+_LIBRARY.define(
+    "sparse_sdpa(Tensor query, Tensor key, Tensor value, Tensor? anchor, SymInt plan_id, float? scale, "
+    "SymInt[]? layout, Tensor? key_mask) -> Tensor"
+)  # the schema custom_op inferred: SymInt, so a layout of symbolic sizes (dynamic shapes) adds no guard
+
+
 def sparse_sdpa(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -56,15 +66,15 @@ def sparse_sdpa(
             return _dense_sdpa(query, key, value, scale, key_mask)
     with _interpreter_lock(query.device):
         if plan.online:
-            served = plan.online_attention(query, key, value, anchor, layout, scale, empty_output_like(query))
-            if not isinstance(served, DenseFallback):
-                return served
-        else:
-            served = plan.masks_for(query, anchor, layout)
-        if isinstance(served, DenseFallback):
+            output = plan.online_attention(query, key, value, anchor, layout, scale, empty_output_like(query))
+            if not isinstance(output, DenseFallback):
+                return output
             return _dense_sdpa(query, key, value, scale, key_mask)
-        plan.warm_capture_path(served, query, key, value, scale, key_valid)
-        return plan.attend(query, key, value, served, scale, key_valid)
+        mask = plan.masks_for(query, anchor, layout)
+        if isinstance(mask, DenseFallback):
+            return _dense_sdpa(query, key, value, scale, key_mask)
+        plan.warm_capture_path(mask, query, key, value, scale, key_valid)
+        return plan.attend(query, key, value, mask, scale, key_valid)
 
 
 def _dense_sdpa(query, key, value, scale, attn_mask=None) -> torch.Tensor:
@@ -78,13 +88,17 @@ def _dense_sdpa(query, key, value, scale, attn_mask=None) -> torch.Tensor:
 # two threads interpreting at once break each other ("Did you forget to add @triton.jit?"). Calls on
 # the interpreter take turns; compiled GPU kernels run concurrently as usual.
 _INTERPRETER = threading.Lock()
+_NO_LOCK = contextlib.nullcontext()  # reusable: holds nothing
 
 
 def _interpreter_lock(device: torch.device):
-    return _INTERPRETER if device.type != "cuda" else contextlib.nullcontext()
+    return _INTERPRETER if device.type != "cuda" else _NO_LOCK
 
 
-@sparse_sdpa.register_fake
+_LIBRARY.impl("sparse_sdpa", sparse_sdpa, "CompositeExplicitAutograd")
+
+
+@torch.library.register_fake("scaling::sparse_sdpa", lib=_LIBRARY)
 def _(query, key, value, anchor, plan_id, scale, layout, key_mask):
     return empty_output_like(query)
 

@@ -11,13 +11,11 @@ from __future__ import annotations
 import math
 import numbers
 import os
-import threading
-import weakref
 from dataclasses import dataclass, fields
 from typing import Mapping
 
 from .errors import ScalingCompileError
-from .policies import POLICIES  # noqa: F401  (re-exported: "west", "haste", "svoo", "west+haste", "svoo+haste")
+from .policies.config import POLICIES  # noqa: F401  (re-exported: "west", "haste", "svoo", "west+haste", "svoo+haste")
 
 from .kernels.attention import KERNELS  # "auto", "triton", "fa4", "gluon": the one list, beside the kernels
 
@@ -58,8 +56,11 @@ class BackendOptions:
         GPUs run the Triton kernel, with a warning). Online policies (HASTE, SVOO) run the
         Triton kernel.
     policy: how masks are chosen: "west" (static, offline topology), "haste" / "svoo" (online,
-        per call), or a combination ("west+haste", "svoo+haste"); see scaling_compile.policies.
-    policy_options: parameters of the online policy (e.g. {"top_p": 0.9, "drift_threshold": 0.05}).
+        per call), or a combination ("west+haste", "svoo+haste"); or a typed config holding its
+        options (``scaling_compile.policies.HasteConfig(top_p=0.9)``, ``WestConfig()``,
+        ``SvooConfig(...)``); see scaling_compile.policies. Kept as the name (and its options).
+    policy_options: parameters of the online policy (e.g. {"top_p": 0.9, "drift_threshold": 0.05});
+        None with a typed config.
     schedule: a per-diffusion-step schedule (``scaling_compile.StepSchedule``) or None.
     layout: a ``scaling_compile.families.FamilyLayout`` describing a model the built-in families
         do not know (how its latent, patch sizes and text tokens make the attention layout).
@@ -73,7 +74,7 @@ class BackendOptions:
     strict: bool = False
     inner: str = "inductor"
     kernel: str = "auto"
-    policy: str = "west"
+    policy: object = "west"  # a name, or a policies.PolicyConfig
     policy_options: dict | None = None
     schedule: object = None
     mode: str | None = None
@@ -140,14 +141,19 @@ class BackendOptions:
                     f'option kernel="fa4": FlashAttention-4 cannot be imported ({fa4_import_error()}); '
                     f'{INSTALL_HINT}, or use kernel="triton" / "auto"'
                 )
-        from .policies import canonical_policy, uses_west, validate_policy_options
+        from .policies.config import policy_from, uses_west, validate_policy_options
 
-        checked["policy"] = policy = canonical_policy(self.policy)  # raises for unknown policies and combinations
         options = self.policy_options
         if options is not None:
             if not isinstance(options, Mapping) or not all(isinstance(k, str) for k in options):
                 _refuse("policy_options", options, 'pass a dict of option names to values, e.g. {"top_p": 0.9}')
-            checked["policy_options"] = options = dict(options)
+            options = dict(options)
+        # a name (+ policy_options) or a typed config (policies.HasteConfig(...)), kept as the name and
+        # its options; raises for unknown policies and combinations
+        policy, options = policy_from(self.policy, options)
+        checked["policy"] = policy
+        if options is not None:
+            checked["policy_options"] = options
         validate_policy_options(policy, options)
         if self.layout is not None:
             from .families import FamilyLayout
@@ -166,34 +172,11 @@ class BackendOptions:
         return checked
 
     def load_topology(self):
-        """The Topology to serve from (a path is read, checked and validated; see :func:`load_topology`), or None."""
+        """The Topology to serve from (a path is read, checked and validated; see :func:`~.artifact.load_topology`), or None."""
         if self.artifact is None:
             return None
         if isinstance(self.artifact, (str, os.PathLike)):
+            from .artifact import load_topology
+
             return load_topology(self.artifact)
         return self.artifact
-
-
-# Topologies loaded from files, by the sha256 of the file's bytes. Weak: an entry lives only
-# while something (a compiled graph's plans) still holds the topology, so nothing here keeps
-# user data alive; while it lives, every graph compiled from the same bytes shares it. Keyed
-# by content, a file replaced in place (even with its mtime kept: `cp -p`, `rsync -a`) is read
-# anew.
-_by_content: "weakref.WeakValueDictionary[str, object]" = weakref.WeakValueDictionary()
-_by_content_lock = threading.Lock()
-
-
-def load_topology(path: str | os.PathLike):
-    """The :class:`~scaling_compile.Topology` in the artifact at ``path``: the file is read once,
-    checked, and parsed unless a live topology was loaded from the same bytes."""
-    from .artifact_file import read_artifact_file
-    from .topology import topology_from_file
-
-    file = read_artifact_file(path)
-    with _by_content_lock:
-        topology = _by_content.get(file.sha256)
-    if topology is None:
-        topology = topology_from_file(file)
-        with _by_content_lock:
-            topology = _by_content.setdefault(file.sha256, topology)
-    return topology

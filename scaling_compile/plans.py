@@ -77,7 +77,7 @@ class AttentionPlan:
     _lock: threading.RLock = field(default_factory=threading.RLock, repr=False)
 
     def __post_init__(self):
-        from .policies import canonical_policy, is_online, uses_west
+        from .policies.config import canonical_policy, is_online, uses_west
 
         self.policy = canonical_policy(self.policy)
         self.online = is_online(self.policy)
@@ -104,7 +104,7 @@ class AttentionPlan:
     def online_policy(self):
         """The object serving this plan's online policy (made on first use), or None for "west"."""
         if self._policy is None and self.online:
-            from .policies import make_online_policy
+            from .policies.config import make_online_policy
 
             self._policy = make_online_policy(
                 self.policy, topology=self.topology, budget=self.budget, options=self.policy_options,
@@ -130,7 +130,7 @@ class AttentionPlan:
                 return found, call
             if found != "not in the root":
                 return found  # the root call's own index says why (e.g. a shared anchor)
-        if place is not None and confirm(place, anchor):  # e.g. offloading moved it since the call began
+        if place is not None and confirm(place, anchor, key):  # e.g. offloading moved it since the call began
             return place, call
         with self._lock:
             found = locate(anchor, self.anchor_suffix, list(self._roots))
@@ -208,7 +208,7 @@ class AttentionPlan:
         if isinstance(found, DenseFallback):
             return found
         key, layout = found
-        return self._served(key, query.shape[-2], query.shape[-3], query.device, layout)
+        return self._cached_mask(key, query.shape[-2], query.shape[-3], query.device, layout)
 
     def online_attention(self, query, key, value, anchor, layout, scale, out) -> torch.Tensor | DenseFallback:
         """Serve one call of an online policy: its output (layout of ``out``), or why it stays dense."""
@@ -226,14 +226,14 @@ class AttentionPlan:
                 "the artifact was made for another model"))
         prior = None
         if self.uses_west:
-            served = self._served(node, query.shape[-2], heads, query.device, layout)
+            served = self._cached_mask(node, query.shape[-2], heads, query.device, layout)
             if isinstance(served, DenseFallback):
                 return served
             prior = served.words if not served.stacked else served.words.index_select(
                 0, self.schedule.device_index(query.device))
         return self.online_policy().attend(node, query, key, value, scale, prior, out)
 
-    def _served(self, key, seq_len, heads, device, layout, budget=None) -> BlockMask | DenseFallback:
+    def _cached_mask(self, key, seq_len, heads, device, layout, budget=None) -> BlockMask | DenseFallback:
         budget = self._west_budget() if budget is None else budget
         cache_key = (key, seq_len, heads, str(device), layout, budget)
         served = self._cache.get(cache_key)
@@ -312,12 +312,12 @@ class AttentionPlan:
         for other in keys:  # regional: the other blocks served by this graph, same geometry
             if other != key and self.uses_west:
                 try:
-                    self._served(other, seq_len, heads, device, layout)
+                    self._cached_mask(other, seq_len, heads, device, layout)
                 except (NotServable, GridRequired):
                     pass
         try:
             if self.uses_west:
-                served = self._served(key, seq_len, heads, device, layout)
+                served = self._cached_mask(key, seq_len, heads, device, layout)
                 if query is not None and isinstance(served, BlockMask) and isinstance(query.shape[-1], int):
                     self._prewarm_fa4(served, query)
             if self.online and query is not None:

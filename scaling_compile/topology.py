@@ -170,7 +170,7 @@ class Topology:
             )
         n_blocks = math.ceil(seq_len / self.block_size)
         if entry.scores is not None:
-            from .west import instantiate_mask  # profiled topologies resample to the call's grid
+            from .profiled_mask import instantiate_mask  # profiled topologies resample to the call's grid
 
             return instantiate_mask(
                 entry, self, seq_len=seq_len, grid=grid, budget=budget, step_fraction=step_fraction
@@ -179,7 +179,7 @@ class Topology:
         if mask is None:  # an entry holding only online-policy tables (scaling_compile.policies)
             raise NotServable(f"{key!r} has no static mask or WEST scores in the artifact: serve it with an "
                               "online policy (options={'policy': 'haste'} or 'svoo'), or profile the model")
-        from .west import is_dense_step
+        from .profiled_mask import is_dense_step
 
         if is_dense_step(step_fraction):  # a schedule's dense warm-up bucket
             return torch.ones(entry.num_heads, n_blocks, n_blocks, dtype=torch.bool)
@@ -269,7 +269,7 @@ def topology_from_file(file) -> "Topology":
 
     Order of checks: the container (done by the reader), the format name and version, the
     checksum, the header schema (:mod:`.artifact_schema`), the tensors against the header,
-    then the tables against the metadata (:func:`~.artifact.validate_tables`). Any problem
+    then the tables against the metadata (:func:`~.artifact_tables.validate_tables`). Any problem
     is an :class:`ArtifactError` naming the file and the field.
     """
     from .artifact_file import content_checksum
@@ -312,7 +312,7 @@ def topology_from_file(file) -> "Topology":
     for key, record in nodes.items():
         entries[key] = _entry_from_record(path, key, record, tensors, block_size)
     topology = Topology(entries, block_size, metadata)
-    from .artifact import validate_tables  # shapes, finite values, FAST and online tables vs metadata
+    from .artifact_tables import validate_tables  # shapes, finite values, FAST and online tables vs metadata
 
     validate_tables(topology, path)
     return topology

@@ -17,9 +17,9 @@ between query token ``q`` and key token ``k``::
   only on where the key is: sinks (e.g. the first frame), absolute anchors.
 
 Both are in *relative density* units (uniform attention scores 1 per pair) and
-are fitted by backfitting (alternating least squares over all query/key pairs)
-from two accumulated statistics: the attention mass per 3D offset and per key
-position. Neither needs the S x S matrix. Heads whose attention depends on both
+are fitted by backfitting (alternating least squares over all query/key pairs,
+:mod:`.west_fit`) from two accumulated statistics: the attention mass per 3D
+offset and per key position. Neither needs the S x S matrix. Heads whose attention depends on both
 the query's absolute position and the offset (e.g. "the first frame, near my own
 position") are approximated by the sum, which ranks the right blocks first.
 
@@ -127,178 +127,6 @@ def check_grid(grid, seq_len: int, what: str = "call") -> tuple[int, int, int]:
 
 # ---------------------------------------------------------------------------------------------
 # Accumulation (profiling)
-# ---------------------------------------------------------------------------------------------
-def check_query_frames(query_frames, frames: int) -> list[int]:
-    """Sorted distinct frame indices whose query rows are measured (all frames for None)."""
-    if query_frames is None:
-        return list(range(frames))
-    chosen = sorted({int(t) for t in query_frames})
-    if not chosen or chosen[0] < 0 or chosen[-1] >= frames:
-        raise ValueError(f"query frames {query_frames!r} must be frame indices in [0, {frames})")
-    return chosen
-
-
-def spread_query_frames(frames: int, count: int | None) -> list[int]:
-    """``count`` frames spread evenly over ``frames``, first and last included (all for None or
-    ``count >= frames``), always 0, 1 and the last: the query rows a profile at a large grid
-    measures (cost ~ count * H * W * S)."""
-    if count is None or count >= frames:
-        return list(range(frames))
-    if count < 3:
-        raise ValueError(f"query frame count must be >= 3 (or None: all frames), got {count}")
-    # Frames 0 and 1 are both measured: with only frames on a lattice of spacing p, a component
-    # of period p could move between rel and anchor unseen (not identifiable); two adjacent
-    # frames rule that out. The last frame gives every frame offset.
-    spread = {round(i * (frames - 1) / (count - 2)) for i in range(count - 1)}
-    return sorted(spread | {0, 1})
-
-
-def query_row_ranges(grid, query_frames) -> list[tuple[int, int]]:
-    """Token ranges of the rows of ``query_frames`` (consecutive frames merged)."""
-    frame_tokens = int(grid[1]) * int(grid[2])
-    ranges: list[list[int]] = []
-    for t in check_query_frames(query_frames, int(grid[0])):
-        if ranges and ranges[-1][1] == t * frame_tokens:
-            ranges[-1][1] = (t + 1) * frame_tokens
-        else:
-            ranges.append([t * frame_tokens, (t + 1) * frame_tokens])
-    return [(a, b) for a, b in ranges]
-
-
-class MassStatistics:
-    """Block-level and offset-level attention mass of one node, accumulated over calls.
-
-    ``groups`` independent copies (calibration halves) are kept so that topologies
-    extracted from disjoint calibration sets can be compared (stability).
-    """
-
-    def __init__(self, num_heads: int, grid, block_size: int, groups: int = 2, device=None, query_frames=None):
-        self.num_heads, self.grid, self.block_size = num_heads, tuple(grid), block_size
-        self.query_frames = check_query_frames(query_frames, self.grid[0])
-        self.seq_len = math.prod(self.grid)
-        self.num_blocks = math.ceil(self.seq_len / block_size)
-        canvas = math.prod(canvas_shape(self.grid))
-        f32 = dict(device=device, dtype=torch.float32)
-        self.offset_mass = torch.zeros(groups, num_heads, canvas, **f32)
-        self.key_mass = torch.zeros(groups, num_heads, self.seq_len, **f32)
-        self.block_mass = torch.zeros(groups, num_heads, self.num_blocks, self.num_blocks, **f32)
-        self.observations = torch.zeros(groups, dtype=torch.float64)
-        tokens = torch.arange(self.seq_len, device=device)
-        self._linear = canvas_linear(tokens, self.grid)
-        self._center = canvas_center(self.grid)
-        self._row_block = tokens // block_size
-
-    def add(self, probs: torch.Tensor, row_start: int, group: int) -> None:
-        """Add the softmax rows ``probs`` (batch, heads, rows, seq) starting at query ``row_start``."""
-        batch, heads, rows, seq = probs.shape
-        summed = probs.sum(0)  # (heads, rows, seq)
-        stop = row_start + rows
-        index = self._linear[None, :] - self._linear[row_start:stop, None] + self._center
-        self.offset_mass[group].index_add_(1, index.reshape(-1), summed.reshape(heads, -1))
-        self.key_mass[group] += summed.sum(1)
-        pad = self.num_blocks * self.block_size - seq
-        per_block = torch.nn.functional.pad(summed, (0, pad)).view(heads, rows, self.num_blocks, -1).sum(-1)
-        self.block_mass[group].index_add_(1, self._row_block[row_start:stop], per_block)
-
-    def count(self, group: int, batch: int) -> None:
-        self.observations[group] += batch
-
-    def fit(self, groups=None, iterations: int = 30) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(rel, anchor)`` of the given groups pooled (all by default), see :func:`fit_additive`."""
-        groups = list(range(self.observations.numel())) if groups is None else list(groups)
-        n = float(self.observations[groups].sum())
-        if n == 0:
-            raise ValueError("no attention calls were observed for this node")
-        # Fitted on the statistics' device (the GPU when profiling there: at 480p the CPU fit of
-        # 30 nodes x 3 fits took about a minute); float64 either way.
-        offset = self.offset_mass[groups].sum(0).double() / n
-        key = self.key_mass[groups].sum(0).double() / n
-        rel, anchor = fit_additive(offset, key, self.grid, iterations, self.query_frames)
-        return rel.cpu(), anchor.cpu()
-
-    def query_ranges(self) -> list[tuple[int, int]]:
-        """Token ranges ``[start, stop)`` of the query rows this node measures (runs of frames)."""
-        return query_row_ranges(self.grid, self.query_frames)
-
-    def measured_block_mass(self, groups=None) -> torch.Tensor:
-        """Mean block-level attention mass ``(heads, q_blocks, kv_blocks)``; each query's row sums to 1,
-        so a block's value is the mass of its query rows that lands in the key block."""
-        groups = list(range(self.observations.numel())) if groups is None else list(groups)
-        n = max(float(self.observations[groups].sum()), 1.0)
-        return (self.block_mass[groups].sum(0) / n).float().cpu()
-
-
-def _summed_area_2d(x: torch.Tensor) -> torch.Tensor:
-    return torch.nn.functional.pad(x, (1, 0, 1, 0)).cumsum(-1).cumsum(-2)
-
-
-def _box_sums_2d(table: torch.Tensor, lo, hi) -> torch.Tensor:
-    """Sums over boxes ``[lo, hi)`` of the last two axes, from a 2-D summed-area table."""
-    (l1, l2), (h1, h2) = lo, hi
-    return table[..., h1, h2] - table[..., l1, h2] - table[..., h1, l2] + table[..., l1, l2]
-
-
-def frame_offset_matrix(frames: int, query_frames, dtype=torch.float64) -> torch.Tensor:
-    """``(2F-1, F)``: entry ``[dt + F - 1, tk]`` is 1 when the query frame ``tk - dt`` is measured."""
-    measured = torch.zeros(frames, dtype=dtype)
-    measured[check_query_frames(query_frames, frames)] = 1
-    dt = torch.arange(-(frames - 1), frames)[:, None]
-    source = torch.arange(frames)[None, :] - dt
-    valid = (source >= 0) & (source < frames)
-    return torch.where(valid, measured[source.clamp(0, frames - 1)], torch.zeros((), dtype=dtype))
-
-
-def fit_additive(offset_mass: torch.Tensor, key_mass: torch.Tensor, grid, iterations: int = 30, query_frames=None):
-    """Fit ``P(q, k) ~ rel(k - q) + anchor(k)`` to per-offset and per-key attention mass.
-
-    ``offset_mass`` (heads, canvas): mean over observations of ``sum_q P(q, q + d)``;
-    ``key_mass`` (heads, seq): mean of ``sum_q P(q, k)``; both over the query rows of
-    ``query_frames`` (all frames by default: a profile at a large grid measures a few frames'
-    rows, so its cost grows with S, not S^2). Backfitting solves the least-squares normal
-    equations of the additive model over those query rows and all keys:
-    ``rel(d) = (M(d) - sum_{q in Q, q + d valid} anchor(q + d)) / count_Q(d)`` and
-    ``anchor(k) = (C(k) - sum_{q in Q} rel(k - q)) / |Q|``; the sums separate into 2-D box
-    sums over (y, x) (summed-area tables) and a product with the measured-frame matrix
-    (:func:`frame_offset_matrix`) over t, so each iteration costs O(F * canvas). The gauge (a
-    constant can move between the two) is fixed by ``min(anchor) = 0``. Returned in relative
-    density units (times S: uniform attention is ``rel = 1, anchor = 0``), float32.
-    """
-    frames, height, width = grid
-    seq = frames * height * width
-    heads = offset_mass.shape[0]
-    cshape = canvas_shape(grid)
-    offset_mass = offset_mass.reshape(heads, *cshape).double()
-    key_mass = key_mass.reshape(heads, *grid).double()
-    frame_matrix = frame_offset_matrix(frames, query_frames)  # (2F-1, F)
-    n_query = float(frame_matrix[frames - 1].sum()) * height * width  # dt = 0 row: the measured frames
-    plane = [(n - torch.arange(-(n - 1), n).abs()).double() for n in (height, width)]
-    counts = frame_matrix.sum(1)[:, None, None] * plane[0][:, None] * plane[1][None, :]
-    counts = counts.clamp(min=1)  # offsets no measured query reaches: no data, rel stays 0 there
-    # For offset (dy, dx) the keys of valid pairs are y in [max(0, dy), min(H, H + dy)), same for x.
-    offsets = [torch.arange(-(n - 1), n) for n in (height, width)]
-    lo = (offsets[0].clamp(min=0)[:, None], offsets[1].clamp(min=0)[None, :])
-    hi = ((height + offsets[0]).clamp(max=height)[:, None], (width + offsets[1]).clamp(max=width)[None, :])
-    # For key (y, x) the offsets of valid pairs are canvas indices [y, y + H - 1], same for x.
-    keys = [torch.arange(n) for n in (height, width)]
-    klo = (keys[0][:, None], keys[1][None, :])
-    khi = ((keys[0] + height)[:, None], (keys[1] + width)[None, :])
-    device = offset_mass.device  # every table where the masses are (the fit is elementwise work)
-    frame_matrix, counts = frame_matrix.to(device), counts.to(device)
-    lo, hi, klo, khi = ([t.to(device) for t in pair] for pair in (lo, hi, klo, khi))
-    rel = torch.zeros_like(offset_mass)
-    anchor = torch.zeros_like(key_mass)
-    for _ in range(iterations):
-        rel_sums = _box_sums_2d(_summed_area_2d(rel), klo, khi)  # (heads, 2F-1, H, W): over query (y, x)
-        anchor = (key_mass - torch.einsum("dt,hdyx->htyx", frame_matrix, rel_sums)) / n_query
-        anchor_sums = _box_sums_2d(_summed_area_2d(anchor), lo, hi)  # (heads, F, 2H-1, 2W-1)
-        rel = (offset_mass - torch.einsum("dt,htyx->hdyx", frame_matrix, anchor_sums)) / counts
-    shift = anchor.flatten(1).min(1).values.view(heads, 1, 1, 1)
-    anchor, rel = anchor - shift, rel + shift
-    return (rel * seq).float(), (anchor * seq).float()
-
-
-# ---------------------------------------------------------------------------------------------
-# Resampling to another grid
 # ---------------------------------------------------------------------------------------------
 def _resample_axis(x: torch.Tensor, dim: int, source: torch.Tensor) -> torch.Tensor:
     """Linear interpolation of ``x`` along ``dim`` at fractional source positions ``source``."""
@@ -628,42 +456,6 @@ def entry_key(entry, topology) -> str:
     raise NotServable("the entry does not belong to this topology")
 
 
-def default_budget(topology) -> float:
-    budget = topology.metadata.get("default_budget")
-    if budget is None:
-        raise NotServable(
-            "no budget: the artifact has no default budget; pass options={'budget': ...}"
-        )
-    return float(budget)
-
-
-def is_dense_step(step_fraction) -> bool:
-    """Negative step fractions (``scaling_compile.DENSE_STEP``) mean dense attention (warm-up)."""
-    return step_fraction is not None and float(step_fraction) < 0
-
-
-def instantiate_mask(entry, topology, *, seq_len: int, grid=None, budget=None, step_fraction=None) -> torch.Tensor:
-    """The bool block mask (heads, nq, nk) of a profiled entry for one call (see module docs).
-
-    Raises :class:`NotServable` when the call cannot be served: grid unknown or not
-    the call's sequence, budget below one block per query block, no profiled grid.
-    """
-    from . import fast
-
-    grid = check_grid(grid, seq_len)
-    if entry.grid is None or len(entry.grid) != 3:
-        raise NotServable("the artifact entry has no profiled token grid; re-profile the model")
-    n_blocks = math.ceil(seq_len / topology.block_size)
-    if is_dense_step(step_fraction):
-        return torch.ones(entry.num_heads, n_blocks, n_blocks, dtype=torch.bool)
-    budget = default_budget(topology) if budget is None else float(budget)
-    key = entry_key(entry, topology)
-    counts = fast.block_counts(topology, key, budget=budget, step_fraction=step_fraction, grid=grid)
-    if bool((counts >= n_blocks * n_blocks).all()):
-        return torch.ones(entry.num_heads, n_blocks, n_blocks, dtype=torch.bool)
-    return mask_from_ranks(entry_ranks(key, entry, topology, grid), counts)
-
-
 # ---------------------------------------------------------------------------------------------
 # Agreement measures (stability, scale invariance, fidelity)
 # ---------------------------------------------------------------------------------------------
@@ -689,14 +481,11 @@ def oracle_mask(block_mass: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
 __all__ = [
     "DEFAULT_UNITS",
     "GridRequired",
-    "MassStatistics",
     "UNITS",
     "WEST_VERSION",
     "block_ranks",
     "block_scores",
     "canvas_shape",
-    "fit_additive",
-    "instantiate_mask",
     "mask_iou",
     "mass_recall",
     "oracle_mask",

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import scaling_compile as sc
-from scaling_compile import fast, west
+from scaling_compile import fast, west, west_fit
 from scaling_compile.quality import block_attention_mass, self_attention_calls
 from scaling_compile.testing import example_inputs, planted_head_patterns
 from scaling_compile.testing.fidelity import head_class
@@ -49,12 +49,12 @@ def test_exact_block_scores_equal_the_brute_force_sum(grid, block):
 
 
 def test_spread_query_frames_take_the_first_two_and_the_last():
-    assert west.spread_query_frames(21, 4) == [0, 1, 10, 20]
-    assert west.spread_query_frames(21, None) == list(range(21))
-    assert west.spread_query_frames(3, 5) == [0, 1, 2]
+    assert west_fit.spread_query_frames(21, 4) == [0, 1, 10, 20]
+    assert west_fit.spread_query_frames(21, None) == list(range(21))
+    assert west_fit.spread_query_frames(3, 5) == [0, 1, 2]
     with pytest.raises(ValueError, match=">= 3"):
-        west.spread_query_frames(21, 2)
-    assert west.query_row_ranges((5, 2, 3), [0, 1, 4]) == [(0, 12), (24, 30)]
+        west_fit.spread_query_frames(21, 2)
+    assert west_fit.query_row_ranges((5, 2, 3), [0, 1, 4]) == [(0, 12), (24, 30)]
 
 
 @pytest.mark.parametrize("frames", [None, [0, 1, 4], [0, 1, 2, 4]])
@@ -67,7 +67,7 @@ def test_fit_over_sampled_query_frames_recovers_an_additive_model_on_every_row(f
     linear = west.canvas_linear(torch.arange(seq), grid)
     index = linear[None, :] - linear[:, None] + west.canvas_center(grid)
     probs = (rel.reshape(heads, -1)[:, index] + anchor.reshape(heads, 1, -1)).double() / seq
-    stats = west.MassStatistics(heads, grid, 4, groups=1, query_frames=frames)
+    stats = west_fit.MassStatistics(heads, grid, 4, groups=1, query_frames=frames)
     for start, stop in stats.query_ranges():
         stats.add(probs[None, :, start:stop].float(), start, 0)
     stats.count(0, 1)

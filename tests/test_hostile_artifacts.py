@@ -23,7 +23,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import scaling_compile as sc
-from scaling_compile.options import load_topology
+from scaling_compile.artifact import load_topology
 from scaling_compile.topology import signed_artifact_bytes
 
 from profiled import planted_topology

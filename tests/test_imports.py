@@ -20,6 +20,7 @@ PACKAGES = (  # pyproject.toml [tool.setuptools] packages
     "scaling_compile.testing",
     "scaling_compile.masks",
     "scaling_compile.policies",
+    "scaling_compile.quality",
     "scaling_compile.passes",
     "scaling_compile.kernels",
 )
@@ -114,3 +115,108 @@ def test_the_checker_catches_a_renamed_helper():
     assert "no_such_helper" in problem
     tree = ast.parse("def run():\n    from .no_such_module import thing\n")
     assert _check_imports(tree, "scaling_compile", "example.py")
+
+
+# ---------------------------------------------------------------------------------------------
+# No import circles (issue 18): the package reads bottom-up
+# ---------------------------------------------------------------------------------------------
+def _is_type_checking(node: ast.AST) -> bool:
+    test = getattr(node, "test", None)
+    return isinstance(node, ast.If) and (
+        (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING")
+        or (isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"))
+
+
+def _imported_modules(tree: ast.AST, package: str, modules: set[str]) -> set[str]:
+    """The modules of ``modules`` that ``tree`` imports, at any depth (lazy imports inside
+    functions count: they close a circle at run time all the same), ``if TYPE_CHECKING:``
+    blocks excepted. ``from X import a`` is an edge to ``X.a`` where that is a module, else to X.
+    A module's parent packages, which Python imports first, are not edges: a package's
+    ``__init__`` only re-exports."""
+    found: set[str] = set()
+
+    def visit(node: ast.AST) -> None:
+        if _is_type_checking(node):
+            return
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names if alias.name in modules)
+        elif isinstance(node, ast.ImportFrom):
+            module = (importlib.util.resolve_name("." * node.level + (node.module or ""), package)
+                      if node.level else node.module)
+            if module in modules:
+                for alias in node.names:
+                    found.add(f"{module}.{alias.name}" if f"{module}.{alias.name}" in modules else module)
+        for child in ast.iter_child_nodes(node):
+            visit(child)
+
+    visit(tree)
+    return found
+
+
+def import_graph() -> dict[str, set[str]]:
+    """Module -> the package modules it imports (see :func:`_imported_modules`)."""
+    names = set(package_modules())
+    graph = {}
+    for name in names:
+        module = importlib.import_module(name)
+        path = module.__file__
+        with open(path) as handle:
+            tree = ast.parse(handle.read(), path)
+        package = name if path.endswith("__init__.py") else name.rpartition(".")[0]
+        graph[name] = _imported_modules(tree, package, names) - {name}
+    return graph
+
+
+def import_circles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected sets of more than one module (Tarjan), each sorted."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    circles = []
+
+    def connect(node: str) -> None:
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        on_stack.add(node)
+        for other in sorted(graph.get(node, ())):
+            if other not in index:
+                connect(other)
+                low[node] = min(low[node], low[other])
+            elif other in on_stack:
+                low[node] = min(low[node], index[other])
+        if low[node] == index[node]:
+            members = []
+            while True:
+                member = stack.pop()
+                on_stack.discard(member)
+                members.append(member)
+                if member == node:
+                    break
+            if len(members) > 1:
+                circles.append(sorted(members))
+
+    for node in sorted(graph):
+        if node not in index:
+            connect(node)
+    return circles
+
+
+def test_the_package_has_no_import_circle():
+    graph = import_graph()
+    circles = import_circles(graph)
+    described = [" <-> ".join(c) + ": " + "; ".join(f"{m} imports {sorted(graph[m] & set(c))}" for m in c)
+                 for c in circles]
+    assert circles == [], "import circles:\n" + "\n".join(described)
+
+
+def test_the_circle_check_can_fail():
+    """A lazy import closing a circle is found (the check is not vacuous)."""
+    modules = {"pkg", "pkg.a", "pkg.b", "pkg.c"}
+    a = ast.parse("from .b import thing\n")
+    b = ast.parse("def later():\n    from . import a\n")
+    c = ast.parse("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from .a import thing\n")
+    graph = {"pkg.a": _imported_modules(a, "pkg", modules), "pkg.b": _imported_modules(b, "pkg", modules),
+             "pkg.c": _imported_modules(c, "pkg", modules)}
+    assert graph == {"pkg.a": {"pkg.b"}, "pkg.b": {"pkg.a"}, "pkg.c": set()}
+    assert import_circles(graph) == [["pkg.a", "pkg.b"]]

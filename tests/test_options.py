@@ -116,3 +116,42 @@ def test_fuzz_every_option_value_is_accepted_as_meant_or_refused_by_name(name, v
         assert value is None
     elif name == "artifact":
         assert value is None or (isinstance(value, str) and value)
+
+
+# -- typed policy configs (torchao's style), beside the name + policy_options form ----------------
+@pytest.mark.parametrize("config, name, options", [
+    ("WestConfig()", "west", None),
+    ("HasteConfig(top_p=0.9)", "haste", {"top_p": 0.9}),
+    ("HasteConfig(top_p=0.8, west_prior=True, prior_share=0.3)", "west+haste", {"top_p": 0.8, "prior_share": 0.3}),
+    ("SvooConfig(clusters=4, level=0.3)", "svoo", {"clusters": 4, "level": 0.3}),
+    ("SvooConfig(reuse=True, drift_threshold=0.1)", "svoo+haste", {"drift_threshold": 0.1}),
+])
+def test_a_policy_config_is_its_name_and_options(config, name, options):
+    """A typed config and the string/dict form it stands for make the same options and the same
+    run-time policy settings."""
+    from scaling_compile import policies
+    from scaling_compile.policies.config import make_online_policy
+
+    typed = sc.BackendOptions.from_dict({"policy": eval(config, vars(policies))})
+    named = sc.BackendOptions.from_dict({"policy": name, "policy_options": options})
+    assert typed.policy == named.policy == name
+    if name == "west":
+        assert typed.policy_options is None
+        return
+    made = [make_online_policy(o.policy, topology=None, budget=None, options=o.policy_options, block_size=16)
+            for o in (typed, named)]
+    assert made[0].settings == made[1].settings
+    assert getattr(made[0], "reuse", None) == getattr(made[1], "reuse", None)
+
+
+def test_a_policy_config_refuses_separate_options_and_bad_values():
+    from scaling_compile.policies import HasteConfig, SvooConfig
+
+    with pytest.raises(sc.ScalingCompileError, match="a policy config holds its options"):
+        sc.BackendOptions(policy=HasteConfig(), policy_options={"top_p": 0.5})
+    with pytest.raises(sc.ScalingCompileError, match="top_p=2.0 must be in"):
+        sc.BackendOptions(policy=HasteConfig(top_p=2.0))
+    with pytest.raises(sc.ScalingCompileError, match="clusters must be >= 1"):
+        sc.BackendOptions(policy=SvooConfig(clusters=0))
+    with pytest.raises(sc.ScalingCompileError, match="HasteConfig"):
+        sc.BackendOptions(policy=3)

@@ -18,7 +18,7 @@ expected_block_mask, expected_token_mask = testing.expected_block_mask, testing.
 plan_from_json, plan_to_json = testing.plan_from_json, testing.plan_to_json
 planted_head_patterns, planted_summary = testing.planted_head_patterns, testing.planted_summary
 record_self_attention, token_grid_of = testing.record_self_attention, testing.token_grid_of
-from scaling_compile.testing import planted as planted_mod
+from scaling_compile.testing import rope_design
 
 TINY_LATENT = (3, 16, 16)  # -> 3 x 8 x 8 = 192 tokens
 BIG_LATENT = (5, 24, 24)  # -> 5 x 12 x 12 = 720 tokens
@@ -110,10 +110,10 @@ def test_real_configs():
     assert (c["num_layers"], c["num_attention_heads"] * c["attention_head_dim"], c["ffn_dim"]) == (40, 5120, 13824)
     # Every per-axis design the real head dim needs exists at the default extents (raises otherwise).
     for spec in [("window", r) for r in range(4)] + [("sink", 1), ("sink", 2)]:
-        for (_, width), ext in zip(planted_mod._rope_bands(128), (32, 128, 128)):
-            if spec[0] == "sink" and width != planted_mod._rope_bands(128)[0][1]:
+        for (_, width), ext in zip(rope_design.rope_bands(128), (32, 128, 128)):
+            if spec[0] == "sink" and width != rope_design.rope_bands(128)[0][1]:
                 continue
-            amps, _ = planted_mod._axis_design(spec, width, ext, 0.99)
+            amps, _ = rope_design.axis_design(spec, width, ext, 0.99)
             assert 0 < sum(amps) < 400
 
 
@@ -135,11 +135,11 @@ def test_token_order_matches_wan_rope(tiny):
     T, H, W = token_grid_of(tiny, *TINY_LATENT)
     cos, _ = tiny.rope(torch.zeros(1, 16, *TINY_LATENT))
     cos = cos[0, :, 0]  # (N, D)
-    (ot, wt), (oh, wh), (ow, ww) = planted_mod._rope_bands(tiny.config.attention_head_dim)
+    (ot, wt), (oh, wh), (ow, ww) = rope_design.rope_bands(tiny.config.attention_head_dim)
     idx = torch.arange(T * H * W)
     t, y, x = idx // (H * W), (idx // W) % H, idx % W
     for (off, width), pos in (((ot, wt), t), ((oh, wh), y), ((ow, ww), x)):
-        f = planted_mod._band_freqs(width).float()
+        f = rope_design.band_freqs(width).float()
         expect = torch.cos(pos[:, None].float() * f).repeat_interleave(2, -1)
         torch.testing.assert_close(cos[:, off:off + width], expect, atol=1e-5, rtol=0)
     # patchify: latent pixel (t, 2y, 2x) only feeds token t*H*W + y*W + x

@@ -10,7 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import scaling_compile as sc
-from scaling_compile import fast, west
+from scaling_compile import fast, west, west_fit
 from scaling_compile.kernels.reference import block_sparse_attention_reference
 from scaling_compile.passes import profile as profile_pass
 
@@ -100,7 +100,7 @@ def test_mass_statistics_match_brute_force():
     grid, block = (2, 3, 5), 4
     seq = math.prod(grid)
     probs = torch.rand(2, 3, seq, seq).softmax(-1)
-    stats = west.MassStatistics(3, grid, block, groups=2)
+    stats = west_fit.MassStatistics(3, grid, block, groups=2)
     for start in range(0, seq, 8):  # chunks that do not align with blocks
         stats.add(probs[:, :, start:start + 8], start, group=1)
     stats.count(1, 2)
@@ -134,7 +134,7 @@ def test_fit_recovers_an_additive_head(frames, height, width, seed):
     linear = west.canvas_linear(torch.arange(seq), grid)
     index = linear[None, :] - linear[:, None] + west.canvas_center(grid)
     probs = rel[0][index] + anchor[0][None, :]
-    stats = west.MassStatistics(1, grid, 4, groups=1)
+    stats = west_fit.MassStatistics(1, grid, 4, groups=1)
     stats.offset_mass, stats.key_mass = stats.offset_mass.double(), stats.key_mass.double()
     stats.block_mass = stats.block_mass.double()
     stats.add(probs[None, None], 0, 0)

@@ -100,5 +100,22 @@ def default_scale(query: torch.Tensor, scale) -> float:
     return 1.0 / math.sqrt(query.shape[-1]) if scale is None else float(scale)
 
 
-__all__ = ["attend", "block_means", "block_probabilities", "default_scale", "diagonal_mask", "pack",
+
+
+def device_key(device) -> str:
+    """A cache key naming one device: "cuda" and "cuda:0" are the same device when 0 is current."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return str(device)
+
+
+def inverse_permutation(perm: torch.Tensor) -> torch.Tensor:
+    """``inv`` with ``inv[..., perm[..., i]] = i`` along the last dim."""
+    inv = torch.empty_like(perm)
+    inv.scatter_(-1, perm, torch.arange(perm.shape[-1], device=perm.device, dtype=perm.dtype).expand_as(perm))
+    return inv
+
+
+__all__ = ["attend", "block_means", "block_probabilities", "default_scale", "device_key", "diagonal_mask", "inverse_permutation", "pack",
            "top_k_mask", "top_p_mask"]

@@ -51,8 +51,9 @@ import torch
 
 from ..errors import ScalingCompileError
 from ..kernels.bitpack import num_words, unpack_block_mask
-from . import MaskRecord, _record, device_key, recording, timed
-from .blocks import attend, block_means, block_probabilities, default_scale, pack, top_p_mask
+from .records import MaskRecord, add_record, recording
+from .timing import timed
+from .blocks import attend, block_means, block_probabilities, default_scale, device_key, pack, top_p_mask
 
 P_GRID = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99)
 DEFAULT_TOP_P = 0.9
@@ -183,6 +184,7 @@ class HastePolicy:
         self._p: dict = {}
         self._lock = threading.Lock()
         self._warned = False
+        self.timers: list = []  # PredictionTimers attached by time_predictions(...) while open
 
     # -- budgets --------------------------------------------------------------------------------
     def prior_budget(self) -> float | None:
@@ -246,7 +248,7 @@ class HastePolicy:
         state = self._state(key, batch, heads, seq, dim, query.device)
         gate = state.gate
         device_mode = self.settings.refresh == "device" or (self.settings.refresh == "auto" and capturing(query.device))
-        with timed("haste.check", query.device):
+        with timed(self.timers, "haste.check", query.device):
             pooled_q, _ = block_means(query, self.block_size)
             pooled_k, counts = block_means(key_, self.block_size)
             need = gate.need(pooled_q, pooled_k)
@@ -254,7 +256,7 @@ class HastePolicy:
         if reuse:  # nothing drifted: the cached mask as is
             gate.skip()
             return state.words
-        with timed("haste.predict", query.device):
+        with timed(self.timers, "haste.predict", query.device):
             probs = block_probabilities(pooled_q, pooled_k, counts, default_scale(query, scale))
             fresh = top_p_mask(probs, self.head_p(key, heads, query.device), self.settings.keep_diagonal)
             state.mask.copy_(torch.where(need[..., None, None], fresh, state.mask))
@@ -269,7 +271,7 @@ class HastePolicy:
         if recording():
             n_blocks = math.ceil(query.shape[-2] / self.block_size)
             state = self._state(key, *query.shape[:3], query.shape[-1], query.device)
-            _record(MaskRecord(key, "west+haste" if self.prior else "haste",
+            add_record(MaskRecord(key, "west+haste" if self.prior else "haste",
                                unpack_block_mask(words, n_blocks).cpu(), self.block_size,
                                refreshed=state.gate.last.cpu().clone()))
         return attend(query, key_, value, words, self.block_size, scale, out)

@@ -42,8 +42,9 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import ScalingCompileError
-from . import MaskRecord, _record, device_key, recording, timed
-from .blocks import attend, block_means, block_probabilities, default_scale, pack, top_k_mask
+from .records import MaskRecord, add_record, recording
+from .timing import timed
+from .blocks import attend, block_means, block_probabilities, default_scale, device_key, pack, top_k_mask
 from .haste import DriftGate, HasteSettings, capturing, settings_from
 
 MASS_TARGETS = (0.5, 0.7, 0.8, 0.9, 0.95, 0.99)
@@ -268,6 +269,7 @@ class SvooPolicy:
         self._levels: dict[str, float] = {}
         self._states: dict = {}
         self._lock = threading.Lock()
+        self.timers: list = []  # PredictionTimers attached by time_predictions(...) while open
 
     def level(self, key: str) -> float:
         """Fraction of key blocks node ``key`` keeps."""
@@ -325,7 +327,7 @@ class SvooPolicy:
             batch, heads, seq, dim = query.shape
             state = self._state(key, batch, heads, seq, dim, device)
             device_mode = self.reuse.refresh == "device" or (self.reuse.refresh == "auto" and capturing(device))
-            with timed("svoo.check", device):
+            with timed(self.timers, "svoo.check", device):
                 pooled_q, _ = block_means(query, self.block_size)  # drift is measured in token order
                 pooled_k, _ = block_means(key_, self.block_size)
                 need = state.gate.need(pooled_q, pooled_k)
@@ -333,21 +335,21 @@ class SvooPolicy:
         perm_q = perm_k = None
         if ordered:
             if state is None:
-                with timed("svoo.cluster", device):
+                with timed(self.timers, "svoo.cluster", device):
                     perm_q, perm_k = cluster_permutations(query, key_, self.settings, clusters)
             else:
                 if refresh:
-                    with timed("svoo.cluster", device):
+                    with timed(self.timers, "svoo.cluster", device):
                         fresh_q, fresh_k = cluster_permutations(query, key_, self.settings, clusters)
                         state.perm_q.copy_(torch.where(need[..., None], fresh_q, state.perm_q))
                         state.perm_k.copy_(torch.where(need[..., None], fresh_k, state.perm_k))
                 perm_q, perm_k = state.perm_q, state.perm_k
-            with timed("svoo.permute", device):
+            with timed(self.timers, "svoo.permute", device):
                 query_p, key_p, value_p = (permute_tokens(query, perm_q), permute_tokens(key_, perm_k),
                                            permute_tokens(value, perm_k))
         else:
             query_p, key_p, value_p = query, key_, value
-        with timed("svoo.select", device):
+        with timed(self.timers, "svoo.select", device):
             if state is None:
                 mask = select_blocks(query_p, key_p, self.block_size, scale, level)
             elif refresh:
@@ -360,14 +362,14 @@ class SvooPolicy:
                 mask = state.mask
             words = pack(mask)
         if recording():
-            _record(MaskRecord(key, "svoo+haste" if self.use_reuse else "svoo", mask.cpu().clone(), self.block_size,
+            add_record(MaskRecord(key, "svoo+haste" if self.use_reuse else "svoo", mask.cpu().clone(), self.block_size,
                                perm_q=None if perm_q is None else perm_q.cpu().clone(),
                                perm_k=None if perm_k is None else perm_k.cpu().clone(),
                                refreshed=None if state is None else state.gate.last.cpu().clone()))
         if not ordered:
             return attend(query, key_, value, words, self.block_size, scale, out)
         return permuted_attention(query_p, key_p, value_p, words, perm_q, self.block_size, scale, out,
-                                  lambda: timed("svoo.permute", device))
+                                  lambda: timed(self.timers, "svoo.permute", device))
 
 
 __all__ = [

@@ -86,17 +86,27 @@ gets small seeded random weights, so the model is a well-behaved Wan model end t
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import functools
-import json
 import math
 import warnings
 import zlib
-from dataclasses import dataclass, field
 from typing import Any, Iterator, Mapping
 
 import torch
 import torch.nn.functional as F
+
+from .head_patterns import (  # noqa: F401  (HeadPattern & co. are imported from here by users)
+    KINDS,
+    SENSITIVITY_SCALES,
+    HeadPattern,
+    _default_plan,
+    _normalise_plan,
+    expected_block_mask,
+    expected_token_mask,
+    plan_from_json,
+    plan_to_json,
+)
+from .rope_design import head_spectrum, rope_bands
 
 __all__ = [
     "CONFIGS",
@@ -115,13 +125,6 @@ __all__ = [
     "record_self_attention",
     "token_grid_of",
 ]
-
-KINDS = ("local", "temporal", "spatial", "sink", "global", "mixture")
-
-# Sensitivity class -> scale of the head's columns of attn1.to_out (how much output it carries).
-SENSITIVITY_SCALES: dict[str, float] = {"high": 1.0, "medium": 0.3, "low": 0.1, "negligible": 0.01}
-
-ROPE_THETA = 10000.0  # WanRotaryPosEmbed's default theta
 
 # ----------------------------------------------------------------------------------------
 # Configs
@@ -182,366 +185,6 @@ CONFIGS: dict[str, dict[str, Any]] = {
 
 # Default text length for example_inputs: Wan's T5 context is 512 tokens.
 _TEXT_LEN = {"tiny": 16, "small": 32, "wan2.1-1.3b": 512, "wan2.1-14b": 512}
-
-# ----------------------------------------------------------------------------------------
-# Head patterns
-# ----------------------------------------------------------------------------------------
-
-AxisSpec = tuple[str, int]  # ("full", 0) | ("window", r) | ("sink", n)
-_AXES = ("t", "h", "w")
-
-
-@dataclass(frozen=True)
-class HeadPattern:
-    """What one planted self-attention head does.
-
-    kind:        one of ``KINDS``.
-    params:      kind-specific parameters, all in TOKEN units (after patchify):
-                 local: ``{"radius": (rt, rh, rw)}``; sink: ``{"frames": n}``;
-                 mixture: ``{"name": str, "t": spec, "h": spec, "w": spec}`` with spec one
-                 of ``("full", 0)``, ``("window", r)``, ``("sink", n)``;
-                 temporal / spatial / global: ``{}``.
-    sensitivity: class name in ``SENSITIVITY_SCALES``.
-    out_scale:   the scale actually applied to this head's columns of ``attn1.to_out``.
-    """
-
-    kind: str
-    params: dict = field(default_factory=dict)
-    sensitivity: str = "high"
-    out_scale: float = 1.0
-
-    def __post_init__(self):
-        if self.kind not in KINDS:
-            raise ValueError(f"unknown head kind {self.kind!r}; expected one of {KINDS}")
-        if self.sensitivity not in SENSITIVITY_SCALES:
-            raise ValueError(f"unknown sensitivity {self.sensitivity!r}; expected one of {tuple(SENSITIVITY_SCALES)}")
-        self.axes()  # validate params early
-
-    def axes(self) -> tuple[AxisSpec, AxisSpec, AxisSpec]:
-        """Per-axis relation (t, h, w) that defines the pattern (the attention is a product of these)."""
-        p = self.params
-        if self.kind == "local":
-            r = tuple(int(v) for v in p.get("radius", (1, 1, 1)))
-            if len(r) != 3 or min(r) < 0:
-                raise ValueError(f"local radius must be three non-negative ints, got {p.get('radius')!r}")
-            return (("window", r[0]), ("window", r[1]), ("window", r[2]))
-        if self.kind == "temporal":
-            return (("full", 0), ("window", 0), ("window", 0))
-        if self.kind == "spatial":
-            return (("window", 0), ("full", 0), ("full", 0))
-        if self.kind == "sink":
-            n = int(p.get("frames", 1))
-            if n < 1:
-                raise ValueError("sink frames must be >= 1")
-            return (("sink", n), ("full", 0), ("full", 0))
-        if self.kind == "global":
-            return (("full", 0), ("full", 0), ("full", 0))
-        # mixture
-        specs = []
-        for ax in _AXES:
-            s = p.get(ax, ("full", 0))
-            s = (str(s[0]), int(s[1]))
-            if s[0] not in ("full", "window", "sink") or s[1] < 0 or (s[0] == "sink" and s[1] < 1):
-                raise ValueError(f"bad mixture spec for axis {ax}: {s!r}")
-            if s[0] == "sink" and ax != "t":
-                raise ValueError("sinks are only supported on the frame axis")
-            specs.append(s)
-        return tuple(specs)  # type: ignore[return-value]
-
-    def describe(self) -> str:
-        """Short human-readable parameter string."""
-        if self.kind == "local":
-            return "radius(t,h,w)=" + ",".join(str(r) for r in self.params.get("radius", (1, 1, 1)))
-        if self.kind == "sink":
-            return f"first {self.params.get('frames', 1)} frame(s)"
-        if self.kind == "mixture":
-            name = self.params.get("name", "")
-            return (name + " " if name else "") + " ".join(
-                f"{ax}:{s[0]}" + (f"{s[1]}" if s[0] != "full" else "") for ax, s in zip(_AXES, self.axes())
-            )
-        return "-"
-
-    def to_dict(self) -> dict:
-        d = dataclasses.asdict(self)
-        d["params"] = {k: list(v) if isinstance(v, tuple) else v for k, v in self.params.items()}
-        return d
-
-    @classmethod
-    def from_dict(cls, d: Mapping) -> "HeadPattern":
-        params = {k: tuple(v) if isinstance(v, list) else v for k, v in dict(d.get("params", {})).items()}
-        return cls(kind=d["kind"], params=params, sensitivity=d.get("sensitivity", "high"),
-                   out_scale=float(d.get("out_scale", SENSITIVITY_SCALES[d.get("sensitivity", "high")])))
-
-
-def _axis_relation(spec: AxisSpec, n: int, device=None) -> torch.Tensor:
-    """(n, n) bool: may a query at coordinate a attend a key at coordinate b on this axis?"""
-    kind, size = spec
-    a = torch.arange(n, device=device)
-    if kind == "full":
-        return torch.ones(n, n, dtype=torch.bool, device=device)
-    if kind == "window":
-        return (a[:, None] - a[None, :]).abs() <= size
-    if kind == "sink":
-        return (a[None, :] < size).expand(n, n)
-    raise ValueError(spec)
-
-
-def expected_token_mask(pattern: HeadPattern, grid: tuple[int, int, int], device=None,
-                        queries: torch.Tensor | None = None) -> torch.Tensor:
-    """Ground-truth token-level mask, bool (N, N), N = T*H*W, t-major order (for small grids),
-    or only the rows of the given query token indices, (len(queries), N) (for large grids)."""
-    T, H, W = grid
-    rt, rh, rw = (_axis_relation(s, n, device) for s, n in zip(pattern.axes(), grid))
-    if queries is not None:
-        q = torch.as_tensor(queries, device=device)
-        qt, qy, qx = q // (H * W), (q // W) % H, q % W
-        m = rt[qt][:, :, None, None] & rh[qy][:, None, :, None] & rw[qx][:, None, None, :]
-        return m.reshape(q.numel(), T * H * W)
-    m = rt[:, None, None, :, None, None] & rh[None, :, None, None, :, None] & rw[None, None, :, None, None, :]
-    return m.reshape(T * H * W, T * H * W)
-
-
-def expected_block_mask(pattern: HeadPattern, grid: tuple[int, int, int], block_size: int | tuple[int, int],
-                        device=None) -> torch.Tensor:
-    """Ground-truth block mask, bool (q_blocks, kv_blocks), for token order t-major.
-
-    Block (qb, kb) is True iff some query token in block qb may attend some key token in
-    block kb under the pattern's per-axis relations (the last block may be ragged).
-    Computed without materialising N x N: the token relation is a Kronecker product of
-    per-axis relations, so ``P^T (R_t x R_h x R_w) P`` (P = token->block membership) is
-    evaluated axis by axis; cost ~ N * (T+H+W) * kv_blocks + N * q_blocks * kv_blocks.
-    """
-    bq, bk = (block_size, block_size) if isinstance(block_size, int) else block_size
-    T, H, W = grid
-    N = T * H * W
-    nq, nk = -(-N // bq), -(-N // bk)
-    rels = [_axis_relation(s, n, device).to(torch.float32) for s, n in zip(pattern.axes(), grid)]
-    if all(bool(r.all()) for r in rels):
-        return torch.ones(nq, nk, dtype=torch.bool, device=device)
-    idx = torch.arange(N, device=device)
-    Pk = F.one_hot(idx // bk, nk).to(torch.float32).reshape(T, H, W, nk)  # key token -> key block
-    # (R_t x R_h x R_w) applied to Pk, one axis at a time: X[i, kb] = #keys in kb allowed for query i
-    X = torch.einsum("ab,bhwk->ahwk", rels[0], Pk)
-    X = torch.einsum("ab,tbwk->tawk", rels[1], X)
-    X = torch.einsum("ab,thbk->thak", rels[2], X).reshape(N, nk)
-    counts = torch.zeros(nq, nk, dtype=torch.float32, device=device).index_add_(0, idx // bq, X)
-    return counts > 0
-
-
-# ----------------------------------------------------------------------------------------
-# Per-axis RoPE designs
-# ----------------------------------------------------------------------------------------
-
-
-def _rope_bands(head_dim: int) -> list[tuple[int, int]]:
-    """(offset, width) of the frame / height / width RoPE bands inside one head (WanRotaryPosEmbed)."""
-    h = w = 2 * (head_dim // 6)
-    t = head_dim - h - w
-    return [(0, t), (t, h), (t + h, w)]
-
-
-def _band_freqs(width: int) -> torch.Tensor:
-    # Same formula as diffusers' get_1d_rotary_pos_embed (theta=10000), in float64.
-    return 1.0 / (ROPE_THETA ** (torch.arange(0, width, 2, dtype=torch.float64) / width))
-
-
-def _nnls(A: torch.Tensor, b: torch.Tensor, max_iter: int = 500) -> torch.Tensor:
-    """Non-negative least squares, Lawson-Hanson active set (deterministic, float64, tiny problems)."""
-    n = A.shape[1]
-    x = torch.zeros(n, dtype=A.dtype)
-    passive = torch.zeros(n, dtype=torch.bool)
-    grad = A.T @ (b - A @ x)
-    for _ in range(max_iter):
-        cand = torch.where(~passive, grad, torch.full_like(grad, -math.inf))
-        if passive.all() or cand.max() <= 1e-12:
-            break
-        passive[int(cand.argmax())] = True
-        while True:
-            z = torch.zeros(n, dtype=A.dtype)
-            z[passive] = torch.linalg.lstsq(A[:, passive], b.unsqueeze(1)).solution.squeeze(1)
-            if (z[passive] > 0).all():
-                x = z
-                break
-            neg = passive & (z <= 0)
-            alpha = (x[neg] / (x[neg] - z[neg])).min()
-            x = x + alpha * (z - x)
-            passive &= x > 1e-14
-            x[~passive] = 0
-        grad = A.T @ (b - A @ x)
-    return x
-
-
-def _axis_logits(f: torch.Tensor, n: int) -> torch.Tensor:
-    """(n, n) logits f(i - j) on an axis of length n, from f sampled at offsets -(E-1)..E-1 (E >= n)."""
-    E = (f.numel() + 1) // 2
-    i = torch.arange(n)
-    return f[(i[:, None] - i[None, :]) + E - 1]
-
-
-def _axis_in_mass(f: torch.Tensor, spec: AxisSpec, n: int) -> float:
-    """Worst (over query positions) per-axis attention mass inside the spec's relation, axis length n."""
-    rel = _axis_relation(spec, n).to(torch.float64)
-    return float((_axis_logits(f, n).softmax(-1) * rel).sum(-1).min())
-
-
-def _axis_in_mass_all_lengths(f: torch.Tensor, spec: AxisSpec, extent: int) -> float:
-    """min over axis lengths n <= extent and query positions i < n of the in-relation mass.
-
-    One pass: for a query i the length-n softmax only sums keys j < n, so prefix sums over j
-    of exp(f(i - j)) (inside / all) give every n at once.
-    """
-    logits = _axis_logits(f, extent)
-    e = torch.exp(logits - logits.max(-1, keepdim=True).values)
-    rel = _axis_relation(spec, extent).to(torch.float64)
-    mass = torch.cumsum(e * rel, -1) / torch.cumsum(e, -1)  # [i, n-1]
-    valid = torch.ones(extent, extent, dtype=torch.bool).tril().T  # i <= n-1
-    return float(mass[valid].min())
-
-
-@functools.lru_cache(maxsize=None)
-def _axis_design(spec: AxisSpec, band_width: int, extent: int, axis_mass: float) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """Pair amplitudes (logit units) and phase offsets for one RoPE band realising ``spec``.
-
-    Guarantees: for every axis length n <= extent and every query coordinate, the per-axis
-    attention mass inside the relation is >= axis_mass (checked, raises otherwise).
-    """
-    freqs = _band_freqs(band_width)
-    npairs = freqs.numel()
-    zeros = (0.0,) * npairs
-    kind, size = spec
-    if kind == "full" or extent <= 1 or (kind == "window" and size >= extent - 1) or (kind == "sink" and size >= extent):
-        return zeros, zeros
-
-    d = torch.arange(extent, dtype=torch.float64)
-    keep = freqs * (extent - 1) >= 0.5  # lower frequencies are ~constant over the axis: useless
-    lam = 1e-3  # ridge: keeps amplitudes (hence q/k norms, hence rounding error in bf16) small
-    if kind == "window":
-        # penalty f(0) - f(d) = sum a_k (1 - cos w_k d): bump reaching its plateau at d = r+1
-        feats = 1.0 - torch.cos(d[:, None] * freqs[keep])
-        target = torch.ones_like(d) if size == 0 else torch.clamp((d / (size + 1)) ** 2, max=1.0)
-        target[0] = 0.0
-        phase = 0.0
-    else:  # sink: logit sum b_k sin(w_k (t_i - t_j)), fitted to a linear ramp in t_i - t_j
-        keep &= freqs * (extent - 1) <= math.pi / 2  # monotone over the whole axis
-        if not keep.any():
-            keep = freqs == freqs.min()
-        feats = torch.sin(d[:, None] * freqs[keep])
-        target = d.clone()
-        phase = -math.pi / 2  # q/k phase offset turning cos into sin
-    k = int(keep.sum())
-    A = torch.cat([feats, math.sqrt(lam) * torch.eye(k, dtype=torch.float64)])
-    b = torch.cat([target, torch.zeros(k, dtype=torch.float64)])
-    sol = _nnls(A, b)
-    amps = torch.zeros(npairs, dtype=torch.float64)
-    amps[keep] = sol
-    phases = torch.zeros(npairs, dtype=torch.float64)
-    phases[keep] = phase
-    if not (amps > 0).any():
-        raise RuntimeError(f"no RoPE design for {spec} in a band of width {band_width}")
-
-    # Logit profile over all offsets -(extent-1)..extent-1, linear in the amplitudes.
-    offs = torch.arange(-(extent - 1), extent, dtype=torch.float64)
-    f = torch.cos(offs[:, None] * freqs + phases) @ amps
-
-    # Smallest overall scale reaching the mass target at the largest axis (bisection, geometric).
-    lo, hi = 1e-3, 1.0
-    while _axis_in_mass(hi * f, spec, extent) < axis_mass:
-        hi *= 2.0
-        if hi > 1e6:
-            raise RuntimeError(f"cannot reach axis mass {axis_mass} for {spec} (band {band_width}, extent {extent})")
-    for _ in range(30):
-        mid = math.sqrt(lo * hi)
-        if _axis_in_mass(mid * f, spec, extent) >= axis_mass:
-            hi = mid
-        else:
-            lo = mid
-    amps, f = hi * amps, hi * f
-    worst = _axis_in_mass_all_lengths(f, spec, extent)
-    if worst < axis_mass - 1e-6:
-        raise RuntimeError(f"RoPE design for {spec} misses its target at a smaller axis ({worst:.4f})")
-    return tuple(amps.tolist()), tuple(phases.tolist())
-
-
-def _head_spectrum(pattern: HeadPattern, head_dim: int, extent: tuple[int, int, int], axis_mass: float,
-                   gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-pair (amplitude, phase offset) over the whole head (D/2 pairs, float64)."""
-    amps, phases = [], []
-    for spec, (_, width), ext in zip(pattern.axes(), _rope_bands(head_dim), extent):
-        a, p = _axis_design(spec, width, ext, axis_mass)
-        amps.append(torch.tensor(a, dtype=torch.float64))
-        phases.append(torch.tensor(p, dtype=torch.float64))
-    amps, phases = torch.cat(amps), torch.cat(phases)
-    if pattern.kind == "global":
-        # weak random spectrum: logit range < 2 * 0.2, i.e. near-uniform but not exactly
-        w = torch.rand(amps.numel(), generator=gen, dtype=torch.float64)
-        amps = 0.2 * w / w.sum()
-        phases = (torch.rand(amps.numel(), generator=gen, dtype=torch.float64) * 2 - 1) * math.pi
-    return amps, phases
-
-
-# ----------------------------------------------------------------------------------------
-# Default plan
-# ----------------------------------------------------------------------------------------
-
-_MIXTURES = (
-    ("first-frame-local", {"t": ("sink", 1), "h": ("window", 1), "w": ("window", 1)}),
-    ("adjacent-frames", {"t": ("window", 1), "h": ("full", 0), "w": ("full", 0)}),
-    ("row", {"t": ("window", 0), "h": ("window", 0), "w": ("full", 0)}),
-    ("column", {"t": ("window", 0), "h": ("full", 0), "w": ("window", 0)}),
-)
-
-
-def _default_plan(num_layers: int, heads: int, seed: int, kinds: tuple[str, ...]) -> dict[str, list[HeadPattern]]:
-    """Seeded plan: kinds cycle over (block, head) so every kind appears; parameters and
-    sensitivity classes are drawn from a generator seeded by ``seed``."""
-    gen = torch.Generator().manual_seed(seed * 7919 + 17)
-
-    def pick(seq):
-        return seq[int(torch.randint(len(seq), (1,), generator=gen))]
-
-    sens_names = list(SENSITIVITY_SCALES)
-    sens_probs = torch.tensor([0.35, 0.3, 0.2, 0.15])
-    offset = int(torch.randint(len(kinds), (1,), generator=gen))
-    plan = {}
-    for i in range(num_layers):
-        row = []
-        for h in range(heads):
-            kind = kinds[(i * heads + h + offset) % len(kinds)]
-            if kind == "local":
-                params = {"radius": (pick((0, 1)), pick((1, 2, 3)), pick((1, 2, 3)))}
-            elif kind == "sink":
-                params = {"frames": 1}
-            elif kind == "mixture":
-                name, spec = pick(_MIXTURES)
-                params = {"name": name, **spec}
-            else:
-                params = {}
-            sens = sens_names[int(torch.multinomial(sens_probs, 1, generator=gen))]
-            row.append(HeadPattern(kind, params, sens, SENSITIVITY_SCALES[sens]))
-        plan[f"blocks.{i}.attn1"] = row
-    return plan
-
-
-def _normalise_plan(plan, num_layers: int, heads: int, default: dict[str, list[HeadPattern]]) -> dict[str, list[HeadPattern]]:
-    out = dict(default)
-    for key, row in (plan or {}).items():
-        k = f"blocks.{key}.attn1" if isinstance(key, int) else str(key)
-        if k not in out:
-            raise ValueError(f"plan key {key!r} is not a self-attention node of this model (blocks.0..{num_layers - 1}.attn1)")
-        row = [HeadPattern.from_dict(p) if isinstance(p, Mapping) else p for p in row]
-        if len(row) != heads:
-            raise ValueError(f"plan for {k} has {len(row)} heads, the model has {heads}")
-        out[k] = row
-    return out
-
-
-def plan_to_json(plan: Mapping[str, list[HeadPattern]]) -> str:
-    """Serialise a plan (e.g. ``model.planted_plan``) to JSON (to ship ground truth with a benchmark)."""
-    return json.dumps({k: [p.to_dict() for p in row] for k, row in plan.items()}, indent=1)
-
-
-def plan_from_json(text: str) -> dict[str, list[HeadPattern]]:
-    return {k: [HeadPattern.from_dict(p) for p in row] for k, row in json.loads(text).items()}
 
 
 # ----------------------------------------------------------------------------------------
@@ -610,7 +253,7 @@ def planted_wan_transformer(
             raise ValueError(f"unknown kind {k!r}")
     device = torch.device(device)
     heads, D = cfg["num_attention_heads"], cfg["attention_head_dim"]
-    if D % 2 or any(w % 2 for _, w in _rope_bands(D)):
+    if D % 2 or any(w % 2 for _, w in rope_bands(D)):
         raise ValueError(f"attention_head_dim {D} gives odd RoPE bands")
     inner = heads * D
     L = cfg["num_layers"]
@@ -667,7 +310,7 @@ def planted_wan_transformer(
             makers[full] = (mod, pname, fn)
 
     # 2. Planted self-attention.
-    bands = _rope_bands(D)
+    bands = rope_bands(D)
     for i, block in enumerate(model.blocks):
         key = f"blocks.{i}.attn1"
         attn = block.attn1
@@ -675,7 +318,7 @@ def planted_wan_transformer(
         amp = torch.zeros(heads, D // 2, dtype=torch.float64)
         phi = torch.zeros(heads, D // 2, dtype=torch.float64)
         for h, pat in enumerate(full_plan[key]):
-            amp[h], phi[h] = _head_spectrum(pat, D, tuple(design_extent), axis_mass, g)
+            amp[h], phi[h] = head_spectrum(pat, D, tuple(design_extent), axis_mass, g)
         psi = (torch.rand(heads, D // 2, generator=g, dtype=torch.float64) * 2 - 1) * math.pi  # random pair phases
         # Pre-norm bias: unit complex number per pair; q at phase psi, k at phase psi - phi.
         # rms over inner_dim is then exactly sqrt(1/2), so after RMSNorm the pair has
