@@ -164,7 +164,7 @@ def compile_pipeline(pipe, artifacts: dict, *, schedule=None, regional: bool = F
     (a Topology or a path) and the one ``schedule`` shared by all of them; ``options`` are the
     backend's other options. A component given another component's artifact is refused."""
     from .geometry import register_root
-    from .options import load_topology
+    from .artifact import load_topology
 
     for name, artifact in artifacts.items():
         topology = artifact if not isinstance(artifact, (str, bytes)) and hasattr(artifact, "entries") \
