@@ -123,6 +123,22 @@ def test_torchao_weight_only(config, regional):
     assert torchao.__version__
 
 
+def test_quantized_weights_identify_nothing_and_plain_parameters_locate_the_block():
+    """Every torchao-quantized weight has data pointer 0: keyed by it, all would be one tensor."""
+    pytest.importorskip("torchao")
+    from torchao.quantization import Float8WeightOnlyConfig, quantize_
+
+    from scaling_compile.module_index import Place, locate, parameter_names, storage_key
+
+    model = tiny_wan(num_layers=3)
+    quantize_(model, Float8WeightOnlyConfig())
+    assert storage_key(model.blocks[0].attn1.to_q.weight) is None
+    assert all(key is not None for key in parameter_names(model))
+    for i in range(3):
+        place = locate(model.blocks[i].attn1.to_q.bias, "to_q.bias", [model])
+        assert isinstance(place, Place) and place.module_path == f"blocks.{i}.attn1"
+
+
 def test_torchao_through_diffusers_torchao_config(tmp_path):
     pytest.importorskip("torchao")
     from diffusers import TorchAoConfig, WanTransformer3DModel
