@@ -541,3 +541,4 @@ def test_profiled_artifact_of_the_plain_model_serves_each_stack(tmp_path):
         out = compiled(inputs)  # any fingerprint warning fails here
         torch.testing.assert_close(out, run_masked(model, masks, BLOCK, **inputs).sample, **EXACT, msg=name)
         assert compiled.sparse_nodes() == [2], name
+
