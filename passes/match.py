@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.fx as fx
+from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 from ..kernels.block_sparse_attention import SUPPORTED_HEAD_DIMS  # one definition, beside the kernel
 from .node_keys import make_node_key, normalize_module_path, strip_hook_wrappers
@@ -188,7 +189,9 @@ def find_anchor_placeholder(gm: fx.GraphModule, module_path: str) -> tuple[fx.No
     under regional compilation one graph serves every block, and after a graph break the
     graph's own module paths are relative to whatever frame it was made from. For a call
     made directly by the graph's frame (empty module path) the frame must have one module
-    owning parameters, else no anchor is returned.
+    owning parameters, else no anchor is returned. Quantized weights (tensor subclasses:
+    torchao, GGUF, bitsandbytes) are passed over (:func:`_can_anchor`): the module is
+    anchored on a plain parameter (its bias, a norm weight), which a quantizer leaves as it is.
     """
     prefix = module_path + "." if module_path else ""
     found = []
@@ -199,14 +202,32 @@ def find_anchor_placeholder(gm: fx.GraphModule, module_path: str) -> tuple[fx.No
         if parsed is None:
             continue
         local, path = parsed
-        value = node.meta.get("example_value")
-        if isinstance(value, torch.Tensor) and value.numel() == 0:
-            continue  # a zero-size tensor (data pointer 0) identifies nothing
+        if not _can_anchor(node):
+            continue
         if path.startswith(prefix):
             found.append((local, node, path[len(prefix):]))
     if not module_path and len({local for local, _node, _path in found}) > 1:
         return None
     return (found[0][1], found[0][2]) if found else None
+
+
+def _can_anchor(node: fx.Node) -> bool:
+    """Whether a parameter placeholder can be the op's anchor: a plain, non-empty tensor.
+
+    A zero-size tensor (data pointer 0) identifies nothing. A tensor subclass is never an
+    anchor: a wrapper subclass (torchao's ``Float8Tensor``/``Int8Tensor``) has no storage of
+    its own and refuses unknown ops, and a subclass with ``__torch_function__`` (diffusers'
+    ``GGUFParameter``, bitsandbytes' ``Params4bit``) would rewrap the op's output. Quantizers
+    leave biases and norm weights plain, so the module is anchored on one of those.
+    """
+    value = node.meta.get("example_value")
+    if isinstance(value, torch.Tensor) and (value.numel() == 0 or is_traceable_wrapper_subclass(value)):
+        return False
+    try:
+        real = node.meta["grapharg"].example
+    except Exception:  # no real value recorded (or already freed): the fake value's verdict stands
+        return True
+    return not isinstance(real, torch.Tensor) or type(real) in (torch.Tensor, torch.nn.Parameter)
 
 
 def _parameter_path(node: fx.Node) -> tuple[str, str] | None:

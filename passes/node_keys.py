@@ -13,7 +13,8 @@ Modules wrapped by diffusers hooks (context parallelism, caching, offloading: th
 ``HookRegistry`` replaces ``module.forward`` by a partial over a closure) are reached
 through the wrapper, e.g. ``L['function_reference'].forward.__self__.attn1`` or
 ``...blocks.0.forward.func.__closure__[0].cell_contents.forward.__self__.attn1``; the
-wrapper segments name no module and are dropped (-> ``attn1``, ``blocks.0.attn1``).
+wrapper segments name no module and are dropped (-> ``attn1``, ``blocks.0.attn1``); so is a
+hook's own path to its module, ``fn_ref.original_forward.__self__``.
 """
 
 from __future__ import annotations
@@ -26,7 +27,10 @@ _PRIVATE_MODULES = re.compile(r"\._modules\[['\"]([^'\"]+)['\"]\]")
 _SUBSCRIPT = re.compile(r"\[['\"]?([^'\"\]]+)['\"]?\]")
 # diffusers' hook wrappers: module.forward is a partial whose closure holds the hook's function
 # reference; ``.forward.__self__`` of that leads back to the very module.
-_HOOK_WRAPPER = re.compile(r"(?:^|\.)forward\.(?:func\.__closure__\.\d+\.cell_contents|__self__)(?=\.|$)")
+# A hook's own frame (e.g. FasterCache's ``new_forward``, resumed after a graph break in it) reaches
+# its module as ``self.fn_ref.original_forward.__self__``: dropped as well.
+_HOOK_WRAPPER = re.compile(
+    r"(?:^|\.)(?:fn_ref\.original_)?forward\.(?:func\.__closure__\.\d+\.cell_contents|__self__)(?=\.|$)")
 
 
 def normalize_module_path(dynamo_path: str) -> str:

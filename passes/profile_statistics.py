@@ -164,11 +164,28 @@ class Profiler:
             return None
         ranks = entry_ranks(key, entry, self.topology, self.grid)
         gram = None
+        out_weight = _dense_weight(out_weight)
         if out_weight is not None and out_weight.shape[-1] == heads * dim:
-            w = out_weight.detach().float().reshape(out_weight.shape[0], heads, dim)
+            w = out_weight.reshape(out_weight.shape[0], heads, dim)
             gram = torch.einsum("ohd,ohe->hde", w, w)
         return SensitivityStatistics(ranks, self.levels, self.block_size, self.step_bins, gram, device)
 
+
+
+def _dense_weight(weight: torch.Tensor | None) -> torch.Tensor | None:
+    """The output projection's weight as a plain float32 tensor: a quantized tensor subclass
+    (torchao) is dequantized; one that cannot be is left out (None: no projection weighting)."""
+    if weight is None:
+        return None
+    if type(weight) not in (torch.Tensor, torch.nn.Parameter):
+        dequantize = getattr(weight, "dequantize", None)
+        try:
+            weight = dequantize() if callable(dequantize) else None
+        except Exception:  # noqa: BLE001 - any failure means "no weighting", never a wrong one
+            weight = None
+        if weight is None or type(weight) not in (torch.Tensor, torch.nn.Parameter):
+            return None
+    return weight.detach().float()
 
 
 def _uniform_counts(n_blocks: int, heads: int, density: float) -> torch.Tensor:

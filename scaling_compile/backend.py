@@ -130,6 +130,13 @@ def _fit_to_model(topology, gm: torch.fx.GraphModule, example_inputs, opts: Back
 
     if type(root).__name__ in NOT_SERVABLE:  # its attention is in no graph: nothing here would say so
         warn_user(f"scaling: {type(root).__name__}: {NOT_SERVABLE[type(root).__name__]}. Its attention stays dense.")
+
+    from .eager_hooks import eager_attention_messages
+
+    for message in eager_attention_messages(root, topology):  # e.g. MagCache: blocks run outside any graph
+        if opts.strict:
+            raise NotServable("strict: " + message)
+        warn_user(message)
     node_keys = [call.key for call in find_sdpa_calls(gm) if call.dense_reason is None]
     problems = check_artifact_against(topology, root, node_keys)
     if not problems:

@@ -5,8 +5,11 @@ A rewritten attention call carries one parameter of its attention module (its
 own that very tensor (same storage, shape and dtype), every dotted name it has;
 the call's module path is the name less the anchor's own suffix. It must be
 unique: an anchor shared by two modules (a shared attention module, a tied
-weight) names no single block, and such a call stays dense. A zero-size tensor
-(data pointer 0) identifies nothing and is never an anchor.
+weight) names no single block, and such a call stays dense. A tensor with no
+storage of its own (zero-size, or a wrapper subclass such as torchao's quantized
+``Float8Tensor``/``Int8Tensor``, whose data pointer is 0) identifies nothing and is
+never an anchor: the rewrite pass anchors such modules on a plain parameter (a
+bias, a norm weight), and every quantized weight would otherwise share one key.
 
 Nothing here is process-wide: the found places are kept by the plan that asked
 (:class:`Place`, weak references only), and re-confirmed at every call
@@ -33,10 +36,20 @@ def strip_wrappers(name: str) -> str:
 
 
 def storage_key(tensor: torch.Tensor) -> tuple | None:
-    """What identifies a parameter's data: device, address, dtype and shape; None for empty tensors."""
+    """What identifies a parameter's data: device, address, dtype and shape.
+
+    None for a tensor with no storage of its own to identify it by: empty, or a wrapper
+    subclass (quantized weights: data pointer 0, or no data pointer at all).
+    """
     if tensor.numel() == 0:
         return None
-    return (tensor.device, tensor.data_ptr(), tensor.dtype, tensor.shape)  # a tensor's device has its index
+    try:
+        address = tensor.data_ptr()
+    except RuntimeError:  # a subclass without storage
+        return None
+    if address == 0:
+        return None
+    return (tensor.device, address, tensor.dtype, tensor.shape)  # a tensor's device has its index
 
 
 @dataclass(frozen=True)

@@ -240,11 +240,16 @@ _ATTENTION_OPS = (
 )
 
 
+# The diffusers attention backend (``set_attention_backend``) each such op comes from, where one
+# op names one backend: the warning names what the user set.
+_BACKEND_OF_OP = {"flex_attention": "flex"}
+
+
 def _is_other_attention(node: fx.Node) -> bool:
     if node.op != "call_function":
         return False
     name = _op_name(node.target)
-    if name in _ATTENTION_OPS:
+    if name in _ATTENTION_OPS or name in _BACKEND_OF_OP:  # flex_attention: a higher-order op
         return True
     if name.startswith(("flash_attn", "_flash_attn", "flash_attn_3", "sageattention", "_diffusers_flash")):
         return True
@@ -302,7 +307,10 @@ def unmatched_attention_calls(gm: fx.GraphModule) -> list[tuple[str, tuple, tupl
         if path in ring_modules:
             reason = RING_REASON
         else:
-            reason = f"attention op {_op_name(node.target) or node.target} is not SDPA (use the 'native' attention backend)"
+            op = _op_name(node.target) or node.target
+            backend = f", diffusers' {_BACKEND_OF_OP[op]!r} attention backend," if op in _BACKEND_OF_OP else ""
+            reason = (f"attention op {op}{backend} is not SDPA: model.set_attention_backend('native') "
+                      "(or leave the backend unset) to serve it sparse")
         results.append((make_node_key(path, ordinal), shapes[0], shapes[1], reason))
     return results
 

@@ -366,16 +366,58 @@ def _entry_from_record(path: str, key: str, record: dict, tensors: dict, block_s
 
 
 def model_fingerprint(model: torch.nn.Module) -> dict:
-    """Identity of a model architecture: class, config and parameter shapes (not values)."""
+    """Identity of a model architecture: class, config and parameter shapes (not values).
+
+    The shapes are those of the architecture as the user stacks it (:func:`architecture_parameters`):
+    the same for the plain model, the model with LoRA adapters, with fused QKV projections
+    and with quantized weights, so one artifact serves all of them.
+    """
     config = getattr(model, "config", None)
     config_items = dict(config) if config is not None else {}
     config_json = json.dumps(config_items, sort_keys=True, default=str)
-    shapes = ";".join(f"{n}:{tuple(p.shape)}" for n, p in model.named_parameters())
+    shapes = ";".join(f"{n}:{shape}" for n, shape in architecture_parameters(model))
     return {
         "class": type(model).__name__,
         "config_sha256": hashlib.sha256(config_json.encode()).hexdigest()[:16],
         "shapes_sha256": hashlib.sha256(shapes.encode()).hexdigest()[:16],
     }
+
+
+_FUSED_PROJECTIONS = ("to_qkv", "to_kv", "to_added_qkv", "to_added_kv")  # diffusers' fuse_projections()
+
+
+def architecture_parameters(model: torch.nn.Module) -> list[tuple[str, tuple[int, ...]]]:
+    """``(name, logical shape)`` of each parameter of the model's own architecture, in order.
+
+    What the user stacks on a model is not its architecture, so it is left out or seen through:
+    - PEFT adapters (LoRA ...): a tuner layer's adapter parameters are left out and its
+      ``base_layer`` is named as the layer it wraps (``to_q.base_layer.weight`` -> ``to_q.weight``);
+    - fused projections (``fuse_qkv_projections()``): the ``to_qkv``-like modules an attention
+      with ``fused_projections`` made are left out (the unfused ones stay in the model);
+    - quantized weights: the logical shape (GGUF's ``quant_shape``, bitsandbytes' ``quant_state``),
+      not that of the packed bytes (torchao's subclasses report the logical shape themselves).
+    """
+    skipped: list[str] = []
+    for name, module in model.named_modules():
+        prefix = name + "." if name else ""
+        adapters = getattr(module, "adapter_layer_names", None)
+        if isinstance(getattr(module, "base_layer", None), torch.nn.Module) and isinstance(adapters, tuple):
+            skipped += [prefix + a + "." for a in adapters]
+        if getattr(module, "fused_projections", False) is True:
+            skipped += [prefix + f + "." for f in _FUSED_PROJECTIONS]
+    parameters = []
+    for name, param in model.named_parameters():
+        if any(name.startswith(s) for s in skipped):
+            continue
+        parameters.append((name.replace(".base_layer.", "."), _logical_shape(param)))
+    return parameters
+
+
+def _logical_shape(param: torch.Tensor) -> tuple[int, ...]:
+    shape = getattr(param, "quant_shape", None)  # diffusers' GGUFParameter
+    if shape is None:
+        shape = getattr(getattr(param, "quant_state", None), "shape", None)  # bitsandbytes' Params4bit
+    return tuple(shape if shape is not None else param.shape)
 
 
 def check_fingerprint(topology: Topology, model: torch.nn.Module) -> str | None:

@@ -1,0 +1,544 @@
+"""The model as users stack it (issue 17): quantized weights, LoRA, fused QKV, step caches, attention backends.
+
+Each test compiles a tiny diffusers Wan transformer with ``backend="scaling"`` and a hand-made
+topology (per-block random masks, so a mix-up between blocks shows) and compares its output with
+a masked-SDPA reference computed eagerly on the same stack (``masked_reference``), asserting how
+many SDPA nodes the backend rewrote. Where the backend cannot serve the attention (it runs
+outside any graph, or is not SDPA) the test asserts the warning that says so, and that the output
+is then the dense one. The optional packages (torchao, peft, gguf, bitsandbytes; the ``stacks``
+extra) are skipped where missing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import warnings
+
+import pytest
+import torch
+
+import scaling_compile as sc
+from scaling_compile.backend import scaling_backend
+from scaling_compile.passes.match import _parameter_path
+
+from masked_reference import run_masked
+from models import random_block_masks, tiny_wan, wan_inputs
+
+BLOCK = 16
+SEQ = 48  # wan_inputs(): latent 3 x 8 x 8 -> 3 x 4 x 4 tokens
+EXACT = dict(atol=1e-5, rtol=1e-5)
+
+
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    torch._dynamo.reset()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*(experimental|FasterCache|torchao|Already).*")
+        yield
+    torch._dynamo.reset()
+
+
+def block_masks(layers: int):
+    keys = [f"blocks.{i}.attn1" for i in range(layers)]
+    return random_block_masks(keys, heads=2, n_blocks=3, density=0.4, seed=7)
+
+
+class Compiled:
+    """A model compiled through the scaling backend (whole model or regional), counting the rewritten nodes."""
+
+    def __init__(self, model, masks, regional: bool = False, topology=None, **options):
+        self.graphs = []
+        topology = topology or sc.Topology.from_block_masks(masks, block_size=BLOCK, seq_len=SEQ)
+        options = {"artifact": topology, "inner": "eager", **options}
+
+        self.parameters = []  # per graph, the parameter paths that reach it (read before Dynamo clears them)
+
+        def spy(gm, example_inputs, **kwargs):
+            self.graphs.append(gm)
+            self.parameters.append([p[1] for n in gm.graph.nodes if n.op == "placeholder"
+                                    for p in [_parameter_path(n)] if p is not None])
+            return scaling_backend(gm, example_inputs, **kwargs)
+
+        if regional:
+            model.compile_repeated_blocks(backend=spy, options=options)
+            self.run = model
+        else:
+            self.run = torch.compile(model, backend=spy, options=options)
+
+    def __call__(self, inputs, *, allow_warnings: bool = False):
+        with warnings.catch_warnings(record=True) as caught, torch.no_grad():
+            warnings.simplefilter("always")
+            out = self.run(**inputs).sample
+        scaling = [str(w.message) for w in caught if str(w.message).startswith("scaling")]
+        if not allow_warnings:
+            assert not scaling, scaling
+        self.warnings = scaling
+        return out
+
+    def sparse_nodes(self) -> list[int]:
+        return [sum(n.target is torch.ops.scaling.sparse_sdpa.default for n in g.graph.nodes) for g in self.graphs]
+
+
+def dense(model, inputs):
+    with torch.no_grad():
+        return model(**inputs).sample
+
+
+def assert_served(compiled, reference_model, masks, inputs, *, context=contextlib.nullcontext):
+    """The compiled output equals the masked reference of ``reference_model`` (and differs from dense).
+
+    ``reference_model`` runs eagerly: never the model a regional compilation compiled in place.
+    """
+    with context():
+        out = compiled(inputs)
+    with context():
+        expected = run_masked(reference_model, masks, BLOCK, **inputs).sample
+    with context():
+        assert not torch.allclose(dense(reference_model, inputs), expected, **EXACT)  # the masks matter
+    torch.testing.assert_close(out, expected, **EXACT)
+    return out
+
+
+# --- quantized transformers -------------------------------------------------------------------
+
+@pytest.mark.parametrize("config, regional", [("float8", False), ("float8", True), ("int8", False)],
+                         ids=["float8-whole", "float8-regional", "int8-whole"])
+def test_torchao_weight_only(config, regional):
+    torchao = pytest.importorskip("torchao")
+    from torchao.quantization import Float8WeightOnlyConfig, Int8WeightOnlyConfig, quantize_
+
+    model = tiny_wan(num_layers=2)
+    plain = dense(model, wan_inputs())
+    quantize_(model, Float8WeightOnlyConfig() if config == "float8" else Int8WeightOnlyConfig())
+    weight = model.blocks[0].attn1.to_q.weight
+    assert type(weight) not in (torch.Tensor, torch.nn.Parameter), type(weight)  # a tensor subclass
+    assert weight.data_ptr() == 0  # no storage of its own: never an anchor
+    inputs, masks = wan_inputs(), block_masks(2)
+    reference = run_masked(model, masks, BLOCK, **inputs).sample
+    assert not torch.allclose(dense(model, inputs), plain, **EXACT)  # the quantization is real
+    compiled = Compiled(model, masks, regional)
+    torch.testing.assert_close(compiled(inputs), reference, **EXACT)
+    assert compiled.sparse_nodes() == ([1] if regional else [2])
+    assert torchao.__version__
+
+
+def test_quantized_weights_identify_nothing_and_plain_parameters_locate_the_block():
+    """Every torchao-quantized weight has data pointer 0: keyed by it, all would be one tensor."""
+    pytest.importorskip("torchao")
+    from torchao.quantization import Float8WeightOnlyConfig, quantize_
+
+    from scaling_compile.module_index import Place, locate, parameter_names, storage_key
+
+    model = tiny_wan(num_layers=3)
+    quantize_(model, Float8WeightOnlyConfig())
+    assert storage_key(model.blocks[0].attn1.to_q.weight) is None
+    assert all(key is not None for key in parameter_names(model))
+    for i in range(3):
+        place = locate(model.blocks[i].attn1.to_q.bias, "to_q.bias", [model])
+        assert isinstance(place, Place) and place.module_path == f"blocks.{i}.attn1"
+
+
+def test_torchao_through_diffusers_torchao_config(tmp_path):
+    pytest.importorskip("torchao")
+    from diffusers import TorchAoConfig, WanTransformer3DModel
+    from torchao.quantization import Float8WeightOnlyConfig
+
+    tiny_wan(num_layers=2).save_pretrained(tmp_path)
+    model = WanTransformer3DModel.from_pretrained(
+        tmp_path, quantization_config=TorchAoConfig(Float8WeightOnlyConfig()), torch_dtype=torch.float32).eval()
+    assert type(model.blocks[1].attn1.to_k.weight).__name__ == "Float8Tensor"
+    inputs, masks = wan_inputs(), block_masks(2)
+    reference = run_masked(model, masks, BLOCK, **inputs).sample
+    compiled = Compiled(model, masks)
+    torch.testing.assert_close(compiled(inputs), reference, **EXACT)
+    assert compiled.sparse_nodes() == [2]
+
+
+def write_tiny_gguf(model, path) -> int:
+    """``model``'s state dict as a GGUF file under diffusers' names: Q8_0 where rows allow it, else F32."""
+    gguf = pytest.importorskip("gguf")
+    writer = gguf.GGUFWriter(str(path), arch="wan")
+    quantized = 0
+    q8 = gguf.GGMLQuantizationType.Q8_0
+    for name, tensor in model.state_dict().items():
+        array = tensor.detach().float().numpy()
+        if array.ndim == 2 and array.shape[-1] % 32 == 0:
+            writer.add_tensor(name, gguf.quants.quantize(array, q8), raw_dtype=q8)
+            quantized += 1
+        else:
+            writer.add_tensor(name, array)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return quantized
+
+
+def gguf_wan(tmp_path):
+    pytest.importorskip("gguf")
+    from diffusers import GGUFQuantizationConfig, WanTransformer3DModel
+
+    source = tiny_wan(num_layers=2)
+    source.save_config(tmp_path)
+    assert write_tiny_gguf(source, tmp_path / "tiny.gguf") > 10
+
+    def load():
+        model = WanTransformer3DModel.from_single_file(
+            str(tmp_path / "tiny.gguf"), config=str(tmp_path), torch_dtype=torch.float32,
+            quantization_config=GGUFQuantizationConfig(compute_dtype=torch.float32)).eval()
+        assert type(model.blocks[0].attn1.to_q.weight).__name__ == "GGUFParameter"
+        assert model.blocks[0].attn1.to_q.weight.dtype == torch.uint8
+        return model
+
+    return source, load
+
+
+@pytest.mark.parametrize("regional", [False, True], ids=["whole", "regional"])
+def test_gguf_from_single_file(tmp_path, regional):
+    source, load = gguf_wan(tmp_path)
+    model, reference = load(), load()  # reference: regional compilation compiles the model's blocks in place
+    inputs, masks = wan_inputs(), block_masks(2)
+    assert not torch.allclose(dense(model, inputs), dense(source, inputs), **EXACT)  # Q8_0 is lossy
+    compiled = Compiled(model, masks, regional)
+    assert_served(compiled, reference, masks, inputs)
+    assert compiled.sparse_nodes() == ([1] if regional else [2])
+
+
+def bnb_4bit(model):
+    """``model`` with every Linear of its blocks as a bitsandbytes NF4 ``Linear4bit``, quantized on the CPU.
+
+    diffusers' ``BitsAndBytesConfig`` refuses to load without a GPU; the modules it would make
+    are built here directly.
+    """
+    bnb = pytest.importorskip("bitsandbytes")
+
+    def swap(module):
+        for name, child in module.named_children():
+            if isinstance(child, torch.nn.Linear):
+                layer = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
+                                          compute_dtype=torch.float32, quant_type="nf4", device="meta")
+                layer.weight = bnb.nn.Params4bit(child.weight.data.clone(), requires_grad=False, quant_type="nf4")
+                if child.bias is not None:
+                    layer.bias = torch.nn.Parameter(child.bias.data.clone(), requires_grad=False)
+                setattr(module, name, layer.to("cpu"))
+            else:
+                swap(child)
+
+    swap(model.blocks)
+    return model
+
+
+def test_bitsandbytes_4bit():
+    source = tiny_wan(num_layers=2)
+    try:
+        model = bnb_4bit(copy.deepcopy(source))
+        inputs = wan_inputs()
+        quantized_out = dense(model, inputs)
+    except (RuntimeError, NotImplementedError) as error:  # a build without CPU 4-bit kernels
+        pytest.skip(f"bitsandbytes 4-bit does not run on this machine's CPU: {error}")
+    assert type(model.blocks[0].attn1.to_q.weight).__name__ == "Params4bit"
+    assert not torch.allclose(quantized_out, dense(source, inputs), **EXACT)
+    masks = block_masks(2)
+    compiled = Compiled(model, masks)
+    assert_served(compiled, model, masks, inputs)
+    assert compiled.sparse_nodes() == [2]
+
+
+# --- LoRA -----------------------------------------------------------------------------------------
+
+LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+
+
+def lora_state_dict(seed: int) -> dict:
+    """A LoRA of the tiny Wan's attention projections with random (non-zero) A and B."""
+    peft = pytest.importorskip("peft")
+    donor = tiny_wan(num_layers=2)
+    torch.manual_seed(seed)  # after tiny_wan, which seeds itself
+    donor.add_adapter(peft.LoraConfig(r=4, lora_alpha=4, target_modules=LORA_TARGETS, init_lora_weights=False), "x")
+    return peft.get_peft_model_state_dict(donor, adapter_name="x")
+
+
+def test_lora_loaded_switched_hotswapped_fused_and_unfused(regional=False):
+    """After every change of adapters the compiled model equals the masked reference of the same stack."""
+    adapters = {name: lora_state_dict(seed) for name, seed in (("a", 1), ("b", 2), ("c", 3))}
+    model, twin = tiny_wan(num_layers=2), tiny_wan(num_layers=2)  # twin: the eager reference, same stack
+    inputs, masks = wan_inputs(), block_masks(2)
+    base = dense(twin, inputs)
+
+    def both(change):
+        for m in (model, twin):
+            change(m)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # peft's notices about several adapters
+        both(lambda m: m.enable_lora_hotswap(target_rank=8))
+        both(lambda m: m.load_lora_adapter(adapters["a"], adapter_name="a", prefix=None))
+        compiled = Compiled(model, masks, regional)
+        assert "base_layer" in dict(model.blocks[0].attn1.named_modules()).keys().__str__()
+        out_a = assert_served(compiled, twin, masks, inputs)
+        assert not torch.allclose(dense(twin, inputs), base, **EXACT)  # the adapter acts
+        both(lambda m: m.load_lora_adapter(adapters["b"], adapter_name="b", prefix=None))
+        both(lambda m: m.set_adapters("b"))
+        out_b = assert_served(compiled, twin, masks, inputs)
+        both(lambda m: m.set_adapters("a"))
+        assert_served(compiled, twin, masks, inputs)
+        graphs = len(compiled.graphs)
+        both(lambda m: m.load_lora_adapter(adapters["c"], adapter_name="a", prefix=None, hotswap=True))
+        out_c = assert_served(compiled, twin, masks, inputs)
+        assert len(compiled.graphs) == graphs  # hot-swapped in place: no recompilation
+        assert not torch.allclose(out_c, out_a, **EXACT) and not torch.allclose(out_b, out_a, **EXACT)
+        both(lambda m: m.fuse_lora(lora_scale=0.7))
+        assert_served(compiled, twin, masks, inputs)
+        both(lambda m: m.unfuse_lora())
+        assert_served(compiled, twin, masks, inputs)
+    per_graph = 1 if regional else 2
+    assert compiled.sparse_nodes() == [per_graph] * len(compiled.graphs)
+
+
+# --- fused projections ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("regional", [False, True], ids=["whole", "regional"])
+def test_fused_qkv_projections(regional):
+    model = tiny_wan(num_layers=2)
+    inputs, masks = wan_inputs(), block_masks(2)
+    unfused = dense(model, inputs)
+    model.fuse_qkv_projections()
+    assert hasattr(model.blocks[0].attn1, "to_qkv")
+    torch.testing.assert_close(dense(model, inputs), unfused, atol=1e-5, rtol=1e-4)
+    reference = copy.deepcopy(model)  # regional compilation compiles the model's blocks in place
+    compiled = Compiled(model, masks, regional)
+    assert_served(compiled, reference, masks, inputs)
+    assert any("to_qkv" in p for p in compiled.parameters[0])  # the fused projection ran in the graph
+    for m in (model, reference):
+        m.unfuse_qkv_projections()
+    assert_served(compiled, reference, masks, inputs)
+    assert compiled.sparse_nodes() == [1 if regional else 2] * len(compiled.graphs)
+
+
+# --- step caches (diffusers' enable_cache) -------------------------------------------------------
+
+STEPS = (900, 500, 300)  # FasterCache / PAB: computed (outside their range), skipped, computed
+
+
+def cache_config(name: str, timestep: dict):
+    import diffusers.hooks as hooks
+
+    now = lambda: timestep["t"]  # noqa: E731
+    if name == "first_block":
+        return hooks.FirstBlockCacheConfig(threshold=0.2)
+    if name == "pyramid_attention_broadcast":
+        return hooks.PyramidAttentionBroadcastConfig(
+            spatial_attention_block_skip_range=2, spatial_attention_timestep_skip_range=(-1, 600),
+            current_timestep_callback=now)
+    if name == "faster":
+        return hooks.FasterCacheConfig(
+            spatial_attention_block_skip_range=2, spatial_attention_timestep_skip_range=(-1, 600),
+            current_timestep_callback=now, attention_weight_callback=lambda _: 0.5, is_guidance_distilled=True)
+    if name == "taylorseer":
+        return hooks.TaylorSeerCacheConfig(cache_interval=2, disable_cache_before_step=1, max_order=1)
+    if name == "text_kv":
+        return hooks.TextKVCacheConfig()
+    if name == "sea":
+        return hooks.SeaCacheConfig()
+    if name == "mag":
+        return hooks.MagCacheConfig(threshold=0.5, num_inference_steps=len(STEPS), retention_ratio=0.0,
+                                    mag_ratios=[1.0] * len(STEPS))
+    raise ValueError(name)
+
+
+LAYERS = 2
+EAGER_HOOK_LAYERS = 3  # MagCache / SeaCache: a head, a middle and a tail block
+
+
+def cached_models(name: str, layers: int = LAYERS):
+    timestep = {"t": STEPS[0]}
+    model, twin = tiny_wan(num_layers=layers), tiny_wan(num_layers=layers)
+    for m in (model, twin):
+        m.enable_cache(cache_config(name, timestep))
+    return model, twin, timestep
+
+
+def step_inputs(step: int, t: int):
+    inputs = wan_inputs(seed=step)
+    inputs["timestep"] = torch.tensor([t])
+    return inputs
+
+
+@pytest.mark.parametrize("name", ["first_block", "pyramid_attention_broadcast", "faster", "taylorseer", "text_kv"])
+def test_cache_served_where_attention_runs(name):
+    """Over four steps (some computed, some taken from the cache) the compiled model equals the
+    same cache over masked attention, step by step."""
+    model, twin, timestep = cached_models(name)
+    masks = block_masks(LAYERS)
+    compiled = Compiled(model, masks)
+    for step, t in enumerate(STEPS):
+        timestep["t"] = t
+        inputs = step_inputs(step, t)
+        with model.cache_context("cond"):
+            out = compiled(inputs)
+        with twin.cache_context("cond"):
+            expected = run_masked(twin, masks, BLOCK, **inputs).sample
+        torch.testing.assert_close(out, expected, **EXACT)
+    assert sum(compiled.sparse_nodes()) >= 1  # served
+    # every attention the artifact covers that reached a graph was rewritten: no dense warning
+    assert not compiled.warnings
+
+
+def test_mag_cache_runs_blocks_outside_compile_and_says_so():
+    """MagCache's hooks are torch.compiler.disable'd: every block runs eagerly (dense), with a warning."""
+    model, twin, timestep = cached_models("mag", EAGER_HOOK_LAYERS)
+    masks = block_masks(EAGER_HOOK_LAYERS)
+    compiled = Compiled(model, masks)
+    with model.cache_context("cond"):
+        out = compiled(step_inputs(0, STEPS[0]), allow_warnings=True)
+    assert compiled.sparse_nodes() and sum(compiled.sparse_nodes()) == 0
+    text = " ".join(compiled.warnings)
+    for key in masks:
+        assert key in text
+    assert "MagCacheHeadHook" in text and "MagCacheBlockHook" in text and "stay dense" in text
+    with twin.cache_context("cond"):
+        torch.testing.assert_close(out, dense(twin, step_inputs(0, STEPS[0])), **EXACT)
+    torch._dynamo.reset()
+    strict_model = tiny_wan(num_layers=EAGER_HOOK_LAYERS)
+    strict_model.enable_cache(cache_config("mag", timestep))
+    with pytest.raises(Exception, match="strict: .*MagCache"), strict_model.cache_context("cond"):
+        Compiled(strict_model, masks, strict=True)(step_inputs(0, STEPS[0]), allow_warnings=True)
+
+
+def test_sea_cache_leader_block_runs_outside_compile_and_says_so():
+    """SeaCache runs its leader block eagerly (dense, warned); the other blocks are served, exactly."""
+    model, twin, timestep = cached_models("sea", EAGER_HOOK_LAYERS)
+    masks = block_masks(EAGER_HOOK_LAYERS)
+    compiled = Compiled(model, masks)
+    served = {k: m for k, m in masks.items() if k != "blocks.0.attn1"}
+    for step, t in enumerate(STEPS[:2]):
+        inputs = step_inputs(step, t)
+        with model.cache_context("cond"):
+            out = compiled(inputs, allow_warnings=True)
+        if step == 0:  # compiled (and warned) at the first call
+            assert compiled.warnings and all("blocks.0.attn1" in w and "SeaCacheLeaderBlockHook" in w
+                                             for w in compiled.warnings)
+        with twin.cache_context("cond"):
+            expected = run_masked(twin, served, BLOCK, **inputs).sample
+        torch.testing.assert_close(out, expected, **EXACT)
+    assert sum(compiled.sparse_nodes()) == 2  # blocks 1 and 2
+
+
+# --- attention backends (set_attention_backend) --------------------------------------------------
+
+@pytest.fixture
+def attention_backend():
+    """diffusers' ``set_attention_backend`` also sets its process-wide active backend: restored after."""
+    from diffusers.models.attention_dispatch import _AttentionBackendRegistry
+
+    active = _AttentionBackendRegistry._active_backend
+    yield
+    _AttentionBackendRegistry._active_backend = active
+
+
+@pytest.mark.parametrize("backend", ["native", "_native_math"])
+def test_sdpa_attention_backends_are_served(backend, attention_backend):
+    model = tiny_wan(num_layers=2)
+    model.set_attention_backend(backend)
+    inputs, masks = wan_inputs(), block_masks(2)
+    compiled = Compiled(model, masks)
+    assert_served(compiled, model, masks, inputs)
+    assert compiled.sparse_nodes() == [2]
+
+
+@pytest.mark.parametrize("backend", ["_native_efficient", "_native_flash", "_native_cudnn"])
+def test_fused_sdpa_backends_need_their_device(backend, attention_backend):
+    """These call SDPA under ``sdpa_kernel(<one kernel>)``; on a CPU that kernel does not exist and
+    diffusers' eager call itself fails, so there is nothing to compare with."""
+    model = tiny_wan(num_layers=2)
+    model.set_attention_backend(backend)
+    try:
+        dense(model, wan_inputs())
+    except RuntimeError as error:
+        pytest.skip(f"{backend} does not run eagerly here: {str(error)[:80]}")
+    masks = block_masks(2)
+    compiled = Compiled(model, masks)
+    reference = tiny_wan(num_layers=2)
+    reference.set_attention_backend("native")  # its kernel takes no mask: the native backend's is the reference
+    assert_served(compiled, reference, masks, wan_inputs())
+    assert compiled.sparse_nodes() == [2]
+
+
+def test_flex_attention_backend_stays_dense_and_says_why(attention_backend):
+    model = tiny_wan(num_layers=2)
+    model.set_attention_backend("flex")
+    inputs, masks = wan_inputs(), block_masks(2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # flex_attention's own notice about running uncompiled
+        expected = dense(model, inputs)
+        compiled = Compiled(model, masks)
+        out = compiled(inputs, allow_warnings=True)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-4)
+    assert sum(compiled.sparse_nodes()) == 0
+    assert compiled.warnings and all("'flex' attention backend" in w and "set_attention_backend('native')" in w
+                                     for w in compiled.warnings)
+
+
+# --- one artifact for every stack ----------------------------------------------------------------
+
+def stacked_models(tmp_path):
+    """The plain tiny Wan and the same architecture stacked in each way (all optional packages present)."""
+    models = {"plain": tiny_wan(num_layers=2)}
+    fused = tiny_wan(num_layers=2)
+    fused.fuse_qkv_projections()
+    models["fused_qkv"] = fused
+    if _has("peft"):
+        lora = tiny_wan(num_layers=2)
+        lora.load_lora_adapter(lora_state_dict(1), adapter_name="a", prefix=None)
+        models["lora"] = lora
+    if _has("torchao"):
+        from torchao.quantization import Float8WeightOnlyConfig, quantize_
+
+        quantized = tiny_wan(num_layers=2)
+        quantize_(quantized, Float8WeightOnlyConfig())
+        models["float8"] = quantized
+    if _has("gguf"):
+        models["gguf"] = gguf_wan(tmp_path)[1]()
+    if _has("bitsandbytes"):
+        try:
+            models["nf4"] = bnb_4bit(tiny_wan(num_layers=2))
+        except (RuntimeError, NotImplementedError):
+            pass
+    return models
+
+
+def _has(name: str) -> bool:
+    try:
+        __import__(name)
+    except Exception:  # noqa: BLE001 - missing or broken: the stack is left out
+        return False
+    return True
+
+
+def test_fingerprint_is_the_architecture_not_the_stack(tmp_path):
+    models = stacked_models(tmp_path)
+    prints = {name: sc.model_fingerprint(m)["shapes_sha256"] for name, m in models.items()}
+    assert len(set(prints.values())) == 1, prints
+    other = tiny_wan(num_layers=3)
+    assert sc.model_fingerprint(other)["shapes_sha256"] != prints["plain"]
+
+
+def test_profiled_artifact_of_the_plain_model_serves_each_stack(tmp_path):
+    """Profile once (plain model), serve the quantized / LoRA / fused model: no fingerprint refusal,
+    and the served masks are the artifact's at the call's grid."""
+    models = stacked_models(tmp_path)
+    plain = models["plain"]
+    calibration = sc.synthetic_calibration(plain, (3, 8, 8), num_prompts=1, num_timesteps=1, text_len=7)
+    topology = sc.profile(plain, calibration, block_size=BLOCK, sensitivity=False, progress=False)
+    assert topology.metadata["model"] == sc.model_fingerprint(plain)
+    inputs = wan_inputs()
+    masks = {k: topology.block_mask(k, seq_len=SEQ, num_heads=2, grid=(3, 4, 4), budget=0.4) for k in topology.keys()}
+    for name in [n for n in ("float8", "lora", "fused_qkv", "gguf") if n in models]:
+        torch._dynamo.reset()
+        model = models[name]
+        compiled = Compiled(model, masks, topology=topology, budget=0.4)
+        out = compiled(inputs)  # any fingerprint warning fails here
+        torch.testing.assert_close(out, run_masked(model, masks, BLOCK, **inputs).sample, **EXACT, msg=name)
+        assert compiled.sparse_nodes() == [2], name
+
