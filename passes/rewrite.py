@@ -211,6 +211,11 @@ def rewrite_sdpa_calls(gm: fx.GraphModule, topology, options, example_inputs=Non
         call.node.replace_all_uses_with(new)
         gm.graph.erase_node(call.node)
         decisions.append(decision)
+    from ..ring import rewrite_ring_loops  # ring attention (diffusers' ring loop): served sparse where exact
+
+    ring_decisions, ring_plans = rewrite_ring_loops(gm, topology, options, examples)
+    decisions.extend(ring_decisions)
+    plans.extend(ring_plans)
     decisions.extend(unmatched_decisions(gm, topology))
     gm.graph.lint()
     gm.recompile()

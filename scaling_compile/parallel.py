@@ -299,7 +299,9 @@ def unmatched_attention_calls(gm: fx.GraphModule) -> list[tuple[str, tuple, tupl
         seen[path] = ordinal + 1
         query, key = (node.args[i] if len(node.args) > i else None for i in (0, 1))
         shapes = [tuple(_shape(n)) for n in (query, key)]
-        if path in ring_modules:
+        if "scaling_ring_reason" in node.meta:  # a ring loop scaling_compile.ring could not serve
+            reason = f"ring attention: {node.meta['scaling_ring_reason']}"
+        elif path in ring_modules:
             reason = RING_REASON
         else:
             reason = f"attention op {_op_name(node.target) or node.target} is not SDPA (use the 'native' attention backend)"

@@ -105,3 +105,93 @@ def _run(rank, world, workdir, artifact, num_layers, heads, regional_inner):
         torch._dynamo.reset()
         result["decisions"] = [str(d) for d in sc.sdpa_nodes(model, **inputs, return_dict=False, artifact=artifact)]
     torch.save(result, os.path.join(workdir, f"rank{rank}.pt"))
+
+
+# -- ring attention ----------------------------------------------------------------------------------
+def _flash_attention_on_cpu() -> None:
+    """A CPU kernel for ``aten._scaled_dot_product_flash_attention`` (test processes only).
+
+    diffusers' ring loop needs a backend op that returns the log-sum-exp; the "_native_flash"
+    backend calls this aten op, which PyTorch implements for CUDA only. This plain-math version
+    lets the ranks run diffusers' dense ring attention eagerly on the CPU (the dense baseline);
+    compiled graphs never call it once the ``scaling`` backend has rewritten the ring loop.
+    """
+    import math
+
+    lib = torch.library.Library("aten", "IMPL")  # noqa: TOR901 (kept alive below)
+
+    def flash(query, key, value, dropout_p=0.0, is_causal=False, return_debug_mask=False, *, scale=None):
+        scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else scale
+        scores = (query.float() @ key.float().transpose(-1, -2)) * scale
+        lse = torch.logsumexp(scores, -1)
+        out = (torch.softmax(scores, -1) @ value.float()).to(query.dtype)
+        empty = torch.empty(0, dtype=torch.long)
+        return out, lse, empty, empty, query.shape[2], key.shape[2], empty, empty, torch.empty(0)
+
+    lib.impl("_scaled_dot_product_flash_attention", flash, "CPU")
+    _flash_attention_on_cpu.library = lib
+
+
+def run_ring_rank(rank: int, world: int, port: int, workdir: str, artifact: str, num_layers: int, heads: int,
+                  ring: int, ulysses: int, inner: str = "eager") -> None:
+    """One rank of a ring (or Ulysses x ring) run: dense eager ring, then the compiled sparse one."""
+    os.environ.pop("TRITON_INTERPRET", None)  # the chunked PyTorch path: the kernel has its own tests
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
+    torch.set_num_threads(1)
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        _run_ring(rank, workdir, artifact, num_layers, heads, ring, ulysses, inner)
+    finally:
+        dist.destroy_process_group()
+
+
+def _run_ring(rank, workdir, artifact, num_layers, heads, ring, ulysses, inner):
+    from diffusers import ContextParallelConfig
+
+    import scaling_compile as sc
+    from scaling_compile import plans
+    from scaling_compile.parallel import enable_context_parallel
+
+    from models import tiny_wan, wan_inputs
+
+    _flash_attention_on_cpu()
+    model = tiny_wan(num_layers=num_layers, heads=heads)
+    inputs = wan_inputs()
+    for block in model.blocks:  # ring attention needs a backend op that returns the log-sum-exp
+        block.attn1.set_attention_backend("_native_flash")
+    enable_context_parallel(model, ContextParallelConfig(ring_degree=ring, ulysses_degree=ulysses))
+    options = {"artifact": artifact, "strict": True}
+    result = {"rank": rank}
+    with torch.no_grad():
+        result["eager_dense"] = model(**inputs, return_dict=False)[0]
+        graphs: list = []
+        first_plan = plans.plan_count()
+        model.compile_repeated_blocks(backend=_ring_spy(graphs), options={**options, "inner": inner}, fullgraph=True)
+        result["regional"] = model(**inputs, return_dict=False)[0]
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            result["regional_again"] = model(**inputs, return_dict=False)[0]
+        result["regional_graphs"] = graphs
+        result["regional_plans"] = [str(p.topology) for p in plans.all_plans(first_plan)]
+        for block in model.blocks:
+            block._compiled_call_impl = None
+        torch._dynamo.reset()
+        result["decisions"] = [str(d) for d in sc.sdpa_nodes(model, **inputs, return_dict=False, artifact=artifact)]
+    torch.save(result, os.path.join(workdir, f"rank{rank}.pt"))
+
+
+def _ring_spy(record: list):
+    """The scaling backend, recording how many ring ops and sparse row calls each graph has after the rewrite."""
+    from scaling_compile.backend import scaling_backend
+
+    def backend(gm, example_inputs, **kwargs):
+        compiled = scaling_backend(gm, example_inputs, **kwargs)
+        targets = [str(n.target) for n in gm.graph.nodes if n.op == "call_function"]
+        record.append({"rows": sum("sparse_sdpa_rows" in t for t in targets),
+                       "ring_ops": sum("_scaled_dot_product_flash_attention" in t for t in targets),
+                       "all_gather": sum("all_gather" in t for t in targets)})
+        return compiled
+
+    return backend
