@@ -286,7 +286,7 @@ def unmatched_attention_calls(gm: fx.GraphModule) -> list[tuple[str, tuple, tupl
     found = []
     ring_modules = set()
     for node in gm.graph.nodes:
-        if not _is_other_attention(node):
+        if not _is_other_attention(node) or node.meta.get("scaling_ring_served"):
             continue
         path = _module_path(node)
         key_arg = node.args[1] if len(node.args) > 1 else node.kwargs.get("key")

@@ -274,6 +274,8 @@ def _decided_loops(gm, topology, options, examples: dict, static_layout=None, ne
         else:
             plan.topology = served_from
             decision.note = loop.note(shard)
+            for step in loop.steps:  # served (rewritten, or reported as served by sdpa_nodes)
+                step.meta["scaling_ring_served"] = True
         found.append((loop, decision, plan, anchor, layout_arg))
     return found
 

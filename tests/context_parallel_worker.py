@@ -133,7 +133,7 @@ def _flash_attention_on_cpu() -> None:
 
 
 def run_ring_rank(rank: int, world: int, port: int, workdir: str, artifact: str, num_layers: int, heads: int,
-                  ring: int, ulysses: int, inner: str = "eager") -> None:
+                  ring: int, ulysses: int, inner: str = "eager", inspect: bool = True) -> None:
     """One rank of a ring (or Ulysses x ring) run: dense eager ring, then the compiled sparse one."""
     os.environ.pop("TRITON_INTERPRET", None)  # the chunked PyTorch path: the kernel has its own tests
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -143,12 +143,12 @@ def run_ring_rank(rank: int, world: int, port: int, workdir: str, artifact: str,
 
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        _run_ring(rank, workdir, artifact, num_layers, heads, ring, ulysses, inner)
+        _run_ring(rank, workdir, artifact, num_layers, heads, ring, ulysses, inner, inspect)
     finally:
         dist.destroy_process_group()
 
 
-def _run_ring(rank, workdir, artifact, num_layers, heads, ring, ulysses, inner):
+def _run_ring(rank, workdir, artifact, num_layers, heads, ring, ulysses, inner, inspect):
     from diffusers import ContextParallelConfig
 
     import scaling_compile as sc
@@ -171,14 +171,16 @@ def _run_ring(rank, workdir, artifact, num_layers, heads, ring, ulysses, inner):
         first_plan = plans.plan_count()
         model.compile_repeated_blocks(backend=_ring_spy(graphs), options={**options, "inner": inner}, fullgraph=True)
         result["regional"] = model(**inputs, return_dict=False)[0]
-        with torch._dynamo.config.patch(error_on_recompile=True):
-            result["regional_again"] = model(**inputs, return_dict=False)[0]
         result["regional_graphs"] = graphs
         result["regional_plans"] = [str(p.topology) for p in plans.all_plans(first_plan)]
-        for block in model.blocks:
-            block._compiled_call_impl = None
-        torch._dynamo.reset()
-        result["decisions"] = [str(d) for d in sc.sdpa_nodes(model, **inputs, return_dict=False, artifact=artifact)]
+        if inspect:
+            with torch._dynamo.config.patch(error_on_recompile=True):
+                result["regional_again"] = model(**inputs, return_dict=False)[0]
+            for block in model.blocks:
+                block._compiled_call_impl = None
+            torch._dynamo.reset()
+            result["decisions"] = [str(d) for d in sc.sdpa_nodes(model, **inputs, return_dict=False,
+                                                                 artifact=artifact)]
     torch.save(result, os.path.join(workdir, f"rank{rank}.pt"))
 
 
