@@ -98,7 +98,9 @@ def decide(call: SDPACall, topology, budget: float | None = None, layout=None, p
     from ..policies import uses_west
 
     if not uses_west(policy):  # online only: the entry must fit the call's heads, masks come per call
-        keys = [k for k in keys if topology.entries[k].num_heads == heads]
+        from ..parallel import entry_fits_heads  # all heads, or a Ulysses rank's share
+
+        keys = [k for k in keys if entry_fits_heads(topology, k, heads)]
         if not keys:
             decision.reason = "the artifact entries have another head count"
             return decision

@@ -205,6 +205,30 @@ class ShardedTopology:
         return f"ShardedTopology({self._base!r}, {self.shard})"
 
 
+def entry_fits_heads(topology, key: str, heads: int) -> bool:
+    """Whether the entry ``key`` serves a call with ``heads`` heads: all of them, or under a
+    Ulysses view this rank's share of them (online policies check this before predicting)."""
+    entry = topology.entries.get(key)
+    if entry is None:
+        return False
+    if isinstance(topology, ShardedTopology):
+        try:
+            topology.heads_of(key, heads)
+            return True
+        except NotServable:
+            return False
+    return entry.num_heads == heads
+
+
+def rank_heads(topology, key: str, values: torch.Tensor, heads: int) -> torch.Tensor:
+    """Per-head values of entry ``key`` (all its heads, e.g. HASTE's calibrated thresholds) for the
+    call's ``heads``: under a Ulysses view the rank's slice, else the values themselves."""
+    if isinstance(topology, ShardedTopology) and values.shape[0] != heads:
+        rows = topology.heads_of(key, heads)
+        return values[rows.start : rows.stop]
+    return values
+
+
 def topology_for_call(gm: fx.GraphModule, call, topology):
     """The topology a matched SDPA call is served from: ``topology`` itself, or, when the
     call's heads were split over a Ulysses group, the view of this rank's heads."""
@@ -354,6 +378,8 @@ __all__ = [
     "ShardedTopology",
     "UlyssesShard",
     "enable_context_parallel",
+    "entry_fits_heads",
+    "rank_heads",
     "shard_note",
     "topology_for_call",
     "ulysses_shard",

@@ -197,3 +197,45 @@ def _ring_spy(record: list):
         return compiled
 
     return backend
+
+
+# -- online policies under Ulysses ---------------------------------------------------------------------
+def run_online_rank(rank: int, world: int, port: int, workdir: str, artifact: str, num_layers: int, heads: int,
+                    policies: tuple, budget: float) -> None:
+    """One Ulysses rank serving online policies (HASTE, SVOO): each rank predicts for its own heads."""
+    os.environ.pop("TRITON_INTERPRET", None)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        from diffusers import ContextParallelConfig
+
+        from scaling_compile import plans
+        from scaling_compile.parallel import enable_context_parallel
+
+        from models import tiny_wan, wan_inputs
+
+        model = tiny_wan(num_layers=num_layers, heads=heads)
+        inputs = wan_inputs(seed=3)
+        enable_context_parallel(model, ContextParallelConfig(ulysses_degree=world))
+        result = {"rank": rank}
+        with torch.no_grad():
+            model(**inputs, return_dict=False)  # diffusers' split hooks: one eager call first
+            for policy in policies:
+                graphs: list = []
+                first_plan = plans.plan_count()
+                options = {"artifact": artifact, "strict": True, "inner": "eager", "policy": policy, "budget": budget}
+                model.compile_repeated_blocks(backend=_spy(graphs), options=options, fullgraph=True)
+                result[policy] = model(**inputs, return_dict=False)[0]
+                result[f"{policy}_graphs"] = graphs
+                result[f"{policy}_p"] = {key: p.flatten() for plan in plans.all_plans(first_plan)
+                                         if plan._policy is not None
+                                         for (key, *_rest), p in getattr(plan._policy, "_p", {}).items()}
+                for block in model.blocks:
+                    block._compiled_call_impl = None
+                torch._dynamo.reset()
+        torch.save(result, os.path.join(workdir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
