@@ -174,8 +174,8 @@ def _ring_loop(path: str, steps: list, gathers: list) -> RingLoop:
     waited = [u for u in gather.users if _is_wait(u)]
     if len(waited) != 1:
         raise NotServable("ring attention whose all-gather is not waited once")
-    return RingLoop(path, steps, query, waited[0], chunk_shape, degree, rank, group_name,
-                    _argument(steps[0], 6 if _op_name(steps[0]).endswith("cudnn_attention") else 5, "scale"))
+    scale = steps[0].kwargs.get("scale")  # keyword-only in both ops' schemas
+    return RingLoop(path, steps, query, waited[0], chunk_shape, degree, rank, group_name, scale)
 
 
 def _is_wait(node: fx.Node) -> bool:
