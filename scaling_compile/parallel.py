@@ -1,4 +1,4 @@
-"""Sparse attention under diffusers' context parallelism (Ulysses; ring is reported dense).
+"""Sparse attention under diffusers' context parallelism: Ulysses here, ring in :mod:`.ring`.
 
 ``transformer.enable_parallelism(config=ContextParallelConfig(ulysses_degree=N))`` splits
 the token sequence over N ranks. Around every self-attention call diffusers' Ulysses
@@ -16,12 +16,15 @@ single-process run (profiled budgets are allocated over all heads) and then slic
 rank's heads. The rank and the group size are read from the process group of the
 all-to-all that produced the query (never assumed to be rank 0's); the sequence order
 after the all-to-all is the global one, so rows and columns of the mask need no change.
-One artifact therefore serves any degree that divides the head count.
+One artifact therefore serves any degree that divides the head count. Online policies
+(HASTE, SVOO) predict each head from its own q and k, so a rank predicts for its heads;
+per-head artifact data (HASTE's calibrated thresholds) is sliced the same way
+(:func:`entry_fits_heads`, :func:`rank_heads`).
 
-Ring attention (``ring_degree > 1``) is not served sparse: diffusers' ring loop needs the
-log-sum-exp of every key chunk's partial attention to merge them, so it refuses the native
-SDPA backend and calls cuDNN/flash attention ops directly; the sparse kernel returns no
-log-sum-exp. Those calls stay dense and the backend's summary line says why
+Ring attention (``ring_degree > 1``, alone or with Ulysses) is served by :mod:`.ring`
+(one sparse call of the rank's query rows against the gathered sequence, with the
+log-sum-exp diffusers' merge reads). Ring calls it cannot serve, and attention ops of other
+backends, stay dense and the backend's summary line says why
 (:func:`unmatched_attention_calls`).
 
 Nothing here needs a process group to import; the rewrite pass calls
@@ -293,8 +296,8 @@ def _reaches(node, predicate, limit: int = 64) -> bool:
 
 
 RING_REASON = (
-    "ring attention (diffusers merges each key chunk's partial attention by its log-sum-exp, "
-    "which needs a cuDNN/flash backend op; the sparse kernel returns no log-sum-exp)"
+    "ring attention through a backend op scaling_compile.ring does not rewrite (it serves the "
+    "'_native_cudnn' and '_native_flash' backends' aten ops)"
 )
 
 
