@@ -128,7 +128,8 @@ def ring_loops(gm: fx.GraphModule) -> tuple[list[RingLoop], dict]:
             by_module.setdefault(_module_path(node), []).append(node)
     loops, refused = [], {}
     for path, steps in by_module.items():
-        gathers = [_find_producer(_argument(s, 1, "key"), _is_all_gather) for s in steps]
+        # the nearest all-gather above each later step's key (earlier layers' gathers are farther up)
+        gathers = [None] + [_find_producer(_argument(s, 1, "key"), _is_all_gather) for s in steps[1:]]
         if not any(g is not None for g in gathers):
             continue  # not ring attention: reported by parallel.unmatched_attention_calls
         try:
@@ -143,7 +144,8 @@ def _ring_loop(path: str, steps: list, gathers: list) -> RingLoop:
     from .parallel import _group_rank_and_size
 
     gather = next(g for g in gathers if g is not None)
-    if gathers[0] is not None or any(g is not gather for g in gathers[1:]):
+    own_key = _argument(steps[0], 1, "key")
+    if any(g is not gather for g in gathers[1:]) or _find_producer(own_key, lambda n: n is gather, 512) is not None:
         raise NotServable("ring attention whose loop this version does not recognise (step 0 must attend the "
                           "rank's own key chunk, the others one all-gather's chunks)")
     group_size, group_name = gather.args[1], gather.args[2]

@@ -179,6 +179,11 @@ def _run_ring(rank, workdir, artifact, num_layers, heads, ring, ulysses, inner, 
             for block in model.blocks:
                 block._compiled_call_impl = None
             torch._dynamo.reset()
+            graphs = []  # whole model: every layer's ring loop in one graph, earlier layers' gathers upstream
+            compiled = torch.compile(model, backend=_ring_spy(graphs), options={**options, "inner": "eager"})
+            result["whole"] = compiled(**inputs, return_dict=False)[0]
+            result["whole_graphs"] = graphs
+            torch._dynamo.reset()
             result["decisions"] = [str(d) for d in sc.sdpa_nodes(model, **inputs, return_dict=False,
                                                                  artifact=artifact)]
     torch.save(result, os.path.join(workdir, f"rank{rank}.pt"))

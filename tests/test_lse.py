@@ -158,6 +158,7 @@ def test_fa4_lse_matches():
     blocks = torch.rand(2, 8, 8, generator=torch.Generator().manual_seed(2)) < 0.5
     blocks[:, torch.arange(8), torch.arange(8)] = True  # FA4 serves masks without empty rows
     mask = BlockMask.from_bool(blocks.to(DEVICE), block, s)
+    mask.density  # noqa: B018 (the mask's host facts, which the FA4 route rests on: one sync)
     mask.fa4_lists  # noqa: B018 (derive the FA4 lists, as plans do)
     assert attention_mod.choose_route(q, mask, kernel="fa4").name == "fa4"
     out, lse = attention_mod.sparse_attention(q, k, v, mask, kernel="fa4", return_lse=True)

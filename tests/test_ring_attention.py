@@ -120,6 +120,15 @@ def test_ring2_matches_single_process_sparse_run(ring2, reference):
 
 
 @pytest.mark.slow
+def test_ring2_whole_model_serves_every_layer(ring2, reference):
+    """Whole-model compilation: all layers' ring loops in the graphs, each rewritten."""
+    for rank in ring2:
+        torch.testing.assert_close(rank["whole"], reference["expected"], atol=1e-5, rtol=1e-4)
+        assert sum(g["rows"] for g in rank["whole_graphs"]) == LAYERS
+        assert sum(g["ring_ops"] for g in rank["whole_graphs"]) == 0
+
+
+@pytest.mark.slow
 def test_ring2_decisions_name_each_rank_rows(ring2):
     for rank in ring2:
         r = rank["rank"]
