@@ -180,13 +180,13 @@ def all_to_all_ms(numel: int, dtype: torch.dtype, reps: int = 20) -> float:
     return max_over_ranks(timer.stop() / reps)
 
 
-def served_heads() -> list[list[str]]:
+def served_heads(first_plan: int = 0) -> list[list[str]]:
     """Per rank, the global head ranges its sparse plans were served with (e.g. ``["0-5"]`` on rank 0 of 2)."""
     from scaling_compile import plans
     from scaling_compile.parallel import ShardedTopology
 
     mine = set()
-    for plan in plans.all_plans():
+    for plan in plans.all_plans(first_plan):
         if not isinstance(plan.topology, ShardedTopology):
             continue
         for cache_key, served in plan._cache.items():
@@ -199,11 +199,11 @@ def served_heads() -> list[list[str]]:
     return everyone
 
 
-def served_summary() -> list[str]:
-    """Rank 0's served attention decisions of the plans made so far (which rows/heads each serves)."""
+def served_summary(first_plan: int = 0) -> list[str]:
+    """This rank's plans made since ``first_plan``: node key and the topology (view) serving it."""
     from scaling_compile import plans
 
-    return sorted({f"{plan.graph_key}: {plan.topology!r}" for plan in plans.all_plans()})[:4]
+    return sorted({f"{plan.graph_key}: {plan.topology!r}" for plan in plans.all_plans(first_plan)})[:4]
 
 
 def _flash_attention_on_cpu() -> None:
@@ -248,6 +248,7 @@ def main() -> int:
         logging.getLogger("scaling_compile").setLevel(logging.INFO)
 
     import scaling_compile as sc
+    from scaling_compile.plans import plan_count
     from diffusers import ContextParallelConfig
     from scaling_compile.bench import _uncompile_blocks
     from scaling_compile.masks import local_3d_mask
@@ -311,6 +312,7 @@ def main() -> int:
 
             for sparse in (False, True):
                 name = "sparse" if sparse else "dense"
+                first_plan = plan_count()
                 compile_blocks(sparse)
                 compile_s = first_call_s(call)
                 forward_ms = timed_ms(call, args.iters)
@@ -323,8 +325,8 @@ def main() -> int:
                     row["rel_error_vs_1gpu"] = relative_error(out, outputs[name])
                     row["nccl_kernel_ms"], row["all_kernels_ms"] = nccl_kernel_ms(call)
                 if gpus > 1 and sparse:
-                    row["heads_by_rank"] = served_heads()
-                    row["decisions_rank0"] = served_summary()
+                    row["heads_by_rank"] = served_heads(first_plan)
+                    row["plans_rank0"] = served_summary(first_plan)
                 rows.append(row)
                 log(f"{gpus} GPU {MODES.get(mode, 'one GPU'):14s} {name:6s}: compile {compile_s:6.1f} s, "
                     f"forward {forward_ms:7.1f} ms"
@@ -367,8 +369,8 @@ def main() -> int:
     log(f"communication alone: one all-to-all of {results['all_to_all_mb']:.1f} MiB per rank takes {a2a_ms:.3f} ms; "
         f"{a2a_per_forward} per forward (q, k, v, out x {layers} layers) = {a2a_ms * a2a_per_forward:.1f} ms "
         f"per forward, i.e. "
-        + ", ".join(f"{100 * a2a_ms * a2a_per_forward / r['forward_ms']:.0f}% of the {world}-GPU {r['attention']} forward"
-                    for r in rows if r["gpus"] > 1))
+        + ", ".join(f"{100 * a2a_ms * a2a_per_forward / r['forward_ms']:.0f}% of the {world}-GPU {MODES[r['mode']]} "
+                    f"{r['attention']} forward" for r in rows if r["gpus"] > 1 and r["mode"] == "ulysses"))
     log(f"sparse vs dense output on 1 GPU: rel. error {outputs['sparse_vs_dense']:.2e}; "
         f"total {time.perf_counter() - started:.0f} s")
     if rank == 0 and args.out:
