@@ -151,3 +151,27 @@ def test_ulysses2_x_ring2_matches_single_process_sparse_run(tmp_path_factory, re
 def test_ring4_shares_off_the_block_grid(tmp_path_factory, reference):
     """Four ranks of 12 tokens: rows 12-23 and 36-47 start inside a 16-token block."""
     _check_outputs(_run(tmp_path_factory, reference, ring=4, ulysses=1, inspect=False), reference)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("q_start, rows", [(0, 1000), (945, 945), (1890, 890)])  # 720p-like shares off the grid
+def test_rows_attention_on_the_gpu(dtype, q_start, rows):
+    """The GPU kernel (TMA descriptors on Hopper) with a query shorter than the keys, 128-token blocks."""
+    from scaling_compile.kernels.bitpack import pack_block_mask
+
+    seq, block, heads = 2780, 128, 2
+    g = torch.Generator().manual_seed(rows)
+    q, k, v = (torch.randn(1, seq, heads, 64, generator=g).to("cuda", dtype).transpose(1, 2) for _ in range(3))
+    n = -(-seq // block)
+    blocks = torch.rand(heads, n, n, generator=g) < 0.3
+    blocks[:, torch.arange(n), torch.arange(n)] = True
+    token = blocks.repeat_interleave(block, 1).repeat_interleave(block, 2)[:, :seq, :seq].cuda()
+    scores = (q.float() @ k.float().transpose(-1, -2)) / 8.0
+    scores = scores.masked_fill(~token, float("-inf"))
+    lse = torch.logsumexp(scores, -1)
+    full = torch.softmax(scores, -1) @ v.float()
+    out, got = rows_attention(q[:, :, q_start:q_start + rows], k, v, pack_block_mask(blocks).cuda(), block, q_start)
+    tol = 2e-2 if dtype == torch.bfloat16 else 4e-3
+    torch.testing.assert_close(out.float(), full[:, :, q_start:q_start + rows], atol=tol, rtol=tol)
+    torch.testing.assert_close(got, lse[:, :, q_start:q_start + rows], atol=tol, rtol=tol)
