@@ -203,7 +203,8 @@ def sparse_attention(
     key_valid: Optional[torch.Tensor] = None,
     kernel: str = "auto",
     group: Optional[int] = None,
-) -> torch.Tensor:
+    return_lse: bool = False,
+):
     """Attention of ``query, key, value`` ``(B, H, S, D)`` restricted to ``mask`` (and to ``key_valid``).
 
     Args:
@@ -225,9 +226,17 @@ def sparse_attention(
             (neither Gluon nor FA4), ``"gluon"`` (the Gluon Hopper kernel, else Triton
             with a warning).
 
+        return_lse: also return each query row's log-sum-exp, float32 ``(B, H, S)``,
+            natural log (cuDNN/flash attention's convention, the one diffusers' ring merge
+            expects), ``-inf`` for a row that attends no key. FA4 returns its own; the
+            Triton kernel and the chunked path compute it; the dense SDPA route (no lse)
+            runs the Triton kernel (or the chunked path) on the all-ones mask instead; the
+            Gluon kernel returns none, so ``kernel="gluon"`` runs Triton with a warning.
+
     Returns:
         ``(B, H, S, D)`` in the memory layout of ``(B, S, H, D)`` (flash SDPA's; see
-        :func:`.block_sparse_attention.empty_output_like`), dtype of ``query``.
+        :func:`.block_sparse_attention.empty_output_like`), dtype of ``query``; with
+        ``return_lse`` the pair ``(out, lse)``.
 
     A mask served many times (a compiled model's) should have its lists derived
     once ahead of the calls (``mask.kv_block_lists``, and ``mask.fa4_lists`` where
@@ -241,6 +250,10 @@ def sparse_attention(
                          f"{tuple(key.shape)}, {tuple(value.shape)}")
     mask.check_call(query)
     check_key_valid(key_valid, query, "sparse_attention")
+    if return_lse and kernel == "gluon":
+        warnings.warn("sparse_attention: the Gluon kernel returns no log-sum-exp; return_lse=True runs the "
+                      "Triton kernel", stacklevel=2)
+        kernel = "triton"
     route = choose_route(query, mask, mask_index=mask_index, key_valid=key_valid, kernel=kernel, group=group)
     if kernel == "fa4" and route.name not in ("fa4", "dense_fa4"):
         warnings.warn(f"sparse_attention: kernel='fa4' runs {route.name}: {route.reason}", stacklevel=2)
@@ -256,7 +269,8 @@ def sparse_attention(
         from .fa4_block_sparse import FA4_REFUSALS
 
         try:
-            return _run_fa4(query, key, value, mask, scale, mask_index, group, dense=name == "dense_fa4")
+            return _run_fa4(query, key, value, mask, scale, mask_index, group, dense=name == "dense_fa4",
+                            return_lse=return_lse)
         except FA4_REFUSALS as error:  # its argument checks, before any launch: another kernel serves it exactly
             mask._derived.setdefault("fa4_reasons", {})[_call_kind(query)] = (
                 f"FA4 refused such a call ({type(error).__name__}: {error})")
@@ -264,6 +278,8 @@ def sparse_attention(
                           "it runs the Triton kernel instead", stacklevel=2)
             name = "dense_sdpa" if name == "dense_fa4" else choose_route(
                 query, mask, mask_index=mask_index, key_valid=key_valid, kernel="triton", group=group).name
+    if name == "dense_sdpa" and return_lse:  # SDPA returns no lse: the kernels serve the all-ones mask exactly
+        name = "triton" if _triton_reason(query, mask) is None else "chunked"
     if name == "dense_sdpa":
         return _dense_sdpa(query, key, value, scale, key_valid)
     if name in ("triton", "triton_device_lists"):
@@ -273,14 +289,15 @@ def sparse_attention(
         # kernel builds them on the device in the launch (no sync: fine for masks made per call)
         words, index, lists = _kernel_operands(mask, mask_index, group, device_lists=name == "triton_device_lists")
         return block_sparse_attention(query, key, value, words, mask.block_size, scale, index,
-                                      block_lists=lists, key_valid=key_valid)
+                                      block_lists=lists, key_valid=key_valid, return_lse=return_lse)
     from .reference import block_sparse_attention_chunked
 
     g = group if group is not None else (0 if not mask.stacked else int(mask_index.item()))  # chunked: host path
     out = empty_output_like(query)
-    out.copy_(block_sparse_attention_chunked(query, key, value, mask.words[g], mask.block_size, scale=scale,
-                                             key_valid=key_valid))
-    return out
+    result = block_sparse_attention_chunked(query, key, value, mask.words[g], mask.block_size, scale=scale,
+                                            key_valid=key_valid, return_lse=return_lse)
+    out.copy_(result[0] if return_lse else result)
+    return (out, result[1]) if return_lse else out
 
 
 def _run_gluon(query, key, value, mask: BlockMask, scale, mask_index, group, key_valid, kernel,
@@ -346,16 +363,16 @@ def _kernel_operands(mask: BlockMask, mask_index, group, device_lists: bool):
     return mask.words, mask_index, lists
 
 
-def _run_fa4(query, key, value, mask: BlockMask, scale, mask_index, group, dense: bool) -> torch.Tensor:
+def _run_fa4(query, key, value, mask: BlockMask, scale, mask_index, group, dense: bool, return_lse: bool = False):
     from .fa4_block_sparse import fa4_block_sparse_attention, fa4_dense_attention
 
     if dense:
-        return fa4_dense_attention(query, key, value, scale=scale)
+        return fa4_dense_attention(query, key, value, scale=scale, return_lse=return_lse)
     lists = mask.fa4_lists
     if mask.stacked and mask_index is None:
         mask_index = torch.full((1,), group, dtype=torch.int32, device=query.device)
     return fa4_block_sparse_attention(query, key, value, lists, scale=scale,
-                                      mask_index=mask_index if mask.stacked else None)
+                                      mask_index=mask_index if mask.stacked else None, return_lse=return_lse)
 
 
 def _dense_sdpa(query, key, value, scale, key_valid) -> torch.Tensor:

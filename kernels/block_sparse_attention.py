@@ -169,6 +169,7 @@ def _attend_kv_tile(
 def _block_sparse_attn_fwd(
     # tensors: pointers, and host TMA descriptors (TMA_MODE 1, else None)
     Q, K, V, O,
+    LSE,  # float32 (B, H, S_Q) contiguous: natural-log log-sum-exp of each query row (HAS_LSE), or None
     q_desc, k_desc, v_desc, o_desc,
     MASK,  # int32 (G, H, NQB, N_WORDS) contiguous (G = 1 without mask_index)
     MASK_INDEX,  # int32 (1,) on device, or None
@@ -179,7 +180,8 @@ def _block_sparse_attn_fwd(
     FIRST_PAD,  # int32 (B or 1,): the first key block holding a padded key (N_KV_BLOCKS: none), or None
     stride_first_pad_b,  # FIRST_PAD's batch stride (0 with one row)
     qk_scale,  # scale * log2(e)
-    S, H, N_Q_BLOCKS, N_KV_BLOCKS, N_WORDS,
+    S, H, N_Q_BLOCKS, N_KV_BLOCKS, N_WORDS,  # S: key length
+    S_Q,  # query length (S for self-attention; a row-slice of the mask may have fewer rows)
     INDEX_WIDTH,  # row length of KV_INDICES: N_KV_BLOCKS, or the largest count (compact lists)
     stride_qb, stride_qh, stride_qs,
     stride_kb, stride_kh, stride_ks,
@@ -192,6 +194,7 @@ def _block_sparse_attn_fwd(
     USE_LISTS: tl.constexpr,
     HAS_G: tl.constexpr,
     HAS_KEY_VALID: tl.constexpr,  # mask padded keys (KEY_VALID); False compiles the check away
+    HAS_LSE: tl.constexpr,  # also write each row's log-sum-exp (ring attention merges partial results by it)
     TMA_MODE: tl.constexpr,  # 0: pointers, 1: host 4-D descriptors, 2: in-kernel 2-D descriptors per (b, h)
     DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,  # query rows per program, divides BLOCK_SIZE
@@ -224,16 +227,16 @@ def _block_sparse_attn_fwd(
     else:
         valid_base = KEY_VALID
     if TMA_MODE == 2:  # per-(batch, head) 2-D views: bounds at S, no reshapes
-        q_desc = tl.make_tensor_descriptor(q_base, [S, HEAD_DIM], [stride_qs, 1], [BLOCK_M, HEAD_DIM])
+        q_desc = tl.make_tensor_descriptor(q_base, [S_Q, HEAD_DIM], [stride_qs, 1], [BLOCK_M, HEAD_DIM])
         k_desc = tl.make_tensor_descriptor(k_base, [S, HEAD_DIM], [stride_ks, 1], [BLOCK_N, HEAD_DIM])
         v_desc = tl.make_tensor_descriptor(v_base, [S, HEAD_DIM], [stride_vs, 1], [BLOCK_N, HEAD_DIM])
-        o_desc = tl.make_tensor_descriptor(o_base, [S, HEAD_DIM], [stride_os, 1], [BLOCK_M, HEAD_DIM])
+        o_desc = tl.make_tensor_descriptor(o_base, [S_Q, HEAD_DIM], [stride_os, 1], [BLOCK_M, HEAD_DIM])
     if TMA_MODE == 1:
         q = q_desc.load([off_b, off_h, pid_m * BLOCK_M, 0]).reshape(BLOCK_M, HEAD_DIM)
     elif TMA_MODE == 2:
         q = q_desc.load([pid_m * BLOCK_M, 0])
     else:
-        q = tl.load(q_base + offs_m[:, None] * stride_qs + offs_d[None, :], mask=(offs_m < S)[:, None], other=0.0)
+        q = tl.load(q_base + offs_m[:, None] * stride_qs + offs_d[None, :], mask=(offs_m < S_Q)[:, None], other=0.0)
 
     m_i = tl.zeros([BLOCK_M], dtype=tl.float32) - float("inf")
     # l_i starts at 1 so that a row with no kept block ends as 0 / 1 = 0; any kept
@@ -321,12 +324,15 @@ def _block_sparse_attn_fwd(
     if HAS_KEY_VALID:  # a row whose kept keys are all padding: l_i = 0, acc = 0 -> zeros (as SDPA)
         l_i = tl.where(l_i == 0.0, 1.0, l_i)
     out = (acc / l_i[:, None]).to(O.dtype.element_ty)
+    if HAS_LSE:  # natural log: (m + log2 l) * ln 2; a row that attended no key has m = -inf -> -inf
+        lse = (m_i + tl.math.log2(l_i)) * 0.6931471805599453
+        tl.store(LSE + off_bh.to(tl.int64) * S_Q + offs_m, lse, mask=offs_m < S_Q)
     if TMA_MODE == 1:
         o_desc.store([off_b, off_h, pid_m * BLOCK_M, 0], out.reshape(1, 1, BLOCK_M, HEAD_DIM))
     elif TMA_MODE == 2:
         o_desc.store([pid_m * BLOCK_M, 0], out)
     else:
-        tl.store(o_base + offs_m[:, None] * stride_os + offs_d[None, :], out, mask=(offs_m < S)[:, None])
+        tl.store(o_base + offs_m[:, None] * stride_os + offs_d[None, :], out, mask=(offs_m < S_Q)[:, None])
 
 
 @triton.jit
@@ -374,7 +380,7 @@ _CUDA_CONFIGS: Tuple[Tuple[int, int, int, int], ...] = tuple(
     c for configs in _CUDA_CONFIGS_BY_BLOCK.values() for c in configs
 )
 _AUTOTUNE_KEY = [
-    "S_KEY", "HEAD_DIM", "BLOCK_SIZE", "RAGGED", "USE_LISTS", "HAS_G", "HAS_KEY_VALID", "TMA_MODE", "DOT_PRECISION",
+    "S_KEY", "HEAD_DIM", "BLOCK_SIZE", "RAGGED", "USE_LISTS", "HAS_G", "HAS_KEY_VALID", "HAS_LSE", "TMA_MODE", "DOT_PRECISION",
 ]
 
 
@@ -501,11 +507,13 @@ def _validate(q, k, v, mask_words, block_size, scale, mask_index, block_lists, k
     _check(q.dtype == k.dtype == v.dtype, f"q, k, v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}", TypeError)
     _check(q.device == k.device == v.device, f"q, k, v devices differ: {q.device}, {k.device}, {v.device}")
     _check(
-        q.shape == k.shape == v.shape,
-        f"q, k, v must have the same shape (B, H, S, D) (self-attention, no GQA), got "
+        k.shape == v.shape and q.shape[:2] == k.shape[:2] and q.shape[3] == k.shape[3],
+        f"k and v must have the same shape (B, H, S, D), q (B, H, S_q, D) (no GQA), got "
         f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}",
     )
-    _, h, s, d = q.shape
+    _, h, s_q, d = q.shape
+    s = k.shape[2]
+    _check(s_q >= 1, "query length must be at least 1")
     _check(s >= 1, "sequence length must be at least 1")
     _check(d in SUPPORTED_HEAD_DIMS, f"head_dim {d} not supported, expected one of {SUPPORTED_HEAD_DIMS}")
     _check(
@@ -520,13 +528,13 @@ def _validate(q, k, v, mask_words, block_size, scale, mask_index, block_lists, k
     _check(isinstance(mask_words, torch.Tensor), "mask_words must be a torch.Tensor", TypeError)
     _check(mask_words.dtype == torch.int32, f"mask_words must be int32 (bit-packed), got {mask_words.dtype}", TypeError)
     _check(mask_words.device == q.device, f"mask_words is on {mask_words.device}, q on {q.device}")
-    n_qb = triton.cdiv(s, block_size)
+    n_qb = triton.cdiv(s_q, block_size)
     n_kvb = triton.cdiv(s, block_size)
     expected = (h, n_qb, num_words(n_kvb))
     _check(
         mask_words.dim() in (3, 4) and tuple(mask_words.shape[-3:]) == expected,
         f"mask_words must have shape (H, n_q_blocks, n_words) = {expected} or (G, {expected[0]}, {expected[1]}, "
-        f"{expected[2]}) for S={s}, block_size={block_size}, H={h}; got {tuple(mask_words.shape)}",
+        f"{expected[2]}) for S_q={s_q}, S={s}, block_size={block_size}, H={h}; got {tuple(mask_words.shape)}",
     )
     if mask_words.dim() == 4:
         _check(mask_index is not None, "mask_words has a leading G dimension: pass mask_index (1-element int32 device tensor)")
@@ -559,7 +567,7 @@ def _validate(q, k, v, mask_words, block_size, scale, mask_index, block_lists, k
             f"{getattr(indices, 'dtype', type(indices))} {tuple(getattr(indices, 'shape', ()))}",
         )
         _check(counts.device == q.device and indices.device == q.device, "block_lists must be on q's device")
-    check_key_valid(key_valid, q, "block_sparse_attention")
+    check_key_valid(key_valid, k, "block_sparse_attention")  # (B, S) of the keys
 
 
 def check_key_valid(key_valid: Optional[torch.Tensor], q: torch.Tensor, who: str) -> None:
@@ -666,8 +674,12 @@ def _launch(
     config: Optional[Sequence[int]] = None,
     warp_specialize: bool = False,
     key_valid: Optional[torch.Tensor] = None,
+    lse: Optional[torch.Tensor] = None,
 ):
     """Launch the kernel (inputs already validated); returns Triton's compiled-kernel handle.
+
+    ``lse``: float32 ``(B, H, S_q)`` contiguous, written with each query row's natural-log
+    log-sum-exp, or None (not computed).
 
     ``block_lists=None`` runs the in-kernel bit-test path. ``key_valid``: bool
     ``(B or 1, S)`` key padding, or None (the check is compiled away). ``use_tma``: None
@@ -675,9 +687,10 @@ def _launch(
     True/1 host descriptors, 2 in-kernel descriptors. ``config = (BLOCK_M,
     BLOCK_N, num_warps, num_stages)`` skips autotuning.
     """
-    b, h, s, d = q.shape
-    n_qb = triton.cdiv(s, block_size)
-    n_kvb = n_qb
+    b, h, s_q, d = q.shape
+    s = k.shape[2]
+    n_qb = triton.cdiv(s_q, block_size)
+    n_kvb = triton.cdiv(s, block_size)
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
     mask = mask_words if mask_words.dim() == 4 else mask_words.unsqueeze(0)
     mask = mask.contiguous()
@@ -709,13 +722,13 @@ def _launch(
         config = (block_size, block_size, 4, 1)  # interpreter: big tiles = fewer numpy calls
 
     args = dict(
-        Q=q, K=k, V=v, O=out,
+        Q=q, K=k, V=v, O=out, LSE=lse,
         q_desc=q_desc, k_desc=k_desc, v_desc=v_desc, o_desc=o_desc,
         MASK=mask, MASK_INDEX=mask_index if has_g else None,
         KV_COUNTS=counts, KV_INDICES=indices,
         KEY_VALID=valid, stride_valid_b=stride_valid_b, FIRST_PAD=first_pad, stride_first_pad_b=stride_first_pad_b,
         qk_scale=scale * LOG2E,
-        S=s, H=h, N_Q_BLOCKS=n_qb, N_KV_BLOCKS=n_kvb, N_WORDS=mask.shape[-1],
+        S=s, H=h, N_Q_BLOCKS=n_qb, N_KV_BLOCKS=n_kvb, N_WORDS=mask.shape[-1], S_Q=s_q,
         INDEX_WIDTH=n_kvb if indices is None else indices.shape[-1],
         stride_qb=q.stride(0), stride_qh=q.stride(1), stride_qs=q.stride(2),
         stride_kb=k.stride(0), stride_kh=k.stride(1), stride_ks=k.stride(2),
@@ -723,12 +736,13 @@ def _launch(
         stride_ob=out.stride(0), stride_oh=out.stride(1), stride_os=out.stride(2),
         S_KEY=triton.next_power_of_2(s),
         HEAD_DIM=d, BLOCK_SIZE=block_size, RAGGED=(s % block_size != 0),
-        USE_LISTS=block_lists is not None, HAS_G=has_g, HAS_KEY_VALID=key_valid is not None, TMA_MODE=tma_mode,
+        USE_LISTS=block_lists is not None, HAS_G=has_g, HAS_KEY_VALID=key_valid is not None,
+        HAS_LSE=lse is not None, TMA_MODE=tma_mode,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
     )
 
     def grid(meta):
-        return (triton.cdiv(s, meta["BLOCK_M"]), b * h)
+        return (triton.cdiv(s_q, meta["BLOCK_M"]), b * h)
 
     if config is not None:
         bm, bn, warps, stages = config
@@ -752,7 +766,8 @@ def block_sparse_attention(
     *,
     block_lists: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
     key_valid: Optional[torch.Tensor] = None,
-) -> torch.Tensor:
+    return_lse: bool = False,
+):
     """Block-sparse attention of ``q, k, v`` ``(B, H, S, D)`` under a bit-packed block mask.
 
     Equal to ``scaled_dot_product_attention(q, k, v, attn_mask=token_mask & key_valid[:, None, None, :])``
@@ -789,6 +804,15 @@ def block_sparse_attention(
             kernel reads one byte per key of each kept tile; ``None`` compiles the
             check away (no cost).
 
+        return_lse: also return each query row's log-sum-exp of its attended scaled
+            scores, float32 ``(B, H, S_q)``, natural log (``torch.logsumexp`` of the
+            masked ``scale * q k^T``; what cuDNN/flash attention return and diffusers'
+            ring merge expects); ``-inf`` for a row that attends no key (its output is 0).
+
+    The query may have fewer (or more) rows than the keys (``q`` ``(B, H, S_q, D)``,
+    ``k, v`` ``(B, H, S, D)``): the mask then has ``ceil(S_q / block_size)`` rows of
+    ``ceil(S / block_size)`` key blocks each (a row slice of a square mask, ring attention).
+
     Under ``TRITON_INTERPRET=1`` (CPU) bf16 inputs run in fp32 and the result is
     returned in bf16: the interpreter's bf16 ``tl.dot`` is wrong (errors ~1e9).
 
@@ -801,12 +825,14 @@ def block_sparse_attention(
     if q.dtype == torch.bfloat16 and (_interpreting() or q.device.type != "cuda"):
         # the interpreter's bf16 dot is garbage: compute in fp32, hand back bf16
         out = empty_output_like(q)
-        out.copy_(block_sparse_attention(q.float(), k.float(), v.float(), mask_words, block_size, scale, mask_index,
-                                         block_lists=block_lists, key_valid=key_valid))
-        return out
+        result = block_sparse_attention(q.float(), k.float(), v.float(), mask_words, block_size, scale, mask_index,
+                                        block_lists=block_lists, key_valid=key_valid, return_lse=return_lse)
+        out.copy_(result[0] if return_lse else result)
+        return (out, result[1]) if return_lse else out
     if block_lists is None:
         # kept-block lists of mask[g], built on device from the packed bits (one tiny launch)
-        block_lists = _lists_on_device(mask_words, mask_index, triton.cdiv(q.shape[2], block_size))
+        block_lists = _lists_on_device(mask_words, mask_index, triton.cdiv(k.shape[2], block_size))
     out = empty_output_like(q)
-    _launch(q, k, v, out, mask_words, block_size, scale, mask_index, block_lists, key_valid=key_valid)
-    return out
+    lse = torch.empty(q.shape[:3], dtype=torch.float32, device=q.device) if return_lse else None
+    _launch(q, k, v, out, mask_words, block_size, scale, mask_index, block_lists, key_valid=key_valid, lse=lse)
+    return (out, lse) if return_lse else out

@@ -155,7 +155,8 @@ def fa4_block_sparse_attention(
     scale: Optional[float] = None,
     mask_index: Optional[torch.Tensor] = None,
     key_valid: Optional[torch.Tensor] = None,
-) -> torch.Tensor:
+    return_lse: bool = False,
+):
     """Block-sparse attention of ``q, k, v`` ``(B, H, S, D)`` through FA4, on the kept-block lists.
 
     Returns ``(B, H, S, D)`` with the memory layout of ``(B, S, H, D)`` (what the
@@ -163,6 +164,8 @@ def fa4_block_sparse_attention(
     ``transpose(1, 2)`` views of DiT attention inputs are passed without a copy.
     ``key_valid`` (key padding) other than None raises :class:`FA4KeyPaddingUnsupported`
     before anything runs (see the module docstring): the caller serves it with Triton.
+    ``return_lse``: also return FA4's own per-row log-sum-exp, float32 ``(B, H, S)``, natural
+    log (the flash-attention convention, as the Triton kernel's).
     """
     refuse_key_padding(key_valid)
     from flash_attn.cute import flash_attn_func
@@ -184,11 +187,18 @@ def fa4_block_sparse_attention(
         full_block_idx=chosen.indices,
         block_size=(lists.block_size, lists.block_size),
     )
-    out, _ = flash_attn_func(
+    out, lse = flash_attn_func(
         q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
         softmax_scale=scale, block_sparse_tensors=tensors,
     )
-    return out.transpose(1, 2)
+    return (out.transpose(1, 2), _lse_bhs(lse, q)) if return_lse else out.transpose(1, 2)
+
+
+def _lse_bhs(lse: Optional[torch.Tensor], q: torch.Tensor) -> torch.Tensor:
+    """FA4's log-sum-exp as float32 ``(B, H, S)``; an FA4 that returned none is refused (NotImplementedError)."""
+    if lse is None or tuple(lse.shape) != tuple(q.shape[:3]):
+        raise NotImplementedError(f"FA4 returned no (B, H, S) log-sum-exp (got {None if lse is None else tuple(lse.shape)})")
+    return lse.float()
 
 
 def refuse_key_padding(key_valid: Optional[torch.Tensor]) -> None:
@@ -201,12 +211,13 @@ def refuse_key_padding(key_valid: Optional[torch.Tensor]) -> None:
 
 
 def fa4_dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: Optional[float] = None,
-                        key_valid: Optional[torch.Tensor] = None) -> torch.Tensor:
+                        key_valid: Optional[torch.Tensor] = None, return_lse: bool = False):
     """Dense FA4 attention of ``(B, H, S, D)`` inputs: the baseline a user with FA4 would otherwise run.
 
-    Key padding is refused as in :func:`fa4_block_sparse_attention` (SDPA serves it)."""
+    Key padding is refused as in :func:`fa4_block_sparse_attention` (SDPA serves it);
+    ``return_lse`` as there."""
     refuse_key_padding(key_valid)
     from flash_attn.cute import flash_attn_func
 
-    out, _ = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), softmax_scale=scale)
-    return out.transpose(1, 2)
+    out, lse = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), softmax_scale=scale)
+    return (out.transpose(1, 2), _lse_bhs(lse, q)) if return_lse else out.transpose(1, 2)

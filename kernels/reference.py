@@ -4,6 +4,12 @@ It expands the block mask to a token mask (and the optional key padding
 ``key_valid``) and runs masked softmax attention in fp32. It materialises the
 full score matrix, so it is for tests and small shapes only. A query row that
 attends no key gets zeros, as SDPA returns for a fully masked row.
+
+Both functions take a query of another length than the keys (a row slice of the
+mask: ring attention) and return, when asked (``return_lse=True``), each query
+row's log-sum-exp of its attended scaled scores: float32 ``(B, H, S_q)``, natural
+log (``torch.logsumexp``, the convention of cuDNN/flash attention and of diffusers'
+ring merge), ``-inf`` for a row that attends no key.
 """
 
 from __future__ import annotations
@@ -48,7 +54,8 @@ def block_sparse_attention_reference(
     block_size: int,
     scale: float | None = None,
     key_valid: torch.Tensor | None = None,
-) -> torch.Tensor:
+    return_lse: bool = False,
+):
     """Attention of ``q, k, v`` ``(B, H, S, D)`` restricted to the kept blocks of ``block_mask``.
 
     ``block_mask`` is bool ``(H, q_blocks, kv_blocks)`` or its packed int32 form
@@ -66,7 +73,8 @@ def block_sparse_attention_reference(
     scores = scores.masked_fill(~mask, float("-inf"))
     probs = torch.softmax(scores, dim=-1)
     probs = torch.nan_to_num(probs, nan=0.0)  # empty rows: all -inf -> zeros
-    return torch.matmul(probs, v.float()).to(q.dtype)
+    out = torch.matmul(probs, v.float()).to(q.dtype)
+    return (out, torch.logsumexp(scores, dim=-1)) if return_lse else out
 
 
 def block_sparse_attention_chunked(
@@ -78,7 +86,8 @@ def block_sparse_attention_chunked(
     scale: float | None = None,
     rows_per_chunk: int = 8,
     key_valid: torch.Tensor | None = None,
-) -> torch.Tensor:
+    return_lse: bool = False,
+):
     """Same result as the reference, one chunk of query blocks at a time (memory O(chunk x S)).
 
     The CPU execution path of the custom op when Triton cannot run (no GPU and no
@@ -88,6 +97,8 @@ def block_sparse_attention_chunked(
     seq_q, seq_kv = q.shape[-2], k.shape[-2]
     block_mask = as_bool_block_mask(block_mask, seq_kv, block_size).to(q.device)
     out = torch.empty_like(q)
+    lse = torch.empty(q.shape[:-1], dtype=torch.float32, device=q.device) if return_lse else None
+    scale_value = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     rows = rows_per_chunk * block_size
     for start in range(0, seq_q, rows):
         stop = min(start + rows, seq_q)
@@ -99,4 +110,7 @@ def block_sparse_attention_chunked(
             q[..., start:stop, :], k, v, attn_mask=mask | empty, scale=scale
         )
         out[..., start:stop, :] = chunk.masked_fill(empty, 0.0)
-    return out
+        if return_lse:  # the chunk's scores once more, for their log-sum-exp (-inf where nothing is attended)
+            scores = torch.matmul(q[..., start:stop, :].float(), k.float().transpose(-1, -2)) * scale_value
+            lse[..., start:stop] = torch.logsumexp(scores.masked_fill(~mask, float("-inf")), dim=-1)
+    return (out, lse) if return_lse else out

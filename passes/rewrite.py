@@ -98,7 +98,9 @@ def decide(call: SDPACall, topology, budget: float | None = None, layout=None, p
     from ..policies.config import uses_west
 
     if not uses_west(policy):  # online only: the entry must fit the call's heads, masks come per call
-        keys = [k for k in keys if topology.entries[k].num_heads == heads]
+        from ..parallel import entry_fits_heads  # all heads, or a Ulysses rank's share
+
+        keys = [k for k in keys if entry_fits_heads(topology, k, heads)]
         if not keys:
             decision.reason = "the artifact entries have another head count"
             return decision
@@ -211,6 +213,11 @@ def rewrite_sdpa_calls(gm: fx.GraphModule, topology, options, example_inputs=Non
         call.node.replace_all_uses_with(new)
         gm.graph.erase_node(call.node)
         decisions.append(decision)
+    from ..ring import rewrite_ring_loops  # ring attention (diffusers' ring loop): served sparse where exact
+
+    ring_decisions, ring_plans = rewrite_ring_loops(gm, topology, options, examples)
+    decisions.extend(ring_decisions)
+    plans.extend(ring_plans)
     decisions.extend(unmatched_decisions(gm, topology))
     gm.graph.lint()
     gm.recompile()

@@ -40,6 +40,9 @@ def sdpa_nodes(model, *args, artifact=None, budget=None, **kwargs) -> list[NodeD
             fits = not isinstance(layout, str) and layout is not None and call.query_shape and \
                 call.query_shape[-2] == layout.seq_len
             decisions.append(decide_in_graph(gm, call, topology, budget, layout if fits else None)[0])
+        from .ring import ring_decisions  # ring loops served sparse (the others: unmatched, with the reason)
+
+        decisions.extend(ring_decisions(gm, topology, budget, layout if not isinstance(layout, str) else None))
         decisions.extend(unmatched_decisions(gm, topology))
     if family is None:
         from .families import NOT_DESCRIBED, unknown_family_reason

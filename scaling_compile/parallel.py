@@ -1,4 +1,4 @@
-"""Sparse attention under diffusers' context parallelism (Ulysses; ring is reported dense).
+"""Sparse attention under diffusers' context parallelism: Ulysses here, ring in :mod:`.ring`.
 
 ``transformer.enable_parallelism(config=ContextParallelConfig(ulysses_degree=N))`` splits
 the token sequence over N ranks. Around every self-attention call diffusers' Ulysses
@@ -16,12 +16,15 @@ single-process run (profiled budgets are allocated over all heads) and then slic
 rank's heads. The rank and the group size are read from the process group of the
 all-to-all that produced the query (never assumed to be rank 0's); the sequence order
 after the all-to-all is the global one, so rows and columns of the mask need no change.
-One artifact therefore serves any degree that divides the head count.
+One artifact therefore serves any degree that divides the head count. Online policies
+(HASTE, SVOO) predict each head from its own q and k, so a rank predicts for its heads;
+per-head artifact data (HASTE's calibrated thresholds) is sliced the same way
+(:func:`entry_fits_heads`, :func:`rank_heads`).
 
-Ring attention (``ring_degree > 1``) is not served sparse: diffusers' ring loop needs the
-log-sum-exp of every key chunk's partial attention to merge them, so it refuses the native
-SDPA backend and calls cuDNN/flash attention ops directly; the sparse kernel returns no
-log-sum-exp. Those calls stay dense and the backend's summary line says why
+Ring attention (``ring_degree > 1``, alone or with Ulysses) is served by :mod:`.ring`
+(one sparse call of the rank's query rows against the gathered sequence, with the
+log-sum-exp diffusers' merge reads). Ring calls it cannot serve, and attention ops of other
+backends, stay dense and the backend's summary line says why
 (:func:`unmatched_attention_calls`).
 
 Nothing here needs a process group to import; the rewrite pass calls
@@ -205,6 +208,30 @@ class ShardedTopology:
         return f"ShardedTopology({self._base!r}, {self.shard})"
 
 
+def entry_fits_heads(topology, key: str, heads: int) -> bool:
+    """Whether the entry ``key`` serves a call with ``heads`` heads: all of them, or under a
+    Ulysses view this rank's share of them (online policies check this before predicting)."""
+    entry = topology.entries.get(key)
+    if entry is None:
+        return False
+    if isinstance(topology, ShardedTopology):
+        try:
+            topology.heads_of(key, heads)
+            return True
+        except NotServable:
+            return False
+    return entry.num_heads == heads
+
+
+def rank_heads(topology, key: str, values: torch.Tensor, heads: int) -> torch.Tensor:
+    """Per-head values of entry ``key`` (all its heads, e.g. HASTE's calibrated thresholds) for the
+    call's ``heads``: under a Ulysses view the rank's slice, else the values themselves."""
+    if isinstance(topology, ShardedTopology) and values.shape[0] != heads:
+        rows = topology.heads_of(key, heads)
+        return values[rows.start : rows.stop]
+    return values
+
+
 def topology_for_call(gm: fx.GraphModule, call, topology):
     """The topology a matched SDPA call is served from: ``topology`` itself, or, when the
     call's heads were split over a Ulysses group, the view of this rank's heads."""
@@ -274,8 +301,8 @@ def _reaches(node, predicate, limit: int = 64) -> bool:
 
 
 RING_REASON = (
-    "ring attention (diffusers merges each key chunk's partial attention by its log-sum-exp, "
-    "which needs a cuDNN/flash backend op; the sparse kernel returns no log-sum-exp)"
+    "ring attention through a backend op scaling_compile.ring does not rewrite (it serves the "
+    "'_native_cudnn' and '_native_flash' backends' aten ops)"
 )
 
 
@@ -291,7 +318,7 @@ def unmatched_attention_calls(gm: fx.GraphModule) -> list[tuple[str, tuple, tupl
     found = []
     ring_modules = set()
     for node in gm.graph.nodes:
-        if not _is_other_attention(node):
+        if not _is_other_attention(node) or node.meta.get("scaling_ring_served"):
             continue
         path = _module_path(node)
         key_arg = node.args[1] if len(node.args) > 1 else node.kwargs.get("key")
@@ -304,7 +331,9 @@ def unmatched_attention_calls(gm: fx.GraphModule) -> list[tuple[str, tuple, tupl
         seen[path] = ordinal + 1
         query, key = (node.args[i] if len(node.args) > i else None for i in (0, 1))
         shapes = [tuple(_shape(n)) for n in (query, key)]
-        if path in ring_modules:
+        if "scaling_ring_reason" in node.meta:  # a ring loop scaling_compile.ring could not serve
+            reason = f"ring attention: {node.meta['scaling_ring_reason']}"
+        elif path in ring_modules:
             reason = RING_REASON
         else:
             op = _op_name(node.target) or node.target
@@ -360,6 +389,8 @@ __all__ = [
     "ShardedTopology",
     "UlyssesShard",
     "enable_context_parallel",
+    "entry_fits_heads",
+    "rank_heads",
     "shard_note",
     "topology_for_call",
     "ulysses_shard",

@@ -219,8 +219,10 @@ class AttentionPlan:
         if layout is not None and not layout.is_video_only:
             return self._fallback(NotServable(f"{node}: online policies serve video-only layouts, not {layout}"))
         heads = query.shape[-3]
+        from .parallel import entry_fits_heads  # all heads, or a Ulysses rank's share
+
         entry = self.topology.entries.get(node)
-        if entry is not None and entry.num_heads != heads:
+        if entry is not None and not entry_fits_heads(self.topology, node, heads):
             return self._fallback(NotServable(
                 f"{node!r} has {heads} heads but the artifact entry has {entry.num_heads}: "
                 "the artifact was made for another model"))

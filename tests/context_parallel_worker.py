@@ -105,3 +105,142 @@ def _run(rank, world, workdir, artifact, num_layers, heads, regional_inner):
         torch._dynamo.reset()
         result["decisions"] = [str(d) for d in sc.sdpa_nodes(model, **inputs, return_dict=False, artifact=artifact)]
     torch.save(result, os.path.join(workdir, f"rank{rank}.pt"))
+
+
+# -- ring attention ----------------------------------------------------------------------------------
+def _flash_attention_on_cpu() -> None:
+    """A CPU kernel for ``aten._scaled_dot_product_flash_attention`` (test processes only).
+
+    diffusers' ring loop needs a backend op that returns the log-sum-exp; the "_native_flash"
+    backend calls this aten op, which PyTorch implements for CUDA only. This plain-math version
+    lets the ranks run diffusers' dense ring attention eagerly on the CPU (the dense baseline);
+    compiled graphs never call it once the ``scaling`` backend has rewritten the ring loop.
+    """
+    import math
+
+    lib = torch.library.Library("aten", "IMPL")  # noqa: TOR901 (kept alive below)
+
+    def flash(query, key, value, dropout_p=0.0, is_causal=False, return_debug_mask=False, *, scale=None):
+        scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else scale
+        scores = (query.float() @ key.float().transpose(-1, -2)) * scale
+        lse = torch.logsumexp(scores, -1)
+        out = (torch.softmax(scores, -1) @ value.float()).to(query.dtype)
+        empty = torch.empty(0, dtype=torch.long)
+        return out, lse, empty, empty, query.shape[2], key.shape[2], empty, empty, torch.empty(0)
+
+    lib.impl("_scaled_dot_product_flash_attention", flash, "CPU")
+    _flash_attention_on_cpu.library = lib
+
+
+def run_ring_rank(rank: int, world: int, port: int, workdir: str, artifact: str, num_layers: int, heads: int,
+                  ring: int, ulysses: int, inner: str = "eager", inspect: bool = True) -> None:
+    """One rank of a ring (or Ulysses x ring) run: dense eager ring, then the compiled sparse one."""
+    os.environ.pop("TRITON_INTERPRET", None)  # the chunked PyTorch path: the kernel has its own tests
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
+    torch.set_num_threads(1)
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        _run_ring(rank, workdir, artifact, num_layers, heads, ring, ulysses, inner, inspect)
+    finally:
+        dist.destroy_process_group()
+
+
+def _run_ring(rank, workdir, artifact, num_layers, heads, ring, ulysses, inner, inspect):
+    from diffusers import ContextParallelConfig
+
+    import scaling_compile as sc
+    from scaling_compile import plans
+    from scaling_compile.parallel import enable_context_parallel
+
+    from models import tiny_wan, wan_inputs
+
+    _flash_attention_on_cpu()
+    model = tiny_wan(num_layers=num_layers, heads=heads)
+    inputs = wan_inputs()
+    for block in model.blocks:  # ring attention needs a backend op that returns the log-sum-exp
+        block.attn1.set_attention_backend("_native_flash")
+    enable_context_parallel(model, ContextParallelConfig(ring_degree=ring, ulysses_degree=ulysses))
+    options = {"artifact": artifact, "strict": True}
+    result = {"rank": rank}
+    with torch.no_grad():
+        result["eager_dense"] = model(**inputs, return_dict=False)[0]
+        graphs: list = []
+        first_plan = plans.plan_count()
+        model.compile_repeated_blocks(backend=_ring_spy(graphs), options={**options, "inner": inner}, fullgraph=True)
+        result["regional"] = model(**inputs, return_dict=False)[0]
+        result["regional_graphs"] = graphs
+        result["regional_plans"] = [str(p.topology) for p in plans.all_plans(first_plan)]
+        if inspect:
+            with torch._dynamo.config.patch(error_on_recompile=True):
+                result["regional_again"] = model(**inputs, return_dict=False)[0]
+            for block in model.blocks:
+                block._compiled_call_impl = None
+            torch._dynamo.reset()
+            graphs = []  # whole model: every layer's ring loop in one graph, earlier layers' gathers upstream
+            compiled = torch.compile(model, backend=_ring_spy(graphs), options={**options, "inner": "eager"})
+            result["whole"] = compiled(**inputs, return_dict=False)[0]
+            result["whole_graphs"] = graphs
+            torch._dynamo.reset()
+            result["decisions"] = [str(d) for d in sc.sdpa_nodes(model, **inputs, return_dict=False,
+                                                                 artifact=artifact)]
+    torch.save(result, os.path.join(workdir, f"rank{rank}.pt"))
+
+
+def _ring_spy(record: list):
+    """The scaling backend, recording how many ring ops and sparse row calls each graph has after the rewrite."""
+    from scaling_compile.backend import scaling_backend
+
+    def backend(gm, example_inputs, **kwargs):
+        compiled = scaling_backend(gm, example_inputs, **kwargs)
+        targets = [str(n.target) for n in gm.graph.nodes if n.op == "call_function"]
+        record.append({"rows": sum("sparse_sdpa_rows" in t for t in targets),
+                       "ring_ops": sum("_scaled_dot_product_flash_attention" in t for t in targets),
+                       "all_gather": sum("all_gather" in t for t in targets)})
+        return compiled
+
+    return backend
+
+
+# -- online policies under Ulysses ---------------------------------------------------------------------
+def run_online_rank(rank: int, world: int, port: int, workdir: str, artifact: str, num_layers: int, heads: int,
+                    policies: tuple, budget: float) -> None:
+    """One Ulysses rank serving online policies (HASTE, SVOO): each rank predicts for its own heads."""
+    os.environ.pop("TRITON_INTERPRET", None)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        from diffusers import ContextParallelConfig
+
+        from scaling_compile import plans
+        from scaling_compile.parallel import enable_context_parallel
+
+        from models import tiny_wan, wan_inputs
+
+        model = tiny_wan(num_layers=num_layers, heads=heads)
+        inputs = wan_inputs(seed=3)
+        enable_context_parallel(model, ContextParallelConfig(ulysses_degree=world))
+        result = {"rank": rank}
+        with torch.no_grad():
+            model(**inputs, return_dict=False)  # diffusers' split hooks: one eager call first
+            for policy in policies:
+                graphs: list = []
+                first_plan = plans.plan_count()
+                options = {"artifact": artifact, "strict": True, "inner": "eager", "policy": policy, "budget": budget}
+                model.compile_repeated_blocks(backend=_spy(graphs), options=options, fullgraph=True)
+                result[policy] = model(**inputs, return_dict=False)[0]
+                result[f"{policy}_graphs"] = graphs
+                result[f"{policy}_p"] = {key: p.flatten() for plan in plans.all_plans(first_plan)
+                                         if plan._policy is not None
+                                         for (key, *_rest), p in getattr(plan._policy, "_p", {}).items()}
+                for block in model.blocks:
+                    block._compiled_call_impl = None
+                torch._dynamo.reset()
+        torch.save(result, os.path.join(workdir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()

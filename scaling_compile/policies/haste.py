@@ -206,6 +206,10 @@ class HastePolicy:
             values = None
             if self.settings.top_p is None and self.topology is not None:
                 values = calibrated_p(self.topology, key, self.haste_budget())
+                if values is not None:  # under Ulysses: this rank's heads of the entry's
+                    from ..parallel import rank_heads
+
+                    values = rank_heads(self.topology, key, values, heads)
             if values is None:
                 if self.settings.top_p is None and self.budget is not None and not self._warned:
                     self._warned = True
