@@ -250,10 +250,6 @@ def sparse_attention(
                          f"{tuple(key.shape)}, {tuple(value.shape)}")
     mask.check_call(query)
     check_key_valid(key_valid, query, "sparse_attention")
-    if return_lse and kernel == "gluon":
-        warnings.warn("sparse_attention: the Gluon kernel returns no log-sum-exp; return_lse=True runs the "
-                      "Triton kernel", stacklevel=2)
-        kernel = "triton"
     route = choose_route(query, mask, mask_index=mask_index, key_valid=key_valid, kernel=kernel, group=group)
     if kernel == "fa4" and route.name not in ("fa4", "dense_fa4"):
         warnings.warn(f"sparse_attention: kernel='fa4' runs {route.name}: {route.reason}", stacklevel=2)
@@ -261,7 +257,8 @@ def sparse_attention(
         warnings.warn(f"sparse_attention: kernel='gluon' runs {route.name}: {route.reason}", stacklevel=2)
     name = route.name
     if name == "gluon":
-        out = _run_gluon(query, key, value, mask, scale, mask_index, group, key_valid, kernel)
+        out = _run_gluon(query, key, value, mask, scale, mask_index, group, key_valid, kernel,
+                         return_lse=return_lse)
         if out is not None:
             return out
         name = choose_route(query, mask, mask_index=mask_index, key_valid=key_valid, kernel="triton", group=group).name
