@@ -22,7 +22,7 @@ from .options import BackendOptions
 from .topology import NodeTopology, Topology, model_fingerprint
 from .artifact import check_model, load_artifact
 from .calibration import CalibrationSample, CalibrationSet, synthetic_calibration, wan_pipeline_calibration
-from .fast import DENSE_STEP, StepSchedule
+from .schedule import DENSE_STEP, StepSchedule
 from .passes.profile import profile
 
 __all__ = [

@@ -51,14 +51,35 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     model.add_argument("--png", default=None, help="draw speedup vs density (and the Amdahl bound) here")
     loop = what.add_parser("loop", help="a whole denoising loop: per-step schedule, one compilation")
     loop.add_argument("--config", default="wan2.1-1.3b", help="planted model config (testing.CONFIGS)")
-    loop.add_argument("--latent", type=int, nargs=3, default=[21, 90, 160], metavar=("F", "H", "W"))
-    loop.add_argument("--profile-latent", type=int, nargs=3, default=[5, 30, 52], metavar=("F", "H", "W"))
+    loop.add_argument("--latent", type=int, nargs=3, default=[21, 90, 160], metavar=("F", "H", "W"),
+                      help="latent served (default 720p / 81 frames)")
+    loop.add_argument("--profile-latent", type=int, nargs=3, default=[21, 60, 104], metavar=("F", "H", "W"),
+                      help="latent profiled (default 480p / 81 frames, as the harness presets wan2.1-1.3b-480p/-720p)")
+    loop.add_argument("--query-frames", type=int, default=4,
+                      help="profile measuring this many query frames per call (0: every row, S^2)")
+    loop.add_argument("--prompts", type=int, default=2, help="calibration prompts (two disjoint halves)")
+    loop.add_argument("--timesteps", type=int, default=2, help="calibration timesteps per prompt")
+    loop.add_argument("--sensitivity-samples", type=int, default=None, help="samples of the FAST pass (default: all)")
     loop.add_argument("--steps", type=int, default=50)
-    loop.add_argument("--dense-warmup", type=int, default=10, help="first steps served dense")
-    loop.add_argument("--budget", type=float, default=0.2, help="mean density of the sparse steps")
+    loop.add_argument("--dense-warmup", nargs="+", default=["auto"],
+                      help="dense warm-up steps: 'auto' (the fewest whose predicted loss is within --tolerance) "
+                           "and/or numbers; one timed loop each")
+    loop.add_argument("--tolerance", type=float, default=None,
+                      help="predicted loss allowed with --dense-warmup auto (default: schedule.DEFAULT_TOLERANCE)")
+    loop.add_argument("--budgets", "--budget", dest="budgets", type=float, nargs="+", default=[0.2],
+                      help="mean density of the sparse steps (per-step budgets from FAST's per-step sensitivity)")
+    loop.add_argument("--uniform-steps", action="store_true",
+                      help="every sparse step at the budget (no per-step budgets from the profile)")
     loop.add_argument("--block-size", type=int, default=128)
-    loop.add_argument("--kernel", default="triton", choices=["triton", "fa4", "auto"], help="the backend's kernel option")
+    loop.add_argument("--kernel", "--kernels", dest="kernels", nargs="+", default=["triton"],
+                      choices=list(_kernel_names()), help="the backend's kernel option (several: one loop each)")
     loop.add_argument("--out", default=None, help="write the results as JSON here")
+
+
+def _kernel_names() -> tuple[str, ...]:
+    from .kernels.attention import KERNELS
+
+    return KERNELS
 
 
 def run(args) -> int:
@@ -291,8 +312,10 @@ def _print_model_table(results: dict, modes, attention_ms: dict) -> None:
 
 
 # -- whole denoising loop --------------------------------------------------------------------------
-def _denoise(model, latents, embeddings, steps: int, shift: float = 5.0, on_step=None) -> torch.Tensor:
-    """Flow-matching Euler sampling as Wan's pipelines run it (transformer + scheduler, no VAE)."""
+def denoise(model, latents, embeddings, steps: int, shift: float = 5.0, on_step=None) -> torch.Tensor:
+    """Flow-matching Euler sampling as Wan's pipelines run it (transformer + scheduler, no VAE).
+
+    ``on_step(i)`` is called before step ``i`` (a schedule's ``set_step``)."""
     from diffusers import FlowMatchEulerDiscreteScheduler
 
     scheduler = FlowMatchEulerDiscreteScheduler(shift=shift)
@@ -306,55 +329,125 @@ def _denoise(model, latents, embeddings, steps: int, shift: float = 5.0, on_step
     return latents
 
 
+def warm_every_bucket(model, latents, embeddings, schedule=None) -> None:
+    """One forward per bucket of ``schedule`` (one forward without), so every kernel a timed loop
+    uses is compiled and tuned before the clock starts; the schedule is left at step 0."""
+    steps = [0] if schedule is None else [
+        next(s for s in range(schedule.num_steps) if schedule.bucket_of(s) == b)
+        for b, n in enumerate(schedule.steps_per_bucket()) if n
+    ]
+    timestep = torch.full((latents.shape[0],), 500.0, device=latents.device)
+    for step in steps:
+        if schedule is not None:
+            schedule.set_step(step)
+        model(hidden_states=latents, timestep=timestep, encoder_hidden_states=embeddings, return_dict=False)
+    if schedule is not None:
+        schedule.set_step(0)
+
+
+def loop_schedules(topology, args, grid) -> tuple[list[tuple[str, float, object]], dict]:
+    """``[(requested warm-up, budget, StepSchedule)]`` for every ``--dense-warmup`` x ``--budgets``, and
+    per budget the predicted loss at a few numbers of dense warm-up steps (what "auto" chose from)."""
+    from .schedule import DEFAULT_TOLERANCE, StepLossCurves, StepSchedule
+
+    tolerance = DEFAULT_TOLERANCE if args.tolerance is None else args.tolerance
+    schedules, by_warmup = [], {}
+    for budget in args.budgets:
+        curves = StepLossCurves(topology, grid, budget)  # one evaluation per budget, every schedule from it
+        by_warmup[str(budget)] = {w: curves.allocated(args.steps, w).predicted_loss
+                                  for w in (0, 1, 2, 3, 5, 8, 10, 15, 20) if w < args.steps}
+        for requested in args.dense_warmup:
+            schedule = curves.schedule(args.steps, requested if requested == "auto" else int(requested), tolerance)
+            if args.uniform_steps:  # the same warm-up, every sparse bucket at the budget
+                schedule = StepSchedule(args.steps, schedule.dense_warmup, budgets=[budget] * schedule.buckets)
+                schedule.predicted_loss = curves.loss_of(schedule)
+            schedules.append((str(requested), budget, schedule))
+    return schedules, by_warmup
+
+
 def bench_loop(args) -> dict:
     import scaling_compile as sc
 
     from .quality import psnr
-    from .testing import example_inputs, planted_wan_transformer
+    from .schedule import DEFAULT_TOLERANCE
+    from .testing import example_inputs, planted_wan_transformer, token_grid_of
 
     model = planted_wan_transformer(args.config, dtype=torch.bfloat16, device="cuda").eval()
     inputs = example_inputs(model, *args.latent)
     latents = inputs["hidden_states"].cuda()
     embeddings = inputs["encoder_hidden_states"].cuda()
-    calibration = sc.synthetic_calibration(model, tuple(args.profile_latent), num_prompts=2, num_timesteps=2)
+    grid = token_grid_of(model, *args.latent)
+    calibration = sc.synthetic_calibration(model, tuple(args.profile_latent), num_prompts=args.prompts,
+                                           num_timesteps=args.timesteps)
+    torch.cuda.reset_peak_memory_stats()
     started = time.perf_counter()
-    topology = sc.profile(model, calibration, block_size=args.block_size, default_budget=args.budget)
+    topology = sc.profile(model, calibration, block_size=args.block_size, default_budget=args.budgets[0],
+                          query_frames=args.query_frames or None, sensitivity_samples=args.sensitivity_samples)
     profile_s = time.perf_counter() - started
-    schedule = sc.StepSchedule(num_steps=args.steps, dense_warmup=args.dense_warmup)
+    profile_peak = torch.cuda.max_memory_allocated() / 2**30
+    started = time.perf_counter()
+    schedules, losses = loop_schedules(topology, args, grid)
+    schedule_s = time.perf_counter() - started
+    tqdm.write(f"profiled at latent {tuple(args.profile_latent)} in {profile_s:.1f} s (peak {profile_peak:.1f} GiB); "
+               f"schedules chosen in {schedule_s:.1f} s: " + "; ".join(repr(s) for _, _, s in schedules))
     results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "config": args.config,
-               "latent": args.latent, "steps": args.steps, "dense_warmup": args.dense_warmup,
-               "budget": args.budget, "kernel": args.kernel, "profile_seconds": profile_s}
-    timings = {}
-    finals = {}
-    for name in ("dense", "scaling"):
+               "latent": args.latent, "grid": list(grid), "profile_latent": args.profile_latent,
+               "query_frames": args.query_frames, "steps": args.steps, "kernels": args.kernels,
+               "profile_seconds": profile_s, "profile_peak_gib": profile_peak, "schedule_seconds": schedule_s,
+               "tolerance": DEFAULT_TOLERANCE if args.tolerance is None else args.tolerance,
+               "predicted_loss_by_warmup": losses, "rows": []}
+    runs = [("inductor", None, None, None)] + [(kernel, *entry) for kernel in args.kernels for entry in schedules]
+    dense_final = dense_seconds = None
+    for kernel, requested, budget, schedule in tqdm(runs, desc="loops"):
         torch._dynamo.reset()
         _uncompile_blocks(model)
-        if name == "dense":
+        if schedule is None:
             model.compile_repeated_blocks(fullgraph=True)
             on_step = None
         else:
-            model.compile_repeated_blocks(backend="scaling", fullgraph=True,
-                                          options={"artifact": topology, "schedule": schedule, "kernel": args.kernel})
+            model.compile_repeated_blocks(backend="scaling", fullgraph=True, options={
+                "artifact": topology, "schedule": schedule, "kernel": kernel, "strict": True})
             on_step = schedule.set_step
         with torch.no_grad():
-            _denoise(model, latents, embeddings, 2, on_step=None if on_step is None else (lambda i: schedule.set_step(i)))
+            compile_s = _first_call_s(lambda: warm_every_bucket(model, latents, embeddings, schedule))
             torch.cuda.synchronize()
             start = time.perf_counter()
-            finals[name] = _denoise(model, latents, embeddings, args.steps, on_step=on_step)
+            final = denoise(model, latents, embeddings, args.steps, on_step=on_step)
             torch.cuda.synchronize()
-            timings[name] = time.perf_counter() - start
-        tqdm.write(f"{name}: {args.steps} steps in {timings[name]:.1f} s")
+            seconds = time.perf_counter() - start
+        row = {"kernel": kernel, "compile_and_warm_seconds": compile_s, "seconds": seconds}
+        if schedule is None:
+            dense_final, dense_seconds = final, seconds
+            row.update(speedup=1.0)
+        else:
+            row.update(requested_warmup=requested, budget=budget, schedule=schedule.describe(), speedup=dense_seconds / seconds,
+                       final_latent_psnr_db=psnr(final, dense_final, data_range=float(dense_final.abs().max())))
+        results["rows"].append(row)
+        tqdm.write(f"{kernel}: {args.steps} steps in {seconds:.1f} s" + (
+            "" if schedule is None else f" ({row['speedup']:.2f}x, {row['final_latent_psnr_db']:.1f} dB, {schedule!r})"))
+        del final
     _uncompile_blocks(model)
-    results.update(dense_seconds=timings["dense"], scaling_seconds=timings["scaling"],
-                   speedup=timings["dense"] / timings["scaling"],
-                   final_latent_psnr_db=psnr(finals["scaling"], finals["dense"],
-                                              data_range=float(finals["dense"].abs().max())))
-    print(f"\n{args.config}, latent {tuple(args.latent)}, {args.steps} steps ({args.dense_warmup} dense warm-up), "
-          f"budget {args.budget}, {torch.cuda.get_device_name()}")
-    print("| loop | seconds | speedup | final latent PSNR vs dense |")
-    print("|---|---|---|---|")
-    print(f"| Inductor, dense SDPA | {timings['dense']:.1f} | 1.00x | |")
-    print(f"| scaling (FAST schedule, kernel={args.kernel}) | {timings['scaling']:.1f} | {results['speedup']:.2f}x | "
-          f"{results['final_latent_psnr_db']:.1f} dB |")
-    print(f"profiling at latent {tuple(args.profile_latent)}: {profile_s:.1f} s")
+    _print_loop_table(results, args)
     return results
+
+
+def _print_loop_table(results: dict, args) -> None:
+    print(f"\n{args.config}, latent {tuple(args.latent)} ({math.prod(results['grid'])} tokens), {args.steps} steps, "
+          f"profiled at latent {tuple(args.profile_latent)} ({args.query_frames} query frames) in "
+          f"{results['profile_seconds']:.1f} s, {results['device']}")
+    print("| loop | budget (sparse steps) | dense warm-up | per-bucket budgets | mean density, all steps "
+          "| predicted loss | seconds | speedup vs Inductor dense | final latent PSNR vs dense |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for row in results["rows"]:
+        if row["kernel"] == "inductor":
+            print(f"| Inductor, dense SDPA | | | | 1.00 | | {row['seconds']:.1f} | 1.00x | |")
+            continue
+        sched = row["schedule"]
+        budgets = ", ".join(f"{b:.3f}" for b in sched["bucket_budgets"][1 if sched["dense_warmup"] else 0:])
+        warm = f"{sched['dense_warmup']}" + (" (auto)" if row["requested_warmup"] == "auto" else "")
+        print(f"| scaling, kernel={row['kernel']} | {row['budget']} | {warm} | {budgets} | "
+              f"{sched['mean_density_all_steps']:.3f} | {sched['predicted_loss']:.4f} | {row['seconds']:.1f} | "
+              f"{row['speedup']:.2f}x | {row['final_latent_psnr_db']:.1f} dB |")
+    for budget, losses in results["predicted_loss_by_warmup"].items():
+        print(f"predicted loss at budget {budget} by dense warm-up steps: "
+              + ", ".join(f"{w}: {v:.4f}" for w, v in losses.items()))
