@@ -77,6 +77,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     loop.add_argument("--block-size", type=int, default=128)
     loop.add_argument("--kernel", "--kernels", dest="kernels", nargs="+", default=["triton"],
                       choices=list(_kernel_names()), help="the backend's kernel option (several: one loop each)")
+    loop.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
+                      help="cpu: a dry run of the code path (fp32, --config tiny and small latents; times mean nothing)")
     loop.add_argument("--out", default=None, help="write the results as JSON here")
 
 
@@ -87,7 +89,8 @@ def _kernel_names() -> tuple[str, ...]:
 
 
 def run(args) -> int:
-    if not torch.cuda.is_available():
+    dry_run = args.what == "loop" and getattr(args, "device", "cuda") == "cpu"
+    if not torch.cuda.is_available() and not dry_run:
         from .errors import ScalingCompileError
 
         raise ScalingCompileError("bench measures speed on a CUDA GPU; none is available here")
@@ -296,6 +299,8 @@ def bench_model(args) -> dict:
             kwargs = {"backend": "scaling", "fullgraph": True,
                       "options": {"artifact": topology, "strict": True, "kernel": kernel}}
         if mode == "regional":
+            if kernel != "inductor":
+                sc.register_root(model)  # the first call (the one that compiles the blocks) knows its grid too
             model.compile_repeated_blocks(**kwargs)
             call = model
         else:
@@ -391,13 +396,20 @@ def warm_every_bucket(model, latents, embeddings, schedule=None) -> None:
         next(s for s in range(schedule.num_steps) if schedule.bucket_of(s) == b)
         for b, n in enumerate(schedule.steps_per_bucket()) if n
     ]
-    timestep = torch.full((latents.shape[0],), 500.0, device=latents.device)
+    timestep = torch.tensor(500.0, device=latents.device).expand(latents.shape[0])  # as denoise passes it
     for step in steps:
         if schedule is not None:
             schedule.set_step(step)
         model(hidden_states=latents, timestep=timestep, encoder_hidden_states=embeddings, return_dict=False)
     if schedule is not None:
         schedule.set_step(0)
+
+
+def _graphs_compiled() -> int:
+    """Graphs Dynamo has compiled in this process so far (a recompile inside a timed loop shows here)."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
 
 
 def loop_schedules(topology, args, grid) -> tuple[list[tuple[str, float, object]], dict]:
@@ -427,25 +439,29 @@ def bench_loop(args) -> dict:
     from .schedule import DEFAULT_TOLERANCE
     from .testing import example_inputs, planted_wan_transformer, token_grid_of
 
-    model = planted_wan_transformer(args.config, dtype=torch.bfloat16, device="cuda").eval()
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    model = planted_wan_transformer(args.config, dtype=torch.bfloat16 if cuda else torch.float32, device=device).eval()
     inputs = example_inputs(model, *args.latent)
-    latents = inputs["hidden_states"].cuda()
-    embeddings = inputs["encoder_hidden_states"].cuda()
+    latents = inputs["hidden_states"].to(device)
+    embeddings = inputs["encoder_hidden_states"].to(device)
     grid = token_grid_of(model, *args.latent)
     calibration = sc.synthetic_calibration(model, tuple(args.profile_latent), num_prompts=args.prompts,
                                            num_timesteps=args.timesteps)
-    torch.cuda.reset_peak_memory_stats()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
     started = time.perf_counter()
     topology = sc.profile(model, calibration, block_size=args.block_size, default_budget=args.budgets[0],
                           query_frames=args.query_frames or None, sensitivity_samples=args.sensitivity_samples)
     profile_s = time.perf_counter() - started
-    profile_peak = torch.cuda.max_memory_allocated() / 2**30
+    profile_peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0
     started = time.perf_counter()
     schedules, losses = loop_schedules(topology, args, grid)
     schedule_s = time.perf_counter() - started
     tqdm.write(f"profiled at latent {tuple(args.profile_latent)} in {profile_s:.1f} s (peak {profile_peak:.1f} GiB); "
                f"schedules chosen in {schedule_s:.1f} s: " + "; ".join(repr(s) for _, _, s in schedules))
-    results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "config": args.config,
+    results = {"device": torch.cuda.get_device_name() if cuda else "cpu (dry run)", "torch": torch.__version__, "config": args.config,
                "latent": args.latent, "grid": list(grid), "profile_latent": args.profile_latent,
                "query_frames": args.query_frames, "steps": args.steps, "kernels": args.kernels,
                "profile_seconds": profile_s, "profile_peak_gib": profile_peak, "schedule_seconds": schedule_s,
@@ -460,17 +476,25 @@ def bench_loop(args) -> dict:
             model.compile_repeated_blocks(fullgraph=True)
             on_step = None
         else:
+            sc.register_root(model)  # the first call (the one that compiles the blocks) knows its grid too
             model.compile_repeated_blocks(backend="scaling", fullgraph=True, options={
                 "artifact": topology, "schedule": schedule, "kernel": kernel, "strict": True})
             on_step = schedule.set_step
         with torch.no_grad():
-            compile_s = _first_call_s(lambda: warm_every_bucket(model, latents, embeddings, schedule))
-            torch.cuda.synchronize()
+            started = time.perf_counter()
+            warm_every_bucket(model, latents, embeddings, schedule)
+            sync()
+            compile_s = time.perf_counter() - started
+            sync()
+            graphs = _graphs_compiled()
             start = time.perf_counter()
             final = denoise(model, latents, embeddings, args.steps, on_step=on_step)
-            torch.cuda.synchronize()
+            sync()
             seconds = time.perf_counter() - start
-        row = {"kernel": kernel, "compile_and_warm_seconds": compile_s, "seconds": seconds}
+        row = {"kernel": kernel, "compile_and_warm_seconds": compile_s, "seconds": seconds,
+               "graphs_compiled_while_timed": _graphs_compiled() - graphs}
+        if row["graphs_compiled_while_timed"]:
+            tqdm.write(f"  warning: {row['graphs_compiled_while_timed']} graphs compiled inside the timed loop")
         if schedule is None:
             dense_final, dense_seconds = final, seconds
             row.update(speedup=1.0)
@@ -488,7 +512,7 @@ def bench_loop(args) -> dict:
 
 def _print_loop_table(results: dict, args) -> None:
     print(f"\n{args.config}, latent {tuple(args.latent)} ({math.prod(results['grid'])} tokens), {args.steps} steps, "
-          f"profiled at latent {tuple(args.profile_latent)} ({args.query_frames} query frames) in "
+          f"profiled at latent {tuple(args.profile_latent)} ({args.query_frames or 'all'} query frames) in "
           f"{results['profile_seconds']:.1f} s, {results['device']}")
     print("| loop | budget (sparse steps) | dense warm-up | per-bucket budgets | mean density, all steps "
           "| predicted loss | seconds | speedup vs Inductor dense | final latent PSNR vs dense |")
