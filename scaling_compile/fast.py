@@ -207,12 +207,13 @@ def _interpolate(hull, x: float) -> float:
     return hull[0][1] if x < hull[0][0] else hull[-1][1]
 
 
-def allocate(curves, weights, lower, budget: float) -> torch.Tensor:
+def allocate(curves, weights, lower, budget: float, hulls=None) -> torch.Tensor:
     """Densities minimising ``sum e_i(d_i)`` with ``sum w_i d_i = budget * sum w_i``, ``lower_i <= d_i <= 1``.
 
     ``curves``: list of ``(xs, ys)`` measured points per item; ``weights`` > 0. Exact greedy
     over the lower convex hulls (see module docs), segments taken in order of error decrease
-    per unit of ``w_i d_i``. Returns float64 densities.
+    per unit of ``w_i d_i``. ``hulls``: the curves' :func:`lower_hull`, when already known.
+    Returns float64 densities.
     """
     weights = torch.as_tensor(weights, dtype=torch.float64)
     lower = torch.as_tensor(lower, dtype=torch.float64).clamp(0, 1)
@@ -221,8 +222,8 @@ def allocate(curves, weights, lower, budget: float) -> torch.Tensor:
     if need <= 0:
         return density
     segments = []  # (slope, item, order, length in density)
-    for item, (xs, ys) in enumerate(curves):
-        hull = lower_hull(xs, ys)
+    for item, curve in enumerate(curves):
+        hull = lower_hull(*curve) if hulls is None else hulls[item]
         start = float(lower[item])
         previous = (start, _interpolate(hull, start))
         order = 0
@@ -338,8 +339,35 @@ def _check_budget(topology, budget: float, grid) -> int:
     return n_blocks
 
 
-def _allocate_bin(topology, keys, budget: float, grid, bin_index) -> tuple[dict, float | None]:
-    """FAST's allocation of one step bin (``None``: the pooled curves) at mean density ``budget``.
+def _bin_problem(topology, keys, grid, bin_index) -> tuple[list, list, list] | None:
+    """``(items [(key, head)], curves [(xs, ys)], their lower hulls)`` of one step bin (``None``: the
+    pooled curves) at ``grid``, or None without sensitivity tables (uniform allocation)."""
+    if not _has_sensitivity(topology, keys):
+        return None
+    by_mass = objective(topology) == "mass"
+    if by_mass:
+        from .west import entry_mass_curve
+
+        mass_curves = {key: entry_mass_curve(key, topology.entries[key], topology, grid) for key in keys}
+    else:
+        xs = {key: _curve_densities(topology, key, topology.entries[key], grid) for key in keys}
+    items, curves = [], []
+    for key in keys:
+        entry = topology.entries[key]
+        table = entry.extra["sensitivity"] if bin_index is None else entry.extra["sensitivity_steps"][:, bin_index]
+        for head in range(entry.num_heads):
+            items.append((key, head))
+            if by_mass:  # error ~ the head's output share times the predicted mass it loses
+                points, kept = mass_curves[key]
+                share = float(table[head][0])
+                curves.append((points.tolist(), (share * (1.0 - kept[head])).tolist()))
+            else:
+                curves.append((xs[key][head].tolist(), table[head].tolist()))
+    return items, curves, [lower_hull(*curve) for curve in curves]
+
+
+def _solve_bin(topology, keys, problem, budget: float, grid) -> tuple[dict, float | None]:
+    """FAST's allocation of one step bin's ``problem`` (:func:`_bin_problem`) at mean density ``budget``.
 
     Returns ``({key: counts (heads,)}, predicted loss)``: the loss is the objective at the
     rounded counts, summed over heads and averaged over nodes (a node's predicted relative
@@ -347,47 +375,25 @@ def _allocate_bin(topology, keys, budget: float, grid, bin_index) -> tuple[dict,
     """
     n_blocks = _check_budget(topology, budget, grid)
     total = n_blocks * n_blocks
-    items = []  # (key, head)
-    curves = []
-    sensitivity = _has_sensitivity(topology, keys)
-    by_mass = sensitivity and objective(topology) == "mass"
-    if by_mass:
-        from .west import entry_mass_curve
-
-        mass_curves = {key: entry_mass_curve(key, topology.entries[key], topology, grid) for key in keys}
-    elif sensitivity:
-        xs = {key: _curve_densities(topology, key, topology.entries[key], grid) for key in keys}
-    for key in keys:
-        entry = topology.entries[key]
-        if sensitivity:
-            table = entry.extra["sensitivity"] if bin_index is None else entry.extra["sensitivity_steps"][:, bin_index]
-        for head in range(entry.num_heads):
-            items.append((key, head))
-            if not sensitivity:
-                curves.append(None)
-            elif by_mass:  # error ~ the head's output share times the predicted mass it loses
-                points, kept = mass_curves[key]
-                share = float(table[head][0])
-                curves.append((points.tolist(), (share * (1.0 - kept[head])).tolist()))
-            else:
-                curves.append((xs[key][head].tolist(), table[head].tolist()))
+    items = [(key, head) for key in keys for head in range(topology.entries[key].num_heads)]
     n = len(items)
     blocks = torch.full((n,), float(total), dtype=torch.float64)
     minimum = torch.full((n,), float(n_blocks), dtype=torch.float64)
-    if sensitivity:
+    loss = None
+    if problem is not None:
+        _items, curves, hulls = problem
         floor = recall_floor(topology)
         if floor:
             floors = {key: floor_densities(topology, key, grid, floor, budget) for key in keys}
             lower = torch.tensor([float(floors[key][head]) for key, head in items], dtype=torch.float64)
             minimum = torch.maximum(minimum, (lower * blocks + 1e-9).floor())
-        density = allocate(curves, blocks, minimum / blocks, budget)
+        density = allocate(curves, blocks, minimum / blocks, budget, hulls=hulls)
     else:
         density = torch.full((n,), min(max(budget, 1.0 / n_blocks), 1.0), dtype=torch.float64)
     counts = round_to_blocks(density, blocks, minimum, budget)
-    loss = None
-    if sensitivity:
+    if problem is not None:
         kept = (counts.double() / blocks).tolist()
-        loss = sum(_interpolate(lower_hull(*curve), d) for curve, d in zip(curves, kept)) / max(len(keys), 1)
+        loss = sum(_interpolate(hull, d) for hull, d in zip(problem[2], kept)) / max(len(keys), 1)
     result: dict = {}
     for (key, head), count in zip(items, counts.tolist()):
         result.setdefault(key, []).append(count)
@@ -409,7 +415,7 @@ def _allocation(topology, budget: float, grid, per_step: bool) -> dict:
         bins = list(range(int(_fast_settings(topology).get("step_bins", 1))))
     result: dict = {}
     for bin_index in bins:
-        counts, _loss = _allocate_bin(topology, keys, budget, grid, bin_index)
+        counts, _loss = _solve_bin(topology, keys, _bin_problem(topology, keys, grid, bin_index), budget, grid)
         result.update({(bin_index, key): value for key, value in counts.items()})
     return result
 
@@ -427,21 +433,29 @@ def predicted_step_loss(topology, *, budget: float, grid, step_fraction=None) ->
     ``"mass"`` that is, per node, ``sum_h share_h * (1 - m_h(d_h))``, the output-weighted
     attention mass the step's masks are predicted to lose (0: nothing lost, 1: everything).
     ``step_fraction`` selects the step bin's curves (``None``: pooled over all steps); a dense
-    step (``DENSE_STEP``) or ``budget >= 1`` loses nothing. Needs the artifact's sensitivity
-    tables (:class:`NotServable` otherwise).
+    step (negative ``step_fraction``, the schedule's ``DENSE_STEP``) or ``budget >= 1`` loses
+    nothing. Needs the artifact's sensitivity tables (:class:`NotServable` otherwise).
     """
-    if (step_fraction is not None and float(step_fraction) < 0) or budget >= 1.0:
-        return 0.0
+    return predicted_step_losses(topology, budgets=[budget], grid=grid, step_fraction=step_fraction)[0]
+
+
+def predicted_step_losses(topology, *, budgets, grid, step_fraction=None) -> list[float]:
+    """:func:`predicted_step_loss` at each of ``budgets`` (the curves and hulls built once)."""
     keys = _profiled_keys(topology)
     if not _has_sensitivity(topology, keys):
         raise NotServable(
             "the artifact has no FAST sensitivity tables, so no step loss can be predicted; "
             "profile with sensitivity=True (the default)"
         )
+    if step_fraction is not None and float(step_fraction) < 0:
+        return [0.0 for _ in budgets]
     bin_index = None
     if _per_step(topology, step_fraction):
         bin_index = step_bin(step_fraction, int(_fast_settings(topology)["step_bins"]))
-    return float(_allocate_bin(topology, keys, float(budget), tuple(grid), bin_index)[1])
+    grid = tuple(grid)
+    problem = _bin_problem(topology, keys, grid, bin_index)
+    return [0.0 if budget >= 1.0 else float(_solve_bin(topology, keys, problem, float(budget), grid)[1])
+            for budget in budgets]
 
 
 _lock = threading.RLock()
@@ -468,5 +482,6 @@ __all__ = [
     "block_counts",
     "lower_hull",
     "predicted_step_loss",
+    "predicted_step_losses",
     "round_to_blocks",
 ]

@@ -245,10 +245,8 @@ class StepLossCurves:
         step_bins = int(dict(topology.metadata.get("fast") or {}).get("step_bins", 0) or 0)
         self.step_bins = step_bins
         fractions = {None: None} if step_bins <= 1 else {b: (b + 0.5) / step_bins for b in range(step_bins)}
-        self.by_bin = {
-            b: [fast.predicted_step_loss(topology, budget=d, grid=grid, step_fraction=f) for d in self.densities]
-            for b, f in fractions.items()
-        }
+        self.by_bin = {b: fast.predicted_step_losses(topology, budgets=self.densities, grid=grid, step_fraction=f)
+                       for b, f in fractions.items()}
         self._hulls = {b: fast.lower_hull(self.densities, ys) for b, ys in self.by_bin.items()}
 
     def _bin(self, step_fraction: float):

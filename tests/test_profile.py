@@ -316,6 +316,32 @@ def test_greedy_allocation_is_optimal_for_convex_curves(shapes, budget):
         assert cost(density.tolist()) <= best + 1e-9
 
 
+@SLOW
+@given(st.lists(st.tuples(st.floats(0.05, 1.0), st.floats(0.1, 3.0), st.integers(1, 5)), min_size=2, max_size=3),
+       st.floats(0.1, 0.9))
+def test_weighted_allocation_is_optimal(shapes, budget):
+    """Weights (a schedule's steps per bucket) price density: brute force over a fine grid of
+    feasible allocations with ``sum w_i d_i = budget * sum w_i``."""
+    import itertools
+
+    xs = [i / 10 for i in range(11)]
+    curves = [(xs, [weight * scale * (1 - x) ** (1 + power) for x in xs]) for scale, power, weight in shapes]
+    weights = [float(weight) for _, _, weight in shapes]
+    density = fast.allocate(curves, weights, [0.0] * len(curves), budget)
+    assert abs(sum(w * float(d) for w, d in zip(weights, density)) - budget * sum(weights)) < 1e-9
+
+    def cost(ds):
+        return sum(fast._interpolate(fast.lower_hull(*c), d) for c, d in zip(curves, ds))
+
+    best, steps = math.inf, 200
+    for head in itertools.product(range(steps + 1), repeat=len(curves) - 1):
+        ds = [h / steps for h in head]
+        last = (budget * sum(weights) - sum(w * d for w, d in zip(weights, ds))) / weights[-1]
+        if 0.0 <= last <= 1.0:
+            best = min(best, cost([*ds, last]))
+    assert cost(density.tolist()) <= best + 1e-9
+
+
 def test_round_to_blocks_hits_the_target_and_respects_bounds():
     density = torch.tensor([0.1234, 0.5, 0.9999, 0.05], dtype=torch.float64)
     blocks = torch.full((4,), 100.0, dtype=torch.float64)
