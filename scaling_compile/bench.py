@@ -485,7 +485,6 @@ def bench_loop(args) -> dict:
             warm_every_bucket(model, latents, embeddings, schedule)
             sync()
             compile_s = time.perf_counter() - started
-            sync()
             graphs = _graphs_compiled()
             start = time.perf_counter()
             final = denoise(model, latents, embeddings, args.steps, on_step=on_step)
