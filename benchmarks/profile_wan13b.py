@@ -1,32 +1,37 @@
-"""Time offline profiling of a full-size Wan2.1-T2V-1.3B transformer at 480p on one GPU.
+"""Time offline profiling of a full-size Wan2.1 transformer (1.3B at 480p, 14B at 720p) on one GPU.
 
 Run on a CUDA GPU with this package installed (``pip install -e .``)::
 
     PYTHONUNBUFFERED=1 python3 benchmarks/profile_wan13b.py --no-small --out out/profile_wan13b.json
 
-Wan2.1-14B at 720p, 81 frames (targets: 1.3B 480p within 60 s, 14B 720p within 5 minutes)::
+Wan2.1-14B at 720p, 81 frames (40 layers x 40 heads, 75600 tokens, 591 blocks of 128; targets:
+1.3B 480p within 60 s, 14B 720p within 5 minutes, peak memory stated)::
 
     PYTHONUNBUFFERED=1 python3 benchmarks/profile_wan13b.py --config wan2.1-14b --latent 21 90 160 \
-        --no-small --out out/profile_wan14b_720p.json
+        --no-small --sensitivity-samples 2 --skip-instantiate --out out/profile14b/profile.json
+
+The JSON is written as soon as the profile is done (``--out``), before the optional stages.
 
 What it does (bf16, one process):
 
-1. builds ``WanTransformer3DModel`` with the Wan2.1-T2V-1.3B config (30 layers, 12 heads of
-   128): planted attention topology by default (``scaling_compile.testing``), or random
-   weights with ``--weights random``;
-2. profiles it at 480p, 81 frames: latent 21x60x104, token grid 21x30x52 = 32760 tokens,
-   block size 128, on ``--prompts x --timesteps`` synthetic calibration samples (two
-   disjoint halves): the WEST mass pass, then the FAST sensitivity pass, each measuring the
-   query rows of ``--query-frames`` latent frames (default 4: frames 0, 1, 10, 20), so the
-   cost grows with S (4 * H * W * S per head), not S^2; tqdm shows progress;
+1. builds ``WanTransformer3DModel`` with the ``--config`` (default Wan2.1-T2V-1.3B: 30 layers,
+   12 heads of 128; ``wan2.1-14b``: 40 layers, 40 heads): planted attention topology by
+   default (``scaling_compile.testing``), or random weights with ``--weights random``;
+2. profiles it at ``--latent`` (default 480p, 81 frames: latent 21x60x104, token grid
+   21x30x52 = 32760 tokens; 720p: 21 90 160, 75600 tokens), block size 128, on
+   ``--prompts x --timesteps`` synthetic calibration samples (two disjoint halves): the WEST
+   mass pass, then the FAST sensitivity pass (``--sensitivity-samples`` of them), each
+   measuring the query rows of ``--query-frames`` latent frames (default 4: frames 0, 1, 10,
+   20), so the cost grows with S (4 * H * W * S per head), not S^2; tqdm shows progress;
 3. prints the profiling time (total, per pass, per sample: the first sample includes
-   Dynamo's capture of the model), peak GPU memory, the artifact size, the stability
-   figures (masks from the two halves) and the time to instantiate all 30 nodes' masks
-   at 480p from the artifact (what the backend pays once per geometry);
-4. with ``--small-latent F H W`` (default 5 30 52, i.e. 1950 tokens) also profiles at that
-   small latent and measures scale invariance at full size: the masks the small-grid
-   topology gives at 480p keep what fraction of the attention mass measured at 480p,
-   against an oracle mask of the same size (for both resampling units).
+   Dynamo's capture of the model), peak GPU memory (and the model weights' share of it), the
+   artifact size, the stability figures (masks from the two halves) and, unless
+   ``--skip-instantiate``, the time to instantiate every node's masks at that grid from the
+   saved artifact (what the backend pays once per geometry);
+4. with ``--small-latent F H W`` (default 5 30 52, i.e. 1950 tokens; ``--no-small`` skips it)
+   also profiles at that small latent and measures scale invariance at full size: the masks
+   the small-grid topology gives at ``--latent`` keep what fraction of the attention mass
+   measured there, against an oracle mask of the same size (for both resampling units).
 """
 
 from __future__ import annotations
@@ -49,6 +54,8 @@ def parse_args():
     parser.add_argument("--latent", nargs=3, type=int, default=(21, 60, 104), metavar=("F", "H", "W"))
     parser.add_argument("--small-latent", nargs=3, type=int, default=(5, 30, 52), metavar=("F", "H", "W"))
     parser.add_argument("--no-small", action="store_true", help="skip the small-latent profile")
+    parser.add_argument("--skip-instantiate", action="store_true",
+                        help="skip timing the masks' instantiation from the saved artifact (CPU; slow at 720p)")
     parser.add_argument("--prompts", type=int, default=2)
     parser.add_argument("--timesteps", type=int, default=2)
     parser.add_argument("--text-len", type=int, default=512)
@@ -188,6 +195,8 @@ def main() -> int:
     if device.type == "cuda":
         torch.cuda.synchronize()
     results["build_seconds"] = round(time.perf_counter() - started, 2)
+    if device.type == "cuda":
+        results["model_gib"] = round(torch.cuda.memory_allocated() / 2**30, 2)
     grid = (args.latent[0], args.latent[1] // 2, args.latent[2] // 2)
     log(f"{args.config} ({args.weights} weights, {str(dtype).replace('torch.', '')}) built in {results['build_seconds']}s; profiling at latent "
         f"{tuple(args.latent)} = {math.prod(grid)} tokens, {results['samples']} samples, block {args.block_size}")
@@ -214,18 +223,23 @@ def main() -> int:
         "quality": topology.metadata["quality"],
     }
     log(time_split(seconds, info, peak, args.latent))
+    log(f"PEAK GPU memory while profiling: {peak:.1f} GiB (model weights {results.get('model_gib', 0.0)} GiB)")
     log(f"quality: {json.dumps(topology.metadata['quality'])}")
 
     out_dir = os.path.dirname(os.path.abspath(args.out)) if args.out else None
     if out_dir:
         os.makedirs(out_dir, exist_ok=True)
+        with open(args.out, "w") as handle:  # what was measured so far, in case a later stage is cut short
+            json.dump(results, handle, indent=1)
     path = os.path.join(out_dir or "/tmp", f"{args.config}_{'x'.join(map(str, args.latent))}.safetensors")
     topology.save(path)
     results["artifact_mb"] = round(os.path.getsize(path) / 1e6, 2)
-    loaded = sc.Topology.load(path)
-    results["instantiate_480p_seconds"] = round(instantiate_all(loaded, grid, args.budget), 2)
-    log(f"artifact {results['artifact_mb']} MB; all {len(loaded.entries)} nodes' masks at 480p built in "
-        f"{results['instantiate_480p_seconds']}s (CPU, once per geometry)")
+    log(f"artifact {results['artifact_mb']} MB")
+    if not args.skip_instantiate:
+        loaded = sc.Topology.load(path)
+        results["instantiate_seconds"] = round(instantiate_all(loaded, grid, args.budget), 2)
+        log(f"all {len(loaded.entries)} nodes' masks at grid {grid} built in {results['instantiate_seconds']}s "
+            "(CPU, once per geometry)")
 
     if not args.no_small:
         small_grid = (args.small_latent[0], args.small_latent[1] // 2, args.small_latent[2] // 2)
@@ -238,10 +252,11 @@ def main() -> int:
         small.save(small_path)
         results["small_profile"]["artifact_mb"] = round(os.path.getsize(small_path) / 1e6, 2)
         results["scale_invariance"] = scale_invariance(small, topology, grid, args.block_size)
-        results["small_instantiate_480p_seconds"] = round(
-            instantiate_all(sc.Topology.load(small_path), grid, args.budget), 2)
+        if not args.skip_instantiate:
+            results["small_instantiate_seconds"] = round(
+                instantiate_all(sc.Topology.load(small_path), grid, args.budget), 2)
         log(f"PROFILE small latent {tuple(args.small_latent)} ({math.prod(small_grid)} tokens): {small_seconds:.1f}s")
-        log(f"scale invariance (small-grid masks at 480p, mass kept vs oracle): "
+        log(f"scale invariance (small-grid masks at grid {grid}, mass kept vs oracle): "
             f"{json.dumps(results['scale_invariance'])}")
     if args.out:
         with open(args.out, "w") as handle:

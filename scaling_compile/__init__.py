@@ -25,7 +25,7 @@ from .policies.config import HasteConfig, SvooConfig, WestConfig
 from .topology import NodeTopology, Topology, model_fingerprint
 from .artifact import check_model, load_artifact
 from .calibration import CalibrationSample, CalibrationSet, synthetic_calibration, wan_pipeline_calibration
-from .fast import DENSE_STEP, StepSchedule
+from .schedule import DENSE_STEP, StepSchedule
 from .passes.profile import profile
 from .passes.profile_config import ProfileConfig
 from .version import __version__

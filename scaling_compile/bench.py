@@ -2,6 +2,7 @@
 
     scaling-compile bench attention --shape 1,12,32760,128 --densities 0.5 0.3 0.2 0.1
     scaling-compile bench model --config wan2.1-1.3b --latent 21 60 104 --budgets 0.5 0.3 0.2 0.1
+    scaling-compile bench loop --latent 21 90 160 --steps 50 --kernel triton --dense-warmup auto
 
 ``attention``: one self-attention call, with 3D-local block masks of each density: cuDNN
 SDPA (dense), FlexAttention with the same block mask, FlashAttention-4 (dense and
@@ -10,7 +11,11 @@ every sparse output is checked against ours. ``model``: the whole Wan transforme
 Inductor with dense SDPA against the scaling backend at each budget, with regional
 (``compile_repeated_blocks``) and/or whole-model compilation; compile time, forward time,
 speedup and the share of the Amdahl bound reached (bound = dense time minus the saved
-share of the dense self-attention time, measured in the same process).
+share of the dense self-attention time, timed inside the compiled dense forward by
+torch.profiler, same process). ``loop``: a whole 50-step denoising loop, profiled near the
+serving size, served with a :class:`~scaling_compile.schedule.StepSchedule` chosen from FAST's
+per-step sensitivity (dense warm-up ``auto`` or fixed, per-step budgets) against the Inductor
+dense loop: seconds, speedup, final-latent PSNR and the schedule used.
 """
 
 from __future__ import annotations
@@ -18,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import statistics
 import time
 
 import torch
@@ -51,18 +55,42 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     model.add_argument("--png", default=None, help="draw speedup vs density (and the Amdahl bound) here")
     loop = what.add_parser("loop", help="a whole denoising loop: per-step schedule, one compilation")
     loop.add_argument("--config", default="wan2.1-1.3b", help="planted model config (testing.CONFIGS)")
-    loop.add_argument("--latent", type=int, nargs=3, default=[21, 90, 160], metavar=("F", "H", "W"))
-    loop.add_argument("--profile-latent", type=int, nargs=3, default=[5, 30, 52], metavar=("F", "H", "W"))
+    loop.add_argument("--latent", type=int, nargs=3, default=[21, 90, 160], metavar=("F", "H", "W"),
+                      help="latent served (default 720p / 81 frames)")
+    loop.add_argument("--profile-latent", type=int, nargs=3, default=[21, 60, 104], metavar=("F", "H", "W"),
+                      help="latent profiled (default 480p / 81 frames, as the harness presets wan2.1-1.3b-480p/-720p)")
+    loop.add_argument("--query-frames", type=int, default=4,
+                      help="profile measuring this many query frames per call (0: every row, S^2)")
+    loop.add_argument("--prompts", type=int, default=2, help="calibration prompts (two disjoint halves)")
+    loop.add_argument("--timesteps", type=int, default=2, help="calibration timesteps per prompt")
+    loop.add_argument("--sensitivity-samples", type=int, default=None, help="samples of the FAST pass (default: all)")
     loop.add_argument("--steps", type=int, default=50)
-    loop.add_argument("--dense-warmup", type=int, default=10, help="first steps served dense")
-    loop.add_argument("--budget", type=float, default=0.2, help="mean density of the sparse steps")
+    loop.add_argument("--dense-warmup", nargs="+", default=["auto"],
+                      help="dense warm-up steps: 'auto' (the fewest whose predicted loss is within --tolerance) "
+                           "and/or numbers; one timed loop each")
+    loop.add_argument("--tolerance", type=float, default=None,
+                      help="predicted loss allowed with --dense-warmup auto (default: schedule.DEFAULT_TOLERANCE)")
+    loop.add_argument("--budgets", "--budget", dest="budgets", type=float, nargs="+", default=[0.2],
+                      help="mean density of the sparse steps (per-step budgets from FAST's per-step sensitivity)")
+    loop.add_argument("--uniform-steps", action="store_true",
+                      help="every sparse step at the budget (no per-step budgets from the profile)")
     loop.add_argument("--block-size", type=int, default=128)
-    loop.add_argument("--kernel", default="triton", choices=["triton", "fa4", "auto"], help="the backend's kernel option")
+    loop.add_argument("--kernel", "--kernels", dest="kernels", nargs="+", default=["triton"],
+                      choices=list(_kernel_names()), help="the backend's kernel option (several: one loop each)")
+    loop.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
+                      help="cpu: a dry run of the code path (fp32, --config tiny and small latents; times mean nothing)")
     loop.add_argument("--out", default=None, help="write the results as JSON here")
 
 
+def _kernel_names() -> tuple[str, ...]:
+    from .kernels.attention import KERNELS
+
+    return KERNELS
+
+
 def run(args) -> int:
-    if not torch.cuda.is_available():
+    dry_run = args.what == "loop" and getattr(args, "device", "cuda") == "cpu"
+    if not torch.cuda.is_available() and not dry_run:
         from .errors import ScalingCompileError
 
         raise ScalingCompileError("bench measures speed on a CUDA GPU; none is available here")
@@ -74,19 +102,65 @@ def run(args) -> int:
 
 
 def cuda_ms(fn, warmup: int = 2, iters: int = 5) -> float:
-    """Median CUDA-event time of ``fn`` in ms, after ``warmup`` untimed calls."""
-    for _ in range(warmup):
-        fn()
+    """Median time of ``fn`` in ms by ``triton.testing.do_bench`` (CUDA events, L2 flushed between
+    calls), with about ``warmup`` untimed and ``iters`` timed calls: do_bench takes milliseconds, so
+    both are sized from one first call (which is also a warm-up)."""
+    from triton.testing import do_bench
+
     torch.cuda.synchronize()
-    times = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    fn()
+    end.record()
+    torch.cuda.synchronize()
+    estimate = max(start.elapsed_time(end), 1e-3)
+    return float(do_bench(fn, warmup=max(warmup - 1, 0) * estimate, rep=iters * estimate, return_mode="median"))
+
+
+# Operators whose device time is attention: the package's op, and SDPA with each of its backends
+# (a nested one, e.g. SDPA inside a dense fallback of the op, is counted once, at the outermost).
+ATTENTION_OPS = ("scaling::sparse_sdpa", "aten::scaled_dot_product_attention", "aten::_scaled_dot_product_")
+
+
+def _is_attention(name: str) -> bool:
+    return any(name == op or (op.endswith("_") and name.startswith(op)) for op in ATTENTION_OPS)
+
+
+def self_attention_in_model(fn, iters: int = 2) -> dict:
+    """Self-attention inside ``fn`` (a compiled forward), as the model runs it: torch.profiler's
+    device time of the outermost attention operators whose query and key have the same shape
+    (cross-attention to text is left out), per call of ``fn``.
+
+    Returns ``{"ms": device ms per call of fn, "calls": attention calls per call of fn}``. Timed
+    inside the model rather than alone, the kernels see the model's clocks and caches (a
+    power-capped card runs a lone attention call slower than inside a forward).
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    fn()
+    if torch.cuda.is_available():
         torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+    with profile(activities=activities, record_shapes=True) as trace:
+        for _ in range(iters):
+            fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+    device_us, calls = 0.0, 0
+    for event in trace.events():
+        if not _is_attention(event.name):
+            continue
+        parent = event.cpu_parent
+        while parent is not None and not _is_attention(parent.name):
+            parent = parent.cpu_parent
+        if parent is not None:
+            continue  # inside another attention operator: counted there
+        shapes = event.input_shapes or []
+        if event.name != "scaling::sparse_sdpa" and not (len(shapes) >= 2 and shapes[0] and shapes[0] == shapes[1]):
+            continue  # cross-attention (keys of another length), or shapes unknown
+        device_us += float(getattr(event, "device_time_total", 0.0) or 0.0)
+        calls += 1
+    return {"ms": device_us / 1000.0 / iters, "calls": calls / iters}
 
 
 def _guess_grid(seq: int) -> tuple[int, int, int]:
@@ -202,17 +276,8 @@ def bench_model(args) -> dict:
     seq = math.prod(grid)
     inputs = {k: (v.cuda() if isinstance(v, torch.Tensor) else v) for k, v in example_inputs(model, *args.latent).items()}
     print(f"{args.config}: {layers} layers x {heads} heads, grid {grid} = {seq} tokens, bf16, {torch.cuda.get_device_name()}")
-    q = torch.randn(1, seq, heads, cfg.attention_head_dim, device="cuda", dtype=torch.bfloat16).transpose(1, 2)
-    attention_ms = {"inductor": cuda_ms(lambda: torch.nn.functional.scaled_dot_product_attention(q, q, q), iters=10) * layers}
-    if "fa4" in kernels:
-        from .kernels.fa4_block_sparse import fa4_dense_attention
-
-        attention_ms["fa4"] = cuda_ms(lambda: fa4_dense_attention(q, q, q), iters=10) * layers
-    del q
     results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "config": args.config,
-               "grid": grid, "seq": seq, "kernels": kernels,
-               "dense_self_attention_ms": attention_ms["inductor"], "dense_self_attention_ms_by_baseline": attention_ms,
-               "rows": []}
+               "grid": grid, "seq": seq, "kernels": kernels, "rows": []}
     baselines = [("inductor", None)] + ([("fa4", None)] if "fa4" in kernels else [])
     sparse = [(kernel, budget) for kernel in kernels for budget in args.budgets]
     order = sparse + baselines if args.sparse_first else baselines + sparse
@@ -234,6 +299,8 @@ def bench_model(args) -> dict:
             kwargs = {"backend": "scaling", "fullgraph": True,
                       "options": {"artifact": topology, "strict": True, "kernel": kernel}}
         if mode == "regional":
+            if kernel != "inductor":
+                sc.register_root(model)  # the first call (the one that compiles the blocks) knows its grid too
             model.compile_repeated_blocks(**kwargs)
             call = model
         else:
@@ -243,15 +310,21 @@ def bench_model(args) -> dict:
         with torch.no_grad():
             compile_s = _first_call_s(lambda: call(**inputs))
             forward_ms = cuda_ms(lambda: call(**inputs), iters=args.iters)
+            attention = self_attention_in_model(lambda: call(**inputs))
         peak = torch.cuda.max_memory_allocated() / 2**30
         row = {"mode": mode, "kernel": kernel, "budget": budget, "compile_s": compile_s, "forward_ms": forward_ms,
+               "self_attention_ms": attention["ms"], "self_attention_calls": attention["calls"],
                "peak_gib": peak, "mask_mib": served_mask_bytes(first_plan) / 2**20 if kernel != "inductor" else 0.0}
         results["rows"].append(row)
         label = "dense" if budget is None else budget
         tqdm.write(f"{mode:9s} {kernel:8s} budget {label:>5}: compile {compile_s:6.1f} s, "
-                   f"forward {forward_ms:7.1f} ms, peak {peak:.2f} GiB")
+                   f"forward {forward_ms:7.1f} ms (self-attention inside it {attention['ms']:.1f} ms, "
+                   f"{attention['calls']:.0f} calls), peak {peak:.2f} GiB")
+        if attention["calls"] != layers:
+            tqdm.write(f"  warning: {attention['calls']:.0f} self-attention calls a forward found by the profiler, "
+                       f"expected {layers}: the Amdahl bound of this row is not reliable")
     _uncompile_blocks(model)
-    _print_model_table(results, args.modes, attention_ms)
+    _print_model_table(results, args.modes)
     if args.png:
         from .plots import model_speedups
 
@@ -262,20 +335,23 @@ def bench_model(args) -> dict:
     return results
 
 
-def _print_model_table(results: dict, modes, attention_ms: dict) -> None:
-    """Speedup against Inductor dense (cuDNN SDPA) and FA4 dense; share of the Amdahl bound of each kernel's family."""
+def _print_model_table(results: dict, modes) -> None:
+    """Speedup against Inductor dense (cuDNN SDPA) and FA4 dense; share of the Amdahl bound of each
+    kernel's family, the bound from that family's dense self-attention time measured inside its forward."""
     rows = results["rows"]
+    attention_ms: dict = {}
     print("\n| mode | kernel | budget | compile s | forward ms | vs Inductor dense | vs FA4 dense | Amdahl bound ms "
           "| share of bound | peak GiB (masks MiB) |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for mode in modes:
         here = [r for r in rows if r["mode"] == mode]
         dense = {r["kernel"]: r for r in here if r["budget"] is None}
+        attention_ms.update({f"{mode} {k}": r["self_attention_ms"] for k, r in dense.items()})
         for row in sorted(here, key=lambda r: (r["budget"] is not None, r["kernel"], -(r["budget"] or 0))):
             family = "fa4" if row["kernel"] == "fa4" and "fa4" in dense else "inductor"
             base = dense[family]
             density = 1.0 if row["budget"] is None else row["budget"]
-            bound = base["forward_ms"] - (1 - density) * attention_ms[family]
+            bound = base["forward_ms"] - (1 - density) * base["self_attention_ms"]
             row.update(speedup=dense["inductor"]["forward_ms"] / row["forward_ms"],
                        speedup_vs_fa4_dense=dense["fa4"]["forward_ms"] / row["forward_ms"] if "fa4" in dense else None,
                        bound_family=family, bound_ms=bound,
@@ -286,13 +362,20 @@ def _print_model_table(results: dict, modes, attention_ms: dict) -> None:
             print(f"| {mode} | {name} | {row['budget'] or 'dense'} | {row['compile_s']:.1f} | {row['forward_ms']:.1f} | "
                   f"{row['speedup']:.2f}x | {vs_fa4} | {bound:.1f} | {share} | {row['peak_gib']:.2f} ({row['mask_mib']:.1f}) |")
     layers = ", ".join(f"{k}: {v:.1f} ms" for k, v in attention_ms.items())
-    print(f"dense self-attention per forward ({layers}); bound = that family's dense forward minus (1 - density) x "
-          "its dense self-attention time; share = bound / forward")
+    print(f"dense self-attention per forward, timed inside the compiled forward by torch.profiler ({layers}); "
+          "bound = that family's dense forward minus (1 - density) x its dense self-attention time; "
+          "share = bound / forward")
+    results["dense_self_attention_ms_in_model"] = attention_ms
+    inductor = [r for r in rows if r["kernel"] == "inductor" and r["budget"] is None]
+    if inductor:  # what plots.model_speedups draws the bound with
+        results["dense_self_attention_ms"] = inductor[0]["self_attention_ms"]
 
 
 # -- whole denoising loop --------------------------------------------------------------------------
-def _denoise(model, latents, embeddings, steps: int, shift: float = 5.0, on_step=None) -> torch.Tensor:
-    """Flow-matching Euler sampling as Wan's pipelines run it (transformer + scheduler, no VAE)."""
+def denoise(model, latents, embeddings, steps: int, shift: float = 5.0, on_step=None) -> torch.Tensor:
+    """Flow-matching Euler sampling as Wan's pipelines run it (transformer + scheduler, no VAE).
+
+    ``on_step(i)`` is called before step ``i`` (a schedule's ``set_step``)."""
     from diffusers import FlowMatchEulerDiscreteScheduler
 
     scheduler = FlowMatchEulerDiscreteScheduler(shift=shift)
@@ -306,55 +389,143 @@ def _denoise(model, latents, embeddings, steps: int, shift: float = 5.0, on_step
     return latents
 
 
+def warm_every_bucket(model, latents, embeddings, schedule=None) -> None:
+    """One forward per bucket of ``schedule`` (one forward without), so every kernel a timed loop
+    uses is compiled and tuned before the clock starts; the schedule is left at step 0."""
+    steps = [0] if schedule is None else [
+        next(s for s in range(schedule.num_steps) if schedule.bucket_of(s) == b)
+        for b, n in enumerate(schedule.steps_per_bucket()) if n
+    ]
+    timestep = torch.tensor(500.0, device=latents.device).expand(latents.shape[0])  # as denoise passes it
+    for step in steps:
+        if schedule is not None:
+            schedule.set_step(step)
+        model(hidden_states=latents, timestep=timestep, encoder_hidden_states=embeddings, return_dict=False)
+    if schedule is not None:
+        schedule.set_step(0)
+
+
+def _graphs_compiled() -> int:
+    """Graphs Dynamo has compiled in this process so far (a recompile inside a timed loop shows here)."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
+
+
+def loop_schedules(topology, args, grid) -> tuple[list[tuple[str, float, object]], dict]:
+    """``[(requested warm-up, budget, StepSchedule)]`` for every ``--dense-warmup`` x ``--budgets``, and
+    per budget the predicted loss at a few numbers of dense warm-up steps (what "auto" chose from)."""
+    from .schedule import DEFAULT_TOLERANCE, StepLossCurves, StepSchedule
+
+    tolerance = DEFAULT_TOLERANCE if args.tolerance is None else args.tolerance
+    schedules, by_warmup = [], {}
+    for budget in args.budgets:
+        curves = StepLossCurves(topology, grid, budget)  # one evaluation per budget, every schedule from it
+        by_warmup[str(budget)] = {w: curves.allocated(args.steps, w).predicted_loss
+                                  for w in (0, 1, 2, 3, 5, 8, 10, 15, 20) if w < args.steps}
+        for requested in args.dense_warmup:
+            schedule = curves.schedule(args.steps, requested if requested == "auto" else int(requested), tolerance)
+            if args.uniform_steps:  # the same warm-up, every sparse bucket at the budget
+                schedule = StepSchedule(args.steps, schedule.dense_warmup, budgets=[budget] * schedule.buckets)
+                schedule.predicted_loss = curves.loss_of(schedule)
+            schedules.append((str(requested), budget, schedule))
+    return schedules, by_warmup
+
+
 def bench_loop(args) -> dict:
     import scaling_compile as sc
 
     from .quality.metrics import psnr
-    from .testing import example_inputs, planted_wan_transformer
+    from .schedule import DEFAULT_TOLERANCE
+    from .testing import example_inputs, planted_wan_transformer, token_grid_of
 
-    model = planted_wan_transformer(args.config, dtype=torch.bfloat16, device="cuda").eval()
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    model = planted_wan_transformer(args.config, dtype=torch.bfloat16 if cuda else torch.float32, device=device).eval()
     inputs = example_inputs(model, *args.latent)
-    latents = inputs["hidden_states"].cuda()
-    embeddings = inputs["encoder_hidden_states"].cuda()
-    calibration = sc.synthetic_calibration(model, tuple(args.profile_latent), num_prompts=2, num_timesteps=2)
+    latents = inputs["hidden_states"].to(device)
+    embeddings = inputs["encoder_hidden_states"].to(device)
+    grid = token_grid_of(model, *args.latent)
+    calibration = sc.synthetic_calibration(model, tuple(args.profile_latent), num_prompts=args.prompts,
+                                           num_timesteps=args.timesteps)
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
     started = time.perf_counter()
-    topology = sc.profile(model, calibration, block_size=args.block_size, default_budget=args.budget)
+    topology = sc.profile(model, calibration, block_size=args.block_size, default_budget=args.budgets[0],
+                          query_frames=args.query_frames or None, sensitivity_samples=args.sensitivity_samples)
     profile_s = time.perf_counter() - started
-    schedule = sc.StepSchedule(num_steps=args.steps, dense_warmup=args.dense_warmup)
-    results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "config": args.config,
-               "latent": args.latent, "steps": args.steps, "dense_warmup": args.dense_warmup,
-               "budget": args.budget, "kernel": args.kernel, "profile_seconds": profile_s}
-    timings = {}
-    finals = {}
-    for name in ("dense", "scaling"):
+    profile_peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0
+    started = time.perf_counter()
+    schedules, losses = loop_schedules(topology, args, grid)
+    schedule_s = time.perf_counter() - started
+    tqdm.write(f"profiled at latent {tuple(args.profile_latent)} in {profile_s:.1f} s (peak {profile_peak:.1f} GiB); "
+               f"schedules chosen in {schedule_s:.1f} s: " + "; ".join(repr(s) for _, _, s in schedules))
+    results = {"device": torch.cuda.get_device_name() if cuda else "cpu (dry run)", "torch": torch.__version__, "config": args.config,
+               "latent": args.latent, "grid": list(grid), "profile_latent": args.profile_latent,
+               "query_frames": args.query_frames, "steps": args.steps, "kernels": args.kernels,
+               "profile_seconds": profile_s, "profile_peak_gib": profile_peak, "schedule_seconds": schedule_s,
+               "tolerance": DEFAULT_TOLERANCE if args.tolerance is None else args.tolerance,
+               "predicted_loss_by_warmup": losses, "rows": []}
+    runs = [("inductor", None, None, None)] + [(kernel, *entry) for kernel in args.kernels for entry in schedules]
+    dense_final = dense_seconds = None
+    for kernel, requested, budget, schedule in tqdm(runs, desc="loops"):
         torch._dynamo.reset()
         _uncompile_blocks(model)
-        if name == "dense":
+        if schedule is None:
             model.compile_repeated_blocks(fullgraph=True)
             on_step = None
         else:
-            model.compile_repeated_blocks(backend="scaling", fullgraph=True,
-                                          options={"artifact": topology, "schedule": schedule, "kernel": args.kernel})
+            sc.register_root(model)  # the first call (the one that compiles the blocks) knows its grid too
+            model.compile_repeated_blocks(backend="scaling", fullgraph=True, options={
+                "artifact": topology, "schedule": schedule, "kernel": kernel, "strict": True})
             on_step = schedule.set_step
         with torch.no_grad():
-            _denoise(model, latents, embeddings, 2, on_step=None if on_step is None else (lambda i: schedule.set_step(i)))
-            torch.cuda.synchronize()
+            started = time.perf_counter()
+            warm_every_bucket(model, latents, embeddings, schedule)
+            sync()
+            compile_s = time.perf_counter() - started
+            graphs = _graphs_compiled()
             start = time.perf_counter()
-            finals[name] = _denoise(model, latents, embeddings, args.steps, on_step=on_step)
-            torch.cuda.synchronize()
-            timings[name] = time.perf_counter() - start
-        tqdm.write(f"{name}: {args.steps} steps in {timings[name]:.1f} s")
+            final = denoise(model, latents, embeddings, args.steps, on_step=on_step)
+            sync()
+            seconds = time.perf_counter() - start
+        row = {"kernel": kernel, "compile_and_warm_seconds": compile_s, "seconds": seconds,
+               "graphs_compiled_while_timed": _graphs_compiled() - graphs}
+        if row["graphs_compiled_while_timed"]:
+            tqdm.write(f"  warning: {row['graphs_compiled_while_timed']} graphs compiled inside the timed loop")
+        if schedule is None:
+            dense_final, dense_seconds = final, seconds
+            row.update(speedup=1.0)
+        else:
+            row.update(requested_warmup=requested, budget=budget, schedule=schedule.describe(), speedup=dense_seconds / seconds,
+                       final_latent_psnr_db=psnr(final, dense_final, data_range=float(dense_final.abs().max())))
+        results["rows"].append(row)
+        tqdm.write(f"{kernel}: {args.steps} steps in {seconds:.1f} s" + (
+            "" if schedule is None else f" ({row['speedup']:.2f}x, {row['final_latent_psnr_db']:.1f} dB, {schedule!r})"))
+        del final
     _uncompile_blocks(model)
-    results.update(dense_seconds=timings["dense"], scaling_seconds=timings["scaling"],
-                   speedup=timings["dense"] / timings["scaling"],
-                   final_latent_psnr_db=psnr(finals["scaling"], finals["dense"],
-                                              data_range=float(finals["dense"].abs().max())))
-    print(f"\n{args.config}, latent {tuple(args.latent)}, {args.steps} steps ({args.dense_warmup} dense warm-up), "
-          f"budget {args.budget}, {torch.cuda.get_device_name()}")
-    print("| loop | seconds | speedup | final latent PSNR vs dense |")
-    print("|---|---|---|---|")
-    print(f"| Inductor, dense SDPA | {timings['dense']:.1f} | 1.00x | |")
-    print(f"| scaling (FAST schedule, kernel={args.kernel}) | {timings['scaling']:.1f} | {results['speedup']:.2f}x | "
-          f"{results['final_latent_psnr_db']:.1f} dB |")
-    print(f"profiling at latent {tuple(args.profile_latent)}: {profile_s:.1f} s")
+    _print_loop_table(results, args)
     return results
+
+
+def _print_loop_table(results: dict, args) -> None:
+    print(f"\n{args.config}, latent {tuple(args.latent)} ({math.prod(results['grid'])} tokens), {args.steps} steps, "
+          f"profiled at latent {tuple(args.profile_latent)} ({args.query_frames or 'all'} query frames) in "
+          f"{results['profile_seconds']:.1f} s, {results['device']}")
+    print("| loop | budget (sparse steps) | dense warm-up | per-bucket budgets | mean density, all steps "
+          "| predicted loss | seconds | speedup vs Inductor dense | final latent PSNR vs dense |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for row in results["rows"]:
+        if row["kernel"] == "inductor":
+            print(f"| Inductor, dense SDPA | | | | 1.00 | | {row['seconds']:.1f} | 1.00x | |")
+            continue
+        sched = row["schedule"]
+        budgets = ", ".join(f"{b:.3f}" for b in sched["bucket_budgets"][1 if sched["dense_warmup"] else 0:])
+        warm = f"{sched['dense_warmup']}" + (" (auto)" if row["requested_warmup"] == "auto" else "")
+        print(f"| scaling, kernel={row['kernel']} | {row['budget']} | {warm} | {budgets} | "
+              f"{sched['mean_density_all_steps']:.3f} | {sched['predicted_loss']:.4f} | {row['seconds']:.1f} | "
+              f"{row['speedup']:.2f}x | {row['final_latent_psnr_db']:.1f} dB |")
+    for budget, losses in results["predicted_loss_by_warmup"].items():
+        print(f"predicted loss at budget {budget} by dense warm-up steps: "
+              + ", ".join(f"{w}: {v:.4f}" for w, v in losses.items()))

@@ -43,14 +43,12 @@ served, so it carries to grids the profile never measured. The measured curves t
 on how many tokens that is, and on curves that are concave between measured points the
 allocation is bang-bang (one block per row or dense; docs/quality.md measures both).
 
-Per-step schedule (:class:`StepSchedule`)
------------------------------------------
-The compiled model serves all buckets of a schedule from one stacked mask
-tensor; a 1-element int32 device tensor selects the bucket inside the kernel,
-so moving to the next denoising step is an in-place ``fill_`` (no recompile,
-CUDA-graph safe). Bucket 0 may be a dense warm-up (``DENSE_STEP``); the others
-carry the denoising progress of their midpoint, which selects the artifact's
-step bin whose curves FAST allocates with.
+Per step (``step_fraction``)
+----------------------------
+With per-step curves (``step_bins`` > 1) a call's denoising progress selects its step bin,
+and that bin is allocated on its own curves at exactly the budget asked for. How density
+moves *between* steps (dense warm-up, per-bucket budgets) is the schedule's decision
+(:mod:`scaling_compile.schedule`), made from :func:`predicted_step_loss`.
 """
 
 from __future__ import annotations
@@ -60,12 +58,11 @@ import threading
 
 import torch
 
-from .errors import NotServable, ScalingCompileError
+from .errors import NotServable
 
 # Nominal densities at which sensitivity is measured (0 and 1 are added as exact end points).
 DEFAULT_LEVELS = (0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.65, 0.8)
 DEFAULT_STEP_BINS = 4
-DENSE_STEP = -1.0
 # Every head keeps at least the density at which its predicted mass reaches this (capped at the
 # budget), before the sensitivity-driven allocation hands out the rest: a head whose measured
 # output error looks negligible is never cut to one block per query row while a few more blocks
@@ -210,11 +207,13 @@ def _interpolate(hull, x: float) -> float:
     return hull[0][1] if x < hull[0][0] else hull[-1][1]
 
 
-def allocate(curves, weights, lower, budget: float) -> torch.Tensor:
+def allocate(curves, weights, lower, budget: float, hulls=None) -> torch.Tensor:
     """Densities minimising ``sum e_i(d_i)`` with ``sum w_i d_i = budget * sum w_i``, ``lower_i <= d_i <= 1``.
 
-    ``curves``: list of ``(xs, ys)`` measured points per item. Exact greedy over the
-    lower convex hulls (see module docs). Returns float64 densities.
+    ``curves``: list of ``(xs, ys)`` measured points per item; ``weights`` > 0. Exact greedy
+    over the lower convex hulls (see module docs), segments taken in order of error decrease
+    per unit of ``w_i d_i``. ``hulls``: the curves' :func:`lower_hull`, when already known.
+    Returns float64 densities.
     """
     weights = torch.as_tensor(weights, dtype=torch.float64)
     lower = torch.as_tensor(lower, dtype=torch.float64).clamp(0, 1)
@@ -223,8 +222,8 @@ def allocate(curves, weights, lower, budget: float) -> torch.Tensor:
     if need <= 0:
         return density
     segments = []  # (slope, item, order, length in density)
-    for item, (xs, ys) in enumerate(curves):
-        hull = lower_hull(xs, ys)
+    for item, curve in enumerate(curves):
+        hull = lower_hull(*curve) if hulls is None else hulls[item]
         start = float(lower[item])
         previous = (start, _interpolate(hull, start))
         order = 0
@@ -238,7 +237,8 @@ def allocate(curves, weights, lower, budget: float) -> torch.Tensor:
             previous = (x, y)
             if x >= 1.0:
                 break
-    segments.sort(key=lambda s: (s[0], s[1], s[2]))
+    # Steepest error decrease per unit of the constrained resource (density times weight) first.
+    segments.sort(key=lambda s: (s[0] / float(weights[s[1]]), s[1], s[2]))
     for _slope, item, _order, length in segments:
         if need <= 0:
             break
@@ -323,61 +323,139 @@ def _curve_densities(topology, key: str, entry, grid) -> torch.Tensor:
     return densities.expand(entry.num_heads, -1)
 
 
-def _allocation(topology, budget: float, grid, per_step: bool) -> dict:
-    """{(bin or None, key): counts (heads,)} for every profiled entry, at ``grid``."""
-    keys = [k for k, e in topology.entries.items() if e.scores is not None]
+def _profiled_keys(topology) -> list[str]:
+    return [k for k, e in topology.entries.items() if e.scores is not None]
+
+
+def _check_budget(topology, budget: float, grid) -> int:
+    """Blocks per side at ``grid``; refuses a budget below one key block per query block."""
     n_blocks = math.ceil(math.prod(grid) / topology.block_size)
-    total = n_blocks * n_blocks
     if budget < 1.0 / n_blocks - 1e-12:
         raise NotServable(
             f"budget {budget:g} keeps less than one key block per query block at this sequence "
             f"({n_blocks} blocks of {topology.block_size}): the minimum here is {1.0 / n_blocks:.4f}; "
             "raise the budget or use a smaller block size"
         )
-    items = []  # (bin, key, head)
-    curves = []
-    bins = [None]
-    if per_step:
-        bins = list(range(int(_fast_settings(topology).get("step_bins", 1))))
-    sensitivity = _has_sensitivity(topology, keys)
-    xs = {key: _curve_densities(topology, key, topology.entries[key], grid) for key in keys} if sensitivity else {}
-    by_mass = sensitivity and objective(topology) == "mass"
+    return n_blocks
+
+
+def _bin_problem(topology, keys, grid, bin_index) -> tuple[list, list, list] | None:
+    """``(items [(key, head)], curves [(xs, ys)], their lower hulls)`` of one step bin (``None``: the
+    pooled curves) at ``grid``, or None without sensitivity tables (uniform allocation)."""
+    if not _has_sensitivity(topology, keys):
+        return None
+    by_mass = objective(topology) == "mass"
     if by_mass:
         from .west import entry_mass_curve
 
         mass_curves = {key: entry_mass_curve(key, topology.entries[key], topology, grid) for key in keys}
-    for bin_index in bins:
-        for key in keys:
-            entry = topology.entries[key]
-            if sensitivity:
-                table = entry.extra["sensitivity"] if bin_index is None else entry.extra["sensitivity_steps"][:, bin_index]
-            for head in range(entry.num_heads):
-                items.append((bin_index, key, head))
-                if not sensitivity:
-                    curves.append(None)
-                elif by_mass:  # error ~ the head's output share times the predicted mass it loses
-                    points, kept = mass_curves[key]
-                    share = float(table[head][0])
-                    curves.append((points.tolist(), (share * (1.0 - kept[head])).tolist()))
-                else:
-                    curves.append((xs[key][head].tolist(), table[head].tolist()))
+    else:
+        xs = {key: _curve_densities(topology, key, topology.entries[key], grid) for key in keys}
+    items, curves = [], []
+    for key in keys:
+        entry = topology.entries[key]
+        table = entry.extra["sensitivity"] if bin_index is None else entry.extra["sensitivity_steps"][:, bin_index]
+        for head in range(entry.num_heads):
+            items.append((key, head))
+            if by_mass:  # error ~ the head's output share times the predicted mass it loses
+                points, kept = mass_curves[key]
+                share = float(table[head][0])
+                curves.append((points.tolist(), (share * (1.0 - kept[head])).tolist()))
+            else:
+                curves.append((xs[key][head].tolist(), table[head].tolist()))
+    return items, curves, [lower_hull(*curve) for curve in curves]
+
+
+def _solve_bin(topology, keys, problem, budget: float, grid) -> tuple[dict, float | None]:
+    """FAST's allocation of one step bin's ``problem`` (:func:`_bin_problem`) at mean density ``budget``.
+
+    Returns ``({key: counts (heads,)}, predicted loss)``: the loss is the objective at the
+    rounded counts, summed over heads and averaged over nodes (a node's predicted relative
+    squared error of its self-attention output; ``None`` without sensitivity tables).
+    """
+    n_blocks = _check_budget(topology, budget, grid)
+    total = n_blocks * n_blocks
+    items = [(key, head) for key in keys for head in range(topology.entries[key].num_heads)]
     n = len(items)
     blocks = torch.full((n,), float(total), dtype=torch.float64)
     minimum = torch.full((n,), float(n_blocks), dtype=torch.float64)
-    if sensitivity:
+    loss = None
+    if problem is not None:
+        _items, curves, hulls = problem
         floor = recall_floor(topology)
         if floor:
             floors = {key: floor_densities(topology, key, grid, floor, budget) for key in keys}
-            lower = torch.tensor([float(floors[key][head]) for _bin, key, head in items], dtype=torch.float64)
+            lower = torch.tensor([float(floors[key][head]) for key, head in items], dtype=torch.float64)
             minimum = torch.maximum(minimum, (lower * blocks + 1e-9).floor())
-        density = allocate(curves, blocks, minimum / blocks, budget)
+        density = allocate(curves, blocks, minimum / blocks, budget, hulls=hulls)
     else:
         density = torch.full((n,), min(max(budget, 1.0 / n_blocks), 1.0), dtype=torch.float64)
     counts = round_to_blocks(density, blocks, minimum, budget)
+    if problem is not None:
+        kept = (counts.double() / blocks).tolist()
+        loss = sum(_interpolate(hull, d) for hull, d in zip(problem[2], kept)) / max(len(keys), 1)
     result: dict = {}
-    for (bin_index, key, head), count in zip(items, counts.tolist()):
-        result.setdefault((bin_index, key), []).append(count)
-    return {k: torch.tensor(v, dtype=torch.long) for k, v in result.items()}
+    for (key, head), count in zip(items, counts.tolist()):
+        result.setdefault(key, []).append(count)
+    return {k: torch.tensor(v, dtype=torch.long) for k, v in result.items()}, loss
+
+
+def _allocation(topology, budget: float, grid, per_step: bool) -> dict:
+    """{(bin or None, key): counts (heads,)} for every profiled entry, at ``grid``.
+
+    With ``per_step`` every step bin is allocated on its own curves at exactly ``budget``:
+    a bucket of a :class:`~scaling_compile.schedule.StepSchedule` served at budget ``b`` keeps
+    ``b`` of the blocks whatever bin it falls in; how density moves *between* steps is the
+    schedule's job (its per-bucket budgets, :meth:`StepSchedule.from_profile`).
+    """
+    keys = _profiled_keys(topology)
+    _check_budget(topology, budget, grid)
+    bins = [None]
+    if per_step:
+        bins = list(range(int(_fast_settings(topology).get("step_bins", 1))))
+    result: dict = {}
+    for bin_index in bins:
+        counts, _loss = _solve_bin(topology, keys, _bin_problem(topology, keys, grid, bin_index), budget, grid)
+        result.update({(bin_index, key): value for key, value in counts.items()})
+    return result
+
+
+def _per_step(topology, step_fraction) -> bool:
+    step_bins = int(_fast_settings(topology).get("step_bins", 0) or 0)
+    return step_fraction is not None and step_bins > 1 and _has_sensitivity(topology, _profiled_keys(topology))
+
+
+def predicted_step_loss(topology, *, budget: float, grid, step_fraction=None) -> float:
+    """FAST's predicted loss of one denoising step served at mean density ``budget`` at ``grid``.
+
+    The objective FAST minimises, at the allocation it serves (rounded to whole blocks),
+    summed over each node's heads and averaged over nodes: with the default objective
+    ``"mass"`` that is, per node, ``sum_h share_h * (1 - m_h(d_h))``, the output-weighted
+    attention mass the step's masks are predicted to lose (0: nothing lost, 1: everything).
+    ``step_fraction`` selects the step bin's curves (``None``: pooled over all steps); a dense
+    step (negative ``step_fraction``, the schedule's ``DENSE_STEP``) or ``budget >= 1`` loses
+    nothing. Needs the artifact's sensitivity tables (:class:`NotServable` otherwise).
+    """
+    return predicted_step_losses(topology, budgets=[budget], grid=grid, step_fraction=step_fraction)[0]
+
+
+def predicted_step_losses(topology, *, budgets, grid, step_fraction=None) -> list[float]:
+    """:func:`predicted_step_loss` at each of ``budgets`` (the curves and hulls built once)."""
+    keys = _profiled_keys(topology)
+    if not _has_sensitivity(topology, keys):
+        raise NotServable(
+            "the artifact has no FAST sensitivity tables, so no step loss can be predicted; "
+            "profile with sensitivity=True (the default)"
+        )
+    if step_fraction is not None and float(step_fraction) < 0:
+        return [0.0 for _ in budgets]
+    bin_index = None
+    if _per_step(topology, step_fraction):
+        bin_index = step_bin(step_fraction, int(_fast_settings(topology)["step_bins"]))
+    grid = tuple(grid)
+    problem = _bin_problem(topology, keys, grid, bin_index)
+    return [0.0 if budget >= 1.0 else float(_solve_bin(topology, keys, problem, float(budget), grid)[1])
+            for budget in budgets]
 
 
 _lock = threading.RLock()
@@ -385,10 +463,7 @@ _lock = threading.RLock()
 
 def block_counts(topology, key: str, *, budget: float, step_fraction=None, grid) -> torch.Tensor:
     """How many blocks each head of ``key`` keeps at ``grid``: the FAST allocation (cached on the topology)."""
-    step_bins = int(_fast_settings(topology).get("step_bins", 0) or 0)
-    per_step = step_fraction is not None and step_bins > 1 and _has_sensitivity(
-        topology, [k for k, e in topology.entries.items() if e.scores is not None]
-    )
+    per_step = _per_step(topology, step_fraction)
     cache_key = (round(float(budget), 12), tuple(grid), topology.block_size, per_step)
     with _lock:
         cache = topology.__dict__.setdefault("_fast_cache", {})
@@ -396,124 +471,17 @@ def block_counts(topology, key: str, *, budget: float, step_fraction=None, grid)
         if allocation is None:
             allocation = _allocation(topology, float(budget), tuple(grid), per_step)
             cache[cache_key] = allocation
-    bin_index = step_bin(step_fraction, step_bins) if per_step else None
+    bin_index = step_bin(step_fraction, int(_fast_settings(topology)["step_bins"])) if per_step else None
     return allocation[(bin_index, key)]
-
-
-# ---------------------------------------------------------------------------------------------
-# The per-step schedule
-# ---------------------------------------------------------------------------------------------
-class StepSchedule:
-    """Which masks serve the current denoising step, switchable without recompiling.
-
-    ``num_steps`` denoising steps; the first ``dense_warmup`` run dense; the rest are
-    split into ``buckets`` equal buckets of progress, each served by FAST's allocation
-    for its step bin. Pass it as ``options={"schedule": schedule}`` and tell it the
-    step, with one of:
-
-    * ``pipe(..., callback_on_step_end=schedule.callback)`` (diffusers pipelines; it
-      moves to step ``i + 1`` after step ``i`` and back to 0 after the last one), or
-      :meth:`run_pipeline`, which also resets to step 0 first;
-    * ``schedule.set_step(i)`` before step ``i`` in a hand-written loop.
-
-    The value read by the kernel is a 1-element int32 tensor per device
-    (:meth:`device_index`); ``set_step`` updates it in place.
-    """
-
-    def __init__(self, num_steps: int = 50, dense_warmup: int = 0, buckets: int = DEFAULT_STEP_BINS):
-        if num_steps < 1:
-            raise ScalingCompileError(f"num_steps must be >= 1, got {num_steps}")
-        if not 0 <= dense_warmup < num_steps:
-            raise ScalingCompileError(
-                f"dense_warmup must be in [0, num_steps) = [0, {num_steps}), got {dense_warmup}"
-            )
-        if buckets < 1:
-            raise ScalingCompileError(f"buckets must be >= 1, got {buckets}")
-        self.num_steps, self.dense_warmup, self.buckets = int(num_steps), int(dense_warmup), int(buckets)
-        self._step = 0
-        self._bucket = self.bucket_of(0)
-        self._indices: dict[str, torch.Tensor] = {}
-
-    def __repr__(self) -> str:
-        return (
-            f"StepSchedule(num_steps={self.num_steps}, dense_warmup={self.dense_warmup}, "
-            f"buckets={self.buckets})"
-        )
-
-    @property
-    def warmup_fraction(self) -> float:
-        return self.dense_warmup / self.num_steps
-
-    def step_fractions(self) -> list[float]:
-        """The ``step_fraction`` of each bucket: ``DENSE_STEP`` for the warm-up, then the
-        denoising progress at each sparse bucket's midpoint."""
-        warm = self.warmup_fraction
-        sparse = [warm + (b + 0.5) * (1 - warm) / self.buckets for b in range(self.buckets)]
-        return ([DENSE_STEP] if self.dense_warmup else []) + sparse
-
-    def bucket_of(self, step: int, num_steps: int | None = None) -> int:
-        """Index (into :meth:`step_fractions`) of the bucket serving ``step`` of ``num_steps``."""
-        total = self.num_steps if num_steps is None else max(int(num_steps), 1)
-        progress = min(max(step, 0), total - 1) / total
-        warm = self.warmup_fraction
-        if self.dense_warmup and progress < warm - 1e-12:
-            return 0
-        sparse = min(int((progress - warm) / (1 - warm) * self.buckets + 1e-9), self.buckets - 1)
-        return sparse + (1 if self.dense_warmup else 0)
-
-    @property
-    def step(self) -> int:
-        return self._step
-
-    @property
-    def current_bucket(self) -> int:
-        return self._bucket
-
-    def set_step(self, step: int, num_steps: int | None = None) -> None:
-        """Serve step ``step`` (0-based) of ``num_steps`` (default: this schedule's) from now on."""
-        self._step = int(step)
-        bucket = self.bucket_of(step, num_steps)
-        if bucket != self._bucket:
-            self._bucket = bucket
-            for index in self._indices.values():
-                index.fill_(bucket)
-
-    def device_index(self, device) -> torch.Tensor:
-        """The 1-element int32 tensor on ``device`` holding the active bucket (updated in place)."""
-        device = torch.device(device)
-        name = str(device)
-        index = self._indices.get(name)
-        if index is None:
-            index = torch.full((1,), self._bucket, dtype=torch.int32, device=device)
-            self._indices[name] = index
-        return index
-
-    def callback(self, pipe, step: int, timestep, callback_kwargs: dict) -> dict:
-        """diffusers ``callback_on_step_end``: after step ``step``, serve ``step + 1`` (0 after the last)."""
-        total = getattr(pipe, "num_timesteps", None) or self.num_steps
-        following = step + 1
-        self.set_step(0 if following >= total else following, total)
-        return callback_kwargs
-
-    def run_pipeline(self, pipe, **kwargs):
-        """Call a diffusers pipeline with this schedule following its steps (chains a user callback)."""
-        user = kwargs.pop("callback_on_step_end", None)
-        self.set_step(0, kwargs.get("num_inference_steps"))
-
-        def on_step_end(pipeline, step, timestep, callback_kwargs):
-            callback_kwargs = self.callback(pipeline, step, timestep, callback_kwargs)
-            return user(pipeline, step, timestep, callback_kwargs) if user is not None else callback_kwargs
-
-        return pipe(callback_on_step_end=on_step_end, **kwargs)
 
 
 __all__ = [
     "DEFAULT_LEVELS",
-    "DENSE_STEP",
     "SensitivityStatistics",
-    "StepSchedule",
     "allocate",
     "block_counts",
     "lower_hull",
+    "predicted_step_loss",
+    "predicted_step_losses",
     "round_to_blocks",
 ]

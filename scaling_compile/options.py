@@ -36,6 +36,24 @@ def _choice(name: str, value, choices: tuple[str, ...]) -> str:
     return value.strip().lower()
 
 
+
+def _check_schedule_budgets(schedule, budget, policy: str) -> None:
+    """A schedule with its own per-step budgets (``StepSchedule.from_profile``) serves them: refuse a
+    different ``budget`` option and online policies (whose masks take a share of one budget)."""
+    if schedule.budgets is None:
+        return
+    mean = schedule.sparse_mean_budget
+    if budget is not None and abs(float(budget) - mean) > 1e-6:
+        raise ScalingCompileError(
+            f"option budget={budget:g} and a schedule with its own per-step budgets (mean {mean:.4g}, "
+            f"{schedule!r}): drop the budget option, or build the schedule at that budget"
+        )
+    if policy != "west":
+        raise ScalingCompileError(
+            f"option schedule: per-step budgets are served by policy 'west' only, not {policy!r}; "
+            "use a StepSchedule without budgets"
+        )
+
 @dataclass(frozen=True, eq=False)  # identity equality: options may hold a Topology, a dict
 class BackendOptions:
     """Everything the backend can be told; checked when made (a wrong value never gets through).
@@ -161,7 +179,7 @@ class BackendOptions:
             if not isinstance(self.layout, FamilyLayout):
                 _refuse("layout", self.layout, "pass a scaling_compile.families.FamilyLayout, or None")
         if self.schedule is not None:
-            from .fast import StepSchedule
+            from .schedule import StepSchedule
 
             if not isinstance(self.schedule, StepSchedule):
                 _refuse("schedule", self.schedule, "pass a scaling_compile.StepSchedule, or None")
@@ -169,6 +187,7 @@ class BackendOptions:
                 raise ScalingCompileError(
                     f"option schedule: a step schedule switches WEST masks; policy {policy!r} has none"
                 )
+            _check_schedule_budgets(self.schedule, checked.get("budget"), policy)
         return checked
 
     def load_topology(self):

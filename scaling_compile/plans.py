@@ -332,9 +332,11 @@ class AttentionPlan:
     def _instantiate(self, key: str, seq_len: int, heads: int, device, layout, budget) -> BlockMask | DenseFallback:
         device = torch.device(device)
         try:
+            fractions = self.schedule.step_fractions() if self.schedule else [None]
+            budgets = self.schedule.bucket_budgets(budget) if self.schedule else [budget]  # per-step budgets
             masks = [
-                self._layout_mask(key, seq_len, heads, layout, budget, fraction)
-                for fraction in (self.schedule.step_fractions() if self.schedule else [None])
+                self._layout_mask(key, seq_len, heads, layout, bucket_budget, fraction)
+                for fraction, bucket_budget in zip(fractions, budgets)
             ]
         except NotServable as reason:
             return self._fallback(reason)

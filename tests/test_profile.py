@@ -251,8 +251,8 @@ def test_fast_meets_the_budget_exactly_at_any_grid(frames, height, width, budget
     n = math.ceil(seq / BLOCK)
     budget = max(budget, 1.0 / n)
     fractions = [0.125, 0.375, 0.625, 0.875] if steps else [None]
-    kept, total = 0, 0
-    for fraction in fractions:
+    for fraction in fractions:  # every step bin keeps exactly the budget
+        kept, total = 0, 0
         for key in topology.keys():
             mask = topology.block_mask(key, seq_len=seq, num_heads=4, grid=grid, budget=budget, step_fraction=fraction)
             assert mask.shape == (4, n, n) and bool(mask.any(-1).all())  # every query block keeps one
@@ -261,7 +261,7 @@ def test_fast_meets_the_budget_exactly_at_any_grid(frames, height, width, budget
             assert torch.equal(mask, again)  # deterministic
             kept += int(mask.sum())
             total += mask.numel()
-    assert kept == round(budget * total) or (budget >= 1.0 and kept == total)
+        assert kept == round(budget * total) or (budget >= 1.0 and kept == total)
 
 
 def test_fast_gives_more_blocks_to_heads_that_carry_more_output():
@@ -311,6 +311,32 @@ def test_greedy_allocation_is_optimal_for_convex_curves(shapes, budget):
         assert cost(density.tolist()) <= best + 1e-9
 
 
+@SLOW
+@given(st.lists(st.tuples(st.floats(0.05, 1.0), st.floats(0.1, 3.0), st.integers(1, 5)), min_size=2, max_size=3),
+       st.floats(0.1, 0.9))
+def test_weighted_allocation_is_optimal(shapes, budget):
+    """Weights (a schedule's steps per bucket) price density: brute force over a fine grid of
+    feasible allocations with ``sum w_i d_i = budget * sum w_i``."""
+    import itertools
+
+    xs = [i / 10 for i in range(11)]
+    curves = [(xs, [weight * scale * (1 - x) ** (1 + power) for x in xs]) for scale, power, weight in shapes]
+    weights = [float(weight) for _, _, weight in shapes]
+    density = fast.allocate(curves, weights, [0.0] * len(curves), budget)
+    assert abs(sum(w * float(d) for w, d in zip(weights, density)) - budget * sum(weights)) < 1e-9
+
+    def cost(ds):
+        return sum(fast._interpolate(fast.lower_hull(*c), d) for c, d in zip(curves, ds))
+
+    best, steps = math.inf, 200
+    for head in itertools.product(range(steps + 1), repeat=len(curves) - 1):
+        ds = [h / steps for h in head]
+        last = (budget * sum(weights) - sum(w * d for w, d in zip(weights, ds))) / weights[-1]
+        if 0.0 <= last <= 1.0:
+            best = min(best, cost([*ds, last]))
+    assert cost(density.tolist()) <= best + 1e-9
+
+
 def test_round_to_blocks_hits_the_target_and_respects_bounds():
     density = torch.tensor([0.1234, 0.5, 0.9999, 0.05], dtype=torch.float64)
     blocks = torch.full((4,), 100.0, dtype=torch.float64)
@@ -318,67 +344,6 @@ def test_round_to_blocks_hits_the_target_and_respects_bounds():
     counts = fast.round_to_blocks(density, blocks, minimum, budget=float(density.mean()))
     assert int(counts.sum()) == round(float(density.mean()) * 400)
     assert bool((counts >= 10).all()) and bool((counts <= 100).all())
-
-
-# ---------------------------------------------------------------------------------------------
-# The per-step schedule
-# ---------------------------------------------------------------------------------------------
-def test_step_schedule_buckets_and_in_place_index():
-    schedule = sc.StepSchedule(num_steps=6, dense_warmup=2, buckets=2)
-    assert schedule.step_fractions() == [sc.DENSE_STEP, pytest.approx(1 / 3 + 1 / 6), pytest.approx(1 / 3 + 0.5)]
-    assert [schedule.bucket_of(s) for s in range(6)] == [0, 0, 1, 1, 2, 2]
-    index = schedule.device_index("cpu")
-    assert index.dtype == torch.int32 and index.shape == (1,) and int(index) == 0
-    schedule.set_step(4)
-    assert schedule.device_index("cpu") is index and int(index) == 2
-    kwargs = {"latents": 1}
-    assert schedule.callback(None, 2, None, kwargs) is kwargs and int(index) == 1  # now step 3
-    schedule.callback(None, 5, None, kwargs)  # after the last step: back to 0
-    assert schedule.step == 0 and int(index) == 0
-    assert sc.StepSchedule(num_steps=50, buckets=3).bucket_of(49) == 2
-    with pytest.raises(sc.ScalingCompileError):
-        sc.StepSchedule(num_steps=4, dense_warmup=4)
-
-
-def test_run_pipeline_follows_the_steps_and_chains_the_user_callback():
-    schedule = sc.StepSchedule(num_steps=4, dense_warmup=1, buckets=3)
-    seen = []
-
-    class FakePipe:
-        num_timesteps = 4
-
-        def __call__(self, callback_on_step_end=None, num_inference_steps=4, **_):
-            for step in range(num_inference_steps):
-                seen.append(int(schedule.device_index("cpu")))
-                callback_on_step_end(self, step, None, {})
-            return "video"
-
-    user = []
-    assert schedule.run_pipeline(FakePipe(), num_inference_steps=4,
-                                 callback_on_step_end=lambda p, s, t, kw: user.append(s) or kw) == "video"
-    assert seen == [0, 1, 2, 3] and user == [0, 1, 2, 3]
-
-
-def test_one_compilation_serves_every_step(chunked_path):  # noqa: F811
-    topology = fresh_topology()
-    model, kwargs, grid = planted(), inputs(RUN_LATENT), token_grid(RUN_LATENT)
-    seq = math.prod(grid)
-    schedule = sc.StepSchedule(num_steps=6, dense_warmup=2, buckets=2)
-    compiled, calls = compile_counting(model, {"artifact": topology, "inner": "eager", "budget": 0.3, "schedule": schedule})
-    fractions = schedule.step_fractions()
-    references = {}
-    for bucket, fraction in enumerate(fractions):
-        masks = {k: topology.block_mask(k, seq_len=seq, num_heads=4, grid=grid, budget=0.3, step_fraction=fraction)
-                 for k in topology.keys()}
-        references[bucket] = run_masked(model, masks, BLOCK, **kwargs)[0]
-    dense = run_masked(model, {}, BLOCK, **kwargs)[0]
-    torch.testing.assert_close(references[0], dense)  # the warm-up bucket is dense
-    for step in range(6):
-        schedule.set_step(step)
-        with torch.no_grad(), sc.token_grid(grid):
-            out = compiled(**kwargs)[0]
-        torch.testing.assert_close(out, references[schedule.bucket_of(step)], rtol=1e-4, atol=1e-4)
-    assert len(calls) == 1  # no recompilation across steps
 
 
 # ---------------------------------------------------------------------------------------------
