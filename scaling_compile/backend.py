@@ -25,7 +25,8 @@ import torch
 
 from .errors import ArtifactError, NotServable
 from .options import BackendOptions
-from .passes.rewrite import rewrite_sdpa_calls, summarize
+from .passes.decisions import summarize
+from .passes.rewrite import rewrite_sdpa_calls
 from .user_warnings import warn_user
 
 log = logging.getLogger("scaling_compile")

@@ -6,7 +6,7 @@ import torch
 
 from .options import BackendOptions
 from .passes.match import find_sdpa_calls
-from .passes.rewrite import NodeDecision, decide_in_graph, unmatched_decisions
+from .passes.decisions import NodeDecision, decide_in_graph, unmatched_decisions
 
 
 def capture_graphs(model, *args, **kwargs) -> list[torch.fx.GraphModule]:

@@ -236,7 +236,8 @@ def ring_decisions(gm: fx.GraphModule, topology, budget=None, layout=None) -> li
 def _decided_loops(gm, topology, options, examples: dict, static_layout=None, need_anchor: bool = True):
     from . import parallel
     from .passes.match import SDPACall, find_anchor_placeholder
-    from .passes.rewrite import decide, graph_layout
+    from .passes.decisions import decide
+    from .passes.graph_layout import graph_layout
     from .plans import AttentionPlan
 
     loops, refused = ring_loops(gm)
