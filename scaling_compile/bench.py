@@ -44,8 +44,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="latent frames, height, width (480p 81 frames: 21 60 104; 720p: 21 90 160)")
     model.add_argument("--budgets", type=float, nargs="+", default=[0.5, 0.3, 0.2, 0.1])
     model.add_argument("--modes", nargs="+", default=["regional"], choices=["regional", "whole"])
-    model.add_argument("--kernels", nargs="+", default=None, choices=["triton", "fa4"],
-                       help="sparse kernels to time (default: triton, and fa4 where flash-attn-4 is installed); "
+    model.add_argument("--kernels", nargs="+", default=None, choices=["triton", "gluon", "fa4", "auto"],
+                       help="sparse kernels to time (default: triton, and fa4 where flash-attn-4 is installed; "
+                            "gluon: the Hopper kernel, auto: what the backend picks by default); "
                             "with fa4, FA4's dense attention is a second baseline")
     model.add_argument("--block-size", type=int, default=128)
     model.add_argument("--iters", type=int, default=5)
@@ -320,6 +321,10 @@ def bench_model(args) -> dict:
         tqdm.write(f"{mode:9s} {kernel:8s} budget {label:>5}: compile {compile_s:6.1f} s, "
                    f"forward {forward_ms:7.1f} ms (self-attention inside it {attention['ms']:.1f} ms, "
                    f"{attention['calls']:.0f} calls), peak {peak:.2f} GiB")
+        if attention["ms"] > forward_ms:
+            tqdm.write(f"  warning: the profiler's self-attention time ({attention['ms']:.1f} ms) exceeds the whole "
+                       f"forward ({forward_ms:.1f} ms): the profiled run is not the timed one, and the Amdahl bound "
+                       "of this row is not reliable")
         if attention["calls"] != layers:
             tqdm.write(f"  warning: {attention['calls']:.0f} self-attention calls a forward found by the profiler, "
                        f"expected {layers}: the Amdahl bound of this row is not reliable")

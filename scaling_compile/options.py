@@ -66,8 +66,9 @@ class BackendOptions:
         between the artifact and the model.
     inner: the compiler the rewritten graph is handed to: "inductor" (default) or "eager".
     kernel: which block-sparse kernel runs the served calls, on the same masks: "auto"
-        (default: FlashAttention-4 where it is installed and serves the call, else this
-        package's Triton kernel; on the H100 FA4 measured faster, docs/performance.md),
+        (default: on sm90 the Gluon kernel where it serves the call, else FlashAttention-4
+        where it is installed and serves the call, else this package's Triton kernel; the rule
+        is kernels/attention.py's, the measurements docs/performance.md's),
         "triton", or "fa4" (FA4's block-sparse path; ``pip install "scaling-compile[fa4]"``
         or ``[fa4-cu13]``, Hopper GPU; a call it cannot serve runs the Triton kernel, with a
         warning), or "gluon" (this package's warp-specialised Hopper kernel, sm90 only; other
