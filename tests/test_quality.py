@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from scaling_compile import baselines, quality
+from scaling_compile.quality.pipeline import TINY_VAE
 
 from profiled import BLOCK, PROFILE_LATENT, chunked_path, inputs, planted, planted_topology, token_grid  # noqa: F401
 
@@ -125,6 +126,6 @@ def test_every_preset_gives_pixel_sizes_the_pipeline_accepts(name):
     """WanPipeline refuses heights and widths not divisible by 16: each preset's latent times its
     VAE's spatial factor must be (the 720p preset once asked for 360 x 640 with a 4x VAE)."""
     cfg = quality.PRESETS[name]
-    spatial = {**quality.TINY_VAE, **cfg.vae}["scale_factor_spatial"]
+    spatial = {**TINY_VAE, **cfg.vae}["scale_factor_spatial"]
     _, height, width = cfg.latent
     assert (height * spatial) % 16 == 0 and (width * spatial) % 16 == 0, (height * spatial, width * spatial)
