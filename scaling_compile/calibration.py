@@ -225,6 +225,26 @@ def _compute_dtype(model) -> torch.dtype:
     return max(sizes, key=sizes.get) if sizes else torch.float32
 
 
+def _text_setup(model, text_len, device, dtype):
+    """``(config, device, dtype, text_len, text_dim)`` of a model's synthetic inputs: the device of its
+    first parameter, its compute dtype and its default text length where not given, its text width."""
+    config = _model_config(model)
+    parameter = next(model.parameters())
+    device = parameter.device if device is None else torch.device(device)
+    dtype = _compute_dtype(model) if dtype is None else dtype
+    text_len = _default_text_len(model, config, text_len)
+    return config, device, dtype, text_len, _text_dim(config)
+
+
+def _random_prompt(generator, text_len: int, text_dim: int, embedding_std: float) -> tuple[torch.Tensor, int]:
+    """One random-length prompt embedding (between text_len/8 and text_len/2 tokens of std
+    ``embedding_std``, zero padded to ``text_len``), float32 on the CPU, and its length."""
+    length = int(torch.randint(max(1, text_len // 8), max(2, text_len // 2 + 1), (1,), generator=generator))
+    embedding = torch.zeros(1, text_len, text_dim)
+    embedding[:, :length] = embedding_std * torch.randn(1, length, text_dim, generator=generator)
+    return embedding, length
+
+
 def prompt_embeddings(model, count: int, *, seed: int, text_len: int | None = None, embedding_std: float = 0.2,
                       device=None, dtype=None) -> list[torch.Tensor]:
     """``count`` prompt embeddings shaped like Wan's T5 context: ``(1, text_len, text_dim)`` (512
@@ -232,18 +252,11 @@ def prompt_embeddings(model, count: int, *, seed: int, text_len: int | None = No
     values with std ``embedding_std``, zero padded to ``text_len`` as Wan's pipeline pads. The
     same generator as :func:`synthetic_calibration` (``seed`` picks them: keep the harness's seeds
     apart from the profiler's, so the evaluation uses prompts the profiler never saw)."""
-    config = _model_config(model)
-    parameter = next(model.parameters())
-    device = parameter.device if device is None else torch.device(device)
-    dtype = _compute_dtype(model) if dtype is None else dtype
-    text_len = _default_text_len(model, config, text_len)
-    text_dim = _text_dim(config)
+    _config, device, dtype, text_len, text_dim = _text_setup(model, text_len, device, dtype)
     generator = torch.Generator(device="cpu").manual_seed(seed)
     out = []
     for _ in range(count):
-        length = int(torch.randint(max(1, text_len // 8), max(2, text_len // 2 + 1), (1,), generator=generator))
-        embedding = torch.zeros(1, text_len, text_dim)
-        embedding[:, :length] = embedding_std * torch.randn(1, length, text_dim, generator=generator)
+        embedding, _length = _random_prompt(generator, text_len, text_dim, embedding_std)
         out.append(embedding.to(device=device, dtype=dtype))
     return out
 
@@ -279,12 +292,7 @@ def synthetic_calibration(
     """
     if num_prompts < 1 or num_latents < 1 or num_timesteps < 1:
         raise ValueError("num_prompts, num_latents and num_timesteps must be >= 1")
-    config = _model_config(model)
-    parameter = next(model.parameters())
-    device = parameter.device if device is None else torch.device(device)
-    dtype = _compute_dtype(model) if dtype is None else dtype
-    text_len = _default_text_len(model, config, text_len)
-    text_dim = _text_dim(config)
+    config, device, dtype, text_len, text_dim = _text_setup(model, text_len, device, dtype)
     frames, height, width = (int(v) for v in latent_shape)
     shape = (1, _config_value(config, CHANNEL_KEYS, "latent channels"), frames, height, width)
     extras_generator = torch.Generator(device="cpu").manual_seed(seed + 7919)  # the main stream stays Wan's
@@ -296,9 +304,7 @@ def synthetic_calibration(
     samples = []
     for prompt in range(num_prompts):
         group = prompt % groups
-        length = int(torch.randint(max(1, text_len // 8), max(2, text_len // 2 + 1), (1,), generator=generator))
-        embedding = torch.zeros(1, text_len, text_dim)
-        embedding[:, :length] = embedding_std * torch.randn(1, length, text_dim, generator=generator)
+        embedding, length = _random_prompt(generator, text_len, text_dim, embedding_std)
         for j in range(num_timesteps):
             progress = (j + 0.5) / num_timesteps
             sigma = shifted_sigma(progress, flow_shift)
