@@ -43,17 +43,10 @@ import torch
 
 
 def cuda_ms(fn, iters: int) -> float:
+    from scaling_compile.bench import event_times_ms
+
     fn()  # warm-up (mask instantiation after a budget switch, autotuning)
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+    return statistics.median(event_times_ms(fn, iters))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -69,16 +69,10 @@ def quantize(model, how: str):
 
 def cuda_ms(fn, iters: int) -> float:
     """Median CUDA-event time of ``fn`` in ms (the first, compiling call is the warm-up)."""
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return sorted(times)[len(times) // 2]
+    from scaling_compile.bench import event_times_ms
+
+    times = sorted(event_times_ms(fn, iters))
+    return times[len(times) // 2]
 
 
 def main(argv=None) -> int:

@@ -102,19 +102,28 @@ def run(args) -> int:
     return 0
 
 
+def event_times_ms(fn, iters: int) -> list[float]:
+    """CUDA-event times in ms of ``iters`` calls of ``fn``, one after another (no warm-up, the
+    device synchronized around each)."""
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(iters):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return times
+
+
 def cuda_ms(fn, warmup: int = 2, iters: int = 5) -> float:
     """Median time of ``fn`` in ms by ``triton.testing.do_bench`` (CUDA events, L2 flushed between
     calls), with about ``warmup`` untimed and ``iters`` timed calls: do_bench takes milliseconds, so
     both are sized from one first call (which is also a warm-up)."""
     from triton.testing import do_bench
 
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    fn()
-    end.record()
-    torch.cuda.synchronize()
-    estimate = max(start.elapsed_time(end), 1e-3)
+    estimate = max(event_times_ms(fn, 1)[0], 1e-3)
     return float(do_bench(fn, warmup=max(warmup - 1, 0) * estimate, rep=iters * estimate, return_mode="median"))
 
 
