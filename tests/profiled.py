@@ -7,7 +7,9 @@ takes half a minute.
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import warnings
 
 import pytest
 import torch
@@ -59,6 +61,17 @@ def token_grid(latent):
 @pytest.fixture
 def chunked_path(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+
+
+@contextlib.contextmanager
+def fresh_dynamo_quietly():
+    """Dynamo reset before and after; warnings silenced in between (diffusers' float32-module and
+    autocast notices)."""
+    torch._dynamo.reset()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
+    torch._dynamo.reset()
 
 
 def compile_counting(model, options):

@@ -27,17 +27,17 @@ the served-sparse tests of all but four families (wan, cogvideox, hunyuan_video,
 from __future__ import annotations
 
 import functools
-import warnings
 
 import pytest
 import torch
-import torch.nn.functional as F
-from torch.overrides import TorchFunctionMode
 
 import scaling_compile as sc
 from scaling_compile.kernels.reference import token_mask_from_blocks
 from scaling_compile.testing.families import FAMILIES, UNBUILT
 from scaling_compile.testing.families.attention import served_pattern, survey, video_lengths, video_masks
+
+from masked_reference import PerCallMasks, sample
+from profiled import fresh_dynamo_quietly
 
 NAMES = list(FAMILIES)
 BLOCK = 16
@@ -46,17 +46,8 @@ TOL = dict(atol=1e-5, rtol=1e-5)
 
 @pytest.fixture(autouse=True)
 def fresh_dynamo():
-    torch._dynamo.reset()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # diffusers' float32-module and autocast notices
+    with fresh_dynamo_quietly():
         yield
-    torch._dynamo.reset()
-
-
-def sample(output) -> torch.Tensor:
-    if isinstance(output, tuple):
-        output = output[0]
-    return getattr(output, "sample", output)
 
 
 @functools.lru_cache(maxsize=None)
@@ -241,7 +232,7 @@ def test_report_keys_name_each_call_by_its_full_module_path(name):
     """One report entry per eager SDPA call, keyed by the call's own module path (and ordinal)."""
     model, inputs, _, sv = measured(name)
     keys = sorted(d.key for d in sc.sdpa_nodes(model, **inputs))
-    expected = sorted(c.module if c.ordinal == 0 else f"{c.module}#{c.ordinal}" for c in sv.calls)
+    expected = sorted(c.key for c in sv.calls)
     assert keys == expected
 
 
@@ -289,39 +280,16 @@ NOT_SERVED_TODAY = {
 CHEAP_SERVED = {"wan", "cogvideox", "hunyuan_video", "ltx"}
 
 
-class _VideoMasked(TorchFunctionMode):
+class _VideoMasked(PerCallMasks):
     """The reference: SDPA call ``i`` attends within its video block mask on the video x video
     part; every other row and column (text, history, audio) is kept; its own attn_mask applies."""
 
-    def __init__(self, layouts, masks):
-        super().__init__()
-        self.layouts, self.masks, self.index = layouts, masks, 0
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = dict(kwargs or {})
-        if func not in (F.scaled_dot_product_attention, torch._C._nn.scaled_dot_product_attention):
-            return func(*args, **kwargs)
-        call = self.layouts[self.index]
-        self.index += 1
-        key = call.module if call.ordinal == 0 else f"{call.module}#{call.ordinal}"
-        if key not in self.masks:
-            return func(*args, **kwargs)
-        names = ["query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale"]
-        bound = dict(zip(names, args)) | kwargs
-        q = bound["query"]
-        seq, video = q.shape[-2], call.video_rows
+    def allowed(self, call, mask, seq):
+        video = call.video_rows
         if seq == len(video):  # video only: the mask as written
-            allowed = token_mask_from_blocks(self.masks[key], seq, seq, BLOCK, BLOCK)
-        else:  # joint: the video mask at the kernel's block granularity, other tokens' blocks kept
-            allowed = served_pattern(self.masks[key], seq, video[0], len(video), BLOCK)
-        own = bound.get("attn_mask")
-        if own is None:
-            bound["attn_mask"] = allowed
-        elif own.dtype == torch.bool:
-            bound["attn_mask"] = own & allowed
-        else:
-            bound["attn_mask"] = own.masked_fill(~allowed, float("-inf"))
-        return func(**bound)
+            return token_mask_from_blocks(mask, seq, seq, BLOCK, BLOCK)
+        # joint: the video mask at the kernel's block granularity, other tokens' blocks kept
+        return served_pattern(mask, seq, video[0], len(video), BLOCK)
 
 
 def masked_reference(model, inputs, sv, masks) -> torch.Tensor:

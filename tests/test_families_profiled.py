@@ -26,12 +26,13 @@ import warnings
 
 import pytest
 import torch
-import torch.nn.functional as F
-from torch.overrides import TorchFunctionMode
 
 import scaling_compile as sc
 from scaling_compile.testing.families import FAMILIES
 from scaling_compile.testing.families.attention import patch_sizes, served_pattern, survey
+
+from masked_reference import PerCallMasks, sample
+from profiled import chunked_path, fresh_dynamo_quietly  # noqa: F401  (chunked_path: fixture)
 
 BLOCK = 16
 
@@ -86,20 +87,10 @@ def test_every_family_is_profiled_or_says_why():
 
 
 @pytest.fixture(autouse=True)
-def quiet_and_fresh(monkeypatch):
+def quiet_and_fresh(chunked_path):
     # the op's chunked PyTorch path on CPU tensors (the Triton kernel has its own tests)
-    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    torch._dynamo.reset()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+    with fresh_dynamo_quietly():
         yield
-    torch._dynamo.reset()
-
-
-def _sample(output) -> torch.Tensor:
-    if isinstance(output, tuple):
-        output = output[0]
-    return getattr(output, "sample", output)
 
 
 def _token_grid(fam, grid) -> tuple[int, int, int]:
@@ -127,34 +118,11 @@ def profiled(name: str, tmp_path):
     return fam, model, fam.inputs(grid, seed=7), loaded
 
 
-class _ServedPattern(TorchFunctionMode):
+class _ServedPattern(PerCallMasks):
     """The reference: SDPA call ``i`` restricted to the served block pattern of its artifact entry."""
 
-    def __init__(self, calls, masks):
-        super().__init__()
-        self.calls, self.masks, self.index = calls, masks, 0
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = dict(kwargs or {})
-        if func not in (F.scaled_dot_product_attention, torch._C._nn.scaled_dot_product_attention):
-            return func(*args, **kwargs)
-        call = self.calls[self.index]
-        self.index += 1
-        key = call.module if call.ordinal == 0 else f"{call.module}#{call.ordinal}"
-        names = ["query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale"]
-        bound = dict(zip(names, args)) | kwargs
-        if key not in self.masks:
-            return func(**bound)
-        seq = bound["query"].shape[-2]
-        allowed = served_pattern(self.masks[key], seq, call.video_rows[0], len(call.video_rows), BLOCK)
-        own = bound.get("attn_mask")
-        if own is None:
-            bound["attn_mask"] = allowed
-        elif own.dtype == torch.bool:
-            bound["attn_mask"] = own & allowed
-        else:
-            bound["attn_mask"] = own.masked_fill(~allowed, float("-inf"))
-        return func(**bound)
+    def allowed(self, call, mask, seq):
+        return served_pattern(mask, seq, call.video_rows[0], len(call.video_rows), BLOCK)
 
 
 def reference(fam, model, inputs, topology):
@@ -164,15 +132,15 @@ def reference(fam, model, inputs, topology):
     token_grid = _token_grid(fam, grid)
     masks = {}
     for call in sv.calls:
-        key = call.module if call.ordinal == 0 else f"{call.module}#{call.ordinal}"
+        key = call.key
         if key in topology and call.serves_video:
             video = len(call.video_rows)
             assert video == math.prod(token_grid), f"{key}: {video} video rows, grid {token_grid}"
             masks[key] = topology.block_mask(key, seq_len=video, num_heads=call.query_shape[1], grid=token_grid)
     with torch.no_grad():
-        dense = _sample(model(**inputs)).clone()
+        dense = sample(model(**inputs)).clone()
         with _ServedPattern(sv.calls, masks):
-            expected = _sample(model(**inputs)).clone()
+            expected = sample(model(**inputs)).clone()
     return expected, dense, masks
 
 
@@ -192,9 +160,9 @@ def _run(model, inputs, stated=None):
     with torch.no_grad():
         if stated is not None:
             with sc.token_grid(stated):
-                out = _sample(model(**inputs))
+                out = sample(model(**inputs))
         else:
-            out = _sample(model(**inputs))
+            out = sample(model(**inputs))
     return out, served_keys(first)
 
 

@@ -9,11 +9,8 @@ current step's bucket (dense on the schedule's warm-up step), written here.
 
 from __future__ import annotations
 
-import warnings
-
 import pytest
 import torch
-import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
 import scaling_compile as sc
@@ -27,6 +24,9 @@ from scaling_compile.pipelines import (
 )
 from scaling_compile.testing.families import FAMILIES
 
+from masked_reference import SDPA_ARGUMENTS, SDPA_FUNCTIONS
+from profiled import chunked_path, fresh_dynamo_quietly  # noqa: F401  (chunked_path: fixture)
+
 pytest.importorskip("transformers")  # diffusers' WanPipeline imports it, even with no text encoder
 
 BLOCK = 16
@@ -37,13 +37,9 @@ SIZE = dict(height=128, width=128, num_frames=5)
 
 
 @pytest.fixture(autouse=True)
-def chunked_and_quiet(monkeypatch):
-    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    torch._dynamo.reset()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+def chunked_and_quiet(chunked_path):
+    with fresh_dynamo_quietly():
         yield
-    torch._dynamo.reset()
 
 
 def wan22_pipeline(seed_high=0, seed_low=1):
@@ -82,12 +78,11 @@ class _ScheduledMasks(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = dict(kwargs or {})
-        if func not in (F.scaled_dot_product_attention, torch._C._nn.scaled_dot_product_attention) or not self.current:
+        if func not in SDPA_FUNCTIONS or not self.current:
             return func(*args, **kwargs)
         name, key = self.current
         self.current = None
-        names = ["query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale"]
-        bound = dict(zip(names, args)) | kwargs
+        bound = dict(zip(SDPA_ARGUMENTS, args)) | kwargs
         mask = self.masks[(name, key, self.schedule.bucket_of(self.step, STEPS))]
         bound["attn_mask"] = token_mask_from_blocks(mask, 128, 128, BLOCK, BLOCK)
         return func(**bound)

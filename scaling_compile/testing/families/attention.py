@@ -256,6 +256,11 @@ class CallLayout:
         """A self-attention call whose queries include video tokens (what sparse attention serves)."""
         return self.query_shape[-2] == self.key_shape[-2] and bool(self.video_rows)
 
+    @property
+    def key(self) -> str:
+        """The call's artifact key: its module's path, ``#ordinal`` after it from the second call on."""
+        return self.module if self.ordinal == 0 else f"{self.module}#{self.ordinal}"
+
 
 @dataclass
 class Survey:
@@ -404,7 +409,7 @@ def _video_calls(sv: Survey):
     """The calls of a survey that attend over video tokens (not the per-pixel temporal kind), with their keys."""
     for call in sv.calls:
         if call.serves_video and "per pixel" not in call.kind:
-            yield (call.module if call.ordinal == 0 else f"{call.module}#{call.ordinal}"), call
+            yield call.key, call
 
 
 def video_masks(sv: Survey, block: int, seed: int = 0) -> dict[str, torch.Tensor]:
