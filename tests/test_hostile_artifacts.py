@@ -167,20 +167,21 @@ def _resigned(data: bytes, change) -> bytes:
     return signed_artifact_bytes(load(data), fields)
 
 
-def _meta(change):
+def _json_field(name, change):
+    """An edit of the header's JSON field ``name``: ``change`` applied to it, decoded, in place."""
     def edit(fields):
-        meta = json.loads(fields["metadata"])
-        change(meta)
-        fields["metadata"] = json.dumps(meta)
+        value = json.loads(fields[name])
+        change(value)
+        fields[name] = json.dumps(value)
     return edit
+
+
+def _meta(change):
+    return _json_field("metadata", change)
 
 
 def _nodes(change):
-    def edit(fields):
-        nodes = json.loads(fields["nodes"])
-        change(nodes)
-        fields["nodes"] = json.dumps(nodes)
-    return edit
+    return _json_field("nodes", change)
 
 
 MALFORMED = {
