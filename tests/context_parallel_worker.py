@@ -51,6 +51,11 @@ def _served_masks(first_plan: int) -> dict:
 
 def run_rank(rank: int, world: int, port: int, workdir: str, artifact: str, num_layers: int, heads: int,
              regional_inner: str = "inductor") -> None:
+    _in_gloo_group(rank, world, port, _run, rank, world, workdir, artifact, num_layers, heads, regional_inner)
+
+
+def _in_gloo_group(rank: int, world: int, port: int, run, *args) -> None:
+    """``run(*args)`` as rank ``rank`` of a gloo process group of ``world`` ranks on ``port``."""
     os.environ.pop("TRITON_INTERPRET", None)  # the op's chunked PyTorch path: the kernel has its own tests
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
@@ -59,9 +64,16 @@ def run_rank(rank: int, world: int, port: int, workdir: str, artifact: str, num_
 
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        _run(rank, world, workdir, artifact, num_layers, heads, regional_inner)
+        run(*args)
     finally:
         dist.destroy_process_group()
+
+
+def _uncompile_blocks(model) -> None:
+    """The regional compilation undone (for the whole-model compilation next)."""
+    for block in model.blocks:
+        block._compiled_call_impl = None
+    torch._dynamo.reset()
 
 
 def _run(rank, world, workdir, artifact, num_layers, heads, regional_inner):
@@ -92,9 +104,7 @@ def _run(rank, world, workdir, artifact, num_layers, heads, regional_inner):
             result["regional_again"] = model(**inputs, return_dict=False)[0]
         result["regional_graphs"] = graphs
         result["regional_masks"] = _served_masks(first_plan)
-        for block in model.blocks:
-            block._compiled_call_impl = None
-        torch._dynamo.reset()
+        _uncompile_blocks(model)
 
         graphs = []
         first_plan = plans.plan_count()
@@ -135,17 +145,8 @@ def _flash_attention_on_cpu() -> None:
 def run_ring_rank(rank: int, world: int, port: int, workdir: str, artifact: str, num_layers: int, heads: int,
                   ring: int, ulysses: int, inner: str = "eager", inspect: bool = True) -> None:
     """One rank of a ring (or Ulysses x ring) run: dense eager ring, then the compiled sparse one."""
-    os.environ.pop("TRITON_INTERPRET", None)  # the chunked PyTorch path: the kernel has its own tests
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
-    torch.set_num_threads(1)
-    import torch.distributed as dist
-
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        _run_ring(rank, workdir, artifact, num_layers, heads, ring, ulysses, inner, inspect)
-    finally:
-        dist.destroy_process_group()
+    _in_gloo_group(rank, world, port, _run_ring, rank, workdir, artifact, num_layers, heads, ring, ulysses, inner,
+                   inspect)
 
 
 def _run_ring(rank, workdir, artifact, num_layers, heads, ring, ulysses, inner, inspect):
@@ -176,9 +177,7 @@ def _run_ring(rank, workdir, artifact, num_layers, heads, ring, ulysses, inner, 
         if inspect:
             with torch._dynamo.config.patch(error_on_recompile=True):
                 result["regional_again"] = model(**inputs, return_dict=False)[0]
-            for block in model.blocks:
-                block._compiled_call_impl = None
-            torch._dynamo.reset()
+            _uncompile_blocks(model)
             graphs = []  # whole model: every layer's ring loop in one graph, earlier layers' gathers upstream
             compiled = torch.compile(model, backend=_ring_spy(graphs), options={**options, "inner": "eager"})
             result["whole"] = compiled(**inputs, return_dict=False)[0]
