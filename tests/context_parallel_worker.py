@@ -69,6 +69,21 @@ def _in_gloo_group(rank: int, world: int, port: int, run, *args) -> None:
         dist.destroy_process_group()
 
 
+def _eager_then_regional(model, inputs, spy, options: dict, result: dict) -> tuple[list, int]:
+    """``result["eager_dense"]``, then ``result["regional"]``: the blocks compiled regionally
+    (``fullgraph=True``) by the ``spy`` backend with ``options``. Returns the graphs ``spy`` recorded
+    and the first plan id of that compilation. Eager first: diffusers' split hooks read the blocks'
+    signature on their first call, which Dynamo cannot trace under fullgraph=True."""
+    from scaling_compile import plans
+
+    result["eager_dense"] = model(**inputs, return_dict=False)[0]
+    graphs: list = []
+    first_plan = plans.plan_count()
+    model.compile_repeated_blocks(backend=spy(graphs), options=options, fullgraph=True)
+    result["regional"] = model(**inputs, return_dict=False)[0]
+    return graphs, first_plan
+
+
 def _uncompile_blocks(model) -> None:
     """The regional compilation undone (for the whole-model compilation next)."""
     for block in model.blocks:
@@ -91,15 +106,7 @@ def _run(rank, world, workdir, artifact, num_layers, heads, regional_inner):
     options = {"artifact": artifact, "strict": True}
     result = {"rank": rank}
     with torch.no_grad():
-        # eager first: diffusers' split hooks read the blocks' signature on their first call,
-        # which Dynamo cannot trace under fullgraph=True
-        result["eager_dense"] = model(**inputs, return_dict=False)[0]
-
-        graphs: list = []
-        first_plan = plans.plan_count()
-        model.compile_repeated_blocks(backend=_spy(graphs), options={**options, "inner": regional_inner},
-                                    fullgraph=True)
-        result["regional"] = model(**inputs, return_dict=False)[0]
+        graphs, first_plan = _eager_then_regional(model, inputs, _spy, {**options, "inner": regional_inner}, result)
         with torch._dynamo.config.patch(error_on_recompile=True):
             result["regional_again"] = model(**inputs, return_dict=False)[0]
         result["regional_graphs"] = graphs
@@ -167,11 +174,7 @@ def _run_ring(rank, workdir, artifact, num_layers, heads, ring, ulysses, inner, 
     options = {"artifact": artifact, "strict": True}
     result = {"rank": rank}
     with torch.no_grad():
-        result["eager_dense"] = model(**inputs, return_dict=False)[0]
-        graphs: list = []
-        first_plan = plans.plan_count()
-        model.compile_repeated_blocks(backend=_ring_spy(graphs), options={**options, "inner": inner}, fullgraph=True)
-        result["regional"] = model(**inputs, return_dict=False)[0]
+        graphs, first_plan = _eager_then_regional(model, inputs, _ring_spy, {**options, "inner": inner}, result)
         result["regional_graphs"] = graphs
         result["regional_plans"] = [str(p.topology) for p in plans.all_plans(first_plan)]
         if inspect:

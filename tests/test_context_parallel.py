@@ -167,35 +167,46 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def ulysses_run(tmp_path_factory):
+def spawn_ranks(run, world: int, workdir, *args) -> list[dict]:
+    """``run(rank, world, port, str(workdir), *args)`` in ``world`` processes (a gloo group); what each
+    rank saved (``rank{r}.pt`` in ``workdir``). Skips where gloo or the processes cannot run."""
     if not _gloo_usable():
         pytest.skip("torch.distributed with gloo is not available")
     import torch.multiprocessing as mp
 
+    try:
+        mp.spawn(run, nprocs=world, args=(world, _free_port(), str(workdir), *args))
+    except (RuntimeError, OSError) as error:  # pragma: no cover - sandboxes without sockets/processes
+        if "Address" in str(error) or "Permission" in str(error):
+            pytest.skip(f"cannot run {world} gloo processes here: {error}")
+        raise
+    return [torch.load(workdir / f"rank{r}.pt", weights_only=False) for r in range(world)]
+
+
+def single_process_runs(masks: dict[str, torch.Tensor], artifact) -> dict:
+    """The tiny Wan in one process: ``expected``, its masked reference; ``single``, compiled sparse from
+    the ``artifact`` file (made from ``masks``, without any parallelism); ``dense``, eager."""
+    model, inputs = tiny_wan(num_layers=LAYERS, heads=HEADS), wan_inputs()
+    expected = run_masked(model, masks, BLOCK, **inputs, return_dict=False)[0]
+    torch._dynamo.reset()
+    with torch.no_grad():
+        single = torch.compile(model, backend="scaling", options={"artifact": str(artifact), "strict": True,
+                                                                  "inner": "eager"})(**inputs, return_dict=False)[0]
+        dense = model(**inputs, return_dict=False)[0]
+    torch._dynamo.reset()
+    return {"expected": expected, "single": single, "dense": dense, "model": model, "inputs": inputs}
+
+
+@pytest.fixture(scope="module")
+def ulysses_run(tmp_path_factory):
     from context_parallel_worker import run_rank
 
     workdir = tmp_path_factory.mktemp("ulysses")
     masks = head_varying_masks()
     artifact = workdir / "artifact.safetensors"  # one artifact, made without any parallelism
     sc.Topology.from_block_masks(masks, block_size=BLOCK, seq_len=48).save(artifact)
-    try:
-        mp.spawn(run_rank, args=(2, _free_port(), str(workdir), str(artifact), LAYERS, HEADS), nprocs=2)
-    except (RuntimeError, OSError) as error:  # pragma: no cover - sandboxes without sockets/processes
-        if "Address" in str(error) or "Permission" in str(error):
-            pytest.skip(f"cannot run two gloo processes here: {error}")
-        raise
-    ranks = [torch.load(workdir / f"rank{r}.pt", weights_only=False) for r in range(2)]
-    model, inputs = tiny_wan(num_layers=LAYERS, heads=HEADS), wan_inputs()
-    expected = run_masked(model, masks, BLOCK, **inputs, return_dict=False)[0]
-    torch._dynamo.reset()
-    with torch.no_grad():  # the single-process sparse run, same artifact file
-        single = torch.compile(model, backend="scaling", options={"artifact": str(artifact), "strict": True,
-                                                                  "inner": "eager"})(**inputs, return_dict=False)[0]
-        dense = model(**inputs, return_dict=False)[0]
-    torch._dynamo.reset()
-    return {"ranks": ranks, "masks": masks, "expected": expected, "single": single, "dense": dense,
-            "model": model, "inputs": inputs}
+    ranks = spawn_ranks(run_rank, 2, workdir, str(artifact), LAYERS, HEADS)
+    return {"ranks": ranks, "masks": masks, **single_process_runs(masks, artifact)}
 
 
 @pytest.mark.slow

@@ -10,17 +10,13 @@ Every rank's output must equal the single-process sparse run and the masked refe
 
 from __future__ import annotations
 
-import socket
-
 import pytest
 import torch
 
 import scaling_compile as sc
 from scaling_compile.ring import rows_attention
 
-from masked_reference import run_masked
-from models import tiny_wan, wan_inputs
-from test_context_parallel import BLOCK, HEADS, LAYERS, _gloo_usable, head_varying_masks
+from test_context_parallel import BLOCK, HEADS, LAYERS, head_varying_masks, single_process_runs, spawn_ranks
 
 SEQ = 48  # wan_inputs(): 3 x 4 x 4 tokens
 
@@ -52,12 +48,6 @@ def test_rows_attention_is_the_slice_of_the_whole_call(q_start, rows, dense, ker
 
 
 # -- processes, gloo ------------------------------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     """The artifact (made without parallelism), the masked reference and the single-process sparse run."""
@@ -65,34 +55,15 @@ def reference(tmp_path_factory):
     masks = head_varying_masks()
     artifact = workdir / "artifact.safetensors"
     sc.Topology.from_block_masks(masks, block_size=BLOCK, seq_len=SEQ).save(artifact)
-    model, inputs = tiny_wan(num_layers=LAYERS, heads=HEADS), wan_inputs()
-    expected = run_masked(model, masks, BLOCK, **inputs, return_dict=False)[0]
-    torch._dynamo.reset()
-    with torch.no_grad():
-        single = torch.compile(model, backend="scaling", options={"artifact": str(artifact), "strict": True,
-                                                                  "inner": "eager"})(**inputs, return_dict=False)[0]
-        dense = model(**inputs, return_dict=False)[0]
-    torch._dynamo.reset()
-    return {"artifact": artifact, "expected": expected, "single": single, "dense": dense}
+    return {"artifact": artifact, **single_process_runs(masks, artifact)}
 
 
 def _run(tmp_path_factory, reference, ring: int, ulysses: int, inspect: bool):
-    if not _gloo_usable():
-        pytest.skip("torch.distributed with gloo is not available")
-    import torch.multiprocessing as mp
-
     from context_parallel_worker import run_ring_rank
 
     workdir = tmp_path_factory.mktemp(f"ring{ring}x{ulysses}")
-    world = ring * ulysses
-    try:
-        mp.spawn(run_ring_rank, nprocs=world, args=(world, _free_port(), str(workdir), str(reference["artifact"]),
-                                                   LAYERS, HEADS, ring, ulysses, "eager", inspect))
-    except (RuntimeError, OSError) as error:  # pragma: no cover - sandboxes without sockets/processes
-        if "Address" in str(error) or "Permission" in str(error):
-            pytest.skip(f"cannot run {world} gloo processes here: {error}")
-        raise
-    return [torch.load(workdir / f"rank{r}.pt", weights_only=False) for r in range(world)]
+    return spawn_ranks(run_ring_rank, ring * ulysses, workdir, str(reference["artifact"]), LAYERS, HEADS, ring,
+                       ulysses, "eager", inspect)
 
 
 @pytest.fixture(scope="module")
