@@ -50,6 +50,8 @@ def parse_args(argv=None):
     parser.add_argument("--prompts", type=int, default=None)
     parser.add_argument("--compile", default=None, choices=["whole", "regional"])
     parser.add_argument("--no-speed", action="store_true", help="on cuda: skip the speed measurement")
+    parser.add_argument("--no-decode", action="store_true",
+                        help="skip decoding the videos (no PSNR / SSIM of frames; the final-latent PSNR is reported)")
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--query-frames", type=int, default=None,
                         help="profile measuring this many query frames of each call (cost grows with S)")
@@ -74,7 +76,7 @@ def config_from_args(args):
     if args.device and not args.dtype:
         cfg = dataclasses.replace(cfg, dtype="bfloat16" if args.device.startswith("cuda") else "float32")
     speed = cfg.device.startswith("cuda") and not args.no_speed
-    return dataclasses.replace(cfg, speed=speed)
+    return dataclasses.replace(cfg, speed=speed, decode=not args.no_decode)
 
 
 def main(argv=None) -> int:

@@ -10,9 +10,9 @@ block-sparse on the same mask, where flash-attn-4 is installed) and this package
 every sparse output is checked against ours. ``model``: the whole Wan transformer forward,
 Inductor with dense SDPA against the scaling backend at each budget, with regional
 (``compile_repeated_blocks``) and/or whole-model compilation; compile time, forward time,
-speedup and the share of the Amdahl bound reached (bound = dense time minus the saved
-share of the dense self-attention time, timed inside the compiled dense forward by
-torch.profiler, same process). ``loop``: a whole 50-step denoising loop, profiled near the
+speedup and the share of the Amdahl bound reached (bound = the forward with every
+self-attention call replaced by a free stand-in, plus density x the dense self-attention
+time; each self-attention time is a forward minus that one, same process). ``loop``: a whole 50-step denoising loop, profiled near the
 serving size, served with a :class:`~scaling_compile.schedule.StepSchedule` chosen from FAST's
 per-step sensitivity (dense warm-up ``auto`` or fixed, per-step budgets) against the Inductor
 dense loop: seconds, speedup, final-latent PSNR and the schedule used.
@@ -21,6 +21,7 @@ dense loop: seconds, speedup, final-latent PSNR and the schedule used.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import time
@@ -127,50 +128,38 @@ def cuda_ms(fn, warmup: int = 2, iters: int = 5) -> float:
     return float(do_bench(fn, warmup=max(warmup - 1, 0) * estimate, rep=iters * estimate, return_mode="median"))
 
 
-# Operators whose device time is attention: the package's op, and SDPA with each of its backends
-# (a nested one, e.g. SDPA inside a dense fallback of the op, is counted once, at the outermost).
-ATTENTION_OPS = ("scaling::sparse_sdpa", "aten::scaled_dot_product_attention", "aten::_scaled_dot_product_")
+# A stand-in for self-attention that costs nothing on the device but keeps q, k and v alive (so
+# Inductor cannot drop the projections, norms and RoPE that feed them): the forward timed with it
+# is the model without its self-attention, and the difference to a forward is that forward's
+# self-attention time, measured inside the model with the model's clocks and caches.
+_BENCH_OPS = torch.library.Library("scaling_bench", "DEF")
+_BENCH_OPS.define("skip_attention(Tensor query, Tensor key, Tensor value) -> Tensor")
+_BENCH_OPS.impl("skip_attention", lambda query, key, value: torch.empty_like(query), "CompositeExplicitAutograd")
+torch.library.register_fake("scaling_bench::skip_attention", lambda query, key, value: torch.empty_like(query),
+                            lib=_BENCH_OPS)
 
 
-def _is_attention(name: str) -> bool:
-    return any(name == op or (op.endswith("_") and name.startswith(op)) for op in ATTENTION_OPS)
+@contextlib.contextmanager
+def skipping_self_attention():
+    """While open, SDPA calls whose query and key have the same length and no mask (the self-attention
+    of a Wan block; cross-attention to text is kept) return an uninitialised tensor instead of
+    attending (``torch.ops.scaling_bench.skip_attention``). Compile inside it: Dynamo traces the
+    stand-in. For timing only: the outputs are meaningless."""
+    import torch.nn.functional as F
 
+    original = F.scaled_dot_product_attention
 
-def self_attention_in_model(fn, iters: int = 2) -> dict:
-    """Self-attention inside ``fn`` (a compiled forward), as the model runs it: torch.profiler's
-    device time of the outermost attention operators whose query and key have the same shape
-    (cross-attention to text is left out), per call of ``fn``.
+    def stand_in(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **kwargs):
+        if attn_mask is None and not is_causal and query.shape[-2] == key.shape[-2]:
+            return torch.ops.scaling_bench.skip_attention(query, key, value)
+        return original(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
+                        scale=scale, **kwargs)
 
-    Returns ``{"ms": device ms per call of fn, "calls": attention calls per call of fn}``. Timed
-    inside the model rather than alone, the kernels see the model's clocks and caches (a
-    power-capped card runs a lone attention call slower than inside a forward).
-    """
-    from torch.profiler import ProfilerActivity, profile
-
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
-    fn()
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    with profile(activities=activities, record_shapes=True) as trace:
-        for _ in range(iters):
-            fn()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-    device_us, calls = 0.0, 0
-    for event in trace.events():
-        if not _is_attention(event.name):
-            continue
-        parent = event.cpu_parent
-        while parent is not None and not _is_attention(parent.name):
-            parent = parent.cpu_parent
-        if parent is not None:
-            continue  # inside another attention operator: counted there
-        shapes = event.input_shapes or []
-        if event.name != "scaling::sparse_sdpa" and not (len(shapes) >= 2 and shapes[0] and shapes[0] == shapes[1]):
-            continue  # cross-attention (keys of another length), or shapes unknown
-        device_us += float(getattr(event, "device_time_total", 0.0) or 0.0)
-        calls += 1
-    return {"ms": device_us / 1000.0 / iters, "calls": calls / iters}
+    F.scaled_dot_product_attention = stand_in
+    try:
+        yield
+    finally:
+        F.scaled_dot_product_attention = original
 
 
 def _guess_grid(seq: int) -> tuple[int, int, int]:
@@ -288,7 +277,7 @@ def bench_model(args) -> dict:
     print(f"{args.config}: {layers} layers x {heads} heads, grid {grid} = {seq} tokens, bf16, {torch.cuda.get_device_name()}")
     results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "config": args.config,
                "grid": grid, "seq": seq, "kernels": kernels, "rows": []}
-    baselines = [("inductor", None)] + ([("fa4", None)] if "fa4" in kernels else [])
+    baselines = [("inductor", None), ("skip", None)] + ([("fa4", None)] if "fa4" in kernels else [])
     sparse = [(kernel, budget) for kernel in kernels for budget in args.budgets]
     order = sparse + baselines if args.sparse_first else baselines + sparse
     runs = [(mode, kernel, budget) for mode in args.modes for kernel, budget in order]
@@ -301,42 +290,37 @@ def bench_model(args) -> dict:
         release_served_masks()  # the previous row's graphs are gone: free their device masks
         first_plan = plan_count()
         kwargs = {"backend": "inductor", "fullgraph": True}
-        if kernel != "inductor":
+        if kernel not in ("inductor", "skip"):
             masks = all_ones if budget is None else local_3d_mask(
                 grid, args.block_size, budget, heads, temporal_weights=(0.5, 1.0, 2.0, 4.0))
             topology = sc.Topology.from_block_masks({f"blocks.{i}.attn1": masks for i in range(layers)},
                                                     block_size=args.block_size, seq_len=seq)
             kwargs = {"backend": "scaling", "fullgraph": True,
                       "options": {"artifact": topology, "strict": True, "kernel": kernel}}
-        if mode == "regional":
-            if kernel != "inductor":
-                sc.register_root(model)  # the first call (the one that compiles the blocks) knows its grid too
-            model.compile_repeated_blocks(**kwargs)
-            call = model
-        else:
-            call = torch.compile(model, **kwargs)
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-        with torch.no_grad():
-            compile_s = _first_call_s(lambda: call(**inputs))
-            forward_ms = cuda_ms(lambda: call(**inputs), iters=args.iters)
-            attention = self_attention_in_model(lambda: call(**inputs))
+        # "skip": Inductor with every self-attention call replaced by a free stand-in (compiled and
+        # timed inside skipping_self_attention); what the other rows add to it is their self-attention.
+        context = skipping_self_attention() if kernel == "skip" else contextlib.nullcontext()
+        with context:
+            if mode == "regional":
+                if kernel not in ("inductor", "skip"):
+                    sc.register_root(model)  # the first call (the one that compiles the blocks) knows its grid too
+                model.compile_repeated_blocks(**kwargs)
+                call = model
+            else:
+                call = torch.compile(model, **kwargs)
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+            with torch.no_grad():
+                compile_s = _first_call_s(lambda: call(**inputs))
+                forward_ms = cuda_ms(lambda: call(**inputs), iters=args.iters)
         peak = torch.cuda.max_memory_allocated() / 2**30
         row = {"mode": mode, "kernel": kernel, "budget": budget, "compile_s": compile_s, "forward_ms": forward_ms,
-               "self_attention_ms": attention["ms"], "self_attention_calls": attention["calls"],
-               "peak_gib": peak, "mask_mib": served_mask_bytes(first_plan) / 2**20 if kernel != "inductor" else 0.0}
+               "peak_gib": peak, "mask_mib": served_mask_bytes(first_plan) / 2**20 if kernel not in ("inductor", "skip") else 0.0}
         results["rows"].append(row)
         label = "dense" if budget is None else budget
-        tqdm.write(f"{mode:9s} {kernel:8s} budget {label:>5}: compile {compile_s:6.1f} s, "
-                   f"forward {forward_ms:7.1f} ms (self-attention inside it {attention['ms']:.1f} ms, "
-                   f"{attention['calls']:.0f} calls), peak {peak:.2f} GiB")
-        if attention["ms"] > forward_ms:
-            tqdm.write(f"  warning: the profiler's self-attention time ({attention['ms']:.1f} ms) exceeds the whole "
-                       f"forward ({forward_ms:.1f} ms): the profiled run is not the timed one, and the Amdahl bound "
-                       "of this row is not reliable")
-        if attention["calls"] != layers:
-            tqdm.write(f"  warning: {attention['calls']:.0f} self-attention calls a forward found by the profiler, "
-                       f"expected {layers}: the Amdahl bound of this row is not reliable")
+        name = "no self-attention" if kernel == "skip" else kernel
+        tqdm.write(f"{mode:9s} {name:8s} budget {label:>5}: compile {compile_s:6.1f} s, "
+                   f"forward {forward_ms:7.1f} ms, peak {peak:.2f} GiB")
     _uncompile_blocks(model)
     _print_model_table(results, args.modes)
     if args.png:
@@ -350,35 +334,41 @@ def bench_model(args) -> dict:
 
 
 def _print_model_table(results: dict, modes) -> None:
-    """Speedup against Inductor dense (cuDNN SDPA) and FA4 dense; share of the Amdahl bound of each
-    kernel's family, the bound from that family's dense self-attention time measured inside its forward."""
+    """Speedup against Inductor dense (cuDNN SDPA) and FA4 dense; each row's self-attention time (its
+    forward minus the forward without self-attention, same process) and the share of the Amdahl
+    bound reached: bound = the forward without self-attention plus density x the dense
+    self-attention time of the kernel's family (FA4 for kernel="fa4" where FA4 dense was timed,
+    else Inductor's cuDNN)."""
     rows = results["rows"]
     attention_ms: dict = {}
-    print("\n| mode | kernel | budget | compile s | forward ms | vs Inductor dense | vs FA4 dense | Amdahl bound ms "
-          "| share of bound | peak GiB (masks MiB) |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("\n| mode | kernel | budget | compile s | forward ms | self-attention ms | vs Inductor dense | vs FA4 dense "
+          "| Amdahl bound ms | share of bound | peak GiB (masks MiB) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for mode in modes:
         here = [r for r in rows if r["mode"] == mode]
         dense = {r["kernel"]: r for r in here if r["budget"] is None}
-        attention_ms.update({f"{mode} {k}": r["self_attention_ms"] for k, r in dense.items()})
+        rest_ms = dense["skip"]["forward_ms"]
+        for row in here:
+            row["self_attention_ms"] = row["forward_ms"] - rest_ms
+        attention_ms.update({f"{mode} {k}": r["self_attention_ms"] for k, r in dense.items() if k != "skip"})
         for row in sorted(here, key=lambda r: (r["budget"] is not None, r["kernel"], -(r["budget"] or 0))):
             family = "fa4" if row["kernel"] == "fa4" and "fa4" in dense else "inductor"
-            base = dense[family]
             density = 1.0 if row["budget"] is None else row["budget"]
-            bound = base["forward_ms"] - (1 - density) * base["self_attention_ms"]
+            bound = rest_ms + density * dense[family]["self_attention_ms"]
             row.update(speedup=dense["inductor"]["forward_ms"] / row["forward_ms"],
                        speedup_vs_fa4_dense=dense["fa4"]["forward_ms"] / row["forward_ms"] if "fa4" in dense else None,
                        bound_family=family, bound_ms=bound,
                        share_of_bound=bound / row["forward_ms"] if row["budget"] else None)
-            name = {"inductor": "Inductor (cuDNN SDPA)"}.get(row["kernel"], row["kernel"])
+            name = {"inductor": "Inductor (cuDNN SDPA)", "skip": "Inductor, no self-attention"}.get(row["kernel"], row["kernel"])
             vs_fa4 = "" if row["speedup_vs_fa4_dense"] is None else f"{row['speedup_vs_fa4_dense']:.2f}x"
             share = "" if row["share_of_bound"] is None else f"{100 * row['share_of_bound']:.0f}% ({family})"
+            bound_cell = "" if row["kernel"] == "skip" else f"{bound:.1f}"
             print(f"| {mode} | {name} | {row['budget'] or 'dense'} | {row['compile_s']:.1f} | {row['forward_ms']:.1f} | "
-                  f"{row['speedup']:.2f}x | {vs_fa4} | {bound:.1f} | {share} | {row['peak_gib']:.2f} ({row['mask_mib']:.1f}) |")
+                  f"{row['self_attention_ms']:.1f} | {row['speedup']:.2f}x | {vs_fa4} | {bound_cell} | {share} | "
+                  f"{row['peak_gib']:.2f} ({row['mask_mib']:.1f}) |")
     layers = ", ".join(f"{k}: {v:.1f} ms" for k, v in attention_ms.items())
-    print(f"dense self-attention per forward, timed inside the compiled forward by torch.profiler ({layers}); "
-          "bound = that family's dense forward minus (1 - density) x its dense self-attention time; "
-          "share = bound / forward")
+    print(f"dense self-attention per forward = dense forward minus the forward without self-attention ({layers}); "
+          "bound = forward without self-attention + density x that family's dense self-attention; share = bound / forward")
     results["dense_self_attention_ms_in_model"] = attention_ms
     inductor = [r for r in rows if r["kernel"] == "inductor" and r["budget"] is None]
     if inductor:  # what plots.model_speedups draws the bound with

@@ -216,7 +216,7 @@ def model_speedups(runs: dict, path: str) -> str:
         budgets = sorted({r["budget"] for r in rows if r["budget"] is not None})
         bound = [dense["forward_ms"] / (dense["forward_ms"] - (1 - b) * attention) for b in budgets]
         ax.plot(budgets, bound, ls="--", color=color, lw=1, label=f"{label}: Amdahl bound (cuDNN)")
-        for kernel, marker in (("triton", "o"), ("fa4", "s")):
+        for kernel, marker in (("triton", "o"), ("gluon", "^"), ("fa4", "s"), ("auto", "d")):
             points = sorted((r["budget"], dense["forward_ms"] / r["forward_ms"]) for r in rows
                             if r["budget"] is not None and r.get("kernel", "triton") == kernel)
             if points:

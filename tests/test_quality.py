@@ -43,7 +43,7 @@ def test_harness_end_to_end_writes_table_json_and_plot(harness_results):
     for row in rows:
         assert row["density"] == pytest.approx(row["budget"], abs=0.01)
         for metric in ("attention_recall", "planted_block_recall", "attention_out_rel_l2", "transformer_rel_l2",
-                       "latent_rel_l2", "psnr", "ssim"):
+                       "latent_rel_l2", "latent_psnr", "psnr", "ssim"):
             assert math.isfinite(row[metric]), metric
         assert 0 < row["attention_recall"] <= 1 and -1 <= row["ssim"] <= 1 and row["transformer_cosine"] > 0.9
     for policy in ("west_fast", "west_uniform"):  # more blocks, more of the attention
@@ -55,6 +55,20 @@ def test_harness_end_to_end_writes_table_json_and_plot(harness_results):
     with open(paths["png"], "rb") as handle:
         assert handle.read(8) == b"\x89PNG\r\n\x1a\n"
     assert [t["target"].split(" ")[0] for t in results["targets"]] == ["FAST"]  # no 0.3 budget, no oracle here
+
+
+def test_harness_without_decoding_reports_the_final_latents_only():
+    saved = os.environ.pop("TRITON_INTERPRET", None)
+    try:
+        cfg = dataclasses.replace(quality.PRESETS["tiny"], budgets=(0.5,), policies=("west_uniform",), decode=False,
+                                  calibration=dict(num_prompts=1, num_latents=1, num_timesteps=1))
+        results = quality.run_harness(cfg, log=lambda message: None)
+    finally:
+        if saved is not None:
+            os.environ["TRITON_INTERPRET"] = saved
+    (row,) = results["rows"]
+    assert "psnr" not in row and "frames_shape" not in results
+    assert row["latent_psnr"] > 0 and math.isfinite(row["latent_psnr"]) and row["latent_rel_l2"] > 0
 
 
 def test_fast_keeps_more_of_the_heads_that_matter(harness_results):
@@ -107,7 +121,8 @@ def test_full_size_presets_serve_81_frames_with_unseen_t5_like_prompts():
     spec.loader.exec_module(module)
     cfg = module.config_from_args(module.parse_args(["--config", "wan2.1-1.3b-480p", "--no-speed", "--prompts", "3",
                                                      "--query-frames", "5"]))
-    assert (cfg.prompts, cfg.query_frames, cfg.speed) == (3, 5, False)
+    assert (cfg.prompts, cfg.query_frames, cfg.speed, cfg.decode) == (3, 5, False, True)
+    assert module.config_from_args(module.parse_args(["--config", "tiny", "--no-decode"])).decode is False
     from scaling_compile.calibration import prompt_embeddings, synthetic_calibration
 
     model = planted()

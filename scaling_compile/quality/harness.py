@@ -44,6 +44,7 @@ class HarnessConfig:
     device: str = "cpu"
     dtype: str = "float32"
     decode_batch: int = 8
+    decode: bool = True  # decode every run's frames for PSNR / SSIM (False: final-latent figures only)
     speed: bool = False  # CUDA: also time the transformer forward, WEST + FAST at each budget vs dense
     progress: bool = False  # tqdm progress bars of the profiler
 
@@ -215,6 +216,8 @@ def run_harness(cfg: HarnessConfig, *, log=_log_default, checkpoint=None) -> dic
         row["transformer_rel_l2"] = _mean([relative_l2(o, d) for o, d in zip(outputs, dense_outputs)])
         row["transformer_cosine"] = _mean([cosine(o, d) for o, d in zip(outputs, dense_outputs)])
         row["latent_rel_l2"] = _mean([relative_l2(s, d) for s, d in zip(latents, dense_latents)])
+        # the final latents' PSNR with the dense latent's peak as the range (as `bench loop` reports it)
+        row["latent_psnr"] = _mean([psnr(s, d, data_range=float(d.abs().max())) for s, d in zip(latents, dense_latents)])
         results["rows"].append(row)
         log(f"  {tag}: density {row['density']:.3f}, recall {row['attention_recall']:.4f}, "
             f"transformer rel L2 {row['transformer_rel_l2']:.4f}")
@@ -231,6 +234,12 @@ def run_harness(cfg: HarnessConfig, *, log=_log_default, checkpoint=None) -> dic
         t = stage("speed", t)
 
     # 4. Decode everything (batched: the VAE dominates CPU time otherwise) and compare frames.
+    if not cfg.decode:
+        results["targets"] = check_targets(results["rows"])
+        seconds["total"] = round(time.perf_counter() - started, 2)
+        if checkpoint:
+            checkpoint(results)
+        return results
     order = [("dense", None)] + [(p.name, b) for p, b in runs]
     latents_all = [dense_latents] + [sparse_latents[key] for key in order[1:]]
     flat = torch.cat([torch.cat(group) for group in latents_all])

@@ -48,7 +48,7 @@ _COLUMNS = [
     ("attention_recall_weighted", "recall, output-weighted", "{:.4f}"),
     ("planted_block_recall", "planted blocks kept", "{:.3f}"), ("attention_out_rel_l2", "attn out rel L2", "{:.4f}"),
     ("transformer_rel_l2", "transformer rel L2", "{:.4f}"), ("transformer_cosine", "cosine", "{:.5f}"),
-    ("latent_rel_l2", "final latent rel L2", "{:.4f}"),
+    ("latent_rel_l2", "final latent rel L2", "{:.4f}"), ("latent_psnr", "final latent PSNR dB", "{:.2f}"),
     ("psnr", "PSNR dB", "{:.2f}"), ("ssim", "SSIM", "{:.4f}"), ("forward_ms", "forward ms", "{:.1f}"),
     ("speedup", "speedup", "{:.2f}x"),
 ]
