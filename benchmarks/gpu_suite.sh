@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# Every GPU figure the docs cite for issues 14, 16, 17 and 19, one stage after another on one CUDA GPU
+# (an H200 takes about 25 minutes for all of them). Each stage is one committed command, writes its JSON
+# and its log into OUT, and is cut at its own time limit; a stage that fails does not stop the next.
+# Usage, from the repo root with this package, diffusers and (optionally) flash-attn-4 and torchao
+# installed:
+#   OUT=out/gpu bash benchmarks/gpu_suite.sh                      # every stage, in this order
+#   OUT=out/gpu bash benchmarks/gpu_suite.sh families kernel      # some of them
+# Stages: families (bench_families: HunyuanVideo 720p/129f, CogVideoX-5B), kernel (the kernel table at
+# (1,12,32760,128), (1,12,75600,128), (1,40,75600,128), random and 3D-local masks, with FA4 where
+# installed), model (the 720p Wan2.1-1.3B forward: Gluon vs FA4 vs Inductor dense), quantized (the
+# float8 Wan2.1-14B config at 720p, torchao), loop (the 50-step 720p loop, dense warm-up chosen by
+# FAST's per-step sensitivity), quality720 (the harness at 720p / 81 frames profiled at the serving
+# grid, final-latent figures), profile14b (the profiling cost of Wan2.1-14B at 720p).
+set -u
+OUT=${OUT:-out/gpu}
+mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd)
+REPO=$(pwd)
+STAGES=${*:-families kernel model quantized loop quality720 profile14b}
+
+stage() {  # stage NAME SECONDS COMMAND...: run COMMAND from /tmp (the installed package), log to OUT/NAME.log
+  local name=$1 limit=$2; shift 2
+  echo "== $name ($(date -u +%T), limit ${limit}s): $*" | tee -a "$OUT/suite.log"
+  local start=$SECONDS
+  (cd /tmp && timeout "$limit" "$@") >"$OUT/$name.log" 2>&1
+  echo "== $name: exit $? after $((SECONDS - start)) s" | tee -a "$OUT/suite.log"
+}
+
+for name in $STAGES; do
+  case $name in
+    families) stage families 420 python3 "$REPO/benchmarks/bench_families.py" --out "$OUT/families.json" ;;
+    kernel) stage kernel 360 python3 "$REPO/benchmarks/bench_kernel.py" \
+        --shapes "1,12,32760,128;1,12,75600,128;1,40,75600,128" --masks random,local --variants gluon,lists_tma1 \
+        --no-flex --rep 30 --time-budget 300 --out "$OUT/kernel.json" ;;
+    model) stage model 420 scaling-compile bench model --latent 21 90 160 --kernels gluon fa4 \
+        --budgets 0.3 0.2 0.1 --iters 3 --out "$OUT/model720.json" ;;
+    quantized) stage quantized 360 python3 "$REPO/benchmarks/bench_quantized.py" --quant float8 \
+        --latent 21 90 160 --budgets 0.3 0.2 --kernel auto --out "$OUT/quantized_float8.json" ;;
+    loop) stage loop 480 scaling-compile bench loop --latent 21 90 160 --steps 50 --budgets 0.2 \
+        --dense-warmup auto 5 --kernel auto --out "$OUT/loop720.json" ;;
+    quality720) stage quality720 540 python3 "$REPO/benchmarks/quality_harness.py" --config wan2.1-1.3b-720p \
+        --profile-latent 21 90 160 --no-speed --no-decode --out "$OUT/quality720" ;;
+    profile14b) stage profile14b 480 python3 "$REPO/benchmarks/profile_wan13b.py" --config wan2.1-14b \
+        --latent 21 90 160 --no-small --sensitivity-samples 2 --skip-instantiate --out "$OUT/profile14b/profile.json" ;;
+    *) echo "unknown stage $name" | tee -a "$OUT/suite.log" ;;
+  esac
+done
+echo "== done ($(date -u +%T))" | tee -a "$OUT/suite.log"
