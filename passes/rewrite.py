@@ -7,7 +7,8 @@ topology and options), a parameter of the attention module (the call's module is
 found from it by identity at every call), the call's attention layout when the
 graph's own inputs give it (whole-model compilation: the ``hidden_states`` input
 and the model's family description, :mod:`scaling_compile.families`), and its
-key-padding mask if it has one. Everything else is left untouched, with the
+key-padding mask if it has one (for a ``valid & valid^T`` mask: ``valid``, with
+``pad_queries``). Everything else is left untouched, with the
 reason recorded. The plans made here are returned to the backend, whose compiled
 callable owns them.
 """
@@ -73,15 +74,17 @@ def rewrite_sdpa_calls(gm: fx.GraphModule, topology, options, example_inputs=Non
         plans.append(plan)
         _prewarm(plan, call, layout, anchor_example, decision.served_keys)
         args = call.arguments
+        key_mask, pad_queries = _served_mask(call)
         with gm.graph.inserting_before(call.node):
             new = gm.graph.call_function(
                 torch.ops.scaling.sparse_sdpa.default,
                 (args["query"], args["key"], args["value"], anchor, plan_id, args["scale"], layout_arg,
-                 args["attn_mask"]),
+                 key_mask, *((True,) if pad_queries else ())),
             )
         new.meta.update({k: v for k, v in call.node.meta.items() if k != "example_value"})
         call.node.replace_all_uses_with(new)
         gm.graph.erase_node(call.node)
+        _erase_unused(call)
         decisions.append(decision)
     from ..ring import rewrite_ring_loops  # ring attention (diffusers' ring loop): served sparse where exact
 
@@ -93,6 +96,24 @@ def rewrite_sdpa_calls(gm: fx.GraphModule, topology, options, example_inputs=Non
     gm.recompile()
     gm.meta["scaling_plans"] = plans
     return decisions
+
+
+def _served_mask(call: SDPACall):
+    """The op's ``key_mask`` and ``pad_queries`` arguments: a ``valid & valid^T`` mask travels as its
+    key-padding mask ``valid`` with ``pad_queries`` (the op zeroes the padded query rows)."""
+    if call.padding is not None:
+        return call.padding.valid, True
+    return call.arguments["attn_mask"], False
+
+
+def _erase_unused(call: SDPACall) -> None:
+    """Erase the nodes that built a ``valid & valid^T`` mask once nothing uses them (the (B, 1, S, S)
+    mask is then never made; eager inner compilers would otherwise run them)."""
+    if call.padding is None:
+        return
+    for node in call.padding.made_by:  # outermost first: each one's users are erased before it
+        if not node.users and node.graph is call.node.graph:
+            node.graph.erase_node(node)
 
 
 def _located(call: SDPACall, plan, anchor_example, topology) -> SDPACall:
