@@ -194,13 +194,16 @@ def padded_queries(mask, query, key) -> PaddedQueries | None:
     if operands is None:
         return None
     made_by.append(node)
+    value = _example_value(node)
+    if not isinstance(value, torch.Tensor) or value.dtype != torch.bool or value.dim() != 4:
+        return None
     first, second = (_skip_no_ops(operand, made_by) for operand in operands)
     for tiled, swapped in ((first, second), (second, first)):
         source = _swapped_source(swapped)
         if source is None or _skip_no_ops(source, []) is not tiled:
             continue
         valid = _tiled_source(tiled, query, key)
-        if valid is not None:
+        if valid is not None and all(_same_length(a, b) for a, b in zip(value.shape, _example_value(tiled).shape)):
             return PaddedQueries(valid, tuple(made_by + [swapped, *_no_ops_between(swapped), tiled]))
     return None
 

@@ -270,7 +270,6 @@ EXPECTED_SERVED = {
 # Why each family is not served from hand-written video masks under whole-model compilation, measured
 # with these tests (tests/test_families_profiled.py serves minimax_h3 regionally from a profiled artifact).
 NOT_SERVED_TODAY = {
-    "hunyuan_video_1_5": "joint attention with 13 context rows and a full (B,1,S,S) bool attn_mask: dense",
     "hunyuan_video_framepack": "history prefix + image/text suffix, the text cut to its unpadded length after a "
                                "graph break: the call's layout is not seen, so it stays dense (with a warning)",
     "mochi": "joint attention inside a per-sample Python loop that Dynamo runs eagerly: no node to serve",
