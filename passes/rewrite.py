@@ -58,6 +58,8 @@ def rewrite_sdpa_calls(gm: fx.GraphModule, topology, options, example_inputs=Non
         )
         anchor_example = examples.get(anchor) if anchor is not None else None
         layout_arg, layout = graph_layout(gm, call, plan, anchor_example)
+        if layout_arg is None:
+            layout = _root_call_layout(call, plan, anchor_example)
         decision, served_from = decide_in_graph(gm, _located(call, plan, anchor_example, topology), topology,
                                                  options.budget, layout, options.policy)
         plan.topology = served_from
@@ -96,6 +98,23 @@ def rewrite_sdpa_calls(gm: fx.GraphModule, topology, options, example_inputs=Non
     gm.recompile()
     gm.meta["scaling_plans"] = plans
     return decisions
+
+
+def _root_call_layout(call: SDPACall, plan, anchor_example):
+    """For the compile-time decision only, when the graph gives no layout (a graph made after a graph
+    break: HunyuanVideo 1.5's blocks): the layout of the root's call in progress (recorded from its
+    inputs by the root's hooks), if it fits the call's length, as ``sdpa_nodes`` decides. The op
+    still takes each call's layout from its own root call at run time."""
+    from ..layout import AttentionLayout
+
+    if not isinstance(anchor_example, torch.Tensor) or not call.query_shape:
+        return None
+    found = plan.place(anchor_example)
+    root_call = None if isinstance(found, str) else found[1]
+    layout = getattr(root_call, "layout", None)
+    if isinstance(layout, AttentionLayout) and call.query_shape[-2] == layout.seq_len:
+        return layout
+    return None
 
 
 def _served_mask(call: SDPACall):
