@@ -187,9 +187,21 @@ def test_profiled_artifact_served_per_family(name, tmp_path):
 
     stated = _token_grid(fam, grid) if name in PACKED else None
     compiled = torch.compile(model, backend="scaling", options={"inner": "eager", "artifact": topology})
-    if name in REGISTER_ROOT:
+    if name in REGISTER_ROOT:  # unregistered: dense, with a warning that names register_root; then served
+        from scaling_compile.plans import plan_count
+
+        first = plan_count()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            out, served = _run(compiled, inputs, stated)
+        assert served == set()
+        assert any("register_root" in str(w.message) for w in caught)
+        torch.testing.assert_close(out, dense, atol=1e-4, rtol=1e-4)
         sc.register_root(compiled)
-    out, served = _run(compiled, inputs, stated)
+        out, _ = _run(compiled, inputs, stated)  # the same compiled graphs: their plans were made above
+        served = served_keys(first)
+    else:
+        out, served = _run(compiled, inputs, stated)
     if name in REGIONAL_ONLY:
         assert served == set()
         torch.testing.assert_close(out, dense, atol=1e-4, rtol=1e-4)
