@@ -204,7 +204,7 @@ def padded_queries(mask, query, key) -> PaddedQueries | None:
             continue
         valid = _tiled_source(tiled, query, key)
         if valid is not None and all(_same_length(a, b) for a, b in zip(value.shape, _example_value(tiled).shape)):
-            return PaddedQueries(valid, tuple(made_by + [swapped, *_no_ops_between(swapped), tiled]))
+            return PaddedQueries(valid, tuple(dict.fromkeys(made_by + [swapped, *_no_ops_between(swapped), tiled])))
     return None
 
 

@@ -130,9 +130,14 @@ def _erase_unused(call: SDPACall) -> None:
     mask is then never made; eager inner compilers would otherwise run them)."""
     if call.padding is None:
         return
-    for node in call.padding.made_by:  # outermost first: each one's users are erased before it
-        if not node.users and node.graph is call.node.graph:
+    left = list(call.padding.made_by)
+    while True:  # until none is left unused (a node's users may come later in the list)
+        unused = [node for node in left if not node.users]
+        if not unused:
+            return
+        for node in unused:
             node.graph.erase_node(node)
+            left.remove(node)
 
 
 def _located(call: SDPACall, plan, anchor_example, topology) -> SDPACall:

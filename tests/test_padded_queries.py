@@ -144,7 +144,7 @@ class PaddedAttention(torch.nn.Module):
     def forward(self, x, valid, restrict=None):
         batch, seq, _ = x.shape
         q, k, v = self.to_qkv(x).view(batch, seq, 3, H, D).permute(2, 0, 3, 1, 4)
-        m1 = valid.view(batch, 1, 1, seq).repeat(1, 1, seq, 1)
+        m1 = valid.view(batch, 1, 1, seq).repeat(1, 1, seq, 1).bool()  # one no-op node on both operands
         mask = (m1 & m1.transpose(2, 3)).bool()
         if restrict is not None:  # the reference: the served block pattern on top of the model's own mask
             mask = mask & restrict
