@@ -2,7 +2,9 @@
 
 A call is served by the block-sparse kernel only when that is exactly the
 attention the model asked for (up to the mask): no attn_mask other than a bool
-key-padding mask (served exactly by the kernel), not causal, no dropout, no GQA
+key-padding mask (served exactly by the kernel) or the outer product
+``valid & valid^T`` of one, recognised from the graph's own nodes
+(:func:`padded_queries`: HunyuanVideo 1.5), not causal, no dropout, no GQA
 broadcasting, self-attention (query and key of one length), a head dim and dtype
 the kernel supports. Everything else stays dense and the
 reason is recorded, so the user can see why.
@@ -10,6 +12,7 @@ reason is recorded, so the user can see why.
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass, field
 
 import torch
@@ -44,6 +47,7 @@ class SDPACall:
     dtype: torch.dtype | None
     dense_reason: str | None = None
     notes: list[str] = field(default_factory=list)
+    padding: "PaddedQueries | None" = None  # attn_mask = valid & valid^T: served as key padding + zeroed rows
     after_break: bool = False  # made by the graph's own frame, resumed after a graph break in it
 
     @property
@@ -115,9 +119,10 @@ def is_key_padding_mask(mask, query, key) -> bool:
     return all(_same_length(s, 1) for s in shape[:-1])
 
 
-def _dense_reason(args: dict, query, key) -> str | None:
-    if args["attn_mask"] is not None and not is_key_padding_mask(_example_value(args["attn_mask"]), query, key):
-        return "attn_mask given (only a bool key-padding mask is served sparse)"
+def _dense_reason(args: dict, query, key, padding: "PaddedQueries | None" = None) -> str | None:
+    if args["attn_mask"] is not None and padding is None and not is_key_padding_mask(
+            _example_value(args["attn_mask"]), query, key):
+        return _mask_reason(args["attn_mask"])
     if args["is_causal"] is not False:
         return "is_causal"
     if not (isinstance(args["dropout_p"], (int, float)) and args["dropout_p"] == 0.0):
@@ -142,6 +147,159 @@ def _dense_reason(args: dict, query, key) -> str | None:
     return None
 
 
+# ---------------------------------------------------------------------------------------------
+# attn_mask = valid & valid^T (padded query rows attend to nothing): recognised from the graph
+# ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class PaddedQueries:
+    """An SDPA ``attn_mask`` proved, from the graph's own nodes, to be ``valid (x) valid``.
+
+    ``valid``: the node of a bool key-padding mask ``(B|1, 1, 1, S)``; the attention mask is
+    ``mask[b, 0, i, j] = valid[b, j] & valid[b, i]``: keys of padding tokens are masked and the
+    rows of padding queries are masked whole (SDPA returns 0 for them). The op serves it as key
+    padding and zeroes the padded query rows. ``made_by``: the nodes that built the full mask
+    from ``valid`` (the rewrite erases those left unused: the (B, 1, S, S) mask is never made).
+    """
+
+    valid: fx.Node
+    made_by: tuple[fx.Node, ...]
+
+
+_AND_FUNCTIONS = {operator.and_, torch.bitwise_and, torch.logical_and, torch.Tensor.__and__,
+                  torch.Tensor.bitwise_and, torch.Tensor.logical_and}
+_AND_METHODS = {"__and__", "__rand__", "bitwise_and", "logical_and"}
+_TRANSPOSE_FUNCTIONS = {torch.transpose, torch.swapaxes, torch.swapdims, torch.Tensor.transpose}
+_TRANSPOSE_METHODS = {"transpose", "swapaxes", "swapdims"}
+_BROADCAST_METHODS = {"repeat", "expand"}
+_BROADCAST_FUNCTIONS = {torch.Tensor.repeat, torch.Tensor.expand}
+
+
+def padded_queries(mask, query, key) -> PaddedQueries | None:
+    """``attn_mask`` as :class:`PaddedQueries` when the graph shows it is ``valid (x) valid``; else None.
+
+    Recognised structurally, never from values: ``and(X, transpose(X))`` (either operand order;
+    ``&``, ``torch.bitwise_and`` / ``logical_and`` and their method forms; the last two dims
+    swapped by ``transpose`` / ``swapaxes`` / ``swapdims`` / ``.mT`` / ``permute(0, 1, 3, 2)``;
+    no-op ``.bool()`` / ``.to(torch.bool)`` on bool tensors passed over), where ``X`` is
+    ``repeat`` / ``expand`` of a node whose example value is a bool ``(B|1, 1, 1, S)`` key-padding
+    mask and ``X``'s is ``(B|1, 1, S, S)``, ``S`` the call's key length and ``B`` its batch.
+    diffusers' HunyuanVideo 1.5 builds its mask this way. A mask that is a graph input, or made
+    any other way, is not recognised (the call stays dense, with the reason).
+    """
+    if not isinstance(mask, fx.Node) or not isinstance(query, torch.Tensor) or not isinstance(key, torch.Tensor):
+        return None
+    made_by = []
+    node = _skip_no_ops(mask, made_by)
+    operands = _and_operands(node)
+    if operands is None:
+        return None
+    made_by.append(node)
+    value = _example_value(node)
+    if not isinstance(value, torch.Tensor) or value.dtype != torch.bool or value.dim() != 4:
+        return None
+    first, second = (_skip_no_ops(operand, made_by) for operand in operands)
+    for tiled, swapped in ((first, second), (second, first)):
+        source = _swapped_source(swapped)
+        if source is None or _skip_no_ops(source, []) is not tiled:
+            continue
+        valid = _tiled_source(tiled, query, key)
+        if valid is not None and all(_same_length(a, b) for a, b in zip(value.shape, _example_value(tiled).shape)):
+            return PaddedQueries(valid, tuple(dict.fromkeys(made_by + [swapped, *_no_ops_between(swapped), tiled])))
+    return None
+
+
+def _is_bool(node) -> bool:
+    value = _example_value(node)
+    return isinstance(value, torch.Tensor) and value.dtype == torch.bool
+
+
+def _skip_no_ops(node, passed: list) -> fx.Node:
+    """``node`` with no-op casts of a bool tensor to bool (``.bool()``, ``.to(torch.bool)``) passed over."""
+    while isinstance(node, fx.Node) and node.op == "call_method" and node.args and _is_bool(node.args[0]):
+        no_op = (node.target == "bool" and len(node.args) == 1 and not node.kwargs) or (
+            node.target == "to" and ((node.args[1:] == (torch.bool,) and not node.kwargs)
+                                     or (len(node.args) == 1 and node.kwargs == {"dtype": torch.bool})))
+        if not no_op:
+            break
+        passed.append(node)
+        node = node.args[0]
+    return node
+
+
+def _no_ops_between(swapped: fx.Node) -> list:
+    passed: list = []
+    _skip_no_ops(_swapped_source(swapped), passed)
+    return passed
+
+
+def _and_operands(node) -> tuple | None:
+    if not isinstance(node, fx.Node) or len(node.args) != 2 or node.kwargs:
+        return None
+    if (node.op == "call_function" and node.target in _AND_FUNCTIONS) or (
+            node.op == "call_method" and node.target in _AND_METHODS):
+        return node.args
+    return None
+
+
+def _swapped_source(node) -> fx.Node | None:
+    """``X`` when ``node`` is ``X`` with its last two of four dimensions swapped, else None."""
+    if not isinstance(node, fx.Node) or node.kwargs or not node.args or not isinstance(node.args[0], fx.Node):
+        return None
+    source, rest = node.args[0], node.args[1:]
+    value = _example_value(source)
+    if not isinstance(value, torch.Tensor) or value.dim() != 4:
+        return None
+    transpose = (node.op == "call_method" and node.target in _TRANSPOSE_METHODS) or (
+        node.op == "call_function" and node.target in _TRANSPOSE_FUNCTIONS)
+    if transpose and len(rest) == 2 and all(isinstance(d, int) for d in rest):
+        return source if sorted(d % 4 for d in rest) == [2, 3] else None
+    if node.op == "call_function" and node.target is getattr and rest == ("mT",):
+        return source
+    permute = (node.op == "call_method" and node.target == "permute") or (
+        node.op == "call_function" and node.target is torch.permute)
+    if permute:
+        dims = rest[0] if len(rest) == 1 and isinstance(rest[0], (tuple, list)) else rest
+        if all(isinstance(d, int) for d in dims) and [d % 4 for d in dims] == [0, 1, 3, 2]:
+            return source
+    return None
+
+
+def _tiled_source(node: fx.Node, query: torch.Tensor, key: torch.Tensor) -> fx.Node | None:
+    """``P`` when ``node`` is ``repeat``/``expand`` of a bool key-padding mask ``P`` ``(B|1, 1, 1, S)``
+    to ``(B|1, 1, S, S)`` (so that ``node[b, 0, i, j] = P[b, 0, 0, j]``), else None."""
+    if not isinstance(node, fx.Node) or not node.args or not isinstance(node.args[0], fx.Node):
+        return None
+    if not ((node.op == "call_method" and node.target in _BROADCAST_METHODS)
+            or (node.op == "call_function" and node.target in _BROADCAST_FUNCTIONS)):
+        return None
+    source = node.args[0]
+    tiled, valid = _example_value(node), _example_value(source)
+    if not (isinstance(tiled, torch.Tensor) and isinstance(valid, torch.Tensor)
+            and tiled.dtype == torch.bool and valid.dtype == torch.bool and tiled.dim() == valid.dim() == 4):
+        return None
+    seq = key.shape[-2]
+    batch = tiled.shape[0]
+    if not (_same_length(batch, 1) or _same_length(batch, query.shape[0])):
+        return None
+    if not (_same_length(tiled.shape[1], 1) and _same_length(tiled.shape[2], seq) and _same_length(tiled.shape[3], seq)):
+        return None
+    if not (_same_length(valid.shape[0], 1) or _same_length(valid.shape[0], batch)):
+        return None
+    if not all(_same_length(valid.shape[d], 1) for d in (1, 2)) or not _same_length(valid.shape[3], seq):
+        return None
+    return source
+
+
+def _mask_reason(mask) -> str:
+    """Why a call's ``attn_mask`` keeps it dense."""
+    value = _example_value(mask)
+    if isinstance(mask, fx.Node) and mask.op == "placeholder" and isinstance(value, torch.Tensor) and value.dim() == 4:
+        return ("attn_mask given as a graph input (made outside this graph, e.g. before a graph break): "
+                "its structure cannot be confirmed (only a bool key-padding mask, or valid & valid^T of one "
+                "built in the graph, is served sparse)")
+    return "attn_mask given (only a bool key-padding mask, or valid & valid^T of one, is served sparse)"
+
+
 def find_sdpa_calls(gm: fx.GraphModule) -> list[SDPACall]:
     """Every SDPA call of ``gm`` in graph order, with its key and static serving decision."""
     calls: list[SDPACall] = []
@@ -151,6 +309,7 @@ def find_sdpa_calls(gm: fx.GraphModule) -> list[SDPACall]:
             continue
         args = sdpa_arguments(node)
         query, key = _example_value(args["query"]), _example_value(args["key"])
+        padding = padded_queries(args["attn_mask"], query, key)
         path = _module_path(node)
         ordinal = seen.get(path, 0)
         seen[path] = ordinal + 1
@@ -163,8 +322,9 @@ def find_sdpa_calls(gm: fx.GraphModule) -> list[SDPACall]:
                 query_shape=tuple(query.shape) if isinstance(query, torch.Tensor) else (),
                 key_shape=tuple(key.shape) if isinstance(key, torch.Tensor) else (),
                 dtype=query.dtype if isinstance(query, torch.Tensor) else None,
-                dense_reason=_dense_reason(args, query, key),
+                dense_reason=_dense_reason(args, query, key, padding),
                 after_break=not path and _in_resumed_frame(node),
+                padding=padding,
             )
         )
     return calls
@@ -281,12 +441,14 @@ def input_placeholder(gm: fx.GraphModule, name: str, position: int | None = None
 
 
 __all__ = [
+    "PaddedQueries",
     "SDPACall",
     "find_sdpa_calls",
     "find_anchor_placeholder",
     "input_placeholder",
     "is_key_padding_mask",
     "is_sdpa_node",
+    "padded_queries",
     "sdpa_arguments",
     "SUPPORTED_HEAD_DIMS",
 ]

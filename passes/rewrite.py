@@ -7,7 +7,8 @@ topology and options), a parameter of the attention module (the call's module is
 found from it by identity at every call), the call's attention layout when the
 graph's own inputs give it (whole-model compilation: the ``hidden_states`` input
 and the model's family description, :mod:`scaling_compile.families`), and its
-key-padding mask if it has one. Everything else is left untouched, with the
+key-padding mask if it has one (for a ``valid & valid^T`` mask: ``valid``, with
+``pad_queries``). Everything else is left untouched, with the
 reason recorded. The plans made here are returned to the backend, whose compiled
 callable owns them.
 """
@@ -57,6 +58,8 @@ def rewrite_sdpa_calls(gm: fx.GraphModule, topology, options, example_inputs=Non
         )
         anchor_example = examples.get(anchor) if anchor is not None else None
         layout_arg, layout = graph_layout(gm, call, plan, anchor_example)
+        if layout_arg is None:
+            layout = _root_call_layout(call, plan, anchor_example)
         decision, served_from = decide_in_graph(gm, _located(call, plan, anchor_example, topology), topology,
                                                  options.budget, layout, options.policy)
         plan.topology = served_from
@@ -73,15 +76,17 @@ def rewrite_sdpa_calls(gm: fx.GraphModule, topology, options, example_inputs=Non
         plans.append(plan)
         _prewarm(plan, call, layout, anchor_example, decision.served_keys)
         args = call.arguments
+        key_mask, pad_queries = _served_mask(call)
         with gm.graph.inserting_before(call.node):
             new = gm.graph.call_function(
                 torch.ops.scaling.sparse_sdpa.default,
                 (args["query"], args["key"], args["value"], anchor, plan_id, args["scale"], layout_arg,
-                 args["attn_mask"]),
+                 key_mask, *((True,) if pad_queries else ())),
             )
         new.meta.update({k: v for k, v in call.node.meta.items() if k != "example_value"})
         call.node.replace_all_uses_with(new)
         gm.graph.erase_node(call.node)
+        _erase_unused(call)
         decisions.append(decision)
     from ..ring import rewrite_ring_loops  # ring attention (diffusers' ring loop): served sparse where exact
 
@@ -93,6 +98,46 @@ def rewrite_sdpa_calls(gm: fx.GraphModule, topology, options, example_inputs=Non
     gm.recompile()
     gm.meta["scaling_plans"] = plans
     return decisions
+
+
+def _root_call_layout(call: SDPACall, plan, anchor_example):
+    """For the compile-time decision only, when the graph gives no layout (a graph made after a graph
+    break: HunyuanVideo 1.5's blocks): the layout of the root's call in progress (recorded from its
+    inputs by the root's hooks), if it fits the call's length, as ``sdpa_nodes`` decides. The op
+    still takes each call's layout from its own root call at run time."""
+    from ..layout import AttentionLayout
+
+    if not isinstance(anchor_example, torch.Tensor) or not call.query_shape:
+        return None
+    found = plan.place(anchor_example)
+    root_call = None if isinstance(found, str) else found[1]
+    layout = getattr(root_call, "layout", None)
+    if isinstance(layout, AttentionLayout) and call.query_shape[-2] == layout.seq_len:
+        return layout
+    return None
+
+
+def _served_mask(call: SDPACall):
+    """The op's ``key_mask`` and ``pad_queries`` arguments: a ``valid & valid^T`` mask travels as its
+    key-padding mask ``valid`` with ``pad_queries`` (the op zeroes the padded query rows)."""
+    if call.padding is not None:
+        return call.padding.valid, True
+    return call.arguments["attn_mask"], False
+
+
+def _erase_unused(call: SDPACall) -> None:
+    """Erase the nodes that built a ``valid & valid^T`` mask once nothing uses them (the (B, 1, S, S)
+    mask is then never made; eager inner compilers would otherwise run them)."""
+    if call.padding is None:
+        return
+    left = list(call.padding.made_by)
+    while True:  # until none is left unused (a node's users may come later in the list)
+        unused = [node for node in left if not node.users]
+        if not unused:
+            return
+        for node in unused:
+            node.graph.erase_node(node)
+            left.remove(node)
 
 
 def _located(call: SDPACall, plan, anchor_example, topology) -> SDPACall:

@@ -130,6 +130,23 @@ def minimax_h3_layout(model: torch.nn.Module, inputs: dict) -> AttentionLayout |
     others = tuple(span for span in ((0, start), (start + count, total)) if span[1] > span[0])
     return AttentionLayout(total, (start, start + count), grid, others)
 
+def hunyuan_video_15_layout(model: torch.nn.Module, inputs: dict) -> AttentionLayout | str:
+    """HunyuanVideo 1.5: the video tokens, then the context rows: the image tokens, the second
+    (ByT5) text encoder's and the first (MLLM) text encoder's, reordered valid-first per sample. Their
+    padding travels as the attention's own ``valid & valid^T`` mask (padded keys masked, padded query
+    rows attend to nothing), which the backend recognises in the graph and serves exactly."""
+    video = call_layout(model, _VIDEO_ONLY, inputs)
+    if isinstance(video, str):
+        return video
+    context = 0
+    for name in ("image_embeds", "encoder_hidden_states_2", "encoder_hidden_states"):
+        tokens = inputs.get(name)
+        if not isinstance(tokens, torch.Tensor) or tokens.dim() != 3:
+            return f"HunyuanVideo 1.5 calls need a (batch, tokens, channels) tensor {name!r}"
+        context += int(tokens.shape[1])
+    return AttentionLayout.joint(video.grid, context, "suffix", key_padding=True)
+
+
 #: The built-in descriptions, keyed by transformer class name (read-only). From the survey of
 #: diffusers 0.42.1's video transformers (docs/families.md of the families work).
 FAMILIES = MappingProxyType({
@@ -148,6 +165,8 @@ FAMILIES = MappingProxyType({
     "Kandinsky5Transformer3DModel": FamilyLayout(latent="BFHWC"),
     # HunyuanVideo: video tokens, then the text tokens; a (B, 1, 1, S) bool key-padding mask.
     "HunyuanVideoTransformer3DModel": FamilyLayout(text="suffix", key_padding="encoder_attention_mask"),
+    # HunyuanVideo 1.5: video, then image + ByT5 + MLLM context rows under a valid & valid^T mask.
+    "HunyuanVideo15Transformer3DModel": FamilyLayout(derive=hunyuan_video_15_layout),
     "MochiTransformer3DModel": _TEXT_SUFFIX,
     "MotifVideoTransformer3DModel": _TEXT_SUFFIX,
     # CogVideoX 1.0 / 1.5: (B, F, C, H, W) latents, int patch_size (+ patch_size_t in 1.5), text first.
@@ -165,7 +184,6 @@ NOT_DESCRIBED = MappingProxyType({
     "HunyuanVideoFramepackTransformer3DModel": (
         "history latents before and image tokens after the video, the text cut to its unpadded length "
         "(a graph break on the data-dependent length), and no _repeated_blocks for regional compilation"),
-    "HunyuanVideo15Transformer3DModel": "13 context rows after the video under a full (B, 1, S, S) mask",
     "SanaVideoTransformer3DModel": "linear attention (no SDPA call to serve)",
     "AnyFlowFARTransformer3DModel": "FlexAttention with its own block mask (no SDPA call to serve)",
 })

@@ -33,7 +33,7 @@ from .plans import DenseFallback, get_plan
 _LIBRARY = torch.library.Library("scaling", "DEF")
 _LIBRARY.define(
     "sparse_sdpa(Tensor query, Tensor key, Tensor value, Tensor? anchor, SymInt plan_id, float? scale, "
-    "SymInt[]? layout, Tensor? key_mask) -> Tensor"
+    "SymInt[]? layout, Tensor? key_mask, bool pad_queries=False) -> Tensor"
 )  # the schema custom_op inferred: SymInt, so a layout of symbolic sizes (dynamic shapes) adds no guard
 
 
@@ -46,13 +46,16 @@ def sparse_sdpa(
     scale: float | None,
     layout: list[int] | None,
     key_mask: torch.Tensor | None,
+    pad_queries: bool = False,
 ) -> torch.Tensor:
     """Block-sparse attention of one rewritten SDPA node (plan ``plan_id``): plan -> mask -> attention.
 
     ``anchor``: a parameter of the attention module (which module this call is);
     ``layout``: the call's :class:`~scaling_compile.layout.AttentionLayout` as ints when the
     graph computes it from its own inputs (whole-model), else None (the root's call has it);
-    ``key_mask``: the call's bool attention mask when it masks keys only (key padding).
+    ``key_mask``: the call's bool attention mask when it masks keys only (key padding);
+    ``pad_queries``: the model's mask was ``key_mask & key_mask^T`` (HunyuanVideo 1.5): query rows
+    of padding tokens attend to nothing, and their output is 0, as SDPA's.
     """
     plan = get_plan(plan_id)
     key_valid = None
@@ -63,22 +66,32 @@ def sparse_sdpa(
             reason = "online policies do not serve key padding"
         if reason is not None:
             plan._fallback(NotServable(reason))  # warns once (raises under strict)
-            return _dense_sdpa(query, key, value, scale, key_mask)
+            return _dense_sdpa(query, key, value, scale, key_mask, pad_queries)
     with _interpreter_lock(query.device):
         if plan.online:
             output = plan.online_attention(query, key, value, anchor, layout, scale, empty_output_like(query))
             if not isinstance(output, DenseFallback):
                 return output
-            return _dense_sdpa(query, key, value, scale, key_mask)
+            return _dense_sdpa(query, key, value, scale, key_mask, pad_queries)
         mask = plan.masks_for(query, anchor, layout)
         if isinstance(mask, DenseFallback):
-            return _dense_sdpa(query, key, value, scale, key_mask)
+            return _dense_sdpa(query, key, value, scale, key_mask, pad_queries)
         plan.warm_capture_path(mask, query, key, value, scale, key_valid)
-        return plan.attend(query, key, value, mask, scale, key_valid)
+        output = plan.attend(query, key, value, mask, scale, key_valid)
+        return zero_padded_queries(output, key_valid) if pad_queries else output
 
 
-def _dense_sdpa(query, key, value, scale, attn_mask=None) -> torch.Tensor:
-    """PyTorch's dense SDPA (with the call's own mask), in the op's output layout."""
+def zero_padded_queries(output: torch.Tensor, key_valid: torch.Tensor) -> torch.Tensor:
+    """``output`` (B, H, S, D) with the rows of padding query tokens set to 0, in place (a device op:
+    no host sync, CUDA-graph safe). ``key_valid``: (B|1, S) bool, True = a real token."""
+    return output.masked_fill_(~key_valid[:, None, :, None], 0.0)
+
+
+def _dense_sdpa(query, key, value, scale, attn_mask=None, pad_queries=False) -> torch.Tensor:
+    """PyTorch's dense SDPA with the call's own mask (under ``pad_queries`` the model's
+    ``attn_mask & attn_mask^T`` of its ``(B, 1, 1, S)`` key-padding mask), in the op's output layout."""
+    if pad_queries and attn_mask is not None:
+        attn_mask = attn_mask & attn_mask.transpose(-1, -2)
     out = empty_output_like(query)
     out.copy_(torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask, scale=scale))
     return out
@@ -99,7 +112,7 @@ _LIBRARY.impl("sparse_sdpa", sparse_sdpa, "CompositeExplicitAutograd")
 
 
 @torch.library.register_fake("scaling::sparse_sdpa", lib=_LIBRARY)
-def _(query, key, value, anchor, plan_id, scale, layout, key_mask):
+def _(query, key, value, anchor, plan_id, scale, layout, key_mask, pad_queries=False):
     return empty_output_like(query)
 
 
