@@ -60,6 +60,8 @@ PROFILED = {
     "helios": ((2, 16, 16), 2),
     "latte": ((2, 16, 16), 1),
     "minimax_h3": ((2, 16, 16), 2),
+    "kandinsky6": ((2, 16, 16), 2),
+    "sana_wm": ((2, 16, 16), 2),  # the softmax block's main and camera-ray SDPA calls
 }
 
 #: Families whose profiled artifact is not served, and why (docs/families.md says the same).
@@ -70,6 +72,8 @@ NOT_PROFILED = {
     "hunyuan_video_1_5": "13 context rows after the video under a full (B, 1, S, S) bool mask: dense",
     "hunyuan_video_framepack": "history prefix and image tokens around the video, the text cut to its unpadded "
                                "length after a graph break, no _repeated_blocks: the layout is not seen",
+    "kandinsky6_sr": "NABLA sparse attention on FlexAttention: no SDPA call",
+    "sana_wm_refiner": "packed tokens whose grid is only in the caller-built RoPE, KV-cache keys in its pipeline",
 }
 
 CHEAP = {"wan", "cogvideox", "hunyuan_video", "ltx"}
