@@ -68,6 +68,7 @@ class AttentionPlan:
     policy_options: dict | None = None
     family: object = None  # a FamilyLayout from options["layout"], for roots the built-in families do not know
     ordinal_known: bool = True  # False after a graph break inside the module (its earlier calls are elsewhere)
+    anchor_child: str = ""  # the call's module below the anchor's, for a module owning no parameter (SANA-WM)
     _cache: dict = field(default_factory=dict, repr=False)
     _places: dict = field(default_factory=dict, repr=False)  # anchor storage -> Place (weak references)
     _roots: "weakref.WeakSet" = field(default_factory=weakref.WeakSet, repr=False)
@@ -160,7 +161,8 @@ class AttentionPlan:
                 raise NotServable(f"cannot tell which module {self.graph_key!r} is: {found}")
             place, call = found
             _relative, ordinal = split_node_key(self.graph_key)
-            key = make_node_key(place.module_path, ordinal)
+            module = ".".join(p for p in (place.module_path, self.anchor_child) if p)
+            key = make_node_key(module, ordinal)
         if not self.ordinal_known and make_node_key(split_node_key(key)[0], 1) in self.topology:
             raise NotServable(f"{key}: made after a graph break inside its module, which makes several SDPA "
                               "calls: which of them this is cannot be told")
