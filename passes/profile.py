@@ -327,6 +327,12 @@ def profile(model: torch.nn.Module, calibration, config: ProfileConfig | None = 
     if type(model).__name__ in NOT_SERVABLE:
         raise ScalingCompileError(f"cannot profile {type(model).__name__}: {NOT_SERVABLE[type(model).__name__]}")
     calibration = as_calibration(calibration)
+    from ..families import NOT_DESCRIBED, family_of
+
+    name = type(model).__name__
+    stated = any(getattr(s, "grid", None) is not None or getattr(s, "layout", None) is not None for s in calibration)
+    if name in NOT_DESCRIBED and family_of(model, config.layout) is None and not stated:
+        raise ScalingCompileError(f"cannot profile {name}: {NOT_DESCRIBED[name]}")
     model.eval()
     profiler = Profiler(config.block_size, config.chunk_elements, config.query_frames)
     profiler.levels, profiler.step_bins = config.levels, config.step_bins
