@@ -20,7 +20,7 @@ tests/test_families_profiled.py.
 Slow (``-m slow``, about 6 minutes more on 2 cores): the default Inductor inner compiler
 (C++ compilation on CPU); every test of the seven families whose capture takes longest
 (``HEAVY``: anyflow_far, wan_animate, wan_vace, ltx2, mochi, hunyuan_video_framepack,
-hunyuan_video_1_5);
+hunyuan_video_1_5, kandinsky6, sana_wm);
 the served-sparse tests of all but four families (wan, cogvideox, hunyuan_video, ltx).
 """
 
@@ -70,7 +70,8 @@ def run(model, inputs) -> torch.Tensor:
 # --- today: no artifact, compiled equals eager ------------------------------------------------
 
 # families whose Dynamo capture alone takes many seconds on 2 cores
-HEAVY = {"anyflow_far", "wan_animate", "mochi", "hunyuan_video_framepack", "hunyuan_video_1_5", "ltx2", "wan_vace"}
+HEAVY = {"anyflow_far", "wan_animate", "mochi", "hunyuan_video_framepack", "hunyuan_video_1_5", "ltx2", "wan_vace",
+         "kandinsky6", "sana_wm"}
 REGIONAL = [n for n in NAMES if FAMILIES[n].repeated_blocks]
 
 

@@ -129,9 +129,9 @@ class _ServedPattern(PerCallMasks):
         return served_pattern(mask, seq, call.video_rows[0], len(call.video_rows), BLOCK)
 
 
-def reference(fam, model, inputs, topology):
+def reference(fam, model, inputs, topology, grid=None):
     """(served-pattern reference output, dense output, keys of the calls with masks)."""
-    grid = tuple(PROFILED[fam.name][0])
+    grid = tuple(grid or PROFILED[fam.name][0])
     sv = survey(fam, grid, model=model, vary_grid=False)
     token_grid = _token_grid(fam, grid)
     masks = {}
@@ -308,3 +308,88 @@ def test_pipeline_calibration_records_any_family():
     assert topology.keys() == ["transformer_blocks.0.attn1", "transformer_blocks.1.attn1"]
     assert all(tuple(e.grid) == (1, 8, 8) for e in topology.entries.values())
     assert topology.metadata["calibration"]["source"] == "pipeline"
+
+
+# --- families no description lays out: dense, with the reason; profile refuses in one line --------------
+
+#: family -> words of its reason (scaling_compile.families.NOT_DESCRIBED)
+UNDESCRIBED = {
+    "kandinsky6_sr": "NABLA sparse attention",
+    "sana_wm_refiner": "caller-built RoPE",
+}
+
+
+@pytest.mark.parametrize("name", sorted(UNDESCRIBED))
+def test_undescribed_family_profile_refused_in_one_line(name):
+    """``scaling_compile.profile`` refuses before compiling anything, with one line saying why."""
+    from scaling_compile.families import NOT_DESCRIBED
+
+    fam = FAMILIES[name]
+    assert fam.class_name in NOT_DESCRIBED
+    samples = [fam.inputs(seed=s) for s in (0, 1)]
+    with pytest.raises(sc.ScalingCompileError, match=UNDESCRIBED[name]) as error:
+        sc.profile(fam.model(), samples, block_size=BLOCK, progress=False)
+    message = str(error.value)
+    assert "\n" not in message and message.startswith(f"cannot profile {fam.class_name}: ")
+
+
+def _scaling_warnings(caught) -> list[str]:
+    return [str(w.message) for w in caught if str(w.message).startswith("scaling")]
+
+
+def test_flex_attention_family_stays_dense_with_its_reason():
+    """Kandinsky 6 SR (NABLA on FlexAttention): an artifact naming its attention modules serves nothing;
+    the output equals eager, whole-model and regional, and a warning names the reason."""
+    fam = FAMILIES["kandinsky6_sr"]
+    model, inputs = fam.model(), fam.inputs()
+    with torch.no_grad():
+        eager = sample(model(**inputs)).clone()
+    tokens = 2 * 8 * 8  # (2, 16, 16) latent, patch (1, 2, 2)
+    keys = [f"visual_transformer_blocks.{i}.self_attention" for i in (0, 1)]
+    masks = {k: torch.ones(2, tokens // BLOCK, tokens // BLOCK, dtype=torch.bool).tril() for k in keys}
+    topology = sc.Topology.from_block_masks(masks, block_size=BLOCK, seq_len={k: tokens for k in keys})
+    for regional in (False, True):
+        torch._dynamo.reset()
+        fresh = fam.model()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            if regional:
+                sc.compile_repeated_blocks(fresh, options={"inner": "eager", "artifact": topology})
+                out, served = _run(fresh, inputs)
+            else:
+                compiled = torch.compile(fresh, backend="scaling", options={"inner": "eager", "artifact": topology})
+                out, served = _run(compiled, inputs)
+        assert served == set()
+        torch.testing.assert_close(out, eager, atol=1e-5, rtol=1e-5)
+        named = [m for m in _scaling_warnings(caught) if UNDESCRIBED["kandinsky6_sr"] in m]
+        assert len(named) == 1, _scaling_warnings(caught)
+
+
+@pytest.mark.slow
+def test_refiner_profiled_with_a_stated_grid_is_dense_until_the_grid_is_stated(tmp_path):
+    """SANA-WM's refiner: packed tokens, the grid only inside its RoPE. Profiled with the grid stated per
+    sample, its artifact is not served on a call whose grid is unknown (dense, warned with the reason),
+    and is served -- equal to the masked reference -- under ``scaling_compile.token_grid``."""
+    fam = FAMILIES["sana_wm_refiner"]
+    grid = (2, 16, 16)
+    model = fam.model()
+    calibration = [sc.CalibrationSample(inputs=fam.inputs(grid, seed=s), group=s % 2, grid=grid) for s in (0, 1)]
+    topology = sc.profile(model, calibration, block_size=BLOCK, progress=False, sensitivity=False)
+    assert len(topology.keys()) == 2
+    inputs = fam.inputs(grid, seed=7)
+    expected, dense, masks = reference(fam, model, inputs, topology, grid)
+    assert set(masks) == set(topology.keys())
+    assert (expected - dense).abs().max() > 1e-5, "the masks must change the output, or the test proves nothing"
+    compiled = torch.compile(model, backend="scaling", options={"inner": "eager", "artifact": topology})
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out, served = _run(compiled, inputs)
+    assert served == set()
+    torch.testing.assert_close(out, dense, atol=1e-5, rtol=1e-5)
+    said = _scaling_warnings(caught)  # one per attention node of the graph, each with the reason
+    assert said and all(UNDESCRIBED["sana_wm_refiner"] in m for m in said), said
+    torch._dynamo.reset()  # a fresh compile: the calls above were decided dense
+    compiled = torch.compile(model, backend="scaling", options={"inner": "eager", "artifact": topology})
+    out, served = _run(compiled, inputs, stated=grid)
+    assert served == set(topology.keys())
+    torch.testing.assert_close(out, expected, atol=1e-4, rtol=1e-4)
