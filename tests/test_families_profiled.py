@@ -393,3 +393,24 @@ def test_refiner_profiled_with_a_stated_grid_is_dense_until_the_grid_is_stated(t
     out, served = _run(compiled, inputs, stated=grid)
     assert served == set(topology.keys())
     torch.testing.assert_close(out, expected, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name, words", [
+    ("kandinsky6_sr", "cannot profile Kandinsky6SRTransformer3DModel: NABLA sparse attention"),
+    ("kandinsky6", "did not run on the synthetic calibration inputs (TypeError"),
+    pytest.param("sana_wm", "did not run on the synthetic calibration inputs", marks=pytest.mark.slow),
+])
+def test_cli_profile_says_why_in_one_line(name, words, tmp_path, capsys):
+    """``scaling-compile profile`` on a saved folder: a model it cannot profile, or whose forward rejects
+    the synthetic inputs, ends with exit code 1 and one line that says why (no traceback)."""
+    from scaling_compile.cli import main
+
+    folder = tmp_path / name
+    FAMILIES[name].model().save_pretrained(folder)
+    code = main(["profile", str(folder), "-o", str(tmp_path / "out.safetensors"), "--latent", "2", "16", "16",
+                 "--block-size", "16", "--no-progress", "--prompts", "1", "--timesteps", "1"])
+    assert code == 1
+    err = capsys.readouterr().err
+    ours = [line for line in err.splitlines() if line.startswith("scaling-compile")]  # not other libraries' noise
+    assert len(ours) == 1 and ours[0].startswith("scaling-compile profile: ") and words in ours[0], err
+    assert "Traceback" not in err

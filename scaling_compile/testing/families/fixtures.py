@@ -776,12 +776,14 @@ FAMILIES: dict[str, Family] = {
 #: Video transformer classes of diffusers 0.42.1 that are not built here, with the reason.
 UNBUILT: dict[str, str] = {
     "WanAnimate2Transformer3DModel": (
-        "inputs are lists of unbatched tensors plus a KV cache object (kv_cache, kv_cache_mode); "
-        "not built in this matrix yet"
+        "inputs are lists of per-sample tensors plus a KV cache object (kv_cache, kv_cache_mode) and pixel sizes "
+        "for its FlexAttention BlockMask: not built here; scaling_compile.families.NOT_DESCRIBED gives the backend's "
+        "reason (dense, warned; profile refuses)"
     ),
     "Cosmos3OmniTransformer": (
-        "an omni (text + vision + action + sound) LLM-style transformer fed packed token index lists; "
-        "not built in this matrix yet"
+        "an omni (text + vision + action + sound) LLM-style transformer fed caller-packed token index lists: not "
+        "built here; scaling_compile.families.NOT_DESCRIBED gives the backend's reason (dense, warned; profile "
+        "refuses)"
     ),
     "JoyImageEditTransformer3DModel": "image editing (a single frame), not a video model",
     "JoyImageEditPlusTransformer3DModel": "image editing (a single frame), not a video model",
