@@ -347,8 +347,19 @@ def profile(model: torch.nn.Module, calibration, config: ProfileConfig | None = 
     samples = list(calibration)
     started = time.perf_counter()
     with _tf32_logits():
-        mass_samples = _run_pass(runner, model, profiler, samples, "attention mass", config.progress,
-                                 lambda s: setattr(profiler, "group", 1 if s.group % 2 else 0), config.layout)
+        try:
+            mass_samples = _run_pass(runner, model, profiler, samples, "attention mass", config.progress,
+                                     lambda s: setattr(profiler, "group", 1 if s.group % 2 else 0), config.layout)
+        except ScalingCompileError:
+            raise
+        except Exception as error:
+            if calibration.description.get("source") != "synthetic":
+                raise  # the caller's own inputs: the model's error as it is
+            first = (str(error).strip().splitlines() or [""])[0]
+            raise ScalingCompileError(
+                f"{name} did not run on the synthetic calibration inputs ({type(error).__name__}: {first}); its "
+                "forward takes inputs synthetic_calibration cannot make up: record samples from its pipeline "
+                "(scaling_compile.pipelines.pipeline_calibration) or build CalibrationSample(inputs=...)") from error
         mass_seconds = time.perf_counter() - started
         started_fit = time.perf_counter()
         topology = topology_from_statistics(model, profiler, calibration, config.block_size, config.default_budget,

@@ -461,3 +461,14 @@ def test_wan_animate_2_reference_pass_equals_eager_and_profile_refuses():
     with pytest.raises(sc.ScalingCompileError, match="FlexAttention") as error:
         sc.profile(model, [make(), make()], block_size=BLOCK, progress=False)
     assert "\n" not in str(error.value)
+
+
+def test_synthetic_calibration_a_model_rejects_is_one_clear_error():
+    """Kandinsky 6's forward needs pooled text embeddings ``synthetic_calibration`` does not make: ``profile``
+    says so in one line and what to use instead (the model's error is chained, not lost)."""
+    model = FAMILIES["kandinsky6"].model()
+    calibration = sc.synthetic_calibration(model, (2, 16, 16), num_prompts=2, num_timesteps=1)
+    with pytest.raises(sc.ScalingCompileError, match="did not run on the synthetic calibration inputs") as error:
+        sc.profile(model, calibration, block_size=BLOCK, progress=False, sensitivity=False)
+    assert "\n" not in str(error.value) and "pipeline_calibration" in str(error.value)
+    assert isinstance(error.value.__cause__, TypeError)
