@@ -472,3 +472,65 @@ def test_synthetic_calibration_a_model_rejects_is_one_clear_error():
         sc.profile(model, calibration, block_size=BLOCK, progress=False, sensitivity=False)
     assert "\n" not in str(error.value) and "pipeline_calibration" in str(error.value)
     assert isinstance(error.value.__cause__, TypeError)
+
+
+class _Core(torch.nn.Module):
+    """Attention with no parameter of its own (as SANA-WM's SanaWMSoftmaxAttention): handed q, k, v."""
+
+    def forward(self, query, key, value):
+        return torch.nn.functional.scaled_dot_product_attention(query, key, value)
+
+
+class _Attention(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.qkv, self.core, self.out = torch.nn.Linear(32, 96), _Core(), torch.nn.Linear(32, 32)
+
+    def forward(self, x):
+        b, s, _ = x.shape
+        q, k, v = self.qkv(x).view(b, s, 3, 2, 16).permute(2, 0, 3, 1, 4)
+        return x + self.out(self.core(q, k, v).transpose(1, 2).reshape(b, s, 32))
+
+
+class _TwoBlocks(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.blocks = torch.nn.ModuleList([_Attention(), _Attention()])
+
+    def forward(self, x):
+        for block in self.blocks:
+            x = block(x)
+        return x
+
+
+def test_parameter_free_attention_module_is_served_with_its_own_mask():
+    """An SDPA call made by a module that owns no parameter is told apart by its parent's parameter plus its
+    path below it: each block's call gets its own hand-written mask, equal to masked SDPA per block."""
+    from scaling_compile.kernels.reference import token_mask_from_blocks
+
+    torch.manual_seed(0)
+    model = _TwoBlocks().eval()
+    x = torch.randn(1, 64, 32)
+    n = 64 // BLOCK
+    masks = {"blocks.0.core": torch.eye(n, dtype=torch.bool).expand(2, n, n).clone(),
+             "blocks.1.core": torch.ones(n, n, dtype=torch.bool).tril().expand(2, n, n).clone()}
+    topology = sc.Topology.from_block_masks(masks, block_size=BLOCK, seq_len={k: 64 for k in masks})
+
+    reference_model = _TwoBlocks().eval()
+    reference_model.load_state_dict(model.state_dict())
+    for i, block in enumerate(reference_model.blocks):
+        allowed = token_mask_from_blocks(masks[f"blocks.{i}.core"], 64, 64, BLOCK, BLOCK)
+        block.core.forward = lambda q, k, v, m=allowed: torch.nn.functional.scaled_dot_product_attention(
+            q, k, v, attn_mask=m)
+    with torch.no_grad():
+        expected, dense = reference_model(x), model(x)
+    assert (expected - dense).abs().max() > 1e-4
+
+    compiled = torch.compile(model, backend="scaling", options={"inner": "eager", "artifact": topology})
+    from scaling_compile.plans import plan_count
+
+    first = plan_count()
+    with torch.no_grad():
+        out = compiled(x)
+    assert served_keys(first) == set(masks)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
