@@ -38,7 +38,10 @@ def graph_layout(gm: fx.GraphModule, call: SDPACall, plan, anchor_example):
         return None, None
     place, _root_call = found
     root = place.root()
-    expected = ".".join(p for p in (call.module_path, plan.anchor_suffix) if p)
+    owner = call.module_path  # the module owning the anchor: the call's, or its ancestor's (plan.anchor_child)
+    if plan.anchor_child and owner.endswith(plan.anchor_child):
+        owner = owner[: -len(plan.anchor_child)].rstrip(".")
+    expected = ".".join(p for p in (owner, plan.anchor_suffix) if p)
     if root is None or not _is_compiled(root) or _stripped(place.parameter_name) != expected:
         return None, None
     family = family_of(root, plan.family)

@@ -371,6 +371,23 @@ def find_anchor_placeholder(gm: fx.GraphModule, module_path: str) -> tuple[fx.No
     return (found[0][1], found[0][2]) if found else None
 
 
+def find_anchor(gm: fx.GraphModule, module_path: str) -> tuple[fx.Node, str, str] | None:
+    """:func:`find_anchor_placeholder`, or for a module owning no parameter in the graph (a parameter-free
+    attention submodule, e.g. SANA-WM's ``SanaWMSoftmaxAttention``) a parameter of its nearest ancestor that
+    has one. Returns ``(placeholder, its path relative to the module it anchors, the call's module path
+    below that module)``; the last is ``""`` when the call's own module is the anchor's. The child path comes
+    from the graph's module stack, so the call's module is still told exactly at run time."""
+    found = find_anchor_placeholder(gm, module_path)
+    if found is not None:
+        return found[0], found[1], ""
+    parts = module_path.split(".") if module_path else []
+    for cut in range(len(parts) - 1, 0, -1):
+        found = find_anchor_placeholder(gm, ".".join(parts[:cut]))
+        if found is not None:
+            return found[0], found[1], ".".join(parts[cut:])
+    return None
+
+
 def _can_anchor(node: fx.Node) -> bool:
     """Whether a parameter placeholder can be the op's anchor: a plain, non-empty tensor.
 
@@ -444,6 +461,7 @@ __all__ = [
     "PaddedQueries",
     "SDPACall",
     "find_sdpa_calls",
+    "find_anchor",
     "find_anchor_placeholder",
     "input_placeholder",
     "is_key_padding_mask",

@@ -327,6 +327,12 @@ def profile(model: torch.nn.Module, calibration, config: ProfileConfig | None = 
     if type(model).__name__ in NOT_SERVABLE:
         raise ScalingCompileError(f"cannot profile {type(model).__name__}: {NOT_SERVABLE[type(model).__name__]}")
     calibration = as_calibration(calibration)
+    from ..families import NOT_DESCRIBED, family_of
+
+    name = type(model).__name__
+    stated = any(getattr(s, "grid", None) is not None or getattr(s, "layout", None) is not None for s in calibration)
+    if name in NOT_DESCRIBED and family_of(model, config.layout) is None and not stated:
+        raise ScalingCompileError(f"cannot profile {name}: {NOT_DESCRIBED[name]}")
     model.eval()
     profiler = Profiler(config.block_size, config.chunk_elements, config.query_frames)
     profiler.levels, profiler.step_bins = config.levels, config.step_bins
@@ -341,8 +347,19 @@ def profile(model: torch.nn.Module, calibration, config: ProfileConfig | None = 
     samples = list(calibration)
     started = time.perf_counter()
     with _tf32_logits():
-        mass_samples = _run_pass(runner, model, profiler, samples, "attention mass", config.progress,
-                                 lambda s: setattr(profiler, "group", 1 if s.group % 2 else 0), config.layout)
+        try:
+            mass_samples = _run_pass(runner, model, profiler, samples, "attention mass", config.progress,
+                                     lambda s: setattr(profiler, "group", 1 if s.group % 2 else 0), config.layout)
+        except ScalingCompileError:
+            raise
+        except Exception as error:
+            if calibration.description.get("source") != "synthetic":
+                raise  # the caller's own inputs: the model's error as it is
+            first = (str(error).strip().splitlines() or [""])[0]
+            raise ScalingCompileError(
+                f"{name} did not run on the synthetic calibration inputs ({type(error).__name__}: {first}); its "
+                "forward takes inputs synthetic_calibration cannot make up: record samples from its pipeline "
+                "(scaling_compile.pipelines.pipeline_calibration) or build CalibrationSample(inputs=...)") from error
         mass_seconds = time.perf_counter() - started
         started_fit = time.perf_counter()
         topology = topology_from_statistics(model, profiler, calibration, config.block_size, config.default_budget,

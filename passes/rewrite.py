@@ -22,7 +22,7 @@ import torch.fx as fx
 
 from .decisions import artifact_keys_for, decide_in_graph, unmatched_decisions
 from .graph_layout import graph_layout
-from .match import SDPACall, find_anchor_placeholder, find_sdpa_calls
+from .match import SDPACall, find_anchor, find_sdpa_calls
 
 
 def rewrite_sdpa_calls(gm: fx.GraphModule, topology, options, example_inputs=None):
@@ -41,11 +41,12 @@ def rewrite_sdpa_calls(gm: fx.GraphModule, topology, options, example_inputs=Non
 
     decisions, plans = [], []
     for call in find_sdpa_calls(gm):
-        found = find_anchor_placeholder(gm, call.module_path) if call.dense_reason is None else None
-        anchor, anchor_suffix = found if found is not None else (None, None)
+        found = find_anchor(gm, call.module_path) if call.dense_reason is None else None
+        anchor, anchor_suffix, anchor_child = found if found is not None else (None, None, "")
         plan = AttentionPlan(
             graph_key=call.key,
             anchor_suffix=anchor_suffix,
+            anchor_child=anchor_child,
             topology=topology,
             budget=options.budget,
             strict=options.strict,

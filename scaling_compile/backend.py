@@ -139,6 +139,10 @@ def _fit_to_model(topology, gm: torch.fx.GraphModule, example_inputs, opts: Back
             raise NotServable("strict: " + message)
         warn_user(message)
     node_keys = [call.key for call in find_sdpa_calls(gm) if call.dense_reason is None]
+    from .families import NOT_DESCRIBED
+
+    if type(root).__name__ in NOT_DESCRIBED and not node_keys:  # flex / linear attention: no node would say why
+        warn_user(f"scaling: {type(root).__name__}: {NOT_DESCRIBED[type(root).__name__]}. Its attention stays dense.")
     problems = check_artifact_against(topology, root, node_keys)
     if not problems:
         return topology

@@ -241,17 +241,37 @@ def run_profile(args) -> int:
     model_patch = getattr(getattr(model, "config", None), "patch_size", None)
     if patch is None and isinstance(model_patch, (list, tuple)) and len(model_patch) == 3:
         tokens_from_latent(args.latent, model_patch)
-    calibration = synthetic_calibration(
-        model, tuple(args.latent), num_prompts=args.prompts, num_latents=args.latents,
-        num_timesteps=args.timesteps, text_len=args.text_len, seed=args.seed,
-    )
-    print(f"model: {type(model).__name__} from {args.model} on {device} ({dtype_name}), loaded in {loaded:.1f}s")
+    name = type(model).__name__
+    from .errors import ScalingCompileError
+    from .families import NOT_DESCRIBED, NOT_SERVABLE
+
+    for why in (NOT_SERVABLE, NOT_DESCRIBED):  # before any input is built: the reason, not a model's error
+        if name in why:
+            raise ScalingCompileError(f"cannot profile {name}: {why[name]}")
+    try:
+        calibration = synthetic_calibration(
+            model, tuple(args.latent), num_prompts=args.prompts, num_latents=args.latents,
+            num_timesteps=args.timesteps, text_len=args.text_len, seed=args.seed,
+        )
+    except (TypeError, ValueError) as error:
+        raise ScalingCompileError(f"no synthetic calibration for {name}: {error}") from None
+    print(f"model: {name} from {args.model} on {device} ({dtype_name}), loaded in {loaded:.1f}s")
     print(f"calibration: {describe(calibration)}")
-    topology = profile(
-        model, calibration, block_size=args.block_size, default_budget=args.budget, units=args.units,
-        sensitivity=not args.no_sensitivity, levels=args.levels, step_bins=args.step_bins,
-        progress=not args.no_progress,
-    )
+    try:
+        topology = profile(
+            model, calibration, block_size=args.block_size, default_budget=args.budget, units=args.units,
+            sensitivity=not args.no_sensitivity, levels=args.levels, step_bins=args.step_bins,
+            progress=not args.no_progress,
+        )
+    except ScalingCompileError:
+        raise
+    except Exception as error:  # noqa: BLE001 - the model's own forward refusing the synthetic inputs
+        first = (str(error).strip().splitlines() or [""])[0]
+        raise ScalingCompileError(
+            f"{name} did not run on the synthetic calibration inputs ({type(error).__name__}: {first}); its "
+            "forward takes inputs `profile` cannot make up: record samples from its pipeline "
+            "(scaling_compile.pipelines.pipeline_calibration) or build CalibrationSample(inputs=...) and call "
+            "scaling_compile.profile from Python") from None
     topology.metadata["calibration"]["model_source"] = args.model
     os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
     topology.save(args.output)

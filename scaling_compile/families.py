@@ -163,6 +163,12 @@ FAMILIES = MappingProxyType({
     "LatteTransformer3DModel": FamilyLayout(derive=latte_layout),
     "MiniMaxH3Transformer3DModel": FamilyLayout(latent="packed", derive=minimax_h3_layout),
     "Kandinsky5Transformer3DModel": FamilyLayout(latent="BFHWC"),
+    # Kandinsky 6: channels-last (B, F, H, W, 2C+1) latents; video self-attention over the video tokens only
+    # (text and audio run their own attention and cross-attention).
+    "Kandinsky6Transformer3DModel": FamilyLayout(latent="BFHWC"),
+    # SANA-WM: every softmax_every_n-th block runs SDPA over the video tokens (its main branch and its
+    # camera-ray branch); the other blocks are gated-delta-net linear attention (no SDPA).
+    "SanaWMTransformer3DModel": _VIDEO_ONLY,
     # HunyuanVideo: video tokens, then the text tokens; a (B, 1, 1, S) bool key-padding mask.
     "HunyuanVideoTransformer3DModel": FamilyLayout(text="suffix", key_padding="encoder_attention_mask"),
     # HunyuanVideo 1.5: video, then image + ByT5 + MLLM context rows under a valid & valid^T mask.
@@ -186,6 +192,19 @@ NOT_DESCRIBED = MappingProxyType({
         "(a graph break on the data-dependent length), and no _repeated_blocks for regional compilation"),
     "SanaVideoTransformer3DModel": "linear attention (no SDPA call to serve)",
     "AnyFlowFARTransformer3DModel": "FlexAttention with its own block mask (no SDPA call to serve)",
+    "Kandinsky6SRTransformer3DModel": (
+        "NABLA sparse attention: FlexAttention with a block mask it computes from each call's queries and keys, "
+        "always on diffusers' flex backend (no SDPA call to serve)"),
+    "SanaWMLTX2RefinerTransformer3DModel": (
+        "packed (B, S, C) tokens whose (frames, height, width) grid reaches the model only inside the caller-built "
+        "RoPE (no grid arguments), and its pipeline's windows prepend KV-cache sink and history keys to the "
+        "window's own (kv_cache_mode='inject'): the video layout of a call cannot be confirmed"),
+    "WanAnimate2Transformer3DModel": (
+        "inputs are lists of per-sample tensors with a KV cache: the generation pass (kv_cache_mode='cached') "
+        "attends over generation and cached reference tokens through FlexAttention (no SDPA call to serve)"),
+    "Cosmos3OmniTransformer": (
+        "caller-packed text, vision, sound and action tokens: the generation queries attend to the text "
+        "prefix's keys as well (no SDPA call over the video tokens alone) and the text pathway is causal"),
 })
 
 #: Families described above whose attention the backend still cannot serve, and why (warned).

@@ -339,7 +339,8 @@ def unmatched_attention_calls(gm: fx.GraphModule) -> list[tuple[str, tuple, tupl
             op = _op_name(node.target) or node.target
             backend = f", diffusers' {_BACKEND_OF_OP[op]!r} attention backend," if op in _BACKEND_OF_OP else ""
             reason = (f"attention op {op}{backend} is not SDPA: model.set_attention_backend('native') "
-                      "(or leave the backend unset) to serve it sparse")
+                      "(or leave the backend unset) to serve it sparse, unless the model's own processor "
+                      "always calls it (with its own block mask: dense)")
         results.append((make_node_key(path, ordinal), shapes[0], shapes[1], reason))
     return results
 

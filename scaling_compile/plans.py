@@ -39,6 +39,7 @@ import torch
 from .errors import NotServable
 from .west import GridRequired
 from .geometry import current_call, stated_grid, track_calls
+from .families import family_of, unknown_family_reason
 from .layout import AttentionLayout
 from .module_index import Place, confirm, locate, place_in, roots_owning, storage_key
 from .passes.node_keys import make_node_key, split_node_key
@@ -68,6 +69,7 @@ class AttentionPlan:
     policy_options: dict | None = None
     family: object = None  # a FamilyLayout from options["layout"], for roots the built-in families do not know
     ordinal_known: bool = True  # False after a graph break inside the module (its earlier calls are elsewhere)
+    anchor_child: str = ""  # the call's module below the anchor's, for a module owning no parameter (SANA-WM)
     _cache: dict = field(default_factory=dict, repr=False)
     _places: dict = field(default_factory=dict, repr=False)  # anchor storage -> Place (weak references)
     _roots: "weakref.WeakSet" = field(default_factory=weakref.WeakSet, repr=False)
@@ -150,6 +152,7 @@ class AttentionPlan:
     def resolve(self, anchor: torch.Tensor | None, layout: AttentionLayout | None = None,
                 seq_len: int | None = None) -> tuple[str, AttentionLayout | None]:
         """The call's artifact key and confirmed layout; NotServable says why the call stays dense."""
+        place = None
         if anchor is None and self.anchor_suffix is None and self.graph_key in self.topology:
             key, call = self.graph_key, None  # a plan made for one known node, called directly (benchmarks)
         else:
@@ -160,7 +163,8 @@ class AttentionPlan:
                 raise NotServable(f"cannot tell which module {self.graph_key!r} is: {found}")
             place, call = found
             _relative, ordinal = split_node_key(self.graph_key)
-            key = make_node_key(place.module_path, ordinal)
+            module = ".".join(p for p in (place.module_path, self.anchor_child) if p)
+            key = make_node_key(module, ordinal)
         if not self.ordinal_known and make_node_key(split_node_key(key)[0], 1) in self.topology:
             raise NotServable(f"{key}: made after a graph break inside its module, which makes several SDPA "
                               "calls: which of them this is cannot be told")
@@ -179,6 +183,9 @@ class AttentionPlan:
                 "no call of its model is in progress (the call during which regional blocks compile: "
                 "call scaling_compile.register_root(model) before it; model.forward called directly; "
                 "or a graph after a graph break, which does not see the model's inputs)")
+            root = place.root() if call is None and place is not None else None
+            if root is not None and family_of(root, self.family) is None:  # a compiled root no description lays out
+                why = unknown_family_reason(root)
             raise NotServable(f"the token grid of this call is unknown: {why}")  # one warning for all blocks
         if layout is not None and seq_len is not None:
             reason = layout.mismatch(seq_len)

@@ -61,6 +61,8 @@ PROFILED = {
     "helios": ((2, 16, 16), 2),
     "latte": ((2, 16, 16), 1),
     "minimax_h3": ((2, 16, 16), 2),
+    "kandinsky6": ((2, 16, 16), 2),
+    "sana_wm": ((2, 16, 16), 2),  # the softmax block's main and camera-ray SDPA calls
 }
 
 #: Families whose profiled artifact is not served, and why (docs/families.md says the same).
@@ -70,6 +72,8 @@ NOT_PROFILED = {
     "sana_video": "linear attention: no SDPA call",
     "hunyuan_video_framepack": "history prefix and image tokens around the video, the text cut to its unpadded "
                                "length after a graph break, no _repeated_blocks: the layout is not seen",
+    "kandinsky6_sr": "NABLA sparse attention on FlexAttention: no SDPA call",
+    "sana_wm_refiner": "packed tokens whose grid is only in the caller-built RoPE, KV-cache keys in its pipeline",
 }
 
 CHEAP = {"wan", "cogvideox", "hunyuan_video", "ltx"}
@@ -87,7 +91,7 @@ REGISTER_ROOT = {"hunyuan_video_1_5"}
 def test_every_family_is_profiled_or_says_why():
     assert set(PROFILED) | set(NOT_PROFILED) == set(FAMILIES)
     assert not set(PROFILED) & set(NOT_PROFILED)
-    assert sum(1 for n in PROFILED if PROFILED[n][1]) >= 20
+    assert sum(1 for n in PROFILED if PROFILED[n][1]) >= 22
 
 
 @pytest.fixture(autouse=True)
@@ -129,9 +133,9 @@ class _ServedPattern(PerCallMasks):
         return served_pattern(mask, seq, call.video_rows[0], len(call.video_rows), BLOCK)
 
 
-def reference(fam, model, inputs, topology):
+def reference(fam, model, inputs, topology, grid=None):
     """(served-pattern reference output, dense output, keys of the calls with masks)."""
-    grid = tuple(PROFILED[fam.name][0])
+    grid = tuple(grid or PROFILED[fam.name][0])
     sv = survey(fam, grid, model=model, vary_grid=False)
     token_grid = _token_grid(fam, grid)
     masks = {}
@@ -322,3 +326,229 @@ def test_pipeline_calibration_records_any_family():
     assert topology.keys() == ["transformer_blocks.0.attn1", "transformer_blocks.1.attn1"]
     assert all(tuple(e.grid) == (1, 8, 8) for e in topology.entries.values())
     assert topology.metadata["calibration"]["source"] == "pipeline"
+
+
+# --- families no description lays out: dense, with the reason; profile refuses in one line --------------
+
+#: family -> words of its reason (scaling_compile.families.NOT_DESCRIBED)
+UNDESCRIBED = {
+    "kandinsky6_sr": "NABLA sparse attention",
+    "sana_wm_refiner": "caller-built RoPE",
+}
+
+
+@pytest.mark.parametrize("name", sorted(UNDESCRIBED))
+def test_undescribed_family_profile_refused_in_one_line(name):
+    """``scaling_compile.profile`` refuses before compiling anything, with one line saying why."""
+    from scaling_compile.families import NOT_DESCRIBED
+
+    fam = FAMILIES[name]
+    assert fam.class_name in NOT_DESCRIBED
+    samples = [fam.inputs(seed=s) for s in (0, 1)]
+    with pytest.raises(sc.ScalingCompileError, match=UNDESCRIBED[name]) as error:
+        sc.profile(fam.model(), samples, block_size=BLOCK, progress=False)
+    message = str(error.value)
+    assert "\n" not in message and message.startswith(f"cannot profile {fam.class_name}: ")
+
+
+def _scaling_warnings(caught) -> list[str]:
+    return [str(w.message) for w in caught if str(w.message).startswith("scaling")]
+
+
+def test_flex_attention_family_stays_dense_with_its_reason():
+    """Kandinsky 6 SR (NABLA on FlexAttention): an artifact naming its attention modules serves nothing;
+    the output equals eager, whole-model and regional, and a warning names the reason."""
+    fam = FAMILIES["kandinsky6_sr"]
+    model, inputs = fam.model(), fam.inputs()
+    with torch.no_grad():
+        eager = sample(model(**inputs)).clone()
+    tokens = 2 * 8 * 8  # (2, 16, 16) latent, patch (1, 2, 2)
+    keys = [f"visual_transformer_blocks.{i}.self_attention" for i in (0, 1)]
+    masks = {k: torch.ones(2, tokens // BLOCK, tokens // BLOCK, dtype=torch.bool).tril() for k in keys}
+    topology = sc.Topology.from_block_masks(masks, block_size=BLOCK, seq_len={k: tokens for k in keys})
+    for regional in (False, True):
+        torch._dynamo.reset()
+        fresh = fam.model()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            if regional:
+                sc.compile_repeated_blocks(fresh, options={"inner": "eager", "artifact": topology})
+                out, served = _run(fresh, inputs)
+            else:
+                compiled = torch.compile(fresh, backend="scaling", options={"inner": "eager", "artifact": topology})
+                out, served = _run(compiled, inputs)
+        assert served == set()
+        torch.testing.assert_close(out, eager, atol=1e-5, rtol=1e-5)
+        named = [m for m in _scaling_warnings(caught) if UNDESCRIBED["kandinsky6_sr"] in m]
+        assert len(named) == 1, _scaling_warnings(caught)
+
+
+@pytest.mark.slow
+def test_refiner_profiled_with_a_stated_grid_is_dense_until_the_grid_is_stated(tmp_path):
+    """SANA-WM's refiner: packed tokens, the grid only inside its RoPE. Profiled with the grid stated per
+    sample, its artifact is not served on a call whose grid is unknown (dense, warned with the reason),
+    and is served -- equal to the masked reference -- under ``scaling_compile.token_grid``."""
+    fam = FAMILIES["sana_wm_refiner"]
+    grid = (2, 16, 16)
+    model = fam.model()
+    calibration = [sc.CalibrationSample(inputs=fam.inputs(grid, seed=s), group=s % 2, grid=grid) for s in (0, 1)]
+    topology = sc.profile(model, calibration, block_size=BLOCK, progress=False, sensitivity=False)
+    assert len(topology.keys()) == 2
+    inputs = fam.inputs(grid, seed=7)
+    expected, dense, masks = reference(fam, model, inputs, topology, grid)
+    assert set(masks) == set(topology.keys())
+    assert (expected - dense).abs().max() > 1e-5, "the masks must change the output, or the test proves nothing"
+    compiled = torch.compile(model, backend="scaling", options={"inner": "eager", "artifact": topology})
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out, served = _run(compiled, inputs)
+    assert served == set()
+    torch.testing.assert_close(out, dense, atol=1e-5, rtol=1e-5)
+    said = _scaling_warnings(caught)  # one per attention node of the graph, each with the reason
+    assert said and all(UNDESCRIBED["sana_wm_refiner"] in m for m in said), said
+    torch._dynamo.reset()  # a fresh compile: the calls above were decided dense
+    compiled = torch.compile(model, backend="scaling", options={"inner": "eager", "artifact": topology})
+    out, served = _run(compiled, inputs, stated=grid)
+    assert served == set(topology.keys())
+    torch.testing.assert_close(out, expected, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name, words", [
+    ("kandinsky6_sr", "cannot profile Kandinsky6SRTransformer3DModel: NABLA sparse attention"),
+    ("kandinsky6", "did not run on the synthetic calibration inputs (TypeError"),
+    pytest.param("sana_wm", "did not run on the synthetic calibration inputs", marks=pytest.mark.slow),
+])
+def test_cli_profile_says_why_in_one_line(name, words, tmp_path, capsys):
+    """``scaling-compile profile`` on a saved folder: a model it cannot profile, or whose forward rejects
+    the synthetic inputs, ends with exit code 1 and one line that says why (no traceback)."""
+    from scaling_compile.cli import main
+
+    folder = tmp_path / name
+    FAMILIES[name].model().save_pretrained(folder)
+    code = main(["profile", str(folder), "-o", str(tmp_path / "out.safetensors"), "--latent", "2", "16", "16",
+                 "--block-size", "16", "--no-progress", "--prompts", "1", "--timesteps", "1"])
+    assert code == 1
+    err = capsys.readouterr().err
+    ours = [line for line in err.splitlines() if line.startswith("scaling-compile")]  # not other libraries' noise
+    assert len(ours) == 1 and ours[0].startswith("scaling-compile profile: ") and words in ours[0], err
+    assert "Traceback" not in err
+
+
+def _wan_animate_2():
+    """A tiny Wan-Animate 2 (not in the fixtures: lists of per-sample tensors and a KV cache object) and
+    a function running its reference pass (kv_cache_mode="extract", plain SDPA over the reference
+    tokens; the generation pass is FlexAttention)."""
+    import diffusers
+    from diffusers.models.transformers.transformer_wan_animate_2 import WanAnimate2KVCache
+
+    config = dict(patch_size=(1, 2, 2), text_len=16, in_dim=8, dim=32, ffn_dim=32, freq_dim=16, text_dim=16,
+                  out_dim=4, num_heads=2, num_layers=2, use_img_emb=False)
+    torch.manual_seed(0)
+    model = diffusers.WanAnimate2Transformer3DModel(**config).eval()
+    g = torch.Generator().manual_seed(0)
+    f, h, w = 2, 8, 8
+
+    def inputs():
+        return dict(hidden_states=[torch.randn(4, f, h, w, generator=g)], timestep=torch.tensor([500.0]),
+                    encoder_hidden_states=[torch.randn(12, 16, generator=g)],
+                    condition_latents=[torch.randn(4, f, h, w, generator=g)], kv_cache=WanAnimate2KVCache(2),
+                    kv_cache_mode="extract", seq_len=f * h * w // 4, offset_grid_sizes=torch.tensor([[f, h // 2, w // 2]]))
+
+    return model, config, inputs
+
+
+@pytest.mark.slow
+def test_wan_animate_2_reference_pass_equals_eager_and_profile_refuses():
+    """Wan-Animate 2 is listed, not built, in the fixtures: its reference pass compiled whole and regionally
+    equals eager (no artifact), and ``profile`` refuses it in one line naming why."""
+    import diffusers
+
+    model, config, make = _wan_animate_2()
+    kwargs = make()
+    with torch.no_grad():
+        eager = model(**kwargs).sample[0].clone()
+    compiled = torch.compile(model, backend="scaling", options={"inner": "eager"})
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(**{**kwargs, "kv_cache": make()["kv_cache"]}).sample[0], eager)
+    torch._dynamo.reset()
+    regional = diffusers.WanAnimate2Transformer3DModel(**config).eval()
+    regional.load_state_dict(model.state_dict())
+    sc.compile_repeated_blocks(regional, options={"inner": "eager"})
+    with torch.no_grad():
+        torch.testing.assert_close(regional(**{**kwargs, "kv_cache": make()["kv_cache"]}).sample[0], eager)
+    with pytest.raises(sc.ScalingCompileError, match="FlexAttention") as error:
+        sc.profile(model, [make(), make()], block_size=BLOCK, progress=False)
+    assert "\n" not in str(error.value)
+
+
+def test_synthetic_calibration_a_model_rejects_is_one_clear_error():
+    """Kandinsky 6's forward needs pooled text embeddings ``synthetic_calibration`` does not make: ``profile``
+    says so in one line and what to use instead (the model's error is chained, not lost)."""
+    model = FAMILIES["kandinsky6"].model()
+    calibration = sc.synthetic_calibration(model, (2, 16, 16), num_prompts=2, num_timesteps=1)
+    with pytest.raises(sc.ScalingCompileError, match="did not run on the synthetic calibration inputs") as error:
+        sc.profile(model, calibration, block_size=BLOCK, progress=False, sensitivity=False)
+    assert "\n" not in str(error.value) and "pipeline_calibration" in str(error.value)
+    assert isinstance(error.value.__cause__, TypeError)
+
+
+class _Core(torch.nn.Module):
+    """Attention with no parameter of its own (as SANA-WM's SanaWMSoftmaxAttention): handed q, k, v."""
+
+    def forward(self, query, key, value):
+        return torch.nn.functional.scaled_dot_product_attention(query, key, value)
+
+
+class _Attention(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.qkv, self.core, self.out = torch.nn.Linear(32, 96), _Core(), torch.nn.Linear(32, 32)
+
+    def forward(self, x):
+        b, s, _ = x.shape
+        q, k, v = self.qkv(x).view(b, s, 3, 2, 16).permute(2, 0, 3, 1, 4)
+        return x + self.out(self.core(q, k, v).transpose(1, 2).reshape(b, s, 32))
+
+
+class _TwoBlocks(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.blocks = torch.nn.ModuleList([_Attention(), _Attention()])
+
+    def forward(self, x):
+        for block in self.blocks:
+            x = block(x)
+        return x
+
+
+def test_parameter_free_attention_module_is_served_with_its_own_mask():
+    """An SDPA call made by a module that owns no parameter is told apart by its parent's parameter plus its
+    path below it: each block's call gets its own hand-written mask, equal to masked SDPA per block."""
+    from scaling_compile.kernels.reference import token_mask_from_blocks
+
+    torch.manual_seed(0)
+    model = _TwoBlocks().eval()
+    x = torch.randn(1, 64, 32)
+    n = 64 // BLOCK
+    masks = {"blocks.0.core": torch.eye(n, dtype=torch.bool).expand(2, n, n).clone(),
+             "blocks.1.core": torch.ones(n, n, dtype=torch.bool).tril().expand(2, n, n).clone()}
+    topology = sc.Topology.from_block_masks(masks, block_size=BLOCK, seq_len={k: 64 for k in masks})
+
+    reference_model = _TwoBlocks().eval()
+    reference_model.load_state_dict(model.state_dict())
+    for i, block in enumerate(reference_model.blocks):
+        allowed = token_mask_from_blocks(masks[f"blocks.{i}.core"], 64, 64, BLOCK, BLOCK)
+        block.core.forward = lambda q, k, v, m=allowed: torch.nn.functional.scaled_dot_product_attention(
+            q, k, v, attn_mask=m)
+    with torch.no_grad():
+        expected, dense = reference_model(x), model(x)
+    assert (expected - dense).abs().max() > 1e-4
+
+    compiled = torch.compile(model, backend="scaling", options={"inner": "eager", "artifact": topology})
+    from scaling_compile.plans import plan_count
+
+    first = plan_count()
+    with torch.no_grad():
+        out = compiled(x)
+    assert served_keys(first) == set(masks)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)

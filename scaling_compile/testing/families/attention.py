@@ -204,7 +204,7 @@ def _position_index(fam: Family, grid, f, h, w):
         return (slice(None), f, slice(None), h, w)
     if layout.startswith("B,F,H,W,C"):
         return (slice(None), f, h, w, slice(None))
-    if layout.startswith("packed B,S,C (num_frames"):
+    if layout.startswith(("packed B,S,C (num_frames", "packed B,S,C (raster")):
         _, gh, gw = grid
         return (slice(None), (f * gh + h) * gw + w, slice(None))
     if layout.startswith("packed B,S,C (patchified"):

@@ -308,6 +308,65 @@ def _kandinsky5_inputs(fam: Family, grid: Grid, g: torch.Generator) -> dict:
     }
 
 
+def _kandinsky6_inputs(fam: Family, grid: Grid, g: torch.Generator) -> dict:
+    # Channels-last latent (B, F, H, W, 2C+1): the noisy latent, the conditioning latent and its mask
+    # (visual_cond=True, as Kandinsky6TI2VAPipeline prepares it); audio latents denoised alongside.
+    f, h, w = grid
+    channels = 2 * fam.config["in_visual_dim"] + 1
+    return {
+        "hidden_states": _randn(g, 1, f, h, w, channels),
+        "encoder_hidden_states": _randn(g, 1, 12, fam.config["in_text_dim"]),
+        "pooled_projections": _randn(g, 1, fam.config["in_text_dim2"]),
+        "timestep": torch.tensor([500.0]),
+        "audio_hidden_states": _randn(g, 1, 9, fam.config["in_audio_dim"]),
+    }
+
+
+def _kandinsky6_sr_inputs(fam: Family, grid: Grid, g: torch.Generator) -> dict:
+    # Latent tiles (B, F, H, W, 2C+1): noisy latent, anchor latent and anchor mask; no text.
+    f, h, w = grid
+    return {
+        "hidden_states": _randn(g, 1, f, h, w, 2 * fam.config["in_visual_dim"] + 1),
+        "timestep": torch.tensor([500.0]),
+    }
+
+
+def _sana_wm_inputs(fam: Family, grid: Grid, g: torch.Generator) -> dict:
+    # As SanaWMPipeline calls it: per-frame timesteps (B, 1, F), text (B, 1, L, D) with its mask,
+    # raw camera conditions (B, F, 20: a flattened camera-to-world matrix + fx, fy, cx, cy in pixels)
+    # and the chunk Plucker embedding (B, 48, F, H, W).
+    f, h, w = grid
+    _, ph, pw = fam.config["patch_size"]
+    c2w = torch.eye(4).repeat(f, 1, 1)
+    c2w[:, 0, 3] = 0.1 * torch.arange(f, dtype=torch.float32)  # a camera sliding sideways
+    focal = torch.tensor([w * pw * 1.0, h * ph * 1.0, w * pw / 2.0, h * ph / 2.0])
+    camera = torch.cat([c2w.flatten(1), focal.expand(f, 4)], dim=1)[None]
+    return {
+        "hidden_states": _randn(g, 1, fam.config["in_channels"], f, h, w),
+        "timestep": torch.full((1, 1, f), 500.0),
+        "encoder_hidden_states": _randn(g, 1, 1, 12, fam.config["caption_channels"]),
+        "encoder_attention_mask": torch.ones(1, 12),
+        "camera_conditions": camera,
+        "chunk_plucker": _randn(g, 1, fam.config["chunk_plucker_channels"], f, h, w),
+    }
+
+
+def _sana_wm_refiner_inputs(fam: Family, grid: Grid, g: torch.Generator) -> dict:
+    # Packed (B, S, C) tokens of one window; the grid reaches the model only through the caller-built
+    # RoPE (the model's own build_rotary_emb_for_absolute_positions). The plain call (no KV cache): the
+    # refiner pipeline's windows add kv_cache / kv_cache_mode="inject" (sink + history keys).
+    f, h, w = grid
+    rope_owner = fam.model_class(**fam.config)  # the RoPE has no weights: any instance builds the same
+    rope = rope_owner.build_rotary_emb_for_absolute_positions(1, list(range(f)), h, w, torch.device("cpu"), 25.0)
+    return {
+        "hidden_states": _randn(g, 1, f * h * w, fam.config["in_channels"]),
+        "encoder_hidden_states": _randn(g, 1, 16, fam.config["caption_channels"]),
+        "timestep": torch.full((1, f * h * w), 500.0),
+        "video_rotary_emb": rope,
+        "encoder_attention_mask": torch.ones(1, 16),
+    }
+
+
 def _cosmos_inputs(fam: Family, grid: Grid, g: torch.Generator) -> dict:
     f, h, w = grid
     return {
@@ -659,23 +718,73 @@ FAMILIES: dict[str, Family] = {
             (1, 2, 2),
             notes="self-attention is linear attention (no SDPA); only the text cross-attention is SDPA",
         ),
+        Family(
+            "kandinsky6",
+            "Kandinsky6Transformer3DModel",
+            {"in_visual_dim": 4, "out_visual_dim": 4, "in_text_dim": 16, "in_text_dim2": 8, "time_dim": 16,
+             "patch_size": (1, 2, 2), "model_dim": 32, "ff_dim": 32, "num_text_blocks": 1, "num_visual_blocks": 2,
+             "axes_dims": (4, 6, 6), "visual_cond": True, "in_audio_dim": 4, "out_audio_dim": 4},
+            (2, 16, 16),
+            _kandinsky6_inputs,
+            "B,F,H,W,C",
+            (1, 2, 2),
+            notes="no diffusers test config: sizes chosen here (head dim = sum(axes_dims) = 16); video + audio "
+            "denoised together, the video self-attention is over the video tokens only",
+        ),
+        Family(
+            "kandinsky6_sr",
+            "Kandinsky6SRTransformer3DModel",
+            {"in_visual_dim": 4, "out_visual_dim": 4, "time_dim": 16, "patch_size": (1, 2, 2), "model_dim": 32,
+             "ff_dim": 32, "num_visual_blocks": 2, "axes_dims": (4, 6, 6), "nabla_window": (3, 3, 3)},
+            (2, 16, 16),
+            _kandinsky6_sr_inputs,
+            "B,F,H,W,C",
+            (1, 16, 16),
+            notes="no diffusers test config; self-attention is NABLA FlexAttention (no SDPA); the token grid's "
+            "height and width must be multiples of 8",
+        ),
+        Family(
+            "sana_wm",
+            "SanaWMTransformer3DModel",
+            {"in_channels": 4, "num_layers": 2, "hidden_size": 32, "num_attention_heads": 2, "patch_size": (1, 2, 2),
+             "softmax_every_n": 2, "linear_head_dim": 16, "caption_channels": 16, "mlp_ratio": 2.0,
+             "chunk_plucker_channels": 48},
+            (2, 16, 16),
+            _sana_wm_inputs,
+            "B,C,F,H,W",
+            (1, 2, 2),
+            notes="no diffusers test config; block 0 is gated-delta-net linear attention, block 1 (every "
+            "softmax_every_n-th) softmax SDPA plus a camera-ray SDPA; the Plucker projection is zero-initialised",
+            randomize_zero_weights=True,
+        ),
+        Family(
+            "sana_wm_refiner",
+            "SanaWMLTX2RefinerTransformer3DModel",
+            {"in_channels": 4, "out_channels": 4, "patch_size": 1, "patch_size_t": 1, "num_attention_heads": 2,
+             "attention_head_dim": 16, "cross_attention_dim": 32, "audio_in_channels": 4, "audio_out_channels": 4,
+             "audio_num_attention_heads": 2, "audio_attention_head_dim": 16, "audio_cross_attention_dim": 32,
+             "num_layers": 2, "qk_norm": "rms_norm_across_heads", "caption_channels": 16,
+             "rope_double_precision": False},
+            (2, 8, 8),
+            _sana_wm_refiner_inputs,
+            "packed B,S,C (raster rows; the grid only in the caller-built video_rotary_emb)",
+            notes="LTX-2's config; the plain call without the KV cache the refiner pipeline passes",
+        ),
     ]
 }
 
 #: Video transformer classes of diffusers 0.42.1 that are not built here, with the reason.
 UNBUILT: dict[str, str] = {
     "WanAnimate2Transformer3DModel": (
-        "inputs are lists of unbatched tensors plus a KV cache object (kv_cache, kv_cache_mode); "
-        "not built in this matrix yet"
+        "inputs are lists of per-sample tensors plus a KV cache object (kv_cache, kv_cache_mode) and pixel sizes "
+        "for its FlexAttention BlockMask: not built here; scaling_compile.families.NOT_DESCRIBED gives the backend's "
+        "reason (dense, warned; profile refuses)"
     ),
     "Cosmos3OmniTransformer": (
-        "an omni (text + vision + action + sound) LLM-style transformer fed packed token index lists; "
-        "not built in this matrix yet"
+        "an omni (text + vision + action + sound) LLM-style transformer fed caller-packed token index lists: not "
+        "built here; scaling_compile.families.NOT_DESCRIBED gives the backend's reason (dense, warned; profile "
+        "refuses)"
     ),
-    "Kandinsky6Transformer3DModel": "no diffusers test config to take a tiny config from; not built yet",
-    "Kandinsky6SRTransformer3DModel": "video super-resolution; no diffusers test config; not built yet",
-    "SanaWMTransformer3DModel": "world model with camera inputs; no diffusers test config; not built yet",
-    "SanaWMLTX2RefinerTransformer3DModel": "Sana-WM refiner; no diffusers test config; not built yet",
     "JoyImageEditTransformer3DModel": "image editing (a single frame), not a video model",
     "JoyImageEditPlusTransformer3DModel": "image editing (a single frame), not a video model",
     "TransformerTemporalModel": "a UNet's temporal layer, not a video DiT (no latent grid of its own)",
