@@ -85,6 +85,10 @@ class BackendOptions:
         do not know (how its latent, patch sizes and text tokens make the attention layout).
     mode: Inductor's mode ("reduce-overhead" for CUDA graphs, "max-autotune", ...). torch.compile
         refuses ``mode=`` together with ``options=``, so with this backend it goes in the options.
+    plans: a ``scaling_compile.CompiledPlans()`` the backend adds every plan it makes to (one per
+        rewritten attention node of each graph compiled with these options), for reports: the
+        masks' device bytes, online-policy statistics, switching policy or budget without
+        recompiling. It holds the plans weakly (the compiled graphs own them). None: no list.
     Letter case of inner, kernel and policy does not matter ("Triton" is "triton").
     """
 
@@ -98,6 +102,7 @@ class BackendOptions:
     schedule: object = None
     mode: str | None = None
     layout: object = None
+    plans: object = None  # a CompiledPlans
 
     def __post_init__(self):
         for name, value in self._checked().items():
@@ -179,6 +184,11 @@ class BackendOptions:
 
             if not isinstance(self.layout, FamilyLayout):
                 _refuse("layout", self.layout, "pass a scaling_compile.families.FamilyLayout, or None")
+        if self.plans is not None:
+            from .compiled_plans import CompiledPlans
+
+            if not isinstance(self.plans, CompiledPlans):
+                _refuse("plans", self.plans, "pass a scaling_compile.CompiledPlans() to collect the plans, or None")
         if self.schedule is not None:
             from .schedule import StepSchedule
 
