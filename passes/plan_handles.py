@@ -12,7 +12,6 @@ handle its plan, so the plan lives as long as the compiled graph.
 
 from __future__ import annotations
 
-import torch
 import torch.fx as fx
 
 

@@ -293,13 +293,12 @@ def bench_model(args) -> dict:
     order = sparse + baselines if args.sparse_first else baselines + sparse
     runs = [(mode, kernel, budget) for mode in args.modes for kernel, budget in order]
     all_ones = torch.ones(heads, -(-seq // args.block_size), -(-seq // args.block_size), dtype=torch.bool)
-    from .plans import plan_count, release_served_masks, served_mask_bytes
-
+    plans = sc.CompiledPlans()
     for mode, kernel, budget in tqdm(runs, desc="compile + time"):
         torch._dynamo.reset()
         _uncompile_blocks(model)
-        release_served_masks()  # the previous row's graphs are gone: free their device masks
-        first_plan = plan_count()
+        plans.release_masks()  # the previous row's graphs are gone: free their device masks
+        plans = sc.CompiledPlans()  # this row's
         kwargs = {"backend": "inductor", "fullgraph": True}
         if kernel != "inductor":
             masks = all_ones if budget is None else local_3d_mask(
@@ -307,7 +306,7 @@ def bench_model(args) -> dict:
             topology = sc.Topology.from_block_masks({f"blocks.{i}.attn1": masks for i in range(layers)},
                                                     block_size=args.block_size, seq_len=seq)
             kwargs = {"backend": "scaling", "fullgraph": True,
-                      "options": {"artifact": topology, "strict": True, "kernel": kernel}}
+                      "options": {"artifact": topology, "strict": True, "kernel": kernel, "plans": plans}}
         if mode == "regional":
             if kernel != "inductor":
                 sc.register_root(model)  # the first call (the one that compiles the blocks) knows its grid too
@@ -324,7 +323,7 @@ def bench_model(args) -> dict:
         peak = torch.cuda.max_memory_allocated() / 2**30
         row = {"mode": mode, "kernel": kernel, "budget": budget, "compile_s": compile_s, "forward_ms": forward_ms,
                "self_attention_ms": attention["ms"], "self_attention_calls": attention["calls"],
-               "peak_gib": peak, "mask_mib": served_mask_bytes(first_plan) / 2**20 if kernel != "inductor" else 0.0}
+               "peak_gib": peak, "mask_mib": plans.mask_bytes() / 2**20 if kernel != "inductor" else 0.0}
         results["rows"].append(row)
         label = "dense" if budget is None else budget
         tqdm.write(f"{mode:9s} {kernel:8s} budget {label:>5}: compile {compile_s:6.1f} s, "
