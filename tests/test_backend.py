@@ -207,6 +207,49 @@ def test_the_op_receives_the_very_handle_its_graph_owns(monkeypatch, inner, dyna
     assert {id(plans.plan_of(h)) for h in seen} == {id(p) for p in collected}
 
 
+_CACHED_RUN = """
+import sys, torch
+sys.path.insert(0, {tests!r})
+import scaling_compile as sc
+from scaling_compile import op
+from torch._dynamo.utils import counters
+from masked_reference import run_masked
+from models import ToyDiT, random_block_masks
+seen, read = [], op.plan_of
+op.plan_of = lambda handle: seen.append(handle) or read(handle)
+torch.manual_seed(0)
+model = ToyDiT(modes=("plain", "plain", "cross")).eval()
+masks = random_block_masks(["blocks.0", "blocks.1"], 2, 3, density=0.4, seed={seed})
+topology = sc.Topology.from_block_masks(masks, block_size=16, seq_len=40)
+compiled = torch.compile(model, backend="scaling", options={{"artifact": topology}}, fullgraph=True)
+x, context = torch.randn(1, 40, 32), torch.randn(1, 4, 32)
+with torch.no_grad():
+    out = compiled(x, context)
+torch.testing.assert_close(out, run_masked(model, masks, 16, x, context), atol=2e-5, rtol=1e-4)
+assert len(seen) == 2
+print("fx-graph-cache", "hit" if counters["inductor"]["fxgraph_cache_hit"] else "miss")
+"""
+
+
+@pytest.mark.slow
+def test_a_warm_inductor_cache_serves_each_process_its_own_plans(tmp_path):
+    """The handles are inputs of the compiled code, not part of it: a second process (another
+    artifact's masks) that loads the first one's compiled graph from Inductor's cache serves its own."""
+    import os
+    import subprocess
+    import sys
+
+    tests = os.path.dirname(os.path.abspath(__file__))
+    env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(tmp_path / "inductor"), TORCHINDUCTOR_FX_GRAPH_CACHE="1")
+    said = []
+    for seed in (3, 4):
+        run = subprocess.run([sys.executable, "-c", _CACHED_RUN.format(tests=tests, seed=seed)], env=env,
+                             capture_output=True, text=True, timeout=600)
+        assert run.returncode == 0, run.stderr[-3000:]
+        said.append(run.stdout.split()[-1])
+    assert said == ["miss", "hit"]
+
+
 def test_a_handle_without_a_plan_is_a_clear_error_and_the_fake_kernel_needs_none():
     from torch._subclasses.fake_tensor import FakeTensorMode
 
