@@ -406,15 +406,16 @@ def test_one_compiled_model_serves_two_threads():
 
 
 # -- plans are owned by what was compiled ----------------------------------------------------------
-@pytest.mark.parametrize("mode", ["whole", "regional"])
+@pytest.mark.parametrize("mode", ["whole", "whole-inductor", "regional"])
 def test_a_dropped_compiled_model_is_freed(mode):
     """Nothing process-wide holds a plan: dropping the compiled model frees its plans and their masks."""
     model = tiny_wan(num_layers=2)
     masks = random_block_masks(wan_keys(model), 2, 3, 0.5)
     topology = sc.Topology.from_block_masks(masks, block_size=BLOCK, seq_len=WAN_TOKENS)
     plans = sc.CompiledPlans()
-    if mode == "whole":
-        run = torch.compile(model, backend="scaling", options={"artifact": topology, "inner": "eager", "plans": plans})
+    if mode.startswith("whole"):
+        inner = "inductor" if mode == "whole-inductor" else "eager"
+        run = torch.compile(model, backend="scaling", options={"artifact": topology, "inner": inner, "plans": plans})
     else:
         run = regional(model, topology, plans=plans)
     with torch.no_grad():
