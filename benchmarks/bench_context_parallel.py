@@ -180,13 +180,13 @@ def all_to_all_ms(numel: int, dtype: torch.dtype, reps: int = 20) -> float:
     return max_over_ranks(timer.stop() / reps)
 
 
-def served_heads(first_plan: int = 0) -> list[list[str]]:
-    """Per rank, the global head ranges its sparse plans were served with (e.g. ``["0-5"]`` on rank 0 of 2)."""
-    from scaling_compile import plans
+def served_heads(plans) -> list[list[str]]:
+    """Per rank, the global head ranges the sparse plans of one compilation (a CompiledPlans) were
+    served with (e.g. ``["0-5"]`` on rank 0 of 2)."""
     from scaling_compile.parallel import ShardedTopology
 
     mine = set()
-    for plan in plans.all_plans(first_plan):
+    for plan in plans:
         if not isinstance(plan.topology, ShardedTopology):
             continue
         for cache_key, served in plan._cache.items():
@@ -199,11 +199,9 @@ def served_heads(first_plan: int = 0) -> list[list[str]]:
     return everyone
 
 
-def served_summary(first_plan: int = 0) -> list[str]:
-    """This rank's plans made since ``first_plan``: node key and the topology (view) serving it."""
-    from scaling_compile import plans
-
-    return sorted({f"{plan.graph_key}: {plan.topology!r}" for plan in plans.all_plans(first_plan)})[:4]
+def served_summary(plans) -> list[str]:
+    """This rank's plans of one compilation (a CompiledPlans): node key and the topology (view) serving it."""
+    return sorted({f"{plan.graph_key}: {plan.topology!r}" for plan in plans})[:4]
 
 
 def _flash_attention_on_cpu() -> None:
@@ -248,7 +246,6 @@ def main() -> int:
         logging.getLogger("scaling_compile").setLevel(logging.INFO)
 
     import scaling_compile as sc
-    from scaling_compile.plans import plan_count
     from diffusers import ContextParallelConfig
     from scaling_compile.bench import _uncompile_blocks
     from scaling_compile.masks import local_3d_mask
@@ -279,12 +276,12 @@ def main() -> int:
         f"{world} x {device_name}, torch {torch.__version__}; "
         f"3D-local masks, density {float(masks.float().mean()):.3f}; setup {time.perf_counter() - started:.0f} s")
 
-    def compile_blocks(sparse: bool) -> None:
+    def compile_blocks(sparse: bool, plans) -> None:
         torch._dynamo.reset()
         _uncompile_blocks(model)
         if sparse:
             model.compile_repeated_blocks(backend="scaling", fullgraph=True,
-                                          options={"artifact": topology, "strict": True})
+                                          options={"artifact": topology, "strict": True, "plans": plans})
         else:
             model.compile_repeated_blocks(backend="inductor", fullgraph=True)
 
@@ -312,8 +309,8 @@ def main() -> int:
 
             for sparse in (False, True):
                 name = "sparse" if sparse else "dense"
-                first_plan = plan_count()
-                compile_blocks(sparse)
+                plans = sc.CompiledPlans()
+                compile_blocks(sparse, plans)
                 compile_s = first_call_s(call)
                 forward_ms = timed_ms(call, args.iters)
                 out = call()
@@ -325,8 +322,8 @@ def main() -> int:
                     row["rel_error_vs_1gpu"] = relative_error(out, outputs[name])
                     row["nccl_kernel_ms"], row["all_kernels_ms"] = nccl_kernel_ms(call)
                 if gpus > 1 and sparse:
-                    row["heads_by_rank"] = served_heads(first_plan)
-                    row["plans_rank0"] = served_summary(first_plan)
+                    row["heads_by_rank"] = served_heads(plans)
+                    row["plans_rank0"] = served_summary(plans)
                 rows.append(row)
                 log(f"{gpus} GPU {MODES.get(mode, 'one GPU'):14s} {name:6s}: compile {compile_s:6.1f} s, "
                     f"forward {forward_ms:7.1f} ms"

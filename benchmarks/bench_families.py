@@ -138,7 +138,6 @@ def uncompile(model):
 def bench(name, args) -> dict:
     import scaling_compile as sc
     from scaling_compile.kernels.block_mask import BlockMask
-    from scaling_compile.plans import all_plans, plan_count, release_served_masks
 
     spec = MODELS[name]
     layers = tuple(args.hunyuan_layers) if name == "hunyuan_video" else args.cogvideox_layers
@@ -169,12 +168,13 @@ def bench(name, args) -> dict:
         dense_ms = cuda_ms(lambda: model(**inputs), args.iters)
         print(f"  inductor dense: forward {dense_ms:.1f} ms (compile {dense_compile_s:.1f} s)", flush=True)
         rows.append({"kernel": "inductor", "budget": None, "forward_ms": dense_ms, "speedup": 1.0})
+        made = sc.CompiledPlans()
         for kernel in args.kernels:
             torch._dynamo.reset()
             uncompile(model)
-            release_served_masks()
-            first = plan_count()
-            sc.compile_repeated_blocks(model, options={"artifact": topology, "kernel": kernel})
+            made.release_masks()  # the previous kernel's graphs are gone: free their device masks
+            made = sc.CompiledPlans()
+            sc.compile_repeated_blocks(model, options={"artifact": topology, "kernel": kernel, "plans": made})
             started = time.perf_counter()
             with warnings.catch_warnings(record=True) as caught:  # e.g. gluon passing key-padded calls to triton
                 warnings.simplefilter("always")
@@ -185,7 +185,7 @@ def bench(name, args) -> dict:
                             or "sparse_attention" in str(w.message)})
             for note in notes:
                 print(f"  {kernel}: {note}", flush=True)
-            plans = all_plans(first)
+            plans = made.plans()
             for budget in args.budgets:
                 for plan in plans:
                     plan.reconfigure(budget=budget)

@@ -32,7 +32,7 @@ import torch
 import scaling_compile as sc
 from scaling_compile import op as _op  # noqa: F401  (registers torch.ops.scaling.sparse_sdpa)
 from scaling_compile.kernels.attention import sparse_attention
-from scaling_compile.plans import AttentionPlan, register_plan
+from scaling_compile.plans import AttentionPlan, plan_handle
 
 
 class Attention(torch.nn.Module):
@@ -48,7 +48,8 @@ class Root(torch.nn.Module):
 
 
 def setup(device: str, heads: int = 1, seq: int = 64, head_dim: int = 8, block: int = 16, dtype=torch.float32):
-    """A root model, a plan for its ``blocks.*.attn1`` (hand-written masks), and one call's tensors."""
+    """A root model, a plan for its ``blocks.*.attn1`` (hand-written masks) and its handle (what the
+    op is passed), and one call's tensors."""
     torch.manual_seed(0)
     root = Root(heads * head_dim, layers=2).to(device)
     n = -(-seq // block)
@@ -57,10 +58,10 @@ def setup(device: str, heads: int = 1, seq: int = 64, head_dim: int = 8, block: 
         mask |= torch.eye(n, dtype=torch.bool)
     topology = sc.Topology.from_block_masks(masks, block, seq_len=seq)
     plan = AttentionPlan("attn1", "to_q.weight", topology, kernel="auto")
-    plan_id = register_plan(plan)
+    handle = plan_handle(plan, device)
     q, k, v = (torch.randn(1, heads, seq, head_dim, device=device, dtype=dtype) for _ in range(3))
     anchor = root.blocks[1]["attn1"].to_q.weight
-    return root, plan, plan_id, (q, k, v), anchor
+    return root, plan, handle, (q, k, v), anchor
 
 
 def per_call_us(fn, calls: int, repeats: int = 7, device: str = "cpu") -> float:
@@ -104,13 +105,13 @@ def main(argv=None) -> dict:
     parser.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"))
     args = parser.parse_args(argv)
     torch.set_num_threads(1)  # tiny tensors: threads only add noise to host time
-    root, plan, plan_id, (q, k, v), anchor = setup(args.device, args.heads, args.seq, args.head_dim, args.block,
+    root, plan, handle, (q, k, v), anchor = setup(args.device, args.heads, args.seq, args.head_dim, args.block,
                                                    getattr(torch, args.dtype))
     mask = plan.masks_for(q, anchor)
     assert isinstance(mask, sc.kernels.block_mask.BlockMask), mask  # served, not dense
 
     def op():
-        return torch.ops.scaling.sparse_sdpa(q, k, v, anchor, plan_id, None, None, None)
+        return torch.ops.scaling.sparse_sdpa(q, k, v, anchor, handle, None, None, None)
 
     with torch.no_grad():
         results = {

@@ -56,7 +56,7 @@ from scaling_compile import quality as q
 from scaling_compile.kernels.bitpack import unpack_block_mask
 from scaling_compile.layout import AttentionLayout
 from scaling_compile.tables import markdown_table
-from scaling_compile.plans import AttentionPlan, get_plan, plan_count, register_plan
+from scaling_compile.plans import AttentionPlan, plan_handle, plan_of
 from scaling_compile.policies.haste import HasteSettings
 
 
@@ -136,19 +136,18 @@ def token_recall(query, key, scale, token_mask, rows: int = 4096) -> float:
 def node_pass(model, topology, policy, options, budget, inputs_seq, grid, block_size):
     """Serve every self-attention call of the eager model through the op, the policy's state
     carried along ``inputs_seq``; per-call metrics and the transformer outputs."""
-    plans: dict[str, int] = {}
-    held: list[AttentionPlan] = []  # the op reaches plans through a weak index: this pass owns them
+    handles: dict[str, torch.Tensor] = {}  # per node, the handle carrying its plan (what the op is passed)
     records: list[dict] = []
     grid_list = AttentionLayout.video_only(grid).to_ints()
 
     def serve(node, query, key, value, scale, dense):
-        if node not in plans:
-            held.append(AttentionPlan(graph_key=node, anchor_suffix=None, topology=topology, budget=budget,
-                                      strict=True, policy=policy, policy_options=options))
-            plans[node] = register_plan(held[-1])
-        plan = get_plan(plans[node])
+        if node not in handles:
+            handles[node] = plan_handle(AttentionPlan(graph_key=node, anchor_suffix=None, topology=topology,
+                                                      budget=budget, strict=True, policy=policy,
+                                                      policy_options=options), query.device)
+        plan = plan_of(handles[node])
         with policies.record_masks() as recorded:
-            out = torch.ops.scaling.sparse_sdpa(query, key, value, None, plans[node], scale, grid_list)
+            out = torch.ops.scaling.sparse_sdpa(query, key, value, None, handles[node], scale, grid_list)
         seq = query.shape[-2]
         if recorded:  # online policy: the mask the kernel saw
             token_mask, block = recorded[0].token_mask(seq), recorded[0].block_mask
@@ -242,24 +241,22 @@ def speed_pass(model, topology, runs, inputs_seq, rounds, results, save):
     torch._dynamo.reset()
     _uncompile(model)
     first_policy, first_options, first_budget = runs[0]
-    before = plan_count()
+    made = sc.CompiledPlans()
     started = time.perf_counter()
     model.compile_repeated_blocks(fullgraph=True, backend="scaling", options={
         "artifact": topology, "policy": first_policy, "policy_options": first_options or None,
-        "budget": first_budget, "strict": True, "inner": "inductor" if cuda else "eager"})
+        "budget": first_budget, "strict": True, "inner": "inductor" if cuda else "eager", "plans": made})
     with torch.no_grad():
         model(**dict(inputs_seq[0], return_dict=False))
     _sync(inputs_seq)
     compile_s = time.perf_counter() - started
-    plan_ids = range(before, plan_count())
-    log(f"  scaling (regional): compiled in {compile_s:.1f} s, {len(plan_ids)} plan(s)")
+    log(f"  scaling (regional): compiled in {compile_s:.1f} s, {len(made)} plan(s)")
     for policy, options, budget in runs:
-        for pid in plan_ids:
-            get_plan(pid).reconfigure(policy=policy, budget=budget, policy_options=options or None)
+        made.reconfigure(policy=policy, budget=budget, policy_options=options or None)
         forward_ms = time_sequence(model, inputs_seq, rounds)
         # one more pass: prediction sections timed by CUDA events (GPU time only, so the host-side
         # copies of the recorded masks in the same pass do not count), masks recorded
-        with torch.no_grad(), policies.time_predictions(*map(get_plan, plan_ids)) as timer, policies.record_masks() as recorded:
+        with torch.no_grad(), policies.time_predictions(*made) as timer, policies.record_masks() as recorded:
             for inputs in inputs_seq:
                 model(**dict(inputs, return_dict=False))
         per_forward = {name: ms / len(inputs_seq) for name, ms in timer.ms.items()}
@@ -267,7 +264,7 @@ def speed_pass(model, topology, runs, inputs_seq, rounds, results, save):
         if recorded:
             density = statistics.fmean(float(r.block_mask.float().mean()) for r in recorded)
         else:  # WEST: the plans' static masks
-            served = [s for pid in plan_ids for s in get_plan(pid)._cache.values() if hasattr(s, "density")]
+            served = made.served_masks()
             density = statistics.fmean(s.density for s in served) if served else None
         refreshed = [float(r.refreshed.float().mean()) for r in recorded if r.refreshed is not None]
         row = {"policy": _label(policy, options), "budget": budget, "forward_ms": forward_ms,

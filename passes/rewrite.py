@@ -2,15 +2,16 @@
 
 For each SDPA call the pass decides, from the call's static properties and the
 topology, whether the sparse kernel can serve it exactly. Served calls become
-the custom op, carrying a plan id (the run-time record of the node's key,
-topology and options), a parameter of the attention module (the call's module is
-found from it by identity at every call), the call's attention layout when the
+the custom op, carrying a handle of its plan (the run-time record of the node's
+key, topology and options; a buffer of the graph, :mod:`.plan_handles`), a
+parameter of the attention module (the call's module is found from it by
+identity at every call), the call's attention layout when the
 graph's own inputs give it (whole-model compilation: the ``hidden_states`` input
 and the model's family description, :mod:`scaling_compile.families`), and its
 key-padding mask if it has one (for a ``valid & valid^T`` mask: ``valid``, with
 ``pad_queries``). Everything else is left untouched, with the
-reason recorded. The plans made here are returned to the backend, whose compiled
-callable owns them.
+reason recorded. The graph owns the plans made here (through their handles); they are
+also listed in ``gm.meta["scaling_plans"]`` for the backend's reports.
 """
 
 from __future__ import annotations
@@ -29,15 +30,15 @@ def rewrite_sdpa_calls(gm: fx.GraphModule, topology, options, example_inputs=Non
     """Replace each servable SDPA node of ``gm`` by the sparse custom op.
 
     Returns every decision; the plans of the served nodes are left in
-    ``gm.meta["scaling_plans"]`` for the caller, which keeps them alive for as long as the
-    compiled graph lives. ``options`` is the backend's
+    ``gm.meta["scaling_plans"]`` for the caller's reports (the graph's buffers own them). ``options`` is the backend's
     :class:`~scaling_compile.options.BackendOptions`. With the graph's ``example_inputs`` the
     calls' modules are located and the masks of static geometries built now, not at the first call.
     """
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     examples = dict(zip(placeholders, example_inputs or []))
     from .. import op as _op  # noqa: F401  (registers torch.ops.scaling.sparse_sdpa)
-    from ..plans import AttentionPlan, register_plan
+    from ..plans import AttentionPlan
+    from .plan_handles import attach_plan
 
     decisions, plans = [], []
     for call in find_sdpa_calls(gm):
@@ -73,15 +74,15 @@ def rewrite_sdpa_calls(gm: fx.GraphModule, topology, options, example_inputs=Non
         if not decision.served:
             decisions.append(decision)
             continue
-        plan_id = register_plan(plan)
         plans.append(plan)
         _prewarm(plan, call, layout, anchor_example, decision.served_keys)
         args = call.arguments
         key_mask, pad_queries = _served_mask(call)
         with gm.graph.inserting_before(call.node):
+            handle = attach_plan(gm, plan, _device_of(args["query"]))
             new = gm.graph.call_function(
                 torch.ops.scaling.sparse_sdpa.default,
-                (args["query"], args["key"], args["value"], anchor, plan_id, args["scale"], layout_arg,
+                (args["query"], args["key"], args["value"], anchor, handle, args["scale"], layout_arg,
                  key_mask, *((True,) if pad_queries else ())),
             )
         new.meta.update({k: v for k, v in call.node.meta.items() if k != "example_value"})
@@ -158,6 +159,12 @@ def _prewarm(plan, call: SDPACall, layout, anchor_example, keys) -> None:
     if not isinstance(seq_len, int) or query is None or not isinstance(anchor_example, torch.Tensor):
         return
     plan.prewarm(seq_len, heads, query.device, layout=layout, anchor=anchor_example, query=query, keys=keys)
+
+
+def _device_of(node) -> torch.device:
+    """The device of a graph value (its example value's), where the plan's handle goes; CPU if unknown."""
+    value = node.meta.get("example_value") if isinstance(node, fx.Node) else None
+    return value.device if isinstance(value, torch.Tensor) else torch.device("cpu")
 
 
 def _grad_free(call: SDPACall) -> bool:

@@ -7,7 +7,8 @@ policy configs :class:`WestConfig`, :class:`HasteConfig`, :class:`SvooConfig` (w
 ``options=`` takes, beside a dict), :func:`sdpa_nodes` (what the
 backend will do with each attention call), :class:`AttentionLayout` and
 :class:`FamilyLayout` (what each attention call attends over, and how a model
-family's inputs say it), :func:`register_root`, :func:`token_grid`.
+family's inputs say it), :func:`register_root`, :func:`token_grid`,
+:class:`CompiledPlans` (the plans a compilation made, for reports: the ``plans`` option).
 
 Offline side: :func:`profile` (WEST topology + FAST sensitivities of a model
 from a calibration set, see :mod:`.calibration`), :class:`StepSchedule` (the
@@ -21,6 +22,7 @@ from .families import FamilyLayout
 from .inspection import sdpa_nodes
 from .layout import AttentionLayout
 from .options import BackendOptions
+from .compiled_plans import CompiledPlans
 from .policies.config import HasteConfig, SvooConfig, WestConfig
 from .topology import NodeTopology, Topology, model_fingerprint
 from .artifact import check_model, load_artifact
@@ -35,6 +37,7 @@ __all__ = [
     "AttentionLayout",
     "FamilyLayout",
     "BackendOptions",
+    "CompiledPlans",
     "HasteConfig",
     "SvooConfig",
     "WestConfig",

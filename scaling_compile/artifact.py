@@ -1,7 +1,9 @@
 """Loading a topology artifact, and checking it against the model it is used with.
 
-:func:`load_topology` reads a file once per content (the file's own checks:
-:func:`~.topology.topology_from_file`, :mod:`.artifact_tables`).
+:func:`load_topology` reads and checks a file (the file's own checks:
+:func:`~.topology.topology_from_file`, :mod:`.artifact_tables`); nothing process-wide keeps
+what it loaded (one compilation shares one load through its options:
+:meth:`~.options.BackendOptions.load_topology`).
 :func:`load_artifact` adds the checks against a model: the fingerprint (class, config, parameter shapes), and nodes
 the artifact has that the model lacks (extra) or the model has that the
 artifact lacks (missing). Every problem message says what to do. With
@@ -13,8 +15,6 @@ from __future__ import annotations
 
 import os
 import re
-import threading
-import weakref
 
 import torch
 
@@ -25,28 +25,16 @@ from .topology import Topology, check_fingerprint, topology_from_file
 # ---------------------------------------------------------------------------------------------
 # Reading a file
 # ---------------------------------------------------------------------------------------------
-# Topologies loaded from files, by the sha256 of the file's bytes. Weak: an entry lives only
-# while something (a compiled graph's plans) still holds the topology, so nothing here keeps
-# user data alive; while it lives, every graph compiled from the same bytes shares it. Keyed
-# by content, a file replaced in place (even with its mtime kept: `cp -p`, `rsync -a`) is read
-# anew.
-_by_content: "weakref.WeakValueDictionary[str, object]" = weakref.WeakValueDictionary()
-_by_content_lock = threading.Lock()
-
-
 def load_topology(path: str | os.PathLike):
-    """The :class:`~scaling_compile.Topology` in the artifact at ``path``: the file is read once,
-    checked, and parsed unless a live topology was loaded from the same bytes."""
+    """The :class:`~scaling_compile.Topology` in the artifact at ``path``, read, checked and parsed now.
+
+    Every call reads the file anew (a file replaced in place is never served stale) and keeps
+    nothing: the caller holds the topology. Load once and pass the Topology (or one
+    :class:`~scaling_compile.BackendOptions`) to share a large artifact between compilations.
+    """
     from .artifact_file import read_artifact_file
 
-    file = read_artifact_file(path)
-    with _by_content_lock:
-        topology = _by_content.get(file.sha256)
-    if topology is None:
-        topology = topology_from_file(file)
-        with _by_content_lock:
-            topology = _by_content.setdefault(file.sha256, topology)
-    return topology
+    return topology_from_file(read_artifact_file(path))
 
 
 # ---------------------------------------------------------------------------------------------

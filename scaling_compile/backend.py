@@ -54,28 +54,12 @@ def scaling_backend(gm: torch.fx.GraphModule, example_inputs, options=None, mode
     if topology is not None:
         topology = _fit_to_model(topology, gm, example_inputs, opts)
     decisions = rewrite_sdpa_calls(gm, topology, opts, example_inputs) if topology is not None else []
-    plans = gm.meta.pop("scaling_plans", [])
+    for plan in gm.meta.pop("scaling_plans", []):  # owned by the graph (its buffers); listed for reports
+        if opts.plans is not None:
+            opts.plans.add(plan)
     if decisions:
         report_decisions(decisions, strict=opts.strict, warn_uncovered=bool(topology.entries))
-    return owning(compile_inner(gm, example_inputs, opts.inner, opts.mode or mode), plans)
-
-
-def owning(compiled, plans: list):
-    """``compiled``, made the owner of the plans its graph's ops serve from.
-
-    The plans live exactly as long as the compiled graph (nothing process-wide holds them),
-    so a model compiled and then dropped is freed with its plans.
-    """
-    if not plans:
-        return compiled
-
-    def run(*args, **kwargs):
-        return compiled(*args, **kwargs)
-
-    run.__dict__.update(getattr(compiled, "__dict__", {}))  # e.g. _boxed_call
-    run._scaling_plans = plans
-    return run
-
+    return compile_inner(gm, example_inputs, opts.inner, opts.mode or mode)
 
 
 def report_decisions(decisions, *, strict: bool, warn_uncovered: bool = True) -> None:

@@ -282,13 +282,12 @@ def bench_model(args) -> dict:
     order = sparse + baselines if args.sparse_first else baselines + sparse
     runs = [(mode, kernel, budget) for mode in args.modes for kernel, budget in order]
     all_ones = torch.ones(heads, -(-seq // args.block_size), -(-seq // args.block_size), dtype=torch.bool)
-    from .plans import plan_count, release_served_masks, served_mask_bytes
-
+    plans = sc.CompiledPlans()
     for mode, kernel, budget in tqdm(runs, desc="compile + time"):
         torch._dynamo.reset()
         _uncompile_blocks(model)
-        release_served_masks()  # the previous row's graphs are gone: free their device masks
-        first_plan = plan_count()
+        plans.release_masks()  # the previous row's graphs are gone: free their device masks
+        plans = sc.CompiledPlans()  # this row's
         kwargs = {"backend": "inductor", "fullgraph": True}
         if kernel not in ("inductor", "skip"):
             masks = all_ones if budget is None else local_3d_mask(
@@ -296,7 +295,7 @@ def bench_model(args) -> dict:
             topology = sc.Topology.from_block_masks({f"blocks.{i}.attn1": masks for i in range(layers)},
                                                     block_size=args.block_size, seq_len=seq)
             kwargs = {"backend": "scaling", "fullgraph": True,
-                      "options": {"artifact": topology, "strict": True, "kernel": kernel}}
+                      "options": {"artifact": topology, "strict": True, "kernel": kernel, "plans": plans}}
         # "skip": Inductor with every self-attention call replaced by a free stand-in (compiled and
         # timed inside skipping_self_attention); what the other rows add to it is their self-attention.
         context = skipping_self_attention() if kernel == "skip" else contextlib.nullcontext()
@@ -315,7 +314,7 @@ def bench_model(args) -> dict:
                 forward_ms = cuda_ms(lambda: call(**inputs), iters=args.iters)
         peak = torch.cuda.max_memory_allocated() / 2**30
         row = {"mode": mode, "kernel": kernel, "budget": budget, "compile_s": compile_s, "forward_ms": forward_ms,
-               "peak_gib": peak, "mask_mib": served_mask_bytes(first_plan) / 2**20 if kernel not in ("inductor", "skip") else 0.0}
+               "peak_gib": peak, "mask_mib": plans.mask_bytes() / 2**20 if kernel not in ("inductor", "skip") else 0.0}
         results["rows"].append(row)
         label = "dense" if budget is None else budget
         name = "no self-attention" if kernel == "skip" else kernel

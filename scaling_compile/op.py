@@ -2,7 +2,9 @@
 
 Defined with ``torch.library`` and given a fake implementation, so Dynamo,
 Inductor, dynamic shapes and CUDA graphs treat it as an opaque op with a known
-output. Its real implementation asks the node's plan for the BlockMask of this
+output. The node's plan comes with the call, on its ``plan`` argument (a handle
+tensor the rewritten graph owns, :func:`~scaling_compile.plans.plan_handle`).
+Its real implementation asks the plan for the BlockMask of this
 call (a cached lookup) and serves it with ``kernels.attention.sparse_attention``
 (which alone picks FA4, Triton, the chunked CPU path or dense); if the plan
 cannot serve the call exactly it computes dense attention instead (and has
@@ -23,7 +25,7 @@ import torch
 
 from .errors import NotServable
 from .layout import key_only_mask
-from .plans import DenseFallback, get_plan
+from .plans import DenseFallback, plan_of
 
 
 # Defined with ``torch.library.Library`` rather than ``@torch.library.custom_op``: the latter
@@ -32,9 +34,9 @@ from .plans import DenseFallback, get_plan
 # backward (the matcher never rewrites inputs that require grad), so it needs none of them.
 _LIBRARY = torch.library.Library("scaling", "DEF")
 _LIBRARY.define(
-    "sparse_sdpa(Tensor query, Tensor key, Tensor value, Tensor? anchor, SymInt plan_id, float? scale, "
+    "sparse_sdpa(Tensor query, Tensor key, Tensor value, Tensor? anchor, Tensor plan, float? scale, "
     "SymInt[]? layout, Tensor? key_mask, bool pad_queries=False) -> Tensor"
-)  # the schema custom_op inferred: SymInt, so a layout of symbolic sizes (dynamic shapes) adds no guard
+)  # SymInt[] layout: a layout of symbolic sizes (dynamic shapes) adds no guard
 
 
 def sparse_sdpa(
@@ -42,14 +44,16 @@ def sparse_sdpa(
     key: torch.Tensor,
     value: torch.Tensor,
     anchor: torch.Tensor | None,
-    plan_id: int,
+    plan: torch.Tensor,
     scale: float | None,
     layout: list[int] | None,
     key_mask: torch.Tensor | None,
     pad_queries: bool = False,
 ) -> torch.Tensor:
-    """Block-sparse attention of one rewritten SDPA node (plan ``plan_id``): plan -> mask -> attention.
+    """Block-sparse attention of one rewritten SDPA node: plan -> mask -> attention.
 
+    ``plan``: the handle tensor carrying the node's :class:`~scaling_compile.plans.AttentionPlan`
+    (:func:`~scaling_compile.plans.plan_handle`; a handle without one is a clear error);
     ``anchor``: a parameter of the attention module (which module this call is);
     ``layout``: the call's :class:`~scaling_compile.layout.AttentionLayout` as ints when the
     graph computes it from its own inputs (whole-model), else None (the root's call has it);
@@ -57,7 +61,7 @@ def sparse_sdpa(
     ``pad_queries``: the model's mask was ``key_mask & key_mask^T`` (HunyuanVideo 1.5): query rows
     of padding tokens attend to nothing, and their output is 0, as SDPA's.
     """
-    plan = get_plan(plan_id)
+    plan = plan_of(plan)
     key_valid = None
     if key_mask is not None:
         key_valid = key_only_mask(key_mask, query.shape[0], key.shape[-2])
@@ -112,7 +116,7 @@ _LIBRARY.impl("sparse_sdpa", sparse_sdpa, "CompositeExplicitAutograd")
 
 
 @torch.library.register_fake("scaling::sparse_sdpa", lib=_LIBRARY)
-def _(query, key, value, anchor, plan_id, scale, layout, key_mask, pad_queries=False):
+def _(query, key, value, anchor, plan, scale, layout, key_mask, pad_queries=False):
     return empty_output_like(query)
 
 

@@ -11,7 +11,8 @@ from __future__ import annotations
 import math
 import numbers
 import os
-from dataclasses import dataclass, fields
+import threading
+from dataclasses import dataclass, field, fields
 from typing import Mapping
 
 from .errors import ScalingCompileError
@@ -59,6 +60,10 @@ class BackendOptions:
     """Everything the backend can be told; checked when made (a wrong value never gets through).
 
     artifact: path of a topology artifact (safetensors) or a ``Topology``; None rewrites nothing.
+        A path is read when the first graph is compiled with these options: a BackendOptions
+        instance reads it once and serves that content to every graph compiled with it (graph
+        breaks, regional blocks, recompilations); a dict is read again for each graph. To read a
+        large artifact once, pass a ``BackendOptions`` or a loaded ``Topology``.
     budget: mean fraction of key blocks kept, in (0, 1], overriding the artifact's default
         (profiled artifacts); a number, not a string.
     strict: True or False (a bool, not "false"): raise instead of falling back to dense
@@ -85,6 +90,10 @@ class BackendOptions:
         do not know (how its latent, patch sizes and text tokens make the attention layout).
     mode: Inductor's mode ("reduce-overhead" for CUDA graphs, "max-autotune", ...). torch.compile
         refuses ``mode=`` together with ``options=``, so with this backend it goes in the options.
+    plans: a ``scaling_compile.CompiledPlans()`` the backend adds every plan it makes to (one per
+        rewritten attention node of each graph compiled with these options), for reports: the
+        masks' device bytes, online-policy statistics, switching policy or budget without
+        recompiling. It holds the plans weakly (the compiled graphs own them). None: no list.
     Letter case of inner, kernel and policy does not matter ("Triton" is "triton").
     """
 
@@ -98,6 +107,10 @@ class BackendOptions:
     schedule: object = None
     mode: str | None = None
     layout: object = None
+    plans: object = None  # a CompiledPlans
+    # the topology a path was read into, once per instance (load_topology); not options
+    _loaded: dict = field(default_factory=dict, init=False, repr=False)
+    _loading: object = field(default_factory=threading.Lock, init=False, repr=False)
 
     def __post_init__(self):
         for name, value in self._checked().items():
@@ -115,7 +128,7 @@ class BackendOptions:
                 f"options={options!r} ({type(options).__name__}): pass a dict such as "
                 '{"artifact": "model.safetensors"}, or a scaling_compile.BackendOptions'
             )
-        known = {f.name for f in fields(cls)}
+        known = {f.name for f in fields(cls) if f.init}
         bad_names = sorted(repr(k) for k in options if not isinstance(k, str))
         unknown = sorted(str(k) for k in options if isinstance(k, str) and k not in known) + bad_names
         if unknown:
@@ -179,6 +192,11 @@ class BackendOptions:
 
             if not isinstance(self.layout, FamilyLayout):
                 _refuse("layout", self.layout, "pass a scaling_compile.families.FamilyLayout, or None")
+        if self.plans is not None:
+            from .compiled_plans import CompiledPlans
+
+            if not isinstance(self.plans, CompiledPlans):
+                _refuse("plans", self.plans, "pass a scaling_compile.CompiledPlans() to collect the plans, or None")
         if self.schedule is not None:
             from .schedule import StepSchedule
 
@@ -192,11 +210,16 @@ class BackendOptions:
         return checked
 
     def load_topology(self):
-        """The Topology to serve from (a path is read, checked and validated; see :func:`~.artifact.load_topology`), or None."""
+        """The Topology to serve from, or None. A path is read, checked and validated
+        (:func:`~.artifact.load_topology`) at the first call only: the graphs compiled with this
+        instance share that one load, which lives as long as the instance (or a plan) holds it."""
         if self.artifact is None:
             return None
         if isinstance(self.artifact, (str, os.PathLike)):
             from .artifact import load_topology
 
-            return load_topology(self.artifact)
+            with self._loading:  # two graphs compiled at once with this instance share one load
+                if "topology" not in self._loaded:
+                    self._loaded["topology"] = load_topology(self.artifact)
+                return self._loaded["topology"]
         return self.artifact

@@ -1,7 +1,7 @@
 """Run-time side of a rewritten SDPA node: which masks serve a call, and serving it.
 
-The rewrite pass replaces each served SDPA node by ``torch.ops.scaling.sparse_sdpa``
-with an integer ``plan_id``. The plan (the node's relative key, the topology, the
+The rewrite pass replaces each served SDPA node by ``torch.ops.scaling.sparse_sdpa``,
+passing it a handle tensor that carries the node's plan (:func:`plan_handle`). The plan (the node's relative key, the topology, the
 options) turns a call into a :class:`~scaling_compile.kernels.block_mask.BlockMask`
 once per (module, layout, device) and caches it, so a steady-state call does a few
 dictionary lookups on the host and no mask work at all; the call itself is served by
@@ -15,9 +15,12 @@ the graph's own inputs (whole-model) or from the call of its root model in
 progress (regional, :mod:`scaling_compile.geometry`), and is confirmed against the
 call's length. Whatever cannot be confirmed runs dense, with one warning.
 
-Plans are owned by the compiled graph they serve (the callable the backend
-returns holds them); the op reaches its plan through a weak index that holds
-nothing, so a model compiled and then dropped is freed with its plans.
+Plans are owned by the compiled graph they serve: the handle is a buffer of the
+rewritten graph, which Inductor passes to the op like a parameter (the same tensor
+object at every call) and ``inner="eager"`` reads as an attribute. Nothing
+process-wide holds a plan, so a model compiled and then dropped is freed with its
+plans; the reports on the plans of one compilation are
+:class:`~scaling_compile.compiled_plans.CompiledPlans`' (the ``plans`` option).
 
 Online policies (``policy="haste"``, ``"svoo"``, ``"west+haste"``, ``"svoo+haste"``;
 :mod:`scaling_compile.policies`) resolve the node the same way, then hand the call to
@@ -88,7 +91,7 @@ class AttentionPlan:
     def reconfigure(self, *, policy: str | None = None, budget=..., policy_options=...) -> None:
         """Serve another policy and/or budget from the SAME compiled graph (no recompilation).
 
-        The op looks its plan up at every call, so this switches what a compiled model
+        The op reads its plan from its handle at every call, so this switches what a compiled model
         serves; cached masks and online state are dropped (rebuilt on the next call, on the
         host: do not switch while a CUDA graph of the model is live). Used by the policy
         benchmarks; the topology must hold what the new policy needs.
@@ -425,90 +428,46 @@ def _is_compiled(root: torch.nn.Module) -> bool:
     return hasattr(root, "_orig_mod") or getattr(root, "_compiled_call_impl", None) is not None
 
 
-# The op reaches its plan by id through this index. It holds nothing: each plan is owned by the
-# compiled callable of its graph (see scaling_compile.backend), and leaves the index with it.
-_index: "weakref.WeakValueDictionary[int, AttentionPlan]" = weakref.WeakValueDictionary()
-_next_id = [0]
-_index_lock = threading.Lock()
+# -- how the op reaches its plan -------------------------------------------------------------------
+# The rewrite gives each plan a small "handle" tensor, registered as a buffer of the rewritten graph
+# (:func:`scaling_compile.passes.plan_handles.attach_plan`) and passed to the op as an argument; the
+# plan rides on the handle as a Python attribute. The graph (and what it is compiled into) holds the
+# handle, so the plan lives exactly as long as the compiled graph, and nothing process-wide maps
+# ids to plans. (1, 2) uint8: two dimensions and two elements, so Inductor neither inlines it (1-D of
+# at most 8 elements) nor folds it to a ``full()`` (one element), and its own allocation, so no two
+# handles ever share a storage (Inductor merges constants that do).
+_PLAN_ATTRIBUTE = "_scaling_plan"
 
 
-def register_plan(plan: AttentionPlan) -> int:
-    """Give ``plan`` an id the op can reach it by, for as long as something else holds it."""
-    with _index_lock:
-        plan_id = _next_id[0]
-        _next_id[0] += 1
-        _index[plan_id] = plan
-        plan.plan_id = plan_id
-        return plan_id
+def plan_handle(plan: AttentionPlan, device="cpu") -> torch.Tensor:
+    """A tensor carrying ``plan`` for the op (``torch.ops.scaling.sparse_sdpa``'s ``plan`` argument).
+
+    Made on the device of the call's tensors: Inductor's CUDA graphs refuse graphs with CPU inputs.
+    """
+    handle = torch.zeros((1, 2), dtype=torch.uint8, device=device)
+    setattr(handle, _PLAN_ATTRIBUTE, plan)
+    return handle
 
 
-def get_plan(plan_id: int) -> AttentionPlan:
-    plan = _index.get(plan_id)
-    if plan is None:
+def plan_of(handle: torch.Tensor) -> AttentionPlan:
+    """The plan ``handle`` carries; a clear error when it carries none."""
+    plan = getattr(handle, _PLAN_ATTRIBUTE, None)
+    if not isinstance(plan, AttentionPlan):
         raise RuntimeError(
-            f"scaling: plan {plan_id} is unknown in this process. A graph rewritten by the "
-            "scaling backend was loaded from a cache or another process without its plans, or "
-            "outlived the compiled model that owned them; compile the model again in this process."
+            "scaling: the op received a plan handle that carries no plan (a tensor of shape "
+            f"{tuple(handle.shape)}, {handle.dtype}). Its graph was rewritten by the scaling backend, but the "
+            "handle reached the op as a copy: e.g. the graph was exported, serialized or loaded from "
+            "another process, or a compiler option (freezing, constant folding) copied its buffers. Compile "
+            "the model again in this process with backend=\"scaling\" and the default Inductor options; "
+            "benchmarks calling the op directly pass scaling_compile.plans.plan_handle(plan, device)."
         )
     return plan
-
-
-def all_plans(first_plan: int = 0) -> list[AttentionPlan]:
-    """The plans alive in this process with ids from ``first_plan`` on, in id order (for reports)."""
-    with _index_lock:
-        return [plan for plan_id, plan in sorted(_index.items()) if plan_id >= first_plan]
-
-
-def served_mask_bytes(first_plan: int = 0) -> int:
-    """Device bytes the cached masks and kept-block lists of plans ``first_plan`` on hold.
-
-    Each storage is counted once: FA4's lists are views of the Triton kernel's.
-    """
-    storages = {}
-    for plan in all_plans(first_plan):
-        for mask in plan._cache.values():
-            if not isinstance(mask, BlockMask):
-                continue
-            tensors = [mask.words, *(mask.cached_kv_block_lists() or ())]
-            fa4 = mask.cached_fa4_lists()
-            if fa4 is not None:
-                tensors += [fa4.counts, fa4.indices, fa4.no_partial_counts]
-            for tensor in tensors:
-                storage = tensor.untyped_storage()
-                storages[(str(tensor.device), storage.data_ptr())] = storage.nbytes()
-    return sum(storages.values())
-
-
-def release_served_masks() -> None:
-    """Drop every plan's cached device masks (their graphs are gone, e.g. after ``torch._dynamo.reset()``);
-    a plan still in use rebuilds them at its next call."""
-    for plan in all_plans():
-        plan._cache.clear()
-
-
-def plan_count() -> int:
-    """The id the next plan will get (the ids of one compilation are a contiguous range from here)."""
-    with _index_lock:
-        return _next_id[0]
-
-
-def online_statistics() -> dict[str, dict]:
-    """Per node key, what the online policies of this process did: calls, share of heads re-predicted."""
-    stats: dict[str, dict] = {}
-    for plan in all_plans():
-        policy = plan._policy
-        if policy is not None:
-            for key, value in policy.statistics().items():
-                stats[key] = value
-    return stats
 
 
 __all__ = [
     "AttentionPlan",
     "DenseFallback",
-    "all_plans",
-    "get_plan",
-    "online_statistics",
-    "plan_count",
-    "register_plan",
+    "layout_block_mask",
+    "plan_handle",
+    "plan_of",
 ]

@@ -212,13 +212,11 @@ def rewrite_ring_loops(gm: fx.GraphModule, topology, options, examples: dict) ->
     Loops that cannot be served keep their backend ops; the reason is left in each op node's
     ``meta["scaling_ring_reason"]`` for :func:`scaling_compile.parallel.unmatched_attention_calls`.
     """
-    from .plans import register_plan
-
     decisions, plans = [], []
     for loop, decision, plan, anchor, layout_arg in _decided_loops(gm, topology, options, examples):
         if decision.served:
             plans.append(plan)
-            _replace(gm, loop, anchor, register_plan(plan), layout_arg)
+            _replace(gm, loop, anchor, plan, layout_arg)
             decisions.append(decision)
     return decisions, plans
 
@@ -283,7 +281,9 @@ def _decided_loops(gm, topology, options, examples: dict, static_layout=None, ne
     return found
 
 
-def _replace(gm: fx.GraphModule, loop: RingLoop, anchor: fx.Node, plan_id: int, layout_arg) -> None:
+def _replace(gm: fx.GraphModule, loop: RingLoop, anchor: fx.Node, plan, layout_arg) -> None:
+    from .passes.plan_handles import attach_plan
+
     graph = gm.graph
     b, s, h, d = loop.chunk_shape
     n = loop.degree
@@ -298,9 +298,10 @@ def _replace(gm: fx.GraphModule, loop: RingLoop, anchor: fx.Node, plan_id: int, 
             return graph.call_method("transpose", (part, 1, 2))
 
         key, value = whole(0), whole(1)
+        handle = attach_plan(gm, plan, _value(loop.query).device)
         served = graph.call_function(
             torch.ops.scaling.sparse_sdpa_rows.default,
-            (loop.query, key, value, anchor, plan_id, loop.scale, layout_arg, loop.q_start),
+            (loop.query, key, value, anchor, handle, loop.scale, layout_arg, loop.q_start),
         )
         served.meta.update({k: v for k, v in first.meta.items() if k not in ("example_value", "val")})
     for i, step in enumerate(loop.steps):
@@ -328,7 +329,7 @@ def sparse_sdpa_rows(
     key: torch.Tensor,
     value: torch.Tensor,
     anchor: torch.Tensor | None,
-    plan_id: int,
+    plan: torch.Tensor,
     scale: float | None,
     layout: list[int] | None,
     q_start: int,
@@ -339,11 +340,12 @@ def sparse_sdpa_rows(
     the whole sequence. Returns the output ``(B, H, S_q, D)`` and the natural-log
     log-sum-exp float32 ``(B, H, S_q)`` (0 for a row that attends nothing, see the module
     docstring). A call the plan cannot serve runs dense (all blocks kept), as warned.
+    ``plan``: the handle tensor carrying the node's plan (:func:`~scaling_compile.plans.plan_handle`).
     """
     from .op import _interpreter_lock
-    from .plans import DenseFallback, get_plan
+    from .plans import DenseFallback, plan_of
 
-    plan = get_plan(plan_id)
+    plan = plan_of(plan)
     with _interpreter_lock(query.device):
         mask = plan.masks_for(key, anchor, layout)  # the whole sequence's mask, this rank's heads
         if isinstance(mask, DenseFallback):
@@ -360,7 +362,7 @@ def sparse_sdpa_rows(
 
 
 @sparse_sdpa_rows.register_fake
-def _(query, key, value, anchor, plan_id, scale, layout, q_start):
+def _(query, key, value, anchor, plan, scale, layout, q_start):
     from .op import empty_output_like
 
     return empty_output_like(query), query.new_empty(query.shape[:3], dtype=torch.float32)

@@ -28,14 +28,14 @@ def _spy(record: list):
     return backend
 
 
-def _served_masks(first_plan: int) -> dict:
-    """``{(graph key, artifact key): (first head, bool mask)}`` served by the plans made since ``first_plan``."""
-    from scaling_compile import plans
+def _served_masks(plans) -> dict:
+    """``{(graph key, artifact key): (first head, bool mask)}`` served by the plans of one compilation
+    (the CompiledPlans of its ``plans`` option)."""
     from scaling_compile.kernels.bitpack import unpack_block_mask
     from scaling_compile.parallel import ShardedTopology
 
     served = {}
-    for plan in plans.all_plans(first_plan):
+    for plan in plans:
         for cache_key, masks in plan._cache.items():
             key, _seq, heads = cache_key[:3]  # (key, seq_len, heads, device, grid, ...)
             if not hasattr(masks, "words"):
@@ -69,19 +69,19 @@ def _in_gloo_group(rank: int, world: int, port: int, run, *args) -> None:
         dist.destroy_process_group()
 
 
-def _eager_then_regional(model, inputs, spy, options: dict, result: dict) -> tuple[list, int]:
+def _eager_then_regional(model, inputs, spy, options: dict, result: dict) -> tuple[list, object]:
     """``result["eager_dense"]``, then ``result["regional"]``: the blocks compiled regionally
     (``fullgraph=True``) by the ``spy`` backend with ``options``. Returns the graphs ``spy`` recorded
-    and the first plan id of that compilation. Eager first: diffusers' split hooks read the blocks'
-    signature on their first call, which Dynamo cannot trace under fullgraph=True."""
-    from scaling_compile import plans
+    and the plans of that compilation (a CompiledPlans). Eager first: diffusers' split hooks read the
+    blocks' signature on their first call, which Dynamo cannot trace under fullgraph=True."""
+    import scaling_compile as sc
 
     result["eager_dense"] = model(**inputs, return_dict=False)[0]
     graphs: list = []
-    first_plan = plans.plan_count()
-    model.compile_repeated_blocks(backend=spy(graphs), options=options, fullgraph=True)
+    plans = sc.CompiledPlans()
+    model.compile_repeated_blocks(backend=spy(graphs), options={**options, "plans": plans}, fullgraph=True)
     result["regional"] = model(**inputs, return_dict=False)[0]
-    return graphs, first_plan
+    return graphs, plans
 
 
 def _uncompile_blocks(model) -> None:
@@ -95,7 +95,6 @@ def _run(rank, world, workdir, artifact, num_layers, heads, regional_inner):
     from diffusers import ContextParallelConfig
 
     import scaling_compile as sc
-    from scaling_compile import plans
     from scaling_compile.parallel import enable_context_parallel
 
     from models import tiny_wan, wan_inputs
@@ -106,19 +105,19 @@ def _run(rank, world, workdir, artifact, num_layers, heads, regional_inner):
     options = {"artifact": artifact, "strict": True}
     result = {"rank": rank}
     with torch.no_grad():
-        graphs, first_plan = _eager_then_regional(model, inputs, _spy, {**options, "inner": regional_inner}, result)
+        graphs, plans = _eager_then_regional(model, inputs, _spy, {**options, "inner": regional_inner}, result)
         with torch._dynamo.config.patch(error_on_recompile=True):
             result["regional_again"] = model(**inputs, return_dict=False)[0]
         result["regional_graphs"] = graphs
-        result["regional_masks"] = _served_masks(first_plan)
+        result["regional_masks"] = _served_masks(plans)
         _uncompile_blocks(model)
 
         graphs = []
-        first_plan = plans.plan_count()
-        compiled = torch.compile(model, backend=_spy(graphs), options={**options, "inner": "eager"})
+        plans = sc.CompiledPlans()
+        compiled = torch.compile(model, backend=_spy(graphs), options={**options, "inner": "eager", "plans": plans})
         result["whole"] = compiled(**inputs, return_dict=False)[0]
         result["whole_graphs"] = graphs
-        result["whole_masks"] = _served_masks(first_plan)
+        result["whole_masks"] = _served_masks(plans)
         torch._dynamo.reset()
         result["decisions"] = [str(d) for d in sc.sdpa_nodes(model, **inputs, return_dict=False, artifact=artifact)]
     torch.save(result, os.path.join(workdir, f"rank{rank}.pt"))
@@ -160,7 +159,6 @@ def _run_ring(rank, workdir, artifact, num_layers, heads, ring, ulysses, inner, 
     from diffusers import ContextParallelConfig
 
     import scaling_compile as sc
-    from scaling_compile import plans
     from scaling_compile.parallel import enable_context_parallel
 
     from models import tiny_wan, wan_inputs
@@ -174,9 +172,9 @@ def _run_ring(rank, workdir, artifact, num_layers, heads, ring, ulysses, inner, 
     options = {"artifact": artifact, "strict": True}
     result = {"rank": rank}
     with torch.no_grad():
-        graphs, first_plan = _eager_then_regional(model, inputs, _ring_spy, {**options, "inner": inner}, result)
+        graphs, plans = _eager_then_regional(model, inputs, _ring_spy, {**options, "inner": inner}, result)
         result["regional_graphs"] = graphs
-        result["regional_plans"] = [str(p.topology) for p in plans.all_plans(first_plan)]
+        result["regional_plans"] = [str(p.topology) for p in plans]
         if inspect:
             with torch._dynamo.config.patch(error_on_recompile=True):
                 result["regional_again"] = model(**inputs, return_dict=False)[0]
@@ -219,7 +217,7 @@ def run_online_rank(rank: int, world: int, port: int, workdir: str, artifact: st
     try:
         from diffusers import ContextParallelConfig
 
-        from scaling_compile import plans
+        import scaling_compile as sc
         from scaling_compile.parallel import enable_context_parallel
 
         from models import tiny_wan, wan_inputs
@@ -232,12 +230,13 @@ def run_online_rank(rank: int, world: int, port: int, workdir: str, artifact: st
             model(**inputs, return_dict=False)  # diffusers' split hooks: one eager call first
             for policy in policies:
                 graphs: list = []
-                first_plan = plans.plan_count()
-                options = {"artifact": artifact, "strict": True, "inner": "eager", "policy": policy, "budget": budget}
+                plans = sc.CompiledPlans()
+                options = {"artifact": artifact, "strict": True, "inner": "eager", "policy": policy, "budget": budget,
+                           "plans": plans}
                 model.compile_repeated_blocks(backend=_spy(graphs), options=options, fullgraph=True)
                 result[policy] = model(**inputs, return_dict=False)[0]
                 result[f"{policy}_graphs"] = graphs
-                result[f"{policy}_p"] = {key: p.flatten() for plan in plans.all_plans(first_plan)
+                result[f"{policy}_p"] = {key: p.flatten() for plan in plans
                                          if plan._policy is not None
                                          for (key, *_rest), p in getattr(plan._policy, "_p", {}).items()}
                 for block in model.blocks:

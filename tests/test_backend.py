@@ -169,6 +169,107 @@ def test_second_call_does_not_recompile_under_inductor():
     torch.testing.assert_close(first, second)
 
 
+# -- how the op reaches its plan: a handle the graph owns, passed as an argument ------------------
+@pytest.mark.parametrize("inner, dynamic, regional", [
+    ("inductor", False, False), ("inductor", True, False), ("eager", False, False),
+    ("inductor", False, True), ("eager", True, True),
+])
+def test_the_op_receives_the_very_handle_its_graph_owns(monkeypatch, inner, dynamic, regional):
+    """Whole-model and regional, Inductor and eager, fullgraph, dynamic shapes: every call of the op
+    gets the handle tensor the rewrite made (the same Python object, carrying its plan), and serves
+    the masked result."""
+    from scaling_compile import op, plans
+
+    made, seen = [], []
+    make = plans.plan_handle
+    monkeypatch.setattr(plans, "plan_handle", lambda *a, **k: made.append(make(*a, **k)) or made[-1])
+    read = op.plan_of
+    monkeypatch.setattr(op, "plan_of", lambda handle: seen.append(handle) or read(handle))
+    model = ToyDiT(modes=("plain", "plain", "cross")).eval()
+    masks = random_block_masks(["blocks.0", "blocks.1"], 2, 3, density=0.4, seed=3)
+    topology = sc.Topology.from_block_masks(masks, block_size=BLOCK, seq_len=40)
+    collected = sc.CompiledPlans()
+    options = {"artifact": topology, "inner": inner, "plans": collected}
+    if regional:
+        model.blocks[0].compile(backend="scaling", options=options, fullgraph=True, dynamic=dynamic)
+        model.blocks[1].compile(backend="scaling", options=options, fullgraph=True, dynamic=dynamic)
+        compiled = model
+    else:
+        compiled = torch.compile(model, backend="scaling", options=options, fullgraph=True, dynamic=dynamic)
+    x, context = torch.randn(1, 40, 32), torch.randn(1, 4, 32)
+    with torch.no_grad():
+        outs = [compiled(x, context) for _ in range(2)]
+    expected = run_masked(model, masks, BLOCK, x, context)
+    for out in outs:
+        torch.testing.assert_close(out, expected, atol=2e-5, rtol=1e-4)
+    assert made and seen and len(seen) == 2 * 2  # two served nodes, two calls
+    assert all(any(handle is h for h in made) for handle in seen)
+    assert {id(plans.plan_of(h)) for h in seen} == {id(p) for p in collected}
+
+
+_CACHED_RUN = """
+import sys, torch
+sys.path.insert(0, {tests!r})
+import scaling_compile as sc
+from scaling_compile import op
+from torch._dynamo.utils import counters
+from masked_reference import run_masked
+from models import ToyDiT, random_block_masks
+seen, read = [], op.plan_of
+op.plan_of = lambda handle: seen.append(handle) or read(handle)
+torch.manual_seed(0)
+model = ToyDiT(modes=("plain", "plain", "cross")).eval()
+masks = random_block_masks(["blocks.0", "blocks.1"], 2, 3, density=0.4, seed={seed})
+topology = sc.Topology.from_block_masks(masks, block_size=16, seq_len=40)
+compiled = torch.compile(model, backend="scaling", options={{"artifact": topology}}, fullgraph=True)
+x, context = torch.randn(1, 40, 32), torch.randn(1, 4, 32)
+with torch.no_grad():
+    out = compiled(x, context)
+torch.testing.assert_close(out, run_masked(model, masks, 16, x, context), atol=2e-5, rtol=1e-4)
+assert len(seen) == 2
+print("fx-graph-cache", "hit" if counters["inductor"]["fxgraph_cache_hit"] else "miss")
+"""
+
+
+@pytest.mark.slow
+def test_a_warm_inductor_cache_serves_each_process_its_own_plans(tmp_path):
+    """The handles are inputs of the compiled code, not part of it: a second process (another
+    artifact's masks) that loads the first one's compiled graph from Inductor's cache serves its own."""
+    import os
+    import subprocess
+    import sys
+
+    tests = os.path.dirname(os.path.abspath(__file__))
+    env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(tmp_path / "inductor"), TORCHINDUCTOR_FX_GRAPH_CACHE="1")
+    said = []
+    for seed in (3, 4):
+        run = subprocess.run([sys.executable, "-c", _CACHED_RUN.format(tests=tests, seed=seed)], env=env,
+                             capture_output=True, text=True, timeout=600)
+        assert run.returncode == 0, run.stderr[-3000:]
+        said.append(run.stdout.split()[-1])
+    assert said == ["miss", "hit"]
+
+
+def test_a_handle_without_a_plan_is_a_clear_error_and_the_fake_kernel_needs_none():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from scaling_compile import op  # noqa: F401  (registers the op)
+
+    q = torch.randn(1, 2, 32, 16)
+    orphan = torch.zeros((1, 2), dtype=torch.uint8)  # e.g. a handle copied by a serializer
+    with pytest.raises(RuntimeError, match="carries no plan.*Compile the model again"):
+        torch.ops.scaling.sparse_sdpa(q, q, q, None, orphan, None, None, None)
+    with FakeTensorMode() as mode:
+        fake_q = mode.from_tensor(q)
+        out = torch.ops.scaling.sparse_sdpa(fake_q, fake_q, fake_q, None, mode.from_tensor(orphan), None, None, None)
+    assert out.shape == q.shape
+
+
+def test_plans_option_must_be_a_compiled_plans():
+    with pytest.raises(sc.ScalingCompileError, match="option plans=.*CompiledPlans"):
+        sc.BackendOptions(plans=[])
+
+
 # -- options and failure modes ---------------------------------------------------------------------
 def test_no_artifact_rewrites_nothing_and_warns_how_to_make_one():
     model = ToyDiT(modes=("plain",)).eval()
@@ -308,14 +409,16 @@ def scheduled_toy():
     x = torch.randn(1, 48, 32)
     masks = random_block_masks(["blocks.0"], 2, 3, density=0.3, seed=1)
     schedule = sc.StepSchedule(num_steps=4, dense_warmup=2, buckets=1)
+    made = sc.CompiledPlans()
     compiled = torch.compile(model, backend="scaling", options={
-        "artifact": sc.Topology.from_block_masks(masks, block_size=BLOCK, seq_len=48), "schedule": schedule})
-    return model, x, masks, schedule, compiled
+        "artifact": sc.Topology.from_block_masks(masks, block_size=BLOCK, seq_len=48), "schedule": schedule,
+        "plans": made})
+    return model, x, masks, schedule, compiled, made
 
 
 def test_schedule_dense_warmup_serves_hand_written_masks_dense_then_sparse():
     """One compilation, steps switched in place: warm-up steps dense, later steps masked."""
-    model, x, masks, schedule, compiled = scheduled_toy()
+    model, x, masks, schedule, compiled, _made = scheduled_toy()
     outs = []
     with torch.no_grad(), torch._dynamo.config.patch(error_on_recompile=True):
         for step in range(4):
@@ -335,7 +438,7 @@ def test_dense_schedule_steps_skip_the_sparse_kernel(monkeypatch):
     calls = []
     real = kernel_module.block_sparse_attention
     monkeypatch.setattr(kernel_module, "block_sparse_attention", lambda *a, **kw: calls.append(1) or real(*a, **kw))
-    model, x, masks, schedule, compiled = scheduled_toy()
+    model, x, masks, schedule, compiled, _made = scheduled_toy()
     per_step = []
     with torch.no_grad():
         for step in range(4):
@@ -351,11 +454,11 @@ def test_schedule_lists_stay_compact_and_captured_dense_steps_stay_exact(monkeyp
     its mask on the device (CUDA-graph capture, emulated) builds the lists there: same result."""
     from scaling_compile import plans
 
-    model, x, masks, schedule, compiled = scheduled_toy()
+    model, x, masks, schedule, compiled, made = scheduled_toy()
     with torch.no_grad():
         schedule.set_step(0)
         compiled(x)
-        served = [m for plan in plans.all_plans() for m in plan._cache.values()][-1]
+        served = made.served_masks()[-1]
         counts, indices = served.cached_kv_block_lists()  # derived at compile time
         assert served.dense_groups == (True, False)
         assert int(counts[0].max()) == 0 and indices.shape[-1] == int(counts[1].max()) < 3

@@ -109,8 +109,9 @@ def kernel_device():
     pytest.skip("the Triton kernel runs neither on CUDA nor under TRITON_INTERPRET=1 here")
 
 
-def small_wan_compiled_auto(device=torch.device("cpu"), dtype=torch.float32):
-    """A 2-block tiny Wan (48 tokens, 16-token blocks, random masks) compiled with kernel="auto", strict."""
+def small_wan_compiled_auto(device=torch.device("cpu"), dtype=torch.float32, plans=None):
+    """A 2-block tiny Wan (48 tokens, 16-token blocks, random masks) compiled with kernel="auto", strict
+    (``plans``: a CompiledPlans to collect its plans)."""
     torch._dynamo.reset()
     model = tiny_wan(num_layers=2, heads=2, head_dim=16).to(device, dtype).eval()
     inputs = {k: v.to(device) for k, v in wan_inputs(3, 8, 8).items()}
@@ -119,7 +120,8 @@ def small_wan_compiled_auto(device=torch.device("cpu"), dtype=torch.float32):
     seq, block = 3 * 4 * 4, 16
     masks = random_block_masks([f"blocks.{i}.attn1" for i in range(2)], 2, -(-seq // block), density=0.5, seed=2)
     topology = sc.Topology.from_block_masks(masks, block_size=block, seq_len=seq)
-    compiled = torch.compile(model, backend="scaling", options={"artifact": topology, "kernel": "auto", "strict": True})
+    compiled = torch.compile(model, backend="scaling",
+                             options={"artifact": topology, "kernel": "auto", "strict": True, "plans": plans})
     return model, inputs, masks, block, compiled
 
 
@@ -167,18 +169,18 @@ def test_mask_memory_counts_the_fa4_view_once(monkeypatch):
 
     monkeypatch.setattr(fa4, "fa4_block_sparse_attention", refuse)
     device, dtype, _tolerance = kernel_device()
-    first = plans.plan_count()
-    model, inputs, masks, block, compiled = small_wan_compiled_auto(device, dtype)
+    made = sc.CompiledPlans()
+    model, inputs, masks, block, compiled = small_wan_compiled_auto(device, dtype, plans=made)
     with torch.no_grad(), pytest.warns(UserWarning, match="FA4 refused the call"):
         compiled(**inputs)
-    served = [m for plan in plans.all_plans(first) for m in plan._cache.values()]
+    served = made.served_masks()
     assert served and all(m.cached_fa4_lists() is not None for m in served)
     expected = 0
     for m in served:
         view, lists = m.cached_fa4_lists(), m.cached_kv_block_lists()
         assert view.indices.untyped_storage().data_ptr() == lists[1].untyped_storage().data_ptr()
         expected += sum(t.untyped_storage().nbytes() for t in (m.words, *lists, view.no_partial_counts))
-    assert plans.served_mask_bytes(first) == expected
+    assert made.mask_bytes() == expected
 
 
 def test_key_padded_calls_run_triton_and_leave_fa4_on_for_unpadded_calls(monkeypatch):

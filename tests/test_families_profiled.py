@@ -152,26 +152,21 @@ def reference(fam, model, inputs, topology, grid=None):
     return expected, dense, masks
 
 
-def served_keys(first_plan: int) -> set[str]:
-    """Node keys served sparse at run time by the plans made since ``first_plan``."""
+def served_keys(plans: sc.CompiledPlans) -> set[str]:
+    """Node keys the plans of one compilation (its ``plans`` option) have masks for: served sparse."""
     from scaling_compile.kernels.block_mask import BlockMask
-    from scaling_compile.plans import all_plans
 
-    return {cache_key[0] for plan in all_plans(first_plan)
-            for cache_key, served in plan._cache.items() if isinstance(served, BlockMask)}
+    return {cache_key[0] for plan in plans for cache_key, served in plan._cache.items() if isinstance(served, BlockMask)}
 
 
-def _run(model, inputs, stated=None):
-    from scaling_compile.plans import plan_count
-
-    first = plan_count()
+def _run(model, inputs, plans: sc.CompiledPlans, stated=None):
     with torch.no_grad():
         if stated is not None:
             with sc.token_grid(stated):
                 out = sample(model(**inputs))
         else:
             out = sample(model(**inputs))
-    return out, served_keys(first)
+    return out, served_keys(plans)
 
 
 def _param(name):
@@ -190,22 +185,19 @@ def test_profiled_artifact_served_per_family(name, tmp_path):
     assert (expected - dense).abs().max() > 1e-5, "the masks must change the output, or the test proves nothing"
 
     stated = _token_grid(fam, grid) if name in PACKED else None
-    compiled = torch.compile(model, backend="scaling", options={"inner": "eager", "artifact": topology})
+    plans = sc.CompiledPlans()
+    compiled = torch.compile(model, backend="scaling", options={"inner": "eager", "artifact": topology, "plans": plans})
     if name in REGISTER_ROOT:  # unregistered: dense, with a warning that names register_root; then served
-        from scaling_compile.plans import plan_count
-
-        first = plan_count()
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            out, served = _run(compiled, inputs, stated)
+            out, served = _run(compiled, inputs, plans, stated)
         assert served == set()
         assert any("register_root" in str(w.message) for w in caught)
         torch.testing.assert_close(out, dense, atol=1e-4, rtol=1e-4)
         sc.register_root(compiled)
-        out, _ = _run(compiled, inputs, stated)  # the same compiled graphs: their plans were made above
-        served = served_keys(first)
+        out, served = _run(compiled, inputs, plans, stated)  # the same compiled graphs: their plans were made above
     else:
-        out, served = _run(compiled, inputs, stated)
+        out, served = _run(compiled, inputs, plans, stated)
     if name in REGIONAL_ONLY:
         assert served == set()
         torch.testing.assert_close(out, dense, atol=1e-4, rtol=1e-4)
@@ -216,8 +208,9 @@ def test_profiled_artifact_served_per_family(name, tmp_path):
     if fam.repeated_blocks:
         torch._dynamo.reset()
         regional = fam.model()
-        sc.compile_repeated_blocks(regional, options={"inner": "eager", "artifact": topology})  # registers the root
-        out, served = _run(regional, inputs)
+        plans = sc.CompiledPlans()
+        sc.compile_repeated_blocks(regional, options={"inner": "eager", "artifact": topology, "plans": plans})  # + root
+        out, served = _run(regional, inputs, plans)
         assert served == set(topology.keys())
         torch.testing.assert_close(out, expected, atol=1e-4, rtol=1e-4)
 
@@ -262,19 +255,17 @@ def test_regional_first_call_needs_the_root_registered(tmp_path):
     is already running, so its layout is unknown: dense, with a warning that says what to do; the second
     call is served. ``scaling_compile.compile_repeated_blocks`` registers the root first: the first call
     is served (tested per family above)."""
-    from scaling_compile.plans import plan_count
-
     fam, _model, inputs, topology = profiled("wan", tmp_path)
     regional = fam.model()
-    first = plan_count()
-    regional.compile_repeated_blocks(backend="scaling", options={"inner": "eager", "artifact": topology})
+    plans = sc.CompiledPlans()
+    regional.compile_repeated_blocks(backend="scaling", options={"inner": "eager", "artifact": topology, "plans": plans})
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        _run(regional, inputs)
-    assert served_keys(first) == set()
+        _run(regional, inputs, plans)
+    assert served_keys(plans) == set()
     assert any("register_root" in str(w.message) for w in caught)
-    _run(regional, inputs)
-    assert served_keys(first) == set(topology.keys())
+    _run(regional, inputs, plans)
+    assert served_keys(plans) == set(topology.keys())
 
 
 @pytest.mark.parametrize("name", ["cogvideox", pytest.param("hunyuan_video", marks=pytest.mark.slow)])
@@ -544,11 +535,9 @@ def test_parameter_free_attention_module_is_served_with_its_own_mask():
         expected, dense = reference_model(x), model(x)
     assert (expected - dense).abs().max() > 1e-4
 
-    compiled = torch.compile(model, backend="scaling", options={"inner": "eager", "artifact": topology})
-    from scaling_compile.plans import plan_count
-
-    first = plan_count()
+    plans = sc.CompiledPlans()
+    compiled = torch.compile(model, backend="scaling", options={"inner": "eager", "artifact": topology, "plans": plans})
     with torch.no_grad():
         out = compiled(x)
-    assert served_keys(first) == set(masks)
+    assert served_keys(plans) == set(masks)
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)

@@ -52,6 +52,32 @@ def test_whole_model_bf16_every_mode(mode):
     check(out, expected)
 
 
+def test_cuda_graphs_keep_the_plan_handles_and_are_not_skipped(monkeypatch):
+    """mode="reduce-overhead": the plan handles (buffers of the rewritten graph, static inputs of
+    Inductor) reach the op as the very tensors the rewrite made (warm-up and recording; replays
+    run no Python), on the GPU (a CPU input would make Inductor skip CUDA graphs), and the graph
+    is captured: no CUDA-graph skip, outputs masked."""
+    from torch._dynamo.utils import counters
+
+    from scaling_compile import op, plans
+
+    made, seen = [], []
+    make, read = plans.plan_handle, op.plan_of
+    monkeypatch.setattr(plans, "plan_handle", lambda *a, **k: made.append(make(*a, **k)) or made[-1])
+    monkeypatch.setattr(op, "plan_of", lambda handle: seen.append(handle) or read(handle))
+    model, inputs, topology, expected = setup()
+    counters.clear()
+    compiled = torch.compile(model, backend="scaling", fullgraph=True,
+                             options={"artifact": topology, "strict": True, "mode": "reduce-overhead"})
+    with torch.no_grad():
+        outs = [compiled(**inputs).sample.clone() for _ in range(4)]
+    assert counters["inductor"]["cudagraph_skips"] == 0, dict(counters["inductor"])
+    assert made and all(h.is_cuda for h in made)
+    assert seen and all(any(handle is h for h in made) for handle in seen)
+    for out in outs:
+        check(out, expected)
+
+
 def _regional_outputs(model, inputs, **compile_kwargs):
     model.compile_repeated_blocks(fullgraph=True, **compile_kwargs)
     with torch.no_grad():

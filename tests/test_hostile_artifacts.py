@@ -356,7 +356,7 @@ def test_fuzz_signed_header_edits_load_or_raise_artifact_error(tmp_path, profile
 
 
 # ---------------------------------------------------------------------------------------------
-# Class 4: the loaded-artifact cache is keyed by content, and holds nothing alive
+# Class 4: a file is read anew by each load (never served stale), and nothing keeps a load alive
 # ---------------------------------------------------------------------------------------------
 def test_file_replaced_with_its_mtime_kept_is_read_anew(tmp_path):
     first, second = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
@@ -374,13 +374,38 @@ def test_file_replaced_with_its_mtime_kept_is_read_anew(tmp_path):
     assert not torch.equal(new.entries["blocks.0"].mask, old.entries["blocks.0"].mask)
 
 
-def test_same_bytes_share_one_topology_while_it_lives_and_none_is_kept_after(tmp_path):
+def test_a_load_is_held_by_its_caller_only_and_one_options_instance_reads_once(tmp_path):
     path = tmp_path / "a.safetensors"
     mask_topology().save(path)
-    shutil.copy(path, tmp_path / "copy.safetensors")
     first = load_topology(path)
-    assert load_topology(tmp_path / "copy.safetensors") is first  # same content: parsed once
+    again = load_topology(path)
+    assert again is not first and same(again, first)  # nothing process-wide hands out an earlier load
     ref = weakref.ref(first)
     del first
     gc.collect()
-    assert ref() is None  # the cache holds no topology alive
+    assert ref() is None
+    options = sc.BackendOptions(artifact=str(path))  # what every graph of one compilation is given
+    assert options.load_topology() is options.load_topology()
+
+
+def test_the_same_path_compiled_twice_serves_each_compilation_correctly(tmp_path):
+    """Two compilations from one path (dict options: each graph reads the file), the file replaced
+    between them: each serves the masks of the content it read."""
+    from masked_reference import run_masked
+    from models import ToyDiT
+
+    path = tmp_path / "served.safetensors"
+    model = ToyDiT(modes=("plain",)).eval()
+    x = torch.randn(1, 40, 32)
+    outs = []
+    for seed in (1, 1, 2):
+        mask_topology(seed=seed).save(path)
+        torch._dynamo.reset()
+        compiled = torch.compile(model, backend="scaling", options={"artifact": str(path), "inner": "eager"})
+        with torch.no_grad():
+            outs.append((seed, compiled(x)))
+    for seed, out in outs:
+        expected = run_masked(model, {"blocks.0": mask_topology(seed=seed).entries["blocks.0"].mask}, 16, x)
+        torch.testing.assert_close(out, expected, atol=2e-5, rtol=1e-4)
+    assert not torch.allclose(outs[0][1], outs[2][1])  # the two contents' masks differ, and both were served
+    torch._dynamo.reset()

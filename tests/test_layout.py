@@ -406,28 +406,61 @@ def test_one_compiled_model_serves_two_threads():
 
 
 # -- plans are owned by what was compiled ----------------------------------------------------------
-@pytest.mark.parametrize("mode", ["whole", "regional"])
+@pytest.mark.parametrize("mode", ["whole", "whole-inductor", "regional"])
 def test_a_dropped_compiled_model_is_freed(mode):
-    from scaling_compile import plans
-
+    """Nothing process-wide holds a plan: dropping the compiled model frees its plans and their masks."""
     model = tiny_wan(num_layers=2)
     masks = random_block_masks(wan_keys(model), 2, 3, 0.5)
     topology = sc.Topology.from_block_masks(masks, block_size=BLOCK, seq_len=WAN_TOKENS)
-    first = plans.plan_count()
-    if mode == "whole":
-        run = torch.compile(model, backend="scaling", options={"artifact": topology, "inner": "eager"})
+    plans = sc.CompiledPlans()
+    if mode.startswith("whole"):
+        inner = "inductor" if mode == "whole-inductor" else "eager"
+        run = torch.compile(model, backend="scaling", options={"artifact": topology, "inner": inner, "plans": plans})
     else:
-        run = regional(model, topology)
+        run = regional(model, topology, plans=plans)
     with torch.no_grad():
         run(**wan_inputs())
-    assert plans.all_plans(first)
+    assert len(plans) > 0 and plans.served_masks()
+    plan_refs = [weakref.ref(plan) for plan in plans]
+    mask_refs = [weakref.ref(mask.words) for mask in plans.served_masks()]
     alive = weakref.ref(model)
     del model, run
     gc.collect()
     assert alive() is None
     torch._dynamo.reset()
     gc.collect()
-    assert plans.all_plans(first) == []
+    assert [ref() for ref in plan_refs] == [None] * len(plan_refs)
+    assert [ref() for ref in mask_refs] == [None] * len(mask_refs)
+    assert len(plans) == 0 and plans.mask_bytes() == 0
+
+
+@pytest.mark.parametrize("inner", ["inductor", "eager"])
+def test_two_models_compiled_in_one_process_never_see_each_others_plans(inner):
+    """Two models (same class, different masks) compiled side by side: each is served its own masks,
+    and each options' CompiledPlans lists its own plans only."""
+    first, second = tiny_wan(num_layers=2), tiny_wan(num_layers=2)
+    keys = wan_keys(first)
+    masks = [random_block_masks(keys, 2, 3, 0.5, seed=seed) for seed in (1, 2)]
+    assert not all(torch.equal(masks[0][k], masks[1][k]) for k in keys)
+    collectors, compiled = [], []
+    for model, model_masks in zip((first, second), masks):
+        topology = sc.Topology.from_block_masks(model_masks, block_size=BLOCK, seq_len=WAN_TOKENS)
+        collectors.append(sc.CompiledPlans())
+        compiled.append(torch.compile(model, backend="scaling", fullgraph=True,
+                                      options={"artifact": topology, "inner": inner, "plans": collectors[-1]}))
+    x = wan_inputs()
+    with torch.no_grad(), no_scaling_warnings():
+        outs = [run(**x).sample for run in (compiled[1], compiled[0], compiled[1])]
+    close(outs[1], run_masked(first, masks[0], BLOCK, **x).sample)
+    close(outs[0], run_masked(second, masks[1], BLOCK, **x).sample)
+    close(outs[2], outs[0])
+    own = [{id(plan) for plan in plans} for plans in collectors]
+    assert own[0] and own[1] and not own[0] & own[1]
+    for plans, model_masks in zip(collectors, masks):  # each collector's masks are its own model's
+        served = {key: mask for plan in plans for (key, *_), mask in plan._cache.items()}
+        assert sorted(served) == sorted(keys)
+        for key, mask in served.items():
+            assert torch.equal(mask.to_bool().cpu().reshape(model_masks[key].shape), model_masks[key])
 
 
 # -- block identity: verified, else dense ----------------------------------------------------------

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 import scaling_compile as sc
-from scaling_compile import plans, policies
+from scaling_compile import policies
 from scaling_compile.policies import haste, svoo
 
 from models import random_block_masks, tiny_wan, wan_inputs
@@ -87,9 +87,10 @@ def test_each_policy_end_to_end_equals_the_masked_reference_without_recompiling(
         topology = policies.online_topology(model, **first, block_size=BLOCK)
     second = dict(first, hidden_states=first["hidden_states"] * 1.0001)  # tiny drift: HASTE reuses
     third = wan_inputs(seed=1)  # another input: HASTE refreshes
+    made = sc.CompiledPlans()
     compiled = torch.compile(model, backend="scaling",
                              options={"artifact": topology, "policy": policy, "policy_options": options,
-                                      "inner": "eager", "strict": True})
+                                      "inner": "eager", "strict": True, "plans": made})
     outs = []
     with torch.no_grad(), policies.record_masks() as records:
         outs.append(compiled(**first).sample)
@@ -111,7 +112,7 @@ def test_each_policy_end_to_end_equals_the_masked_reference_without_recompiling(
         assert refreshed[:3] == [True] * 3  # first call predicts
         assert refreshed[3:6] == [False] * 3  # tiny drift: reused
         assert any(refreshed[6:])  # new input: re-predicted
-        stats = plans.online_statistics()
+        stats = made.online_statistics()
         assert stats["blocks.0.attn1"]["calls"] == 3
     if policy.startswith("west"):  # the WEST prior is always inside the served mask
         for r in records:
@@ -146,13 +147,15 @@ def test_calibrated_haste_artifact_serves_through_the_backend(tmp_path):
     topology = policies.calibrate_haste(model, samples, block_size=BLOCK, budgets=(0.7,), p_grid=(0.3, 0.6, 0.9))
     path = tmp_path / "haste.safetensors"
     topology.save(path)
-    compiled = torch.compile(model, backend="scaling",
-                             options={"artifact": str(path), "policy": "haste", "budget": 0.7, "inner": "eager"})
+    made = sc.CompiledPlans()
+    compiled = torch.compile(model, backend="scaling", options={
+        "artifact": str(path), "policy": "haste", "budget": 0.7, "inner": "eager", "plans": made})
     inputs = wan_inputs(seed=3)
     with torch.no_grad(), policies.record_masks() as records:
         out = compiled(**inputs).sample
     stored = {k: e.extra["haste_p"][0] for k, e in topology.entries.items()}
-    served = [plan._policy for plan in plans.all_plans() if plan._policy is not None][-2:]
+    served = [plan._policy for plan in made if plan._policy is not None]
+    assert len(served) == 2
     for policy in served:  # the plans serve the calibrated per-head thresholds of the artifact
         for (key, _heads, _device), p in policy._p.items():
             torch.testing.assert_close(p.flatten(), stored[key])
@@ -160,6 +163,31 @@ def test_calibrated_haste_artifact_serves_through_the_backend(tmp_path):
         expected = model(**inputs).sample
     torch.testing.assert_close(out, expected, atol=1e-4, rtol=1e-3)
     assert set(stored) == {r.key for r in records}
+
+
+def test_record_masks_blocks_nest_and_see_only_their_own_context():
+    """Records go to every block open in the caller's context, none to another thread's, and none
+    after the block closes (nothing is left process-wide)."""
+    import threading
+
+    from scaling_compile.policies.records import MaskRecord, add_record, recording
+
+    def record(key):
+        add_record(MaskRecord(key, "haste", torch.ones(1, 1, 1, 1, dtype=torch.bool), BLOCK))
+
+    assert not recording()
+    with policies.record_masks() as outer:
+        record("a")
+        with policies.record_masks() as inner:
+            record("b")
+            elsewhere = threading.Thread(target=lambda: (record("other thread"), seen.append(recording())))
+            seen = []
+            elsewhere.start()
+            elsewhere.join()
+        record("c")
+    record("after")
+    assert [r.key for r in outer] == ["a", "b", "c"] and [r.key for r in inner] == ["b"]
+    assert seen == [False] and not recording()
 
 
 def test_online_only_artifact_under_policy_west_stays_dense_with_advice():
@@ -171,23 +199,20 @@ def test_online_only_artifact_under_policy_west_stays_dense_with_advice():
 
 
 def test_reconfigure_switches_policy_and_budget_of_a_compiled_model_without_recompiling():
-    """What the GPU benchmark relies on: one compilation serves every policy (plans looked up per call)."""
+    """What the GPU benchmark relies on: one compilation serves every policy (each call reads its plan)."""
     model = tiny_wan(num_layers=2)
     inputs = wan_inputs(seed=0)
     keys = [f"blocks.{i}.attn1" for i in range(2)]
     topology = sc.Topology.from_block_masks(random_block_masks(keys, 2, 3, density=0.3, seed=2), BLOCK, seq_len=48)
-    before = plans.plan_count()
-    compiled = torch.compile(model, backend="scaling", options={"artifact": topology, "inner": "eager"})
+    made = sc.CompiledPlans()
+    compiled = torch.compile(model, backend="scaling", options={"artifact": topology, "inner": "eager", "plans": made})
     with torch.no_grad():
         west = compiled(**inputs).sample
-        ids = range(before, plans.plan_count())
-        assert len(ids) == 2
+        assert len(made) == 2
         with torch._dynamo.config.patch(error_on_recompile=True), policies.record_masks() as records:
-            for pid in ids:
-                plans.get_plan(pid).reconfigure(policy="svoo", policy_options={"level": 0.34, "clusters": 1})
+            made.reconfigure(policy="svoo", policy_options={"level": 0.34, "clusters": 1})
             svoo_out = compiled(**inputs).sample
-            for pid in ids:
-                plans.get_plan(pid).reconfigure(policy="west")
+            made.reconfigure(policy="west")
             again = compiled(**inputs).sample
     assert [r.policy for r in records] == ["svoo", "svoo"]
     with torch.no_grad(), replay_token_masks(records) as pending:

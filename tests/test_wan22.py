@@ -132,14 +132,13 @@ def test_wan22_both_transformers_profiled_served_and_scheduled(tmp_path):
     assert (expected - dense).abs().max() > 1e-4, "the masks must change the output, or the test proves nothing"
 
     from scaling_compile.kernels.block_mask import BlockMask
-    from scaling_compile.plans import all_plans, plan_count
 
-    first = plan_count()
-    compile_pipeline(pipe, artifacts, schedule=schedule, inner="eager")
+    plans = sc.CompiledPlans()
+    compile_pipeline(pipe, artifacts, schedule=schedule, inner="eager", plans=plans)
     schedule.set_step(0, STEPS)
     out = run(pipe, callback=schedule.callback)
     torch.testing.assert_close(out, expected, atol=1e-4, rtol=1e-4)
-    stacks = [m for p in all_plans(first) for m in p._cache.values() if isinstance(m, BlockMask)]
+    stacks = [m for p in plans for m in p._cache.values() if isinstance(m, BlockMask)]
     assert len(stacks) == 4 and all(m.stacked for m in stacks)  # 2 nodes x 2 transformers, one stack each
 
 

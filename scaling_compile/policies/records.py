@@ -1,14 +1,16 @@
 """Recording the masks online policies choose (tests, the quality table, debugging).
 
-``with record_masks() as records:`` collects a :class:`MaskRecord` per online call made by
-this thread inside the block. The open blocks are per thread (a ``threading.local`` stack),
-so another thread's calls are never recorded into them.
+``with record_masks() as records:`` collects a :class:`MaskRecord` per online call made
+inside the block, in its context: the open blocks live in a ``contextvars.ContextVar`` set
+by the ``with`` and reset when it closes (as :func:`scaling_compile.token_grid`), so
+another thread's calls (another context) are never recorded into them, and nothing is
+left behind after the block.
 """
 
 from __future__ import annotations
 
 import contextlib
-import threading
+import contextvars
 from dataclasses import dataclass
 
 import torch
@@ -47,7 +49,9 @@ class MaskRecord:
         return torch.gather(rows, 3, rank_k.unsqueeze(-2).expand(*rank_k.shape[:-1], seq_len, seq_len))
 
 
-_recording = threading.local()
+# The lists of the record_masks blocks open in this context, innermost last (a tuple: a block
+# sets a new value and restores the previous one, nothing is shared between contexts).
+_open_records: contextvars.ContextVar = contextvars.ContextVar("scaling_mask_records", default=())
 
 
 @contextlib.contextmanager
@@ -56,23 +60,21 @@ def record_masks():
 
     Costs a device-to-host copy per call: for tests and measurements, not for serving.
     """
-    stack = getattr(_recording, "stack", None)
-    if stack is None:
-        stack = _recording.stack = []
     records: list[MaskRecord] = []
-    stack.append(records)
+    token = _open_records.set((*_open_records.get(), records))
     try:
         yield records
     finally:
-        stack.remove(records)
+        _open_records.reset(token)
 
 
 def recording() -> bool:
-    return bool(getattr(_recording, "stack", None))
+    """Whether a :func:`record_masks` block is open in this context."""
+    return bool(_open_records.get())
 
 
 def add_record(record: MaskRecord) -> None:
-    for records in getattr(_recording, "stack", None) or []:
+    for records in _open_records.get():
         records.append(record)
 
 
