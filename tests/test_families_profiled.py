@@ -362,12 +362,14 @@ def test_flex_attention_family_stays_dense_with_its_reason():
         fresh = fam.model()
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
+            plans = sc.CompiledPlans()
+            options = {"inner": "eager", "artifact": topology, "plans": plans}
             if regional:
-                sc.compile_repeated_blocks(fresh, options={"inner": "eager", "artifact": topology})
-                out, served = _run(fresh, inputs)
+                sc.compile_repeated_blocks(fresh, options=options)
+                out, served = _run(fresh, inputs, plans)
             else:
-                compiled = torch.compile(fresh, backend="scaling", options={"inner": "eager", "artifact": topology})
-                out, served = _run(compiled, inputs)
+                compiled = torch.compile(fresh, backend="scaling", options=options)
+                out, served = _run(compiled, inputs, plans)
         assert served == set()
         torch.testing.assert_close(out, eager, atol=1e-5, rtol=1e-5)
         named = [m for m in _scaling_warnings(caught) if UNDESCRIBED["kandinsky6_sr"] in m]
@@ -389,17 +391,19 @@ def test_refiner_profiled_with_a_stated_grid_is_dense_until_the_grid_is_stated(t
     expected, dense, masks = reference(fam, model, inputs, topology, grid)
     assert set(masks) == set(topology.keys())
     assert (expected - dense).abs().max() > 1e-5, "the masks must change the output, or the test proves nothing"
-    compiled = torch.compile(model, backend="scaling", options={"inner": "eager", "artifact": topology})
+    plans = sc.CompiledPlans()
+    compiled = torch.compile(model, backend="scaling", options={"inner": "eager", "artifact": topology, "plans": plans})
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        out, served = _run(compiled, inputs)
+        out, served = _run(compiled, inputs, plans)
     assert served == set()
     torch.testing.assert_close(out, dense, atol=1e-5, rtol=1e-5)
     said = _scaling_warnings(caught)  # one per attention node of the graph, each with the reason
     assert said and all(UNDESCRIBED["sana_wm_refiner"] in m for m in said), said
     torch._dynamo.reset()  # a fresh compile: the calls above were decided dense
-    compiled = torch.compile(model, backend="scaling", options={"inner": "eager", "artifact": topology})
-    out, served = _run(compiled, inputs, stated=grid)
+    plans = sc.CompiledPlans()
+    compiled = torch.compile(model, backend="scaling", options={"inner": "eager", "artifact": topology, "plans": plans})
+    out, served = _run(compiled, inputs, plans, stated=grid)
     assert served == set(topology.keys())
     torch.testing.assert_close(out, expected, atol=1e-4, rtol=1e-4)
 
