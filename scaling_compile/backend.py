@@ -23,6 +23,7 @@ import logging
 
 import torch
 
+from .eager_calls import count_graph_run
 from .errors import ArtifactError, NotServable
 from .options import BackendOptions
 from .passes.decisions import summarize
@@ -61,15 +62,16 @@ def scaling_backend(gm: torch.fx.GraphModule, example_inputs, options=None, mode
 
 
 def owning(compiled, plans: list):
-    """``compiled``, made the owner of the plans its graph's ops serve from.
+    """``compiled``, made the owner of the plans its graph's ops serve from, counting its runs.
 
     The plans live exactly as long as the compiled graph (nothing process-wide holds them),
-    so a model compiled and then dropped is freed with its plans.
+    so a model compiled and then dropped is freed with its plans. Each run counts itself into
+    the watched call of its model in progress (:mod:`scaling_compile.eager_calls`): a call that
+    runs none was run eagerly by Dynamo, and is warned about.
     """
-    if not plans:
-        return compiled
 
     def run(*args, **kwargs):
+        count_graph_run()
         return compiled(*args, **kwargs)
 
     run.__dict__.update(getattr(compiled, "__dict__", {}))  # e.g. _boxed_call
