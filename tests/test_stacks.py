@@ -425,6 +425,60 @@ def test_sea_cache_leader_block_runs_outside_compile_and_says_so():
     assert sum(compiled.sparse_nodes()) == 2  # blocks 1 and 2
 
 
+# --- Dynamo gives up on a frame (recompile limit): said once, never silently dense ----------------
+
+GIVE_UP_LIMIT = 2  # torch._dynamo.config.recompile_limit in these tests (8 by default)
+
+
+@pytest.mark.parametrize("regional", [False, True], ids=["whole", "regional"])
+def test_dense_past_the_recompile_limit_is_said_once(regional):
+    """PAB whose timestep callback returns a Python int recompiles at every step (Dynamo guards the int
+    and the hook's step counter); past the limit Dynamo runs the model eagerly, so its attention is
+    dense. One warning names the model and the cause; the calls before it are served, those after dense."""
+    model, twin, timestep = cached_models("pyramid_attention_broadcast")
+    masks = block_masks(LAYERS)
+    compiled = Compiled(model, masks, regional)
+    said = []
+    with torch._dynamo.config.patch(recompile_limit=GIVE_UP_LIMIT):
+        for step, t in enumerate(STEPS):
+            timestep["t"] = t
+            inputs = step_inputs(step, t)
+            with model.cache_context("cond"):
+                out = compiled(inputs, allow_warnings=True)
+            said += [w for w in compiled.warnings if "ran no compiled graph" in w]
+            with twin.cache_context("cond"):
+                expected = dense(twin, inputs) if said else run_masked(twin, masks, BLOCK, **inputs).sample
+            torch.testing.assert_close(out, expected, **EXACT)
+    assert len(said) == 1, said
+    for words in ("WanTransformer3DModel", f"recompile_limit ({GIVE_UP_LIMIT})", "PyramidAttentionBroadcast",
+                  "current_timestep_callback=lambda: pipe.current_timestep", "TORCH_LOGS=recompiles"):
+        assert words in said[0], words
+    assert sum(compiled.sparse_nodes()) >= 1  # served before Dynamo gave up
+
+
+@pytest.mark.parametrize("cache", [None, "pyramid_attention_broadcast"], ids=["no-cache", "pab-tensor-timestep"])
+def test_within_the_recompile_limit_nothing_is_said(cache):
+    """Without a cache, or with PAB given the timestep as a tensor (as diffusers' pipelines do: the
+    hook's decision graph-breaks and runs eagerly), nothing recompiles per step: every step is served
+    past the recompile limit, with no warning."""
+    if cache is None:
+        model, twin, timestep = tiny_wan(num_layers=LAYERS), tiny_wan(num_layers=LAYERS), {}
+    else:
+        model, twin, timestep = cached_models(cache)
+    masks = block_masks(LAYERS)
+    compiled = Compiled(model, masks)
+    context = (lambda m: m.cache_context("cond")) if cache else (lambda m: contextlib.nullcontext())
+    with torch._dynamo.config.patch(recompile_limit=GIVE_UP_LIMIT):
+        for step, t in enumerate(STEPS + (200,)):
+            timestep["t"] = torch.tensor(float(t))
+            inputs = step_inputs(step, t)
+            with context(model):
+                out = compiled(inputs)  # any scaling warning fails here
+            with context(twin):
+                expected = run_masked(twin, masks, BLOCK, **inputs).sample
+            torch.testing.assert_close(out, expected, **EXACT)
+
+
 # --- attention backends (set_attention_backend) --------------------------------------------------
 
 @pytest.fixture
