@@ -24,7 +24,8 @@ others (the calls that still compile are served; the others are not told apart).
 from __future__ import annotations
 
 import contextvars
-from dataclasses import dataclass
+import weakref
+from dataclasses import dataclass, field
 
 import torch
 
@@ -42,8 +43,8 @@ class WatchedCall:
 
 _in_progress: contextvars.ContextVar = contextvars.ContextVar("scaling_watched_call", default=None)
 
-_HOOKS = "_scaling_watch_hooks"  # module.__dict__ entries: the hook handles, and what was seen
-_SEEN = "_scaling_watch_seen"
+_HOOKS = "_scaling_watch_hooks"  # module.__dict__ entries: the hook handles, and the _Watch
+_SEEN = "_scaling_watch"
 
 #: diffusers hooks whose step state Dynamo guards when their timestep callback returns a Python number.
 _TIMESTEP_GUARDED = {
@@ -60,24 +61,50 @@ def count_graph_run() -> None:
         call.graphs += 1
 
 
-def watch_calls(module: torch.nn.Module) -> bool:
-    """Warn once if a call of ``module`` runs no graph the scaling backend compiled (idempotent).
+def watch_calls(module: torch.nn.Module, plan) -> bool:
+    """Warn once if a call of ``module`` runs no graph the scaling backend compiled.
 
     ``module``: the ``torch.compile`` wrapper of a model compiled whole, or a model whose blocks
-    are compiled regionally; called by a plan of one of its graphs, so graphs of it compiled by the
-    scaling backend exist and run (every later call must run one). Returns whether it is watched
-    (a ``model.compile()``'d model is not).
+    are compiled regionally; ``plan``: a plan of one of its graphs (so scaling-compiled graphs of it
+    exist, and every call should run one). Returns whether it is watched (a ``model.compile()``'d
+    model is not). The watch holds nothing alive: once no plan that watched the model is left
+    (``torch._dynamo.reset()`` freed its graphs), or its blocks were compiled anew (e.g. with
+    another backend), a call without scaling graphs is the user's choice and nothing is said.
     """
-    if module.__dict__.get(_HOOKS) is not None:
-        return True
     if getattr(module, "_compiled_call_impl", None) is not None:
         return False  # its hooks would run inside the compiled frame
-    module.__dict__[_HOOKS] = (
-        module.register_forward_pre_hook(_enter, with_kwargs=True),
-        module.register_forward_hook(_leave, with_kwargs=True, always_call=True),
-    )
-    module.__dict__[_SEEN] = {"warned": False}
+    watch = module.__dict__.get(_SEEN)
+    if watch is None or watch.compiled != _compiled_blocks(module):
+        watch = module.__dict__[_SEEN] = _Watch(compiled=_compiled_blocks(module))
+    watch.add(plan)
+    if module.__dict__.get(_HOOKS) is None:
+        module.__dict__[_HOOKS] = (
+            module.register_forward_pre_hook(_enter, with_kwargs=True),
+            module.register_forward_hook(_leave, with_kwargs=True, always_call=True),
+        )
     return True
+
+
+@dataclass
+class _Watch:
+    """What the warning of one watched model needs: the plans that watch it (weakly), the
+    compiled blocks it had then (regional), and whether it has warned."""
+
+    compiled: frozenset
+    plans: list = field(default_factory=list)  # weak references
+    warned: bool = False
+
+    def add(self, plan) -> None:
+        self.plans = [ref for ref in self.plans if ref() is not None and ref() is not plan] + [weakref.ref(plan)]
+
+    def stale(self, module: torch.nn.Module) -> bool:
+        return all(ref() is None for ref in self.plans) or self.compiled != _compiled_blocks(module)
+
+
+def _compiled_blocks(module: torch.nn.Module) -> frozenset:
+    """Identities of the compiled callables of ``module``'s regionally compiled blocks (``block.compile()``)."""
+    return frozenset(id(impl) for m in module.modules()
+                     if (impl := getattr(m, "_compiled_call_impl", None)) is not None)
 
 
 def _enter(module, args, kwargs):
@@ -96,10 +123,11 @@ def _leave(module, args, kwargs, output):
     _in_progress.set(call.parent)
     if call.parent is not None:
         call.parent.graphs += call.graphs
-    seen = module.__dict__.setdefault(_SEEN, {"warned": False})
-    if not call.graphs and not seen["warned"]:
-        seen["warned"] = True
-        warn_user(eager_call_message(module))
+    watch = module.__dict__.get(_SEEN)
+    if call.graphs or watch is None or watch.warned or watch.stale(module):
+        return None
+    watch.warned = True
+    warn_user(eager_call_message(module))
     return None
 
 

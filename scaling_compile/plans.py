@@ -147,7 +147,7 @@ class AttentionPlan:
         if root is not None and not _is_compiled(root):
             track_calls(root, self.family)  # regional: the root runs eagerly and records each call's layout
         if root is not None:
-            watch_calls(root)  # a call of it that runs no compiled graph (Dynamo gave up) is warned about
+            watch_calls(root, self)  # a call of it that runs no compiled graph (Dynamo gave up) is warned about
         return found, (None if root is None else current_call(root))
 
     def resolve(self, anchor: torch.Tensor | None, layout: AttentionLayout | None = None,
