@@ -5,7 +5,7 @@ times (``cache_size_limit`` in older releases): from then on it runs the frame, 
 calls, eagerly, and the attention inside runs dense; only Dynamo's own log says so. A step cache
 whose per-step state Dynamo guards gets there within a few steps: diffusers'
 PyramidAttentionBroadcast and FasterCache with a ``current_timestep_callback`` that returns a
-Python number (Dynamo guards the number and the hook's step counter, so every step recompiles).
+Python number (Dynamo guards the number, and PAB's step counter too, so every step recompiles).
 
 :func:`watch_calls` puts a forward pre-hook and a forward hook (both run eagerly) on the module
 whose calls run the compiled code: the ``torch.compile`` wrapper of a model compiled whole, or the
@@ -148,8 +148,8 @@ def eager_call_message(module: torch.nn.Module) -> str:
                      if type(hook).__name__ in _TIMESTEP_GUARDED})
     if caches:
         why = (f" This model has diffusers' {' and '.join(caches)} hooks: with a current_timestep_callback that "
-               "returns a Python number, Dynamo guards that number and the hook's step counter, so every step "
-               "recompiles. Return the timestep as a tensor, as diffusers' pipelines do (current_timestep_callback="
+               "returns a Python number, Dynamo guards that number (and the hook's Python step state), so every "
+               "step recompiles. Return the timestep as a tensor, as diffusers' pipelines do (current_timestep_callback="
                "lambda: pipe.current_timestep): the hook's decision then runs outside the graph and nothing "
                "recompiles.")
     else:
