@@ -1,9 +1,12 @@
 """The model as users stack it (issue 17): quantized weights, LoRA, fused QKV, step caches, attention backends.
 
-Each test compiles a tiny diffusers Wan transformer with ``backend="scaling"`` and a hand-made
-topology (per-block random masks, so a mix-up between blocks shows) and compares its output with
-a masked-SDPA reference computed eagerly on the same stack (``masked_reference``), asserting how
-many SDPA nodes the backend rewrote. Where the backend cannot serve the attention (it runs
+Each test compiles a tiny diffusers Wan transformer (and, for LoRA, fused QKV, torchao int8 and
+FirstBlockCache, a tiny HunyuanVideo one: joint attention over video then key-padded text) with
+``backend="scaling"`` and a hand-made topology (per-block random masks, so a mix-up between blocks
+shows) and compares its output with a masked-SDPA reference computed eagerly on the same stack
+(``masked_reference``; ``run_joint_masked`` for HunyuanVideo), asserting how many SDPA nodes the
+backend rewrote. When Dynamo gives up on the model (its recompile limit, reached by PAB with a
+Python-number timestep), the test asserts the one warning that says the calls ran dense. Where the backend cannot serve the attention (it runs
 outside any graph, or is not SDPA) the test asserts the warning that says so, and that the output
 is then the dense one. The optional packages (torchao, peft, gguf, bitsandbytes; the ``stacks``
 extra) are skipped where missing.
