@@ -459,6 +459,20 @@ def test_dense_past_the_recompile_limit_is_said_once(regional):
     assert sum(compiled.sparse_nodes()) >= 1  # served before Dynamo gave up
 
 
+def test_running_without_the_scaling_graphs_on_purpose_is_not_warned():
+    """A dense comparison (blocks compiled anew with another backend, or the graphs dropped with
+    ``torch._dynamo.reset()``) runs no scaling graph by the user's choice: nothing is said."""
+    model, inputs = tiny_wan(num_layers=LAYERS), wan_inputs()
+    compiled = Compiled(model, block_masks(LAYERS), regional=True)
+    compiled(inputs)
+    for change in (lambda: model.compile_repeated_blocks(backend="eager"), torch._dynamo.reset):
+        change()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            dense(model, inputs)
+        assert not [str(w.message) for w in caught if str(w.message).startswith("scaling")]
+
+
 @pytest.mark.parametrize("cache", [None, "pyramid_attention_broadcast"], ids=["no-cache", "pab-tensor-timestep"])
 def test_within_the_recompile_limit_nothing_is_said(cache):
     """Without a cache, or with PAB given the timestep as a tensor (as diffusers' pipelines do: the
