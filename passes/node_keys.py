@@ -14,7 +14,8 @@ Modules wrapped by diffusers hooks (context parallelism, caching, offloading: th
 through the wrapper, e.g. ``L['function_reference'].forward.__self__.attn1`` or
 ``...blocks.0.forward.func.__closure__[0].cell_contents.forward.__self__.attn1``; the
 wrapper segments name no module and are dropped (-> ``attn1``, ``blocks.0.attn1``); so is a
-hook's own path to its module, ``fn_ref.original_forward.__self__``.
+hook's own path to its module, ``fn_ref.original_forward.__self__`` (or, from the wrapper,
+``function_reference.original_forward.__self__`` and ``function_reference.forward.args.0``).
 """
 
 from __future__ import annotations
@@ -28,9 +29,12 @@ _SUBSCRIPT = re.compile(r"\[['\"]?([^'\"\]]+)['\"]?\]")
 # diffusers' hook wrappers: module.forward is a partial whose closure holds the hook's function
 # reference; ``.forward.__self__`` of that leads back to the very module.
 # A hook's own frame (e.g. FasterCache's ``new_forward``, resumed after a graph break in it) reaches
-# its module as ``self.fn_ref.original_forward.__self__``: dropped as well.
+# its module as ``self.fn_ref.original_forward.__self__``; the registry's wrapper (FirstBlockCache's
+# blocks after its graph break) as ``function_reference.original_forward.__self__`` and, for their
+# parameters, ``function_reference.forward.args.0`` (the hook's ``partial(new_forward, module)``): dropped too.
 _HOOK_WRAPPER = re.compile(
-    r"(?:^|\.)(?:fn_ref\.original_)?forward\.(?:func\.__closure__\.\d+\.cell_contents|__self__)(?=\.|$)")
+    r"(?:^|\.)(?:fn_ref\.)?(?:original_)?forward\.(?:func\.__closure__\.\d+\.cell_contents|__self__|args\.0)"
+    r"(?=\.|$)")
 
 
 def normalize_module_path(dynamo_path: str) -> str:

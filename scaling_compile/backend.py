@@ -23,6 +23,7 @@ import logging
 
 import torch
 
+from .eager_calls import count_graph_run
 from .errors import ArtifactError, NotServable
 from .options import BackendOptions
 from .passes.decisions import summarize
@@ -59,7 +60,22 @@ def scaling_backend(gm: torch.fx.GraphModule, example_inputs, options=None, mode
             opts.plans.add(plan)
     if decisions:
         report_decisions(decisions, strict=opts.strict, warn_uncovered=bool(topology.entries))
-    return compile_inner(gm, example_inputs, opts.inner, opts.mode or mode)
+    return counting_runs(compile_inner(gm, example_inputs, opts.inner, opts.mode or mode))
+
+
+def counting_runs(compiled):
+    """``compiled``, counting each of its runs into the watched call of its model in progress
+    (:mod:`scaling_compile.eager_calls`): a call of a scaling-compiled model that runs none of its
+    graphs was run eagerly by Dynamo, and is warned about. (The plans are owned by the graph's
+    buffers, not by this wrapper.)"""
+
+    def run(*args, **kwargs):
+        count_graph_run()
+        return compiled(*args, **kwargs)
+
+    run.__dict__.update(getattr(compiled, "__dict__", {}))  # e.g. _boxed_call
+    return run
+
 
 
 def report_decisions(decisions, *, strict: bool, warn_uncovered: bool = True) -> None:

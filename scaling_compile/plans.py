@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .eager_calls import watch_calls
 from .errors import NotServable
 from .west import GridRequired
 from .geometry import current_call, stated_grid, track_calls
@@ -150,6 +151,8 @@ class AttentionPlan:
         root = found.root()
         if root is not None and not _is_compiled(root):
             track_calls(root, self.family)  # regional: the root runs eagerly and records each call's layout
+        if root is not None:
+            watch_calls(root, self)  # a call of it that runs no compiled graph (Dynamo gave up) is warned about
         return found, (None if root is None else current_call(root))
 
     def resolve(self, anchor: torch.Tensor | None, layout: AttentionLayout | None = None,

@@ -1,9 +1,12 @@
 """The model as users stack it (issue 17): quantized weights, LoRA, fused QKV, step caches, attention backends.
 
-Each test compiles a tiny diffusers Wan transformer with ``backend="scaling"`` and a hand-made
-topology (per-block random masks, so a mix-up between blocks shows) and compares its output with
-a masked-SDPA reference computed eagerly on the same stack (``masked_reference``), asserting how
-many SDPA nodes the backend rewrote. Where the backend cannot serve the attention (it runs
+Each test compiles a tiny diffusers Wan transformer (and, for LoRA, fused QKV, torchao int8 and
+FirstBlockCache, a tiny HunyuanVideo one: joint attention over video then key-padded text) with
+``backend="scaling"`` and a hand-made topology (per-block random masks, so a mix-up between blocks
+shows) and compares its output with a masked-SDPA reference computed eagerly on the same stack
+(``masked_reference``; ``run_joint_masked`` for HunyuanVideo), asserting how many SDPA nodes the
+backend rewrote. When Dynamo gives up on the model (its recompile limit, reached by PAB with a
+Python-number timestep), the test asserts the one warning that says the calls ran dense. Where the backend cannot serve the attention (it runs
 outside any graph, or is not SDPA) the test asserts the warning that says so, and that the output
 is then the dense one. The optional packages (torchao, peft, gguf, bitsandbytes; the ``stacks``
 extra) are skipped where missing.
@@ -425,6 +428,74 @@ def test_sea_cache_leader_block_runs_outside_compile_and_says_so():
     assert sum(compiled.sparse_nodes()) == 2  # blocks 1 and 2
 
 
+# --- Dynamo gives up on a frame (recompile limit): said once, never silently dense ----------------
+
+GIVE_UP_LIMIT = 2  # torch._dynamo.config.recompile_limit in these tests (8 by default)
+
+
+@pytest.mark.parametrize("regional", [False, True], ids=["whole", "regional"])
+def test_dense_past_the_recompile_limit_is_said_once(regional):
+    """PAB whose timestep callback returns a Python int recompiles at every step (Dynamo guards the int
+    and the hook's step counter); past the limit Dynamo runs the model eagerly, so its attention is
+    dense. One warning names the model and the cause; the calls before it are served, those after dense."""
+    model, twin, timestep = cached_models("pyramid_attention_broadcast")
+    masks = block_masks(LAYERS)
+    compiled = Compiled(model, masks, regional)
+    said = []
+    with torch._dynamo.config.patch(recompile_limit=GIVE_UP_LIMIT):
+        for step, t in enumerate(STEPS):
+            timestep["t"] = t
+            inputs = step_inputs(step, t)
+            with model.cache_context("cond"):
+                out = compiled(inputs, allow_warnings=True)
+            said += [w for w in compiled.warnings if "ran no compiled graph" in w]
+            with twin.cache_context("cond"):
+                expected = dense(twin, inputs) if said else run_masked(twin, masks, BLOCK, **inputs).sample
+            torch.testing.assert_close(out, expected, **EXACT)
+    assert len(said) == 1, said
+    for words in ("WanTransformer3DModel", f"recompile_limit ({GIVE_UP_LIMIT})", "PyramidAttentionBroadcast",
+                  "current_timestep_callback=lambda: pipe.current_timestep", "TORCH_LOGS=recompiles"):
+        assert words in said[0], words
+    assert sum(compiled.sparse_nodes()) >= 1  # served before Dynamo gave up
+
+
+def test_running_without_the_scaling_graphs_on_purpose_is_not_warned():
+    """A dense comparison (blocks compiled anew with another backend, or the graphs dropped with
+    ``torch._dynamo.reset()``) runs no scaling graph by the user's choice: nothing is said."""
+    model, inputs = tiny_wan(num_layers=LAYERS), wan_inputs()
+    compiled = Compiled(model, block_masks(LAYERS), regional=True)
+    compiled(inputs)
+    for change in (lambda: model.compile_repeated_blocks(backend="eager"), torch._dynamo.reset):
+        change()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            dense(model, inputs)
+        assert not [str(w.message) for w in caught if str(w.message).startswith("scaling")]
+
+
+@pytest.mark.parametrize("cache", [None, "pyramid_attention_broadcast"], ids=["no-cache", "pab-tensor-timestep"])
+def test_within_the_recompile_limit_nothing_is_said(cache):
+    """Without a cache, or with PAB given the timestep as a tensor (as diffusers' pipelines do: the
+    hook's decision graph-breaks and runs eagerly), nothing recompiles per step: every step is served
+    past the recompile limit, with no warning."""
+    if cache is None:
+        model, twin, timestep = tiny_wan(num_layers=LAYERS), tiny_wan(num_layers=LAYERS), {}
+    else:
+        model, twin, timestep = cached_models(cache)
+    masks = block_masks(LAYERS)
+    compiled = Compiled(model, masks)
+    context = (lambda m: m.cache_context("cond")) if cache else (lambda m: contextlib.nullcontext())
+    with torch._dynamo.config.patch(recompile_limit=GIVE_UP_LIMIT):
+        for step, t in enumerate(STEPS):  # one more step than the limit allows compiles
+            timestep["t"] = torch.tensor(float(t))
+            inputs = step_inputs(step, t)
+            with context(model):
+                out = compiled(inputs)  # any scaling warning fails here
+            with context(twin):
+                expected = run_masked(twin, masks, BLOCK, **inputs).sample
+            torch.testing.assert_close(out, expected, **EXACT)
+
+
 # --- attention backends (set_attention_backend) --------------------------------------------------
 
 @pytest.fixture
@@ -478,6 +549,198 @@ def test_flex_attention_backend_stays_dense_and_says_why(attention_backend):
     assert sum(compiled.sparse_nodes()) == 0
     assert compiled.warnings and all("'flex' attention backend" in w and "set_attention_backend('native')" in w
                                      for w in compiled.warnings)
+
+
+# --- HunyuanVideo: joint attention (video tokens, then text), key padding -------------------------
+
+HUNYUAN_KEYS = ["transformer_blocks.0.attn", "single_transformer_blocks.0.attn"]  # the joint self-attentions
+HUNYUAN_GRID = (2, 8, 8)  # latent 2 x 8 x 8, patch 1
+HUNYUAN_VIDEO = 128  # video tokens (8 blocks), then 16 text tokens (5 of them padding)
+
+
+def tiny_hunyuan():
+    from diffusers import HunyuanVideoTransformer3DModel
+
+    torch.manual_seed(0)
+    return HunyuanVideoTransformer3DModel(
+        in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=16, num_layers=1,
+        num_single_layers=1, num_refiner_layers=1, patch_size=1, patch_size_t=1, guidance_embeds=True,
+        text_embed_dim=16, pooled_projection_dim=8, rope_axes_dim=(4, 6, 6), image_condition_type=None,
+    ).eval()
+
+
+def hunyuan_inputs(seed: int = 0, t: float = 500.0, valid_text: int = 11):
+    g = torch.Generator().manual_seed(seed)
+    text_mask = torch.zeros(1, 16)
+    text_mask[:, :valid_text] = 1
+    return dict(hidden_states=torch.randn(1, 4, 2, 8, 8, generator=g), timestep=torch.tensor([t]),
+                encoder_hidden_states=torch.randn(1, 16, 16, generator=g),
+                pooled_projections=torch.randn(1, 8, generator=g), encoder_attention_mask=text_mask,
+                guidance=torch.tensor([3.0]))
+
+
+def hunyuan_masks():
+    """Random block masks of the video tokens of each joint attention (the text rows and columns are kept)."""
+    return random_block_masks(HUNYUAN_KEYS, heads=2, n_blocks=HUNYUAN_VIDEO // BLOCK, density=0.4, seed=7)
+
+
+class VideoMasks(sc.Topology):
+    """Served like a profiled artifact: each entry is a mask of the call's video tokens at its token
+    grid, which the backend must know (from the graph's inputs when compiled whole, from the root's
+    call under regional compilation), widened to the joint sequence (text rows and columns kept)."""
+
+    def __init__(self, masks):
+        entries = {k: sc.NodeTopology(num_heads=m.shape[0], scores=torch.zeros(1), grid=(1, 1, 1))
+                   for k, m in masks.items()}
+        super().__init__(entries, BLOCK)
+        self.masks = masks
+
+    def block_mask(self, key, *, seq_len, num_heads, grid=None, budget=None, step_fraction=None):
+        from scaling_compile.errors import NotServable
+        from scaling_compile.west import GridRequired
+
+        if key not in self.masks:
+            raise NotServable(f"no artifact entry for {key!r}")
+        if grid is None:
+            raise GridRequired("the token grid of this call is unknown")
+        if seq_len != HUNYUAN_VIDEO or tuple(grid) != HUNYUAN_GRID:
+            raise NotServable(f"made for grid {HUNYUAN_GRID}, not {grid}")
+        return self.masks[key]
+
+
+def hunyuan_topology(masks):
+    return VideoMasks(masks)
+
+
+def run_joint_masked(model, masks, inputs):
+    """``model`` run eagerly, each joint attention of ``masks`` restricted to its block mask on the
+    video x video part, every text row and column kept, and the call's own key padding applied."""
+    from scaling_compile.kernels.reference import token_mask_from_blocks
+
+    from masked_reference import restricted_mask
+
+    pending, handles = {}, []
+    modules = dict(model.named_modules())
+    for key, mask in masks.items():
+        handles.append(modules[key].register_forward_pre_hook(lambda m, a, mask=mask: pending.update(mask=mask)))
+    original = torch.nn.functional.scaled_dot_product_attention
+
+    def patched(query, key, value, attn_mask=None, **kwargs):
+        mask = pending.pop("mask", None)
+        seq = query.shape[-2]
+        if mask is not None and seq == key.shape[-2] > HUNYUAN_VIDEO:
+            allowed = torch.ones(mask.shape[0], seq, seq, dtype=torch.bool)
+            allowed[:, :HUNYUAN_VIDEO, :HUNYUAN_VIDEO] = token_mask_from_blocks(
+                mask, HUNYUAN_VIDEO, HUNYUAN_VIDEO, BLOCK, BLOCK)
+            attn_mask = restricted_mask(attn_mask, allowed)
+        return original(query, key, value, attn_mask=attn_mask, **kwargs)
+
+    torch.nn.functional.scaled_dot_product_attention = patched
+    try:
+        with torch.no_grad():
+            return model(**inputs).sample
+    finally:
+        torch.nn.functional.scaled_dot_product_attention = original
+        for handle in handles:
+            handle.remove()
+
+
+def assert_hunyuan_served(compiled, reference_model, masks, inputs, *, masks_matter: bool = True):
+    """The compiled HunyuanVideo equals the joint masked reference of ``reference_model`` (and that
+    differs from dense, unless ``masks_matter`` is False: shown already for this model and inputs)."""
+    out = compiled(inputs)
+    expected = run_joint_masked(reference_model, masks, inputs)
+    if masks_matter:
+        assert not torch.allclose(dense(reference_model, inputs), expected, **EXACT)
+    torch.testing.assert_close(out, expected, **EXACT)
+    return out
+
+
+def test_hunyuan_video_lora_loaded_switched_and_fused():
+    """HunyuanVideo (joint attention, key-padded text) with PEFT LoRA: served after every change."""
+    peft = pytest.importorskip("peft")
+
+    def adapter(seed):
+        donor = tiny_hunyuan()
+        torch.manual_seed(seed)
+        config = peft.LoraConfig(r=4, lora_alpha=4, target_modules=LORA_TARGETS, init_lora_weights=False)
+        donor.add_adapter(config, "x")
+        return peft.get_peft_model_state_dict(donor, adapter_name="x")
+
+    model = tiny_hunyuan()
+    inputs, masks = hunyuan_inputs(), hunyuan_masks()
+    base = dense(model, inputs)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # peft's notices about several adapters
+        model.load_lora_adapter(adapter(1), adapter_name="a", prefix=None)
+        assert "base_layer" in str(dict(model.transformer_blocks[0].attn.named_modules()).keys())
+        compiled = Compiled(model, masks, topology=hunyuan_topology(masks))
+        out_a = assert_hunyuan_served(compiled, model, masks, inputs)  # whole-model: the model itself runs eagerly
+        assert not torch.allclose(dense(model, inputs), base, **EXACT)  # the adapter acts
+        model.load_lora_adapter(adapter(2), adapter_name="b", prefix=None)
+        model.set_adapters("b")
+        out_b = assert_hunyuan_served(compiled, model, masks, inputs, masks_matter=False)
+        assert not torch.allclose(out_b, out_a, **EXACT)
+        model.fuse_lora(lora_scale=0.7)
+        assert_hunyuan_served(compiled, model, masks, inputs, masks_matter=False)
+    assert compiled.sparse_nodes() == [2] * len(compiled.graphs)
+
+
+def test_hunyuan_video_fuse_qkv_projections_changes_nothing():
+    """diffusers 0.42.1 fuses only AttentionModuleMixin attention; HunyuanVideo's is the legacy
+    ``Attention``, so ``fuse_qkv_projections()`` leaves the model as it was: served as before."""
+    model = tiny_hunyuan()
+    inputs, masks = hunyuan_inputs(), hunyuan_masks()
+    before = dense(model, inputs)
+    model.fuse_qkv_projections()
+    fused = [name for name, module in model.named_modules() if hasattr(module, "to_qkv")]
+    assert not fused, f"diffusers now fuses HunyuanVideo's projections ({fused}): test it like Wan's"
+    torch.testing.assert_close(dense(model, inputs), before, **EXACT)
+    compiled = Compiled(model, masks, topology=hunyuan_topology(masks))
+    assert_hunyuan_served(compiled, model, masks, inputs)
+    assert compiled.sparse_nodes() == [2]
+
+
+@pytest.mark.parametrize("regional", [False, True], ids=["whole", "regional"])
+def test_hunyuan_video_torchao_int8_weight_only(regional):
+    pytest.importorskip("torchao")
+    from torchao.quantization import Int8WeightOnlyConfig, quantize_
+
+    models = [tiny_hunyuan(), tiny_hunyuan()]  # the second: the eager reference (regional compiles in place)
+    inputs, masks = hunyuan_inputs(), hunyuan_masks()
+    plain = dense(models[0], inputs)
+    for m in models:
+        quantize_(m, Int8WeightOnlyConfig())
+    assert models[0].transformer_blocks[0].attn.to_q.weight.data_ptr() == 0  # a tensor subclass
+    assert not torch.allclose(dense(models[1], inputs), plain, **EXACT)  # the quantization is real
+    if regional:
+        sc.register_root(models[0])  # its first call is served too
+    compiled = Compiled(models[0], masks, regional, topology=hunyuan_topology(masks))
+    assert_hunyuan_served(compiled, models[1], masks, inputs)
+    nodes = compiled.sparse_nodes()  # regional: one graph per repeated block class (patch embed, refiner, ...)
+    assert sum(nodes) == 2 and max(nodes) == (1 if regional else 2), nodes
+
+
+def test_hunyuan_video_first_block_cache_regional():
+    """FirstBlockCache over three steps, compiled regionally: each step equals the same cache over
+    masked attention. (Compiled whole, the blocks after the cache's graph break do not see the
+    latent, so masks that need the call's token grid stay dense there, with a warning saying so.)"""
+    import diffusers.hooks as hooks
+
+    model, twin = tiny_hunyuan(), tiny_hunyuan()
+    for m in (model, twin):
+        m.enable_cache(hooks.FirstBlockCacheConfig(threshold=0.2))
+    masks = hunyuan_masks()
+    sc.register_root(model)
+    compiled = Compiled(model, masks, regional=True, topology=hunyuan_topology(masks))
+    for step, t in enumerate(STEPS):
+        inputs = hunyuan_inputs(seed=0, t=float(t))
+        with model.cache_context("cond"):
+            out = compiled(inputs)
+        with twin.cache_context("cond"):
+            expected = run_joint_masked(twin, masks, inputs)
+        torch.testing.assert_close(out, expected, **EXACT)
+    assert sum(compiled.sparse_nodes()) >= 2
 
 
 # --- one artifact for every stack ----------------------------------------------------------------
