@@ -6,7 +6,8 @@
 # installed:
 #   OUT=out/gpu bash benchmarks/gpu_suite.sh                      # every stage, in this order
 #   OUT=out/gpu bash benchmarks/gpu_suite.sh families kernel      # some of them
-# Stages: families (bench_families: HunyuanVideo 720p/129f, CogVideoX-5B), kernel (the kernel table at
+# Stages: tests (the GPU tests: kernels in bf16, CUDA graphs keeping the plan handles, HunyuanVideo 1.5's
+# padded query rows against CUDA SDPA), families (bench_families: HunyuanVideo 720p/129f, CogVideoX-5B), kernel (the kernel table at
 # (1,12,32760,128), (1,12,75600,128), (1,40,75600,128), random and 3D-local masks, with FA4 where
 # installed), model (the 720p Wan2.1-1.3B forward: Gluon vs FA4 vs Inductor dense), quantized (the
 # float8 Wan2.1-14B config at 720p, torchao), loop (the 50-step 720p loop, dense warm-up chosen by
@@ -16,7 +17,7 @@ set -u
 OUT=${OUT:-out/gpu}
 mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd)
 REPO=$(pwd)
-STAGES=${*:-families kernel model quantized loop quality720 profile14b}
+STAGES=${*:-tests families kernel model quantized loop quality720 profile14b}
 
 stage() {  # stage NAME SECONDS COMMAND...: run COMMAND from /tmp (the installed package), log to OUT/NAME.log
   local name=$1 limit=$2; shift 2
@@ -28,6 +29,10 @@ stage() {  # stage NAME SECONDS COMMAND...: run COMMAND from /tmp (the installed
 
 for name in $STAGES; do
   case $name in
+    tests) echo "== tests ($(date -u +%T))" | tee -a "$OUT/suite.log"
+      timeout 600 python3 -m pytest -q -x tests/test_gpu.py tests/test_policies_gpu.py tests/test_fa4.py \
+        tests/test_padded_queries.py tests/test_gluon_schedule.py >"$OUT/tests.log" 2>&1
+      echo "== tests: exit $?" | tee -a "$OUT/suite.log" ;;
     families) stage families 420 python3 "$REPO/benchmarks/bench_families.py" --out "$OUT/families.json" ;;
     kernel) stage kernel 360 python3 "$REPO/benchmarks/bench_kernel.py" \
         --shapes "1,12,32760,128;1,12,75600,128;1,40,75600,128" --masks random,local --variants gluon,lists_tma1 \
