@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Every GPU figure the docs cite for issues 14, 16, 17 and 19, one stage after another on one CUDA GPU
-# (an H200 takes about 25 minutes for all of them). Each stage is one committed command, writes its JSON
+# (each stage has its own time limit; together they allow about an hour). Each stage is one committed command, writes its JSON
 # and its log into OUT, and is cut at its own time limit; a stage that fails does not stop the next.
 # Usage, from the repo root with this package, diffusers and (optionally) flash-attn-4 and torchao
 # installed:
