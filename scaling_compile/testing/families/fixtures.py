@@ -81,6 +81,15 @@ class Family:
         return list(getattr(self.model_class, "_repeated_blocks", None) or [])
 
 
+
+# LTX-2's tiny config: the LTX-2 family and the SANA-WM refiner (built on LTX-2's transformer) share it.
+_LTX2_TINY = {
+    "in_channels": 4, "out_channels": 4, "patch_size": 1, "patch_size_t": 1, "num_attention_heads": 2,
+    "attention_head_dim": 16, "cross_attention_dim": 32, "audio_in_channels": 4, "audio_out_channels": 4,
+    "audio_num_attention_heads": 2, "audio_attention_head_dim": 16, "audio_cross_attention_dim": 32,
+    "num_layers": 2, "qk_norm": "rms_norm_across_heads", "caption_channels": 16, "rope_double_precision": False,
+}
+
 def _randn(generator: torch.Generator, *shape: int) -> torch.Tensor:
     return torch.randn(*shape, generator=generator, dtype=torch.float32)
 
@@ -606,11 +615,7 @@ FAMILIES: dict[str, Family] = {
         Family(
             "ltx2",
             "LTX2VideoTransformer3DModel",
-            {"in_channels": 4, "out_channels": 4, "patch_size": 1, "patch_size_t": 1, "num_attention_heads": 2,
-             "attention_head_dim": 16, "cross_attention_dim": 32, "audio_in_channels": 4, "audio_out_channels": 4,
-             "audio_num_attention_heads": 2, "audio_attention_head_dim": 16, "audio_cross_attention_dim": 32,
-             "num_layers": 2, "qk_norm": "rms_norm_across_heads", "caption_channels": 16,
-             "rope_double_precision": False},
+            _LTX2_TINY,
             (2, 16, 16),
             _ltx2_inputs,
             "packed B,S,C (num_frames, height, width)",
@@ -760,11 +765,7 @@ FAMILIES: dict[str, Family] = {
         Family(
             "sana_wm_refiner",
             "SanaWMLTX2RefinerTransformer3DModel",
-            {"in_channels": 4, "out_channels": 4, "patch_size": 1, "patch_size_t": 1, "num_attention_heads": 2,
-             "attention_head_dim": 16, "cross_attention_dim": 32, "audio_in_channels": 4, "audio_out_channels": 4,
-             "audio_num_attention_heads": 2, "audio_attention_head_dim": 16, "audio_cross_attention_dim": 32,
-             "num_layers": 2, "qk_norm": "rms_norm_across_heads", "caption_channels": 16,
-             "rope_double_precision": False},
+            _LTX2_TINY,
             (2, 8, 8),
             _sana_wm_refiner_inputs,
             "packed B,S,C (raster rows; the grid only in the caller-built video_rotary_emb)",
