@@ -4,8 +4,8 @@ The Wan2.1-14B config (40 layers x 40 heads x 128, random weights, bf16), its Li
 quantized with torchao (float8 or int8 weight-only, ``torchao.quantization.quantize_``), compiled
 regionally (``compile_repeated_blocks``): Inductor with dense SDPA against the ``scaling`` backend
 with 3D-local block masks at each budget, one process, median of ``--iters`` forwards after the
-first (compiling) call. About 4 minutes on one H200 at 720p with the defaults (estimated from the
-FLOPs: a dense forward is about 12 s there)::
+first (compiling) call. About 3.5 minutes on one H200 at 720p with the defaults (float8, 2026-12-01: a dense
+forward took 11.3 s there)::
 
     pip install "torchao==<the build for your torch>"   # see docs/stacks.md
     PYTHONUNBUFFERED=1 python3 benchmarks/bench_quantized.py --quant float8 --latent 21 90 160 \\

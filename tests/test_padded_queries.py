@@ -204,14 +204,20 @@ def test_the_block_pattern_changes_the_output(chunked_path):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: SDPA's fully masked rows on the GPU")
-def test_cuda_bf16_equals_sdpa_with_fully_masked_rows():
+def test_cuda_bf16_equals_sdpa_on_every_query_with_a_key():
     """On the GPU in bf16: the served op against F.scaled_dot_product_attention on cuda with the
-    model's own valid & valid^T mask (fully masked rows included) plus the served block pattern."""
+    model's own valid & valid^T mask plus the served block pattern.
+
+    Rows of padded queries have no key at all. What SDPA writes there is its back-end's choice (on
+    the CPU it writes 0; on an H200 with torch 2.11, the CUDA back-end it picked for this call wrote
+    a non-zero row), so the comparison covers the rows that have keys, and the served op writes 0
+    on the others, as SDPA does on the CPU. Those rows are padded text tokens: every
+    valid query masks them as keys, so the model's output does not depend on them."""
     out, expected, valid, graphs = served_run("cuda", torch.bfloat16)
     ops = [n for gm in graphs for n in gm.graph.nodes if n.target is torch.ops.scaling.sparse_sdpa.default]
     assert len(ops) == 1
     padded = ~valid
-    assert torch.isfinite(expected).all(), "CUDA SDPA returned non-finite values for fully masked rows"
-    assert (expected[padded] == 0).all(), "CUDA SDPA does not return 0 for fully masked rows"
+    assert padded.any() and valid.any()
+    assert torch.isfinite(out).all()
     assert (out[padded] == 0).all()
-    torch.testing.assert_close(out.float(), expected.float(), atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(out[valid].float(), expected[valid].float(), atol=2e-2, rtol=2e-2)
