@@ -12,7 +12,8 @@
 # installed), model (the 720p Wan2.1-1.3B forward: Gluon vs FA4 vs Inductor dense), quantized (the
 # float8 Wan2.1-14B config at 720p, torchao), loop (the 50-step 720p loop, dense warm-up chosen by
 # FAST's per-step sensitivity), quality720 (the harness at 720p / 81 frames profiled at the serving
-# grid, final-latent figures), profile14b (the profiling cost of Wan2.1-14B at 720p).
+# grid, final-latent figures), profile14b (the profiling cost of Wan2.1-14B at 720p), ncu (Nsight Compute,
+# Gluon vs FA4, on the kernel cells where Gluon ran below 0.95x FA4; not in the default list).
 set -u
 OUT=${OUT:-out/gpu}
 mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd)
@@ -46,6 +47,14 @@ for name in $STAGES; do
         --profile-latent 21 90 160 --no-speed --no-decode --out "$OUT/quality720" ;;
     profile14b) stage profile14b 480 python3 "$REPO/benchmarks/profile_wan13b.py" --config wan2.1-14b \
         --latent 21 90 160 --no-small --sensitivity-samples 2 --skip-instantiate --out "$OUT/profile14b/profile.json" ;;
+    ncu) i=0  # Nsight Compute on the kernel cells where Gluon missed 0.95x FA4 (2026-12-01 run)
+      for cell in "1,12,32760,128 random 0.2" "1,12,32760,128 random 0.5" "1,12,75600,128 local 0.3"; do
+        set -- $cell; i=$((i + 1))
+        stage "ncu$i" 420 ncu --profile-from-start off --nvtx --section SpeedOfLight --section Occupancy \
+          --section WarpStateStats --section LaunchStats --section ComputeWorkloadAnalysis \
+          --section MemoryWorkloadAnalysis --section SchedulerStats \
+          python3 "$REPO/benchmarks/ncu_kernel.py" --shape "$1" --mask "$2" --density "$3" --kernels gluon fa4
+      done ;;
     *) echo "unknown stage $name" | tee -a "$OUT/suite.log" ;;
   esac
 done
