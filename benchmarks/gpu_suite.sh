@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Every GPU figure the docs cite for issues 14, 16, 17 and 19, one stage after another on one CUDA GPU
-# (each stage has its own time limit; the default list allows about 70 minutes: never run it whole in one 30-minute GPU lease). Each stage is one committed command, writes its JSON
+# (each stage has its own time limit; the default list allows about 70 minutes; pick stages to run less). Each stage is one committed command, writes its JSON
 # and its log into OUT, and is cut at its own time limit; a stage that fails does not stop the next.
 # Usage, from the repo root with this package, diffusers and (optionally) flash-attn-4 and torchao
 # installed:
