@@ -68,6 +68,7 @@ import argparse
 import importlib
 import json
 import math
+import statistics
 import sys
 import time
 import types
@@ -245,6 +246,9 @@ def main(argv=None):
     p.add_argument("--no-flex", action="store_true")
     p.add_argument("--no-fa4", action="store_true", help="skip FlashAttention-4 even where it is installed")
     p.add_argument("--rep", type=int, default=100, help="do_bench rep (ms)")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="time every kernel of a cell this many times, in turn (A B C, A B C, ...), and report the "
+                        "median over rounds: drift of a power-capped GPU then falls on every kernel alike")
     p.add_argument("--time-budget", type=float, default=1e9, help="seconds; stop starting new shapes/masks after it")
     p.add_argument("--out", default="bench_kernel.json")
     p.add_argument("--key-padding", action="store_true",
@@ -325,7 +329,7 @@ def main(argv=None):
                 slices = reference_slices(q, k, v, mask, block)
                 cell = dict(row, mask=mask_kind if density < 1.0 else "dense", density=density,
                             actual_density=actual)
-                timings, outs = {}, {}
+                timings, outs, runners = {}, {}, {}
 
                 # our kernel, variants
                 for variant in args.variants.split(","):
@@ -371,6 +375,7 @@ def main(argv=None):
                             }
                             print(f"  tuned {key}: {json.dumps(tuning[key])}", flush=True)
                         ms = bench(run_ours)
+                        runners[f"ours_{variant}"] = run_ours
                         err_ref = err_vs_slices(out, slices)
                         timings[f"ours_{variant}"] = ms
                         outs[f"ours_{variant}"] = out
@@ -388,6 +393,7 @@ def main(argv=None):
                         bm = flex_block_mask(*lists, s, block)
                         out = flex(q, k, v, block_mask=bm)
                         ms = bench(lambda: flex(q, k, v, block_mask=bm))
+                        runners["flex"] = lambda: flex(q, k, v, block_mask=bm)
                         timings["flex"] = ms
                         outs["flex"] = out
                         results.append(dict(cell, kernel="flex", ms=ms, tflops=flops / ms * 1e-9,
@@ -406,6 +412,7 @@ def main(argv=None):
                         for name, fn in runs.items():
                             out = fn()
                             ms = bench(fn)
+                            runners[name] = fn
                             timings[name] = ms
                             outs[name] = out
                             results.append(dict(cell, kernel=name, ms=ms, tflops=flops / ms * 1e-9,
@@ -413,6 +420,18 @@ def main(argv=None):
                     except Exception as exc:
                         traceback.print_exc()
                         results.append(dict(cell, kernel="fa4", error=repr(exc)[:500]))
+
+                if args.rounds > 1:  # more rounds, every kernel in turn; the median over rounds replaces each time
+                    rounds = {name: [timings[name]] for name in runners}
+                    for _ in range(args.rounds - 1):
+                        for name, fn in runners.items():
+                            rounds[name].append(bench(fn))
+                    for r in results:
+                        if r.get("density") == density and r.get("mask") == cell["mask"] and r["shape"] == row["shape"] \
+                                and r["kernel"] in rounds:
+                            timings[r["kernel"]] = r["ms"] = statistics.median(rounds[r["kernel"]])
+                            r["tflops"] = flops / r["ms"] * 1e-9
+                            r["ms_rounds"] = rounds[r["kernel"]]
 
                 # cross-checks against our output
                 if ours_key:

@@ -36,9 +36,9 @@ for name in $STAGES; do
     host) stage host 120 python3 "$REPO/benchmarks/op_host_time.py" --device cuda --dtype bfloat16 --seq 1024 \
         --head-dim 128 --block 128 --heads 12 ;;
     families) stage families 420 python3 "$REPO/benchmarks/bench_families.py" --out "$OUT/families.json" ;;
-    kernel) stage kernel 360 python3 "$REPO/benchmarks/bench_kernel.py" \
+    kernel) stage kernel 600 python3 "$REPO/benchmarks/bench_kernel.py" \
         --shapes "1,12,32760,128;1,12,75600,128;1,40,75600,128" --masks random,local --variants gluon,lists_tma1 \
-        --no-flex --rep 30 --time-budget 300 --out "$OUT/kernel.json" ;;
+        --no-flex --rep 30 --rounds 3 --time-budget 540 --out "$OUT/kernel.json" ;;
     model) stage model 420 scaling-compile bench model --latent 21 90 160 --kernels gluon fa4 \
         --budgets 0.3 0.2 0.1 --iters 3 --out "$OUT/model720.json" ;;
     quantized) stage quantized 360 python3 "$REPO/benchmarks/bench_quantized.py" --quant float8 \
