@@ -149,8 +149,8 @@ class AttentionPlan:
                 return found
             self._places[key] = found
         root = found.root()
-        if root is not None and not _is_compiled(root):
-            track_calls(root, self.family)  # regional: the root runs eagerly and records each call's layout
+        if root is not None and _hooks_run_eagerly(root):
+            track_calls(root, self.family)  # the root records each of its calls' layout from its next call on
         if root is not None:
             watch_calls(root, self)  # a call of it that runs no compiled graph (Dynamo gave up) is warned about
         return found, (None if root is None else current_call(root))
@@ -427,8 +427,19 @@ _ROUTE_WORDS = {"dense_sdpa": "PyTorch's dense SDPA", "triton": "the Triton kern
 
 
 def _is_compiled(root: torch.nn.Module) -> bool:
-    """Whether ``root`` itself runs compiled (its hooks would be traced), as opposed to regional."""
+    """Whether ``root`` itself runs compiled (its graphs see its inputs), as opposed to regional."""
     return hasattr(root, "_orig_mod") or getattr(root, "_compiled_call_impl", None) is not None
+
+
+def _hooks_run_eagerly(root: torch.nn.Module) -> bool:
+    """Whether hooks on ``root`` run outside every compiled frame, so they can record each call's layout.
+
+    True for a plain root (regional compilation) and for ``torch.compile``'s wrapper, which runs its
+    own hooks and then the compiled module: graphs after a graph break inside the model (HunyuanVideo
+    1.5 breaks before its blocks) then get their layout from the call. False for a module compiled in
+    place (``model.compile()``), whose hooks would be traced (adding one would recompile its graphs).
+    """
+    return getattr(root, "_compiled_call_impl", None) is None
 
 
 # -- how the op reaches its plan -------------------------------------------------------------------

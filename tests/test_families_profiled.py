@@ -79,12 +79,14 @@ NOT_PROFILED = {
 CHEAP = {"wan", "cogvideox", "hunyuan_video", "ltx"}
 # packed latents: under whole-model compilation the grid is stated (the graph holds num_frames etc. as constants)
 PACKED = {"ltx", "ltx2"}
-# the layout reads index values (caller-packed rows): served under regional compilation, where the root runs
-# eagerly; whole-model calls stay dense with a warning (never another layout)
+# the layout reads index values (caller-packed rows), which whole-model graphs hold as fake tensors: the first
+# whole-model call stays dense with a warning (never another layout); from the second on, the compiled
+# wrapper's hooks record each call's layout from its real inputs. Regional compilation serves the first call too.
 REGIONAL_ONLY = {"minimax_h3"}
 # the forward graph-breaks before the blocks (data-dependent reordering of the context tokens), so the
-# blocks' graphs never see the model's inputs: the compiled model is registered (scaling_compile.register_root),
-# and each call's layout is recorded from its inputs by the root's hooks, which run outside Dynamo
+# blocks' graphs never see the model's inputs: each call's layout is recorded from its inputs by hooks on the
+# compiled wrapper, which run outside Dynamo: from the second call on, or from the first with the compiled
+# model registered (scaling_compile.register_root)
 REGISTER_ROOT = {"hunyuan_video_1_5"}
 
 
@@ -187,20 +189,23 @@ def test_profiled_artifact_served_per_family(name, tmp_path):
     stated = _token_grid(fam, grid) if name in PACKED else None
     plans = sc.CompiledPlans()
     compiled = torch.compile(model, backend="scaling", options={"inner": "eager", "artifact": topology, "plans": plans})
-    if name in REGISTER_ROOT:  # unregistered: dense, with a warning that names register_root; then served
+    if name in REGISTER_ROOT:  # unregistered: the first call dense, with a warning that names register_root
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             out, served = _run(compiled, inputs, plans, stated)
         assert served == set()
         assert any("register_root" in str(w.message) for w in caught)
         torch.testing.assert_close(out, dense, atol=1e-4, rtol=1e-4)
-        sc.register_root(compiled)
-        out, served = _run(compiled, inputs, plans, stated)  # the same compiled graphs: their plans were made above
+        # the compiled wrapper now records each call's layout: the second call is served, unregistered
+        out, served = _run(compiled, inputs, plans, stated)
     else:
         out, served = _run(compiled, inputs, plans, stated)
-    if name in REGIONAL_ONLY:
+    if name in REGIONAL_ONLY:  # the graph cannot read the index values; the wrapper's next call records them
         assert served == set()
         torch.testing.assert_close(out, dense, atol=1e-4, rtol=1e-4)
+        out, served = _run(compiled, inputs, plans, stated)
+        assert served == set(topology.keys())
+        torch.testing.assert_close(out, expected, atol=1e-4, rtol=1e-4)
     else:
         assert served == set(topology.keys())
         torch.testing.assert_close(out, expected, atol=1e-4, rtol=1e-4)
@@ -545,3 +550,22 @@ def test_parameter_free_attention_module_is_served_with_its_own_mask():
         out = compiled(x)
     assert served_keys(plans) == set(masks)
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_a_packed_model_compiled_whole_is_served_from_its_second_call_without_a_stated_grid(tmp_path):
+    """LTX's whole-model graph holds the packed latent's sizes as constants, so it cannot give the
+    layout: its first call stays dense (with a warning); hooks on ``torch.compile``'s wrapper, installed
+    then, record each later call's layout from its real inputs, which serves it exactly."""
+    fam, model, inputs, topology = profiled("ltx", tmp_path)
+    expected, dense, _masks = reference(fam, model, inputs, topology)
+    plans = sc.CompiledPlans()
+    compiled = torch.compile(model, backend="scaling", options={"inner": "eager", "artifact": topology, "plans": plans})
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out, served = _run(compiled, inputs, plans)
+    assert served == set()
+    assert any("stays dense" in str(w.message) for w in caught)
+    torch.testing.assert_close(out, dense, atol=1e-4, rtol=1e-4)
+    out, served = _run(compiled, inputs, plans)
+    assert served == set(topology.keys())
+    torch.testing.assert_close(out, expected, atol=1e-4, rtol=1e-4)
