@@ -171,6 +171,19 @@ def _run(model, inputs, plans: sc.CompiledPlans, stated=None):
     return out, served_keys(plans)
 
 
+def _run_warned(model, inputs, plans: sc.CompiledPlans, stated=None):
+    """``_run``, with the warnings it raised."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out, served = _run(model, inputs, plans, stated)
+    return out, served, caught
+
+
+def _compiled(model, topology):
+    plans = sc.CompiledPlans()
+    return torch.compile(model, backend="scaling", options={"inner": "eager", "artifact": topology, "plans": plans}), plans
+
+
 def _param(name):
     return pytest.param(name, marks=[] if name in CHEAP else [pytest.mark.slow])
 
@@ -190,9 +203,7 @@ def test_profiled_artifact_served_per_family(name, tmp_path):
     plans = sc.CompiledPlans()
     compiled = torch.compile(model, backend="scaling", options={"inner": "eager", "artifact": topology, "plans": plans})
     if name in REGISTER_ROOT:  # unregistered: the first call dense, with a warning that names register_root
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            out, served = _run(compiled, inputs, plans, stated)
+        out, served, caught = _run_warned(compiled, inputs, plans, stated)
         assert served == set()
         assert any("register_root" in str(w.message) for w in caught)
         torch.testing.assert_close(out, dense, atol=1e-4, rtol=1e-4)
@@ -396,11 +407,8 @@ def test_refiner_profiled_with_a_stated_grid_is_dense_until_the_grid_is_stated(t
     expected, dense, masks = reference(fam, model, inputs, topology, grid)
     assert set(masks) == set(topology.keys())
     assert (expected - dense).abs().max() > 1e-5, "the masks must change the output, or the test proves nothing"
-    plans = sc.CompiledPlans()
-    compiled = torch.compile(model, backend="scaling", options={"inner": "eager", "artifact": topology, "plans": plans})
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        out, served = _run(compiled, inputs, plans)
+    compiled, plans = _compiled(model, topology)
+    out, served, caught = _run_warned(compiled, inputs, plans)
     assert served == set()
     torch.testing.assert_close(out, dense, atol=1e-5, rtol=1e-5)
     said = _scaling_warnings(caught)  # one per attention node of the graph, each with the reason
@@ -558,11 +566,8 @@ def test_a_packed_model_compiled_whole_is_served_from_its_second_call_without_a_
     then, record each later call's layout from its real inputs, which serves it exactly."""
     fam, model, inputs, topology = profiled("ltx", tmp_path)
     expected, dense, _masks = reference(fam, model, inputs, topology)
-    plans = sc.CompiledPlans()
-    compiled = torch.compile(model, backend="scaling", options={"inner": "eager", "artifact": topology, "plans": plans})
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        out, served = _run(compiled, inputs, plans)
+    compiled, plans = _compiled(model, topology)
+    out, served, caught = _run_warned(compiled, inputs, plans)
     assert served == set()
     assert any("stays dense" in str(w.message) for w in caught)
     torch.testing.assert_close(out, dense, atol=1e-4, rtol=1e-4)
