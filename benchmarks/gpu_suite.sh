@@ -7,7 +7,7 @@
 #   OUT=out/gpu bash benchmarks/gpu_suite.sh                      # every stage, in this order
 #   OUT=out/gpu bash benchmarks/gpu_suite.sh families kernel      # some of them
 # Stages: tests (the GPU tests: kernels in bf16, CUDA graphs keeping the plan handles, HunyuanVideo 1.5's
-# padded query rows against CUDA SDPA), host (the op's host time per call on CUDA, op_host_time.py), families (bench_families: HunyuanVideo 720p/129f, CogVideoX-5B), kernel (the kernel table at
+# padded query rows against CUDA SDPA), tests_fa4 (the FA4 back-end and the online policies on the GPU), host (the op's host time per call on CUDA, op_host_time.py), families (bench_families: HunyuanVideo 720p/129f, CogVideoX-5B), kernel (the kernel table at
 # (1,12,32760,128), (1,12,75600,128), (1,40,75600,128), random and 3D-local masks, with FA4 where
 # installed), model (the 720p Wan2.1-1.3B forward: Gluon vs FA4 vs Inductor dense), quantized (the
 # float8 Wan2.1-14B config at 720p, torchao), loop (the 50-step 720p loop, dense warm-up chosen by
@@ -18,7 +18,7 @@ set -u
 OUT=${OUT:-out/gpu}
 mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd)
 REPO=$(pwd)
-STAGES=${*:-tests host families kernel model quantized loop quality720 profile14b}
+STAGES=${*:-tests tests_fa4 host families kernel model quantized loop quality720 profile14b}
 
 stage() {  # stage NAME SECONDS COMMAND...: run COMMAND from /tmp (the installed package), log to OUT/NAME.log
   local name=$1 limit=$2; shift 2
@@ -30,9 +30,10 @@ stage() {  # stage NAME SECONDS COMMAND...: run COMMAND from /tmp (the installed
 
 for name in $STAGES; do
   case $name in
-    tests) stage tests 900 python3 -m pytest -q -p no:cacheprovider -rfE "$REPO/tests/test_gpu.py" \
-        "$REPO/tests/test_policies_gpu.py" "$REPO/tests/test_fa4.py" "$REPO/tests/test_padded_queries.py" \
-        "$REPO/tests/test_gluon_schedule.py" ;;  # from /tmp: the repo's scaling_compile/ folder is not the package
+    tests) stage tests 600 python3 -m pytest -q -p no:cacheprovider -rfE "$REPO/tests/test_gpu.py" \
+        "$REPO/tests/test_padded_queries.py" "$REPO/tests/test_gluon_schedule.py" ;;  # from /tmp: the repo's scaling_compile/ folder is not the package
+    tests_fa4) stage tests_fa4 600 python3 -m pytest -q -p no:cacheprovider -rfE "$REPO/tests/test_fa4.py" \
+        "$REPO/tests/test_policies_gpu.py" ;;
     host) stage host 120 python3 "$REPO/benchmarks/op_host_time.py" --device cuda --dtype bfloat16 --seq 1024 \
         --head-dim 128 --block 128 --heads 12 ;;
     families) stage families 420 python3 "$REPO/benchmarks/bench_families.py" --out "$OUT/families.json" ;;
