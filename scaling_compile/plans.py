@@ -188,7 +188,8 @@ class AttentionPlan:
             why = call.layout if call is not None and isinstance(call.layout, str) else (
                 "no call of its model is in progress (the call during which regional blocks compile: "
                 "call scaling_compile.register_root(model) before it; model.forward called directly; "
-                "or a graph after a graph break, which does not see the model's inputs)")
+                "or a graph after a graph break, which does not see the model's inputs: a model compiled "
+                "whole records its calls' layouts from its next call on, or from its first once registered)")
             root = place.root() if call is None and place is not None else None
             if root is not None and family_of(root, self.family) is None:  # a compiled root no description lays out
                 why = unknown_family_reason(root)
