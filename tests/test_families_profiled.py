@@ -79,15 +79,13 @@ NOT_PROFILED = {
 CHEAP = {"wan", "cogvideox", "hunyuan_video", "ltx"}
 # packed latents: under whole-model compilation the grid is stated (the graph holds num_frames etc. as constants)
 PACKED = {"ltx", "ltx2"}
-# the layout reads index values (caller-packed rows), which whole-model graphs hold as fake tensors: the first
-# whole-model call stays dense with a warning (never another layout); from the second on, the compiled
-# wrapper's hooks record each call's layout from its real inputs. Regional compilation serves the first call too.
-REGIONAL_ONLY = {"minimax_h3"}
-# the forward graph-breaks before the blocks (data-dependent reordering of the context tokens), so the
-# blocks' graphs never see the model's inputs: each call's layout is recorded from its inputs by hooks on the
-# compiled wrapper, which run outside Dynamo: from the second call on, or from the first with the compiled
-# model registered (scaling_compile.register_root)
-REGISTER_ROOT = {"hunyuan_video_1_5"}
+# whole-model graphs that cannot give the layout: MiniMax-H3's reads index values (caller-packed rows), which the
+# graph holds as fake tensors; HunyuanVideo 1.5's forward graph-breaks before the blocks (data-dependent
+# reordering of the context tokens), so the blocks' graphs never see the model's inputs. The first call stays
+# dense with a warning naming register_root (never another layout); hooks on the compiled wrapper, which run
+# outside Dynamo, record each later call's layout from its real inputs (from the first call with the compiled
+# model registered, scaling_compile.register_root). Regional compilation serves the first call too.
+FROM_SECOND_CALL = {"minimax_h3", "hunyuan_video_1_5"}
 
 
 def test_every_family_is_profiled_or_says_why():
@@ -200,26 +198,15 @@ def test_profiled_artifact_served_per_family(name, tmp_path):
     assert (expected - dense).abs().max() > 1e-5, "the masks must change the output, or the test proves nothing"
 
     stated = _token_grid(fam, grid) if name in PACKED else None
-    plans = sc.CompiledPlans()
-    compiled = torch.compile(model, backend="scaling", options={"inner": "eager", "artifact": topology, "plans": plans})
-    if name in REGISTER_ROOT:  # unregistered: the first call dense, with a warning that names register_root
+    compiled, plans = _compiled(model, topology)
+    if name in FROM_SECOND_CALL:
         out, served, caught = _run_warned(compiled, inputs, plans, stated)
         assert served == set()
         assert any("register_root" in str(w.message) for w in caught)
         torch.testing.assert_close(out, dense, atol=1e-4, rtol=1e-4)
-        # the compiled wrapper now records each call's layout: the second call is served, unregistered
-        out, served = _run(compiled, inputs, plans, stated)
-    else:
-        out, served = _run(compiled, inputs, plans, stated)
-    if name in REGIONAL_ONLY:  # the graph cannot read the index values; the wrapper's next call records them
-        assert served == set()
-        torch.testing.assert_close(out, dense, atol=1e-4, rtol=1e-4)
-        out, served = _run(compiled, inputs, plans, stated)
-        assert served == set(topology.keys())
-        torch.testing.assert_close(out, expected, atol=1e-4, rtol=1e-4)
-    else:
-        assert served == set(topology.keys())
-        torch.testing.assert_close(out, expected, atol=1e-4, rtol=1e-4)
+    out, served = _run(compiled, inputs, plans, stated)
+    assert served == set(topology.keys())
+    torch.testing.assert_close(out, expected, atol=1e-4, rtol=1e-4)
 
     if fam.repeated_blocks:
         torch._dynamo.reset()
