@@ -210,6 +210,16 @@ def err_vs_slices(out, slices):
 # --------------------------------------------------------------------------------------
 
 
+def time_in_rounds(runners: dict, first: dict, rounds: int, bench) -> dict:
+    """name -> its ``rounds`` times: ``first[name]``, then ``rounds - 1`` more, every runner in turn
+    within a round (A B C, A B C, ...), so that a drifting clock (a power-capped GPU) weighs on each alike."""
+    samples = {name: [first[name]] for name in runners}
+    for _ in range(rounds - 1):
+        for name, fn in runners.items():
+            samples[name].append(bench(fn))
+    return samples
+
+
 def parse_shape(text):
     b, h, s, d = (int(x) for x in text.split(","))
     return b, h, s, d
@@ -422,10 +432,7 @@ def main(argv=None):
                         results.append(dict(cell, kernel="fa4", error=repr(exc)[:500]))
 
                 if args.rounds > 1:  # more rounds, every kernel in turn; the median over rounds replaces each time
-                    rounds = {name: [timings[name]] for name in runners}
-                    for _ in range(args.rounds - 1):
-                        for name, fn in runners.items():
-                            rounds[name].append(bench(fn))
+                    rounds = time_in_rounds(runners, timings, args.rounds, bench)
                     for r in results:
                         if r.get("density") == density and r.get("mask") == cell["mask"] and r["shape"] == row["shape"] \
                                 and r["kernel"] in rounds:
