@@ -149,8 +149,8 @@ class AttentionPlan:
                 return found
             self._places[key] = found
         root = found.root()
-        if root is not None and _hooks_run_eagerly(root):
-            track_calls(root, self.family)  # the root records each of its calls' layout from its next call on
+        if root is not None and not _is_compiled(root):
+            track_calls(root, self.family)  # regional: the root runs eagerly and records each call's layout
         if root is not None:
             watch_calls(root, self)  # a call of it that runs no compiled graph (Dynamo gave up) is warned about
         return found, (None if root is None else current_call(root))
@@ -193,6 +193,8 @@ class AttentionPlan:
             root = place.root() if call is None and place is not None else None
             if root is not None and family_of(root, self.family) is None:  # a compiled root no description lays out
                 why = unknown_family_reason(root)
+            elif root is not None and _hooks_run_eagerly(root):
+                track_calls(root, self.family)  # a whole-model graph blind to the layout: the wrapper records the next calls'
             raise NotServable(f"the token grid of this call is unknown: {why}")  # one warning for all blocks
         if layout is not None and seq_len is not None:
             reason = layout.mismatch(seq_len)
@@ -436,9 +438,11 @@ def _hooks_run_eagerly(root: torch.nn.Module) -> bool:
     """Whether hooks on ``root`` run outside every compiled frame, so they can record each call's layout.
 
     True for a plain root (regional compilation) and for ``torch.compile``'s wrapper, which runs its
-    own hooks and then the compiled module: graphs after a graph break inside the model (HunyuanVideo
-    1.5 breaks before its blocks) then get their layout from the call. False for a module compiled in
-    place (``model.compile()``), whose hooks would be traced (adding one would recompile its graphs).
+    own hooks and then the compiled module: a whole-model graph that cannot see the layout (after a
+    graph break: HunyuanVideo 1.5 breaks before its blocks) then gets it from the call. False for a
+    module compiled in place (``model.compile()``), whose hooks would be traced (adding one would
+    recompile its graphs). A wrapper is hooked only once one of its graphs needs it: a graph that
+    computes its own layout costs its calls nothing more.
     """
     return getattr(root, "_compiled_call_impl", None) is None
 

@@ -254,6 +254,10 @@ def test_wan_whole_model_takes_the_grid_from_its_hidden_states_input():
     close(out, frame_local_reference(model, topology, inputs, (3, 4, 6)))
     ops = [n for n in graphs[0].graph.nodes if n.target is torch.ops.scaling.sparse_sdpa.default]
     assert len(ops) == 3 and all(n.args[6] == [72, 0, 72, 3, 4, 6, 0] for n in ops)
+    with torch.no_grad():
+        compiled(**inputs)
+    # the graph computes its own layout: no call hooks on the compiled model, nothing added to its calls
+    assert "_scaling_hooks" not in compiled.__dict__ and "_scaling_hooks" not in model.__dict__
 
 
 def test_whole_model_dynamic_shapes_read_the_grid_of_each_call():
