@@ -430,7 +430,7 @@ _ROUTE_WORDS = {"dense_sdpa": "PyTorch's dense SDPA", "triton": "the Triton kern
 
 
 def _is_compiled(root: torch.nn.Module) -> bool:
-    """Whether ``root`` itself runs compiled (its graphs see its inputs), as opposed to regional."""
+    """Whether ``root`` itself runs compiled (whole-model), as opposed to regional (its blocks compiled)."""
     return hasattr(root, "_orig_mod") or getattr(root, "_compiled_call_impl", None) is not None
 
 
