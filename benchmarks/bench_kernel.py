@@ -402,8 +402,8 @@ def main(argv=None):
                         flex = flex_runner()
                         bm = flex_block_mask(*lists, s, block)
                         out = flex(q, k, v, block_mask=bm)
-                        ms = bench(lambda: flex(q, k, v, block_mask=bm))
-                        runners["flex"] = lambda: flex(q, k, v, block_mask=bm)
+                        runners["flex"] = run_flex = lambda: flex(q, k, v, block_mask=bm)
+                        ms = bench(run_flex)
                         timings["flex"] = ms
                         outs["flex"] = out
                         results.append(dict(cell, kernel="flex", ms=ms, tflops=flops / ms * 1e-9,
@@ -431,11 +431,12 @@ def main(argv=None):
                         traceback.print_exc()
                         results.append(dict(cell, kernel="fa4", error=repr(exc)[:500]))
 
+                cell_rows = [r for r in results if r.get("density") == density and r.get("mask") == cell["mask"]
+                             and r["shape"] == row["shape"]]  # this cell's rows, every kernel
                 if args.rounds > 1:  # more rounds, every kernel in turn; the median over rounds replaces each time
                     rounds = time_in_rounds(runners, timings, args.rounds, bench)
-                    for r in results:
-                        if r.get("density") == density and r.get("mask") == cell["mask"] and r["shape"] == row["shape"] \
-                                and r["kernel"] in rounds:
+                    for r in cell_rows:
+                        if r["kernel"] in rounds:
                             timings[r["kernel"]] = r["ms"] = statistics.median(rounds[r["kernel"]])
                             r["tflops"] = flops / r["ms"] * 1e-9
                             r["ms_rounds"] = rounds[r["kernel"]]
@@ -443,18 +444,16 @@ def main(argv=None):
                 # cross-checks against our output
                 if ours_key:
                     ref_out = outs[ours_key]
-                    for r in results:
-                        if r.get("density") == density and r.get("mask") == cell["mask"] and r["shape"] == row["shape"] \
-                                and "ms" in r and r["kernel"] in outs:
+                    for r in cell_rows:
+                        if "ms" in r and r["kernel"] in outs:
                             r["err_vs_ours"] = (outs[r["kernel"]].float() - ref_out.float()).abs().max().item()
                     if density >= 1.0:
                         for name, (ms, out) in dense.items():
                             for r in results:
                                 if r["kernel"] == f"sdpa_{name}" and r["shape"] == row["shape"]:
                                     r["err_vs_ours"] = (out.float() - ref_out.float()).abs().max().item()
-                for r in results:
-                    if r.get("density") == density and r.get("mask") == cell["mask"] and r["shape"] == row["shape"] \
-                            and "ms" in r:
+                for r in cell_rows:
+                    if "ms" in r:
                         if "flex" in timings:
                             r["speedup_vs_flex"] = timings["flex"] / r["ms"]
                         if "fa4" in timings:
