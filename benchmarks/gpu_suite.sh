@@ -18,6 +18,7 @@ set -u
 OUT=${OUT:-out/gpu}
 mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd)
 REPO=$(pwd)
+WORKERS=${TEST_WORKERS:+-n $TEST_WORKERS}  # TEST_WORKERS=6: the tests stages in 6 pytest-xdist processes (kernel compiles are CPU-bound)
 STAGES=${*:-tests tests_fa4 host families kernel model quantized loop quality720 profile14b}
 
 stage() {  # stage NAME SECONDS COMMAND...: run COMMAND from /tmp (the installed package), log to OUT/NAME.log
@@ -30,9 +31,9 @@ stage() {  # stage NAME SECONDS COMMAND...: run COMMAND from /tmp (the installed
 
 for name in $STAGES; do
   case $name in
-    tests) stage tests 600 python3 -m pytest -q -p no:cacheprovider -rfE "$REPO/tests/test_gpu.py" \
+    tests) stage tests 600 python3 -m pytest -q -p no:cacheprovider -rfE $WORKERS "$REPO/tests/test_gpu.py" \
         "$REPO/tests/test_padded_queries.py" "$REPO/tests/test_gluon_schedule.py" ;;  # from /tmp: the repo's scaling_compile/ folder is not the package
-    tests_fa4) stage tests_fa4 600 python3 -m pytest -q -p no:cacheprovider -rfE "$REPO/tests/test_fa4.py" \
+    tests_fa4) stage tests_fa4 600 python3 -m pytest -q -p no:cacheprovider -rfE $WORKERS "$REPO/tests/test_fa4.py" \
         "$REPO/tests/test_policies_gpu.py" ;;
     host) stage host 120 python3 "$REPO/benchmarks/op_host_time.py" --device cuda --dtype bfloat16 --seq 1024 \
         --head-dim 128 --block 128 --heads 12 ;;
