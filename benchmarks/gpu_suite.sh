@@ -12,14 +12,15 @@
 # installed), model (the 720p Wan2.1-1.3B forward: Gluon vs FA4 vs Inductor dense), quantized (the
 # float8 Wan2.1-14B config at 720p, torchao), loop (the 50-step 720p loop, dense warm-up chosen by
 # FAST's per-step sensitivity), quality720 (the harness at 720p / 81 frames profiled at the serving
-# grid, final-latent figures), profile14b (the profiling cost of Wan2.1-14B at 720p), ncu (Nsight Compute,
+# grid, final-latent figures), profile13b (Wan2.1-1.3B at 480p / 81 frames under torch.profiler: the time
+# of each stage of the profiling pass and its top kernels), profile14b (the profiling cost of Wan2.1-14B at 720p), ncu (Nsight Compute,
 # Gluon vs FA4, on the kernel cells where Gluon ran below 0.95x FA4; not in the default list).
 set -u
 OUT=${OUT:-out/gpu}
 mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd)
 REPO=$(pwd)
 WORKERS=${TEST_WORKERS:+-n $TEST_WORKERS}  # TEST_WORKERS=6: the tests stages in 6 pytest-xdist processes (kernel compiles are CPU-bound)
-STAGES=${*:-tests tests_fa4 host families kernel model quantized loop quality720 profile14b}
+STAGES=${*:-tests tests_fa4 host families kernel model quantized loop quality720 profile13b profile14b}
 
 stage() {  # stage NAME SECONDS COMMAND...: run COMMAND from /tmp (the installed package), log to OUT/NAME.log
   local name=$1 limit=$2; shift 2
@@ -51,6 +52,8 @@ for name in $STAGES; do
         --dense-warmup auto 5 --kernel auto --out "$OUT/loop720.json" ;;
     quality720) stage quality720 900 python3 "$REPO/benchmarks/quality_harness.py" --config wan2.1-1.3b-720p \
         --profile-latent 21 90 160 --no-speed --no-decode --out "$OUT/quality720" ;;
+    profile13b) stage profile13b 300 python3 "$REPO/benchmarks/profile_wan13b.py" --no-small --kernel-table \
+        --skip-instantiate --out "$OUT/profile13b/profile.json" ;;  # where the profiling time goes (torch.profiler)
     profile14b) stage profile14b 480 python3 "$REPO/benchmarks/profile_wan13b.py" --config wan2.1-14b \
         --latent 21 90 160 --no-small --sensitivity-samples 2 --skip-instantiate --out "$OUT/profile14b/profile.json" ;;
     ncu) i=0  # Nsight Compute on the kernel cells where Gluon missed 0.95x FA4 (2026-12-01 run)

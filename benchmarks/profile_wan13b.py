@@ -66,6 +66,10 @@ def parse_args():
     parser.add_argument("--query-frames", type=int, default=4,
                         help="measure the query rows of this many latent frames per call (0: every row, S^2)")
     parser.add_argument("--no-progress", action="store_true", help="no tqdm progress bars")
+    parser.add_argument("--kernel-table", action="store_true",
+                        help="run the profiling under torch.profiler: write its top operators and kernels by device "
+                             "time (kernels.txt next to --out) and the time of each profiler stage (logits, "
+                             "softmax, per-offset, per-key and per-block sums, sensitivity curves) into the JSON")
     parser.add_argument("--out", default=None, help="write the results (JSON) and the artifacts next to it")
     parser.add_argument("--device", default="cuda", help="cpu: a dry run of the script (use --config tiny)")
     return parser.parse_args()
@@ -99,6 +103,11 @@ def profile_at(model, latent, args, sensitivity: bool):
     if cuda:
         torch.cuda.reset_peak_memory_stats()
         torch.cuda.synchronize()
+    tracer = None
+    if args.kernel_table:
+        activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
+        tracer = torch.profiler.profile(activities=activities)
+        tracer.__enter__()
     started = time.perf_counter()
     topology = sc.profile(
         model, calibration, block_size=args.block_size, default_budget=args.budget, sensitivity=sensitivity,
@@ -108,7 +117,23 @@ def profile_at(model, latent, args, sensitivity: bool):
     if cuda:
         torch.cuda.synchronize()
     seconds = time.perf_counter() - started
+    if tracer is not None:
+        tracer.__exit__(None, None, None)
+        topology.metadata["profiling"]["kernel_table"] = kernel_table(tracer, cuda)
     return topology, seconds, (torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0)
+
+
+def kernel_table(tracer, cuda: bool, rows: int = 40) -> dict:
+    """torch.profiler's averages: the top operators and kernels by self time on the device (CPU time
+    without CUDA), and the totals of the profiler's labelled stages (``scaling_compile.*`` ranges)."""
+    averages = tracer.key_averages()
+    sort_by = "self_device_time_total" if cuda else "self_cpu_time_total"
+    stages = {}
+    for event in averages:
+        if event.key.startswith("scaling_compile."):
+            stages[event.key] = {"calls": event.count, "cpu_ms": round(event.cpu_time_total / 1e3, 1),
+                                 "device_ms": round(getattr(event, "device_time_total", 0) / 1e3, 1)}
+    return {"table": averages.table(sort_by=sort_by, row_limit=rows), "stages": stages}
 
 
 def time_split(seconds: float, info: dict, peak: float, latent) -> str:
@@ -222,6 +247,15 @@ def main() -> int:
         "peak_gpu_gib": round(peak, 2),
         "quality": topology.metadata["quality"],
     }
+    table = info.pop("kernel_table", None)
+    if table is not None:
+        results["profile"]["stages"] = table["stages"]
+        log("profiler stages (ms): " + json.dumps(table["stages"]))
+        table_path = os.path.join(os.path.dirname(os.path.abspath(args.out)) if args.out else "/tmp", "kernels.txt")
+        os.makedirs(os.path.dirname(table_path), exist_ok=True)
+        with open(table_path, "w") as handle:
+            handle.write(table["table"])
+        log(f"top operators and kernels by device time: {table_path}")
     log(time_split(seconds, info, peak, args.latent))
     log(f"PEAK GPU memory while profiling: {peak:.1f} GiB (model weights {results.get('model_gib', 0.0)} GiB)")
     log(f"quality: {json.dumps(topology.metadata['quality'])}")

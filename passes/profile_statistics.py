@@ -27,6 +27,7 @@ import warnings
 
 import torch
 import torch.nn.functional as F
+from torch.profiler import record_function
 
 from ..errors import ScalingCompileError
 from ..fast import DEFAULT_LEVELS, DEFAULT_STEP_BINS, SensitivityStatistics, level_block_counts
@@ -138,13 +139,16 @@ class Profiler:
         rows = self._rows(batch, heads, seq, per_row, query.device)
         self.chunk_rows[self.mode] = min(rows, self.chunk_rows.get(self.mode, rows))
         for start, stop in self._chunks(rows):
-            logits = torch.matmul(query[:, :, start:stop].float(), keys_t) * scale
+            with record_function(f"scaling_compile.{self.mode}.logits"):
+                logits = torch.matmul(query[:, :, start:stop].float(), keys_t) * scale
             if self.mode == "mass":
-                probs = torch.softmax(logits, dim=-1)
+                with record_function("scaling_compile.mass.softmax"):
+                    probs = torch.softmax(logits, dim=-1)
                 del logits
                 stats.add(probs, start, self.group)
             else:  # log-domain per key block: exact however little mass a level keeps
-                stats.add(None, values, start, self.bin, logits=logits)
+                with record_function("scaling_compile.sensitivity.curves"):
+                    stats.add(None, values, start, self.bin, logits=logits)
                 del logits
         if self.mode == "mass":
             stats.count(self.group, batch)

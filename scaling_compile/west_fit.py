@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 
 import torch
+from torch.profiler import record_function
 
 from .west import canvas_center, canvas_linear, canvas_shape
 
@@ -81,12 +82,15 @@ class MassStatistics:
         batch, heads, rows, seq = probs.shape
         summed = probs.sum(0)  # (heads, rows, seq)
         stop = row_start + rows
-        index = self._linear[None, :] - self._linear[row_start:stop, None] + self._center
-        self.offset_mass[group].index_add_(1, index.reshape(-1), summed.reshape(heads, -1))
-        self.key_mass[group] += summed.sum(1)
-        pad = self.num_blocks * self.block_size - seq
-        per_block = torch.nn.functional.pad(summed, (0, pad)).view(heads, rows, self.num_blocks, -1).sum(-1)
-        self.block_mass[group].index_add_(1, self._row_block[row_start:stop], per_block)
+        with record_function("scaling_compile.mass.offsets"):
+            index = self._linear[None, :] - self._linear[row_start:stop, None] + self._center
+            self.offset_mass[group].index_add_(1, index.reshape(-1), summed.reshape(heads, -1))
+        with record_function("scaling_compile.mass.keys"):
+            self.key_mass[group] += summed.sum(1)
+        with record_function("scaling_compile.mass.blocks"):
+            pad = self.num_blocks * self.block_size - seq
+            per_block = torch.nn.functional.pad(summed, (0, pad)).view(heads, rows, self.num_blocks, -1).sum(-1)
+            self.block_mass[group].index_add_(1, self._row_block[row_start:stop], per_block)
 
     def count(self, group: int, batch: int) -> None:
         self.observations[group] += batch
