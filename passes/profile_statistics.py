@@ -81,6 +81,7 @@ class Profiler:
         self.step_bins = DEFAULT_STEP_BINS
         self.setup_seconds = 0.0  # building the sensitivity pass's rank tables
         self.chunk_rows: dict[str, int] = {}  # query rows per chunk, per pass (the largest node's)
+        self.half_logits = True  # fp16/bf16 logits on the tensor cores where the device can (ChunkLogits)
 
     @property
     def grid(self):
@@ -113,7 +114,7 @@ class Profiler:
         batch, heads, seq, dim = query.shape
         self.calls += 1
         scale = 1.0 / math.sqrt(dim) if scale is None else float(scale)
-        keys_t = key_.float().transpose(-1, -2)
+        logits_of = ChunkLogits(query, key_, scale, half=self.half_logits)
         values = value.float() if self.mode != "mass" else None  # once per call, not per chunk
         if self.mode == "mass":
             stats = self.mass.get(key)
@@ -140,7 +141,8 @@ class Profiler:
         self.chunk_rows[self.mode] = min(rows, self.chunk_rows.get(self.mode, rows))
         for start, stop in self._chunks(rows):
             with record_function(f"scaling_compile.{self.mode}.logits"):
-                logits = torch.matmul(query[:, :, start:stop].float(), keys_t) * scale
+                logits = logits_of(start, stop)
+            self.half_logits = logits_of.half
             if self.mode == "mass":
                 with record_function("scaling_compile.mass.softmax"):
                     probs = torch.softmax(logits, dim=-1)
@@ -174,6 +176,41 @@ class Profiler:
             gram = torch.einsum("ohd,ohe->hde", w, w)
         return SensitivityStatistics(ranks, self.levels, self.block_size, self.step_bins, gram, device)
 
+
+
+class ChunkLogits:
+    """``scale * Q K^T`` in float32 for chunks of query rows of one call.
+
+    fp16/bf16 inputs on CUDA are multiplied on the tensor cores with float32 accumulation and a
+    float32 result (``torch.bmm(..., out_dtype=torch.float32)``): each product of two half-precision
+    numbers is exact in float32, so the logits are those of upcasting first (the float32 matmul,
+    about ten times slower on the device) up to the order of the sums. Elsewhere, or where that
+    call is refused (an older PyTorch), the inputs are upcast; ``half`` then reads False, and the
+    profiler stops asking for the tensor-core path.
+    """
+
+    def __init__(self, query: torch.Tensor, key: torch.Tensor, scale: float, half: bool = True):
+        batch, heads, _seq, dim = query.shape
+        self.query, self.scale = query, scale
+        self.half = bool(half and query.is_cuda and query.dtype in (torch.float16, torch.bfloat16)
+                         and key.dtype == query.dtype)
+        if self.half:  # (batch * heads, dim, keys), once per call
+            self.keys_t = key.transpose(-1, -2).reshape(batch * heads, dim, key.shape[-2])
+        else:
+            self.keys_t = key.float().transpose(-1, -2)
+
+    def __call__(self, start: int, stop: int) -> torch.Tensor:
+        rows = self.query[:, :, start:stop]
+        if self.half:
+            batch, heads, count, dim = rows.shape
+            try:
+                logits = torch.bmm(rows.reshape(batch * heads, count, dim), self.keys_t, out_dtype=torch.float32)
+                return logits.view(batch, heads, count, -1).mul_(self.scale)
+            except (RuntimeError, TypeError, NotImplementedError):
+                self.half = False
+                key = self.keys_t.view(batch, heads, dim, -1)
+                self.keys_t = key.float()
+        return torch.matmul(rows.float(), self.keys_t) * self.scale
 
 
 def _dense_weight(weight: torch.Tensor | None) -> torch.Tensor | None:

@@ -605,3 +605,20 @@ def test_gluon_entry_route_returns_the_lse():
     torch.cuda.synchronize()
     _check_bf16(out, _masked_sdpa(q, k, v, bool_mask, block, key_valid))
     _check_lse(lse, _masked_lse(q, k, bool_mask, block, key_valid))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_profiler_logits_on_the_tensor_cores_equal_the_float32_ones(dtype):
+    """The profiling pass's logits of half-precision inputs (tensor cores, float32 accumulation and
+    result) are those of upcasting first, up to the order of the sums; the fast path is taken."""
+    from scaling_compile.passes.profile_statistics import ChunkLogits
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    query = torch.randn(2, 3, 300, 64, device="cuda", generator=g).to(dtype)
+    key = torch.randn(2, 300, 3, 64, device="cuda", generator=g).to(dtype).transpose(1, 2)  # (B, S, H, D) view
+    fast, slow = ChunkLogits(query, key, 0.125), ChunkLogits(query, key, 0.125, half=False)
+    for start, stop in ((0, 128), (128, 300)):
+        got, expected = fast(start, stop), slow(start, stop)
+        assert got.dtype == torch.float32 and got.shape == (2, 3, stop - start, 300)
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-4)
+    assert fast.half and not slow.half
