@@ -206,7 +206,9 @@ class ChunkLogits:
             try:
                 logits = torch.bmm(rows.reshape(batch * heads, count, dim), self.keys_t, out_dtype=torch.float32)
                 return logits.view(batch, heads, count, -1).mul_(self.scale)
-            except (RuntimeError, TypeError, NotImplementedError):
+            except torch.OutOfMemoryError:
+                raise  # the float32 path would need more
+            except (RuntimeError, TypeError, NotImplementedError):  # no out_dtype for this device or dtype
                 self.half = False
                 key = self.keys_t.view(batch, heads, dim, -1)
                 self.keys_t = key.float()
