@@ -33,6 +33,7 @@ from ..errors import ScalingCompileError
 from ..fast import DEFAULT_LEVELS, DEFAULT_STEP_BINS, SensitivityStatistics, level_block_counts
 from ..topology import NodeTopology, Topology, model_fingerprint
 from ..west import WEST_VERSION, block_ranks, entry_ranks, mask_from_ranks, mask_iou, mass_recall
+from ..attention_logits import ChunkLogits
 from ..west_fit import MassStatistics, query_row_ranges, spread_query_frames
 
 # A chunk of query rows is measured with about this many live float32 copies of its logits (logits,
@@ -176,43 +177,6 @@ class Profiler:
             gram = torch.einsum("ohd,ohe->hde", w, w)
         return SensitivityStatistics(ranks, self.levels, self.block_size, self.step_bins, gram, device)
 
-
-
-class ChunkLogits:
-    """``scale * Q K^T`` in float32 for chunks of query rows of one call.
-
-    fp16/bf16 inputs on CUDA are multiplied on the tensor cores with float32 accumulation and a
-    float32 result (``torch.bmm(..., out_dtype=torch.float32)``): each product of two half-precision
-    numbers is exact in float32, so the logits are those of upcasting first (the float32 matmul,
-    about ten times slower on the device) up to the order of the sums. Elsewhere, or where that
-    call is refused (an older PyTorch), the inputs are upcast; ``half`` then reads False, and the
-    profiler stops asking for the tensor-core path.
-    """
-
-    def __init__(self, query: torch.Tensor, key: torch.Tensor, scale: float, half: bool = True):
-        batch, heads, _seq, dim = query.shape
-        self.query, self.scale = query, scale
-        self.half = bool(half and query.is_cuda and query.dtype in (torch.float16, torch.bfloat16)
-                         and key.dtype == query.dtype)
-        if self.half:  # (batch * heads, dim, keys), once per call
-            self.keys_t = key.transpose(-1, -2).reshape(batch * heads, dim, key.shape[-2])
-        else:
-            self.keys_t = key.float().transpose(-1, -2)
-
-    def __call__(self, start: int, stop: int) -> torch.Tensor:
-        rows = self.query[:, :, start:stop]
-        if self.half:
-            batch, heads, count, dim = rows.shape
-            try:
-                logits = torch.bmm(rows.reshape(batch * heads, count, dim), self.keys_t, out_dtype=torch.float32)
-                return logits.view(batch, heads, count, -1).mul_(self.scale)
-            except torch.OutOfMemoryError:
-                raise  # the float32 path would need more
-            except (RuntimeError, TypeError, NotImplementedError):  # no out_dtype for this device or dtype
-                self.half = False
-                key = self.keys_t.view(batch, heads, dim, -1)
-                self.keys_t = key.float()
-        return torch.matmul(rows.float(), self.keys_t) * self.scale
 
 
 def _dense_weight(weight: torch.Tensor | None) -> torch.Tensor | None:

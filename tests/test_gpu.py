@@ -611,7 +611,7 @@ def test_gluon_entry_route_returns_the_lse():
 def test_profiler_logits_on_the_tensor_cores_equal_the_float32_ones(dtype):
     """The profiling pass's logits of half-precision inputs (tensor cores, float32 accumulation and
     result) are those of upcasting first, up to the order of the sums; the fast path is taken."""
-    from scaling_compile.passes.profile_statistics import ChunkLogits
+    from scaling_compile.attention_logits import ChunkLogits
 
     g = torch.Generator(device="cuda").manual_seed(0)
     query = torch.randn(2, 3, 300, 64, device="cuda", generator=g).to(dtype)

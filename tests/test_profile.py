@@ -505,14 +505,3 @@ def test_profile_refuses_non_finite_statistics_and_names_the_node(monkeypatch):
     with pytest.raises(sc.ScalingCompileError, match=r"blocks\.0\.attn1/sensitivity \(1 of"):
         sc.profile(model, calibration, block_size=BLOCK, progress=False)
 
-
-def test_chunk_logits_are_float32_scaled_scores_of_any_key_layout():
-    from scaling_compile.passes.profile_statistics import ChunkLogits
-
-    query = torch.randn(1, 2, 40, 16).to(torch.bfloat16)
-    key = torch.randn(1, 40, 2, 16).to(torch.bfloat16).transpose(1, 2)  # the (B, S, H, D) layout a DiT hands over
-    logits = ChunkLogits(query, key, 0.25)
-    assert not logits.half  # the tensor-core path is CUDA's
-    got = logits(8, 24)
-    assert got.dtype == torch.float32
-    torch.testing.assert_close(got, query[:, :, 8:24].float() @ key.float().transpose(-1, -2) * 0.25)

@@ -20,6 +20,7 @@ from collections import defaultdict
 import torch
 import torch.nn.functional as F
 
+from ..attention_logits import ChunkLogits
 from ..errors import ScalingCompileError
 from ..topology import NodeTopology, Topology, model_fingerprint
 from .blocks import attend, block_means, block_probabilities, default_scale, pack, top_p_mask
@@ -175,11 +176,10 @@ def _row_block_mass(query, key, q_blocks: torch.Tensor, block_size: int, scale: 
     n_blocks = math.ceil(seq / block_size)
     pad = n_blocks * block_size - seq
     out = torch.empty(batch, heads, len(q_blocks), n_blocks, device=query.device)
-    keys_t = key.float().transpose(-1, -2)
+    logits = ChunkLogits(query, key, scale)
     for i, block in enumerate(q_blocks.tolist()):
-        rows = query[:, :, block * block_size:(block + 1) * block_size].float()
-        probs = torch.softmax(rows @ keys_t * scale, dim=-1)
-        probs = F.pad(probs, (0, pad)).view(batch, heads, rows.shape[2], n_blocks, block_size)
+        probs = torch.softmax(logits(block * block_size, (block + 1) * block_size), dim=-1)
+        probs = F.pad(probs, (0, pad)).view(batch, heads, probs.shape[2], n_blocks, block_size)
         out[:, :, i] = probs.sum(-1).mean(2)
     return out
 

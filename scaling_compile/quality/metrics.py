@@ -8,6 +8,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from ..attention_logits import ChunkLogits
 from ..west import mass_recall
 
 
@@ -76,10 +77,10 @@ def block_attention_mass(query: torch.Tensor, key: torch.Tensor, block_size: int
     n_q, n_k = math.ceil(seq_q / block_size), math.ceil(seq_k / block_size)
     limit = chunk_elements or (2**27 if query.is_cuda else 2**23)
     rows = max(block_size, limit // max(1, batch * heads * seq_k) // block_size * block_size)
-    keys_t = key.float().transpose(-1, -2)
+    logits = ChunkLogits(query, key, scale)
     mass = torch.zeros(heads, n_q * block_size, n_k, device=query.device)
     for start in range(0, seq_q, rows):
-        probs = torch.softmax(torch.matmul(query[:, :, start:start + rows].float(), keys_t) * scale, dim=-1)
+        probs = torch.softmax(logits(start, start + rows), dim=-1)
         stop = start + probs.shape[2]
         probs = F.pad(probs, (0, n_k * block_size - seq_k))
         mass[:, start:stop] = probs.view(batch, heads, stop - start, n_k, block_size).sum((0, 4))

@@ -1,0 +1,16 @@
+"""float32 logits of query-row chunks (scaling_compile/attention_logits.py) against the plain matmul;
+the tensor-core path on CUDA: tests/test_gpu.py."""
+
+import torch
+
+from scaling_compile.attention_logits import ChunkLogits
+
+
+def test_chunk_logits_are_float32_scaled_scores_of_any_key_layout():
+    query = torch.randn(1, 2, 40, 16).to(torch.bfloat16)
+    key = torch.randn(1, 40, 2, 16).to(torch.bfloat16).transpose(1, 2)  # the (B, S, H, D) layout a DiT hands over
+    logits = ChunkLogits(query, key, 0.25)
+    assert not logits.half  # the tensor-core path is CUDA's
+    got = logits(8, 24)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, query[:, :, 8:24].float() @ key.float().transpose(-1, -2) * 0.25)
