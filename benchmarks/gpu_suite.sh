@@ -39,7 +39,7 @@ for name in $STAGES; do
       stage tests_fa4 600 python3 -m pytest -q -p no:cacheprovider -rfE $WORKERS "$REPO/tests/test_fa4.py" \
         "$REPO/tests/test_policies_gpu.py" ;;
     host) stage host 120 python3 "$REPO/benchmarks/op_host_time.py" --device cuda --dtype bfloat16 --seq 1024 \
-        --head-dim 128 --block 128 --heads 12 ;;
+        --head-dim 128 --block 128 --heads 12 --profile ;;
     families) stage families 420 python3 "$REPO/benchmarks/bench_families.py" --out "$OUT/families.json" ;;
     kernel) stage kernel 600 python3 "$REPO/benchmarks/bench_kernel.py" \
         --shapes "1,12,32760,128;1,12,75600,128;1,40,75600,128" --masks random,local --variants gluon,lists_tma1 \

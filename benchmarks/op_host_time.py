@@ -93,6 +93,28 @@ def python_calls(fn, calls: int) -> float:
     return pstats.Stats(profiler).total_calls / calls
 
 
+def gluon_launch_us(q, k, v, mask, args) -> dict:
+    """On Hopper, the Gluon kernel called directly on the mask's lists (no routing), with the host TMA
+    descriptors it launches with by default and with descriptors made in the kernel (DESC_MODE 1: no
+    host encoding, a little device work): how much of ``attention_us`` the launch itself is."""
+    from scaling_compile.kernels import gluon_block_sparse as gbs
+    from scaling_compile.kernels.attention import _kernel_operands
+
+    if gbs.gluon_unsupported_reason(q.device, q.dtype, q.shape[-1], args.block) is not None:
+        return {}
+    _words, _index, lists = _kernel_operands(mask, None, None, device_lists=False)
+    if lists is None:
+        return {}
+    in_kernel = gbs.DEFAULT_CONFIGS[q.shape[-1]][:-1] + (1,)
+    return {
+        "gluon_launch_us": per_call_us(lambda: gbs.gluon_block_sparse_attention(q, k, v, lists, args.block),
+                                       args.calls, device=args.device),
+        "gluon_in_kernel_descriptors_us": per_call_us(
+            lambda: gbs.gluon_block_sparse_attention(q, k, v, lists, args.block, config=in_kernel),
+            args.calls, device=args.device),
+    }
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--calls", type=int, default=2000)
@@ -122,6 +144,7 @@ def main(argv=None) -> dict:
                                    device=args.device),
         }
         results["op_overhead_us"] = results["op_us"] - results["attention_us"]
+        results.update(gluon_launch_us(q, k, v, mask, args))
         results["python_calls_per_op"] = python_calls(op, 100)
         for name, value in results.items():
             print(f"{name:>20}: {value:8.1f}" + ("" if name.startswith("python") else " us"))
