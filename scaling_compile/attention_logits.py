@@ -1,5 +1,6 @@
-"""float32 attention logits, ``scale * Q K^T``, of chunks of query rows: what the profiling pass and the
-quality metrics measure attention with (never the S x S matrix at once)."""
+"""float32 attention logits, ``scale * Q K^T``, of chunks of query rows, and sums over key blocks: what the
+profiling pass, the quality metrics and the calibration measure attention with (never the S x S matrix
+at once, and no padded copy of a chunk)."""
 
 from __future__ import annotations
 
@@ -41,3 +42,15 @@ class ChunkLogits:
                 key = self.keys_t.view(batch, heads, dim, -1)
                 self.keys_t = key.float()
         return torch.matmul(rows.float(), self.keys_t) * self.scale
+
+
+def sum_key_blocks(x: torch.Tensor, block_size: int) -> torch.Tensor:
+    """``(..., S) -> (..., ceil(S / block_size))``: sums over consecutive blocks of the last dim, the last
+    block ragged when ``block_size`` does not divide ``S``. Reads ``x`` in place: no padded copy of
+    what may be a chunk of several GiB."""
+    seq = x.shape[-1]
+    full = seq // block_size
+    sums = x[..., :full * block_size].unflatten(-1, (full, block_size)).sum(-1)
+    if full * block_size == seq:
+        return sums
+    return torch.cat([sums, x[..., full * block_size:].sum(-1, keepdim=True)], -1)

@@ -14,6 +14,7 @@ import math
 import torch
 from torch.profiler import record_function
 
+from .attention_logits import sum_key_blocks
 from .west import canvas_center, canvas_linear, canvas_shape
 
 
@@ -80,7 +81,7 @@ class MassStatistics:
     def add(self, probs: torch.Tensor, row_start: int, group: int) -> None:
         """Add the softmax rows ``probs`` (batch, heads, rows, seq) starting at query ``row_start``."""
         batch, heads, rows, seq = probs.shape
-        summed = probs.sum(0)  # (heads, rows, seq)
+        summed = probs[0] if batch == 1 else probs.sum(0)  # (heads, rows, seq)
         stop = row_start + rows
         with record_function("scaling_compile.mass.offsets"):
             index = self._linear[None, :] - self._linear[row_start:stop, None] + self._center
@@ -88,9 +89,8 @@ class MassStatistics:
         with record_function("scaling_compile.mass.keys"):
             self.key_mass[group] += summed.sum(1)
         with record_function("scaling_compile.mass.blocks"):
-            pad = self.num_blocks * self.block_size - seq
-            per_block = torch.nn.functional.pad(summed, (0, pad)).view(heads, rows, self.num_blocks, -1).sum(-1)
-            self.block_mass[group].index_add_(1, self._row_block[row_start:stop], per_block)
+            per_block = sum_key_blocks(summed, self.block_size)
+            self.block_mass[group].index_add_(1, self._row_block[row_start:stop], per_block.to(self.block_mass.dtype))
 
     def count(self, group: int, batch: int) -> None:
         self.observations[group] += batch

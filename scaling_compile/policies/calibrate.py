@@ -20,7 +20,7 @@ from collections import defaultdict
 import torch
 import torch.nn.functional as F
 
-from ..attention_logits import ChunkLogits
+from ..attention_logits import ChunkLogits, sum_key_blocks
 from ..errors import ScalingCompileError
 from ..topology import NodeTopology, Topology, model_fingerprint
 from .blocks import attend, block_means, block_probabilities, default_scale, pack, top_p_mask
@@ -174,13 +174,11 @@ def _row_block_mass(query, key, q_blocks: torch.Tensor, block_size: int, scale: 
     one query block's rows at a time."""
     batch, heads, seq, _ = query.shape
     n_blocks = math.ceil(seq / block_size)
-    pad = n_blocks * block_size - seq
     out = torch.empty(batch, heads, len(q_blocks), n_blocks, device=query.device)
     logits = ChunkLogits(query, key, scale)
     for i, block in enumerate(q_blocks.tolist()):
         probs = torch.softmax(logits(block * block_size, (block + 1) * block_size), dim=-1)
-        probs = F.pad(probs, (0, pad)).view(batch, heads, probs.shape[2], n_blocks, block_size)
-        out[:, :, i] = probs.sum(-1).mean(2)
+        out[:, :, i] = sum_key_blocks(probs, block_size).mean(2)
     return out
 
 

@@ -8,7 +8,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ..attention_logits import ChunkLogits
+from ..attention_logits import ChunkLogits, sum_key_blocks
 from ..west import mass_recall
 
 
@@ -82,8 +82,7 @@ def block_attention_mass(query: torch.Tensor, key: torch.Tensor, block_size: int
     for start in range(0, seq_q, rows):
         probs = torch.softmax(logits(start, start + rows), dim=-1)
         stop = start + probs.shape[2]
-        probs = F.pad(probs, (0, n_k * block_size - seq_k))
-        mass[:, start:stop] = probs.view(batch, heads, stop - start, n_k, block_size).sum((0, 4))
+        mass[:, start:stop] = sum_key_blocks(probs, block_size).sum(0)
         del probs
     return mass.view(heads, n_q, block_size, n_k).sum(2).cpu()
 
