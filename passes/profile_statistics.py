@@ -29,11 +29,11 @@ import torch
 import torch.nn.functional as F
 from torch.profiler import record_function
 
+from ..attention_logits import ChunkLogits
 from ..errors import ScalingCompileError
 from ..fast import DEFAULT_LEVELS, DEFAULT_STEP_BINS, SensitivityStatistics, level_block_counts
 from ..topology import NodeTopology, Topology, model_fingerprint
 from ..west import WEST_VERSION, block_ranks, entry_ranks, mask_from_ranks, mask_iou, mass_recall
-from ..attention_logits import ChunkLogits
 from ..west_fit import MassStatistics, query_row_ranges, spread_query_frames
 
 # A chunk of query rows is measured with about this many live float32 copies of its logits (logits,
