@@ -27,6 +27,7 @@ class HarnessConfig:
     profile_latent: tuple = (3, 32, 32)  # latent of the calibration samples (the topology resamples)
     block_size: int = 64
     budgets: tuple = (0.5, 0.3, 0.2, 0.1)
+    truth_budget: bool = False  # also run WEST + FAST at the planted truth's mean density
     policies: tuple = BASELINE_NAMES
     steps: int = 10  # denoising steps
     eval_steps: tuple = (3, 7)  # steps whose dense-run transformer inputs feed node and transformer metrics
@@ -73,7 +74,7 @@ PRESETS: dict[str, HarnessConfig] = {
                                       query_frames=4, block_size=128, budgets=(0.3, 0.2),
                                       policies=("west_fast", "west_uniform", "oracle", "planted"), steps=4,
                                       eval_steps=(2,), prompts=2, compile="regional", device="cuda",
-                                      dtype="bfloat16", sensitivity_samples=2,
+                                      dtype="bfloat16", sensitivity_samples=2, truth_budget=True,
                                       calibration=dict(num_prompts=2, num_latents=2, num_timesteps=2)),
     # CPU, issue 16's transfer regime at small size: 21 x 12 x 20 = 5040 tokens, 79 blocks of 64;
     # "small-transfer" profiles at 5 x 8 x 12 tokens, "small-serving" at the serving grid (4 query frames).
@@ -101,6 +102,13 @@ def _log_default(message: str) -> None:
 def _runs(policies, budgets):
     """(policy, budget) pairs in table order; unbudgeted policies once, at their own density."""
     return [(p, b) for p in policies for b in (budgets if p.budgeted else [None])]
+
+
+def truth_density(truth, keys, seq_len: int, heads: int, grid) -> float:
+    """Mean block density of the planted truth's masks over the nodes, rounded to 3 decimals (a budget)."""
+    densities = [float(truth.node_mask(key, None, seq_len=seq_len, heads=heads, grid=grid).float().mean())
+                 for key in keys]
+    return round(sum(densities) / len(densities), 3)
 
 
 def run_harness(cfg: HarnessConfig, *, log=_log_default, checkpoint=None) -> dict:
@@ -150,6 +158,12 @@ def run_harness(cfg: HarnessConfig, *, log=_log_default, checkpoint=None) -> dic
     if hasattr(model, "planted_plan"):  # ground truth, and each head's planted share of the output
         truth = planted_truth(model, grid, cfg.block_size)
         weights = {k: torch.tensor([p.out_scale**2 for p in row]) for k, row in planted_head_patterns(model).items()}
+        fast = next((p for p in policies if p.name == "west_fast"), None)
+        if cfg.truth_budget and fast is not None:  # "at the planted truth's own density", measured there
+            density = truth_density(truth, keys, seq_len, heads, grid)
+            if density not in cfg.budgets:
+                runs.insert(runs.index((fast, cfg.budgets[-1])) + 1, (fast, density))
+            log(f"  planted truth's mean density {density}: WEST + FAST there too")
 
     # Prompts never seen by the profiler (other seeds), shaped like Wan's T5 context (zero padded to
     # the model's text length, 512 for Wan); negative prompt = zeros (CFG only).
