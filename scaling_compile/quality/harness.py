@@ -161,8 +161,8 @@ def run_harness(cfg: HarnessConfig, *, log=_log_default, checkpoint=None) -> dic
         fast = next((p for p in policies if p.name == "west_fast"), None)
         if cfg.truth_budget and fast is not None:  # "at the planted truth's own density", measured there
             density = truth_density(truth, keys, seq_len, heads, grid)
-            if density not in cfg.budgets:
-                runs.insert(runs.index((fast, cfg.budgets[-1])) + 1, (fast, density))
+            if density not in cfg.budgets:  # after WEST + FAST's other budgets
+                runs.insert(runs.index((fast, cfg.budgets[-1])) + 1 if cfg.budgets else len(runs), (fast, density))
             log(f"  planted truth's mean density {density}: WEST + FAST there too")
 
     # Prompts never seen by the profiler (other seeds), shaped like Wan's T5 context (zero padded to
