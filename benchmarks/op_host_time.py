@@ -106,13 +106,15 @@ def gluon_launch_us(q, k, v, mask, args) -> dict:
     if lists is None:
         return {}
     in_kernel = gbs.DEFAULT_CONFIGS[q.shape[-1]][:-1] + (1,)
-    return {
-        "gluon_launch_us": per_call_us(lambda: gbs.gluon_block_sparse_attention(q, k, v, lists, args.block),
-                                       args.calls, device=args.device),
-        "gluon_in_kernel_descriptors_us": per_call_us(
-            lambda: gbs.gluon_block_sparse_attention(q, k, v, lists, args.block, config=in_kernel),
-            args.calls, device=args.device),
-    }
+    results = {}
+    for name, config in (("gluon_launch_us", None), ("gluon_in_kernel_descriptors_us", in_kernel)):
+        try:
+            results[name] = per_call_us(lambda: gbs.gluon_block_sparse_attention(q, k, v, lists, args.block,
+                                                                               config=config),
+                                        args.calls, device=args.device)
+        except Exception as error:  # noqa: BLE001 - a variant that does not run here is reported, not fatal
+            print(f"{name}: not measured ({type(error).__name__}: {str(error)[:200]})")
+    return results
 
 
 def main(argv=None) -> dict:
