@@ -74,7 +74,9 @@ class MassStatistics:
         self.block_mass = torch.zeros(groups, num_heads, self.num_blocks, self.num_blocks, **f32)
         self.observations = torch.zeros(groups, dtype=torch.float64)
         tokens = torch.arange(self.seq_len, device=device)
-        self._linear = canvas_linear(tokens, self.grid)
+        # int32 canvas indices where they fit: the per-chunk index tensor (rows x keys) is the pass's
+        # largest after the probabilities, and int32 halves it
+        self._linear = canvas_linear(tokens, self.grid).to(torch.int32 if canvas < 2**31 else torch.int64)
         self._center = canvas_center(self.grid)
         self._row_block = tokens // block_size
 
