@@ -622,3 +622,19 @@ def test_profiler_logits_on_the_tensor_cores_equal_the_float32_ones(dtype):
         assert got.dtype == torch.float32 and got.shape == (2, 3, stop - start, 300)
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-4)
     assert fast.half and not slow.half
+
+
+def test_mass_statistics_on_cuda_equal_the_cpu_ones():
+    """The profiling pass's statistics on the GPU (int32 canvas indices, key-block sums read in place)
+    are those of the CPU."""
+    from scaling_compile import west_fit
+
+    grid, block = (3, 6, 10), 16  # 180 tokens: a ragged last key block
+    seq = 3 * 6 * 10
+    probs = torch.rand(1, 2, seq, seq).softmax(-1)
+    stats = {device: west_fit.MassStatistics(2, grid, block, groups=1, device=device) for device in ("cpu", "cuda")}
+    for device, s in stats.items():
+        for start in range(0, seq, 48):  # chunks across rows and frames
+            s.add(probs[:, :, start:start + 48].to(device), start, 0)
+    for name in ("offset_mass", "key_mass", "block_mass"):
+        torch.testing.assert_close(getattr(stats["cuda"], name).cpu(), getattr(stats["cpu"], name), rtol=1e-5, atol=1e-5)
