@@ -1,19 +1,15 @@
 """The kernel benchmark's timing in rounds (benchmarks/bench_kernel.py), without a GPU."""
 
-import importlib.util
-import pathlib
 import statistics
 
 import pytest
 
+from scripts import load_script
+
 
 @pytest.fixture(scope="module")
 def bench_kernel():
-    path = pathlib.Path(__file__).parents[1] / "benchmarks" / "bench_kernel.py"
-    spec = importlib.util.spec_from_file_location("bench_kernel", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("benchmarks/bench_kernel.py")
 
 
 def test_rounds_take_every_kernel_in_turn_and_keep_the_first_time(bench_kernel):

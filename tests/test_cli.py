@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -17,6 +16,7 @@ from scaling_compile import cli
 
 from models import tiny_wan
 from profiled import chunked_path  # noqa: F401  (fixture)
+from scripts import load_script
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
 PROFILE_ARGS = ["--latent", "3", "16", "16", "--block-size", "16", "--text-len", "8", "--timesteps", "2",
@@ -232,9 +232,7 @@ def test_console_script_is_installed():
 
 
 def test_example_profiles_and_runs_a_saved_checkpoint(pipeline_folder, tmp_path, chunked_path):  # noqa: F811
-    spec = importlib.util.spec_from_file_location("example", os.path.join(ROOT, "examples", "profile_and_run_wan.py"))
-    example = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(example)
+    example = load_script("examples/profile_and_run_wan.py")
     result = example.main([
         str(pipeline_folder), "--artifact", str(tmp_path / "ex.safetensors"), "--profile-latent", "3", "16", "16",
         "--run-latent", "5", "24", "24", "--steps", "4", "--warmup", "1", "--buckets", "2", "--block-size", "16",

@@ -1,21 +1,17 @@
 """The profiling benchmark (benchmarks/profile_wan13b.py) on the CPU: its dry run, and the stage times
 ``--kernel-table`` reads off torch.profiler (which part of the profiling pass the time goes to)."""
 
-import importlib.util
 import json
-import pathlib
 import sys
 
 import pytest
 
+from scripts import load_script
+
 
 @pytest.fixture(scope="module")
 def profile_benchmark():
-    path = pathlib.Path(__file__).parents[1] / "benchmarks" / "profile_wan13b.py"
-    spec = importlib.util.spec_from_file_location("profile_wan13b", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("benchmarks/profile_wan13b.py")
 
 
 def test_kernel_table_times_every_stage_of_the_profiling_pass(profile_benchmark, tmp_path, monkeypatch):

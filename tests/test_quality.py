@@ -19,6 +19,7 @@ from scaling_compile import baselines, quality
 from scaling_compile.quality.pipeline import TINY_VAE
 
 from profiled import BLOCK, PROFILE_LATENT, chunked_path, inputs, planted, planted_topology, token_grid  # noqa: F401
+from scripts import load_script
 
 
 # -- the harness --------------------------------------------------------------------------------
@@ -137,17 +138,11 @@ def test_speed_stage_imports_the_bench_timers():
 
 
 def test_full_size_presets_serve_81_frames_with_unseen_t5_like_prompts():
-    import importlib.util
-    import pathlib
-
     for name, latent in (("wan2.1-1.3b-480p", (21, 60, 104)), ("wan2.1-1.3b-720p", (21, 90, 160))):
         cfg = quality.PRESETS[name]
         assert cfg.latent == latent and cfg.query_frames == 4 and set(cfg.budgets) == {0.3, 0.2}
         assert {"west_fast", "west_uniform", "oracle", "planted"} == set(cfg.policies) and cfg.truth_budget
-    path = pathlib.Path(__file__).parents[1] / "benchmarks" / "quality_harness.py"
-    spec = importlib.util.spec_from_file_location("quality_harness", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_script("benchmarks/quality_harness.py")
     cfg = module.config_from_args(module.parse_args(["--config", "wan2.1-1.3b-480p", "--no-speed", "--prompts", "3",
                                                      "--query-frames", "5"]))
     assert (cfg.prompts, cfg.query_frames, cfg.speed, cfg.decode) == (3, 5, False, True)
