@@ -280,9 +280,10 @@ class AttentionPlan:
         kernel = self.kernel
         if kernel == "fa4":  # a call FA4 cannot serve: warned once per plan and reason here, then as "auto"
             route = choose_route(query, mask, mask_index=index, key_valid=key_valid, kernel=kernel, group=group)
-            if route.name not in ("fa4", "dense_fa4", "triton_device_lists"):
-                self._warn_once(f"scaling: {self.graph_key} runs {_ROUTE_WORDS[route.name]}, not FA4: {route.reason}")
-            kernel = "auto"
+            if route.name not in ("fa4", "dense_fa4"):
+                if route.name != "triton_device_lists":
+                    self._warn_once(f"scaling: {self.graph_key} runs {_ROUTE_WORDS[route.name]}, not FA4: {route.reason}")
+                kernel = "auto"
         return sparse_attention(query, key, value, mask, scale=scale, mask_index=index, key_valid=key_valid,
                                 kernel=kernel, group=group)
 
@@ -325,6 +326,8 @@ class AttentionPlan:
             key, layout = self.resolve(anchor, layout, seq_len)
         except NotServable:
             return  # stays dense at the call, with its reason
+        if self.schedule is not None:  # the step index every stacked call reads, allocated now
+            self.schedule.device_index(device)
         if layout is None and getattr(self.topology.entries.get(key), "scores", None) is not None:
             return  # a profiled entry needs the call's grid: built at the first call that has one
         for other in keys:  # regional: the other blocks served by this graph, same geometry

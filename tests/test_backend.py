@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import math
+import warnings
 
 import pytest
 import torch
@@ -430,6 +431,56 @@ def test_schedule_dense_warmup_serves_hand_written_masks_dense_then_sparse():
         torch.testing.assert_close(out, dense, atol=2e-5, rtol=1e-4)
     for out in outs[2:]:
         torch.testing.assert_close(out, sparse, atol=2e-5, rtol=1e-4)
+
+
+def test_the_schedule_step_index_is_made_at_compile_time(monkeypatch):
+    """The stacked masks' device step index exists before the first call runs: made inside a call,
+    it would be allocated from a CUDA graph's memory pool during the warm-up of mode="reduce-overhead",
+    which CUDA graph trees reject (a live allocation of the pool that is not an output)."""
+    plans = importlib.import_module("scaling_compile.plans")
+    model, x, masks, schedule, compiled, _made = scheduled_toy()
+    at_first_call = []
+    real = plans.AttentionPlan.attend
+
+    def attend(self, *args, **kwargs):
+        if not at_first_call:
+            at_first_call.append(set(schedule._indices))
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(plans.AttentionPlan, "attend", attend)
+    with torch.no_grad():
+        schedule.set_step(2)
+        compiled(x)
+    assert at_first_call == [{"cpu"}]
+
+
+@pytest.mark.parametrize("fa4_serves", [True, False])
+def test_kernel_fa4_reaches_the_attention_call_where_fa4_serves_it(monkeypatch, fa4_serves):
+    """options kernel="fa4": a call FA4 serves is asked of sparse_attention as "fa4" (FA4 before the
+    Gluon kernel); one it cannot serve is warned about once and runs as "auto"."""
+    from scaling_compile.kernels.attention import Route
+
+    plans = importlib.import_module("scaling_compile.plans")
+    fa4 = importlib.import_module("scaling_compile.kernels.fa4_block_sparse")
+    monkeypatch.setattr(fa4, "fa4_import_error", lambda: None)  # the option's install check
+    asked = []
+    real = plans.sparse_attention
+    monkeypatch.setattr(plans, "choose_route", lambda *a, **k: Route("fa4") if fa4_serves else Route("triton", "test"))
+    monkeypatch.setattr(plans, "sparse_attention",
+                        lambda *a, kernel, **k: asked.append(kernel) or real(*a, kernel="auto", **k))
+    model = ToyDiT(modes=("plain",)).eval()
+    x = torch.randn(1, 48, 32)
+    masks = random_block_masks(["blocks.0"], 2, 3, density=0.3, seed=1)
+    compiled = torch.compile(model, backend="scaling", options={
+        "artifact": sc.Topology.from_block_masks(masks, block_size=BLOCK, seq_len=48), "kernel": "fa4"})
+    with torch.no_grad(), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = compiled(x)
+        compiled(x)
+    assert asked == (["fa4", "fa4"] if fa4_serves else ["auto", "auto"])
+    not_fa4 = [w for w in caught if "not FA4" in str(w.message)]
+    assert len(not_fa4) == (0 if fa4_serves else 1)
+    torch.testing.assert_close(out, run_masked(model, masks, BLOCK, x), atol=2e-5, rtol=1e-4)
 
 
 def test_dense_schedule_steps_skip_the_sparse_kernel(monkeypatch):

@@ -20,18 +20,20 @@ pytestmark = [
 BLOCK = 32
 
 
-def setup(num_layers=3, frames=3, height=16, width=16):
+def setup(num_layers=3, frames=3, height=16, width=16, block=BLOCK, head_dim=64):
+    """Tiny bf16 Wan with random masks; the defaults (192 tokens, 6 blocks of 32) run the Triton
+    kernel, ``block=128, head_dim=128`` over 1,152 tokens the Gluon kernel on sm90."""
     torch._dynamo.reset()
-    model = tiny_wan(num_layers=num_layers, heads=2, head_dim=64).to("cuda", torch.bfloat16)
+    model = tiny_wan(num_layers=num_layers, heads=2, head_dim=head_dim).to("cuda", torch.bfloat16)
     inputs = {k: v.to("cuda") for k, v in wan_inputs(frames, height, width).items()}
     inputs["hidden_states"] = inputs["hidden_states"].to(torch.bfloat16)
     inputs["encoder_hidden_states"] = inputs["encoder_hidden_states"].to(torch.bfloat16)
-    seq = frames * (height // 2) * (width // 2)  # 192 tokens, 6 blocks of 32
-    n = -(-seq // BLOCK)
+    seq = frames * (height // 2) * (width // 2)
+    n = -(-seq // block)
     keys = [f"blocks.{i}.attn1" for i in range(num_layers)]
     masks = random_block_masks(keys, 2, n, density=0.4, seed=3)
-    topology = sc.Topology.from_block_masks(masks, block_size=BLOCK, seq_len=seq)
-    expected = run_masked(model, masks, BLOCK, **inputs).sample.float()
+    topology = sc.Topology.from_block_masks(masks, block_size=block, seq_len=seq)
+    expected = run_masked(model, masks, block, **inputs).sample.float()
     return model, inputs, topology, expected
 
 
@@ -50,6 +52,28 @@ def test_whole_model_bf16_every_mode(mode):
         with torch._dynamo.config.patch(error_on_recompile=True):
             out = compiled(**inputs).sample
     check(out, expected)
+
+
+@pytest.mark.parametrize("mode", [None, "reduce-overhead"])
+@pytest.mark.parametrize("block", [BLOCK, 128])
+def test_step_schedule_dense_then_sparse_every_mode(mode, block):
+    """A schedule's dense warm-up steps, then its masks, one compilation, kernel="auto" (block 128:
+    the Gluon kernel on sm90; 32: Triton), with CUDA graphs too: the step index the captured calls
+    read is made at compile time, outside the graphs' memory pool."""
+    model, inputs, topology, expected = (setup(frames=3, height=32, width=48, block=128, head_dim=128)
+                                         if block == 128 else setup())
+    schedule = sc.StepSchedule(num_steps=4, dense_warmup=2, buckets=1)
+    compiled = torch.compile(model, backend="scaling", fullgraph=True,
+                             options={"artifact": topology, "strict": True, "schedule": schedule, "mode": mode})
+    outs = []
+    with torch.no_grad():
+        for _ in range(2):  # CUDA graphs record on a later call
+            for step in range(4):
+                schedule.set_step(step)
+                outs.append(compiled(**inputs).sample.float().clone())
+        dense = model(**inputs).sample.float()
+    for i, out in enumerate(outs):
+        check(out, dense if i % 4 < 2 else expected)
 
 
 def test_cuda_graphs_keep_the_plan_handles_and_are_not_skipped(monkeypatch):
