@@ -134,3 +134,16 @@ def test_the_persistent_work_list_is_built_once_per_selection_and_batch():
     assert torch.equal(first, gluon.gluon_work_list(counts, 2))
     assert attention._gluon_work_list(mask, counts[1], 2, 1) is not first
     assert attention._gluon_work_list(mask, counts, 3, "stack").shape == (2, 3 * 2 * 4)
+
+
+@pytest.mark.skipif(gluon._IMPORT_ERROR is not None, reason="Gluon's Hopper module is not importable here")
+def test_tma_descriptors_tile_each_operand_in_the_one_swizzled_layout():
+    """Host TMA descriptors (made per call): Q tiles of a consumer's rows, K/V tiles of a block, every
+    one in the 128-byte-swizzled 16-bit shared layout the kernel's smem buffers are declared with."""
+    q = torch.zeros(1, 2, 256, 128, dtype=torch.bfloat16)
+    k = torch.zeros(1, 2, 256, 128, dtype=torch.bfloat16).transpose(1, 2).contiguous().transpose(1, 2)
+    dq, dk = gluon._descriptor(q, 64), gluon._descriptor(k, 128)
+    assert dq.block_shape == [1, 1, 64, 128] and dk.block_shape == [1, 1, 128, 128]
+    assert list(dk.strides) == list(k.stride())  # the (B, S, H, D) memory layout is read in place
+    assert dq.layout is dk.layout
+    assert (dq.layout.swizzle_byte_width, dq.layout.element_bitwidth, dq.layout.rank) == (128, 16, 4)
