@@ -13,8 +13,8 @@
 # float8 Wan2.1-14B config at 720p, torchao), loop (the 50-step 720p loop, dense warm-up chosen by
 # FAST's per-step sensitivity), quality720 (the harness at 720p / 81 frames profiled at the serving
 # grid, final-latent figures), profile13b (Wan2.1-1.3B at 480p / 81 frames under torch.profiler: the time
-# of each stage of the profiling pass and its top kernels), profile14b (the profiling cost of Wan2.1-14B at 720p), profile14b_kernels (one sample of each
-# pass of it under torch.profiler: where its time goes; not in the default list), ncu (Nsight Compute,
+# of each stage of the profiling pass and its top kernels), profile14b (the profiling cost of Wan2.1-14B at 720p), profile14b_stages (one sample of each
+# pass of it: the device time of each stage of the statistics; not in the default list), ncu (Nsight Compute,
 # Gluon vs FA4, on the kernel cells where Gluon ran below 0.95x FA4; not in the default list).
 set -u
 OUT=${OUT:-out/gpu}
@@ -55,11 +55,11 @@ for name in $STAGES; do
         --profile-latent 21 90 160 --no-speed --no-decode --out "$OUT/quality720" ;;
     profile13b) stage profile13b 300 python3 "$REPO/benchmarks/profile_wan13b.py" --no-small --kernel-table \
         --skip-instantiate --out "$OUT/profile13b/profile.json" ;;  # where the profiling time goes (torch.profiler)
-    profile14b) stage profile14b 480 python3 "$REPO/benchmarks/profile_wan13b.py" --config wan2.1-14b \
+    profile14b) stage profile14b 600 python3 "$REPO/benchmarks/profile_wan13b.py" --config wan2.1-14b \
         --latent 21 90 160 --no-small --sensitivity-samples 2 --skip-instantiate --out "$OUT/profile14b/profile.json" ;;
-    profile14b_kernels) stage profile14b_kernels 420 python3 "$REPO/benchmarks/profile_wan13b.py" --config wan2.1-14b \
-        --latent 21 90 160 --no-small --prompts 1 --timesteps 1 --sensitivity-samples 1 --kernel-table \
-        --skip-instantiate --out "$OUT/profile14b_kernels/profile.json" ;;  # one sample a pass, under torch.profiler
+    profile14b_stages) stage profile14b_stages 420 python3 "$REPO/benchmarks/profile_wan13b.py" --config wan2.1-14b \
+        --latent 21 90 160 --no-small --prompts 1 --timesteps 1 --sensitivity-samples 1 \
+        --skip-instantiate --out "$OUT/profile14b_stages/profile.json" ;;  # one sample a pass: the stage clock's split
     ncu) i=0  # Nsight Compute on the kernel cells where Gluon missed 0.95x FA4 (2026-12-01 run)
       for cell in "1,12,32760,128 random 0.2" "1,12,32760,128 random 0.5" "1,12,75600,128 local 0.3"; do
         set -- $cell; i=$((i + 1))

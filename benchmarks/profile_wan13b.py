@@ -154,6 +154,11 @@ def time_split(seconds: float, info: dict, peak: float, latent) -> str:
         f"per sample {sens}",
         f"  other             {other:7.1f}s",
     ]
+    stages = info.get("stage_ms") or {}
+    if stages:
+        lines.append("  statistics stages, device time summed over both passes (the rest of a pass is the model's forward):")
+        lines += [f"    {name.replace('scaling_compile.', ''):28s} {entry['ms'] / 1e3:7.1f}s  ({entry['count']} chunks)"
+                  for name, entry in stages.items()]
     return "\n".join(lines)
 
 
@@ -245,6 +250,7 @@ def main() -> int:
         "sensitivity_seconds_per_sample": round(statistics.median(sens), 3) if sens else None,
         "capture_seconds_estimate": round(mass[0] - statistics.median(mass[1:]), 2) if len(mass) > 1 else None,
         "peak_gpu_gib": round(peak, 2),
+        "stage_ms": info.get("stage_ms"),
         "quality": topology.metadata["quality"],
     }
     table = info.pop("kernel_table", None)

@@ -393,6 +393,9 @@ def profile(model: torch.nn.Module, calibration, config: ProfileConfig | None = 
         "chunk_rows": dict(profiler.chunk_rows),
         "mass_sample_seconds": mass_samples,
         "sensitivity_sample_seconds": sensitivity_sample_seconds,
+        # device milliseconds of each stage of the statistics, both passes (the rest of a pass's
+        # time is the model's own forward and the instrumented graph around it)
+        "stage_ms": profiler.clock.milliseconds(),
         "device": _device_name(next(model.parameters()).device),
         "dtype": str(_compute_dtype(model)).replace("torch.", ""),
         "torch": torch.__version__,

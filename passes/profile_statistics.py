@@ -27,10 +27,10 @@ import warnings
 
 import torch
 import torch.nn.functional as F
-from torch.profiler import record_function
 
 from ..attention_logits import ChunkLogits
 from ..errors import ScalingCompileError
+from ..stage_clock import StageClock, timed_stage
 from ..fast import DEFAULT_LEVELS, DEFAULT_STEP_BINS, SensitivityStatistics, level_block_counts
 from ..topology import NodeTopology, Topology, model_fingerprint
 from ..west import WEST_VERSION, block_ranks, entry_ranks, mask_from_ranks, mask_iou, mass_recall
@@ -83,6 +83,7 @@ class Profiler:
         self.setup_seconds = 0.0  # building the sensitivity pass's rank tables
         self.chunk_rows: dict[str, int] = {}  # query rows per chunk, per pass (the largest node's)
         self.half_logits = True  # fp16/bf16 logits on the tensor cores where the device can (ChunkLogits)
+        self.clock = StageClock()  # device time of each stage of the statistics (metadata "stage_ms")
 
     @property
     def grid(self):
@@ -121,7 +122,8 @@ class Profiler:
             stats = self.mass.get(key)
             if stats is None:
                 frames = spread_query_frames(self.grid[0], self.query_frames)
-                stats = self.mass[key] = MassStatistics(heads, self.grid, self.block_size, 2, query.device, frames)
+                stats = self.mass[key] = MassStatistics(heads, self.grid, self.block_size, 2, query.device, frames,
+                                                        clock=self.clock)
                 self.projection[key] = out_weight is not None
             if tuple(stats.grid) != tuple(self.grid):
                 raise ScalingCompileError(
@@ -141,17 +143,16 @@ class Profiler:
         rows = self._rows(batch, heads, seq, per_row, query.device)
         self.chunk_rows[self.mode] = min(rows, self.chunk_rows.get(self.mode, rows))
         for start, stop in self._chunks(rows):
-            with record_function(f"scaling_compile.{self.mode}.logits"):
+            with timed_stage(self.clock, f"scaling_compile.{self.mode}.logits", query.device):
                 logits = logits_of(start, stop)
             self.half_logits = logits_of.half
             if self.mode == "mass":
-                with record_function("scaling_compile.mass.softmax"):
+                with timed_stage(self.clock, "scaling_compile.mass.softmax", query.device):
                     probs = torch.softmax(logits, dim=-1)
                 del logits
                 stats.add(probs, start, self.group)
             else:  # log-domain per key block: exact however little mass a level keeps
-                with record_function("scaling_compile.sensitivity.curves"):
-                    stats.add(None, values, start, self.bin, logits=logits)
+                stats.add(None, values, start, self.bin, logits=logits)
                 del logits
         if self.mode == "mass":
             stats.count(self.group, batch)
@@ -175,7 +176,7 @@ class Profiler:
         if out_weight is not None and out_weight.shape[-1] == heads * dim:
             w = out_weight.reshape(out_weight.shape[0], heads, dim)
             gram = torch.einsum("ohd,ohe->hde", w, w)
-        return SensitivityStatistics(ranks, self.levels, self.block_size, self.step_bins, gram, device)
+        return SensitivityStatistics(ranks, self.levels, self.block_size, self.step_bins, gram, device, clock=self.clock)
 
 
 

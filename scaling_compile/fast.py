@@ -59,6 +59,7 @@ import threading
 import torch
 
 from .errors import NotServable
+from .stage_clock import timed_stage
 
 # Nominal densities at which sensitivity is measured (0 and 1 are added as exact end points).
 DEFAULT_LEVELS = (0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.65, 0.8)
@@ -102,8 +103,10 @@ class SensitivityStatistics:
     kept blocks can hold < 1e-38 of the row's probability, which gave 0/0 = NaN.
     """
 
-    def __init__(self, ranks: torch.Tensor, levels, block_size: int, step_bins: int, gram=None, device=None):
+    def __init__(self, ranks: torch.Tensor, levels, block_size: int, step_bins: int, gram=None, device=None,
+                 clock=None):
         heads, n_blocks, _ = ranks.shape
+        self.clock = clock  # a StageClock timing each stage of add (None: profiler ranges only)
         self.block_size, self.n_blocks, self.step_bins = block_size, n_blocks, step_bins
         self.counts = level_block_counts(levels, n_blocks)
         inner = self.counts[1:-1]
@@ -137,28 +140,34 @@ class SensitivityStatistics:
         scores = logits if logits is not None else probs.log()
         batch, heads, rows, seq = scores.shape
         pad = self.n_blocks * self.block_size - seq
-        blocks = scores.float()
-        if pad:
-            blocks = torch.nn.functional.pad(blocks, (0, pad), value=-math.inf)
-        blocks = blocks.view(batch, heads, rows, self.n_blocks, self.block_size)
-        top = blocks.amax(-1, keepdim=True)  # each key block's own maximum (finite: no block is all padding)
-        e = torch.sub(blocks, top).exp_()
-        del blocks
-        mass = e.sum(-1)  # (B, H, rows, nk), >= 1
-        v = value.float()
-        v = (torch.nn.functional.pad(v, (0, 0, 0, pad)) if pad else v).view(batch, heads, self.n_blocks, self.block_size, -1)
-        block_out = torch.einsum("bhrjs,bhjsd->bhrjd", e, v)  # per key block numerators
-        del e
-        log_mass = top.squeeze(-1) + mass.log()  # (B, H, rows, nk)
-        row_blocks = torch.arange(row_start, row_start + rows, device=scores.device) // self.block_size
-        kept = self.level_masks[:, :, row_blocks].permute(1, 2, 0, 3)  # (H, rows, L, nk)
-        weights = log_mass.unsqueeze(3).masked_fill(~kept[None], -math.inf).softmax(-1) / mass.unsqueeze(3)
-        dense_weights = log_mass.softmax(-1) / mass  # (B, H, rows, nk)
-        out = torch.einsum("bhrlj,bhrjd->bhrld", weights, block_out)  # (B, H, rows, L, D)
-        dense = torch.einsum("bhrj,bhrjd->bhrd", dense_weights, block_out).unsqueeze(3)
-        del block_out, weights
-        self.energy[bin_index] += self._quadratic(dense)[:, 0].to(self.energy.device)
-        self.error[bin_index] += self._quadratic(out - dense).to(self.error.device)
+        device = scores.device
+        with timed_stage(self.clock, "scaling_compile.sensitivity.block_softmax", device):
+            blocks = scores.float()
+            if pad:
+                blocks = torch.nn.functional.pad(blocks, (0, pad), value=-math.inf)
+            blocks = blocks.view(batch, heads, rows, self.n_blocks, self.block_size)
+            top = blocks.amax(-1, keepdim=True)  # each key block's own maximum (finite: no block is all padding)
+            e = torch.sub(blocks, top).exp_()
+            del blocks
+            mass = e.sum(-1)  # (B, H, rows, nk), >= 1
+        with timed_stage(self.clock, "scaling_compile.sensitivity.block_outputs", device):
+            v = value.float()
+            v = (torch.nn.functional.pad(v, (0, 0, 0, pad)) if pad else v).view(batch, heads, self.n_blocks,
+                                                                               self.block_size, -1)
+            block_out = torch.einsum("bhrjs,bhjsd->bhrjd", e, v)  # per key block numerators
+            del e
+        with timed_stage(self.clock, "scaling_compile.sensitivity.levels", device):
+            log_mass = top.squeeze(-1) + mass.log()  # (B, H, rows, nk)
+            row_blocks = torch.arange(row_start, row_start + rows, device=device) // self.block_size
+            kept = self.level_masks[:, :, row_blocks].permute(1, 2, 0, 3)  # (H, rows, L, nk)
+            weights = log_mass.unsqueeze(3).masked_fill(~kept[None], -math.inf).softmax(-1) / mass.unsqueeze(3)
+            dense_weights = log_mass.softmax(-1) / mass  # (B, H, rows, nk)
+            out = torch.einsum("bhrlj,bhrjd->bhrld", weights, block_out)  # (B, H, rows, L, D)
+            dense = torch.einsum("bhrj,bhrjd->bhrd", dense_weights, block_out).unsqueeze(3)
+            del block_out, weights
+        with timed_stage(self.clock, "scaling_compile.sensitivity.errors", device):
+            self.energy[bin_index] += self._quadratic(dense)[:, 0].to(self.energy.device)
+            self.error[bin_index] += self._quadratic(out - dense).to(self.error.device)
 
     def count(self, bin_index: int, batch: int) -> None:
         self.observations[bin_index] += batch

@@ -12,9 +12,9 @@ from __future__ import annotations
 import math
 
 import torch
-from torch.profiler import record_function
 
 from .attention_logits import sum_key_blocks
+from .stage_clock import timed_stage
 from .west import canvas_center, canvas_linear, canvas_shape
 
 
@@ -62,8 +62,10 @@ class MassStatistics:
     extracted from disjoint calibration sets can be compared (stability).
     """
 
-    def __init__(self, num_heads: int, grid, block_size: int, groups: int = 2, device=None, query_frames=None):
+    def __init__(self, num_heads: int, grid, block_size: int, groups: int = 2, device=None, query_frames=None,
+                 clock=None):
         self.num_heads, self.grid, self.block_size = num_heads, tuple(grid), block_size
+        self.clock = clock  # a StageClock timing each stage of add (None: profiler ranges only)
         self.query_frames = check_query_frames(query_frames, self.grid[0])
         self.seq_len = math.prod(self.grid)
         self.num_blocks = math.ceil(self.seq_len / block_size)
@@ -85,12 +87,13 @@ class MassStatistics:
         batch, heads, rows, seq = probs.shape
         summed = probs[0] if batch == 1 else probs.sum(0)  # (heads, rows, seq)
         stop = row_start + rows
-        with record_function("scaling_compile.mass.offsets"):
+        device = probs.device
+        with timed_stage(self.clock, "scaling_compile.mass.offsets", device):
             index = self._linear[None, :] - self._linear[row_start:stop, None] + self._center
             self.offset_mass[group].index_add_(1, index.reshape(-1), summed.reshape(heads, -1))
-        with record_function("scaling_compile.mass.keys"):
+        with timed_stage(self.clock, "scaling_compile.mass.keys", device):
             self.key_mass[group] += summed.sum(1)
-        with record_function("scaling_compile.mass.blocks"):
+        with timed_stage(self.clock, "scaling_compile.mass.blocks", device):
             per_block = sum_key_blocks(summed, self.block_size)
             self.block_mass[group].index_add_(1, self._row_block[row_start:stop], per_block.to(self.block_mass.dtype))
 

@@ -662,3 +662,16 @@ def test_mass_statistics_on_cuda_equal_the_cpu_ones():
             s.add(probs[:, :, start:start + 48].to(device), start, 0)
     for name in ("offset_mass", "key_mass", "block_mass"):
         torch.testing.assert_close(getattr(stats["cuda"], name).cpu(), getattr(stats["cpu"], name), rtol=1e-5, atol=1e-5)
+
+
+def test_stage_clock_reads_cuda_device_time_once_at_the_end():
+    """The profiling pass's StageClock on CUDA: events around each stage, summed when read."""
+    from scaling_compile.stage_clock import StageClock
+
+    clock = StageClock()
+    x = torch.randn(4096, 4096, device="cuda")
+    for _ in range(2):
+        with clock.stage("matmul", x.device):
+            x @ x
+    totals = clock.milliseconds()
+    assert totals["matmul"]["count"] == 2 and totals["matmul"]["ms"] > 0
