@@ -290,6 +290,9 @@ def profile_summary(topology, path: str | None = None) -> str:
         f"block size {topology.block_size}, in {meta.get('profiling', {}).get('seconds', '?')}s "
         f"({meta.get('profiling', {}).get('device', '?')})",
     ]
+    timing = time_summary(meta.get("profiling") or {})
+    if timing:
+        lines.append("  " + timing)
     quality = meta.get("quality") or {}
     for i, density in enumerate(quality.get("densities", [])):
         parts = [f"density {density:.2f}:",
@@ -303,6 +306,20 @@ def profile_summary(topology, path: str | None = None) -> str:
         lines.append(f"wrote {path} ({os.path.getsize(path) / 1e6:.2f} MB, default budget "
                      f"{meta.get('default_budget')}, units {(meta.get('west') or {}).get('units')})")
     return "\n".join(lines)
+
+
+def time_summary(profiling: dict, stages: int = 3) -> str:
+    """Where a profile's time went, in one line: each pass, and its statistics' longest stages."""
+    if "mass_seconds" not in profiling:
+        return ""
+    line = f"time: attention-mass pass {profiling['mass_seconds']:.1f}s"
+    if profiling.get("sensitivity_seconds"):
+        line += f", sensitivity pass {profiling['sensitivity_seconds']:.1f}s"
+    longest = list((profiling.get("stage_ms") or {}).items())[:stages]
+    if longest:
+        line += "; longest statistics stages: " + ", ".join(
+            f"{name.replace('scaling_compile.', '')} {entry['ms'] / 1e3:.1f}s" for name, entry in longest)
+    return line
 
 
 # ---------------------------------------------------------------------------------------------

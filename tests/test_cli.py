@@ -56,6 +56,20 @@ def test_profile_prints_a_readable_summary(pipeline_folder, tmp_path, capsys):
     assert "profiled 3 attention nodes, 6 heads, at latent 3 x 16 x 16 (tokens 3 x 8 x 8)" in text
     assert "halves agree IoU" in text and f"wrote {out}" in text
     assert "fast" not in sc.Topology.load(out).metadata
+    timing = next(line for line in text.splitlines() if line.strip().startswith("time: attention-mass pass"))
+    assert "sensitivity pass" not in timing and "longest statistics stages: mass." in timing
+
+
+def test_time_summary_names_each_pass_and_the_longest_stages():
+    profiling = {"mass_seconds": 12.34, "sensitivity_seconds": 20.0, "stage_ms": {
+        "scaling_compile.sensitivity.block_softmax": {"ms": 9000.0, "count": 3},
+        "scaling_compile.mass.offsets": {"ms": 4000.0, "count": 3},
+        "scaling_compile.mass.logits": {"ms": 1500.0, "count": 3},
+        "scaling_compile.mass.keys": {"ms": 100.0, "count": 3}}}
+    assert cli.time_summary(profiling) == (
+        "time: attention-mass pass 12.3s, sensitivity pass 20.0s; longest statistics stages: "
+        "sensitivity.block_softmax 9.0s, mass.offsets 4.0s, mass.logits 1.5s")
+    assert cli.time_summary({}) == ""  # an artifact written before the times were recorded
 
 
 def test_profile_a_module_factory(tmp_path, capsys):
