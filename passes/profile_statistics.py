@@ -116,7 +116,6 @@ class Profiler:
         batch, heads, seq, dim = query.shape
         self.calls += 1
         scale = 1.0 / math.sqrt(dim) if scale is None else float(scale)
-        logits_of = ChunkLogits(query, key_, scale, half=self.half_logits)
         values = value.float() if self.mode != "mass" else None  # once per call, not per chunk
         if self.mode == "mass":
             stats = self.mass.get(key)
@@ -140,6 +139,9 @@ class Profiler:
             if stats is None:
                 return
             per_row = seq + stats.n_blocks * dim
+        # the sensitivity curves split the keys into whole blocks: logits padded to them, -inf past the keys
+        pad_to = None if self.mode == "mass" else stats.n_blocks * self.block_size
+        logits_of = ChunkLogits(query, key_, scale, half=self.half_logits, pad_to=pad_to)
         rows = self._rows(batch, heads, seq, per_row, query.device)
         self.chunk_rows[self.mode] = min(rows, self.chunk_rows.get(self.mode, rows))
         for start, stop in self._chunks(rows):

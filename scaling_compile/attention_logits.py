@@ -16,11 +16,21 @@ class ChunkLogits:
     about ten times slower on the device) up to the order of the sums. Elsewhere, or where that
     call is refused (an older PyTorch), the inputs are upcast; ``half`` then reads False and the
     later chunks (and, in the profiler, later calls) take the float32 path.
+
+    ``pad_to``: logits for that many keys, the columns past the call's own keys ``-inf`` (no key
+    there): what a reader that splits the keys into whole blocks wants, without a padded copy of
+    each chunk (the keys are padded once per call instead).
     """
 
-    def __init__(self, query: torch.Tensor, key: torch.Tensor, scale: float, half: bool = True):
-        batch, heads, _seq, dim = query.shape
+    def __init__(self, query: torch.Tensor, key: torch.Tensor, scale: float, half: bool = True,
+                 pad_to: int | None = None):
+        batch, heads, seq, dim = query.shape
         self.query, self.scale = query, scale
+        self.keys = key.shape[-2]
+        if pad_to is not None and pad_to < self.keys:
+            raise ValueError(f"ChunkLogits: pad_to={pad_to} is fewer than the call's {self.keys} keys")
+        if pad_to is not None and pad_to > self.keys:
+            key = torch.nn.functional.pad(key, (0, 0, 0, pad_to - self.keys))  # zero keys, masked below
         self.half = bool(half and query.is_cuda and query.dtype in (torch.float16, torch.bfloat16)
                          and key.dtype == query.dtype)
         if self.half:  # (batch * heads, dim, keys), once per call
@@ -29,6 +39,12 @@ class ChunkLogits:
             self.keys_t = key.float().transpose(-1, -2)
 
     def __call__(self, start: int, stop: int) -> torch.Tensor:
+        logits = self._scaled(start, stop)
+        if logits.shape[-1] > self.keys:
+            logits[..., self.keys:] = -torch.inf
+        return logits
+
+    def _scaled(self, start: int, stop: int) -> torch.Tensor:
         rows = self.query[:, :, start:stop]
         if self.half:
             batch, heads, count, dim = rows.shape
@@ -41,7 +57,7 @@ class ChunkLogits:
                 self.half = False
                 key = self.keys_t.view(batch, heads, dim, -1)
                 self.keys_t = key.float()
-        return torch.matmul(rows.float(), self.keys_t) * self.scale
+        return torch.matmul(rows.float(), self.keys_t).mul_(self.scale)
 
 
 def sum_key_blocks(x: torch.Tensor, block_size: int) -> torch.Tensor:

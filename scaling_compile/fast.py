@@ -134,8 +134,10 @@ class SensitivityStatistics:
         """Add one chunk of query rows starting at ``row_start``; ``value`` (B, H, S, D).
 
         ``logits`` (B, H, rows, S): the rows' pre-softmax scores (what the profiler passes;
-        ``probs`` may then be None). Without them, ``probs`` (the softmax rows) stand in as
-        ``log(probs)``, exact unless a level's kept probabilities underflowed to 0.
+        ``probs`` may then be None), or already padded to whole key blocks with ``-inf``
+        (``ChunkLogits(pad_to=...)``: no padded copy of the chunk here). Without them,
+        ``probs`` (the softmax rows) stand in as ``log(probs)``, exact unless a level's kept
+        probabilities underflowed to 0.
         """
         scores = logits if logits is not None else probs.log()
         batch, heads, rows, seq = scores.shape
@@ -152,8 +154,9 @@ class SensitivityStatistics:
             mass = e.sum(-1)  # (B, H, rows, nk), >= 1
         with timed_stage(self.clock, "scaling_compile.sensitivity.block_outputs", device):
             v = value.float()
-            v = (torch.nn.functional.pad(v, (0, 0, 0, pad)) if pad else v).view(batch, heads, self.n_blocks,
-                                                                               self.block_size, -1)
+            v_pad = self.n_blocks * self.block_size - v.shape[-2]  # the values' own padding (logits may come padded)
+            v = (torch.nn.functional.pad(v, (0, 0, 0, v_pad)) if v_pad else v).view(batch, heads, self.n_blocks,
+                                                                                     self.block_size, -1)
             block_out = torch.einsum("bhrjs,bhjsd->bhrjd", e, v)  # per key block numerators
             del e
         with timed_stage(self.clock, "scaling_compile.sensitivity.levels", device):

@@ -24,3 +24,13 @@ def test_sum_key_blocks_sums_each_block_and_the_ragged_last_one(seq, block):
     padded = torch.nn.functional.pad(x, (0, n * block - seq)).view(2, 3, 5, n, block).sum(-1)
     torch.testing.assert_close(sum_key_blocks(x, block), padded)
     torch.testing.assert_close(sum_key_blocks(x[:, :, 1:4], block), padded[:, :, 1:4])  # a row slice, read in place
+
+
+def test_chunk_logits_padded_to_whole_blocks_are_minus_infinity_past_the_keys():
+    query, key = torch.randn(1, 2, 45, 16), torch.randn(1, 2, 45, 16)
+    padded = ChunkLogits(query, key, 0.5, pad_to=48)(8, 24)
+    assert padded.shape == (1, 2, 16, 48)
+    torch.testing.assert_close(padded[..., :45], ChunkLogits(query, key, 0.5)(8, 24))
+    assert torch.isneginf(padded[..., 45:]).all()
+    with pytest.raises(ValueError, match="fewer than"):
+        ChunkLogits(query, key, 0.5, pad_to=40)

@@ -174,6 +174,26 @@ def test_sensitivity_statistics_match_masked_reference():
     torch.testing.assert_close(per_bin[0], pooled)  # bin 0 saw nothing: pooled curve
 
 
+def test_sensitivity_statistics_take_logits_padded_to_whole_blocks():
+    """Ragged keys (45 = 5 blocks of 8 and 5 keys): logits the profiler pads to whole blocks with -inf
+    (ChunkLogits(pad_to=...), no copy of the chunk) give the curves of the unpadded logits."""
+    from scaling_compile.attention_logits import ChunkLogits
+
+    torch.manual_seed(1)
+    batch, heads, seq, dim, block = 1, 2, 45, 8, 8
+    q, k, v = (torch.randn(batch, heads, seq, dim) for _ in range(3))
+    n = math.ceil(seq / block)
+    ranks = west.block_ranks(torch.rand(heads, n, n))
+    plain, padded = (fast.SensitivityStatistics(ranks, (0.3, 0.6), block, step_bins=1) for _ in range(2))
+    unpadded_logits, padded_logits = ChunkLogits(q, k, 0.35), ChunkLogits(q, k, 0.35, pad_to=n * block)
+    for start in range(0, seq, 16):
+        stop = min(start + 16, seq)
+        plain.add(None, v, start, 0, logits=unpadded_logits(start, stop))
+        padded.add(None, v, start, 0, logits=padded_logits(start, stop))
+    torch.testing.assert_close(padded.error, plain.error)
+    torch.testing.assert_close(padded.energy, plain.energy)
+
+
 def test_disjoint_calibration_halves_agree_on_planted_heads():
     """The seeds' claim, measured: topologies from disjoint prompt/latent sets keep the same mass."""
     quality = planted_topology().metadata["quality"]
