@@ -15,7 +15,7 @@ import torch
 
 from .attention_logits import sum_key_blocks
 from .stage_clock import timed_stage
-from .west import canvas_center, canvas_linear, canvas_shape
+from .west import canvas_shape
 
 
 def check_query_frames(query_frames, frames: int) -> list[int]:
@@ -71,15 +71,11 @@ class MassStatistics:
         self.num_blocks = math.ceil(self.seq_len / block_size)
         canvas = math.prod(canvas_shape(self.grid))
         f32 = dict(device=device, dtype=torch.float32)
-        self.offset_mass = torch.zeros(groups, num_heads, canvas, **f32)
+        self.offset_mass = torch.zeros(groups, num_heads, canvas, **f32)  # flat (2F-1, 2H-1, 2W-1) canvas
         self.key_mass = torch.zeros(groups, num_heads, self.seq_len, **f32)
         self.block_mass = torch.zeros(groups, num_heads, self.num_blocks, self.num_blocks, **f32)
         self.observations = torch.zeros(groups, dtype=torch.float64)
         tokens = torch.arange(self.seq_len, device=device)
-        # int32 canvas indices where they fit: the per-chunk index tensor (rows x keys) is the pass's
-        # largest after the probabilities, and int32 halves it
-        self._linear = canvas_linear(tokens, self.grid).to(torch.int32 if canvas < 2**31 else torch.int64)
-        self._center = canvas_center(self.grid)
         self._row_block = tokens // block_size
 
     def add(self, probs: torch.Tensor, row_start: int, group: int) -> None:
@@ -89,8 +85,7 @@ class MassStatistics:
         stop = row_start + rows
         device = probs.device
         with timed_stage(self.clock, "scaling_compile.mass.offsets", device):
-            index = self._linear[None, :] - self._linear[row_start:stop, None] + self._center
-            self.offset_mass[group].index_add_(1, index.reshape(-1), summed.reshape(heads, -1))
+            add_offset_mass(self.offset_mass[group], summed, row_start, self.grid)
         with timed_stage(self.clock, "scaling_compile.mass.keys", device):
             self.key_mass[group] += summed.sum(1)
         with timed_stage(self.clock, "scaling_compile.mass.blocks", device):
@@ -123,6 +118,47 @@ class MassStatistics:
         groups = list(range(self.observations.numel())) if groups is None else list(groups)
         n = max(float(self.observations[groups].sum()), 1.0)
         return (self.block_mass[groups].sum(0) / n).float().cpu()
+
+
+def add_offset_mass(canvas: torch.Tensor, probs: torch.Tensor, row_start: int, grid) -> None:
+    """Add ``sum_q P(q, q + d)`` of the rows ``probs`` (heads, rows, S), query tokens ``row_start ..``,
+    to the flat offset canvas ``canvas`` (heads, (2F-1)(2H-1)(2W-1)), in place.
+
+    Rows are taken a (t, y) line of the grid at a time: the rows of one line differ only in x, so
+    each adds its whole (F, H, W) row into a (F, H, 2W-1) line window shifted by its x, and the
+    window is added to the canvas at the line's (t, y). Plain slice additions, no index tensor
+    and no atomics (an index_add of every (row, key) pair took ~20x longer on the CPU), and the
+    sums come in a fixed order (deterministic on the GPU too). Full lines are done together.
+    """
+    frames, height, width = grid
+    heads, rows, _seq = probs.shape
+    board = canvas.view(heads, 2 * frames - 1, 2 * height - 1, 2 * width - 1)
+    by_key = probs.view(heads, rows, frames, height, width)
+    row = 0
+    while row < rows:
+        line, x_first = divmod(row_start + row, width)
+        if x_first == 0 and rows - row >= width:  # whole lines, together
+            count = (rows - row) // width
+            lines = by_key[:, row:row + count * width].unflatten(1, (count, width))  # (heads, lines, x, F, H, W)
+            _add_line_windows(board, lines, line, 0, grid)
+            row += count * width
+        else:  # the part of a line at either end of the chunk
+            count = min(width - x_first, rows - row)
+            _add_line_windows(board, by_key[:, row:row + count].unsqueeze(1), line, x_first, grid)
+            row += count
+
+
+def _add_line_windows(board: torch.Tensor, lines: torch.Tensor, first_line: int, x_first: int, grid) -> None:
+    """``lines`` (heads, n, xs, F, H, W): rows at x ``x_first ..`` of the grid lines ``first_line ..``."""
+    frames, height, width = grid
+    heads, n, xs = lines.shape[:3]
+    window = lines.new_zeros(heads, n, frames, height, 2 * width - 1)  # offsets dt, dy from the line, every dx
+    for i in range(xs):
+        x = x_first + i
+        window[..., width - 1 - x:2 * width - 1 - x] += lines[:, :, i]
+    for j in range(n):
+        t, y = divmod(first_line + j, height)
+        board[:, frames - 1 - t:2 * frames - 1 - t, height - 1 - y:2 * height - 1 - y] += window[:, j]
 
 
 def _summed_area_2d(x: torch.Tensor) -> torch.Tensor:

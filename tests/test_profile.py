@@ -525,3 +525,24 @@ def test_profile_refuses_non_finite_statistics_and_names_the_node(monkeypatch):
     with pytest.raises(sc.ScalingCompileError, match=r"blocks\.0\.attn1/sensitivity \(1 of"):
         sc.profile(model, calibration, block_size=BLOCK, progress=False)
 
+
+
+@pytest.mark.parametrize("grid", [(3, 5, 7), (2, 3, 16), (4, 2, 3)])
+@pytest.mark.parametrize("rows, start", [(1, 0), (5, 3), (7, 7), (23, 4), (40, 0), (9, 61)])
+def test_offset_mass_is_the_sum_over_rows_at_each_relative_offset(grid, rows, start):
+    """west_fit.add_offset_mass (line windows) against the definition: every (query, key) pair's
+    probability added at the canvas index of its offset k - q; chunks that start and end mid-line."""
+    from scaling_compile.west import canvas_center, canvas_linear, canvas_shape
+    from scaling_compile.west_fit import add_offset_mass
+
+    seq = math.prod(grid)
+    start = start % seq
+    rows = min(rows, seq - start)
+    probs = torch.rand(3, rows, seq, dtype=torch.float64, generator=torch.Generator().manual_seed(rows + start))
+    linear = canvas_linear(torch.arange(seq), grid)
+    expected = torch.zeros(3, math.prod(canvas_shape(grid)), dtype=torch.float64)
+    for r in range(rows):
+        expected[:, linear - linear[start + r] + canvas_center(grid)] += probs[:, r]
+    got = torch.zeros_like(expected)
+    add_offset_mass(got, probs, start, grid)
+    torch.testing.assert_close(got, expected)
