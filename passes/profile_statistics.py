@@ -91,10 +91,13 @@ class Profiler:
         return None if self.layout is None else tuple(self.layout.grid)
 
     def _rows(self, batch: int, heads: int, seq: int, per_row: int, device: torch.device) -> int:
+        """Query rows per chunk: what ``chunk_elements`` allows, in whole grid lines for the mass pass
+        (its per-offset sums take a line at a time, whole lines together) and whole blocks otherwise."""
         if self.chunk_elements is None:
             self.chunk_elements = default_chunk_elements(device)
         rows = self.chunk_elements // max(1, batch * heads * per_row)
-        return max(self.block_size, rows // self.block_size * self.block_size)
+        unit = self.grid[2] if self.mode == "mass" and self.grid is not None else self.block_size
+        return max(unit, rows // unit * unit)
 
     def attention(self, key, query, key_, value, out_weight, scale, attn_mask=None):
         """The dense result of the call (with its own ``attn_mask``), after measuring its video part."""

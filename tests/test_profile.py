@@ -20,6 +20,7 @@ from profiled import (
     BLOCK,
     PROFILE_LATENT,
     RUN_LATENT,
+    TEXT_LEN,
     chunked_path,  # noqa: F401  (fixture)
     compile_counting,
     fresh_topology,
@@ -546,3 +547,20 @@ def test_offset_mass_is_the_sum_over_rows_at_each_relative_offset(grid, rows, st
     got = torch.zeros_like(expected)
     add_offset_mass(got, probs, start, grid)
     torch.testing.assert_close(got, expected)
+
+
+def test_chunking_changes_only_the_chunks():
+    """Chunks of a few grid lines (the mass pass) or blocks (the sensitivity pass) give the topology
+    one chunk per frame gives; the mass pass's chunks are whole lines of the grid (8 tokens wide)."""
+    model = planted()
+    calibration = sc.synthetic_calibration(model, PROFILE_LATENT, num_prompts=2, num_timesteps=1, text_len=TEXT_LEN)
+    heads = model.config.num_attention_heads
+    small, large = (sc.profile(model, calibration, block_size=BLOCK, progress=False, chunk_elements=elements)
+                    for elements in (heads * 192 * 24, 2**24))
+    rows = small.metadata["profiling"]["chunk_rows"]
+    assert rows["mass"] == 24 and rows["sensitivity"] == BLOCK  # 3 lines of 8; one block (per_row > 192)
+    assert large.metadata["profiling"]["chunk_rows"]["mass"] >= 192
+    for key, entry in large.entries.items():
+        torch.testing.assert_close(small.entries[key].scores, entry.scores, rtol=1e-4, atol=1e-4)  # rel(offset)
+        for name in ("anchor", "block_mass", "sensitivity"):
+            torch.testing.assert_close(small.entries[key].extra[name], entry.extra[name], rtol=1e-4, atol=1e-4)
