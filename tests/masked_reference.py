@@ -102,3 +102,20 @@ class PerCallMasks(TorchFunctionMode):
         allowed = self.allowed(call, self.masks[call.key], bound["query"].shape[-2])
         bound["attn_mask"] = restricted_mask(bound.get("attn_mask"), allowed)
         return func(**bound)
+
+
+def scheduled_outputs(model, inputs: dict, options: dict) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Compile ``model`` with a 4-step schedule (2 dense warm-up steps, then the masks) and ``options``,
+    run the 4 steps twice (CUDA graphs record on a later call): the 8 outputs, and the dense output."""
+    import scaling_compile as sc
+
+    schedule = sc.StepSchedule(num_steps=4, dense_warmup=2, buckets=1)
+    compiled = torch.compile(model, backend="scaling", fullgraph=True, options={**options, "schedule": schedule})
+    outs = []
+    with torch.no_grad():
+        for _ in range(2):
+            for step in range(4):
+                schedule.set_step(step)
+                outs.append(compiled(**inputs).sample.float().clone())
+        dense = model(**inputs).sample.float()
+    return outs, dense

@@ -19,7 +19,7 @@ import torch
 
 import scaling_compile as sc
 
-from masked_reference import run_masked
+from masked_reference import run_masked, scheduled_outputs
 from models import random_block_masks, tiny_wan, wan_inputs
 
 fa4 = importlib.import_module("scaling_compile.kernels.fa4_block_sparse")
@@ -345,15 +345,6 @@ def test_fa4_option_falls_back_to_triton_with_a_warning_for_small_blocks():
 def test_fa4_serves_a_step_schedule_dense_then_sparse(mode):
     """Dense warm-up steps (FA4 dense on the host path, device-built lists under CUDA graphs) then the masks."""
     model, inputs, topology, expected = _wan_setup()
-    schedule = sc.StepSchedule(num_steps=4, dense_warmup=2, buckets=1)
-    compiled = torch.compile(model, backend="scaling", fullgraph=True, options={
-        "artifact": topology, "strict": True, "kernel": "fa4", "schedule": schedule, "mode": mode})
-    outs = []
-    with torch.no_grad():
-        for _ in range(2):  # CUDA graphs record on a later call
-            for step in range(4):
-                schedule.set_step(step)
-                outs.append(compiled(**inputs).sample.float().clone())
-        dense = model(**inputs).sample.float()
+    outs, dense = scheduled_outputs(model, inputs, {"artifact": topology, "strict": True, "kernel": "fa4", "mode": mode})
     for i, out in enumerate(outs):
         torch.testing.assert_close(out, dense if i % 4 < 2 else expected, atol=3e-2, rtol=3e-2)

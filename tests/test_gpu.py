@@ -10,7 +10,7 @@ import torch
 
 import scaling_compile as sc
 
-from masked_reference import run_masked
+from masked_reference import run_masked, scheduled_outputs
 from models import random_block_masks, tiny_wan, wan_inputs
 
 pytestmark = [
@@ -62,16 +62,7 @@ def test_step_schedule_dense_then_sparse_every_mode(mode, block):
     read is made at compile time, outside the graphs' memory pool."""
     model, inputs, topology, expected = (setup(frames=3, height=32, width=48, block=128, head_dim=128)
                                          if block == 128 else setup())
-    schedule = sc.StepSchedule(num_steps=4, dense_warmup=2, buckets=1)
-    compiled = torch.compile(model, backend="scaling", fullgraph=True,
-                             options={"artifact": topology, "strict": True, "schedule": schedule, "mode": mode})
-    outs = []
-    with torch.no_grad():
-        for _ in range(2):  # CUDA graphs record on a later call
-            for step in range(4):
-                schedule.set_step(step)
-                outs.append(compiled(**inputs).sample.float().clone())
-        dense = model(**inputs).sample.float()
+    outs, dense = scheduled_outputs(model, inputs, {"artifact": topology, "strict": True, "mode": mode})
     for i, out in enumerate(outs):
         check(out, dense if i % 4 < 2 else expected)
 
