@@ -113,7 +113,9 @@ class SensitivityStatistics:
         ranks = ranks.to(device)
         # Masks are nested (a level keeps the best-ranked blocks); every level keeps each query
         # block's diagonal block (ranked first), so no masked row is empty.
-        self.level_masks = ranks[None] < inner.to(device).view(-1, 1, 1, 1)  # (L, heads, nq, nk)
+        level_masks = ranks[None] < inner.to(device).view(-1, 1, 1, 1)  # (L, heads, nq, nk)
+        # and the dense output as one more "level" keeping every block: one matmul serves both
+        self.level_masks = torch.cat([level_masks, torch.ones_like(level_masks[:1])])  # (L + 1, heads, nq, nk)
         self.gram = None if gram is None else gram.to(device=device, dtype=torch.float32)
         n_levels = int(inner.numel())
         # float64 sums on the rows' device: one chunk's fp32 sums are added without a host sync.
@@ -162,17 +164,16 @@ class SensitivityStatistics:
             v_pad = self.n_blocks * self.block_size - v.shape[-2]  # the values' own padding (logits may come padded)
             v = (torch.nn.functional.pad(v, (0, 0, 0, v_pad)) if v_pad else v).view(batch, heads, self.n_blocks,
                                                                                      self.block_size, -1)
-            block_out = torch.einsum("bhrjs,bhjsd->bhrjd", e, v)  # per key block numerators
+            block_out = per_block_outputs(e, v)  # (B, H, rows, nk, D): each key block's numerators
             del e
         with timed_stage(self.clock, "scaling_compile.sensitivity.levels", device):
             log_mass = top.squeeze(-1) + mass.log()  # (B, H, rows, nk)
             row_blocks = torch.arange(row_start, row_start + rows, device=device) // self.block_size
-            kept = self.level_masks[:, :, row_blocks].permute(1, 2, 0, 3)  # (H, rows, L, nk)
+            kept = self.level_masks[:, :, row_blocks].permute(1, 2, 0, 3)  # (H, rows, L + 1, nk), the last: dense
             weights = log_mass.unsqueeze(3).masked_fill(~kept[None], -math.inf).softmax(-1) / mass.unsqueeze(3)
-            dense_weights = log_mass.softmax(-1) / mass  # (B, H, rows, nk)
-            out = torch.einsum("bhrlj,bhrjd->bhrld", weights, block_out)  # (B, H, rows, L, D)
-            dense = torch.einsum("bhrj,bhrjd->bhrd", dense_weights, block_out).unsqueeze(3)
+            outputs = torch.matmul(weights, block_out)  # (B, H, rows, L + 1, D)
             del block_out, weights
+            out, dense = outputs[:, :, :, :-1], outputs[:, :, :, -1:]
         with timed_stage(self.clock, "scaling_compile.sensitivity.errors", device):
             self.energy[bin_index] += self._quadratic(dense)[:, 0].to(self.energy.device)
             self.error[bin_index] += self._quadratic(out - dense).to(self.error.device)
@@ -290,6 +291,21 @@ def round_to_blocks(density: torch.Tensor, blocks: torch.Tensor, minimum: torch.
 
 def _fast_settings(topology) -> dict:
     return dict(topology.metadata.get("fast") or {})
+
+
+def per_block_outputs(e: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """``out[b, h, r, j] = e[b, h, r, j] @ v[b, h, j]``: each key block's numerators, ``e`` (B, H, rows,
+    nk, bs), ``v`` (B, H, nk, bs, D) -> (B, H, rows, nk, D), laid out for the levels' matmul.
+
+    One batched matmul over the key blocks per (batch, head), reading ``e`` and writing the output
+    through strided views: ``einsum`` copied ``e`` to put the blocks first and its result back,
+    each a pass over a chunk-sized tensor."""
+    batch, heads, rows, n_blocks, _ = e.shape
+    out = e.new_empty(batch, heads, rows, n_blocks, v.shape[-1])
+    for b in range(batch):
+        for h in range(heads):
+            torch.bmm(e[b, h].transpose(0, 1), v[b, h], out=out[b, h].transpose(0, 1))
+    return out
 
 
 def _has_sensitivity(topology, keys) -> bool:

@@ -666,3 +666,12 @@ def test_stage_clock_reads_cuda_device_time_once_at_the_end():
             x @ x
     totals = clock.milliseconds()
     assert totals["matmul"]["count"] == 2 and totals["matmul"]["ms"] > 0
+
+
+def test_per_block_outputs_on_cuda_are_the_einsum():
+    """The sensitivity pass's per-block numerators through strided bmm views on CUDA."""
+    from scaling_compile.fast import per_block_outputs
+
+    e, v = torch.rand(1, 4, 128, 9, 128, device="cuda"), torch.randn(1, 4, 9, 128, 64, device="cuda")
+    torch.testing.assert_close(per_block_outputs(e, v), torch.einsum("bhrjs,bhjsd->bhrjd", e, v),
+                               rtol=2e-3, atol=2e-3)  # TF32 either way, in the profiler

@@ -564,3 +564,13 @@ def test_chunking_changes_only_the_chunks():
         torch.testing.assert_close(small.entries[key].scores, entry.scores, rtol=1e-4, atol=1e-4)  # rel(offset)
         for name in ("anchor", "block_mass", "sensitivity"):
             torch.testing.assert_close(small.entries[key].extra[name], entry.extra[name], rtol=1e-4, atol=1e-4)
+
+
+def test_per_block_outputs_are_each_key_blocks_numerators():
+    """fast.per_block_outputs (strided batched matmuls) against the einsum that defines it."""
+    g = torch.Generator().manual_seed(3)
+    e, v = torch.rand(2, 3, 5, 4, 8, generator=g), torch.randn(2, 3, 4, 8, 6, generator=g)
+    expected = torch.einsum("bhrjs,bhjsd->bhrjd", e, v)
+    got = fast.per_block_outputs(e, v)
+    assert got.is_contiguous() and got.shape == expected.shape
+    torch.testing.assert_close(got, expected)
