@@ -51,7 +51,7 @@ for name in $STAGES; do
         --latent 21 90 160 --budgets 0.3 0.2 --kernel auto --out "$OUT/quantized_float8.json" ;;
     loop) stage loop 480 scaling-compile bench loop --latent 21 90 160 --steps 50 --budgets 0.2 \
         --dense-warmup auto 5 --kernel auto --out "$OUT/loop720.json" ;;
-    quality720) stage quality720 900 python3 "$REPO/benchmarks/quality_harness.py" --config wan2.1-1.3b-720p \
+    quality720) stage quality720 1200 python3 "$REPO/benchmarks/quality_harness.py" --config wan2.1-1.3b-720p \
         --profile-latent 21 90 160 --no-speed --no-decode --out "$OUT/quality720" ;;
     profile13b) stage profile13b 300 python3 "$REPO/benchmarks/profile_wan13b.py" --no-small --kernel-table \
         --skip-instantiate --out "$OUT/profile13b/profile.json" ;;  # where the profiling time goes (torch.profiler)
