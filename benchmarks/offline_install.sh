@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Install this checkout on a GPU machine without network access, from wheels placed in .whl/
 # (built beforehand elsewhere: `pip download --no-deps --python-version 3.12 -d .whl diffusers==0.42.1
-# importlib_metadata==8.9.0` and `pip wheel --no-deps -w .whl .` for this package).
+# importlib_metadata==8.9.0 torchmetrics lightning-utilities` and `pip wheel --no-deps -w .whl .` for this
+# package).
 # Usage, from the repo root:  source benchmarks/offline_install.sh
 # Then run python from OUTSIDE the repo root (e.g. `cd /tmp`), so that ./scaling_compile does not hide the
 # installed package (whose scaling_compile.kernels / .passes come from kernels/ and passes/).

@@ -44,6 +44,41 @@ def test_ssim_known_values():
     assert quality.ssim(frames, frames.flip(-1)) == pytest.approx(quality.ssim(frames.flip(-1), frames))
 
 
+def _ssim_valid_region(actual, reference, window=11, sigma=1.5, k1=0.01, k2=0.03):
+    """Wang et al. (2004) written out: per-channel Gaussian statistics over the valid region only."""
+    x = torch.arange(window, dtype=torch.float64) - (window - 1) / 2
+    g = torch.exp(-(x**2) / (2 * sigma**2))
+    g = g / g.sum()
+    channels = actual.shape[1]
+    kernel = (g[:, None] * g[None, :]).expand(channels, 1, window, window)
+
+    def blur(t):
+        return F.conv2d(t, kernel, groups=channels)
+
+    a, r = actual.double(), reference.double()
+    mu_a, mu_r = blur(a), blur(r)
+    var_a, var_r, cov = blur(a * a) - mu_a**2, blur(r * r) - mu_r**2, blur(a * r) - mu_a * mu_r
+    c1, c2 = k1**2, k2**2
+    return float((((2 * mu_a * mu_r + c1) * (2 * cov + c2)) / ((mu_a**2 + mu_r**2 + c1) * (var_a + var_r + c2))).mean())
+
+
+def test_ssim_is_the_papers_definition_up_to_the_border():
+    """torchmetrics' SSIM (what quality.ssim calls) against the definition written out above: equal up
+    to how the image border is treated (torchmetrics pads, then crops; the reference never pads)."""
+    g = torch.Generator().manual_seed(1)
+    reference = torch.rand(4, 3, 40, 56, generator=g, dtype=torch.float64)
+    for noise in (0.02, 0.1):
+        actual = (reference + noise * torch.randn(reference.shape, generator=g, dtype=torch.float64)).clamp(0, 1)
+        assert quality.ssim(actual, reference) == pytest.approx(_ssim_valid_region(actual, reference), abs=2e-4)
+
+
+def test_image_metrics_refuse_frames_of_other_shapes():
+    with pytest.raises(ValueError, match="shapes differ"):
+        quality.ssim(torch.rand(2, 3, 16, 16), torch.rand(2, 3, 16, 12))
+    with pytest.raises(ValueError, match="shapes differ"):
+        quality.psnr(torch.rand(2, 3, 16, 16), torch.rand(3, 16, 16))
+
+
 def test_relative_l2_and_cosine():
     x = torch.randn(100)
     assert quality.relative_l2(x, x) == 0.0

@@ -24,43 +24,30 @@ def cosine(actual: torch.Tensor, reference: torch.Tensor) -> float:
 
 
 def psnr(actual: torch.Tensor, reference: torch.Tensor, data_range: float = 1.0) -> float:
-    """Peak signal-to-noise ratio in dB over all elements (inf when identical)."""
-    mse = float((actual.double() - reference.double()).square().mean())
-    return math.inf if mse == 0 else 10.0 * math.log10(data_range**2 / mse)
+    """Peak signal-to-noise ratio in dB over all elements (inf when identical): torchmetrics' PSNR,
+    in float64."""
+    from torchmetrics.functional.image import peak_signal_noise_ratio
 
-
-def _gaussian_window(size: int, sigma: float) -> torch.Tensor:
-    x = torch.arange(size, dtype=torch.float64) - (size - 1) / 2
-    g = torch.exp(-(x**2) / (2 * sigma**2))
-    g = g / g.sum()
-    return g[:, None] * g[None, :]
+    if actual.shape != reference.shape:
+        raise ValueError(f"psnr: shapes differ, {tuple(actual.shape)} vs {tuple(reference.shape)}")
+    return float(peak_signal_noise_ratio(actual.double(), reference.double(), data_range=data_range))
 
 
 def ssim(actual: torch.Tensor, reference: torch.Tensor, data_range: float = 1.0, window: int = 11,
          sigma: float = 1.5, k1: float = 0.01, k2: float = 0.03) -> float:
-    """Mean structural similarity of frames ``(..., C, H, W)`` (Wang et al. 2004).
+    """Mean structural similarity of frames ``(..., C, H, W)`` (Wang et al. 2004): torchmetrics'
+    SSIM in float64, Gaussian window (``window`` x ``window``, ``sigma``; smaller for frames smaller
+    than the window), averaged over every frame's SSIM map."""
+    from torchmetrics.functional.image import structural_similarity_index_measure
 
-    Gaussian window (``window`` x ``window``, ``sigma``), statistics per channel over the
-    valid region (no padding); the SSIM map is averaged per frame, then over frames.
-    """
     if actual.shape != reference.shape:
         raise ValueError(f"ssim: shapes differ, {tuple(actual.shape)} vs {tuple(reference.shape)}")
     a = actual.double().reshape(-1, *actual.shape[-3:])
     r = reference.double().reshape(-1, *reference.shape[-3:])
-    channels = a.shape[1]
     size = min(window, a.shape[-2], a.shape[-1])
-    kernel = _gaussian_window(size, sigma).to(a.device).expand(channels, 1, size, size)
-
-    def blur(x):
-        return F.conv2d(x, kernel, groups=channels)
-
-    mu_a, mu_r = blur(a), blur(r)
-    var_a = blur(a * a) - mu_a**2
-    var_r = blur(r * r) - mu_r**2
-    covariance = blur(a * r) - mu_a * mu_r
-    c1, c2 = (k1 * data_range) ** 2, (k2 * data_range) ** 2
-    index = ((2 * mu_a * mu_r + c1) * (2 * covariance + c2)) / ((mu_a**2 + mu_r**2 + c1) * (var_a + var_r + c2))
-    return float(index.flatten(1).mean(1).mean())
+    size -= 1 - size % 2  # an odd window
+    return float(structural_similarity_index_measure(a, r, gaussian_kernel=True, sigma=sigma, kernel_size=size,
+                                                     data_range=data_range, k1=k1, k2=k2))
 
 
 def block_attention_mass(query: torch.Tensor, key: torch.Tensor, block_size: int, scale: float | None = None,
