@@ -15,7 +15,8 @@ picks how (:func:`choose_route`):
    builds the lists of ``mask[g]`` on the device (one small launch, no sync).
 3. ``gluon``: the warp-specialised Gluon kernel for Hopper (:mod:`.gluon_block_sparse`)
    where it serves the call: an sm90 GPU with Gluon's Hopper module (triton >= 3.5),
-   fp16/bf16, head dim 64 or 128, 128-token blocks; key padding and empty rows
+   fp16/bf16, head dim up to 128 (compiled for 64 and 128; others zero-padded to the next),
+   128-token blocks; key padding and empty rows
    included. ``kernel="auto"`` and ``kernel="gluon"`` take it; ``"gluon"`` on a call it
    cannot serve runs the Triton kernel (or the chunked path), with a warning. Inputs TMA
    cannot read in place (a last dim that is not contiguous, strides or a base that are not
@@ -25,9 +26,10 @@ picks how (:func:`choose_route`):
 4. ``fa4``: FlashAttention-4's block-sparse forward where it is installed and
    serves the call (Hopper, fp16/bf16, head dim 64/96/128, 128-token blocks, no
    key padding, no empty rows) and ``kernel`` is ``"fa4"``, or ``"auto"`` on a call
-   the Gluon kernel does not serve (another head dim; a Blackwell GPU).
+   the Gluon kernel does not serve (a Blackwell GPU).
 5. ``triton``: the Triton kernel where Triton runs (CUDA, or the CPU under
-   ``TRITON_INTERPRET=1``; bf16 runs in fp32 there) and supports the shape.
+   ``TRITON_INTERPRET=1``; bf16 runs in fp32 there) and supports the shape (head
+   dims up to 128: compiled for 16/32/64/128, others zero-padded to the next).
 6. ``chunked``: the chunked PyTorch path (SDPA with a token mask per chunk of
    query blocks): CPU without the interpreter, or a shape Triton does not take.
 
@@ -123,20 +125,52 @@ def _call_kind(query: torch.Tensor) -> tuple:
 
 
 def _gluon_reason(query: torch.Tensor, mask: BlockMask) -> Optional[str]:
-    """None when the Gluon Hopper kernel serves this call, else why not (asked once per mask and kind of call)."""
+    """None when the Gluon Hopper kernel serves this call (at its head dim, padded: :func:`_gluon_head_dim`),
+    else why not (asked once per mask and kind of call)."""
     from .gluon_block_sparse import gluon_unsupported_reason
 
-    return _kept_reason(query, mask, "gluon_reasons", gluon_unsupported_reason)
+    def reason(device, dtype, head_dim, block_size):
+        width = _gluon_head_dim(head_dim)
+        if width is None:
+            return f"head_dim {head_dim} is above the Gluon kernel's"
+        return gluon_unsupported_reason(device, dtype, width, block_size)
+
+    return _kept_reason(query, mask, "gluon_reasons", reason)
+
+
+def _gluon_head_dim(head_dim: int) -> Optional[int]:
+    from .block_sparse_attention import kernel_head_dim
+    from .gluon_block_sparse import GLUON_HEAD_DIMS
+
+    return kernel_head_dim(head_dim, GLUON_HEAD_DIMS)
+
+
+def _on_padded_head_dim(query, key, value, width: int, scale, return_lse: bool, run):
+    """``run(q, k, v, scale)`` on q, k, v zero-padded to head dim ``width`` (a kernel compiled for it),
+    the call's own scale kept; returns the result cut back to the call's head dim, in the kernels'
+    output layout. Exact: the padded dims add 0 to every score and their output columns are dropped."""
+    from .block_sparse_attention import empty_output_like
+
+    head_dim = query.shape[-1]
+    pad = (0, width - head_dim)
+    result = run(F.pad(query, pad), F.pad(key, pad), F.pad(value, pad),
+                 1.0 / math.sqrt(head_dim) if scale is None else scale)
+    if result is None:
+        return None
+    out, lse = result if return_lse else (result, None)
+    cut = empty_output_like(query)
+    cut.copy_(out[..., :head_dim])
+    return (cut, lse) if return_lse else cut
 
 
 def _triton_reason(query: torch.Tensor, mask: BlockMask) -> Optional[str]:
     """None when the Triton kernel serves this call, else why not."""
-    from .block_sparse_attention import SUPPORTED_BLOCK_SIZES, SUPPORTED_HEAD_DIMS
+    from .block_sparse_attention import SUPPORTED_BLOCK_SIZES, SUPPORTED_HEAD_DIMS, kernel_head_dim
 
     if not triton_runs_on(query.device):
         return f"Triton does not run on {query.device.type} here (set TRITON_INTERPRET=1 for the CPU interpreter)"
-    if int(query.shape[-1]) not in SUPPORTED_HEAD_DIMS:
-        return f"head_dim {query.shape[-1]} not in the Triton kernel's {SUPPORTED_HEAD_DIMS}"
+    if kernel_head_dim(int(query.shape[-1])) is None:
+        return f"head_dim {query.shape[-1]} above the Triton kernel's {SUPPORTED_HEAD_DIMS}"
     if mask.block_size not in SUPPORTED_BLOCK_SIZES:
         return f"block_size {mask.block_size} not in the Triton kernel's {SUPPORTED_BLOCK_SIZES}"
     return None
@@ -257,8 +291,13 @@ def sparse_attention(
         warnings.warn(f"sparse_attention: kernel='gluon' runs {route.name}: {route.reason}", stacklevel=2)
     name = route.name
     if name == "gluon":
-        out = _run_gluon(query, key, value, mask, scale, mask_index, group, key_valid, kernel,
-                         return_lse=return_lse)
+        width = _gluon_head_dim(int(query.shape[-1]))
+        if width == query.shape[-1]:
+            out = _run_gluon(query, key, value, mask, scale, mask_index, group, key_valid, kernel,
+                             return_lse=return_lse)
+        else:  # a head dim it is not compiled for: zero-padded to the next one
+            out = _on_padded_head_dim(query, key, value, width, scale, return_lse, lambda q, k, v, s: _run_gluon(
+                q, k, v, mask, s, mask_index, group, key_valid, kernel, return_lse=return_lse))
         if out is not None:
             return out
         name = choose_route(query, mask, mask_index=mask_index, key_valid=key_valid, kernel="triton", group=group).name
@@ -280,13 +319,20 @@ def sparse_attention(
     if name == "dense_sdpa":
         return _dense_sdpa(query, key, value, scale, key_valid)
     if name in ("triton", "triton_device_lists"):
-        from .block_sparse_attention import block_sparse_attention
+        from .block_sparse_attention import block_sparse_attention, kernel_head_dim
 
         # the mask's kept-block lists if derived (mask.kv_block_lists, e.g. at compile time), else the
         # kernel builds them on the device in the launch (no sync: fine for masks made per call)
         words, index, lists = _kernel_operands(mask, mask_index, group, device_lists=name == "triton_device_lists")
-        return block_sparse_attention(query, key, value, words, mask.block_size, scale, index,
-                                      block_lists=lists, key_valid=key_valid, return_lse=return_lse)
+
+        def run(q, k, v, s):
+            return block_sparse_attention(q, k, v, words, mask.block_size, s, index,
+                                          block_lists=lists, key_valid=key_valid, return_lse=return_lse)
+
+        width = kernel_head_dim(int(query.shape[-1]))
+        if width == query.shape[-1]:
+            return run(query, key, value, scale)
+        return _on_padded_head_dim(query, key, value, width, scale, return_lse, run)  # zero-padded to the next
     from .reference import block_sparse_attention_chunked
 
     g = group if group is not None else (0 if not mask.stacked else int(mask_index.item()))  # chunked: host path

@@ -78,12 +78,22 @@ __all__ = [
     "block_sparse_attention",
     "empty_output_like",
     "kv_block_lists",
+    "kernel_head_dim",
+    "MAX_HEAD_DIM",
     "SUPPORTED_HEAD_DIMS",
     "SUPPORTED_BLOCK_SIZES",
 ]
 
 LOG2E = 1.4426950408889634
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
+MAX_HEAD_DIM = SUPPORTED_HEAD_DIMS[-1]  # larger head dims run dense (no kernel takes them)
+
+
+def kernel_head_dim(head_dim: int, compiled_for=SUPPORTED_HEAD_DIMS) -> Optional[int]:
+    """The head dim a kernel compiled for ``compiled_for`` computes a call of ``head_dim`` at: the
+    smallest at least as large (the call's q, k, v zero-padded to it: the extra dims add nothing
+    to the scores and give output columns that are dropped), None above them all."""
+    return next((width for width in compiled_for if width >= head_dim), None)
 SUPPORTED_BLOCK_SIZES = (16, 32, 64, 128)
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 WORD_BITS_C = tl.constexpr(WORD_BITS)  # bits per mask word, as a kernel constant

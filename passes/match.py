@@ -19,7 +19,7 @@ import torch
 import torch.fx as fx
 from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
-from ..kernels.block_sparse_attention import SUPPORTED_HEAD_DIMS  # one definition, beside the kernel
+from ..kernels.block_sparse_attention import MAX_HEAD_DIM, SUPPORTED_HEAD_DIMS  # one definition, beside the kernel
 from .node_keys import make_node_key, normalize_module_path, strip_hook_wrappers
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -138,8 +138,8 @@ def _dense_reason(args: dict, query, key, padding: "PaddedQueries | None" = None
     if not _same_length(query.shape[-3], key.shape[-3]):
         return "query and key head counts differ"
     head_dim = query.shape[-1]
-    if not isinstance(head_dim, int) or head_dim not in SUPPORTED_HEAD_DIMS:
-        return f"head_dim {head_dim} (the kernel serves {SUPPORTED_HEAD_DIMS})"
+    if not isinstance(head_dim, int) or head_dim > MAX_HEAD_DIM:
+        return f"head_dim {head_dim} (the kernels serve head dims up to {MAX_HEAD_DIM})"
     if query.dtype not in SUPPORTED_DTYPES:
         return f"dtype {query.dtype}"
     if args["scale"] is not None and not isinstance(args["scale"], (int, float)):

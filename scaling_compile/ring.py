@@ -381,9 +381,9 @@ def rows_attention(query, key, value, words, block_size: int, q_start: int, scal
     from .kernels.bitpack import num_words
     from .kernels.block_sparse_attention import (
         SUPPORTED_BLOCK_SIZES,
-        SUPPORTED_HEAD_DIMS,
         block_sparse_attention,
         empty_output_like,
+        kernel_head_dim,
     )
     from .kernels.reference import block_sparse_attention_chunked
 
@@ -401,10 +401,16 @@ def rows_attention(query, key, value, words, block_size: int, q_start: int, scal
             raise ValueError(f"mask words {tuple(words.shape)} do not fit {h} heads of {s} tokens")
         rows = words[:, first:last].contiguous()
     padded = query if pad == 0 else torch.cat([query.new_zeros(b, h, pad, d), query], dim=2)
-    triton_ok = (kernel == "triton" and triton_runs_on(query.device) and d in SUPPORTED_HEAD_DIMS
+    width = kernel_head_dim(d)
+    triton_ok = (kernel == "triton" and triton_runs_on(query.device) and width is not None
                  and block_size in SUPPORTED_BLOCK_SIZES)
     if triton_ok:
+        if width != d:  # a head dim the kernel is not compiled for: zero-padded to the next (exact)
+            extra = (0, width - d)
+            padded, key, value = (torch.nn.functional.pad(t, extra) for t in (padded, key, value))
+            scale = 1.0 / math.sqrt(d) if scale is None else scale
         out, lse = block_sparse_attention(padded, key, value, rows, block_size, scale, return_lse=True)
+        out = out[..., :d]
     else:
         out, lse = block_sparse_attention_chunked(padded, key, value, rows, block_size, scale=scale, return_lse=True)
     result = empty_output_like(query)

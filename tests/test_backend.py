@@ -94,14 +94,28 @@ def test_every_unservable_variant_stays_dense_with_its_reason():
 
 
 def test_unsupported_head_dim_and_missing_entry_are_reported():
-    model = ToyDiT(dim=48, heads=2, modes=("plain", "plain")).eval()  # head_dim 24
-    x = torch.randn(1, 32, 48)
+    model = ToyDiT(dim=320, heads=2, modes=("plain", "plain")).eval()  # head_dim 160: above every kernel's
+    x = torch.randn(1, 32, 320)
     topology = sc.Topology.from_block_masks(random_block_masks(["blocks.0"], 2, 2), block_size=BLOCK, seq_len=32)
     decisions = sc.sdpa_nodes(model, x, artifact=topology)
-    assert "head_dim 24" in decisions[0].reason
+    assert "head_dim 160" in decisions[0].reason and "up to 128" in decisions[0].reason
     model = ToyDiT(dim=32, heads=2, modes=("plain", "plain")).eval()
     decisions = sc.sdpa_nodes(model, torch.randn(1, 32, 32), artifact=topology)
     assert decisions[0].served and decisions[1].reason == "no artifact entry"
+
+
+@pytest.mark.parametrize("head_dim", [24, 48])  # like Allegro's 96 and Latte's 88: no kernel compiled for them
+def test_head_dims_between_the_kernels_are_served_exactly(head_dim):
+    """A head dim the kernels are not compiled for is served (q, k, v zero-padded to the next one),
+    equal to the masked reference."""
+    model = ToyDiT(dim=2 * head_dim, heads=2, modes=("plain", "plain")).eval()
+    x = torch.randn(1, 48, 2 * head_dim)
+    masks = random_block_masks(["blocks.0", "blocks.1"], 2, 3, density=0.5, seed=head_dim)
+    compiled = torch.compile(model, backend="scaling", options={
+        "artifact": sc.Topology.from_block_masks(masks, block_size=BLOCK, seq_len=48), "strict": True})
+    with torch.no_grad():
+        out = compiled(x)
+    torch.testing.assert_close(out, run_masked(model, masks, BLOCK, x), atol=2e-5, rtol=1e-4)
 
 
 def test_mask_for_another_sequence_length_stays_dense_with_reason():

@@ -380,3 +380,23 @@ def test_kernel_gluon_where_gluon_cannot_serve_warns_and_stays_exact():
         out = sparse_attention(q, k, v, mask, kernel="gluon")
     check(out, masked_sdpa(q, k, v, bool_mask, 16), torch.float32)
     assert choose_route(q, mask).name != "gluon"  # "auto" never picks it (until measured faster)
+
+
+@pytest.mark.parametrize("head_dim", [8, 24, 40])
+def test_head_dims_the_kernels_are_not_compiled_for_run_zero_padded(head_dim):
+    """Head dims between the kernels' (16/32/64/128; Gluon 64/128) run on the next one, q, k, v
+    zero-padded: the result and its lse equal the masked reference at the call's own head dim and
+    scale, in the kernels' output layout."""
+    q, k, v = qkv(1, 2, 48, d=head_dim, seed=head_dim)
+    bool_mask = random_bool((2, 3, 3), 0.5, seed=head_dim)
+    bool_mask[:, :, 0] = True
+    mask = BlockMask.from_bool(bool_mask, 16, 48).to(DEVICE)
+    route = choose_route(q, mask, kernel="triton").name
+    assert route == ("triton" if attention.triton_runs_on(q.device) else "chunked")
+    out, lse = sparse_attention(q, k, v, mask, kernel="triton", return_lse=True)
+    assert out.shape == q.shape and out.transpose(1, 2).is_contiguous()  # (B, S, H, D) in memory
+    check(out, masked_sdpa(q, k, v, bool_mask, 16), torch.float32)
+    scale = 1 / math.sqrt(head_dim)
+    keep = bool_mask.repeat_interleave(16, -2).repeat_interleave(16, -1)
+    logits = (q.float().cpu() @ k.float().cpu().transpose(-1, -2) * scale).masked_fill(~keep, -math.inf)
+    torch.testing.assert_close(lse.cpu(), logits.logsumexp(-1), atol=1e-4, rtol=1e-4)

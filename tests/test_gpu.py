@@ -233,6 +233,24 @@ def test_kernel_key_valid_bf16(kind, block_size, d, lists, use_tma):
     _check_bf16(out, _masked_sdpa(q, k, v, bool_mask, block_size, key_valid))
 
 
+@pytest.mark.parametrize("d", [40, 88, 96, 112])
+def test_entry_bf16_head_dims_between_the_kernels(d):
+    """Head dims no kernel is compiled for (Latte's 88, Allegro's 96, SANA-Video's 112): Gluon on sm90 and Triton run them
+    zero-padded to the next compiled head dim, with and without key padding, equal to the masked SDPA."""
+    b, h, s, block = 1, 3, 1000, 128
+    q, k, v = _qkv(b, h, s, d, seed=d)
+    n = math.ceil(s / block)
+    bool_mask = (torch.rand(h, n, n, generator=torch.Generator().manual_seed(d)) < 0.4) | torch.eye(n, dtype=torch.bool)
+    mask = BlockMask.from_bool(bool_mask, block, s).to("cuda")
+    key_valid = _key_valid("suffix_padded", b, s, seed=d)
+    for kernel in ("gluon", "triton"):
+        _check_bf16(sparse_attention(q, k, v, mask, kernel=kernel), _masked_sdpa(q, k, v, bool_mask, block))
+        _check_bf16(sparse_attention(q, k, v, mask, kernel=kernel, key_valid=key_valid),
+                    _masked_sdpa(q, k, v, bool_mask, block, key_valid))
+    if gbs.gluon_unsupported_reason(q.device, q.dtype, 128, block) is None:
+        assert choose_route(q, mask, kernel="gluon").name == "gluon"
+
+
 def test_entry_bf16_routes_and_key_padding():
     """The public path through sparse_attention, kernel="auto": Gluon on sm90 (with and without padding),
     else FA4 (where installed) without padding and Triton with it; all-ones masks dense; all equal to
