@@ -297,7 +297,8 @@ def sparse_attention(
                              return_lse=return_lse)
         else:  # a head dim it is not compiled for: zero-padded to the next one
             out = _on_padded_head_dim(query, key, value, width, scale, return_lse, lambda q, k, v, s: _run_gluon(
-                q, k, v, mask, s, mask_index, group, key_valid, kernel, return_lse=return_lse))
+                q, k, v, mask, s, mask_index, group, key_valid, kernel, return_lse=return_lse,
+                call_kind=_call_kind(query)))
         if out is not None:
             return out
         name = choose_route(query, mask, mask_index=mask_index, key_valid=key_valid, kernel="triton", group=group).name
@@ -344,13 +345,14 @@ def sparse_attention(
 
 
 def _run_gluon(query, key, value, mask: BlockMask, scale, mask_index, group, key_valid, kernel,
-               return_lse: bool = False):
+               return_lse: bool = False, call_kind: Optional[tuple] = None):
     """The Gluon kernel on this call (its default schedule, :mod:`.gluon_block_sparse`): the output, or
     with ``return_lse`` the pair (output, natural-log lse fp32 ``(B, H, S)``, ``-inf`` for a row with no
     key). None where it cannot run the call and the caller runs the Triton kernel: inputs TMA cannot
     read in place (a warning under ``kernel="gluon"``), or a kernel that does not compile with the
-    installed Triton (raised before any launch; one warning, and the mask remembers for such calls).
-    Any other error propagates."""
+    installed Triton (raised before any launch; one warning, and the mask remembers for such calls:
+    ``call_kind``, the caller's own kind of call where it padded the head dim). Any other error
+    propagates."""
     from .block_sparse_attention import _lists_on_device
     from .gluon_block_sparse import (DEFAULT_PERSISTENT, DEFAULT_PINGPONG, gluon_block_sparse_attention,
                                      gluon_compile_failure, gluon_layout_reason)
@@ -374,7 +376,7 @@ def _run_gluon(query, key, value, mask: BlockMask, scale, mask_index, group, key
         if not gluon_compile_failure(error):
             raise
         reason = f"the Gluon kernel failed to compile here ({type(error).__name__}: {str(error)[:300]})"
-        mask._derived.setdefault("gluon_reasons", {})[_call_kind(query)] = reason
+        mask._derived.setdefault("gluon_reasons", {})[call_kind or _call_kind(query)] = reason
         warnings.warn(f"sparse_attention: {reason}; it runs the Triton kernel instead", stacklevel=3)
         return None
 
