@@ -130,9 +130,13 @@ def _gluon_reason(query: torch.Tensor, mask: BlockMask) -> Optional[str]:
     from .gluon_block_sparse import gluon_unsupported_reason
 
     def reason(device, dtype, head_dim, block_size):
+        from .block_sparse_attention import kernel_head_dim
+
         width = _gluon_head_dim(head_dim)
         if width is None:
             return f"head_dim {head_dim} is above the Gluon kernel's"
+        if width != kernel_head_dim(head_dim):  # d <= 32: Gluon would pad more than Triton does
+            return f"head_dim {head_dim}: the Triton kernel runs it at {kernel_head_dim(head_dim)}, Gluon only at {width}"
         return gluon_unsupported_reason(device, dtype, width, block_size)
 
     return _kept_reason(query, mask, "gluon_reasons", reason)

@@ -92,7 +92,7 @@ def test_a_gluon_kernel_that_does_not_compile_here_falls_back_once_and_stays_exa
     monkeypatch.setattr(gluon, "gluon_block_sparse_attention", failing)
     dtype = torch.float16 if device.type == "cuda" else torch.float32
     g = torch.Generator().manual_seed(5)
-    q, k, v = (t.to(dtype).to(device).transpose(1, 2) for t in torch.randn(3, 1, 48, 2, 16, generator=g))
+    q, k, v = (t.to(dtype).to(device).transpose(1, 2) for t in torch.randn(3, 1, 48, 2, 64, generator=g))  # head dim 64: one Gluon is compiled for
     bool_mask = torch.rand(2, 3, 3, generator=g) < 0.5
     bool_mask[:, :, 0] = True
     mask = BlockMask.from_bool(bool_mask, 16, 48).to(device)
@@ -118,7 +118,7 @@ def test_other_errors_of_the_gluon_kernel_propagate(monkeypatch):
     monkeypatch.setattr(gluon, "gluon_unsupported_reason", lambda *a, **k: None)
     monkeypatch.setattr(gluon, "gluon_block_sparse_attention", broken)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    q = torch.zeros(1, 2, 48, 16, device=device)
+    q = torch.zeros(1, 2, 48, 64, device=device)  # head dim 64: one Gluon is compiled for
     mask = BlockMask.from_bool(torch.eye(3, dtype=torch.bool).expand(2, 3, 3), 16, 48).to(device)
     with pytest.raises(ValueError, match="a real bug"):
         attention.sparse_attention(q, q, q, mask)
@@ -147,3 +147,16 @@ def test_tma_descriptors_tile_each_operand_in_the_one_swizzled_layout():
     assert list(dk.strides) == list(k.stride())  # the (B, S, H, D) memory layout is read in place
     assert dq.layout is dk.layout
     assert (dq.layout.swizzle_byte_width, dq.layout.element_bitwidth, dq.layout.rank) == (128, 16, 4)
+
+
+@pytest.mark.parametrize("head_dim, route", [(24, "triton"), (32, "triton"), (48, "gluon"), (96, "gluon"), (128, "gluon")])
+def test_gluon_takes_the_head_dims_it_does_not_pad_more_than_triton(monkeypatch, head_dim, route):
+    """Where Gluon serves the device (patched here), it takes head dims 33-128 (run at 64 or 128, as the
+    Triton kernel would pad them too) and leaves 32 and below to the Triton kernel, compiled for them."""
+    monkeypatch.setattr(gluon, "gluon_unsupported_reason", lambda *a, **k: None)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if not attention.triton_runs_on(device):
+        pytest.skip("Triton does not run here")
+    q = torch.zeros(1, 2, 48, head_dim, device=device)
+    mask = BlockMask.from_bool(torch.eye(3, dtype=torch.bool).expand(2, 3, 3), 16, 48).to(device)
+    assert attention.choose_route(q, mask).name == route
