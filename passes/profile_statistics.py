@@ -30,8 +30,8 @@ import torch.nn.functional as F
 
 from ..attention_logits import ChunkLogits
 from ..errors import ScalingCompileError
-from ..stage_clock import StageClock, timed_stage
 from ..fast import DEFAULT_LEVELS, DEFAULT_STEP_BINS, SensitivityStatistics, level_block_counts
+from ..stage_clock import StageClock, timed_stage
 from ..topology import NodeTopology, Topology, model_fingerprint
 from ..west import WEST_VERSION, block_ranks, entry_ranks, mask_from_ranks, mask_iou, mass_recall
 from ..west_fit import MassStatistics, query_row_ranges, spread_query_frames
