@@ -149,24 +149,6 @@ def _gluon_head_dim(head_dim: int) -> Optional[int]:
     return kernel_head_dim(head_dim, GLUON_HEAD_DIMS)
 
 
-def _on_padded_head_dim(query, key, value, width: int, scale, return_lse: bool, run):
-    """``run(q, k, v, scale)`` on q, k, v zero-padded to head dim ``width`` (a kernel compiled for it),
-    the call's own scale kept; returns the result cut back to the call's head dim, in the kernels'
-    output layout. Exact: the padded dims add 0 to every score and their output columns are dropped."""
-    from .block_sparse_attention import empty_output_like
-
-    head_dim = query.shape[-1]
-    pad = (0, width - head_dim)
-    result = run(F.pad(query, pad), F.pad(key, pad), F.pad(value, pad),
-                 1.0 / math.sqrt(head_dim) if scale is None else scale)
-    if result is None:
-        return None
-    out, lse = result if return_lse else (result, None)
-    cut = empty_output_like(query)
-    cut.copy_(out[..., :head_dim])
-    return (cut, lse) if return_lse else cut
-
-
 def _triton_reason(query: torch.Tensor, mask: BlockMask) -> Optional[str]:
     """None when the Triton kernel serves this call, else why not."""
     from .block_sparse_attention import SUPPORTED_BLOCK_SIZES, SUPPORTED_HEAD_DIMS, kernel_head_dim
@@ -295,14 +277,12 @@ def sparse_attention(
         warnings.warn(f"sparse_attention: kernel='gluon' runs {route.name}: {route.reason}", stacklevel=2)
     name = route.name
     if name == "gluon":
-        width = _gluon_head_dim(int(query.shape[-1]))
-        if width == query.shape[-1]:
-            out = _run_gluon(query, key, value, mask, scale, mask_index, group, key_valid, kernel,
-                             return_lse=return_lse)
-        else:  # a head dim it is not compiled for: zero-padded to the next one
-            out = _on_padded_head_dim(query, key, value, width, scale, return_lse, lambda q, k, v, s: _run_gluon(
-                q, k, v, mask, s, mask_index, group, key_valid, kernel, return_lse=return_lse,
-                call_kind=_call_kind(query)))
+        from .block_sparse_attention import at_head_dim
+
+        # at a head dim it is compiled for (others zero-padded to the next one)
+        out = at_head_dim(query, key, value, _gluon_head_dim(int(query.shape[-1])), scale, return_lse,
+                          lambda q, k, v, s: _run_gluon(q, k, v, mask, s, mask_index, group, key_valid, kernel,
+                                                        return_lse=return_lse, call_kind=_call_kind(query)))
         if out is not None:
             return out
         name = choose_route(query, mask, mask_index=mask_index, key_valid=key_valid, kernel="triton", group=group).name
@@ -324,7 +304,7 @@ def sparse_attention(
     if name == "dense_sdpa":
         return _dense_sdpa(query, key, value, scale, key_valid)
     if name in ("triton", "triton_device_lists"):
-        from .block_sparse_attention import block_sparse_attention, kernel_head_dim
+        from .block_sparse_attention import at_head_dim, block_sparse_attention, kernel_head_dim
 
         # the mask's kept-block lists if derived (mask.kv_block_lists, e.g. at compile time), else the
         # kernel builds them on the device in the launch (no sync: fine for masks made per call)
@@ -334,10 +314,8 @@ def sparse_attention(
             return block_sparse_attention(q, k, v, words, mask.block_size, s, index,
                                           block_lists=lists, key_valid=key_valid, return_lse=return_lse)
 
-        width = kernel_head_dim(int(query.shape[-1]))
-        if width == query.shape[-1]:
-            return run(query, key, value, scale)
-        return _on_padded_head_dim(query, key, value, width, scale, return_lse, run)  # zero-padded to the next
+        # at a head dim it is compiled for (others zero-padded to the next one)
+        return at_head_dim(query, key, value, kernel_head_dim(int(query.shape[-1])), scale, return_lse, run)
     from .reference import block_sparse_attention_chunked
 
     g = group if group is not None else (0 if not mask.stacked else int(mask_index.item()))  # chunked: host path

@@ -78,6 +78,7 @@ __all__ = [
     "block_sparse_attention",
     "empty_output_like",
     "kv_block_lists",
+    "at_head_dim",
     "kernel_head_dim",
     "MAX_HEAD_DIM",
     "SUPPORTED_HEAD_DIMS",
@@ -94,6 +95,26 @@ def kernel_head_dim(head_dim: int, compiled_for=SUPPORTED_HEAD_DIMS) -> Optional
     smallest at least as large (the call's q, k, v zero-padded to it: the extra dims add nothing
     to the scores and give output columns that are dropped), None above them all."""
     return next((width for width in compiled_for if width >= head_dim), None)
+
+
+def at_head_dim(query, key, value, width: int, scale, return_lse: bool, run):
+    """``run(q, k, v, scale)`` at head dim ``width`` (a kernel compiled for it, :func:`kernel_head_dim`):
+    the call itself where that is its own head dim, else q, k, v zero-padded to it with the call's own
+    scale kept, the result cut back to the call's head dim in the kernels' output layout. Exact: the
+    padded dims add 0 to every score and their output columns are dropped. ``run`` may return None
+    (it could not run the call): so does this."""
+    head_dim = query.shape[-1]
+    if width == head_dim:
+        return run(query, key, value, scale)
+    pad = (0, width - head_dim)
+    result = run(torch.nn.functional.pad(query, pad), torch.nn.functional.pad(key, pad),
+                 torch.nn.functional.pad(value, pad), 1.0 / math.sqrt(head_dim) if scale is None else scale)
+    if result is None:
+        return None
+    out, lse = result if return_lse else (result, None)
+    cut = empty_output_like(query)
+    cut.copy_(out[..., :head_dim])
+    return (cut, lse) if return_lse else cut
 SUPPORTED_BLOCK_SIZES = (16, 32, 64, 128)
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 WORD_BITS_C = tl.constexpr(WORD_BITS)  # bits per mask word, as a kernel constant

@@ -381,6 +381,7 @@ def rows_attention(query, key, value, words, block_size: int, q_start: int, scal
     from .kernels.bitpack import num_words
     from .kernels.block_sparse_attention import (
         SUPPORTED_BLOCK_SIZES,
+        at_head_dim,
         block_sparse_attention,
         empty_output_like,
         kernel_head_dim,
@@ -404,13 +405,9 @@ def rows_attention(query, key, value, words, block_size: int, q_start: int, scal
     width = kernel_head_dim(d)
     triton_ok = (kernel == "triton" and triton_runs_on(query.device) and width is not None
                  and block_size in SUPPORTED_BLOCK_SIZES)
-    if triton_ok:
-        if width != d:  # a head dim the kernel is not compiled for: zero-padded to the next (exact)
-            extra = (0, width - d)
-            padded, key, value = (torch.nn.functional.pad(t, extra) for t in (padded, key, value))
-            scale = 1.0 / math.sqrt(d) if scale is None else scale
-        out, lse = block_sparse_attention(padded, key, value, rows, block_size, scale, return_lse=True)
-        out = out[..., :d]
+    if triton_ok:  # at a head dim the kernel is compiled for (others zero-padded to the next one)
+        out, lse = at_head_dim(padded, key, value, width, scale, True, lambda q, k, v, s: block_sparse_attention(
+            q, k, v, rows, block_size, s, return_lse=True))
     else:
         out, lse = block_sparse_attention_chunked(padded, key, value, rows, block_size, scale=scale, return_lse=True)
     result = empty_output_like(query)
