@@ -648,7 +648,7 @@ DEFAULT_PINGPONG = False
 @functools.cache
 def _shared_layout() -> "gl.NVMMASharedLayout":
     """The 128-byte-swizzled shared layout of every 16-bit tile the kernel loads: one immutable
-    object, made once (three constructions a call were about 8 us of the launch's host time)."""
+    object, made once (it was constructed three times a call, in the launch's host time)."""
     return gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=4)
 
 
