@@ -149,7 +149,7 @@ def time_split(seconds: float, info: dict, peak: float, latent) -> str:
         f"chunks of {info.get('chunk_rows')} query rows ({info.get('chunk_elements')} fp32 elements)",
         f"  mass pass         {info['mass_seconds']:7.1f}s  ({capture}; then "
         f"{steady if steady is None else round(steady, 2)}s per sample) per sample {mass}",
-        f"  WEST fit+quality  {fit:7.1f}s  (3 fits per node: all samples and the two halves)",
+        f"  WEST fit+quality  {fit:7.1f}s  (per node: one backfit of both halves, pooled; fidelity and stability)",
         f"  sensitivity pass  {info['sensitivity_seconds']:7.1f}s  (rank tables {setup:.1f}s, curves {curves:.1f}s) "
         f"per sample {sens}",
         f"  other             {other:7.1f}s",

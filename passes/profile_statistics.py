@@ -33,7 +33,8 @@ from ..errors import ScalingCompileError
 from ..fast import DEFAULT_LEVELS, DEFAULT_STEP_BINS, SensitivityStatistics, level_block_counts
 from ..stage_clock import StageClock, timed_stage
 from ..topology import NodeTopology, Topology, model_fingerprint
-from ..west import WEST_VERSION, block_ranks, entry_ranks, mask_from_ranks, mask_iou, mass_recall
+from ..west import (WEST_VERSION, block_ranks, block_scores_on, entry_ranking, mask_from_ranks, mask_iou,
+                    mass_at_counts, mass_recall, resample, score_device)
 from ..west_fit import MassStatistics, query_row_ranges, spread_query_frames
 
 # A chunk of query rows is measured with about this many live float32 copies of its logits (logits,
@@ -74,6 +75,7 @@ class Profiler:
         self.calls = 0
         self.mass: dict[str, MassStatistics] = {}
         self.sensitivity: dict[str, SensitivityStatistics] = {}
+        self.predicted_mass: dict[str, torch.Tensor] = {}  # node key -> WEST-predicted mass at each level
         self.projection: dict[str, bool] = {}
         self.skipped: dict[str, str] = {}
         self.layouts: dict[str, str] = {}  # node key -> repr of the layout it was measured on
@@ -175,13 +177,17 @@ class Profiler:
         entry = self.topology.entries.get(key) if self.topology is not None else None
         if entry is None:
             return None
-        ranks = entry_ranks(key, entry, self.topology, self.grid)
+        ranks, cumulative = entry_ranking(entry, self.topology, self.grid)  # one scoring and sort, on the GPU if any
         gram = None
         out_weight = _dense_weight(out_weight)
         if out_weight is not None and out_weight.shape[-1] == heads * dim:
             w = out_weight.reshape(out_weight.shape[0], heads, dim)
             gram = torch.einsum("ohd,ohe->hde", w, w)
-        return SensitivityStatistics(ranks, self.levels, self.block_size, self.step_bins, gram, device, clock=self.clock)
+        stats = SensitivityStatistics(ranks, self.levels, self.block_size, self.step_bins, gram, device,
+                                      clock=self.clock)
+        # WEST-predicted mass kept at each measured level (heads, L+2): the curves' scale-free x-axis
+        self.predicted_mass[key] = mass_at_counts(cumulative, stats.counts)
+        return stats
 
 
 
@@ -206,40 +212,47 @@ def _uniform_counts(n_blocks: int, heads: int, density: float) -> torch.Tensor:
 
 
 def _quality(stats: MassStatistics, rel_anchor_full, halves, densities, units) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Fidelity (heads, densities, 2) and stability (heads, densities, 3) of one node at its profiled grid."""
-    from ..west import block_scores, resample
+    """Fidelity (heads, densities, 2) and stability (heads, densities, 3) of one node at its profiled grid.
+
+    Scored, sorted and compared where :func:`~scaling_compile.west.ranking` works (the GPU when there
+    is one): at 720p each ranking sorts 14 million block scores per node (14B: 40 nodes, 6 rankings
+    each), which on the host was most of the fit stage."""
+    device = score_device(None)
 
     def ranks_of(rel, anchor):
         rel, anchor = resample(rel, anchor, stats.grid, stats.grid, units)
-        return block_ranks(block_scores(rel, anchor, stats.grid, stats.block_size))
+        return block_ranks(block_scores_on(rel, anchor, stats.grid, stats.block_size, device))
+
+    def mass_of(groups=None):
+        return stats.measured_block_mass(groups).to(device)
 
     heads, n_blocks = stats.num_heads, stats.num_blocks
     full_ranks = ranks_of(*rel_anchor_full)
-    full_mass = stats.measured_block_mass()
+    full_mass = mass_of()
     oracle_full = block_ranks(full_mass)
     fidelity = torch.zeros(heads, len(densities), 2)
     for i, density in enumerate(densities):
-        counts = _uniform_counts(n_blocks, heads, density)
-        fidelity[:, i, 0] = mass_recall(mask_from_ranks(full_ranks, counts), full_mass)
-        fidelity[:, i, 1] = mass_recall(mask_from_ranks(oracle_full, counts), full_mass)
+        counts = _uniform_counts(n_blocks, heads, density).to(device)
+        fidelity[:, i, 0] = mass_recall(mask_from_ranks(full_ranks, counts), full_mass).cpu()
+        fidelity[:, i, 1] = mass_recall(mask_from_ranks(oracle_full, counts), full_mass).cpu()
     if halves is None:
         return fidelity, None
     (rel_a, anchor_a), (rel_b, anchor_b) = halves
     ranks = [ranks_of(rel_a, anchor_a), ranks_of(rel_b, anchor_b)]
-    masses = [stats.measured_block_mass([0]), stats.measured_block_mass([1])]
+    masses = [mass_of([0]), mass_of([1])]
     oracles = [block_ranks(m) for m in masses]
     stability = torch.zeros(heads, len(densities), 3)
     for i, density in enumerate(densities):
-        counts = _uniform_counts(n_blocks, heads, density)
+        counts = _uniform_counts(n_blocks, heads, density).to(device)
         masks = [mask_from_ranks(r, counts) for r in ranks]
-        stability[:, i, 0] = mask_iou(masks[0], masks[1])
+        stability[:, i, 0] = mask_iou(masks[0], masks[1]).cpu()
         cross = (mass_recall(masks[0], masses[1]) + mass_recall(masks[1], masses[0])) / 2
         best = (
             mass_recall(mask_from_ranks(oracles[1], counts), masses[1])
             + mass_recall(mask_from_ranks(oracles[0], counts), masses[0])
         ) / 2
-        stability[:, i, 1] = cross
-        stability[:, i, 2] = best
+        stability[:, i, 1] = cross.cpu()
+        stability[:, i, 2] = best.cpu()
     return fidelity, stability
 
 def require_finite(topology: Topology) -> None:
@@ -287,9 +300,8 @@ def topology_from_statistics(model, profiler, calibration, block_size, default_b
     grid = None
     for key, stats in profiler.mass.items():
         grid = stats.grid
-        full = stats.fit()
-        observed = [g for g in (0, 1) if float(stats.observations[g]) > 0]
-        halves = (stats.fit([0]), stats.fit([1])) if len(observed) == 2 else None
+        full, alone = stats.fit_with_groups()  # the pooled fit and each calibration half's, one backfit
+        halves = tuple(alone) if len(alone) == 2 else None
         fidelity, stability = _quality(stats, full, halves, quality_densities, units)
         extra = {"anchor": full[1], "block_mass": stats.measured_block_mass(), "fidelity": fidelity}
         if stability is not None:
@@ -343,7 +355,7 @@ def attach_sensitivity(topology: Topology, profiler: Profiler, levels, step_bins
         entry = topology.entries[key]
         entry.extra["sensitivity"] = pooled
         entry.extra["sensitivity_steps"] = per_bin.transpose(0, 1).contiguous()  # (heads, bins, L+2)
-        entry.extra["sensitivity_mass"] = _predicted_mass_at(entry, topology, stats.counts)
+        entry.extra["sensitivity_mass"] = profiler.predicted_mass[key]
         total = stats.n_blocks * stats.n_blocks
         densities = [float(c) / total for c in stats.counts]
         observations = [float(o) for o in stats.observations]
@@ -363,17 +375,3 @@ def attach_sensitivity(topology: Topology, profiler: Profiler, levels, step_bins
     }
     for cache in ("_fast_cache", "_west_rank_cache", "_west_level_cache"):
         topology.__dict__.pop(cache, None)
-
-
-def _predicted_mass_at(entry, topology, counts) -> torch.Tensor:
-    """WEST-predicted mass kept at each measured level (heads, L+2): the curves' scale-free x-axis."""
-    from ..west import block_ranks, cumulative_mass, entry_block_scores
-
-    grid = tuple(entry.grid)
-    scores = entry_block_scores(entry, topology, grid)
-    cumulative = cumulative_mass(scores, block_ranks(scores), math.prod(grid), topology.block_size)
-    inner = cumulative[:, (counts[1:-1] - 1).clamp(min=0)]
-    zeros = torch.zeros(entry.num_heads, 1, dtype=cumulative.dtype)
-    return torch.cat([zeros, inner, torch.ones_like(zeros)], 1).float()
-
-

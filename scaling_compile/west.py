@@ -194,7 +194,7 @@ def _key_block_means(anchor: torch.Tensor, seq_len: int, block_size: int) -> tor
     lengths = (seq_len - torch.arange(n_blocks) * block_size).clamp(max=block_size)
     keys = anchor.reshape(heads, -1).double()
     padded = torch.nn.functional.pad(keys, (0, n_blocks * block_size - seq_len))
-    return padded.view(heads, n_blocks, block_size).sum(-1) / lengths.double()
+    return padded.view(heads, n_blocks, block_size).sum(-1) / lengths.double().to(keys.device)
 
 
 def sampled_block_scores(rel: torch.Tensor, anchor: torch.Tensor, grid, block_size: int,
@@ -239,7 +239,9 @@ def _pair_sum_table(rel: torch.Tensor, grid) -> torch.Tensor:
     return torch.nn.functional.pad(first, (1, 0)).cumsum(-1)  # E, length 2W + 1
 
 
-def _score_device(device):
+def score_device(device=None) -> torch.device:
+    """Where block scores are computed: ``device``, else the GPU when there is one (they are
+    returned where the caller needs them)."""
     if device is not None:
         return torch.device(device)
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
@@ -247,7 +249,14 @@ def _score_device(device):
 
 def block_sums(rel: torch.Tensor, grid, block_size: int, device=None,
                chunk_pairs: int = 2**24) -> torch.Tensor:
-    """Exact ``sum_{q in Bq, k in Bk} rel(k - q)`` for every block pair: (heads, nb, nb), float64.
+    """Exact ``sum_{q in Bq, k in Bk} rel(k - q)`` for every block pair: (heads, nb, nb), float64,
+    computed on ``device`` (the GPU when there is one) and returned on the CPU."""
+    return _block_sums_on(rel, grid, block_size, score_device(device), chunk_pairs).cpu()
+
+
+def _block_sums_on(rel: torch.Tensor, grid, block_size: int, device: torch.device,
+                   chunk_pairs: int = 2**24) -> torch.Tensor:
+    """:func:`block_sums`, left on ``device``.
 
     No sampling: both blocks are cut into row segments (:func:`row_segments`); for two segments
     ``(tq, yq, [a0, a1))`` and ``(tk, yk, [b0, b1))`` the sum over their token pairs is four
@@ -260,7 +269,6 @@ def block_sums(rel: torch.Tensor, grid, block_size: int, device=None,
     """
     frames, height, width = grid = tuple(int(n) for n in grid)
     heads = rel.shape[0]
-    device = _score_device(device)
     seg = {k: v.to(device) for k, v in row_segments(grid, block_size).items()}
     n_seg = seg["t"].numel()
     n_blocks = math.ceil(frames * height * width / block_size)
@@ -284,7 +292,7 @@ def block_sums(rel: torch.Tensor, grid, block_size: int, device=None,
         per_key_block = torch.zeros(heads, base.shape[0], n_blocks, dtype=torch.float64, device=device)
         per_key_block.index_add_(2, seg["block"], partial)
         out.index_add_(1, seg["block"][q], per_key_block)
-    return out.cpu()
+    return out
 
 
 def block_scores(rel: torch.Tensor, anchor: torch.Tensor, grid, block_size: int, device=None) -> torch.Tensor:
@@ -293,29 +301,47 @@ def block_scores(rel: torch.Tensor, anchor: torch.Tensor, grid, block_size: int,
     ``rel``/``anchor`` must already be at ``grid``. Exact over all token pairs of each block
     pair (:func:`block_sums`; the anchor part is the exact mean over the key block): a thin
     structure (a radius-1 window, "same position in every frame") scores in every block pair
-    it touches, at any sequence length.
+    it touches, at any sequence length. Computed on ``device`` (the GPU when there is one),
+    returned on the CPU (:func:`block_scores_on` leaves them on the device).
     """
+    return block_scores_on(rel, anchor, grid, block_size, score_device(device)).cpu()
+
+
+def block_scores_on(rel: torch.Tensor, anchor: torch.Tensor, grid, block_size: int,
+                    device: torch.device) -> torch.Tensor:
+    """:func:`block_scores`, computed and left on ``device`` (float32)."""
     grid = tuple(int(n) for n in grid)
     seq_len = math.prod(grid)
-    n_blocks = math.ceil(seq_len / block_size)
-    pairs = block_pair_tokens(seq_len, block_size)
-    scores = block_sums(rel, grid, block_size, device) / pairs
-    scores = scores + _key_block_means(anchor, seq_len, block_size)[:, None, :]
+    pairs = block_pair_tokens(seq_len, block_size).to(device)
+    scores = _block_sums_on(rel, grid, block_size, device) / pairs
+    scores = scores + _key_block_means(anchor.to(device), seq_len, block_size)[:, None, :]
     return scores.float()
 
 
-def block_ranks(scores: torch.Tensor) -> torch.Tensor:
-    """Rank of each block within its head (0 = kept first): diagonal blocks first (so every query
-    block keeps one), then by descending score, ties by position. int32 (heads, nq, nk)."""
+def block_order(scores: torch.Tensor) -> torch.Tensor:
+    """Each head's blocks in the order a mask takes them (heads, nq * nk), int64 flat indices:
+    diagonal blocks first (so every query block keeps one), then by descending score, ties by
+    position. Sorted where ``scores`` are (one stable sort per head)."""
     heads, n_q, n_k = scores.shape
     keyed = scores.clone().float()
-    diagonal = torch.arange(min(n_q, n_k))
+    diagonal = torch.arange(min(n_q, n_k), device=scores.device)
     keyed[:, diagonal, diagonal] = float("inf")
     keyed = torch.nan_to_num(keyed, nan=-float("inf"), posinf=float("inf"))
-    order = torch.sort(keyed.reshape(heads, -1), dim=1, descending=True, stable=True).indices
+    return torch.sort(keyed.reshape(heads, -1), dim=1, descending=True, stable=True).indices
+
+
+def ranks_from_order(order: torch.Tensor, shape) -> torch.Tensor:
+    """The rank of each block (its position in :func:`block_order`): int32 ``shape`` (heads, nq, nk)."""
+    heads = order.shape[0]
     ranks = torch.empty_like(order)
-    ranks.scatter_(1, order, torch.arange(n_q * n_k).expand(heads, -1).contiguous())
-    return ranks.view(heads, n_q, n_k).to(torch.int32)
+    positions = torch.arange(order.shape[1], device=order.device).expand(heads, -1).contiguous()
+    ranks.scatter_(1, order, positions)
+    return ranks.view(shape).to(torch.int32)
+
+
+def block_ranks(scores: torch.Tensor) -> torch.Tensor:
+    """Rank of each block within its head (0 = kept first), see :func:`block_order`: int32 (heads, nq, nk)."""
+    return ranks_from_order(block_order(scores), scores.shape)
 
 
 def mask_from_ranks(ranks: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
@@ -343,10 +369,16 @@ def entry_anchor(entry) -> torch.Tensor:
 
 def entry_block_scores(entry, topology, grid) -> torch.Tensor:
     """Block scores (heads, nb, nb) of a profiled entry at ``grid``."""
-    rel, anchor = resample(
-        entry.scores.float(), entry_anchor(entry).float(), entry.grid, grid, topology_units(topology)
-    )
-    return block_scores(rel, anchor, grid, topology.block_size)
+    return block_scores(*_entry_at(entry, topology, grid), grid, topology.block_size)
+
+
+def entry_ranking(entry, topology, grid, device=None):
+    """:func:`ranking` of a profiled entry at ``grid`` (on ``device``: the GPU when there is one)."""
+    return ranking(*_entry_at(entry, topology, grid), grid, topology.block_size, device)
+
+
+def _entry_at(entry, topology, grid):
+    return resample(entry.scores.float(), entry_anchor(entry).float(), entry.grid, grid, topology_units(topology))
 
 
 def block_pair_tokens(seq_len: int, block_size: int) -> torch.Tensor:
@@ -356,14 +388,36 @@ def block_pair_tokens(seq_len: int, block_size: int) -> torch.Tensor:
     return lengths[:, None] * lengths[None, :]
 
 
-def cumulative_mass(scores: torch.Tensor, ranks: torch.Tensor, seq_len: int, block_size: int) -> torch.Tensor:
+def cumulative_mass(scores: torch.Tensor, order: torch.Tensor, seq_len: int, block_size: int) -> torch.Tensor:
     """Predicted attention mass kept by each head's best ``k`` blocks, ``k = 1 .. nb*nb``, as a
-    fraction of the head's total (heads, nb*nb). Scores are floored at ``MASS_FLOOR``."""
+    fraction of the head's total (heads, nb*nb), float64, where ``scores`` are. ``order``: the
+    blocks best first (:func:`block_order`). Scores are floored at ``MASS_FLOOR``."""
     heads = scores.shape[0]
-    mass = scores.double().clamp(min=MASS_FLOOR) * block_pair_tokens(seq_len, block_size)
-    order = ranks.reshape(heads, -1).long().argsort(dim=1)
+    pairs = block_pair_tokens(seq_len, block_size).to(scores.device)
+    mass = scores.double().clamp(min=MASS_FLOOR) * pairs
     cumulative = mass.reshape(heads, -1).gather(1, order).cumsum(1)
     return cumulative / cumulative[:, -1:]
+
+
+def ranking(rel: torch.Tensor, anchor: torch.Tensor, grid, block_size: int, device=None):
+    """``(ranks, cumulative)`` of WEST's block scores at ``grid`` (``rel``/``anchor`` already at it):
+    :func:`block_ranks` (int32, heads x nb x nb) and :func:`cumulative_mass` (float64, heads x
+    nb*nb), both from one scoring and one sort on ``device`` (the GPU when there is one), left there.
+    At 720p a node's 591 x 591 blocks per head are 14 million sort keys per head set."""
+    device = score_device(device)
+    scores = block_scores_on(rel, anchor, grid, block_size, device)
+    order = block_order(scores)
+    cumulative = cumulative_mass(scores, order, math.prod(tuple(grid)), block_size)
+    return ranks_from_order(order, scores.shape), cumulative
+
+
+def mass_at_counts(cumulative: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """Predicted mass kept at each of ``counts`` (blocks per head; 0 and nb*nb give 0 and 1):
+    (heads, len(counts)) float32 on the CPU, from :func:`cumulative_mass`."""
+    counts = counts.long().to(cumulative.device)
+    kept = cumulative[:, (counts - 1).clamp(min=0)]
+    kept = torch.where(counts[None, :] <= 0, torch.zeros_like(kept), kept)
+    return kept.float().cpu()
 
 
 def densities_for_mass(cumulative: torch.Tensor, mass_points: torch.Tensor) -> torch.Tensor:
@@ -396,22 +450,21 @@ def _grid_products(key: str, entry, topology, grid):
     if ranks is not None and cache_key in levels:
         cache.move_to_end(cache_key)
         return ranks, levels[cache_key]
-    scores = entry_block_scores(entry, topology, grid)
-    ranks = block_ranks(scores)
-    cumulative = cumulative_mass(scores, ranks, math.prod(grid), topology.block_size)
+    ranks, cumulative = entry_ranking(entry, topology, grid)
+    device = cumulative.device
     points = entry.extra.get("sensitivity_mass")
-    floors = torch.tensor(FLOOR_MASS_POINTS, dtype=torch.float64).expand(entry.num_heads, -1)
+    floors = torch.tensor(FLOOR_MASS_POINTS, dtype=torch.float64, device=device).expand(entry.num_heads, -1)
     total = cumulative.shape[1]
     grid_points = torch.linspace(0, 1, MASS_CURVE_POINTS, dtype=torch.float64)
     taken = (grid_points * total).round().long()
-    mass_curve = torch.cat([torch.zeros(entry.num_heads, 1, dtype=cumulative.dtype),
-                            cumulative[:, (taken[1:] - 1).clamp(min=0)]], 1)
+    mass_curve = torch.cat([torch.zeros(entry.num_heads, 1, dtype=cumulative.dtype, device=device),
+                            cumulative[:, (taken[1:] - 1).clamp(min=0).to(device)]], 1)
     levels[cache_key] = {
-        "sensitivity": None if points is None else densities_for_mass(cumulative, points),
-        "floor": densities_for_mass(cumulative, floors),
-        "mass_curve": (taken.double() / total, mass_curve),
+        "sensitivity": None if points is None else densities_for_mass(cumulative, points.to(device)).cpu(),
+        "floor": densities_for_mass(cumulative, floors).cpu(),
+        "mass_curve": (taken.double() / total, mass_curve.cpu()),
     }
-    cache[cache_key] = ranks
+    ranks = cache[cache_key] = ranks.cpu()
     while len(cache) > 1 and sum(r.numel() * r.element_size() for r in cache.values()) > _RANK_CACHE_BYTES:
         cache.popitem(last=False)
     return ranks, levels[cache_key]
@@ -483,13 +536,20 @@ __all__ = [
     "GridRequired",
     "UNITS",
     "WEST_VERSION",
+    "block_order",
     "block_ranks",
     "block_scores",
+    "block_scores_on",
     "canvas_shape",
+    "cumulative_mass",
+    "entry_ranking",
     "mask_iou",
+    "mass_at_counts",
     "mass_recall",
     "oracle_mask",
+    "ranking",
     "resample",
+    "score_device",
 ]
 
 

@@ -108,6 +108,26 @@ class MassStatistics:
         rel, anchor = fit_additive(offset, key, self.grid, iterations, self.query_frames)
         return rel.cpu(), anchor.cpu()
 
+    def fit_with_groups(self, iterations: int = 30):
+        """``(pooled, [per group])``: :meth:`fit` of all groups and of each observed group alone, from
+        one backfit of the groups side by side. Backfitting from zero is linear in the statistics, so
+        the pooled fit is the groups' fits weighted by their observations, gauge fixed after; one
+        batched fit instead of ``1 + groups`` (the profiler's full and half-calibration topologies)."""
+        observed = [g for g in range(self.observations.numel()) if float(self.observations[g]) > 0]
+        if not observed:
+            raise ValueError("no attention calls were observed for this node")
+        counts = self.observations[observed].double()
+        heads = self.num_heads
+        offset = (self.offset_mass[observed].double() / counts.to(self.offset_mass.device).view(-1, 1, 1)).flatten(0, 1)
+        key = (self.key_mass[observed].double() / counts.to(self.key_mass.device).view(-1, 1, 1)).flatten(0, 1)
+        rel, anchor = backfit_additive(offset, key, self.grid, iterations, self.query_frames)
+        rel, anchor = rel.unflatten(0, (len(observed), heads)), anchor.unflatten(0, (len(observed), heads))
+        weights = (counts / counts.sum()).to(rel.device).view(-1, 1, 1, 1, 1)
+        pooled = fixed_gauge((rel * weights).sum(0), (anchor * weights).sum(0), self.grid)
+        alone = [fixed_gauge(rel[i], anchor[i], self.grid) for i in range(len(observed))]
+        to_cpu = lambda pair: (pair[0].cpu(), pair[1].cpu())  # noqa: E731
+        return to_cpu(pooled), [to_cpu(pair) for pair in alone] if len(observed) > 1 else []
+
     def query_ranges(self) -> list[tuple[int, int]]:
         """Token ranges ``[start, stop)`` of the query rows this node measures (runs of frames)."""
         return query_row_ranges(self.grid, self.query_frames)
@@ -183,6 +203,13 @@ def frame_offset_matrix(frames: int, query_frames, dtype=torch.float64) -> torch
 
 
 def fit_additive(offset_mass: torch.Tensor, key_mass: torch.Tensor, grid, iterations: int = 30, query_frames=None):
+    """:func:`backfit_additive` with its gauge fixed (:func:`fixed_gauge`): ``(rel, anchor)`` in relative
+    density units (times S: uniform attention is ``rel = 1, anchor = 0``), float32."""
+    return fixed_gauge(*backfit_additive(offset_mass, key_mass, grid, iterations, query_frames), grid)
+
+
+def backfit_additive(offset_mass: torch.Tensor, key_mass: torch.Tensor, grid, iterations: int = 30,
+                     query_frames=None):
     """Fit ``P(q, k) ~ rel(k - q) + anchor(k)`` to per-offset and per-key attention mass.
 
     ``offset_mass`` (heads, canvas): mean over observations of ``sum_q P(q, q + d)``;
@@ -193,12 +220,11 @@ def fit_additive(offset_mass: torch.Tensor, key_mass: torch.Tensor, grid, iterat
     ``rel(d) = (M(d) - sum_{q in Q, q + d valid} anchor(q + d)) / count_Q(d)`` and
     ``anchor(k) = (C(k) - sum_{q in Q} rel(k - q)) / |Q|``; the sums separate into 2-D box
     sums over (y, x) (summed-area tables) and a product with the measured-frame matrix
-    (:func:`frame_offset_matrix`) over t, so each iteration costs O(F * canvas). The gauge (a
-    constant can move between the two) is fixed by ``min(anchor) = 0``. Returned in relative
-    density units (times S: uniform attention is ``rel = 1, anchor = 0``), float32.
+    (:func:`frame_offset_matrix`) over t, so each iteration costs O(F * canvas). Returns float64
+    ``rel`` (heads, 2F-1, 2H-1, 2W-1) and ``anchor`` (heads, F, H, W) in fractions of the mass,
+    before the gauge (a constant can move between the two) is fixed: linear in the statistics.
     """
     frames, height, width = grid
-    seq = frames * height * width
     heads = offset_mass.shape[0]
     cshape = canvas_shape(grid)
     offset_mass = offset_mass.reshape(heads, *cshape).double()
@@ -226,6 +252,14 @@ def fit_additive(offset_mass: torch.Tensor, key_mass: torch.Tensor, grid, iterat
         anchor = (key_mass - torch.einsum("dt,hdyx->htyx", frame_matrix, rel_sums)) / n_query
         anchor_sums = _box_sums_2d(_summed_area_2d(anchor), lo, hi)  # (heads, F, 2H-1, 2W-1)
         rel = (offset_mass - torch.einsum("dt,htyx->hdyx", frame_matrix, anchor_sums)) / counts
+    return rel, anchor
+
+
+def fixed_gauge(rel: torch.Tensor, anchor: torch.Tensor, grid) -> tuple[torch.Tensor, torch.Tensor]:
+    """A backfit's ``(rel, anchor)`` with the gauge fixed (``min(anchor) = 0``, the constant moved to
+    ``rel``), in relative density units (times S), float32; shapes as :func:`backfit_additive` returns them."""
+    heads = anchor.shape[0]
+    seq = math.prod(tuple(grid))
     shift = anchor.flatten(1).min(1).values.view(heads, 1, 1, 1)
     anchor, rel = anchor - shift, rel + shift
     return (rel * seq).float(), (anchor * seq).float()
@@ -236,5 +270,5 @@ def fit_additive(offset_mass: torch.Tensor, key_mass: torch.Tensor, grid, iterat
 # ---------------------------------------------------------------------------------------------
 
 
-__all__ = ["MassStatistics", "check_query_frames", "fit_additive", "frame_offset_matrix", "query_row_ranges",
+__all__ = ["MassStatistics", "backfit_additive", "check_query_frames", "fit_additive", "fixed_gauge", "frame_offset_matrix", "query_row_ranges",
            "spread_query_frames"]

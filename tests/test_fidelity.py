@@ -48,6 +48,40 @@ def test_exact_block_scores_equal_the_brute_force_sum(grid, block):
         assert float((sampled.double() - reference).abs().max()) > 0.1
 
 
+def _ranks_by_definition(scores):
+    """Diagonal blocks first (by position), then descending score, ties by flat position: a Python sort."""
+    heads, n, _ = scores.shape
+    ranks = torch.empty(heads, n, n, dtype=torch.int32)
+    for h in range(heads):
+        keys = [(0, 0.0, i * n + j) if i == j else (1, -float(scores[h, i, j]), i * n + j) for i in range(n) for j in range(n)]
+        for rank, (_diag, _score, flat) in enumerate(sorted(keys)):
+            ranks[h, flat // n, flat % n] = rank
+    return ranks
+
+
+@pytest.mark.parametrize("grid, block", [((3, 5, 7), 16), ((2, 3, 4), 8)])
+def test_one_ranking_gives_the_ranks_and_the_cumulative_mass_by_their_definitions(grid, block):
+    generator = torch.Generator().manual_seed(7 * block)
+    rel = torch.rand(2, *west.canvas_shape(grid), generator=generator)
+    rel[:, 0, 0, :3] = 0.5  # ties between blocks
+    anchor = torch.rand(2, *grid, generator=generator)
+    ranks, cumulative = west.ranking(rel, anchor, grid, block, device="cpu")
+    scores = west.block_scores(rel, anchor, grid, block, device="cpu")
+    assert torch.equal(ranks, _ranks_by_definition(scores))
+    assert torch.equal(west.block_ranks(scores), ranks)
+    seq = math.prod(grid)
+    mass = scores.double().clamp(min=west.MASS_FLOOR) * west.block_pair_tokens(seq, block)
+    heads, n = mass.shape[0], mass.shape[1]
+    for h in range(heads):
+        by_rank = torch.zeros(n * n, dtype=torch.float64)
+        by_rank[ranks[h].flatten().long()] = mass[h].flatten()
+        torch.testing.assert_close(cumulative[h], by_rank.cumsum(0) / by_rank.sum())
+    counts = torch.tensor([0, 1, n, n * n // 2, n * n])
+    kept = west.mass_at_counts(cumulative, counts)
+    assert kept[:, 0].eq(0).all() and kept[:, -1].eq(1).all()
+    torch.testing.assert_close(kept[:, 1:4], cumulative[:, counts[1:4] - 1].float())
+
+
 def test_spread_query_frames_take_the_first_two_and_the_last():
     assert west_fit.spread_query_frames(21, 4) == [0, 1, 10, 20]
     assert west_fit.spread_query_frames(21, None) == list(range(21))

@@ -693,3 +693,19 @@ def test_per_block_outputs_on_cuda_are_the_einsum():
     e, v = torch.rand(1, 4, 128, 9, 128, device="cuda"), torch.randn(1, 4, 9, 128, 64, device="cuda")
     torch.testing.assert_close(per_block_outputs(e, v), torch.einsum("bhrjs,bhjsd->bhrjd", e, v),
                                rtol=2e-3, atol=2e-3)  # TF32 either way, in the profiler
+
+
+def test_ranking_on_cuda_equals_the_cpu_one():
+    """WEST's ranking (block scores, one stable sort, cumulative mass) where the profiler and the
+    compile-time cache run it on the GPU: the same ranks and, to float64 rounding, the same mass."""
+    from scaling_compile import west
+
+    grid, block = (5, 9, 16), 32  # 720 tokens: a ragged last block
+    generator = torch.Generator().manual_seed(3)
+    rel = torch.rand(3, *west.canvas_shape(grid), generator=generator)
+    rel[:, 2, 3, :4] = 0.25  # ties
+    anchor = torch.rand(3, *grid, generator=generator)
+    ranks_cpu, cumulative_cpu = west.ranking(rel, anchor, grid, block, device="cpu")
+    ranks_gpu, cumulative_gpu = west.ranking(rel, anchor, grid, block, device="cuda")
+    assert ranks_gpu.is_cuda and torch.equal(ranks_gpu.cpu(), ranks_cpu)
+    torch.testing.assert_close(cumulative_gpu.cpu(), cumulative_cpu, rtol=1e-9, atol=1e-9)

@@ -59,6 +59,23 @@ def test_profile_planted_model_entries_and_metadata():
     assert set(meta["quality"]) >= {"stability_iou", "stability_cross_mass_recall", "west_mass_recall"}
 
 
+def test_sensitivity_curves_x_axis_is_the_predicted_mass_at_each_level():
+    """The profiler keeps each node's WEST-predicted mass at the measured levels from the ranking
+    it serves the sensitivity pass with; recomputed here from the written topology, block by block."""
+    topology = planted_topology()
+    grid = token_grid(PROFILE_LATENT)
+    seq, n = math.prod(grid), math.ceil(math.prod(grid) / BLOCK)
+    counts = torch.tensor([round(d * n * n) for d in topology.metadata["fast"]["densities"]])
+    for key, entry in topology.entries.items():
+        scores = west.entry_block_scores(entry, topology, grid).double()
+        ranks = west.block_ranks(scores)
+        mass = scores.clamp(min=west.MASS_FLOOR) * west.block_pair_tokens(seq, BLOCK)
+        for h in range(entry.num_heads):
+            kept = [float(mass[h][ranks[h] < c].sum() / mass[h].sum()) for c in counts.tolist()]
+            torch.testing.assert_close(entry.extra["sensitivity_mass"][h].double(), torch.tensor(kept,
+                                       dtype=torch.float64), rtol=1e-5, atol=1e-6, msg=key)
+
+
 def test_instrumented_graph_returns_the_dense_result():
     model = tiny_wan()
     kwargs = dict(wan_inputs(), return_dict=False)
@@ -143,6 +160,30 @@ def test_fit_recovers_an_additive_head(frames, height, width, seed):
     fitted_rel, fitted_anchor = stats.fit(iterations=60)
     model = (fitted_rel.double().reshape(-1)[index] + fitted_anchor.double().reshape(-1)[None, :]) / seq
     torch.testing.assert_close(model, probs, atol=1e-5 * float(probs.max()), rtol=0)
+
+
+def test_one_backfit_of_the_halves_gives_the_pooled_and_each_halfs_fit():
+    """The profiler fits the two calibration halves side by side and pools them (backfitting is
+    linear in the statistics): the same (rel, anchor) as three separate fits."""
+    grid = (3, 4, 5)
+    stats = west_fit.MassStatistics(2, grid, 8, groups=2, query_frames=[0, 1, 2])
+    generator = torch.Generator().manual_seed(11)
+    seq = math.prod(grid)
+    for group, calls in ((0, 3), (1, 1)):  # unequal halves: the pooled fit weights them by calls
+        for _ in range(calls):
+            probs = torch.rand(1, 2, seq, seq, generator=generator).pow(4).softmax(-1)
+            stats.add(probs, 0, group)
+            stats.count(group, 1)
+    pooled, alone = stats.fit_with_groups(iterations=20)
+    for got, want in zip((pooled, *alone), (stats.fit(iterations=20), stats.fit([0], iterations=20),
+                                            stats.fit([1], iterations=20))):
+        torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(got[1], want[1], rtol=1e-5, atol=1e-5)
+    single = west_fit.MassStatistics(2, grid, 8, groups=2)
+    single.add(probs, 0, 0)
+    single.count(0, 1)
+    pooled, alone = single.fit_with_groups()
+    assert alone == [] and torch.equal(pooled[1], single.fit()[1])
 
 
 def test_sensitivity_statistics_match_masked_reference():
