@@ -14,7 +14,8 @@
 # FAST's per-step sensitivity), quality720 (the harness at 720p / 81 frames profiled at the serving
 # grid, final-latent figures), profile13b (Wan2.1-1.3B at 480p / 81 frames under torch.profiler: the time
 # of each stage of the profiling pass and its top kernels), profile14b (the profiling cost of Wan2.1-14B at 720p), profile14b_stages (one sample of each
-# pass of it: the device time of each stage of the statistics; not in the default list), ncu (Nsight Compute,
+# pass of it: the device time of each stage of the statistics; not in the default list), offsets (the
+# profiler's per-offset windows, Triton kernel vs its PyTorch reference, 14B's chunk; not in the default list), ncu (Nsight Compute,
 # Gluon vs FA4, on the kernel cells where Gluon ran below 0.95x FA4; not in the default list).
 set -u
 OUT=${OUT:-out/gpu}
@@ -34,7 +35,8 @@ stage() {  # stage NAME SECONDS COMMAND...: run COMMAND from /tmp (the installed
 for name in $STAGES; do
   case $name in
     tests) stage tests 600 python3 -m pytest -q -p no:cacheprovider -rfE $WORKERS "$REPO/tests/test_gpu.py" \
-        "$REPO/tests/test_padded_queries.py" "$REPO/tests/test_gluon_schedule.py" ;;  # from /tmp: the repo's scaling_compile/ folder is not the package
+        "$REPO/tests/test_padded_queries.py" "$REPO/tests/test_gluon_schedule.py" "$REPO/tests/test_offset_mass.py" ;;  # from /tmp: the repo's scaling_compile/ folder is not the package
+    offsets) stage offsets 120 python3 "$REPO/benchmarks/bench_offset_mass.py" --out "$OUT/offsets.json" ;;
     tests_fa4) if ! (cd /tmp && python3 -c "import flash_attn.cute") >/dev/null 2>&1; then  # its GPU tests would all skip
         echo "== tests_fa4: flash-attn-4 does not import here: stage not run" | tee -a "$OUT/suite.log"; continue; fi
       stage tests_fa4 600 python3 -m pytest -q -p no:cacheprovider -rfE $WORKERS "$REPO/tests/test_fa4.py" \

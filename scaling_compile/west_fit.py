@@ -14,6 +14,7 @@ import math
 import torch
 
 from .attention_logits import sum_key_blocks
+from .kernels.offset_mass import line_windows
 from .stage_clock import timed_stage
 from .west import canvas_shape
 
@@ -145,41 +146,34 @@ def add_offset_mass(canvas: torch.Tensor, probs: torch.Tensor, row_start: int, g
     to the flat offset canvas ``canvas`` (heads, (2F-1)(2H-1)(2W-1)), in place.
 
     Rows are taken a (t, y) line of the grid at a time: the rows of one line differ only in x, so
-    each adds its whole (F, H, W) row into a (F, H, 2W-1) line window shifted by its x, and the
-    window is added to the canvas at the line's (t, y). Plain slice additions, no index tensor
-    and no atomics (an index_add of every (row, key) pair was 12.4 s of the CPU profile benchmark,
-    these 0.2 s: docs/profiling.md), and the sums come in a fixed order (deterministic on the GPU
-    too). Full lines are done together.
+    their sums per offset form one (F, H, 2W-1) window (:func:`~scaling_compile.kernels.offset_mass.line_windows`:
+    on CUDA one Triton pass over the rows, else one shifted slice addition per x), added to the
+    canvas at the line's (t, y). No index tensor and no atomics (an index_add of every (row, key)
+    pair was 12.4 s of the CPU profile benchmark, the windows 0.2 s: docs/profiling.md), and the sums
+    come in a fixed order (deterministic on the GPU too). Full lines are done together.
     """
     frames, height, width = grid
     heads, rows, _seq = probs.shape
     board = canvas.view(heads, 2 * frames - 1, 2 * height - 1, 2 * width - 1)
-    by_key = probs.view(heads, rows, frames, height, width)
     row = 0
     while row < rows:
         line, x_first = divmod(row_start + row, width)
         if x_first == 0 and rows - row >= width:  # whole lines, together
             count = (rows - row) // width
-            lines = by_key[:, row:row + count * width].unflatten(1, (count, width))  # (heads, lines, x, F, H, W)
-            _add_line_windows(board, lines, line, 0, grid)
+            _add_windows(board, line_windows(probs[:, row:row + count * width], grid, count), line, grid)
             row += count * width
         else:  # the part of a line at either end of the chunk
             count = min(width - x_first, rows - row)
-            _add_line_windows(board, by_key[:, row:row + count].unsqueeze(1), line, x_first, grid)
+            _add_windows(board, line_windows(probs[:, row:row + count], grid, 1, x_first), line, grid)
             row += count
 
 
-def _add_line_windows(board: torch.Tensor, lines: torch.Tensor, first_line: int, x_first: int, grid) -> None:
-    """``lines`` (heads, n, xs, F, H, W): rows at x ``x_first ..`` of the grid lines ``first_line ..``."""
-    frames, height, width = grid
-    heads, n, xs = lines.shape[:3]
-    window = lines.new_zeros(heads, n, frames, height, 2 * width - 1)  # offsets dt, dy from the line, every dx
-    for i in range(xs):
-        x = x_first + i
-        window[..., width - 1 - x:2 * width - 1 - x] += lines[:, :, i]
-    for j in range(n):
+def _add_windows(board: torch.Tensor, windows: torch.Tensor, first_line: int, grid) -> None:
+    """Add the windows (heads, n, F, H, 2W-1) of the grid lines ``first_line ..`` to the canvas."""
+    frames, height, _width = grid
+    for j in range(windows.shape[1]):
         t, y = divmod(first_line + j, height)
-        board[:, frames - 1 - t:2 * frames - 1 - t, height - 1 - y:2 * height - 1 - y] += window[:, j]
+        board[:, frames - 1 - t:2 * frames - 1 - t, height - 1 - y:2 * height - 1 - y] += windows[:, j]
 
 
 def _summed_area_2d(x: torch.Tensor) -> torch.Tensor:
