@@ -11,11 +11,11 @@
 # (1,12,32760,128), (1,12,75600,128), (1,40,75600,128), random and 3D-local masks, with FA4 where
 # installed), model (the 720p Wan2.1-1.3B forward: Gluon vs FA4 vs Inductor dense), quantized (the
 # float8 Wan2.1-14B config at 720p, torchao), loop (the 50-step 720p loop, dense warm-up chosen by
-# FAST's per-step sensitivity), quality720 (the harness at 720p / 81 frames profiled at the serving
+# FAST's per-step sensitivity), quality480, quality720 (the harness at 480p / 720p, 81 frames, profiled at the serving
 # grid, final-latent figures), profile13b (Wan2.1-1.3B at 480p / 81 frames under torch.profiler: the time
 # of each stage of the profiling pass and its top kernels), profile14b (the profiling cost of Wan2.1-14B at 720p), profile14b_stages (one sample of each
-# pass of it: the device time of each stage of the statistics; not in the default list), offsets (the
-# profiler's per-offset windows, Triton kernel vs its PyTorch reference, 14B's chunk; not in the default list), ncu (Nsight Compute,
+# pass of it: the device time of each stage of the statistics; not in the default list), mass_sums (the
+# profiler's mass sums of one 14B chunk: PyTorch vs the Triton kernels; not in the default list), ncu (Nsight Compute,
 # Gluon vs FA4, on the kernel cells where Gluon ran below 0.95x FA4; not in the default list).
 set -u
 OUT=${OUT:-out/gpu}
@@ -35,8 +35,8 @@ stage() {  # stage NAME SECONDS COMMAND...: run COMMAND from /tmp (the installed
 for name in $STAGES; do
   case $name in
     tests) stage tests 600 python3 -m pytest -q -p no:cacheprovider -rfE $WORKERS "$REPO/tests/test_gpu.py" \
-        "$REPO/tests/test_padded_queries.py" "$REPO/tests/test_gluon_schedule.py" "$REPO/tests/test_offset_mass.py" ;;  # from /tmp: the repo's scaling_compile/ folder is not the package
-    offsets) stage offsets 120 python3 "$REPO/benchmarks/bench_offset_mass.py" --out "$OUT/offsets.json" ;;
+        "$REPO/tests/test_padded_queries.py" "$REPO/tests/test_gluon_schedule.py" "$REPO/tests/test_mass_statistics_kernels.py" ;;  # from /tmp: the repo's scaling_compile/ folder is not the package
+    mass_sums) stage mass_sums 180 python3 "$REPO/benchmarks/bench_mass_statistics.py" --out "$OUT/mass_sums.json" ;;
     tests_fa4) if ! (cd /tmp && python3 -c "import flash_attn.cute") >/dev/null 2>&1; then  # its GPU tests would all skip
         echo "== tests_fa4: flash-attn-4 does not import here: stage not run" | tee -a "$OUT/suite.log"; continue; fi
       stage tests_fa4 600 python3 -m pytest -q -p no:cacheprovider -rfE $WORKERS "$REPO/tests/test_fa4.py" \
@@ -53,6 +53,8 @@ for name in $STAGES; do
         --latent 21 90 160 --budgets 0.3 0.2 --kernel auto --out "$OUT/quantized_float8.json" ;;
     loop) stage loop 480 scaling-compile bench loop --latent 21 90 160 --steps 50 --budgets 0.2 \
         --dense-warmup auto 5 --kernel auto --out "$OUT/loop720.json" ;;
+    quality480) stage quality480 900 python3 "$REPO/benchmarks/quality_harness.py" --config wan2.1-1.3b-480p \
+        --no-speed --no-decode --out "$OUT/quality480" ;;  # profiled at the serving grid; WEST + FAST at the truth's density too
     quality720) stage quality720 1200 python3 "$REPO/benchmarks/quality_harness.py" --config wan2.1-1.3b-720p \
         --profile-latent 21 90 160 --no-speed --no-decode --out "$OUT/quality720" ;;
     profile13b) stage profile13b 300 python3 "$REPO/benchmarks/profile_wan13b.py" --no-small --kernel-table \

@@ -154,10 +154,8 @@ class Profiler:
                 logits = logits_of(start, stop)
             self.half_logits = logits_of.half
             if self.mode == "mass":
-                with timed_stage(self.clock, "scaling_compile.mass.softmax", query.device):
-                    probs = torch.softmax(logits, dim=-1)
+                stats.add_logits(logits, start, self.group)
                 del logits
-                stats.add(probs, start, self.group)
             else:  # log-domain per key block: exact however little mass a level keeps
                 stats.add(None, values, start, self.bin, logits=logits)
                 del logits

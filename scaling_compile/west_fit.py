@@ -14,7 +14,7 @@ import math
 import torch
 
 from .attention_logits import sum_key_blocks
-from .kernels.offset_mass import line_windows
+from .kernels.mass_statistics import add_key_block_sums, line_windows
 from .stage_clock import timed_stage
 from .west import canvas_shape
 
@@ -79,19 +79,44 @@ class MassStatistics:
         tokens = torch.arange(self.seq_len, device=device)
         self._row_block = tokens // block_size
 
-    def add(self, probs: torch.Tensor, row_start: int, group: int) -> None:
-        """Add the softmax rows ``probs`` (batch, heads, rows, seq) starting at query ``row_start``."""
+    def add(self, probs: torch.Tensor, row_start: int, group: int, kernel: bool | None = None) -> None:
+        """Add the softmax rows ``probs`` (batch, heads, rows, seq) starting at query ``row_start``
+        (``kernel``: whether the per-offset windows use their Triton kernel; None: on CUDA)."""
         batch, heads, rows, seq = probs.shape
         summed = probs[0] if batch == 1 else probs.sum(0)  # (heads, rows, seq)
         stop = row_start + rows
         device = probs.device
         with timed_stage(self.clock, "scaling_compile.mass.offsets", device):
-            add_offset_mass(self.offset_mass[group], summed, row_start, self.grid)
+            add_offset_mass(self.offset_mass[group], summed, row_start, self.grid, kernel=kernel)
         with timed_stage(self.clock, "scaling_compile.mass.keys", device):
             self.key_mass[group] += summed.sum(1)
         with timed_stage(self.clock, "scaling_compile.mass.blocks", device):
             per_block = sum_key_blocks(summed, self.block_size)
             self.block_mass[group].index_add_(1, self._row_block[row_start:stop], per_block.to(self.block_mass.dtype))
+
+    def add_logits(self, logits: torch.Tensor, row_start: int, group: int, kernels: bool | None = None) -> None:
+        """Add the rows given by their logits (batch, heads, rows, S), starting at query ``row_start``.
+
+        On CUDA the sums read the logits and each row's log-sum-exp (:mod:`~scaling_compile.kernels.mass_statistics`:
+        the probabilities are never written, each sum reads the chunk once); elsewhere the rows'
+        softmax goes through :meth:`add`. ``kernels`` True / False forces one way (None: by device)."""
+        device = logits.device
+        fused = kernels if kernels is not None else (
+            logits.is_cuda and logits.dtype == torch.float32 and self.block_size >= 16
+            and self.block_size & (self.block_size - 1) == 0)
+        if not fused:  # kernels=False: plain PyTorch throughout; else the windows may still take theirs
+            with timed_stage(self.clock, "scaling_compile.mass.softmax", device):
+                probs = torch.softmax(logits, dim=-1)
+            self.add(probs, row_start, group, kernel=False if kernels is False else None)
+            return
+        with timed_stage(self.clock, "scaling_compile.mass.softmax", device):  # the rows' normalisers only
+            lse = torch.logsumexp(logits, dim=-1)  # (batch, heads, rows)
+        for b in range(logits.shape[0]):
+            with timed_stage(self.clock, "scaling_compile.mass.offsets", device):
+                add_offset_mass(self.offset_mass[group], logits[b], row_start, self.grid, lse=lse[b], kernel=True)
+            with timed_stage(self.clock, "scaling_compile.mass.blocks", device):  # and the per-key sums
+                add_key_block_sums(self.key_mass[group], self.block_mass[group], logits[b], lse[b], row_start,
+                                   self.block_size, kernel=True)
 
     def count(self, group: int, batch: int) -> None:
         self.observations[group] += batch
@@ -141,12 +166,15 @@ class MassStatistics:
         return (self.block_mass[groups].sum(0) / n).float().cpu()
 
 
-def add_offset_mass(canvas: torch.Tensor, probs: torch.Tensor, row_start: int, grid) -> None:
+def add_offset_mass(canvas: torch.Tensor, probs: torch.Tensor, row_start: int, grid, lse=None,
+                    kernel: bool | None = None) -> None:
     """Add ``sum_q P(q, q + d)`` of the rows ``probs`` (heads, rows, S), query tokens ``row_start ..``,
-    to the flat offset canvas ``canvas`` (heads, (2F-1)(2H-1)(2W-1)), in place.
+    to the flat offset canvas ``canvas`` (heads, (2F-1)(2H-1)(2W-1)), in place. With ``lse`` (heads,
+    rows), each row's log-sum-exp, ``probs`` are the rows' logits instead. ``kernel``: as
+    :func:`~scaling_compile.kernels.mass_statistics.line_windows` takes it.
 
     Rows are taken a (t, y) line of the grid at a time: the rows of one line differ only in x, so
-    their sums per offset form one (F, H, 2W-1) window (:func:`~scaling_compile.kernels.offset_mass.line_windows`:
+    their sums per offset form one (F, H, 2W-1) window (:func:`~scaling_compile.kernels.mass_statistics.line_windows`:
     on CUDA one Triton pass over the rows, else one shifted slice addition per x), added to the
     canvas at the line's (t, y). No index tensor and no atomics (an index_add of every (row, key)
     pair was 12.4 s of the CPU profile benchmark, the windows 0.2 s: docs/profiling.md), and the sums
@@ -160,11 +188,14 @@ def add_offset_mass(canvas: torch.Tensor, probs: torch.Tensor, row_start: int, g
         line, x_first = divmod(row_start + row, width)
         if x_first == 0 and rows - row >= width:  # whole lines, together
             count = (rows - row) // width
-            _add_windows(board, line_windows(probs[:, row:row + count * width], grid, count), line, grid)
+            rows_lse = None if lse is None else lse[:, row:row + count * width]
+            windows = line_windows(probs[:, row:row + count * width], grid, count, lse=rows_lse, kernel=kernel)
+            _add_windows(board, windows, line, grid)
             row += count * width
         else:  # the part of a line at either end of the chunk
             count = min(width - x_first, rows - row)
-            _add_windows(board, line_windows(probs[:, row:row + count], grid, 1, x_first), line, grid)
+            rows_lse = None if lse is None else lse[:, row:row + count]
+            _add_windows(board, line_windows(probs[:, row:row + count], grid, 1, x_first, rows_lse, kernel), line, grid)
             row += count
 
 

@@ -15,4 +15,4 @@ if not torch.cuda.is_available():
     # chunked_path) would otherwise make the first import define them for a driver this
     # machine lacks, failing every later kernel test ("0 active drivers").
     import scaling_compile.kernels.block_sparse_attention  # noqa: E402,F401
-    import scaling_compile.kernels.offset_mass  # noqa: E402,F401
+    import scaling_compile.kernels.mass_statistics  # noqa: E402,F401
