@@ -14,8 +14,8 @@
 # FAST's per-step sensitivity), quality480, quality720 (the harness at 480p / 720p, 81 frames, profiled at the serving
 # grid, final-latent figures), profile13b (Wan2.1-1.3B at 480p / 81 frames under torch.profiler: the time
 # of each stage of the profiling pass and its top kernels), profile14b (the profiling cost of Wan2.1-14B at 720p), profile14b_stages (one sample of each
-# pass of it: the device time of each stage of the statistics; not in the default list), mass_sums (the
-# profiler's mass sums of one 14B chunk: PyTorch vs the Triton kernels; not in the default list), ncu (Nsight Compute,
+# pass of it: the device time of each stage of the statistics; not in the default list), profile_kernels (the
+# profiler's statistics kernels on one 14B chunk against PyTorch; not in the default list), ncu (Nsight Compute,
 # Gluon vs FA4, on the kernel cells where Gluon ran below 0.95x FA4; not in the default list).
 set -u
 OUT=${OUT:-out/gpu}
@@ -35,8 +35,10 @@ stage() {  # stage NAME SECONDS COMMAND...: run COMMAND from /tmp (the installed
 for name in $STAGES; do
   case $name in
     tests) stage tests 600 python3 -m pytest -q -p no:cacheprovider -rfE $WORKERS "$REPO/tests/test_gpu.py" \
-        "$REPO/tests/test_padded_queries.py" "$REPO/tests/test_gluon_schedule.py" "$REPO/tests/test_mass_statistics_kernels.py" ;;  # from /tmp: the repo's scaling_compile/ folder is not the package
-    mass_sums) stage mass_sums 180 python3 "$REPO/benchmarks/bench_mass_statistics.py" --out "$OUT/mass_sums.json" ;;
+        "$REPO/tests/test_padded_queries.py" "$REPO/tests/test_gluon_schedule.py" "$REPO/tests/test_mass_statistics_kernels.py" \
+        "$REPO/tests/test_block_softmax.py" ;;  # from /tmp: the repo's scaling_compile/ folder is not the package
+    profile_kernels) stage profile_kernels 180 python3 "$REPO/benchmarks/bench_profile_statistics.py" \
+        --out "$OUT/profile_kernels.json" ;;
     tests_fa4) if ! (cd /tmp && python3 -c "import flash_attn.cute") >/dev/null 2>&1; then  # its GPU tests would all skip
         echo "== tests_fa4: flash-attn-4 does not import here: stage not run" | tee -a "$OUT/suite.log"; continue; fi
       stage tests_fa4 600 python3 -m pytest -q -p no:cacheprovider -rfE $WORKERS "$REPO/tests/test_fa4.py" \

@@ -59,6 +59,7 @@ import threading
 import torch
 
 from .errors import NotServable
+from .kernels.block_softmax import block_softmax
 from .stage_clock import timed_stage
 
 # Nominal densities at which sensitivity is measured (0 and 1 are added as exact end points).
@@ -122,6 +123,7 @@ class SensitivityStatistics:
         self.error = torch.zeros(step_bins, heads, n_levels, dtype=torch.float64, device=device)
         self.energy = torch.zeros(step_bins, heads, dtype=torch.float64, device=device)
         self.observations = torch.zeros(step_bins, dtype=torch.float64)
+        self.kernels: bool | None = None  # the block softmax's Triton kernel: None on CUDA, True / False force
 
     def _quadratic(self, x: torch.Tensor) -> torch.Tensor:
         """Per head and level ``sum x^T G_h x`` over batch and rows; x (batch, heads, rows, levels, dim).
@@ -151,14 +153,10 @@ class SensitivityStatistics:
         pad = self.n_blocks * self.block_size - seq
         device = scores.device
         with timed_stage(self.clock, "scaling_compile.sensitivity.block_softmax", device):
-            blocks = scores.float()
-            if pad:
-                blocks = torch.nn.functional.pad(blocks, (0, pad), value=-math.inf)
-            blocks = blocks.view(batch, heads, rows, self.n_blocks, self.block_size)
-            top = blocks.amax(-1, keepdim=True)  # each key block's own maximum (finite: no block is all padding)
-            e = torch.sub(blocks, top).exp_()
+            blocks = torch.nn.functional.pad(scores, (0, pad), value=-math.inf) if pad else scores
+            # each key block's own maximum (finite: no block is all padding), numerators, their sums >= 1
+            e, top, mass = block_softmax(blocks, self.block_size, kernel=self.kernels)  # e: (B, H, rows, nk, bs)
             del blocks
-            mass = e.sum(-1)  # (B, H, rows, nk), >= 1
         with timed_stage(self.clock, "scaling_compile.sensitivity.block_outputs", device):
             v = value.float()
             v_pad = self.n_blocks * self.block_size - v.shape[-2]  # the values' own padding (logits may come padded)
@@ -167,7 +165,7 @@ class SensitivityStatistics:
             block_out = per_block_outputs(e, v)  # (B, H, rows, nk, D): each key block's numerators
             del e
         with timed_stage(self.clock, "scaling_compile.sensitivity.levels", device):
-            log_mass = top.squeeze(-1) + mass.log()  # (B, H, rows, nk)
+            log_mass = top + mass.log()  # (B, H, rows, nk)
             row_blocks = torch.arange(row_start, row_start + rows, device=device) // self.block_size
             kept = self.level_masks[:, :, row_blocks].permute(1, 2, 0, 3)  # (H, rows, L + 1, nk), the last: dense
             weights = log_mass.unsqueeze(3).masked_fill(~kept[None], -math.inf).softmax(-1) / mass.unsqueeze(3)

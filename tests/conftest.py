@@ -16,3 +16,4 @@ if not torch.cuda.is_available():
     # machine lacks, failing every later kernel test ("0 active drivers").
     import scaling_compile.kernels.block_sparse_attention  # noqa: E402,F401
     import scaling_compile.kernels.mass_statistics  # noqa: E402,F401
+    import scaling_compile.kernels.block_softmax  # noqa: E402,F401
