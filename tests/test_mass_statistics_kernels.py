@@ -139,3 +139,36 @@ def test_mass_statistics_from_logits_equal_those_of_the_softmax():
         plain.add(torch.softmax(chunk, -1).to(DEVICE), start, group)
     for name in ("offset_mass", "key_mass", "block_mass"):
         torch.testing.assert_close(getattr(fused, name).cpu(), getattr(plain, name).cpu(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow  # about 100 s in the interpreter
+@pytest.mark.skipif(not triton_runs_on(torch.device("cpu")), reason="runs the kernels in the CPU interpreter")
+def test_a_profile_through_the_kernels_is_the_pytorch_profile(monkeypatch):
+    """The whole profiling pass (the planted tiny Wan on the CPU) with the statistics kernels forced on,
+    as on CUDA (the mass sums from the logits, the block softmax), writes the topology the PyTorch
+    path writes."""
+    import scaling_compile as sc
+    from scaling_compile import fast, west_fit
+
+    from profiled import BLOCK, PROFILE_LATENT, TEXT_LEN, planted, planted_topology
+
+    plain = planted_topology()
+    add_logits = west_fit.MassStatistics.add_logits
+    monkeypatch.setattr(west_fit.MassStatistics, "add_logits",
+                        lambda self, logits, start, group, kernels=None: add_logits(self, logits, start, group, True))
+    init = fast.SensitivityStatistics.__init__
+
+    def with_kernel(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        self.kernels = True
+
+    monkeypatch.setattr(fast.SensitivityStatistics, "__init__", with_kernel)
+    model = planted()
+    calibration = sc.synthetic_calibration(model, PROFILE_LATENT, num_prompts=4, num_timesteps=2, text_len=TEXT_LEN)
+    fused = sc.profile(model, calibration, block_size=BLOCK, progress=False)
+    assert fused.keys() == plain.keys()
+    for key, entry in fused.entries.items():
+        other = plain.entries[key]
+        torch.testing.assert_close(entry.scores, other.scores, rtol=1e-4, atol=1e-3)
+        for name in ("anchor", "block_mass", "sensitivity", "sensitivity_mass"):
+            torch.testing.assert_close(entry.extra[name], other.extra[name], rtol=1e-4, atol=1e-4, msg=f"{key}/{name}")
