@@ -6,6 +6,7 @@
 * :mod:`.fa4_block_sparse`: FlashAttention-4's block-sparse forward as an optional back-end.
 * :mod:`.gluon_block_sparse`: a warp-specialised Gluon forward for Hopper (``kernel="gluon"``).
 * :mod:`.bitpack`: the packed (one bit per block pair) form of a mask.
+* :mod:`.compile_errors`: whether an error is a Triton kernel failing to compile here (work done another way).
 * :mod:`.block_softmax`: each key block's own softmax numerators, the sensitivity pass's first step.
 * :mod:`.mass_statistics`: the profiler's attention-mass sums of a chunk of rows, read from the logits (Triton on CUDA; their references).
 """

@@ -336,8 +336,9 @@ def _run_gluon(query, key, value, mask: BlockMask, scale, mask_index, group, key
     ``call_kind``, the caller's own kind of call where it padded the head dim). Any other error
     propagates."""
     from .block_sparse_attention import _lists_on_device
+    from .compile_errors import compile_failure
     from .gluon_block_sparse import (DEFAULT_PERSISTENT, DEFAULT_PINGPONG, gluon_block_sparse_attention,
-                                     gluon_compile_failure, gluon_layout_reason)
+                                     gluon_layout_reason)
 
     layout_reason = gluon_layout_reason(query, key, value)
     if layout_reason is not None:
@@ -355,7 +356,7 @@ def _run_gluon(query, key, value, mask: BlockMask, scale, mask_index, group, key
                                             key_valid=key_valid, return_lse=return_lse,
                                             persistent=work is not None, work_list=work, pingpong=DEFAULT_PINGPONG)
     except Exception as error:
-        if not gluon_compile_failure(error):
+        if not compile_failure(error):
             raise
         reason = f"the Gluon kernel failed to compile here ({type(error).__name__}: {str(error)[:300]})"
         mask._derived.setdefault("gluon_reasons", {})[call_kind or _call_kind(query)] = reason

@@ -90,7 +90,7 @@ from typing import Optional, Tuple
 import torch
 
 __all__ = [
-    "GLUON_BLOCK_SIZES", "GLUON_HEAD_DIMS", "gluon_block_sparse_attention", "gluon_compile_failure",
+    "GLUON_BLOCK_SIZES", "GLUON_HEAD_DIMS", "gluon_block_sparse_attention",
     "gluon_layout_reason", "gluon_unsupported_reason", "gluon_work_list",
 ]
 
@@ -127,20 +127,6 @@ def gluon_unsupported_reason(device: torch.device, dtype: torch.dtype, head_dim:
     if block_size not in GLUON_BLOCK_SIZES:
         return f"the Gluon kernel takes {GLUON_BLOCK_SIZES}-token blocks, got {block_size}"
     return None
-
-
-def gluon_compile_failure(error: BaseException) -> bool:
-    """Whether ``error`` is this kernel failing to compile or load on this machine (raised before any
-    launch: nothing was written): Triton's compile, ptxas and resource errors, and an MLIR pass failure.
-    Such a call can be served by another kernel; anything else (a CUDA error) must propagate."""
-    try:
-        from triton.compiler.errors import CompilationError
-        from triton.runtime.errors import OutOfResources, PTXASError
-    except ImportError:  # pragma: no cover - another triton
-        return False
-    if isinstance(error, (CompilationError, OutOfResources, PTXASError)):
-        return True
-    return isinstance(error, RuntimeError) and "PassManager" in str(error)
 
 
 def gluon_layout_reason(*tensors: torch.Tensor) -> Optional[str]:

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 
 from ..attention_logits import ChunkLogits
 from ..errors import ScalingCompileError
+from ..kernels.compile_errors import compile_failure
 from ..fast import DEFAULT_LEVELS, DEFAULT_STEP_BINS, SensitivityStatistics, level_block_counts
 from ..stage_clock import StageClock, timed_stage
 from ..topology import NodeTopology, Topology, model_fingerprint
@@ -86,6 +87,9 @@ class Profiler:
         self.chunk_rows: dict[str, int] = {}  # query rows per chunk, per pass (the largest node's)
         self.half_logits = True  # fp16/bf16 logits on the tensor cores where the device can (ChunkLogits)
         self.clock = StageClock()  # device time of each stage of the statistics (metadata "stage_ms")
+        # the statistics' Triton kernels (CUDA), per pass: None until a chunk went through them, then
+        # True; False once they failed to compile here (the PyTorch path from then on)
+        self.kernels: dict[str, bool | None] = {"mass": None, "sensitivity": None}
 
     @property
     def grid(self):
@@ -154,15 +158,55 @@ class Profiler:
                 logits = logits_of(start, stop)
             self.half_logits = logits_of.half
             if self.mode == "mass":
-                stats.add_logits(logits, start, self.group)
-                del logits
+                self._add_mass(stats, logits, start)
             else:  # log-domain per key block: exact however little mass a level keeps
-                stats.add(None, values, start, self.bin, logits=logits)
-                del logits
+                self._add_sensitivity(stats, values, logits, start)
+            del logits
         if self.mode == "mass":
             stats.count(self.group, batch)
         else:
             stats.count(self.bin, batch)
+
+    def _add_mass(self, stats: MassStatistics, logits: torch.Tensor, start: int) -> None:
+        """``stats.add_logits``: through the statistics' Triton kernels on CUDA. Until a chunk has gone
+        through them the group's sums are kept aside, so that kernels that do not compile here leave
+        them as they were: one warning, and the PyTorch path from then on."""
+        if self.kernels["mass"] is False:
+            stats.add_logits(logits, start, self.group, kernels=False)
+            return
+        if self.kernels["mass"] or not logits.is_cuda:
+            stats.add_logits(logits, start, self.group)
+            return
+        kept = stats.group_state(self.group)
+        try:
+            stats.add_logits(logits, start, self.group)
+        except Exception as error:  # noqa: BLE001 - only a compile failure is caught (compile_failure)
+            if not compile_failure(error):
+                raise
+            stats.restore_group(self.group, kept)
+            self._kernels_failed("mass", error)
+            stats.add_logits(logits, start, self.group, kernels=False)
+            return
+        self.kernels["mass"] = True
+
+    def _add_sensitivity(self, stats, values: torch.Tensor, logits: torch.Tensor, start: int) -> None:
+        """``stats.add``, its block softmax through a Triton kernel on CUDA; a kernel that does not compile
+        here fails before anything is added: one warning, and the PyTorch path from then on."""
+        stats.kernels = False if self.kernels["sensitivity"] is False else None
+        try:
+            stats.add(None, values, start, self.bin, logits=logits)
+        except Exception as error:  # noqa: BLE001 - only a compile failure is caught (compile_failure)
+            if not (logits.is_cuda and compile_failure(error)):
+                raise
+            self._kernels_failed("sensitivity", error)
+            stats.kernels = False
+            stats.add(None, values, start, self.bin, logits=logits)
+
+    def _kernels_failed(self, which: str, error: BaseException) -> None:
+        self.kernels[which] = False
+        warnings.warn(f"scaling: the profiler's {which} statistics kernels do not compile here "
+                      f"({type(error).__name__}: {str(error)[:300]}); this profile computes them in PyTorch "
+                      "(the same statistics, slower)", stacklevel=4)
 
     def _chunks(self, rows: int) -> list[tuple[int, int]]:
         """Query-row chunks of at most ``rows`` rows, over the measured frames only."""

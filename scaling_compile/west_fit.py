@@ -118,6 +118,14 @@ class MassStatistics:
                 add_key_block_sums(self.key_mass[group], self.block_mass[group], logits[b], lse[b], row_start,
                                    self.block_size, kernel=True)
 
+    def group_state(self, group: int) -> tuple[torch.Tensor, ...]:
+        """A copy of one group's sums (to put back with :meth:`restore_group`)."""
+        return tuple(t[group].clone() for t in (self.offset_mass, self.key_mass, self.block_mass))
+
+    def restore_group(self, group: int, state: tuple[torch.Tensor, ...]) -> None:
+        for tensor, kept in zip((self.offset_mass, self.key_mass, self.block_mass), state):
+            tensor[group].copy_(kept)
+
     def count(self, group: int, batch: int) -> None:
         self.observations[group] += batch
 

@@ -15,6 +15,7 @@ import torch
 gluon = importlib.import_module("scaling_compile.kernels.gluon_block_sparse")
 attention = importlib.import_module("scaling_compile.kernels.attention")
 BlockMask = importlib.import_module("scaling_compile.kernels.block_mask").BlockMask
+compile_failure = importlib.import_module("scaling_compile.kernels.compile_errors").compile_failure
 
 
 def expected_work(counts: torch.Tensor, batch: int) -> torch.Tensor:
@@ -122,8 +123,8 @@ def test_other_errors_of_the_gluon_kernel_propagate(monkeypatch):
     mask = BlockMask.from_bool(torch.eye(3, dtype=torch.bool).expand(2, 3, 3), 16, 48).to(device)
     with pytest.raises(ValueError, match="a real bug"):
         attention.sparse_attention(q, q, q, mask)
-    assert not gluon.gluon_compile_failure(ValueError("x"))
-    assert gluon.gluon_compile_failure(RuntimeError("PassManager::run failed"))
+    assert not compile_failure(ValueError("x"))
+    assert compile_failure(RuntimeError("PassManager::run failed"))
 
 
 def test_the_persistent_work_list_is_built_once_per_selection_and_batch():

@@ -615,3 +615,73 @@ def test_per_block_outputs_are_each_key_blocks_numerators():
     got = fast.per_block_outputs(e, v)
     assert got.is_contiguous() and got.shape == expected.shape
     torch.testing.assert_close(got, expected)
+
+
+class _OnCuda(torch.Tensor):
+    """A CPU tensor the profiler takes for a CUDA one (its statistics kernels apply on CUDA only)."""
+
+    @property
+    def is_cuda(self):
+        return True
+
+
+def test_statistics_kernels_that_do_not_compile_leave_the_sums_as_they_were(monkeypatch):
+    """A chunk whose mass kernels fail to compile (after adding part of their sums) is redone in PyTorch
+    from the sums kept aside: one warning, the same statistics, the PyTorch path from then on. Any other
+    error propagates."""
+    from scaling_compile.passes.profile_statistics import Profiler
+
+    grid, block = (2, 3, 4), 8
+    seq = math.prod(grid)
+    logits = torch.randn(1, 2, 8, seq, generator=torch.Generator().manual_seed(4))
+    want = west_fit.MassStatistics(2, grid, block)
+    want.add(torch.softmax(logits, -1), 4, 0)
+    want.add(torch.softmax(logits, -1), 4, 0)
+
+    stats = west_fit.MassStatistics(2, grid, block)
+    add_logits = west_fit.MassStatistics.add_logits
+    calls = []
+
+    def first_fails(self, chunk, start, group, kernels=None):
+        calls.append(kernels)
+        if kernels is None:  # the kernels: half the work done, then the compile failure
+            self.offset_mass[group] += 1.0
+            raise RuntimeError("PassManager::run failed")
+        add_logits(self, chunk.as_subclass(torch.Tensor), start, group, kernels)
+
+    monkeypatch.setattr(west_fit.MassStatistics, "add_logits", first_fails)
+    profiler = Profiler(block)
+    profiler.group = 0
+    on_cuda = logits.as_subclass(_OnCuda)
+    with pytest.warns(UserWarning, match="mass statistics kernels do not compile here"):
+        profiler._add_mass(stats, on_cuda, 4)
+    profiler._add_mass(stats, on_cuda, 4)
+    assert calls == [None, False, False] and profiler.kernels["mass"] is False
+    for name in ("offset_mass", "key_mass", "block_mass"):
+        torch.testing.assert_close(getattr(stats, name), getattr(want, name))
+
+    def other_error(self, chunk, start, group, kernels=None):
+        raise ValueError("a real bug")
+
+    monkeypatch.setattr(west_fit.MassStatistics, "add_logits", other_error)
+    with pytest.raises(ValueError, match="a real bug"):
+        Profiler(block)._add_mass(stats, on_cuda, 4)
+
+
+def test_a_block_softmax_kernel_that_does_not_compile_falls_back_before_adding_anything():
+    from scaling_compile.passes.profile_statistics import Profiler
+
+    class Stats:  # SensitivityStatistics' add: the kernel (kernels None) fails before any sum
+        kernels, seen = None, []
+
+        def add(self, probs, values, start, bin_index, logits=None):
+            self.seen.append(self.kernels)
+            if self.kernels is None:
+                raise RuntimeError("PassManager::run failed")
+
+    profiler, stats = Profiler(8), Stats()
+    on_cuda = torch.zeros(1, 1, 2, 8).as_subclass(_OnCuda)
+    with pytest.warns(UserWarning, match="sensitivity statistics kernels do not compile here"):
+        profiler._add_sensitivity(stats, torch.zeros(1, 1, 8, 4), on_cuda, 0)
+    profiler._add_sensitivity(stats, torch.zeros(1, 1, 8, 4), on_cuda, 0)
+    assert stats.seen == [None, False, False] and profiler.kernels["sensitivity"] is False
