@@ -206,7 +206,7 @@ class Topology:
                 record["grid"] = [int(g) for g in entry.grid]
             if entry.seq_len is not None:
                 record["seq_len"] = int(entry.seq_len)
-            named = {"mask": entry.mask, "scores": entry.scores, **entry.extra}
+            named = {"mask": entry.mask, "scores": entry.scores, **_stored_block_mass(entry.extra)}
             for name, tensor in named.items():
                 if tensor is None:
                     continue
@@ -361,8 +361,45 @@ def _entry_from_record(path: str, key: str, record: dict, tensors: dict, block_s
         raise ArtifactError(f"{path!r}: {key}/scores is stored as {scores.dtype}, not floating point; "
                             "the file is damaged, re-create it")
     grid = tuple(record["grid"]) if "grid" in record else None
+    if "block_mass_rows" in named:
+        named = _expanded_block_mass(path, key, named, heads, grid, block_size)
     return NodeTopology(num_heads=heads, mask=mask, scores=scores, grid=grid, extra=named,
                         seq_len=record.get("seq_len"))
+
+
+def _stored_block_mass(extra: dict) -> dict:
+    """The entry's tables as written: a measured ``block_mass`` keeps only its query-block rows that hold
+    mass, with their indices in ``block_mass_rows`` (a profile measures a few query frames: at 720p
+    about one row in five; the others are zeros). Lossless; :func:`_expanded_block_mass` undoes it."""
+    mass = extra.get("block_mass")
+    if mass is None or mass.dim() != 3:
+        return dict(extra)
+    rows = torch.nonzero(mass.detach().ne(0).any(2).any(0)).flatten()
+    if rows.numel() == mass.shape[1]:
+        return dict(extra)
+    return {**extra, "block_mass": mass[:, rows], "block_mass_rows": rows.to(torch.int32)}
+
+
+def _expanded_block_mass(path: str, key: str, named: dict, heads: int, grid, block_size: int) -> dict:
+    """``block_mass`` back at (heads, nb, nb) from its stored rows, after checking they fit."""
+    rows, mass = named.pop("block_mass_rows"), named.get("block_mass")
+
+    def damaged(why: str):
+        return ArtifactError(f"{path!r}: {key}/block_mass_rows {why}; the file is damaged, re-create it")
+
+    if grid is None or mass is None:
+        raise damaged("is stored without a token grid and a block_mass to place")
+    n_blocks = math.ceil(math.prod(grid) / block_size)
+    if rows.dtype not in (torch.int32, torch.int64) or rows.dim() != 1:
+        raise damaged(f"is {rows.dtype} of shape {tuple(rows.shape)}, not a 1-D integer tensor")
+    if rows.numel() and (int(rows.min()) < 0 or int(rows.max()) >= n_blocks or bool((rows[1:] <= rows[:-1]).any())):
+        raise damaged(f"must be increasing query-block indices in [0, {n_blocks})")
+    if not mass.is_floating_point() or tuple(mass.shape) != (heads, rows.numel(), n_blocks):
+        raise damaged(f"lists {rows.numel()} rows but block_mass has shape {tuple(mass.shape)} ({mass.dtype}); "
+                      f"({heads}, {rows.numel()}, {n_blocks}) expected")
+    full = mass.new_zeros(heads, n_blocks, n_blocks)
+    full[:, rows.long()] = mass
+    return {**named, "block_mass": full}
 
 
 def model_fingerprint(model: torch.nn.Module) -> dict:

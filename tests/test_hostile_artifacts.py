@@ -409,3 +409,66 @@ def test_the_same_path_compiled_twice_serves_each_compilation_correctly(tmp_path
         torch.testing.assert_close(out, expected, atol=2e-5, rtol=1e-4)
     assert not torch.allclose(outs[0][1], outs[2][1])  # the two contents' masks differ, and both were served
     torch._dynamo.reset()
+
+
+# ---------------------------------------------------------------------------------------------
+# The measured block mass, stored by its rows that hold mass
+# ---------------------------------------------------------------------------------------------
+def _sparse_rows_bytes(tmp_path) -> tuple[sc.Topology, bytes]:
+    """The planted topology with the block mass of every other query block zero (as a profile that
+    measures some query frames has it), and the file it writes."""
+    from profiled import fresh_topology
+
+    topology = fresh_topology()
+    for entry in topology.entries.values():
+        entry.extra["block_mass"][:, 1::2] = 0
+    path = tmp_path / "rows.safetensors"
+    topology.save(path)
+    return topology, path.read_bytes()
+
+
+def test_block_mass_is_stored_by_its_rows_and_loads_exactly(tmp_path):
+    from safetensors.torch import load
+
+    topology, data = _sparse_rows_bytes(tmp_path)
+    stored = load(data)
+    key = "blocks.0.attn1"
+    full = topology.entries[key].extra["block_mass"]
+    assert stored[f"{key}/block_mass"].shape[1] == (full.shape[1] + 1) // 2
+    assert stored[f"{key}/block_mass_rows"].tolist() == list(range(0, full.shape[1], 2))
+    assert same(topology, sc.Topology.load(tmp_path / "rows.safetensors"))
+    dense = planted_topology()  # no zero rows: stored whole, no row table
+    dense.save(tmp_path / "whole.safetensors")
+    assert f"{key}/block_mass_rows" not in load((tmp_path / "whole.safetensors").read_bytes())
+
+
+ROWS = {
+    "out of range": (lambda r, m: (r + 100, m), r"increasing query-block indices in \[0, "),
+    "not increasing": (lambda r, m: (r.flip(0), m), r"increasing query-block indices"),
+    "floating point": (lambda r, m: (r.float(), m), r"is torch.float32 of shape"),
+    "one row too many": (lambda r, m: (torch.cat([r, r[-1:] + 1]), m), r"lists \d+ rows but block_mass has shape"),
+    "no block mass": (lambda r, m: (r, None), r"without a token grid and a block_mass"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(ROWS))
+def test_block_mass_rows_that_do_not_fit_are_refused(case, tmp_path):
+    from safetensors.torch import load
+
+    _topology, data = _sparse_rows_bytes(tmp_path)
+    tensors = load(data)
+    key = "blocks.0.attn1"
+    rows, mass = ROWS[case][0](tensors[f"{key}/block_mass_rows"], tensors[f"{key}/block_mass"])
+    tensors[f"{key}/block_mass_rows"] = rows.contiguous()
+    header, _ = header_of(data)
+    fields = dict(header["__metadata__"])
+    if mass is None:
+        del tensors[f"{key}/block_mass"]
+        nodes = json.loads(fields["nodes"])
+        nodes[key]["tensors"].remove("block_mass")
+        fields["nodes"] = json.dumps(nodes)
+    path = tmp_path / "bad_rows.safetensors"
+    path.write_bytes(signed_artifact_bytes(tensors, fields))
+    with pytest.raises(sc.ArtifactError, match=ROWS[case][1]) as error:
+        sc.Topology.load(path)
+    assert "block_mass_rows" in str(error.value) and "re-create" in str(error.value)
