@@ -192,15 +192,14 @@ class Profiler:
     def _add_sensitivity(self, stats, values: torch.Tensor, logits: torch.Tensor, start: int) -> None:
         """``stats.add``, its block softmax through a Triton kernel on CUDA; a kernel that does not compile
         here fails before anything is added: one warning, and the PyTorch path from then on."""
-        stats.kernels = False if self.kernels["sensitivity"] is False else None
+        kernel = False if self.kernels["sensitivity"] is False else None
         try:
-            stats.add(None, values, start, self.bin, logits=logits)
+            stats.add(None, values, start, self.bin, logits=logits, kernel=kernel)
         except Exception as error:  # noqa: BLE001 - only a compile failure is caught (compile_failure)
             if not (logits.is_cuda and compile_failure(error)):
                 raise
             self._kernels_failed("sensitivity", error)
-            stats.kernels = False
-            stats.add(None, values, start, self.bin, logits=logits)
+            stats.add(None, values, start, self.bin, logits=logits, kernel=False)
 
     def _kernels_failed(self, which: str, error: BaseException) -> None:
         self.kernels[which] = False

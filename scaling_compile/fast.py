@@ -123,7 +123,6 @@ class SensitivityStatistics:
         self.error = torch.zeros(step_bins, heads, n_levels, dtype=torch.float64, device=device)
         self.energy = torch.zeros(step_bins, heads, dtype=torch.float64, device=device)
         self.observations = torch.zeros(step_bins, dtype=torch.float64)
-        self.kernels: bool | None = None  # the block softmax's Triton kernel: None on CUDA, True / False force
 
     def _quadratic(self, x: torch.Tensor) -> torch.Tensor:
         """Per head and level ``sum x^T G_h x`` over batch and rows; x (batch, heads, rows, levels, dim).
@@ -139,14 +138,15 @@ class SensitivityStatistics:
         return (weighted * per_head).view(heads, batch * rows, levels, dim).sum((1, 3)).double()
 
     def add(self, probs: torch.Tensor | None, value: torch.Tensor, row_start: int, bin_index: int,
-            logits: torch.Tensor | None = None) -> None:
+            logits: torch.Tensor | None = None, kernel: bool | None = None) -> None:
         """Add one chunk of query rows starting at ``row_start``; ``value`` (B, H, S, D).
 
         ``logits`` (B, H, rows, S): the rows' pre-softmax scores (what the profiler passes;
         ``probs`` may then be None), or already padded to whole key blocks with ``-inf``
         (``ChunkLogits(pad_to=...)``: no padded copy of the chunk here). Without them,
         ``probs`` (the softmax rows) stand in as ``log(probs)``, exact unless a level's kept
-        probabilities underflowed to 0.
+        probabilities underflowed to 0. ``kernel``: whether the block softmax runs its Triton kernel
+        (None: on CUDA; :func:`~scaling_compile.kernels.block_softmax.block_softmax`).
         """
         scores = logits if logits is not None else probs.log()
         batch, heads, rows, seq = scores.shape
@@ -155,7 +155,7 @@ class SensitivityStatistics:
         with timed_stage(self.clock, "scaling_compile.sensitivity.block_softmax", device):
             blocks = torch.nn.functional.pad(scores, (0, pad), value=-math.inf) if pad else scores
             # each key block's own maximum (finite: no block is all padding), numerators, their sums >= 1
-            e, top, mass = block_softmax(blocks, self.block_size, kernel=self.kernels)  # e: (B, H, rows, nk, bs)
+            e, top, mass = block_softmax(blocks, self.block_size, kernel=kernel)  # e: (B, H, rows, nk, bs)
             del blocks
         with timed_stage(self.clock, "scaling_compile.sensitivity.block_outputs", device):
             v = value.float()

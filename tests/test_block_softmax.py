@@ -70,11 +70,10 @@ def test_sensitivity_statistics_through_the_kernel_equal_the_pytorch_ones():
     stats = {}
     for kernels in (False, True):
         s = stats[kernels] = SensitivityStatistics(ranks, [0.3, 0.6], block, 2, device=DEVICE)
-        s.kernels = kernels
         for start, stop in ((0, 30), (30, 70)):
             chunk = logits[:, :, start:stop].to(DEVICE)
             padded = torch.nn.functional.pad(chunk, (0, n * block - seq), value=-math.inf) if start else chunk
-            s.add(None, v.to(DEVICE), start, 1, logits=padded)
+            s.add(None, v.to(DEVICE), start, 1, logits=padded, kernel=kernels)
     assert float(stats[False].error[1].abs().min()) > 0  # every level of the bin loses something: compared below
     torch.testing.assert_close(stats[True].error.cpu(), stats[False].error.cpu(), rtol=1e-5, atol=1e-9)
     torch.testing.assert_close(stats[True].energy.cpu(), stats[False].energy.cpu(), rtol=1e-5, atol=1e-9)

@@ -156,13 +156,10 @@ def test_a_profile_through_the_kernels_is_the_pytorch_profile(monkeypatch):
     add_logits = west_fit.MassStatistics.add_logits
     monkeypatch.setattr(west_fit.MassStatistics, "add_logits",
                         lambda self, logits, start, group, kernels=None: add_logits(self, logits, start, group, True))
-    init = fast.SensitivityStatistics.__init__
-
-    def with_kernel(self, *args, **kwargs):
-        init(self, *args, **kwargs)
-        self.kernels = True
-
-    monkeypatch.setattr(fast.SensitivityStatistics, "__init__", with_kernel)
+    add = fast.SensitivityStatistics.add
+    monkeypatch.setattr(fast.SensitivityStatistics, "add",
+                        lambda self, probs, value, start, bin_index, logits=None, kernel=None:
+                        add(self, probs, value, start, bin_index, logits, True))
     model = planted()
     calibration = sc.synthetic_calibration(model, PROFILE_LATENT, num_prompts=4, num_timesteps=2, text_len=TEXT_LEN)
     fused = sc.profile(model, calibration, block_size=BLOCK, progress=False)

@@ -671,12 +671,12 @@ def test_statistics_kernels_that_do_not_compile_leave_the_sums_as_they_were(monk
 def test_a_block_softmax_kernel_that_does_not_compile_falls_back_before_adding_anything():
     from scaling_compile.passes.profile_statistics import Profiler
 
-    class Stats:  # SensitivityStatistics' add: the kernel (kernels None) fails before any sum
-        kernels, seen = None, []
+    class Stats:  # SensitivityStatistics' add: the kernel (kernel None) fails before any sum
+        seen = []
 
-        def add(self, probs, values, start, bin_index, logits=None):
-            self.seen.append(self.kernels)
-            if self.kernels is None:
+        def add(self, probs, values, start, bin_index, logits=None, kernel=None):
+            self.seen.append(kernel)
+            if kernel is None:
                 raise RuntimeError("PassManager::run failed")
 
     profiler, stats = Profiler(8), Stats()
