@@ -10,7 +10,8 @@ the Wan2.1-14B profile at 720p uses (40 heads, 2 grid lines of 80 rows, 75,600 k
 * fused: each row's log-sum-exp, then the two Triton kernels reading the logits (what a CUDA
   profile runs: ``add_logits`` by default);
 
-and checks the statistics agree. Then the sensitivity pass's first step on its chunk (128 rows):
+and checks the statistics agree; and the rows' log-sum-exp alone (the fused way's first step), with
+``torch.logsumexp`` against the one-read kernel (kernels/mass_statistics.py). Then the sensitivity pass's first step on its chunk (128 rows):
 each key block's own softmax numerators, PyTorch (max, subtraction, exponential, sum) against the
 Triton kernel (kernels/block_softmax.py).
 
@@ -56,6 +57,20 @@ def time_mass_sums(heads: int, grid, lines: int, block_size: int, rep: int, do_b
             "max_relative_difference_vs_pytorch": difference}
 
 
+def time_row_logsumexp(heads: int, grid, lines: int, rep: int, do_bench) -> dict:
+    """Each row's log-sum-exp of the mass pass's chunk, ``torch.logsumexp`` and the kernel."""
+    from scaling_compile.kernels.mass_statistics import row_logsumexp
+
+    frames, height, width = grid
+    logits = 8 * torch.randn(1, heads, lines * width, frames * height * width, device="cuda")
+    want = torch.logsumexp(logits, -1)
+    difference = float((row_logsumexp(logits, kernel=True) - want).abs().max())
+    ms = {"pytorch": do_bench(lambda: torch.logsumexp(logits, -1), rep=rep),
+          "kernel": do_bench(lambda: row_logsumexp(logits, kernel=True), rep=rep)}
+    return {"ms": {k: round(v, 4) for k, v in ms.items()}, "speedup": round(ms["pytorch"] / ms["kernel"], 3),
+            "gb_per_s_kernel": round(logits.numel() * 4 / ms["kernel"] / 1e6, 1), "max_abs_difference": difference}
+
+
 def time_block_softmax(heads: int, seq: int, block_size: int, rep: int, do_bench) -> dict:
     """The sensitivity pass's block softmax of one chunk (``block_size`` rows), PyTorch and kernel."""
     from scaling_compile.kernels.block_softmax import block_softmax, block_softmax_reference
@@ -86,15 +101,18 @@ def main() -> None:
 
     grid = tuple(args.grid)
     mass = time_mass_sums(args.heads, grid, args.lines, args.block_size, args.rep, do_bench)
+    lse = time_row_logsumexp(args.heads, grid, args.lines, args.rep, do_bench)
     softmax = time_block_softmax(args.heads, mass["keys"], args.block_size, args.rep, do_bench)
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "heads": args.heads,
               "grid": list(grid), "lines": args.lines, "block_size": args.block_size,
-              "mass_sums": mass, "block_softmax": softmax}
+              "mass_sums": mass, "row_logsumexp": lse, "block_softmax": softmax}
     ms = mass["ms"]
     print(f"mass sums of {mass['rows']} rows x {mass['keys']} keys, {args.heads} heads ({mass['chunk_gb_fp32']:.2f} GB "
           "of fp32 logits): " + ", ".join(f"{k} {v:.3f} ms ({ms['pytorch'] / v:.2f}x)" for k, v in ms.items())
           + "; largest relative difference "
           + ", ".join(f"{k} {v:.1e}" for k, v in mass["max_relative_difference_vs_pytorch"].items()))
+    print(f"rows' log-sum-exp: torch.logsumexp {lse['ms']['pytorch']:.3f} ms, kernel {lse['ms']['kernel']:.3f} ms "
+          f"({lse['speedup']:.2f}x, {lse['gb_per_s_kernel']:.0f} GB/s); largest difference {lse['max_abs_difference']:.1e}")
     print(f"block softmax of {softmax['rows']} rows x {softmax['key_blocks']} blocks, {args.heads} heads: pytorch "
           f"{softmax['ms']['pytorch']:.3f} ms, kernel {softmax['ms']['kernel']:.3f} ms ({softmax['speedup']:.2f}x); "
           f"largest relative difference {softmax['max_relative_difference']:.1e}")

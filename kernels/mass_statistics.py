@@ -20,9 +20,13 @@ as they read, so the probabilities are never written:
   in tiles that never straddle a query block, adding its keys' column sums into the per-key
   statistic and each tile's sum into the (query block, key block) statistic, in place.
 
+Both take each row's log-sum-exp, which :func:`row_logsumexp` computes in one read of the rows (one
+program a row, a running maximum and sum per lane: ``torch.logsumexp`` writes the shifted chunk and
+its exponentials out and reads them back).
+
 No atomics: every output element has one writer, so the sums come in a fixed order. The plain
 PyTorch references (:func:`line_windows_reference`, :func:`key_block_sums_reference`) define
-them, serve the CPU (under ``TRITON_INTERPRET=1`` the kernels are for tests, far slower there)
+them (``torch.logsumexp`` is :func:`row_logsumexp`'s), serve the CPU (under ``TRITON_INTERPRET=1`` the kernels are for tests, far slower there)
 and are what the tests hold the kernels to.
 """
 
@@ -34,9 +38,51 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["add_key_block_sums", "key_block_sums_reference", "line_windows", "line_windows_reference"]
+__all__ = ["add_key_block_sums", "key_block_sums_reference", "line_windows", "line_windows_reference",
+           "row_logsumexp"]
 
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+@triton.jit
+def _row_logsumexp_kernel(values, out, stride_row, seq, BLOCK: tl.constexpr):
+    row = tl.program_id(0)
+    base = values + row.to(tl.int64) * stride_row
+    # base 2 throughout: top / total hold each lane's running maximum of l * log2(e) and its sum of
+    # 2^(l log2 e - top); a finite start keeps -inf logits (padding) at 0 without inf - inf
+    top = tl.full((BLOCK,), -1.0e30, dtype=tl.float32)
+    total = tl.zeros((BLOCK,), dtype=tl.float32)
+    for start in range(0, seq, BLOCK):
+        column = start + tl.arange(0, BLOCK)
+        x = tl.load(base + column, mask=column < seq, other=float("-inf")).to(tl.float32) * 1.4426950408889634
+        new_top = tl.maximum(top, x)
+        total = total * tl.exp2(top - new_top) + tl.exp2(x - new_top)
+        top = new_top
+    row_top = tl.max(top, 0)
+    row_total = tl.sum(total * tl.exp2(top - row_top), 0)
+    tl.store(out + row, (row_top + tl.log2(row_total)) * 0.6931471805599453)
+
+
+def row_logsumexp(logits: torch.Tensor, kernel: bool | None = None) -> torch.Tensor:
+    """``torch.logsumexp(logits, -1)`` in float32, shape ``logits.shape[:-1]``: each row's
+    normaliser, read once. A row of only ``-inf`` gives ``-inf``.
+
+    ``kernel``: None runs the Triton kernel on CUDA for fp32 / fp16 / bf16 logits and
+    ``torch.logsumexp`` otherwise; True / False force one."""
+    if kernel is None:
+        kernel = logits.is_cuda and logits.dtype in _KERNEL_DTYPES
+    if not kernel:
+        return torch.logsumexp(logits.float(), dim=-1)
+    seq = logits.shape[-1]
+    rows = logits.reshape(-1, seq)  # a view for the profiler's chunks (copies only rows that are not one stride)
+    if seq and rows.stride(-1) != 1:
+        rows = rows.contiguous()
+    out = torch.empty(rows.shape[0], device=logits.device, dtype=torch.float32)
+    if rows.shape[0]:
+        block = min(triton.next_power_of_2(max(seq, 1)), 2048)
+        _row_logsumexp_kernel[(rows.shape[0],)](rows, out, rows.stride(0), seq, BLOCK=block,
+                                                num_warps=8 if block >= 1024 else 4)
+    return out.view(logits.shape[:-1])
 
 
 @triton.jit

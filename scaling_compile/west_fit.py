@@ -14,7 +14,7 @@ import math
 import torch
 
 from .attention_logits import sum_key_blocks
-from .kernels.mass_statistics import add_key_block_sums, line_windows
+from .kernels.mass_statistics import add_key_block_sums, line_windows, row_logsumexp
 from .stage_clock import timed_stage
 from .west import canvas_shape
 
@@ -110,7 +110,7 @@ class MassStatistics:
             self.add(probs, row_start, group, kernel=False if kernels is False else None)
             return
         with timed_stage(self.clock, "scaling_compile.mass.softmax", device):  # the rows' normalisers only
-            lse = torch.logsumexp(logits, dim=-1)  # (batch, heads, rows)
+            lse = row_logsumexp(logits, kernel=True)  # (batch, heads, rows)
         for b in range(logits.shape[0]):
             with timed_stage(self.clock, "scaling_compile.mass.offsets", device):
                 add_offset_mass(self.offset_mass[group], logits[b], row_start, self.grid, lse=lse[b], kernel=True)

@@ -42,6 +42,25 @@ def _logits(heads, rows, seq, seed, dtype=torch.float32):
     return logits, torch.logsumexp(logits.float(), -1)
 
 
+@needs_triton
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("seq", [1, 7, 2048, 5000])  # one key, short rows, one whole tile, ragged tiles
+def test_kernel_row_logsumexp_is_torch_logsumexp(seq, dtype):
+    """Each row's normaliser in one read, against torch.logsumexp: rows far from 0 (a naive sum
+    overflows), a row of only -inf (padding) and one padded after its first key, a strided view."""
+    generator = torch.Generator().manual_seed(seq)
+    logits = (6 * torch.randn(2, 6, seq, generator=generator) + 200 * torch.arange(6.0)[:, None] - 500).to(dtype)
+    logits[0, 1] = float("-inf")
+    logits[1, 2, 1:] = float("-inf")
+    view = logits[:, 1:5]  # rows that are not one stride apart
+    for values in (logits, view):
+        got = ms.row_logsumexp(values.to(DEVICE), kernel=True).cpu()
+        want = torch.logsumexp(values.float(), -1)
+        assert got.dtype == torch.float32 and got.shape == want.shape
+        assert torch.equal(got.isneginf(), want.isneginf())
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-4)
+
+
 @pytest.mark.parametrize("grid, n_lines, x_first, xs", CASES)
 def test_reference_windows_follow_the_definition(grid, n_lines, x_first, xs):
     logits, lse = _logits(3, n_lines * xs, math.prod(grid), xs)
