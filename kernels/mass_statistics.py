@@ -71,15 +71,15 @@ def row_logsumexp(logits: torch.Tensor, kernel: bool | None = None) -> torch.Ten
     ``torch.logsumexp`` otherwise; True / False force one."""
     if kernel is None:
         kernel = logits.is_cuda and logits.dtype in _KERNEL_DTYPES
-    if not kernel:
-        return torch.logsumexp(logits.float(), dim=-1)
     seq = logits.shape[-1]
+    if not kernel or seq == 0:
+        return torch.logsumexp(logits.float(), dim=-1)
     rows = logits.reshape(-1, seq)  # a view for the profiler's chunks (copies only rows that are not one stride)
-    if seq and rows.stride(-1) != 1:
+    if rows.stride(-1) != 1:
         rows = rows.contiguous()
     out = torch.empty(rows.shape[0], device=logits.device, dtype=torch.float32)
     if rows.shape[0]:
-        block = min(triton.next_power_of_2(max(seq, 1)), 2048)
+        block = min(max(triton.next_power_of_2(seq), 128), 2048)
         _row_logsumexp_kernel[(rows.shape[0],)](rows, out, rows.stride(0), seq, BLOCK=block,
                                                 num_warps=8 if block >= 1024 else 4)
     return out.view(logits.shape[:-1])

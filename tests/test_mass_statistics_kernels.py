@@ -61,6 +61,12 @@ def test_kernel_row_logsumexp_is_torch_logsumexp(seq, dtype):
         torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-4)
 
 
+def test_row_logsumexp_of_no_keys_or_no_rows_is_torch_logsumexp():
+    for shape in ((2, 3, 0), (2, 0, 5)):
+        empty = torch.empty(shape, device=DEVICE)
+        assert torch.equal(ms.row_logsumexp(empty, kernel=True).cpu(), torch.logsumexp(empty.cpu(), -1))
+
+
 @pytest.mark.parametrize("grid, n_lines, x_first, xs", CASES)
 def test_reference_windows_follow_the_definition(grid, n_lines, x_first, xs):
     logits, lse = _logits(3, n_lines * xs, math.prod(grid), xs)
