@@ -15,11 +15,7 @@ One line per variant: shared memory, and ptxas's registers and spills (bytes per
 """
 from __future__ import annotations
 
-import os
-import subprocess
 import sys
-import tempfile
-import time
 
 import triton
 from triton.backends.compiler import GPUTarget
@@ -30,22 +26,13 @@ try:
 except ImportError:  # pragma: no cover
     from triton.experimental.gluon import GluonASTSource
 
+from compile_check import report
 from scaling_compile.kernels import gluon_block_sparse as gbs
 
 
 def descriptor_type(rows: int, head_dim: int) -> str:
     layout = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=4)
     return f"tensordesc<bf16[1,1,{rows},{head_dim}],{repr(layout)}>"
-
-
-def ptxas_facts(compiled) -> str:
-    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends/nvidia/bin/ptxas")
-    with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
-        f.write(compiled.asm["ptx"])
-    run = subprocess.run([ptxas, "-v", "--gpu-name", "sm_90a", f.name, "-o", os.devnull], capture_output=True, text=True)
-    os.unlink(f.name)
-    return " | ".join(line.split("info    : ")[-1].strip() for line in run.stderr.splitlines()
-                      if "registers" in line or "spill" in line)
 
 
 def compile_variant(d=128, consumers=2, stages=2, ragged=True, has_g=True, desc_mode=0, key_valid=False, lse=False,
@@ -69,10 +56,8 @@ def compile_variant(d=128, consumers=2, stages=2, ragged=True, has_g=True, desc_
     for name, value in flags.items():
         sig[name] = "constexpr"
         const[name] = value
-    start = time.time()
-    compiled = triton.compile(GluonASTSource(fn, sig, const), target=GPUTarget("cuda", 90, 32),
-                              options=dict(num_warps=rows // 16))
-    return compiled, time.time() - start
+    return triton.compile(GluonASTSource(fn, sig, const), target=GPUTarget("cuda", 90, 32),
+                          options=dict(num_warps=rows // 16))
 
 
 VARIANTS = [  # the default launch first, then every flag the package or the benchmark sets
@@ -96,17 +81,10 @@ VARIANTS = [  # the default launch first, then every flag the package or the ben
 
 
 def main() -> int:
-    print(f"triton {triton.__version__}, kernel {gbs.__file__}", flush=True)
-    failed = 0
-    for variant in VARIANTS[:1] if "--quick" in sys.argv else VARIANTS:
-        try:
-            compiled, seconds = compile_variant(**variant)
-            print(f"OK   {variant or 'default'}: shared {compiled.metadata.shared} B; {ptxas_facts(compiled)} "
-                  f"({seconds:.1f} s)", flush=True)
-        except Exception as error:
-            failed += 1
-            print(f"FAIL {variant or 'default'}: {type(error).__name__}: {str(error)[-2000:]}", flush=True)
-    return 1 if failed else 0
+    print(f"kernel {gbs.__file__}", flush=True)
+    variants = VARIANTS[:1] if "--quick" in sys.argv else VARIANTS
+    return report((str(variant or "default"), lambda variant=variant: compile_variant(**variant),
+                   lambda compiled: f"shared {compiled.metadata.shared} B; ") for variant in variants)
 
 
 if __name__ == "__main__":

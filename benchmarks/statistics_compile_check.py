@@ -15,13 +15,12 @@ does not compile. Results are checked by the tests (interpreter on the CPU, CUDA
 from __future__ import annotations
 
 import sys
-import time
 
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from gluon_compile_check import ptxas_facts
+from compile_check import report
 from scaling_compile.kernels import block_softmax as bsm
 from scaling_compile.kernels import mass_statistics as ms
 
@@ -45,20 +44,15 @@ def _variants():
                    dict(BLOCK_R=4096 // block, BLOCK=block), 8)
 
 
+def _compile(fn, types, constants, warps):
+    signature = {arg: "i32" for arg in fn.arg_names} | types | {arg: "constexpr" for arg in constants}
+    return triton.compile(ASTSource(fn, signature, constants), target=GPUTarget("cuda", 90, 32),
+                          options=dict(num_warps=warps))
+
+
 def main() -> int:
-    print(f"triton {triton.__version__}", flush=True)
-    failed = 0
-    for name, fn, types, constants, warps in _variants():
-        signature = {arg: "i32" for arg in fn.arg_names} | types | {arg: "constexpr" for arg in constants}
-        start = time.time()
-        try:
-            compiled = triton.compile(ASTSource(fn, signature, constants), target=GPUTarget("cuda", 90, 32),
-                                      options=dict(num_warps=warps))
-            print(f"OK   {name}: {ptxas_facts(compiled)} ({time.time() - start:.1f} s)", flush=True)
-        except Exception as error:
-            failed += 1
-            print(f"FAIL {name}: {type(error).__name__}: {str(error)[-2000:]}", flush=True)
-    return 1 if failed else 0
+    return report((name, lambda args=args: _compile(*args), lambda compiled: "")
+                  for name, *args in _variants())
 
 
 if __name__ == "__main__":
