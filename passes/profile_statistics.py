@@ -265,7 +265,7 @@ def _quality(stats: MassStatistics, rel_anchor_full, halves, densities, units) -
         return block_ranks(block_scores_on(rel, anchor, stats.grid, stats.block_size, device))
 
     def mass_of(groups=None):
-        return stats.measured_block_mass(groups).to(device)
+        return stats.measured_block_mass(groups, device)
 
     heads, n_blocks = stats.num_heads, stats.num_blocks
     full_ranks = ranks_of(*rel_anchor_full)

@@ -166,12 +166,12 @@ class MassStatistics:
         """Token ranges ``[start, stop)`` of the query rows this node measures (runs of frames)."""
         return query_row_ranges(self.grid, self.query_frames)
 
-    def measured_block_mass(self, groups=None) -> torch.Tensor:
-        """Mean block-level attention mass ``(heads, q_blocks, kv_blocks)``; each query's row sums to 1,
-        so a block's value is the mass of its query rows that lands in the key block."""
+    def measured_block_mass(self, groups=None, device="cpu") -> torch.Tensor:
+        """Mean block-level attention mass ``(heads, q_blocks, kv_blocks)`` on ``device``; each query's
+        row sums to 1, so a block's value is the mass of its query rows that lands in the key block."""
         groups = list(range(self.observations.numel())) if groups is None else list(groups)
         n = max(float(self.observations[groups].sum()), 1.0)
-        return (self.block_mass[groups].sum(0) / n).float().cpu()
+        return (self.block_mass[groups].sum(0) / n).float().to(device)
 
 
 def add_offset_mass(canvas: torch.Tensor, probs: torch.Tensor, row_start: int, grid, lse=None,
