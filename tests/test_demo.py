@@ -15,6 +15,12 @@ def test_demo_runs_and_its_follow_up_shows_the_served_masks(tmp_path, capsys, ch
     assert os.path.exists(tmp_path / "planted-tiny.safetensors")
     out = capsys.readouterr().out
     assert "sparse (density" in out and "cosine vs dense" in out
+    report = {name.strip(): value.strip() for name, value in (line.strip().rsplit("  ", 1) for line in
+              out.split("[4/4] report")[1].splitlines() if "  " in line.strip())}
+    served, density = report["attention masks served (mean density)"].split()
+    assert int(served) > 0 and 0.2 < float(density.strip("()")) < 0.4
+    # the compared call was served sparse (its first call too: the demo registers the model), not dense
+    assert 0 < float(report["transformer output rel. L2 vs dense"]) < 0.3
     follow_up = next(line.strip() for line in out.splitlines() if line.strip().startswith("scaling-compile inspect"))
     argv = shlex.split(follow_up)[1:]
     assert "--latent" in argv and argv[argv.index("--latent") + 1:argv.index("--latent") + 4] == ["3", "16", "24"]

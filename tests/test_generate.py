@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 
 import pytest
 import torch
@@ -74,7 +75,11 @@ def test_generate_on_a_saved_pipeline_folder(pipeline_folder, tmp_path, capsys, 
 
 def test_generate_on_the_embedded_default(tmp_path, capsys, chunked_path):  # noqa: F811
     out = tmp_path / "default"
-    assert main(["generate", "--out", str(out), "--format", "png", *FAST]) == 0
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert main(["generate", "--out", str(out), "--format", "png", "--block-size", "16", *FAST]) == 0
+    dense_at_run_time = [str(w.message) for w in caught if "stays dense" in str(w.message)]
+    assert not dense_at_run_time  # every step served, the first (the one that compiles the blocks) too
     captured = capsys.readouterr()
     assert "embedded default" in captured.out and "seeded random prompt embeddings" in captured.out
     assert "SDPA nodes sparse" in captured.err  # the backend's summary: attention was served sparse
