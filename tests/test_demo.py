@@ -32,3 +32,13 @@ def test_demo_runs_and_its_follow_up_shows_the_served_masks(tmp_path, capsys, ch
                  if line.startswith("blocks.") and len(line.split()) == 4]
     assert densities and 0.2 < sum(densities) / len(densities) < 0.4
     assert sorted(os.listdir(tmp_path / "masks"))[0] == "density_per_layer.png"
+
+
+def test_demo_that_serves_nothing_says_so_and_fails(tmp_path, capsys, chunked_path):  # noqa: F811
+    # 288 tokens = 5 blocks of 64: a budget of 0.1 keeps less than one key block per query block
+    code = main(["demo", "--device", "cpu", "--config", "tiny", "--profile-latent", "3", "16", "16",
+                 "--run-latent", "3", "16", "24", "--budget", "0.1", "--out", str(tmp_path)])
+    captured = capsys.readouterr()
+    assert code == 1
+    assert "raise the budget or use a smaller block size" in captured.out  # the reason, per node
+    assert "no attention call was served sparse" in captured.err and "rel. L2" not in captured.out
